@@ -1,1 +1,30 @@
-//! placeholder
+//! The vmigrate migration engine.
+//!
+//! - [`migrator`]: the facade a monitor drives (`migrate`, `migrate-incoming`, ...).
+//! - [`save`] and [`ram_save`]: the outgoing precopy session and the RAM saver.
+//! - [`load`] and [`ram_load`]: the incoming stream and the RAM loader.
+//! - [`options`]: capabilities and parameters with QEMU's rules.
+//! - [`transport`]: URIs, channels, listeners.
+//! - [`io`]: buffered reading and gathering writes, rate limiting.
+//! - [`vmm`]: the traits a VMM implements; [`memory`]: guest RAM blocks.
+//! - [`stats`], [`status`], [`events`].
+
+pub mod events;
+pub mod io;
+pub mod load;
+pub mod memory;
+pub mod migrator;
+pub mod options;
+pub mod ram_load;
+pub mod ram_save;
+pub mod save;
+pub mod stats;
+pub mod status;
+pub mod transport;
+pub mod vmm;
+
+pub use events::EventBus;
+pub use memory::RamBlock;
+pub use migrator::{IncomingMode, MigrateError, Migrator};
+pub use status::{MigrationStatus, RunState};
+pub use vmm::{DeviceState, DirtyBitmap, DirtyTracker, VmControl, Vmm, VmmError};

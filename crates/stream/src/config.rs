@@ -196,9 +196,14 @@ mod tests {
         let mut v = Vec::new();
         cfg.encode(&mut v);
         let mut want = vec![7, 0, 0, 0, 4];
-        want.extend_from_slice(b"none\x05\x1aconfiguration/capabilities\0\0\0\x01\0\0\0\x01\x0amapped-ram");
+        want.extend_from_slice(
+            b"none\x05\x1aconfiguration/capabilities\0\0\0\x01\0\0\0\x01\x0amapped-ram",
+        );
         assert_eq!(v, want);
-        assert_eq!(Configuration::decode(&mut SliceSource::new(&v)).unwrap(), cfg);
+        assert_eq!(
+            Configuration::decode(&mut SliceSource::new(&v)).unwrap(),
+            cfg
+        );
     }
 
     #[test]
@@ -206,7 +211,10 @@ mod tests {
         let mut v = vec![7, 0, 0, 0, 4];
         v.extend_from_slice(b"none\x05\x11configuration/xyz\0\0\0\x01");
         let e = Configuration::decode(&mut SliceSource::new(&v)).unwrap_err();
-        assert!(matches!(e.kind, DecodeErrorKind::UnknownConfigSubsection(_)));
+        assert!(matches!(
+            e.kind,
+            DecodeErrorKind::UnknownConfigSubsection(_)
+        ));
         assert_eq!(e.offset, 9);
     }
 

@@ -48,11 +48,11 @@ impl TimerState {
 
     pub fn describe() -> Value {
         json!({"name": TIMER_IDSTR, "instance_id": 0, "vmsd_name": TIMER_IDSTR,
-            "version": TIMER_VERSION, "fields": [
-                FieldDesc::scalar("cpu_ticks_offset", "int64", 8).to_json(),
-                FieldDesc::scalar("unused", "unused_buffer", 8).to_json(),
-                FieldDesc::scalar("cpu_clock_offset", "int64", 8).to_json(),
-            ]})
+        "version": TIMER_VERSION, "fields": [
+            FieldDesc::scalar("cpu_ticks_offset", "int64", 8).to_json(),
+            FieldDesc::scalar("unused", "unused_buffer", 8).to_json(),
+            FieldDesc::scalar("cpu_clock_offset", "int64", 8).to_json(),
+        ]})
     }
 }
 
@@ -118,7 +118,10 @@ impl GlobalState {
         let end = name.iter().position(|b| *b == 0).unwrap_or(name.len());
         let runstate = String::from_utf8_lossy(&name[..end]).into_owned();
         if !RUN_STATES.contains(&runstate.as_str()) {
-            return Err(DecodeError::new(at, DecodeErrorKind::UnknownRunState(runstate)));
+            return Err(DecodeError::new(
+                at,
+                DecodeErrorKind::UnknownRunState(runstate),
+            ));
         }
         refuse_subsections(src, GLOBALSTATE_IDSTR)?;
         Ok(Self {
@@ -129,13 +132,13 @@ impl GlobalState {
 
     pub fn describe() -> Value {
         json!({"name": GLOBALSTATE_IDSTR, "instance_id": 0, "vmsd_name": GLOBALSTATE_IDSTR,
-            "version": GLOBALSTATE_VERSION, "fields": [
-                FieldDesc::scalar("size", "uint32", 4).to_json(),
-                FieldDesc::scalar("runstate", "buffer", RUNSTATE_FIELD_LEN).to_json(),
-                FieldDesc::scalar("has_vm_was_suspended", "uint8", 1).to_json(),
-                FieldDesc::scalar("vm_was_suspended", "uint8", 1).to_json(),
-                FieldDesc::scalar("unused", "buffer", GLOBALSTATE_UNUSED_LEN).to_json(),
-            ]})
+        "version": GLOBALSTATE_VERSION, "fields": [
+            FieldDesc::scalar("size", "uint32", 4).to_json(),
+            FieldDesc::scalar("runstate", "buffer", RUNSTATE_FIELD_LEN).to_json(),
+            FieldDesc::scalar("has_vm_was_suspended", "uint8", 1).to_json(),
+            FieldDesc::scalar("vm_was_suspended", "uint8", 1).to_json(),
+            FieldDesc::scalar("unused", "buffer", GLOBALSTATE_UNUSED_LEN).to_json(),
+        ]})
     }
 }
 

@@ -77,7 +77,9 @@ pub enum DecodeErrorKind {
     },
     #[error("Missing section footer for {0}")]
     MissingFooter(String),
-    #[error("Mismatched section id in footer for {idstr} - read 0x{read:x} expected 0x{expected:x}")]
+    #[error(
+        "Mismatched section id in footer for {idstr} - read 0x{read:x} expected 0x{expected:x}"
+    )]
     FooterMismatch {
         idstr: String,
         read: u32,
@@ -110,7 +112,11 @@ pub enum DecodeErrorKind {
     #[error("Ack, bad migration stream! (CONTINUE with no current block)")]
     ContinueWithoutBlock,
     #[error("Illegal RAM offset 0x{offset:x} in block {idstr} of 0x{len:x} bytes")]
-    IllegalRamOffset { idstr: String, offset: u64, len: u64 },
+    IllegalRamOffset {
+        idstr: String,
+        offset: u64,
+        len: u64,
+    },
     #[error("Found a zero page with value {0}")]
     NonZeroFill(u8),
     #[error("Empty counted string for {0}")]

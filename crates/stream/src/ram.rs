@@ -146,7 +146,10 @@ impl BlockEntry {
         let at = src.offset();
         let idstr = src.counted("RAM block name")?;
         if idstr.is_empty() {
-            return Err(DecodeError::new(at, DecodeErrorKind::EmptyName("RAM block")));
+            return Err(DecodeError::new(
+                at,
+                DecodeErrorKind::EmptyName("RAM block"),
+            ));
         }
         let used_length = src.be64("RAM block length")?;
         let page_size = if with_page_size {
@@ -210,7 +213,10 @@ mod tests {
         assert_eq!(h.addr, 0xE41000);
         assert!(!h.names_block());
         let e = RamRecordHeader::from_word(0x100, 4096).unwrap_err();
-        assert_eq!(e.to_string(), "Unknown combination of migration flags: 0x100");
+        assert_eq!(
+            e.to_string(),
+            "Unknown combination of migration flags: 0x100"
+        );
         assert!(RamRecordHeader::from_word(0x1, 4096).is_err());
         assert!(RamRecordHeader::from_word(0x6, 4096).is_err());
     }

@@ -147,3 +147,18 @@ mod tests {
         assert!(err.to_string().contains("needed 4 bytes for b"));
     }
 }
+
+impl<S: Source + ?Sized> Source for &mut S {
+    fn fill(&mut self, buf: &mut [u8], what: &'static str) -> Result<(), DecodeError> {
+        (**self).fill(buf, what)
+    }
+    fn offset(&self) -> u64 {
+        (**self).offset()
+    }
+    fn peek_u8(&mut self) -> Result<Option<u8>, DecodeError> {
+        (**self).peek_u8()
+    }
+    fn skip(&mut self, n: u64, what: &'static str) -> Result<(), DecodeError> {
+        (**self).skip(n, what)
+    }
+}

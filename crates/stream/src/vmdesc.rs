@@ -41,7 +41,10 @@ pub fn decode(src: &mut impl Source) -> Result<Option<Value>, DecodeError> {
     let len_at = src.offset();
     let len = src.be32("vmdesc length")?;
     if len > MAX_VMDESC_LEN {
-        return Err(DecodeError::new(len_at, DecodeErrorKind::VmdescTooLarge(len)));
+        return Err(DecodeError::new(
+            len_at,
+            DecodeErrorKind::VmdescTooLarge(len),
+        ));
     }
     let mut text = vec![0u8; len as usize];
     src.fill(&mut text, "vmdesc JSON")?;

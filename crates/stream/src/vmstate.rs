@@ -30,7 +30,9 @@ impl FieldDesc {
     /// The JSON object, with QEMU's member order: name, [array_len], type, size.
     pub fn to_json(&self) -> Value {
         match self.array_len {
-            Some(n) => json!({"name": self.name, "array_len": n, "type": self.ty, "size": self.size}),
+            Some(n) => {
+                json!({"name": self.name, "array_len": n, "type": self.ty, "size": self.size})
+            }
             None => json!({"name": self.name, "type": self.ty, "size": self.size}),
         }
     }

@@ -1,0 +1,342 @@
+//! Byte I/O around the codecs: a buffered [`Source`] over a descriptor for the loader,
+//! and a gathering writer for the saver that sends guest pages without copying them.
+
+use std::io::IoSlice;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vmigrate_stream::{DecodeError, DecodeErrorKind, Source};
+
+/// Reads a migration stream from a descriptor, counting offsets from the stream start.
+#[derive(Debug)]
+pub struct FdSource {
+    fd: OwnedFd,
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+    /// Stream offset of `buf[start]`.
+    offset: u64,
+    eof: bool,
+}
+
+const READ_BUFFER: usize = 1 << 20;
+
+impl FdSource {
+    pub fn new(fd: OwnedFd, base_offset: u64) -> Self {
+        Self {
+            fd,
+            buf: vec![0u8; READ_BUFFER].into_boxed_slice(),
+            start: 0,
+            end: 0,
+            offset: base_offset,
+            eof: false,
+        }
+    }
+
+    fn refill(&mut self, what: &'static str) -> Result<bool, DecodeError> {
+        if self.eof {
+            return Ok(false);
+        }
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        } else if self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        loop {
+            match rustix::io::read(&self.fd, &mut self.buf[self.end..]) {
+                Ok(0) => {
+                    self.eof = true;
+                    return Ok(false);
+                }
+                Ok(n) => {
+                    self.end += n;
+                    return Ok(true);
+                }
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => {
+                    return Err(DecodeError::new(
+                        self.offset,
+                        DecodeErrorKind::Io {
+                            what,
+                            source: e.into(),
+                        },
+                    ))
+                }
+            }
+        }
+    }
+
+    /// Reads `len` bytes straight into `dst` (guest memory), bypassing the buffer for
+    /// the bulk of large reads.
+    ///
+    /// # Safety
+    ///
+    /// `dst..dst+len` must be valid for writes for the duration of the call.
+    pub unsafe fn fill_raw(
+        &mut self,
+        dst: *mut u8,
+        len: usize,
+        what: &'static str,
+    ) -> Result<(), DecodeError> {
+        let at = self.offset;
+        let mut done = 0;
+        while done < len {
+            if self.start < self.end {
+                let n = (self.end - self.start).min(len - done);
+                // SAFETY: the caller guarantees dst..dst+len is writable; the buffer range
+                // is inside `buf`, which cannot overlap guest memory.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(self.buf[self.start..].as_ptr(), dst.add(done), n)
+                };
+                self.start += n;
+                self.offset += n as u64;
+                done += n;
+                continue;
+            }
+            if len - done >= READ_BUFFER / 4 && !self.eof {
+                // SAFETY: as above; the slice covers the part not yet filled.
+                let out = unsafe { std::slice::from_raw_parts_mut(dst.add(done), len - done) };
+                match rustix::io::read(&self.fd, out) {
+                    Ok(0) => self.eof = true,
+                    Ok(n) => {
+                        done += n;
+                        self.offset += n as u64;
+                    }
+                    Err(rustix::io::Errno::INTR) => {}
+                    Err(e) => {
+                        return Err(DecodeError::new(
+                            self.offset,
+                            DecodeErrorKind::Io {
+                                what,
+                                source: e.into(),
+                            },
+                        ))
+                    }
+                }
+                continue;
+            }
+            if !self.refill(what)? {
+                return Err(DecodeError::new(
+                    at,
+                    DecodeErrorKind::Truncated { what, needed: len },
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn into_fd(self) -> OwnedFd {
+        self.fd
+    }
+}
+
+impl Source for FdSource {
+    fn fill(&mut self, buf: &mut [u8], what: &'static str) -> Result<(), DecodeError> {
+        // SAFETY: `buf` is a valid, exclusively borrowed Rust buffer.
+        unsafe { self.fill_raw(buf.as_mut_ptr(), buf.len(), what) }
+    }
+
+    fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    fn peek_u8(&mut self) -> Result<Option<u8>, DecodeError> {
+        if self.start == self.end && !self.refill("next record")? {
+            return Ok(None);
+        }
+        Ok(Some(self.buf[self.start]))
+    }
+}
+
+/// Enforces `max-bandwidth` in 100 ms windows, as QEMU does. The limit is read live so a
+/// `migrate-set-parameters` during the migration takes effect at once.
+#[derive(Debug)]
+pub struct RateLimiter {
+    limit: Arc<AtomicU64>,
+    window_start: Instant,
+    used: u64,
+}
+
+const RATE_WINDOW: Duration = Duration::from_millis(100);
+
+impl RateLimiter {
+    pub fn new(limit: Arc<AtomicU64>) -> Self {
+        Self {
+            limit,
+            window_start: Instant::now(),
+            used: 0,
+        }
+    }
+
+    /// Accounts `bytes` and sleeps once the window's budget is spent. A limit below
+    /// 10 bytes/s leaves no budget per window and means unlimited, as in QEMU.
+    pub fn account(&mut self, bytes: u64, cancel: &AtomicBool) {
+        self.used += bytes;
+        loop {
+            let budget = self.limit.load(Ordering::Relaxed) / 10;
+            if budget == 0 {
+                self.used = 0;
+                return;
+            }
+            let elapsed = self.window_start.elapsed();
+            if elapsed >= RATE_WINDOW {
+                self.window_start = Instant::now();
+                self.used = self.used.saturating_sub(budget);
+                continue;
+            }
+            if self.used < budget || cancel.load(Ordering::Relaxed) {
+                return;
+            }
+            std::thread::sleep((RATE_WINDOW - elapsed).min(Duration::from_millis(20)));
+        }
+    }
+}
+
+/// A gathering writer: small records go into a buffer, guest pages are referenced in
+/// place, and everything leaves in `writev` batches.
+#[derive(Debug)]
+pub struct StreamWriter {
+    fd: OwnedFd,
+    buf: Vec<u8>,
+    /// Segments in order: either a range of `buf` or a guest pointer.
+    segs: Vec<Segment>,
+    pending: usize,
+    /// Bytes written so far (what `query-migrate` calls `transferred`).
+    pub written: Arc<AtomicU64>,
+    limiter: RateLimiter,
+    cancel: Arc<AtomicBool>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Segment {
+    Buf { start: usize, len: usize },
+    Guest { ptr: *const u8, len: usize },
+}
+
+// SAFETY: guest pointers in pending segments refer to RAM blocks that outlive the writer
+// (the engine holds Arc<RamBlock> for the whole migration).
+unsafe impl Send for StreamWriter {}
+
+const MAX_SEGMENTS: usize = 512;
+const FLUSH_BYTES: usize = 1 << 20;
+
+/// An error writing the stream.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error("Unable to write to socket: {0}")]
+    Io(String),
+    #[error("migration was cancelled")]
+    Cancelled,
+}
+
+impl StreamWriter {
+    pub fn new(
+        fd: OwnedFd,
+        written: Arc<AtomicU64>,
+        limit: Arc<AtomicU64>,
+        cancel: Arc<AtomicBool>,
+    ) -> Self {
+        Self {
+            fd,
+            buf: Vec::with_capacity(256 << 10),
+            segs: Vec::with_capacity(MAX_SEGMENTS),
+            pending: 0,
+            written,
+            limiter: RateLimiter::new(limit),
+            cancel,
+        }
+    }
+
+    /// Appends small bytes (record headers, device bodies).
+    pub fn put(&mut self, data: &[u8]) -> Result<(), WriteError> {
+        self.with_buf(|b| b.extend_from_slice(data))
+    }
+
+    /// Appends bytes produced by an encoder.
+    pub fn with_buf(&mut self, f: impl FnOnce(&mut Vec<u8>)) -> Result<(), WriteError> {
+        let start = self.buf.len();
+        f(&mut self.buf);
+        let len = self.buf.len() - start;
+        if len == 0 {
+            return Ok(());
+        }
+        match self.segs.last_mut() {
+            Some(Segment::Buf { start: s, len: l }) if *s + *l == start => *l += len,
+            _ => self.segs.push(Segment::Buf { start, len }),
+        }
+        self.pending += len;
+        self.maybe_flush()
+    }
+
+    /// Appends `len` bytes of guest memory without copying them.
+    ///
+    /// # Safety
+    ///
+    /// `ptr..ptr+len` must stay mapped until the next flush.
+    pub unsafe fn put_guest(&mut self, ptr: *const u8, len: usize) -> Result<(), WriteError> {
+        self.segs.push(Segment::Guest { ptr, len });
+        self.pending += len;
+        self.maybe_flush()
+    }
+
+    fn maybe_flush(&mut self) -> Result<(), WriteError> {
+        if self.segs.len() >= MAX_SEGMENTS || self.pending >= FLUSH_BYTES {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    pub fn flush(&mut self) -> Result<(), WriteError> {
+        let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(self.segs.len());
+        for s in &self.segs {
+            match *s {
+                Segment::Buf { start, len } => {
+                    iov.push(IoSlice::new(&self.buf[start..start + len]))
+                }
+                // SAFETY: put_guest's contract keeps the range mapped until this flush.
+                Segment::Guest { ptr, len } => iov.push(IoSlice::new(unsafe {
+                    std::slice::from_raw_parts(ptr, len)
+                })),
+            }
+        }
+        let mut slices: &mut [IoSlice<'_>] = &mut iov;
+        let total = self.pending;
+        while !slices.is_empty() {
+            if self.cancel.load(Ordering::Relaxed) {
+                return Err(WriteError::Cancelled);
+            }
+            match rustix::io::writev(self.fd.as_fd(), slices) {
+                Ok(0) => return Err(WriteError::Io("write returned 0".into())),
+                Ok(n) => IoSlice::advance_slices(&mut slices, n),
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => {
+                    if self.cancel.load(Ordering::Relaxed) {
+                        return Err(WriteError::Cancelled);
+                    }
+                    let io: std::io::Error = e.into();
+                    return Err(WriteError::Io(crate::transport::errno_text(&io)));
+                }
+            }
+        }
+        drop(iov);
+        self.written.fetch_add(total as u64, Ordering::Relaxed);
+        self.buf.clear();
+        self.segs.clear();
+        self.pending = 0;
+        self.limiter.account(total as u64, &self.cancel);
+        Ok(())
+    }
+
+    pub fn fd(&self) -> &OwnedFd {
+        &self.fd
+    }
+
+    pub fn into_fd(self) -> OwnedFd {
+        self.fd
+    }
+}

@@ -1,0 +1,246 @@
+//! The incoming migration: reads a stream into the destination VM.
+//!
+//! ```text
+//! header ─▶ configuration (checked) ─▶ { START/PART/END ram │ FULL device │ COMMAND }* ─▶ EOF ─▶ vmdesc
+//! ```
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use vmigrate_stream::command::Command;
+use vmigrate_stream::config::{format_uuid, Configuration, VALIDATED_CAPABILITIES};
+use vmigrate_stream::devices::{GlobalState, GLOBALSTATE_IDSTR, GLOBALSTATE_VERSION};
+use vmigrate_stream::ram::{RAM_IDSTR, RAM_SECTION_VERSION};
+use vmigrate_stream::section::{decode_footer, Record, SectionId};
+use vmigrate_stream::{header, vmdesc, DecodeError, DecodeErrorKind, Source};
+
+use crate::io::FdSource;
+use crate::options::Capabilities;
+use crate::ram_load::RamLoader;
+use crate::vmm::{DeviceLoadError, DeviceState, Vmm};
+
+/// What a completed load carried over.
+#[derive(Debug)]
+pub struct LoadOutcome {
+    /// The run state from `globalstate`; `None` when the section was absent.
+    pub runstate: Option<String>,
+    pub zero_pages: u64,
+    pub normal_pages: u64,
+    /// A note for the log when the trailer was missing or odd (QEMU prints these and
+    /// still succeeds).
+    pub vmdesc_note: Option<String>,
+}
+
+/// Why an incoming migration failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    #[error("device '{idstr}' failed to load at byte offset {offset}: {source}")]
+    Device {
+        idstr: String,
+        offset: u64,
+        #[source]
+        source: DeviceLoadError,
+    },
+}
+
+enum Entry {
+    Device(Arc<dyn DeviceState>),
+    GlobalState,
+}
+
+/// Loads a whole precopy stream from `src`.
+pub fn load_stream(
+    src: &mut FdSource,
+    vmm: &dyn Vmm,
+    caps: &Capabilities,
+) -> Result<LoadOutcome, LoadError> {
+    header::decode_header(src)?;
+    let at = src.offset();
+    let config = Configuration::decode(src)?;
+    check_configuration(&config, at, vmm, caps)?;
+
+    let devices = vmm.devices();
+    let mut ram = RamLoader::new(vmm.ram_blocks().to_vec());
+    let mut sections: HashMap<u32, (String, u32)> = HashMap::new();
+    let mut runstate = None;
+    loop {
+        let at = src.offset();
+        match Record::decode(src)? {
+            Record::Eof => break,
+            Record::Start(s) | Record::Full(s) if s.idstr == RAM_IDSTR && s.instance_id == 0 => {
+                check_version(&s, RAM_SECTION_VERSION, RAM_SECTION_VERSION, at)?;
+                sections.insert(s.section_id, (s.idstr.clone(), 0));
+                ram.load_setup(src)?;
+                decode_footer(src, s.section_id, &s.idstr)?;
+            }
+            Record::Part(id) | Record::End(id) => {
+                let Some((idstr, _)) = sections.get(&id) else {
+                    return Err(DecodeError::new(at, DecodeErrorKind::UnknownSectionId(id)).into());
+                };
+                if idstr != RAM_IDSTR {
+                    return Err(DecodeError::new(at, DecodeErrorKind::UnknownSectionId(id)).into());
+                }
+                ram.load_records(src)?;
+                decode_footer(src, id, RAM_IDSTR)?;
+            }
+            Record::Start(s) | Record::Full(s) => {
+                let entry = if s.idstr == GLOBALSTATE_IDSTR && s.instance_id == 0 {
+                    Entry::GlobalState
+                } else {
+                    devices
+                        .iter()
+                        .find(|d| {
+                            (d.idstr() == s.idstr || s.idstr.rsplit('/').next() == Some(d.idstr()))
+                                && d.instance_id() == s.instance_id
+                        })
+                        .cloned()
+                        .map(Entry::Device)
+                        .ok_or_else(|| {
+                            DecodeError::new(
+                                at,
+                                DecodeErrorKind::UnknownSection {
+                                    idstr: s.idstr.clone(),
+                                    instance: s.instance_id,
+                                },
+                            )
+                        })?
+                };
+                sections.insert(s.section_id, (s.idstr.clone(), s.instance_id));
+                match entry {
+                    Entry::GlobalState => {
+                        check_version(&s, GLOBALSTATE_VERSION, GLOBALSTATE_VERSION, at)?;
+                        runstate = Some(GlobalState::decode(src)?.runstate);
+                    }
+                    Entry::Device(dev) => {
+                        check_version(&s, dev.version(), dev.minimum_version(), at)?;
+                        let body_at = src.offset();
+                        let mut dyn_src: &mut dyn Source = src;
+                        dev.load(&mut dyn_src, s.version_id).map_err(|source| {
+                            LoadError::Device {
+                                idstr: s.idstr.clone(),
+                                offset: body_at,
+                                source,
+                            }
+                        })?;
+                    }
+                }
+                decode_footer(src, s.section_id, &s.idstr)?;
+            }
+            Record::Command(cmd) => match cmd {
+                Command::SwitchoverStart => {}
+                other => {
+                    return Err(DecodeError::new(
+                        at,
+                        DecodeErrorKind::UnsupportedCommand(other.name()),
+                    )
+                    .into())
+                }
+            },
+        }
+    }
+    let vmdesc_note = match vmdesc::decode(src) {
+        Ok(Some(_)) => None,
+        Ok(None) => Some("Expected vmdescription section, but got 0".to_string()),
+        Err(e) => Some(e.to_string()),
+    };
+    Ok(LoadOutcome {
+        runstate,
+        zero_pages: ram.zero_pages,
+        normal_pages: ram.normal_pages,
+        vmdesc_note,
+    })
+}
+
+fn check_version(s: &SectionId, local: u32, minimum: u32, at: u64) -> Result<(), DecodeError> {
+    if s.version_id > local {
+        return Err(DecodeError::new(
+            at,
+            DecodeErrorKind::UnsupportedSectionVersion {
+                idstr: s.idstr.clone(),
+                version: s.version_id,
+                local,
+            },
+        ));
+    }
+    if s.version_id < minimum {
+        return Err(DecodeError::new(
+            at,
+            DecodeErrorKind::SectionVersionTooOld {
+                idstr: s.idstr.clone(),
+                version: s.version_id,
+                minimum,
+            },
+        ));
+    }
+    Ok(())
+}
+
+fn check_configuration(
+    config: &Configuration,
+    at: u64,
+    vmm: &dyn Vmm,
+    caps: &Capabilities,
+) -> Result<(), DecodeError> {
+    let local = vmm.machine_name();
+    if !local.as_bytes().starts_with(config.machine.as_bytes()) {
+        return Err(DecodeError::new(
+            at,
+            DecodeErrorKind::MachineMismatch {
+                received: config.machine.clone(),
+                local: local.to_string(),
+            },
+        ));
+    }
+    for name in &config.capabilities {
+        if !VALIDATED_CAPABILITIES.contains(&name.as_str()) {
+            return Err(DecodeError::new(
+                at,
+                DecodeErrorKind::UnknownCapability(name.clone()),
+            ));
+        }
+    }
+    for name in VALIDATED_CAPABILITIES {
+        let received = config.has_capability(name);
+        let local_state = caps.get(name);
+        if received != local_state {
+            return Err(DecodeError::new(
+                at,
+                DecodeErrorKind::CapabilityMismatch {
+                    name: name.to_string(),
+                    local: local_state.into(),
+                    received: received.into(),
+                },
+            ));
+        }
+    }
+    if let Some(bits) = config.target_page_bits {
+        let local_bits = vmm
+            .ram_blocks()
+            .first()
+            .map(|b| b.page_size().trailing_zeros())
+            .unwrap_or(12);
+        if bits != local_bits {
+            return Err(DecodeError::new(
+                at,
+                DecodeErrorKind::PageBitsMismatch {
+                    received: bits,
+                    local: local_bits,
+                },
+            ));
+        }
+    }
+    if let (Some(received), Some(local)) = (config.uuid, vmm.uuid()) {
+        if received != local {
+            return Err(DecodeError::new(
+                at,
+                DecodeErrorKind::UuidMismatch {
+                    received: format_uuid(&received),
+                    local: format_uuid(&local),
+                },
+            ));
+        }
+    }
+    Ok(())
+}

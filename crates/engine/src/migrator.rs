@@ -1,0 +1,605 @@
+//! The migration facade a monitor drives: capabilities, parameters, `migrate`,
+//! `migrate-incoming`, `migrate_cancel`, `migrate-continue` and `query-migrate`.
+//!
+//! One [`Migrator`] per VM. It owns the options and the state shared with the session
+//! threads; each session thread reports back through [`Shared`].
+
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+use serde_json::{json, Map, Value};
+
+use crate::events::EventBus;
+use crate::io::FdSource;
+use crate::load::{self, LoadOutcome};
+use crate::options::{Capabilities, Parameters};
+use crate::save::{self, SaveError};
+use crate::stats::Stats;
+use crate::status::{MigrationStatus, RunState};
+use crate::transport::{self, Address, FdStore, Incoming};
+use crate::vmm::Vmm;
+
+/// A command error, with QEMU's text (class `GenericError`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct MigrateError(pub String);
+
+fn merr<T>(msg: impl Into<String>) -> Result<T, MigrateError> {
+    Err(MigrateError(msg.into()))
+}
+
+/// Which way this process's migration goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    None,
+    Outgoing,
+    Incoming,
+}
+
+/// How the destination was configured on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IncomingMode {
+    /// No `--incoming`.
+    Disabled,
+    /// `--incoming defer`: waits for `migrate-incoming`.
+    Deferred,
+    /// `--incoming URI` was given and started.
+    Started,
+}
+
+/// Section ids the saver uses: VMM devices first, in registration order, then `ram`,
+/// then `globalstate` (one id in between is reserved, as QEMU's `none` machine
+/// registers `dirty-bitmap` there).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SectionIds {
+    pub ram: u32,
+    pub globalstate: u32,
+}
+
+impl SectionIds {
+    pub fn new(devices: usize) -> Self {
+        let ram = devices as u32;
+        Self {
+            ram,
+            globalstate: ram + 2,
+        }
+    }
+}
+
+type FailureHandler = Box<dyn Fn(&str) + Send + Sync>;
+
+struct State {
+    caps: Capabilities,
+    params: Parameters,
+    status: MigrationStatus,
+    role: Role,
+    error: Option<String>,
+    stats: Arc<Stats>,
+    cancel: Arc<AtomicBool>,
+    /// Raw descriptor of the outgoing socket, for shutdown on cancel.
+    cancel_fd: Option<i32>,
+    incoming_mode: IncomingMode,
+    incoming_started: bool,
+    socket_address: Option<Value>,
+    continue_requested: bool,
+}
+
+/// State shared between the facade and the session threads.
+pub(crate) struct Shared {
+    state: Mutex<State>,
+    continue_cv: Condvar,
+    events: Arc<EventBus>,
+    max_bandwidth: Arc<AtomicU64>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn params_snapshot(&self) -> Parameters {
+        self.lock().params.clone()
+    }
+
+    pub fn caps_snapshot(&self) -> Capabilities {
+        self.lock().caps.clone()
+    }
+
+    pub fn stats(&self) -> Arc<Stats> {
+        self.lock().stats.clone()
+    }
+
+    pub fn cancel_flag(&self) -> Arc<AtomicBool> {
+        self.lock().cancel.clone()
+    }
+
+    pub fn max_bandwidth(&self) -> Arc<AtomicU64> {
+        self.max_bandwidth.clone()
+    }
+
+    pub fn set_status(&self, status: MigrationStatus) {
+        let events = {
+            let mut st = self.lock();
+            if st.status == status {
+                return;
+            }
+            st.status = status;
+            st.caps.get("events")
+        };
+        if events {
+            self.events
+                .emit("MIGRATION", Some(json!({"status": status.name()})));
+        }
+    }
+
+    fn fail(&self, msg: String) {
+        self.lock().error = Some(msg);
+        self.set_status(MigrationStatus::Failed);
+    }
+
+    pub fn emit_pass(&self, pass: u64) {
+        if self.lock().caps.get("events") {
+            self.events
+                .emit("MIGRATION_PASS", Some(json!({"pass": pass})));
+        }
+    }
+
+    /// Waits in `pre-switchover` for `migrate-continue` or a cancel. True to go on.
+    pub fn wait_continue(&self) -> bool {
+        let mut st = self.lock();
+        loop {
+            if st.cancel.load(Ordering::Relaxed) {
+                return false;
+            }
+            if st.continue_requested {
+                st.continue_requested = false;
+                return true;
+            }
+            st = self.continue_cv.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+/// The migration controller of one VM.
+pub struct Migrator {
+    vmm: Arc<dyn Vmm>,
+    shared: Arc<Shared>,
+    fds: Arc<FdStore>,
+    on_incoming_failure: Mutex<Option<FailureHandler>>,
+}
+
+impl std::fmt::Debug for Migrator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Migrator").finish_non_exhaustive()
+    }
+}
+
+impl Migrator {
+    pub fn new(vmm: Arc<dyn Vmm>, events: Arc<EventBus>, incoming_mode: IncomingMode) -> Arc<Self> {
+        let params = Parameters::default();
+        let max_bandwidth = Arc::new(AtomicU64::new(params.u64("max-bandwidth")));
+        Arc::new(Self {
+            vmm,
+            shared: Arc::new(Shared {
+                state: Mutex::new(State {
+                    caps: Capabilities::default(),
+                    params,
+                    status: MigrationStatus::None,
+                    role: Role::None,
+                    error: None,
+                    stats: Stats::new(),
+                    cancel: Arc::new(AtomicBool::new(false)),
+                    cancel_fd: None,
+                    incoming_mode,
+                    incoming_started: false,
+                    socket_address: None,
+                    continue_requested: false,
+                }),
+                continue_cv: Condvar::new(),
+                events,
+                max_bandwidth,
+            }),
+            fds: Arc::new(FdStore::default()),
+            on_incoming_failure: Mutex::new(None),
+        })
+    }
+
+    /// Descriptors passed with `getfd`.
+    pub fn fd_store(&self) -> &FdStore {
+        &self.fds
+    }
+
+    pub fn vmm(&self) -> &Arc<dyn Vmm> {
+        &self.vmm
+    }
+
+    /// Called with the error text when an incoming migration fails and
+    /// `exit-on-error` is set (the binary exits, as QEMU does).
+    pub fn set_incoming_failure_handler(&self, f: impl Fn(&str) + Send + Sync + 'static) {
+        *self
+            .on_incoming_failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(Box::new(f));
+    }
+
+    pub fn status(&self) -> MigrationStatus {
+        self.shared.lock().status
+    }
+
+    pub fn query_capabilities(&self) -> Value {
+        self.shared.lock().caps.to_json()
+    }
+
+    pub fn set_capabilities(&self, list: &Value) -> Result<(), MigrateError> {
+        let mut st = self.shared.lock();
+        if st.role == Role::Outgoing && st.status.is_running() {
+            return merr("There's a migration process in progress");
+        }
+        let next = st
+            .caps
+            .merged(list, st.incoming_started)
+            .map_err(|e| MigrateError(e.0))?;
+        st.params
+            .cross_check(&st.params, &next)
+            .map_err(|e| MigrateError(e.0))?;
+        if next.get("zero-blocks") {
+            eprintln!("warning: zero-blocks capability is deprecated");
+        }
+        st.caps = next;
+        Ok(())
+    }
+
+    pub fn query_parameters(&self) -> Value {
+        self.shared.lock().params.to_json()
+    }
+
+    pub fn set_parameters(&self, args: &Map<String, Value>) -> Result<(), MigrateError> {
+        let mut st = self.shared.lock();
+        let next = st.params.merged(args).map_err(|e| MigrateError(e.0))?;
+        next.cross_check(&st.params, &st.caps)
+            .map_err(|e| MigrateError(e.0))?;
+        self.shared
+            .max_bandwidth
+            .store(next.u64("max-bandwidth"), Ordering::Relaxed);
+        st.params = next;
+        Ok(())
+    }
+
+    /// Parses `uri` xor `channels` into the main address.
+    pub fn parse_target(
+        uri: Option<&str>,
+        channels: Option<&Value>,
+        incoming: bool,
+    ) -> Result<Address, MigrateError> {
+        let channels = channels.and_then(Value::as_array).filter(|c| !c.is_empty());
+        match (uri, channels) {
+            (Some(u), None) => Address::parse_uri(u).map_err(|e| MigrateError(e.0)),
+            (None, Some(list)) => {
+                if incoming && list.len() != 1 {
+                    return merr("Channel list must have only one entry, for type 'main'");
+                }
+                let mut main = None;
+                for (i, ch) in list.iter().enumerate() {
+                    let ty = ch.get("channel-type").and_then(Value::as_str).unwrap_or("");
+                    if ty != "main" && ty != "cpr" {
+                        return merr(format!(
+                            "Parameter 'channels[{i}].channel-type' does not accept value '{ty}'"
+                        ));
+                    }
+                    if ty == "main" || incoming {
+                        if main.is_some() {
+                            return merr("Channel list has more than one main entry");
+                        }
+                        let addr = ch.get("addr").ok_or_else(|| {
+                            MigrateError(format!("Parameter 'channels[{i}].addr' is missing"))
+                        })?;
+                        main = Some(
+                            Address::from_json(addr, &format!("channels[{i}].addr"))
+                                .map_err(|e| MigrateError(e.0))?,
+                        );
+                    }
+                }
+                main.ok_or_else(|| MigrateError("Channel list has no main entry".into()))
+            }
+            _ => merr("need either 'uri' or 'channels' argument"),
+        }
+    }
+
+    fn check_transport(&self, addr: &Address) -> Result<(), MigrateError> {
+        let caps = self.shared.caps_snapshot();
+        if caps.get("mapped-ram") && !matches!(addr, Address::File { .. }) {
+            return merr("Migration requires seekable transport (e.g. file)");
+        }
+        if (caps.get("multifd") || caps.get("postcopy-preempt")) && !addr.is_socket() {
+            return merr("Migration requires multi-channel URIs (e.g. tcp)");
+        }
+        Ok(())
+    }
+
+    /// `migrate`: checks, starts the transport, and runs the session on its own thread.
+    pub fn migrate(self: &Arc<Self>, addr: Address, resume: bool) -> Result<(), MigrateError> {
+        self.check_transport(&addr)?;
+        if resume {
+            return merr("Cannot resume if there is no paused migration");
+        }
+        {
+            let st = self.shared.lock();
+            if st.role == Role::Outgoing && st.status.is_running() {
+                return merr("There's a migration process in progress");
+            }
+        }
+        match self.vmm.control().run_state() {
+            RunState::InMigrate => return merr("Guest is waiting for an incoming migration"),
+            RunState::PostMigrate => {
+                return merr("Can't migrate the vm that was paused due to previous migration")
+            }
+            _ => {}
+        }
+        if let Some(reason) = self.vmm.migration_blockers().into_iter().next() {
+            return merr(reason);
+        }
+        let early =
+            transport::open_outgoing_sync(&addr, &self.fds).map_err(|e| MigrateError(e.0))?;
+        let stats = Stats::new();
+        stats.start_clock();
+        let cancel = Arc::new(AtomicBool::new(false));
+        {
+            let mut st = self.shared.lock();
+            st.role = Role::Outgoing;
+            st.error = None;
+            st.stats = stats;
+            st.cancel = cancel;
+            st.cancel_fd = None;
+            st.continue_requested = false;
+            st.status = MigrationStatus::None;
+        }
+        self.shared.set_status(MigrationStatus::Setup);
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name("mig/src/main".into())
+            .spawn(move || me.outgoing_thread(addr, early))
+            .map_err(|e| MigrateError(format!("cannot start migration thread: {e}")))?;
+        Ok(())
+    }
+
+    fn outgoing_thread(&self, addr: Address, early: Option<transport::Channel>) {
+        let channel = match early {
+            Some(ch) => Ok(ch),
+            None => transport::connect_outgoing(&addr),
+        };
+        let mut channel = match channel {
+            Ok(ch) => ch,
+            Err(e) => {
+                self.shared.fail(e.0);
+                return;
+            }
+        };
+        {
+            let mut st = self.shared.lock();
+            if channel.is_socket {
+                st.cancel_fd = Some(channel.fd.as_raw_fd());
+            }
+            if st.cancel.load(Ordering::Relaxed) {
+                drop(st);
+                self.finish_cancelled();
+                return;
+            }
+        }
+        let result = save::run(&self.shared, self.vmm.as_ref(), &channel);
+        if channel.is_socket {
+            transport::shutdown_socket(channel.fd.as_raw_fd());
+        }
+        self.shared.lock().cancel_fd = None;
+        drop(channel.fd.try_clone());
+        channel.finish_with_close();
+        let stats = self.shared.stats();
+        stats
+            .total_time_ms
+            .store(stats.elapsed_ms(), Ordering::Relaxed);
+        match result {
+            Ok(()) => self.shared.set_status(MigrationStatus::Completed),
+            Err(SaveError::Cancelled) => self.finish_cancelled(),
+            Err(e) => {
+                if self.shared.cancel_flag().load(Ordering::Relaxed) {
+                    self.finish_cancelled();
+                } else {
+                    self.shared.fail(e.to_string());
+                }
+            }
+        }
+    }
+
+    fn finish_cancelled(&self) {
+        self.shared.set_status(MigrationStatus::Cancelled);
+    }
+
+    /// `migrate_cancel`.
+    pub fn cancel(&self) -> Result<(), MigrateError> {
+        let st = self.shared.lock();
+        if st.status.is_postcopy() {
+            return merr("Postcopy migration in progress, cannot cancel.");
+        }
+        if st.role != Role::Outgoing || !st.status.is_running() {
+            return Ok(());
+        }
+        st.cancel.store(true, Ordering::Relaxed);
+        if let Some(fd) = st.cancel_fd {
+            transport::shutdown_socket(fd);
+        }
+        drop(st);
+        self.shared.continue_cv.notify_all();
+        self.shared.set_status(MigrationStatus::Cancelling);
+        Ok(())
+    }
+
+    /// `migrate-continue`.
+    pub fn migrate_continue(&self, state: &str) -> Result<(), MigrateError> {
+        let mut st = self.shared.lock();
+        if st.status.name() != state {
+            return merr(format!(
+                "Migration not in expected state: {}",
+                st.status.name()
+            ));
+        }
+        st.continue_requested = true;
+        drop(st);
+        self.shared.continue_cv.notify_all();
+        Ok(())
+    }
+
+    /// `migrate-incoming` (and `--incoming URI` at startup).
+    pub fn migrate_incoming(
+        self: &Arc<Self>,
+        addr: Address,
+        exit_on_error: bool,
+    ) -> Result<(), MigrateError> {
+        {
+            let st = self.shared.lock();
+            match st.incoming_mode {
+                IncomingMode::Disabled => {
+                    return merr("'-incoming' was not specified on the command line")
+                }
+                IncomingMode::Started => {
+                    return merr("The incoming migration has already been started")
+                }
+                IncomingMode::Deferred => {}
+            }
+            if st.incoming_started {
+                return merr(format!(
+                    "Illegal migration incoming state: {}",
+                    st.status.name()
+                ));
+            }
+        }
+        self.check_transport(&addr)?;
+        {
+            let mut st = self.shared.lock();
+            st.role = Role::Incoming;
+            st.incoming_started = true;
+            st.error = None;
+            st.status = MigrationStatus::None;
+        }
+        self.shared.set_status(MigrationStatus::Setup);
+        let incoming = Incoming::start(&addr, &self.fds).map_err(|e| MigrateError(e.0))?;
+        {
+            let mut st = self.shared.lock();
+            st.socket_address = incoming.socket_address();
+            st.incoming_mode = IncomingMode::Started;
+        }
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name("mig/dst/main".into())
+            .spawn(move || me.incoming_thread(incoming, exit_on_error))
+            .map_err(|e| MigrateError(format!("cannot start migration thread: {e}")))?;
+        Ok(())
+    }
+
+    fn incoming_thread(&self, incoming: Incoming, exit_on_error: bool) {
+        let result = incoming.accept().map_err(|e| e.0).and_then(|mut ch| {
+            self.shared.set_status(MigrationStatus::Active);
+            let fd = ch.fd.try_clone().map_err(|e| e.to_string())?;
+            let mut src = FdSource::new(fd, ch.base_offset);
+            let caps = self.shared.caps_snapshot();
+            let r = load::load_stream(&mut src, self.vmm.as_ref(), &caps)
+                .map_err(|e| format!("load of migration failed: {e}"));
+            drop(src);
+            ch.finish_with_close();
+            r
+        });
+        match result {
+            Ok(outcome) => self.incoming_done(outcome),
+            Err(msg) => {
+                self.shared.fail(msg.clone());
+                if exit_on_error {
+                    if let Some(h) = self
+                        .on_incoming_failure
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .as_ref()
+                    {
+                        h(&msg);
+                    }
+                }
+            }
+        }
+    }
+
+    fn incoming_done(&self, outcome: LoadOutcome) {
+        if let Some(note) = &outcome.vmdesc_note {
+            eprintln!("vmigrate: {note}");
+        }
+        let control = self.vmm.control();
+        let run = outcome.runstate.as_deref().is_none_or(|s| s == "running");
+        if run {
+            control.vm_start();
+        } else {
+            control.set_run_state(RunState::Paused);
+        }
+        self.shared.set_status(MigrationStatus::Completed);
+    }
+
+    /// `query-migrate`.
+    pub fn query_migrate(&self) -> Value {
+        let st = self.shared.lock();
+        let mut out = Map::new();
+        let blockers = self.vmm.migration_blockers();
+        if !blockers.is_empty() {
+            out.insert("blocked-reasons".into(), json!(blockers));
+        }
+        if st.status == MigrationStatus::None {
+            return Value::Object(out);
+        }
+        out.insert("status".into(), json!(st.status.name()));
+        match st.role {
+            Role::Incoming => {
+                if let Some(sa) = &st.socket_address {
+                    out.insert("socket-address".into(), sa.clone());
+                }
+            }
+            Role::Outgoing | Role::None => {
+                let s = &st.stats;
+                let live = |a: &AtomicU64| a.load(Ordering::Relaxed);
+                match st.status {
+                    MigrationStatus::Active
+                    | MigrationStatus::PreSwitchover
+                    | MigrationStatus::Device
+                    | MigrationStatus::Cancelling => {
+                        out.insert("setup-time".into(), json!(live(&s.setup_time_ms)));
+                        out.insert("total-time".into(), json!(s.elapsed_ms()));
+                        out.insert(
+                            "expected-downtime".into(),
+                            json!(live(&s.expected_downtime_ms)),
+                        );
+                        out.insert("ram".into(), s.ram_json(false));
+                    }
+                    MigrationStatus::Completed => {
+                        out.insert("setup-time".into(), json!(live(&s.setup_time_ms)));
+                        out.insert("total-time".into(), json!(live(&s.total_time_ms)));
+                        out.insert("downtime".into(), json!(live(&s.downtime_ms)));
+                        out.insert("ram".into(), s.ram_json(true));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if st.status == MigrationStatus::Failed {
+            if let Some(e) = &st.error {
+                out.insert("error-desc".into(), json!(e));
+            }
+        }
+        Value::Object(out)
+    }
+}
+
+impl transport::Channel {
+    /// Closes the descriptor and reaps an `exec:` child.
+    pub fn finish_with_close(&mut self) {
+        let placeholder = match std::fs::File::open("/dev/null") {
+            Ok(f) => std::os::fd::OwnedFd::from(f),
+            Err(_) => return self.finish(),
+        };
+        drop(std::mem::replace(&mut self.fd, placeholder));
+        self.finish();
+    }
+}

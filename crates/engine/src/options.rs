@@ -1,0 +1,541 @@
+//! Migration capabilities and parameters: QEMU 10.0's full lists, defaults, the JSON
+//! argument checks of its input visitor, and its validation rules and error texts.
+
+use serde_json::{json, Map, Value};
+
+/// Every capability QEMU 10.0 has, in its enum order (the order queries list them in).
+pub const CAPABILITIES: [&str; 22] = [
+    "xbzrle",
+    "rdma-pin-all",
+    "auto-converge",
+    "zero-blocks",
+    "events",
+    "postcopy-ram",
+    "x-colo",
+    "release-ram",
+    "return-path",
+    "pause-before-switchover",
+    "multifd",
+    "dirty-bitmaps",
+    "postcopy-blocktime",
+    "late-block-activate",
+    "x-ignore-shared",
+    "validate-uuid",
+    "background-snapshot",
+    "zero-copy-send",
+    "postcopy-preempt",
+    "switchover-ack",
+    "dirty-limit",
+    "mapped-ram",
+];
+
+/// Capabilities vmigrate implements. `zero-blocks` and `late-block-activate` have no
+/// effect in QEMU 10.0 either, so accepting them is faithful.
+const SUPPORTED_CAPABILITIES: [&str; 5] = [
+    "events",
+    "zero-blocks",
+    "late-block-activate",
+    "validate-uuid",
+    "pause-before-switchover",
+];
+
+/// An option error, with the QMP error text. All of them are `GenericError`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct OptionsError(pub String);
+
+fn err<T>(msg: impl Into<String>) -> Result<T, OptionsError> {
+    Err(OptionsError(msg.into()))
+}
+
+/// The capability set.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    on: [bool; CAPABILITIES.len()],
+}
+
+impl Capabilities {
+    pub fn get(&self, name: &str) -> bool {
+        CAPABILITIES
+            .iter()
+            .position(|c| *c == name)
+            .is_some_and(|i| self.on[i])
+    }
+
+    fn set(&mut self, name: &str, state: bool) {
+        if let Some(i) = CAPABILITIES.iter().position(|c| *c == name) {
+            self.on[i] = state;
+        }
+    }
+
+    /// `query-migrate-capabilities`.
+    pub fn to_json(&self) -> Value {
+        Value::Array(
+            CAPABILITIES
+                .iter()
+                .zip(self.on)
+                .map(|(name, state)| json!({"capability": name, "state": state}))
+                .collect(),
+        )
+    }
+
+    /// `migrate-set-capabilities`: checks the argument shapes, merges, validates the
+    /// would-be set and returns it. `incoming_started` is whether this process already
+    /// listens for an incoming migration.
+    pub fn merged(
+        &self,
+        list: &Value,
+        incoming_started: bool,
+    ) -> Result<Capabilities, OptionsError> {
+        let items = list
+            .as_array()
+            .ok_or_else(|| OptionsError("Parameter 'capabilities' expects array".into()))?;
+        let mut next = self.clone();
+        let mut turned_on = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let obj = item.as_object().ok_or_else(|| {
+                OptionsError(format!("Parameter 'capabilities[{i}]' expects object"))
+            })?;
+            for key in obj.keys() {
+                if key != "capability" && key != "state" {
+                    return err(format!("Parameter 'capabilities[{i}].{key}' is unexpected"));
+                }
+            }
+            let name = match obj.get("capability") {
+                None => {
+                    return err(format!(
+                        "Parameter 'capabilities[{i}].capability' is missing"
+                    ))
+                }
+                Some(Value::String(s)) if CAPABILITIES.contains(&s.as_str()) => s.as_str(),
+                Some(Value::String(s)) => {
+                    return err(format!(
+                        "Parameter 'capabilities[{i}].capability' does not accept value '{s}'"
+                    ))
+                }
+                Some(_) => {
+                    return err(format!(
+                        "Parameter 'capabilities[{i}].capability' expects string"
+                    ))
+                }
+            };
+            let state = match obj.get("state") {
+                None => return err(format!("Parameter 'capabilities[{i}].state' is missing")),
+                Some(Value::Bool(b)) => *b,
+                Some(_) => return err(format!("Parameter 'capabilities[{i}].state' expects bool")),
+            };
+            if state && !self.get(name) {
+                turned_on.push(name);
+            }
+            next.set(name, state);
+        }
+        next.validate(self, incoming_started)?;
+        for name in turned_on {
+            if next.get(name) && !SUPPORTED_CAPABILITIES.contains(&name) {
+                return err(format!(
+                    "Capability '{name}' is not supported by vmigrate yet"
+                ));
+            }
+        }
+        Ok(next)
+    }
+
+    /// QEMU's rules on a would-be capability set, in its order.
+    fn validate(&self, old: &Capabilities, incoming_started: bool) -> Result<(), OptionsError> {
+        let on = |c: &str| self.get(c);
+        if on("postcopy-ram") {
+            if on("x-ignore-shared") {
+                return err("Postcopy is not compatible with ignore-shared");
+            }
+            if on("multifd") {
+                return err("Postcopy is not yet compatible with multifd");
+            }
+        }
+        if on("background-snapshot") {
+            const CONFLICTS: [&str; 14] = [
+                "postcopy-ram",
+                "dirty-bitmaps",
+                "postcopy-blocktime",
+                "late-block-activate",
+                "return-path",
+                "multifd",
+                "pause-before-switchover",
+                "auto-converge",
+                "release-ram",
+                "rdma-pin-all",
+                "xbzrle",
+                "x-colo",
+                "validate-uuid",
+                "zero-copy-send",
+            ];
+            if let Some(c) = CONFLICTS.iter().find(|c| on(c)) {
+                return err(format!("Background-snapshot is not compatible with {c}"));
+            }
+        }
+        if on("zero-copy-send") && (!on("multifd") || on("xbzrle")) {
+            return err("Zero copy only available for non-compressed non-TLS multifd migration");
+        }
+        if on("postcopy-preempt") {
+            if !on("postcopy-ram") {
+                return err("Postcopy preempt requires postcopy-ram");
+            }
+            if incoming_started && !old.get("postcopy-preempt") {
+                return err("Postcopy preempt must be set before incoming starts");
+            }
+        }
+        if on("multifd") && incoming_started && !old.get("multifd") {
+            return err("Multifd must be set before incoming starts");
+        }
+        if on("switchover-ack") && !on("return-path") {
+            return err("Capability 'switchover-ack' requires capability 'return-path'");
+        }
+        if on("dirty-limit") {
+            if on("auto-converge") {
+                return err(
+                    "dirty-limit conflicts with auto-converge either of then available currently",
+                );
+            }
+            return err("dirty-limit requires KVM with accelerator property 'dirty-ring-size' set");
+        }
+        if on("multifd") && on("xbzrle") {
+            return err("Multifd is not compatible with xbzrle");
+        }
+        if on("mapped-ram") {
+            if on("xbzrle") {
+                return err("Mapped-ram migration is incompatible with xbzrle");
+            }
+            if on("postcopy-ram") {
+                return err("Mapped-ram migration is incompatible with postcopy");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How a parameter's JSON value is typed and checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// `size` / `uint64`: negative numbers wrap, as QEMU's visitor does.
+    U64,
+    U32,
+    U8,
+    Bool,
+    /// String or null (`null` is stored as `""`).
+    StrOrNull,
+    Enum(&'static [&'static str]),
+}
+
+const COMPRESSION: &[&str] = &["none", "zlib", "zstd"];
+const MODES: &[&str] = &["normal", "cpr-reboot", "cpr-transfer"];
+const ZERO_PAGE_DETECTION: &[&str] = &["none", "legacy", "multifd"];
+
+/// Every parameter, in the order `query-migrate-parameters` lists them, with its default.
+const PARAMETERS: [(&str, Kind, DefaultValue); 28] = [
+    ("announce-initial", Kind::U64, DefaultValue::U(50)),
+    ("announce-max", Kind::U64, DefaultValue::U(550)),
+    ("announce-rounds", Kind::U64, DefaultValue::U(5)),
+    ("announce-step", Kind::U64, DefaultValue::U(100)),
+    ("throttle-trigger-threshold", Kind::U8, DefaultValue::U(50)),
+    ("cpu-throttle-initial", Kind::U8, DefaultValue::U(20)),
+    ("cpu-throttle-increment", Kind::U8, DefaultValue::U(10)),
+    ("cpu-throttle-tailslow", Kind::Bool, DefaultValue::B(false)),
+    ("max-cpu-throttle", Kind::U8, DefaultValue::U(99)),
+    ("tls-creds", Kind::StrOrNull, DefaultValue::S("")),
+    ("tls-hostname", Kind::StrOrNull, DefaultValue::S("")),
+    ("tls-authz", Kind::StrOrNull, DefaultValue::S("")),
+    ("max-bandwidth", Kind::U64, DefaultValue::U(134_217_728)),
+    ("avail-switchover-bandwidth", Kind::U64, DefaultValue::U(0)),
+    ("downtime-limit", Kind::U64, DefaultValue::U(300)),
+    ("x-checkpoint-delay", Kind::U32, DefaultValue::U(20000)),
+    ("multifd-channels", Kind::U8, DefaultValue::U(2)),
+    (
+        "multifd-compression",
+        Kind::Enum(COMPRESSION),
+        DefaultValue::S("none"),
+    ),
+    ("multifd-zlib-level", Kind::U8, DefaultValue::U(1)),
+    ("multifd-qatzip-level", Kind::U8, DefaultValue::U(1)),
+    ("multifd-zstd-level", Kind::U8, DefaultValue::U(1)),
+    ("xbzrle-cache-size", Kind::U64, DefaultValue::U(67_108_864)),
+    ("max-postcopy-bandwidth", Kind::U64, DefaultValue::U(0)),
+    (
+        "x-vcpu-dirty-limit-period",
+        Kind::U64,
+        DefaultValue::U(1000),
+    ),
+    ("vcpu-dirty-limit", Kind::U64, DefaultValue::U(1)),
+    ("mode", Kind::Enum(MODES), DefaultValue::S("normal")),
+    (
+        "zero-page-detection",
+        Kind::Enum(ZERO_PAGE_DETECTION),
+        DefaultValue::S("multifd"),
+    ),
+    ("direct-io", Kind::Bool, DefaultValue::B(false)),
+];
+const BLOCK_BITMAP_MAPPING: &str = "block-bitmap-mapping";
+
+#[derive(Debug, Clone, Copy)]
+enum DefaultValue {
+    U(u64),
+    B(bool),
+    S(&'static str),
+}
+
+/// The parameter set, kept as the JSON values `query-migrate-parameters` returns.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Parameters {
+    values: Map<String, Value>,
+}
+
+impl Default for Parameters {
+    fn default() -> Self {
+        let values = PARAMETERS
+            .iter()
+            .map(|(name, _, d)| {
+                let v = match d {
+                    DefaultValue::U(u) => json!(u),
+                    DefaultValue::B(b) => json!(b),
+                    DefaultValue::S(s) => json!(s),
+                };
+                (name.to_string(), v)
+            })
+            .collect();
+        Self { values }
+    }
+}
+
+impl Parameters {
+    pub fn to_json(&self) -> Value {
+        Value::Object(self.values.clone())
+    }
+
+    pub fn u64(&self, name: &str) -> u64 {
+        self.values.get(name).and_then(Value::as_u64).unwrap_or(0)
+    }
+
+    pub fn bool(&self, name: &str) -> bool {
+        self.values
+            .get(name)
+            .and_then(Value::as_bool)
+            .unwrap_or(false)
+    }
+
+    pub fn str(&self, name: &str) -> &str {
+        self.values.get(name).and_then(Value::as_str).unwrap_or("")
+    }
+
+    /// `migrate-set-parameters`: type-checks every member, merges into a copy, runs
+    /// QEMU's checks on the merged set, and returns it. Nothing changes on error.
+    pub fn merged(&self, args: &Map<String, Value>) -> Result<Parameters, OptionsError> {
+        let mut next = self.clone();
+        for (key, value) in args {
+            if key == BLOCK_BITMAP_MAPPING {
+                if !value.is_array() {
+                    return err(format!("Parameter '{key}' expects array"));
+                }
+                next.values.insert(key.clone(), value.clone());
+                continue;
+            }
+            let Some((name, kind, _)) = PARAMETERS.iter().find(|(n, _, _)| n == key) else {
+                return err(format!("Parameter '{key}' is unexpected"));
+            };
+            next.values
+                .insert(name.to_string(), check_type(name, *kind, value)?);
+        }
+        next.validate(self)?;
+        Ok(next)
+    }
+
+    /// QEMU's parameter checks, in its order.
+    fn validate(&self, stored: &Parameters) -> Result<(), OptionsError> {
+        let u = |n: &str| self.u64(n);
+        let between = |n: &str, c: &str, lo: u64, hi: u64| {
+            if (lo..=hi).contains(&u(n)) {
+                Ok(())
+            } else {
+                err(format!(
+                    "Parameter '{c}' expects an integer in the range of {lo} to {hi}"
+                ))
+            }
+        };
+        between(
+            "throttle-trigger-threshold",
+            "throttle_trigger_threshold",
+            1,
+            100,
+        )?;
+        between("cpu-throttle-initial", "cpu_throttle_initial", 1, 99)?;
+        between("cpu-throttle-increment", "cpu_throttle_increment", 1, 99)?;
+        if u("downtime-limit") > 2_000_000 {
+            return err("Parameter 'downtime_limit' expects an integer in the range of 0 to (2000 * 1000) ms");
+        }
+        if u("multifd-channels") < 1 {
+            return err("Parameter 'multifd_channels' expects a value between 1 and 255");
+        }
+        if u("multifd-zlib-level") > 9 {
+            return err("Parameter 'multifd_zlib_level' expects a value between 0 and 9");
+        }
+        if !(1..=9).contains(&u("multifd-qatzip-level")) {
+            return err("Parameter 'multifd_qatzip_level' expects a value between 1 and 9");
+        }
+        if u("multifd-zstd-level") > 20 {
+            return err("Parameter 'multifd_zstd_level' expects a value between 0 and 20");
+        }
+        let cache = u("xbzrle-cache-size");
+        if !cache.is_power_of_two() || cache < 4096 {
+            return err("Parameter 'xbzrle_cache_size' expects a power of two no less than the target page size");
+        }
+        let max_throttle = u("max-cpu-throttle");
+        if max_throttle < u("cpu-throttle-initial") || max_throttle > 99 {
+            return err("Parameter 'max_cpu_throttle' expects an integer in the range of cpu_throttle_initial to 99");
+        }
+        for (n, c, hi) in [
+            ("announce-initial", "announce_initial", 100_000),
+            ("announce-max", "announce_max", 100_000),
+            ("announce-rounds", "announce_rounds", 1000),
+        ] {
+            if u(n) > hi {
+                return err(format!(
+                    "Parameter '{c}' expects a value between 0 and {hi}"
+                ));
+            }
+        }
+        if !(1..=10_000).contains(&u("announce-step")) {
+            return err("Parameter 'announce_step' expects a value between 0 and 10000");
+        }
+        if !(1..=1000).contains(&u("x-vcpu-dirty-limit-period")) {
+            return err("Parameter 'x-vcpu-dirty-limit-period' expects a value between 1 and 1000");
+        }
+        if u("vcpu-dirty-limit") < 1 {
+            return err("Parameter 'vcpu_dirty_limit' must be greater than 1 MB/s");
+        }
+        let _ = stored;
+        Ok(())
+    }
+
+    /// Checks made by both parameter and capability updates that look at the pair.
+    pub fn cross_check(
+        &self,
+        stored: &Parameters,
+        caps: &Capabilities,
+    ) -> Result<(), OptionsError> {
+        if caps.get("zero-copy-send")
+            && (self.str("multifd-compression") != "none" || !self.str("tls-creds").is_empty())
+        {
+            return err("Zero copy only available for non-compressed non-TLS multifd migration");
+        }
+        if caps.get("mapped-ram")
+            && (stored.str("multifd-compression") != "none" || !stored.str("tls-creds").is_empty())
+        {
+            return err("Mapped-ram only available for non-compressed non-TLS multifd migration");
+        }
+        Ok(())
+    }
+}
+
+/// Type-checks one member as QEMU's input visitor does.
+fn check_type(name: &str, kind: Kind, v: &Value) -> Result<Value, OptionsError> {
+    let expects = |t: &str| OptionsError(format!("Parameter '{name}' expects {t}"));
+    match kind {
+        Kind::U64 | Kind::U32 | Kind::U8 => {
+            let n = match v {
+                Value::Number(n) if n.is_u64() => n.as_u64().unwrap_or(0),
+                Value::Number(n) if n.is_i64() => n.as_i64().unwrap_or(0) as u64,
+                _ => return Err(expects("uint64")),
+            };
+            let negative = v.as_i64().is_some_and(|i| i < 0);
+            match kind {
+                Kind::U8 if negative || n > u64::from(u8::MAX) => Err(expects("uint8_t")),
+                Kind::U32 if negative || n > u64::from(u32::MAX) => Err(expects("uint32_t")),
+                _ => Ok(json!(n)),
+            }
+        }
+        Kind::Bool => v.as_bool().map(Value::Bool).ok_or_else(|| expects("bool")),
+        Kind::StrOrNull => match v {
+            Value::Null => Ok(json!("")),
+            Value::String(s) => Ok(json!(s)),
+            _ => Err(expects("string")),
+        },
+        Kind::Enum(values) => match v.as_str() {
+            Some(s) if values.contains(&s) => Ok(json!(s)),
+            Some(s) => Err(OptionsError(format!(
+                "Parameter '{name}' does not accept value '{s}'"
+            ))),
+            None => Err(expects("string")),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_qemu() {
+        let p = Parameters::default();
+        assert_eq!(p.u64("max-bandwidth"), 134_217_728);
+        assert_eq!(p.u64("downtime-limit"), 300);
+        assert_eq!(p.str("zero-page-detection"), "multifd");
+        assert_eq!(p.to_json().as_object().unwrap().len(), 28);
+    }
+
+    #[test]
+    fn parameter_type_and_range_errors() {
+        let p = Parameters::default();
+        let set = |v: Value| p.merged(v.as_object().unwrap()).map(|_| ()).unwrap_err().0;
+        assert_eq!(
+            set(json!({"multifd-channels": "x"})),
+            "Parameter 'multifd-channels' expects uint64"
+        );
+        assert_eq!(
+            set(json!({"multifd-channels": 256})),
+            "Parameter 'multifd-channels' expects uint8_t"
+        );
+        assert_eq!(
+            set(json!({"multifd-channels": 0})),
+            "Parameter 'multifd_channels' expects a value between 1 and 255"
+        );
+        assert_eq!(set(json!({"nope": 1})), "Parameter 'nope' is unexpected");
+        assert_eq!(
+            set(json!({"downtime-limit": 2_000_001})),
+            "Parameter 'downtime_limit' expects an integer in the range of 0 to (2000 * 1000) ms"
+        );
+        assert_eq!(
+            set(json!({"multifd-compression": "lz4"})),
+            "Parameter 'multifd-compression' does not accept value 'lz4'"
+        );
+        let q = p
+            .merged(json!({"max-bandwidth": -1}).as_object().unwrap())
+            .unwrap();
+        assert_eq!(q.u64("max-bandwidth"), u64::MAX);
+        let q = p
+            .merged(json!({"tls-authz": null}).as_object().unwrap())
+            .unwrap();
+        assert_eq!(q.str("tls-authz"), "");
+    }
+
+    #[test]
+    fn capability_rules() {
+        let c = Capabilities::default();
+        let set = |v: Value| c.merged(&v, false).map(|_| ()).unwrap_err().0;
+        assert_eq!(
+            set(
+                json!([{"capability": "multifd", "state": true}, {"capability": "xbzrle", "state": true}])
+            ),
+            "Multifd is not compatible with xbzrle"
+        );
+        assert_eq!(
+            set(json!([{"capability": "switchover-ack", "state": true}])),
+            "Capability 'switchover-ack' requires capability 'return-path'"
+        );
+        assert_eq!(
+            set(json!([{"capability": "nosuch", "state": true}])),
+            "Parameter 'capabilities[0].capability' does not accept value 'nosuch'"
+        );
+        assert!(set(json!([{"capability": "xbzrle", "state": true}])).contains("not supported"));
+        let on = c
+            .merged(&json!([{"capability": "events", "state": true}]), false)
+            .unwrap();
+        assert!(on.get("events"));
+    }
+}

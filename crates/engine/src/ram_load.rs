@@ -1,0 +1,195 @@
+//! The RAM loader: the `ram` section's setup body (block list) and page records.
+
+use std::sync::Arc;
+
+use vmigrate_stream::ram::{self, BlockEntry, RamRecordHeader, RamRecordKind};
+use vmigrate_stream::{DecodeError, DecodeErrorKind, Source};
+
+use crate::io::FdSource;
+use crate::memory::RamBlock;
+use crate::vmm::DirtyBitmap;
+
+/// Loads page records into the destination's RAM blocks.
+#[derive(Debug)]
+pub struct RamLoader {
+    blocks: Vec<Arc<RamBlock>>,
+    /// Pages written since the block was created; a ZERO record for a page that is
+    /// neither written nor dirty from before needs no work at all.
+    written: Vec<DirtyBitmap>,
+    current_block: Option<usize>,
+    page_size: u64,
+    pub zero_pages: u64,
+    pub normal_pages: u64,
+}
+
+impl RamLoader {
+    pub fn new(blocks: Vec<Arc<RamBlock>>) -> Self {
+        let written = blocks.iter().map(|b| DirtyBitmap::new(b.pages())).collect();
+        let page_size = blocks.first().map(|b| b.page_size()).unwrap_or(4096);
+        Self {
+            blocks,
+            written,
+            current_block: None,
+            page_size,
+            zero_pages: 0,
+            normal_pages: 0,
+        }
+    }
+
+    fn find(&self, name: &str) -> Option<usize> {
+        self.blocks.iter().position(|b| b.idstr() == name)
+    }
+
+    /// Reads the START body: MEM_SIZE, the block list, then records up to EOS.
+    pub fn load_setup(&mut self, src: &mut FdSource) -> Result<(), DecodeError> {
+        let at = src.offset();
+        let h = RamRecordHeader::decode(src, self.page_size)?;
+        if h.kind != RamRecordKind::MemSize {
+            return Err(DecodeError::new(
+                at,
+                DecodeErrorKind::Invalid {
+                    what: "ram setup",
+                    detail: "expected the MEM_SIZE block list first".into(),
+                },
+            ));
+        }
+        let total = h.addr;
+        let mut sum = 0u64;
+        while sum < total {
+            let at = src.offset();
+            let entry = BlockEntry::decode_with(src, false, false)?;
+            let Some(i) = self.find(&entry.idstr) else {
+                return Err(DecodeError::new(
+                    at,
+                    DecodeErrorKind::UnknownRamBlock(entry.idstr),
+                ));
+            };
+            let local = self.blocks[i].len();
+            if entry.used_length != local {
+                return Err(DecodeError::new(
+                    at,
+                    DecodeErrorKind::BlockSizeMismatch {
+                        idstr: entry.idstr,
+                        received: entry.used_length,
+                        local,
+                    },
+                ));
+            }
+            sum = sum
+                .checked_add(entry.used_length)
+                .filter(|s| *s <= total)
+                .ok_or(DecodeError::new(
+                    at,
+                    DecodeErrorKind::BlockListOverrun { total },
+                ))?;
+        }
+        self.load_records(src)
+    }
+
+    /// Reads page records up to and including EOS.
+    pub fn load_records(&mut self, src: &mut FdSource) -> Result<(), DecodeError> {
+        loop {
+            let at = src.offset();
+            let h = RamRecordHeader::decode(src, self.page_size)?;
+            match h.kind {
+                RamRecordKind::Eos => return Ok(()),
+                RamRecordKind::MultifdFlush => {}
+                RamRecordKind::Zero | RamRecordKind::Page => {
+                    let (bi, page) = self.resolve(src, &h, at)?;
+                    if h.kind == RamRecordKind::Zero {
+                        self.load_zero(src, bi, page)?;
+                    } else {
+                        self.load_page(src, bi, page)?;
+                    }
+                }
+                RamRecordKind::Xbzrle => {
+                    return Err(DecodeError::new(
+                        at,
+                        DecodeErrorKind::Invalid {
+                            what: "RAM record",
+                            detail: "XBZRLE pages are not supported by vmigrate yet".into(),
+                        },
+                    ))
+                }
+                RamRecordKind::MemSize | RamRecordKind::Hook => {
+                    return Err(DecodeError::new(
+                        at,
+                        DecodeErrorKind::UnknownRamFlags(if h.kind == RamRecordKind::MemSize {
+                            ram::FLAG_MEM_SIZE
+                        } else {
+                            ram::FLAG_HOOK
+                        }),
+                    ))
+                }
+            }
+        }
+    }
+
+    fn resolve(
+        &mut self,
+        src: &mut FdSource,
+        h: &RamRecordHeader,
+        at: u64,
+    ) -> Result<(usize, usize), DecodeError> {
+        let bi = if h.names_block() {
+            let name = src.counted("RAM block name")?;
+            match self.find(&name) {
+                Some(i) => i,
+                None => {
+                    return Err(DecodeError::new(
+                        at,
+                        DecodeErrorKind::UnknownPageBlock(name),
+                    ))
+                }
+            }
+        } else {
+            self.current_block
+                .ok_or(DecodeError::new(at, DecodeErrorKind::ContinueWithoutBlock))?
+        };
+        self.current_block = Some(bi);
+        let block = &self.blocks[bi];
+        if h.addr >= block.len() {
+            return Err(DecodeError::new(
+                at,
+                DecodeErrorKind::IllegalRamOffset {
+                    idstr: block.idstr().to_string(),
+                    offset: h.addr,
+                    len: block.len(),
+                },
+            ));
+        }
+        Ok((bi, (h.addr / block.page_size()) as usize))
+    }
+
+    fn load_zero(&mut self, src: &mut FdSource, bi: usize, page: usize) -> Result<(), DecodeError> {
+        let at = src.offset();
+        let fill = src.u8("zero page fill byte")?;
+        if fill != 0 {
+            return Err(DecodeError::new(at, DecodeErrorKind::NonZeroFill(fill)));
+        }
+        self.zero_pages += 1;
+        let block = &self.blocks[bi];
+        let was_written = self.written[bi].test_and_clear(page);
+        if block.created_zero() && !was_written {
+            return Ok(());
+        }
+        let ps = block.page_size();
+        let offset = page as u64 * ps;
+        if !block.is_zero(offset, ps as usize) {
+            block.fill_zero(offset, ps as usize);
+        }
+        Ok(())
+    }
+
+    fn load_page(&mut self, src: &mut FdSource, bi: usize, page: usize) -> Result<(), DecodeError> {
+        let block = &self.blocks[bi];
+        let ps = block.page_size() as usize;
+        let ptr = block.ptr_at(page as u64 * ps as u64, ps);
+        // SAFETY: ptr..ptr+ps is inside the block's mapping (checked by ptr_at), which
+        // this loader keeps alive through its Arc.
+        unsafe { src.fill_raw(ptr, ps, "RAM page")? };
+        self.written[bi].set(page);
+        self.normal_pages += 1;
+        Ok(())
+    }
+}

@@ -1,0 +1,180 @@
+//! The RAM saver: the `ram` section's setup body, iterative passes over dirty pages with
+//! zero-page detection, and the completion pass.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vmigrate_stream::ram::{self, BlockEntry};
+
+use crate::io::{StreamWriter, WriteError};
+use crate::memory::RamBlock;
+use crate::vmm::{DirtyBitmap, DirtyTracker, VmmError};
+
+/// How zero pages are sent on the main channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ZeroPages {
+    /// Every page is sent as PAGE (`zero-page-detection=none`).
+    SendAsData,
+    /// All-zero pages become ZERO records (`legacy`, and `multifd` without multifd).
+    Detect,
+}
+
+/// Pages sent by one call, for the statistics.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SentPages {
+    pub zero: u64,
+    pub normal: u64,
+}
+
+/// Walks the dirty bitmaps and writes page records.
+#[derive(Debug)]
+pub struct RamSaver {
+    blocks: Vec<Arc<RamBlock>>,
+    dirty: Vec<DirtyBitmap>,
+    zero_pages: ZeroPages,
+    /// Block of the last page record written on this channel (for CONTINUE).
+    last_block: Option<usize>,
+    /// Scan position: block and page.
+    cursor: (usize, usize),
+}
+
+/// Why a saver step stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RamSaveError {
+    #[error(transparent)]
+    Write(#[from] WriteError),
+    #[error(transparent)]
+    Vmm(#[from] VmmError),
+}
+
+impl RamSaver {
+    pub fn new(blocks: Vec<Arc<RamBlock>>, zero_pages: ZeroPages) -> Self {
+        let dirty = blocks
+            .iter()
+            .map(|b| DirtyBitmap::all_set(b.pages()))
+            .collect();
+        Self {
+            blocks,
+            dirty,
+            zero_pages,
+            last_block: None,
+            cursor: (0, 0),
+        }
+    }
+
+    pub fn total_bytes(&self) -> u64 {
+        self.blocks.iter().map(|b| b.len()).sum()
+    }
+
+    /// The setup body: MEM_SIZE, the block list, EOS.
+    pub fn write_setup(&self, w: &mut StreamWriter) -> Result<(), WriteError> {
+        w.with_buf(|out| {
+            ram::put_mem_size(out, self.total_bytes());
+            for b in &self.blocks {
+                BlockEntry {
+                    idstr: b.idstr().to_string(),
+                    used_length: b.len(),
+                    page_size: None,
+                    mr_addr: None,
+                }
+                .encode(out);
+            }
+            ram::put_eos(out);
+        })
+    }
+
+    /// Bytes still marked dirty.
+    pub fn remaining_bytes(&self) -> u64 {
+        self.blocks
+            .iter()
+            .zip(&self.dirty)
+            .map(|(b, d)| d.count() as u64 * b.page_size())
+            .sum()
+    }
+
+    /// Fetches the pages dirtied since the last sync into the saver's bitmaps and
+    /// returns how many pages that added.
+    pub fn sync(&mut self, tracker: &dyn DirtyTracker) -> Result<u64, VmmError> {
+        let mut fresh = 0;
+        for (i, d) in self.dirty.iter_mut().enumerate() {
+            let mut got = DirtyBitmap::new(d.pages());
+            tracker.sync(i, &mut got)?;
+            fresh += got.count() as u64;
+            d.merge(&got);
+        }
+        self.cursor = (0, 0);
+        Ok(fresh)
+    }
+
+    /// Hands every page still marked dirty back to the tracker (a failed migration must
+    /// not lose dirty state the VMM might need for a retry).
+    pub fn requeue_all(&self, tracker: &dyn DirtyTracker) {
+        for (i, d) in self.dirty.iter().enumerate() {
+            tracker.requeue(i, d);
+        }
+    }
+
+    /// Sends dirty pages until the bitmaps are empty or `deadline` passes. Returns the
+    /// pages sent and whether the pass reached the end of RAM.
+    pub fn send_dirty(
+        &mut self,
+        w: &mut StreamWriter,
+        deadline: Option<Instant>,
+    ) -> Result<(SentPages, bool), WriteError> {
+        let mut sent = SentPages::default();
+        let mut n = 0u32;
+        loop {
+            let (bi, from) = self.cursor;
+            if bi >= self.blocks.len() {
+                return Ok((sent, true));
+            }
+            let Some(page) = self.dirty[bi].next_set(from) else {
+                self.cursor = (bi + 1, 0);
+                continue;
+            };
+            self.dirty[bi].test_and_clear(page);
+            self.cursor = (bi, page + 1);
+            if let Err(e) = self.send_page(w, bi, page, &mut sent) {
+                self.dirty[bi].set(page);
+                return Err(e);
+            }
+            n += 1;
+            if n % 256 == 0 && deadline.is_some_and(|d| Instant::now() >= d) {
+                return Ok((sent, false));
+            }
+        }
+    }
+
+    fn send_page(
+        &mut self,
+        w: &mut StreamWriter,
+        bi: usize,
+        page: usize,
+        sent: &mut SentPages,
+    ) -> Result<(), WriteError> {
+        let block = &self.blocks[bi];
+        let ps = block.page_size();
+        let offset = page as u64 * ps;
+        let name = if self.last_block == Some(bi) {
+            None
+        } else {
+            Some(block.idstr())
+        };
+        if self.zero_pages == ZeroPages::Detect && block.is_zero(offset, ps as usize) {
+            w.with_buf(|out| ram::put_zero_page(out, offset, name))?;
+            sent.zero += 1;
+        } else {
+            w.with_buf(|out| ram::put_page_header(out, offset, ram::FLAG_PAGE, name))?;
+            let ptr = block.ptr_at(offset, ps as usize);
+            // SAFETY: the block is held by this saver (Arc) until the migration ends,
+            // which is after the writer's last flush.
+            unsafe { w.put_guest(ptr, ps as usize)? };
+            sent.normal += 1;
+        }
+        self.last_block = Some(bi);
+        Ok(())
+    }
+}
+
+/// A time slice for one iteration, as QEMU bounds each PART section.
+pub const ITERATION_SLICE: Duration = Duration::from_millis(50);

@@ -1,0 +1,368 @@
+//! The outgoing migration: the precopy session that runs on its own thread.
+//!
+//! ```text
+//! connect ─▶ header, configuration, ram START (setup), first dirty sync   [setup]
+//!         ─▶ ram PART sections until the remaining data fits the downtime  [active]
+//!         ─▶ stop the VM, [pre-switchover,] final sync, SWITCHOVER_START,
+//!            ram END, device FULL sections, EOF, vmdesc                   [device]
+//!         ─▶ completed │ failed │ cancelled
+//! ```
+//!
+//! The VM is resumed on every error path after it was stopped, if it ran before.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use vmigrate_stream::command::Command;
+use vmigrate_stream::config::Configuration;
+use vmigrate_stream::devices::{GlobalState, GLOBALSTATE_IDSTR, GLOBALSTATE_VERSION};
+use vmigrate_stream::ram::{RAM_IDSTR, RAM_SECTION_VERSION};
+use vmigrate_stream::section::{encode_footer, Record, SectionId};
+use vmigrate_stream::{header, vmdesc};
+
+use crate::io::{StreamWriter, WriteError};
+use crate::migrator::{SectionIds, Shared};
+use crate::ram_save::{RamSaveError, RamSaver, ZeroPages, ITERATION_SLICE};
+use crate::status::{MigrationStatus, RunState};
+use crate::transport::Channel;
+use crate::vmm::{Vmm, VmmError};
+
+/// Why an outgoing migration ended without completing.
+#[derive(Debug, thiserror::Error)]
+pub enum SaveError {
+    #[error(transparent)]
+    Write(#[from] WriteError),
+    #[error(transparent)]
+    Vmm(#[from] VmmError),
+    #[error("migration was cancelled")]
+    Cancelled,
+}
+
+impl From<RamSaveError> for SaveError {
+    fn from(e: RamSaveError) -> Self {
+        match e {
+            RamSaveError::Write(w) => SaveError::Write(w),
+            RamSaveError::Vmm(v) => SaveError::Vmm(v),
+        }
+    }
+}
+
+/// Resumes the VM when dropped, unless disarmed: whatever fails after switchover
+/// started, a VM that was running keeps running.
+struct ResumeGuard<'a> {
+    vmm: &'a dyn Vmm,
+    armed: bool,
+}
+
+impl Drop for ResumeGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.vmm.control().vm_start();
+        }
+    }
+}
+
+/// Runs one outgoing precopy migration over `channel` to its end.
+pub(crate) fn run(shared: &Shared, vmm: &dyn Vmm, channel: &Channel) -> Result<(), SaveError> {
+    let params = shared.params_snapshot();
+    let caps = shared.caps_snapshot();
+    let stats = shared.stats();
+    let cancel = shared.cancel_flag();
+    let fd = channel
+        .fd
+        .try_clone()
+        .map_err(|e| WriteError::Io(e.to_string()))?;
+    let mut w = StreamWriter::new(
+        fd,
+        stats.transferred.clone(),
+        shared.max_bandwidth(),
+        cancel.clone(),
+    );
+    let tracker = vmm.dirty_tracker();
+    let zero_pages = if params.str("zero-page-detection") == "none" {
+        ZeroPages::SendAsData
+    } else {
+        ZeroPages::Detect
+    };
+    let mut saver = RamSaver::new(vmm.ram_blocks().to_vec(), zero_pages);
+    let ps = vmm
+        .ram_blocks()
+        .first()
+        .map(|b| b.page_size())
+        .unwrap_or(4096);
+    stats.page_size.store(ps, Ordering::Relaxed);
+    stats
+        .total_ram
+        .store(saver.total_bytes(), Ordering::Relaxed);
+    let devices = vmm.devices();
+    let ids = SectionIds::new(devices.len());
+
+    // Setup.
+    let config = Configuration {
+        machine: vmm.machine_name().to_string(),
+        target_page_bits: None,
+        capabilities: vec![],
+        uuid: if caps.get("validate-uuid") {
+            vmm.uuid()
+        } else {
+            None
+        },
+    };
+    w.with_buf(|out| {
+        header::encode_header(out);
+        config.encode(out);
+        Record::Start(SectionId {
+            section_id: ids.ram,
+            idstr: RAM_IDSTR.into(),
+            instance_id: 0,
+            version_id: RAM_SECTION_VERSION,
+        })
+        .encode(out);
+    })?;
+    saver.write_setup(&mut w)?;
+    w.with_buf(|out| encode_footer(out, ids.ram))?;
+    tracker.start()?;
+    let result = iterate_and_complete(shared, vmm, &mut w, &mut saver, &ids, &config, devices);
+    tracker.stop();
+    if result.is_err() {
+        saver.requeue_all(tracker);
+    }
+    result
+}
+
+fn dirty_sync(shared: &Shared, vmm: &dyn Vmm, saver: &mut RamSaver) -> Result<(), VmmError> {
+    let stats = shared.stats();
+    saver.sync(vmm.dirty_tracker())?;
+    let pass = stats.dirty_sync_count.fetch_add(1, Ordering::Relaxed) + 1;
+    stats
+        .remaining
+        .store(saver.remaining_bytes(), Ordering::Relaxed);
+    shared.emit_pass(pass);
+    Ok(())
+}
+
+/// Bandwidth and rate figures, recomputed about every 100 ms of transfer.
+struct RateWindow {
+    start: Instant,
+    bytes_at_start: u64,
+    pages_at_start: u64,
+    /// Bytes per millisecond, the last measurement.
+    bandwidth: f64,
+}
+
+fn iterate_and_complete(
+    shared: &Shared,
+    vmm: &dyn Vmm,
+    w: &mut StreamWriter,
+    saver: &mut RamSaver,
+    ids: &SectionIds,
+    config: &Configuration,
+    devices: Vec<Arc<dyn crate::vmm::DeviceState>>,
+) -> Result<(), SaveError> {
+    let stats = shared.stats();
+    let cancel = shared.cancel_flag();
+    dirty_sync(shared, vmm, saver)?;
+    stats
+        .setup_time_ms
+        .store(stats.elapsed_ms(), Ordering::Relaxed);
+    shared.set_status(MigrationStatus::Active);
+    let params = shared.params_snapshot();
+    stats
+        .expected_downtime_ms
+        .store(params.u64("downtime-limit"), Ordering::Relaxed);
+    let mut window = RateWindow {
+        start: Instant::now(),
+        bytes_at_start: stats.transferred.load(Ordering::Relaxed),
+        pages_at_start: 0,
+        bandwidth: 0.0,
+    };
+    let mut pages_total = 0u64;
+    loop {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(SaveError::Cancelled);
+        }
+        w.with_buf(|out| Record::Part(ids.ram).encode(out))?;
+        let (sent, pass_done) = saver.send_dirty(w, Some(Instant::now() + ITERATION_SLICE))?;
+        w.with_buf(|out| {
+            vmigrate_stream::ram::put_eos(out);
+            encode_footer(out, ids.ram);
+        })?;
+        w.flush()?;
+        stats.duplicate.fetch_add(sent.zero, Ordering::Relaxed);
+        stats.normal.fetch_add(sent.normal, Ordering::Relaxed);
+        pages_total += sent.zero + sent.normal;
+        stats
+            .remaining
+            .store(saver.remaining_bytes(), Ordering::Relaxed);
+        update_rates(shared, &mut window, pages_total);
+        if pass_done {
+            let params = shared.params_snapshot();
+            let threshold = switchover_threshold(&params, window.bandwidth);
+            if saver.remaining_bytes() as f64 <= threshold {
+                dirty_sync(shared, vmm, saver)?;
+                let remaining = saver.remaining_bytes() as f64;
+                if window.bandwidth > 0.0 {
+                    stats
+                        .expected_downtime_ms
+                        .store((remaining / window.bandwidth) as u64, Ordering::Relaxed);
+                }
+                if remaining <= threshold {
+                    break;
+                }
+            } else {
+                dirty_sync(shared, vmm, saver)?;
+            }
+        }
+    }
+    complete(shared, vmm, w, saver, ids, config, devices)
+}
+
+/// Bytes that may remain for switchover: bandwidth (bytes/ms) × downtime-limit (ms),
+/// using `avail-switchover-bandwidth` instead of the estimate when it is set.
+fn switchover_threshold(params: &crate::options::Parameters, bandwidth: f64) -> f64 {
+    let avail = params.u64("avail-switchover-bandwidth");
+    let bw = if avail > 0 {
+        avail as f64 / 1000.0
+    } else {
+        bandwidth
+    };
+    bw * params.u64("downtime-limit") as f64
+}
+
+fn update_rates(shared: &Shared, window: &mut RateWindow, pages_total: u64) {
+    let stats = shared.stats();
+    let elapsed = window.start.elapsed();
+    if elapsed.as_millis() < 100 {
+        return;
+    }
+    let bytes = stats.transferred.load(Ordering::Relaxed);
+    let ms = elapsed.as_secs_f64() * 1000.0;
+    let delta = bytes - window.bytes_at_start;
+    window.bandwidth = delta as f64 / ms;
+    stats
+        .mbps_milli
+        .store((delta as f64 * 8.0 / ms) as u64, Ordering::Relaxed);
+    stats.pages_per_second.store(
+        ((pages_total - window.pages_at_start) as f64 * 1000.0 / ms) as u64,
+        Ordering::Relaxed,
+    );
+    if window.bandwidth > 0.0 {
+        stats.expected_downtime_ms.store(
+            (stats.remaining.load(Ordering::Relaxed) as f64 / window.bandwidth) as u64,
+            Ordering::Relaxed,
+        );
+    }
+    window.start = Instant::now();
+    window.bytes_at_start = bytes;
+    window.pages_at_start = pages_total;
+}
+
+fn complete(
+    shared: &Shared,
+    vmm: &dyn Vmm,
+    w: &mut StreamWriter,
+    saver: &mut RamSaver,
+    ids: &SectionIds,
+    config: &Configuration,
+    devices: Vec<Arc<dyn crate::vmm::DeviceState>>,
+) -> Result<(), SaveError> {
+    let stats = shared.stats();
+    let control = vmm.control();
+    let was_running = control.run_state().is_running();
+    let runstate_at_switchover = control.run_state();
+    let stop_time = Instant::now();
+    let precopy_bytes = stats.transferred.load(Ordering::Relaxed);
+    stats.precopy_bytes.store(precopy_bytes, Ordering::Relaxed);
+    control.vm_stop(RunState::FinishMigrate);
+    let mut guard = ResumeGuard {
+        vmm,
+        armed: was_running,
+    };
+    if shared.caps_snapshot().get("pause-before-switchover") {
+        shared.set_status(MigrationStatus::PreSwitchover);
+        if !shared.wait_continue() {
+            return Err(SaveError::Cancelled);
+        }
+    }
+    shared.set_status(MigrationStatus::Device);
+    dirty_sync(shared, vmm, saver)?;
+    w.with_buf(|out| {
+        Command::SwitchoverStart.encode(out);
+        Record::End(ids.ram).encode(out);
+    })?;
+    let (sent, _) = saver.send_dirty(w, None)?;
+    stats.duplicate.fetch_add(sent.zero, Ordering::Relaxed);
+    stats.normal.fetch_add(sent.normal, Ordering::Relaxed);
+    w.with_buf(|out| {
+        vmigrate_stream::ram::put_eos(out);
+        encode_footer(out, ids.ram);
+    })?;
+    let mut descriptions = Vec::new();
+    for (i, dev) in devices.iter().enumerate() {
+        let body = dev.save()?;
+        w.with_buf(|out| {
+            Record::Full(SectionId {
+                section_id: i as u32,
+                idstr: dev.idstr().to_string(),
+                instance_id: dev.instance_id(),
+                version_id: dev.version(),
+            })
+            .encode(out);
+            out.extend_from_slice(&body);
+            encode_footer(out, i as u32);
+        })?;
+        descriptions.push(dev.describe());
+    }
+    let global = GlobalState {
+        runstate: if was_running {
+            "running".into()
+        } else {
+            runstate_name_for_stream(runstate_at_switchover)
+        },
+        vm_was_suspended: false,
+    };
+    w.with_buf(|out| {
+        Record::Full(SectionId {
+            section_id: ids.globalstate,
+            idstr: GLOBALSTATE_IDSTR.into(),
+            instance_id: 0,
+            version_id: GLOBALSTATE_VERSION,
+        })
+        .encode(out);
+        out.extend_from_slice(&global.encode());
+        encode_footer(out, ids.globalstate);
+        Record::Eof.encode(out);
+    })?;
+    descriptions.push(GlobalState::describe());
+    let desc = vmdesc::build(Some(config.describe()), saver_page_size(vmm), descriptions);
+    w.with_buf(|out| vmdesc::encode(out, &desc))?;
+    w.flush()?;
+    let total = stats.transferred.load(Ordering::Relaxed);
+    stats
+        .downtime_bytes
+        .store(total - precopy_bytes, Ordering::Relaxed);
+    stats
+        .downtime_ms
+        .store(stop_time.elapsed().as_millis() as u64, Ordering::Relaxed);
+    stats.remaining.store(0, Ordering::Relaxed);
+    guard.armed = false;
+    control.set_run_state(RunState::PostMigrate);
+    Ok(())
+}
+
+/// The run state a stopped source reports in `globalstate`: QEMU stores the state the
+/// VM had before switchover.
+fn runstate_name_for_stream(state: RunState) -> String {
+    match state {
+        RunState::FinishMigrate | RunState::PostMigrate | RunState::InMigrate => "paused".into(),
+        other => other.name().into(),
+    }
+}
+
+fn saver_page_size(vmm: &dyn Vmm) -> u64 {
+    vmm.ram_blocks()
+        .first()
+        .map(|b| b.page_size())
+        .unwrap_or(4096)
+}

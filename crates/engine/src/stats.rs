@@ -1,0 +1,92 @@
+//! Migration statistics: one structure behind `query-migrate`, HMP `info migrate`, the
+//! progress display and the events.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde_json::{json, Value};
+
+/// Counters the saver updates while it runs.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Bytes written on the main channel.
+    pub transferred: Arc<AtomicU64>,
+    pub total_ram: AtomicU64,
+    pub duplicate: AtomicU64,
+    pub normal: AtomicU64,
+    pub page_size: AtomicU64,
+    pub dirty_sync_count: AtomicU64,
+    pub remaining: AtomicU64,
+    pub dirty_pages_rate: AtomicU64,
+    pub pages_per_second: AtomicU64,
+    /// Megabits per second × 1000 (mbps is a float in QMP).
+    pub mbps_milli: AtomicU64,
+    pub precopy_bytes: AtomicU64,
+    pub downtime_bytes: AtomicU64,
+    pub expected_downtime_ms: AtomicU64,
+    pub setup_time_ms: AtomicU64,
+    pub downtime_ms: AtomicU64,
+    pub total_time_ms: AtomicU64,
+    pub started: std::sync::Mutex<Option<Instant>>,
+}
+
+impl Stats {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    pub fn start_clock(&self) {
+        *self.started.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+    }
+
+    pub fn elapsed_ms(&self) -> u64 {
+        self.started
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map(|t| t.elapsed().as_millis() as u64)
+            .unwrap_or(0)
+    }
+
+    fn get(a: &AtomicU64) -> u64 {
+        a.load(Ordering::Relaxed)
+    }
+
+    pub fn mbps(&self) -> f64 {
+        Self::get(&self.mbps_milli) as f64 / 1000.0
+    }
+
+    /// The `ram` member of `query-migrate`. `completed` zeroes the live-only figures.
+    pub fn ram_json(&self, completed: bool) -> Value {
+        let ps = Self::get(&self.page_size);
+        let normal = Self::get(&self.normal);
+        json!({
+            "transferred": Self::get(&self.transferred),
+            "remaining": if completed { 0 } else { Self::get(&self.remaining) },
+            "total": Self::get(&self.total_ram),
+            "duplicate": Self::get(&self.duplicate),
+            "normal": normal,
+            "normal-bytes": normal * ps,
+            "dirty-pages-rate": if completed { 0 } else { Self::get(&self.dirty_pages_rate) },
+            "mbps": number(self.mbps()),
+            "dirty-sync-count": Self::get(&self.dirty_sync_count),
+            "postcopy-requests": 0,
+            "page-size": ps,
+            "multifd-bytes": 0,
+            "pages-per-second": Self::get(&self.pages_per_second),
+            "precopy-bytes": Self::get(&self.precopy_bytes),
+            "downtime-bytes": Self::get(&self.downtime_bytes),
+            "postcopy-bytes": 0,
+            "dirty-sync-missed-zero-copy": 0,
+        })
+    }
+}
+
+/// A float as QEMU prints it: integral values without a decimal point.
+pub fn number(f: f64) -> Value {
+    if f.fract() == 0.0 && f.abs() < 1e15 {
+        json!(f as i64)
+    } else {
+        json!(f)
+    }
+}

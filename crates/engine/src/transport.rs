@@ -1,0 +1,597 @@
+//! Transports: QEMU's URI grammar and structured `channels`, outgoing connections and
+//! incoming listeners for `tcp`, `unix`, `fd`, `exec` and `file`.
+//!
+//! Every transport ends up as a file descriptor the engine reads or writes; `exec` keeps
+//! its child process alongside.
+
+use std::collections::HashMap;
+use std::fs::OpenOptions;
+use std::io::Seek;
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+
+use serde_json::{json, Value};
+
+/// A migration address, parsed from a URI or a `MigrationChannel`'s `addr`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Address {
+    Tcp { host: String, port: String },
+    Unix { path: String },
+    Fd { name: String },
+    Exec { args: Vec<String> },
+    File { path: String, offset: u64 },
+    Vsock { cid: String, port: String },
+    Rdma { host: String, port: String },
+}
+
+/// A transport error, with QEMU's text.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct TransportError(pub String);
+
+fn terr<T>(msg: impl Into<String>) -> Result<T, TransportError> {
+    Err(TransportError(msg.into()))
+}
+
+impl Address {
+    /// Parses a URI string (`tcp:`, `unix:`, `fd:`, `exec:`, `file:`, `vsock:`, `rdma:`).
+    pub fn parse_uri(uri: &str) -> Result<Address, TransportError> {
+        let (scheme, rest) = uri.split_once(':').unwrap_or(("", ""));
+        match scheme {
+            "tcp" | "rdma" => {
+                let (host, port) = parse_host_port(rest)?;
+                Ok(if scheme == "tcp" {
+                    Address::Tcp { host, port }
+                } else {
+                    Address::Rdma { host, port }
+                })
+            }
+            "unix" => {
+                if rest.is_empty() {
+                    return terr("invalid Unix socket address");
+                }
+                Ok(Address::Unix {
+                    path: rest.to_string(),
+                })
+            }
+            "fd" => {
+                if rest.is_empty() {
+                    return terr("invalid file descriptor address");
+                }
+                Ok(Address::Fd {
+                    name: rest.to_string(),
+                })
+            }
+            "exec" => Ok(Address::Exec {
+                args: vec!["/bin/sh".into(), "-c".into(), rest.to_string()],
+            }),
+            "vsock" => {
+                let Some((cid, port)) = rest.split_once(':') else {
+                    return terr(format!("error parsing address '{rest}'"));
+                };
+                Ok(Address::Vsock {
+                    cid: cid.into(),
+                    port: port.into(),
+                })
+            }
+            "file" => {
+                let (path, offset) = match rest.split_once(",offset=") {
+                    Some((p, o)) => {
+                        let off = parse_size(o).ok_or_else(|| {
+                            TransportError(format!("file URI has bad offset {o}: Invalid argument"))
+                        })?;
+                        (p, off)
+                    }
+                    None => (rest, 0),
+                };
+                Ok(Address::File {
+                    path: path.to_string(),
+                    offset,
+                })
+            }
+            _ => terr(format!("unknown migration protocol: {uri}")),
+        }
+    }
+
+    /// Parses a `MigrationAddress` object from the structured `channels` form.
+    pub fn from_json(addr: &Value, path: &str) -> Result<Address, TransportError> {
+        let obj = addr
+            .as_object()
+            .ok_or_else(|| TransportError(format!("Parameter '{path}' expects object")))?;
+        let s = |k: &str| -> Result<String, TransportError> {
+            match obj.get(k) {
+                Some(Value::String(v)) => Ok(v.clone()),
+                Some(_) => terr(format!("Parameter '{path}.{k}' expects string")),
+                None => terr(format!("Parameter '{path}.{k}' is missing")),
+            }
+        };
+        match s("transport")?.as_str() {
+            "socket" => match s("type")?.as_str() {
+                "inet" => Ok(Address::Tcp {
+                    host: s("host")?,
+                    port: s("port")?,
+                }),
+                "unix" => Ok(Address::Unix { path: s("path")? }),
+                "fd" => Ok(Address::Fd { name: s("str")? }),
+                "vsock" => Ok(Address::Vsock {
+                    cid: s("cid")?,
+                    port: s("port")?,
+                }),
+                other => terr(format!(
+                    "Parameter '{path}.type' does not accept value '{other}'"
+                )),
+            },
+            "exec" => {
+                let args = obj
+                    .get("args")
+                    .and_then(Value::as_array)
+                    .ok_or_else(|| TransportError(format!("Parameter '{path}.args' is missing")))?;
+                let args = args
+                    .iter()
+                    .map(|a| a.as_str().map(str::to_string))
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| {
+                        TransportError(format!("Parameter '{path}.args' expects string"))
+                    })?;
+                Ok(Address::Exec { args })
+            }
+            "file" => {
+                let offset = match obj.get("offset") {
+                    Some(v) => v.as_u64().ok_or_else(|| {
+                        TransportError(format!("Parameter '{path}.offset' expects uint64"))
+                    })?,
+                    None => return terr(format!("Parameter '{path}.offset' is missing")),
+                };
+                Ok(Address::File {
+                    path: s("filename")?,
+                    offset,
+                })
+            }
+            "rdma" => Ok(Address::Rdma {
+                host: s("host")?,
+                port: s("port")?,
+            }),
+            other => terr(format!(
+                "Parameter '{path}.transport' does not accept value '{other}'"
+            )),
+        }
+    }
+
+    pub fn is_socket(&self) -> bool {
+        matches!(
+            self,
+            Address::Tcp { .. } | Address::Unix { .. } | Address::Vsock { .. }
+        )
+    }
+}
+
+fn parse_host_port(rest: &str) -> Result<(String, String), TransportError> {
+    let rest = rest.split(',').next().unwrap_or("");
+    if let Some(v6) = rest.strip_prefix('[') {
+        let Some((host, after)) = v6.split_once(']') else {
+            return terr(format!("error parsing IPv6 address '{rest}'"));
+        };
+        let Some(port) = after.strip_prefix(':') else {
+            return terr(format!("error parsing address '{rest}'"));
+        };
+        check_port(port, rest)?;
+        return Ok((host.to_string(), port.to_string()));
+    }
+    let Some((host, port)) = rest.rsplit_once(':') else {
+        return terr(format!("error parsing address '{rest}'"));
+    };
+    check_port(port, rest)?;
+    Ok((host.to_string(), port.to_string()))
+}
+
+fn check_port(port: &str, whole: &str) -> Result<(), TransportError> {
+    if port.is_empty() {
+        return terr(format!("error parsing port in address '{whole}'"));
+    }
+    Ok(())
+}
+
+/// Parses a size with optional `0x` prefix or B/K/M/G/T suffix (powers of 1024).
+pub fn parse_size(s: &str) -> Option<u64> {
+    if let Some(hex) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        return u64::from_str_radix(hex, 16).ok();
+    }
+    let (num, mult) = match s.chars().last()? {
+        'b' | 'B' => (&s[..s.len() - 1], 1u64),
+        'k' | 'K' => (&s[..s.len() - 1], 1 << 10),
+        'm' | 'M' => (&s[..s.len() - 1], 1 << 20),
+        'g' | 'G' => (&s[..s.len() - 1], 1 << 30),
+        't' | 'T' => (&s[..s.len() - 1], 1 << 40),
+        _ => (s, 1),
+    };
+    num.parse::<u64>().ok()?.checked_mul(mult)
+}
+
+/// Descriptors registered with QMP `getfd`, by name.
+#[derive(Debug, Default)]
+pub struct FdStore {
+    fds: Mutex<HashMap<String, OwnedFd>>,
+}
+
+impl FdStore {
+    pub fn add(&self, name: &str, fd: OwnedFd) {
+        self.fds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_string(), fd);
+    }
+
+    pub fn remove(&self, name: &str) -> Option<OwnedFd> {
+        self.fds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name)
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.fds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(name)
+    }
+}
+
+/// An open migration channel: a descriptor, plus the child of an `exec:` transport.
+#[derive(Debug)]
+pub struct Channel {
+    pub fd: OwnedFd,
+    pub child: Option<Child>,
+    /// Whether this is a socket (supports shutdown for cancellation).
+    pub is_socket: bool,
+    /// Offset in the file where the stream starts (file: transport).
+    pub base_offset: u64,
+}
+
+impl Channel {
+    fn plain(fd: OwnedFd, is_socket: bool) -> Self {
+        Self {
+            fd,
+            child: None,
+            is_socket,
+            base_offset: 0,
+        }
+    }
+
+    /// Waits for an `exec:` child to exit.
+    pub fn finish(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.wait();
+        }
+    }
+}
+
+fn fd_of(raw: RawFd) -> OwnedFd {
+    // SAFETY: callers pass a descriptor they own exclusively (from into_raw_fd).
+    unsafe { OwnedFd::from_raw_fd(raw) }
+}
+
+/// The synchronous part of starting an outgoing transport: errors QEMU reports from the
+/// `migrate` command itself (file creation, unknown fd names).
+pub fn open_outgoing_sync(
+    addr: &Address,
+    fds: &FdStore,
+) -> Result<Option<Channel>, TransportError> {
+    match addr {
+        Address::File { path, offset } => {
+            let file = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(path)
+                .map_err(|e| {
+                    TransportError(format!("Could not create '{path}': {}", errno_text(&e)))
+                })?;
+            file.set_len(*offset).map_err(|e| {
+                TransportError(format!("Could not truncate '{path}': {}", errno_text(&e)))
+            })?;
+            let mut file = file;
+            file.seek(std::io::SeekFrom::Start(*offset)).map_err(|e| {
+                TransportError(format!("Could not seek '{path}': {}", errno_text(&e)))
+            })?;
+            let mut ch = Channel::plain(OwnedFd::from(file), false);
+            ch.base_offset = *offset;
+            Ok(Some(ch))
+        }
+        Address::Fd { name } => {
+            let fd = fds.remove(name).ok_or_else(|| {
+                TransportError(format!("File descriptor named '{name}' has not been found"))
+            })?;
+            let is_socket = rustix::net::sockopt::socket_type(&fd).is_ok();
+            Ok(Some(Channel::plain(fd, is_socket)))
+        }
+        Address::Vsock { .. } => terr("vsock transport is not supported by vmigrate yet"),
+        Address::Rdma { .. } => terr("RDMA ERROR: could not create CM channel"),
+        _ => Ok(None),
+    }
+}
+
+/// The asynchronous part: connect sockets, start `exec:` children. Errors end the
+/// migration in `failed` with this text.
+pub fn connect_outgoing(addr: &Address) -> Result<Channel, TransportError> {
+    match addr {
+        Address::Tcp { host, port } => {
+            let shown = format!("{host}:{port}");
+            let addrs: Vec<SocketAddr> = (host.as_str(), port.parse::<u16>().unwrap_or(0))
+                .to_socket_addrs()
+                .map_err(|e| {
+                    TransportError(format!(
+                        "address resolution failed for {shown}: {}",
+                        gai_text(&e)
+                    ))
+                })?
+                .collect();
+            let mut last = None;
+            for a in &addrs {
+                match TcpStream::connect(a) {
+                    Ok(s) => {
+                        let _ = s.set_nodelay(true);
+                        return Ok(Channel::plain(OwnedFd::from(s), true));
+                    }
+                    Err(e) => last = Some(e),
+                }
+            }
+            let e = last
+                .map(|e| errno_text(&e))
+                .unwrap_or_else(|| "no address".into());
+            terr(format!("Failed to connect to '{shown}': {e}"))
+        }
+        Address::Unix { path } => {
+            let s = UnixStream::connect(path).map_err(|e| {
+                TransportError(format!("Failed to connect to '{path}': {}", errno_text(&e)))
+            })?;
+            Ok(Channel::plain(OwnedFd::from(s), true))
+        }
+        Address::Exec { args } => {
+            let (prog, rest) = args
+                .split_first()
+                .ok_or_else(|| TransportError("exec: empty command".into()))?;
+            let mut child = Command::new(prog)
+                .args(rest)
+                .stdin(Stdio::piped())
+                .spawn()
+                .map_err(|e| TransportError(format!("cannot run '{prog}': {}", errno_text(&e))))?;
+            let stdin = child.stdin.take().expect("stdin was piped");
+            Ok(Channel {
+                fd: OwnedFd::from(stdin),
+                child: Some(child),
+                is_socket: false,
+                base_offset: 0,
+            })
+        }
+        _ => terr("transport cannot be connected"),
+    }
+}
+
+/// An incoming transport that is ready to produce its channel.
+#[derive(Debug)]
+pub enum Incoming {
+    Tcp(TcpListener),
+    Unix(UnixListener, String),
+    Ready(Channel),
+}
+
+impl Incoming {
+    /// Starts listening (sockets) or opens the source (file, fd, exec).
+    pub fn start(addr: &Address, fds: &FdStore) -> Result<Incoming, TransportError> {
+        match addr {
+            Address::Tcp { host, port } => {
+                let p: u16 = port.parse().map_err(|_| {
+                    TransportError(format!("error parsing port in address '{host}:{port}'"))
+                })?;
+                let bind_host = if host.is_empty() {
+                    "0.0.0.0"
+                } else {
+                    host.as_str()
+                };
+                let l = TcpListener::bind((bind_host, p)).map_err(|e| {
+                    TransportError(format!(
+                        "Failed to find an available port: {}",
+                        errno_text(&e)
+                    ))
+                })?;
+                Ok(Incoming::Tcp(l))
+            }
+            Address::Unix { path } => {
+                let _ = std::fs::remove_file(path);
+                let l = UnixListener::bind(path).map_err(|e| {
+                    TransportError(format!(
+                        "Failed to bind socket to {path}: {}",
+                        errno_text(&e)
+                    ))
+                })?;
+                Ok(Incoming::Unix(l, path.clone()))
+            }
+            Address::File { path, offset } => {
+                let mut file = std::fs::File::open(path).map_err(|e| {
+                    TransportError(format!("Could not open '{path}': {}", errno_text(&e)))
+                })?;
+                file.seek(std::io::SeekFrom::Start(*offset)).map_err(|e| {
+                    TransportError(format!("Could not seek '{path}': {}", errno_text(&e)))
+                })?;
+                let mut ch = Channel::plain(OwnedFd::from(file), false);
+                ch.base_offset = *offset;
+                Ok(Incoming::Ready(ch))
+            }
+            Address::Fd { name } => {
+                let fd = match fds.remove(name) {
+                    Some(fd) => fd,
+                    None => {
+                        let n: RawFd = name.parse().map_err(|_| {
+                            TransportError(format!(
+                                "File descriptor named '{name}' has not been found"
+                            ))
+                        })?;
+                        if rustix::io::fcntl_getfd(
+                            // SAFETY: only borrowed for the duration of the check.
+                            unsafe { std::os::fd::BorrowedFd::borrow_raw(n) },
+                        )
+                        .is_err()
+                        {
+                            return terr(format!(
+                                "File descriptor named '{name}' has not been found"
+                            ));
+                        }
+                        fd_of(n)
+                    }
+                };
+                let is_socket = rustix::net::sockopt::socket_type(&fd).is_ok();
+                Ok(Incoming::Ready(Channel::plain(fd, is_socket)))
+            }
+            Address::Exec { args } => {
+                let (prog, rest) = args
+                    .split_first()
+                    .ok_or_else(|| TransportError("exec: empty command".into()))?;
+                let mut child = Command::new(prog)
+                    .args(rest)
+                    .stdout(Stdio::piped())
+                    .spawn()
+                    .map_err(|e| {
+                        TransportError(format!("cannot run '{prog}': {}", errno_text(&e)))
+                    })?;
+                let out = child.stdout.take().expect("stdout was piped");
+                Ok(Incoming::Ready(Channel {
+                    fd: OwnedFd::from(out),
+                    child: Some(child),
+                    is_socket: false,
+                    base_offset: 0,
+                }))
+            }
+            Address::Vsock { .. } => terr("vsock transport is not supported by vmigrate yet"),
+            Address::Rdma { .. } => terr("RDMA ERROR: could not create CM channel"),
+        }
+    }
+
+    /// The listening addresses, as `query-migrate` reports them in `socket-address`.
+    pub fn socket_address(&self) -> Option<Value> {
+        match self {
+            Incoming::Tcp(l) => {
+                let a = l.local_addr().ok()?;
+                let mut v = json!({"port": a.port().to_string()});
+                if a.is_ipv4() {
+                    v["ipv4"] = json!(true);
+                } else {
+                    v["ipv6"] = json!(true);
+                }
+                v["host"] = json!(a.ip().to_string());
+                v["type"] = json!("inet");
+                Some(json!([v]))
+            }
+            Incoming::Unix(_, path) => Some(json!([{"path": path, "type": "unix"}])),
+            Incoming::Ready(_) => None,
+        }
+    }
+
+    /// Waits for the source to connect.
+    pub fn accept(self) -> Result<Channel, TransportError> {
+        match self {
+            Incoming::Tcp(l) => {
+                let (s, _) = l
+                    .accept()
+                    .map_err(|e| TransportError(format!("accept failed: {}", errno_text(&e))))?;
+                let _ = s.set_nodelay(true);
+                Ok(Channel::plain(OwnedFd::from(s), true))
+            }
+            Incoming::Unix(l, path) => {
+                let (s, _) = l
+                    .accept()
+                    .map_err(|e| TransportError(format!("accept failed: {}", errno_text(&e))))?;
+                let _ = std::fs::remove_file(&path);
+                Ok(Channel::plain(OwnedFd::from(s), true))
+            }
+            Incoming::Ready(ch) => Ok(ch),
+        }
+    }
+}
+
+/// The strerror-like text of an I/O error, without Rust's " (os error N)" suffix.
+pub fn errno_text(e: &std::io::Error) -> String {
+    let s = e.to_string();
+    match s.find(" (os error ") {
+        Some(i) => s[..i].to_string(),
+        None => s,
+    }
+}
+
+fn gai_text(e: &std::io::Error) -> String {
+    let s = e.to_string();
+    s.split(": ").last().unwrap_or(&s).to_string()
+}
+
+/// Shuts a socket down so a blocked reader or writer returns (used by cancel).
+pub fn shutdown_socket(fd: RawFd) {
+    // SAFETY: the descriptor is borrowed only for the call; shutting down a socket that
+    // another thread uses is exactly the point.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let _ = rustix::net::shutdown(fd, rustix::net::Shutdown::Both);
+}
+
+pub fn raw(fd: &OwnedFd) -> RawFd {
+    fd.as_raw_fd()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uri_errors_match_qemu() {
+        let e = |u: &str| Address::parse_uri(u).unwrap_err().0;
+        assert_eq!(e("foo:bar"), "unknown migration protocol: foo:bar");
+        assert_eq!(
+            e("127.0.0.1:4444"),
+            "unknown migration protocol: 127.0.0.1:4444"
+        );
+        assert_eq!(e("tcp:"), "error parsing address ''");
+        assert_eq!(e("tcp:127.0.0.1"), "error parsing address '127.0.0.1'");
+        assert_eq!(e("tcp:[::1"), "error parsing IPv6 address '[::1'");
+        assert_eq!(e("unix:"), "invalid Unix socket address");
+        assert_eq!(e("fd:"), "invalid file descriptor address");
+        assert_eq!(
+            e("file:/x,offset=abc"),
+            "file URI has bad offset abc: Invalid argument"
+        );
+    }
+
+    #[test]
+    fn uris() {
+        assert_eq!(
+            Address::parse_uri("tcp:[::1]:0").unwrap(),
+            Address::Tcp {
+                host: "::1".into(),
+                port: "0".into()
+            }
+        );
+        assert_eq!(
+            Address::parse_uri("file:/tmp/x,offset=4k").unwrap(),
+            Address::File {
+                path: "/tmp/x".into(),
+                offset: 4096
+            }
+        );
+        assert_eq!(
+            Address::parse_uri("file:/tmp/x,offset=0x1000").unwrap(),
+            Address::File {
+                path: "/tmp/x".into(),
+                offset: 4096
+            }
+        );
+    }
+
+    #[test]
+    fn errno_texts_are_plain() {
+        let e = std::io::Error::from_raw_os_error(111);
+        assert_eq!(errno_text(&e), "Connection refused");
+        let e = std::io::Error::from_raw_os_error(2);
+        assert_eq!(errno_text(&e), "No such file or directory");
+    }
+}

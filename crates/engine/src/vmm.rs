@@ -1,0 +1,195 @@
+//! The seam between the engine and a VMM: guest RAM, dirty tracking, VM control and
+//! device state. The engine knows nothing about KVM; a VMM implements these.
+
+use std::sync::Arc;
+
+use vmigrate_stream::{DecodeError, Source};
+
+use crate::memory::RamBlock;
+use crate::status::RunState;
+
+/// Dirty pages of one RAM block since the last sync, one bit per page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirtyBitmap {
+    words: Vec<u64>,
+    pages: usize,
+}
+
+impl DirtyBitmap {
+    pub fn new(pages: usize) -> Self {
+        Self {
+            words: vec![0; pages.div_ceil(64)],
+            pages,
+        }
+    }
+
+    pub fn all_set(pages: usize) -> Self {
+        let mut b = Self::new(pages);
+        b.set_range(0, pages);
+        b
+    }
+
+    pub fn pages(&self) -> usize {
+        self.pages
+    }
+
+    pub fn set(&mut self, page: usize) {
+        self.words[page / 64] |= 1 << (page % 64);
+    }
+
+    pub fn set_range(&mut self, start: usize, count: usize) {
+        for p in start..(start + count).min(self.pages) {
+            self.set(p);
+        }
+    }
+
+    pub fn test_and_clear(&mut self, page: usize) -> bool {
+        let bit = 1u64 << (page % 64);
+        let w = &mut self.words[page / 64];
+        let was = *w & bit != 0;
+        *w &= !bit;
+        was
+    }
+
+    /// ORs another bitmap in (the VMM's own writes, or pages put back after a failed
+    /// send).
+    pub fn merge(&mut self, other: &DirtyBitmap) {
+        for (a, b) in self.words.iter_mut().zip(&other.words) {
+            *a |= b;
+        }
+    }
+
+    pub fn count(&self) -> usize {
+        self.words.iter().map(|w| w.count_ones() as usize).sum()
+    }
+
+    /// The first set bit at or after `from`.
+    pub fn next_set(&self, from: usize) -> Option<usize> {
+        if from >= self.pages {
+            return None;
+        }
+        let mut wi = from / 64;
+        let mut w = self.words[wi] & (!0u64 << (from % 64));
+        loop {
+            if w != 0 {
+                let p = wi * 64 + w.trailing_zeros() as usize;
+                return (p < self.pages).then_some(p);
+            }
+            wi += 1;
+            if wi >= self.words.len() {
+                return None;
+            }
+            w = self.words[wi];
+        }
+    }
+}
+
+/// Errors a VMM reports through the seam.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("device '{0}' does not support migration")]
+    NotMigratable(String),
+    #[error("dirty tracking failed: {0}")]
+    DirtyTracking(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Dirty-page tracking for guest RAM. Bits handed out by [`DirtyTracker::sync`] are
+/// cleared in the tracker; the engine puts them back with [`DirtyTracker::requeue`] if it
+/// could not send them.
+pub trait DirtyTracker: Send + Sync {
+    /// Starts tracking; every page written from now on is reported by the next sync.
+    fn start(&self) -> Result<(), VmmError>;
+    /// ORs the pages dirtied since the last sync of `block` into `out`, and clears them.
+    fn sync(&self, block: usize, out: &mut DirtyBitmap) -> Result<(), VmmError>;
+    /// Puts pages back that were fetched but not sent.
+    fn requeue(&self, block: usize, pages: &DirtyBitmap);
+    fn stop(&self);
+}
+
+/// Run control of the VM.
+pub trait VmControl: Send + Sync {
+    fn run_state(&self) -> RunState;
+    /// Stops the vCPUs (if running) and enters `state`. Emits `STOP` when the VM was
+    /// running.
+    fn vm_stop(&self, state: RunState);
+    /// Starts the vCPUs. Emits `RESUME`.
+    fn vm_start(&self);
+    /// Changes the run state without starting or stopping vCPUs (both not running).
+    fn set_run_state(&self, state: RunState);
+}
+
+/// One device's migratable state, a vmstate section. The defaults fail: a device that
+/// did not implement migration cannot silently migrate as empty.
+pub trait DeviceState: Send + Sync {
+    fn idstr(&self) -> &str;
+    fn instance_id(&self) -> u32 {
+        0
+    }
+    fn version(&self) -> u32;
+    fn minimum_version(&self) -> u32 {
+        self.version()
+    }
+    /// The body of its FULL section.
+    fn save(&self) -> Result<Vec<u8>, VmmError> {
+        Err(VmmError::NotMigratable(self.idstr().to_string()))
+    }
+    /// Loads a body of `version` from the stream (the footer is read by the engine).
+    fn load(&self, src: &mut dyn Source, version: u32) -> Result<(), DeviceLoadError> {
+        let _ = (src, version);
+        Err(DeviceLoadError::Vmm(VmmError::NotMigratable(
+            self.idstr().to_string(),
+        )))
+    }
+    /// The vmdesc description of its body.
+    fn describe(&self) -> serde_json::Value;
+}
+
+/// A device body that failed to load.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceLoadError {
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    #[error(transparent)]
+    Vmm(#[from] VmmError),
+}
+
+/// Everything the engine needs from a VMM.
+pub trait Vmm: Send + Sync {
+    /// The machine type name written into the configuration record (`none`, ...).
+    fn machine_name(&self) -> &str;
+    fn ram_blocks(&self) -> &[Arc<RamBlock>];
+    fn dirty_tracker(&self) -> &dyn DirtyTracker;
+    fn control(&self) -> &dyn VmControl;
+    /// Non-iterative device sections, in registration order.
+    fn devices(&self) -> Vec<Arc<dyn DeviceState>>;
+    /// The VM's UUID, if one was given.
+    fn uuid(&self) -> Option<[u8; 16]>;
+    /// Reasons outgoing migration is blocked, if any.
+    fn migration_blockers(&self) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bitmap_scan() {
+        let mut b = DirtyBitmap::new(130);
+        b.set(3);
+        b.set(64);
+        b.set(129);
+        assert_eq!(b.next_set(0), Some(3));
+        assert_eq!(b.next_set(4), Some(64));
+        assert_eq!(b.next_set(65), Some(129));
+        assert_eq!(b.next_set(130), None);
+        assert!(b.test_and_clear(64));
+        assert_eq!(b.count(), 2);
+        let all = DirtyBitmap::all_set(130);
+        assert_eq!(all.count(), 130);
+        assert_eq!(all.next_set(129), Some(129));
+    }
+}

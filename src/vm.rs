@@ -1,0 +1,133 @@
+//! `vmigrate vm`: builds the machine, the migration engine and the monitors.
+
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use vmigrate_engine::transport::Address;
+use vmigrate_engine::{EventBus, IncomingMode, Migrator, RunState};
+use vmigrate_qmp::{Dispatcher, MonitorAddress, VmBackend};
+use vmigrate_vm::{Machine, MachineConfig, MachineKind};
+
+#[derive(Args, Debug)]
+pub struct VmArgs {
+    /// Machine type: `none` (RAM only).
+    #[arg(long, default_value = "none")]
+    machine: String,
+    /// Guest RAM size, QEMU style (`64M`, `4G`; a plain number is MiB).
+    #[arg(long, default_value = "128M")]
+    memory: String,
+    /// Map guest RAM from this file.
+    #[arg(long)]
+    mem_path: Option<std::path::PathBuf>,
+    /// Map the file shared, so other processes see guest RAM.
+    #[arg(long)]
+    share: bool,
+    /// Name of the RAM block (QEMU's `-M none -m` calls it `ram`).
+    #[arg(long, default_value = "ram")]
+    ram_id: String,
+    /// QMP socket, `unix:PATH` or `tcp:HOST:PORT` (repeatable).
+    #[arg(long)]
+    qmp: Vec<String>,
+    /// HMP monitor: `stdio` or `unix:PATH`.
+    #[arg(long)]
+    monitor: Option<String>,
+    /// Wait for an incoming migration: a URI, or `defer` for `migrate-incoming`.
+    #[arg(long)]
+    incoming: Option<String>,
+    /// The VM's UUID.
+    #[arg(long)]
+    uuid: Option<String>,
+    /// Start paused.
+    #[arg(long)]
+    paused: bool,
+}
+
+/// Parses a QEMU-style memory size: a plain number is MiB.
+pub fn parse_memory(s: &str) -> Option<u64> {
+    if s.chars().all(|c| c.is_ascii_digit()) {
+        return s.parse::<u64>().ok()?.checked_mul(1 << 20);
+    }
+    vmigrate_engine::transport::parse_size(s)
+}
+
+struct Backend(Arc<Machine>);
+
+impl VmBackend for Backend {
+    fn read_physical(&self, gpa: u64, out: &mut [u8]) -> bool {
+        self.0.read_physical(gpa, out)
+    }
+}
+
+pub fn run(args: VmArgs) -> anyhow::Result<()> {
+    let kind = match args.machine.as_str() {
+        "none" => MachineKind::None,
+        other => bail!("unknown machine type '{other}' (known: none)"),
+    };
+    let memory = parse_memory(&args.memory)
+        .with_context(|| format!("invalid --memory '{}'", args.memory))?;
+    let uuid = match &args.uuid {
+        Some(u) => Some(
+            vmigrate_stream::config::parse_uuid(u)
+                .with_context(|| format!("invalid --uuid '{u}'"))?,
+        ),
+        None => None,
+    };
+    let initial = if args.incoming.is_some() {
+        RunState::InMigrate
+    } else if args.paused {
+        RunState::Paused
+    } else {
+        RunState::Running
+    };
+    let events = EventBus::new();
+    let machine = Arc::new(Machine::new(
+        &MachineConfig {
+            kind,
+            memory,
+            mem_path: args.mem_path.clone(),
+            share: args.share,
+            ram_id: args.ram_id.clone(),
+            uuid,
+            initial,
+        },
+        events.clone(),
+    )?);
+    let mode = if args.incoming.is_some() {
+        IncomingMode::Deferred
+    } else {
+        IncomingMode::Disabled
+    };
+    let migrator = Migrator::new(machine.clone(), events.clone(), mode);
+    migrator.set_incoming_failure_handler(|msg| {
+        eprintln!("vmigrate: {msg}");
+        std::process::exit(1);
+    });
+    let dispatcher = Dispatcher::new(migrator.clone(), Arc::new(Backend(machine.clone())));
+    let mut addrs = Vec::new();
+    for q in &args.qmp {
+        addrs.push(MonitorAddress::parse(q).with_context(|| format!("invalid --qmp '{q}'"))?);
+    }
+    vmigrate_qmp::serve(&addrs, dispatcher.clone(), &events).context("cannot start QMP")?;
+    match args.monitor.as_deref() {
+        None => {}
+        Some("stdio") => vmigrate_qmp::hmp::run_stdio(dispatcher.clone()),
+        Some(m) => match m.strip_prefix("unix:") {
+            Some(path) => {
+                let path = path.split(',').next().unwrap_or(path);
+                vmigrate_qmp::hmp::serve_unix(path, dispatcher.clone())
+                    .context("cannot start the HMP monitor")?
+            }
+            None => bail!("invalid --monitor '{m}' (use stdio or unix:PATH)"),
+        },
+    }
+    if let Some(uri) = args.incoming.as_deref().filter(|u| *u != "defer") {
+        let addr = Address::parse_uri(uri).map_err(|e| anyhow::anyhow!("{e}"))?;
+        migrator
+            .migrate_incoming(addr, true)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    loop {
+        std::thread::park();
+    }
+}
