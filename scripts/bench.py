@@ -1,0 +1,1115 @@
+#!/usr/bin/env python3
+"""Side-by-side migration benchmark: QEMU 10.0 vs vmigrate (a benchmark, not a test).
+
+Scenario `tcp-precopy` (the default): a stopped `none` VM whose RAM holds a fixed page mix
+(40 % zero, 30 % random, 30 % log-text pages, in shuffled 64 KiB blocks, generated
+deterministically into /dev/shm) is migrated over loopback TCP, single channel,
+`max-bandwidth` 0 (unlimited). Every requested source->destination pair is run, alternating,
+for N repetitions:
+
+    qemu-qemu  vmigrate-vmigrate  qemu-vmigrate  vmigrate-qemu
+
+so that the source and destination roles can be told apart. For each run it records the
+wall time from `migrate` to the destination's MIGRATION `completed` event, throughput
+(GiB/s of guest RAM, Gbit/s on the wire from the source's `ram.transferred`), CPU seconds
+(user+sys of the whole process, all threads) of source and destination over the run, peak
+RSS (VmHWM) of both, and checks the destination RAM file against the generated image
+(per-16 MiB-chunk SHA-1). A run that does not verify is reported FAILED and not counted.
+
+Usage:
+    scripts/bench.py                        # 4 GiB, 3 reps, all four pairs
+    scripts/bench.py --size 512M -n 2       # quick check
+    scripts/bench.py --pairs qq,qv --json /tmp/bench.json
+    scripts/bench.py --vmigrate /path/to/vmigrate --scenario tcp-multifd2
+    scripts/bench.py --list-scenarios
+
+Options (see --help): --size, -n/--reps, --pairs (qq,vv,qv,vq or full names), --scenario,
+--vmigrate PATH (default: target/release/vmigrate, built with `cargo build --release` if
+missing), --qemu PATH, --json OUT (raw per-run records), --prewarm GIB, --gate SECONDS,
+--timeout SECONDS, --keep-image, --keep-logs, --shm DIR.
+
+Method notes:
+  * Before every run a fresh, sparse destination RAM file is created and GIB of anonymous
+    memory is touched and freed (`--prewarm`, default size + 1 GiB), the same for both
+    engines: the first touch of a fresh page is the dominant destination cost on these
+    machines and varies a lot, and this makes it less random. The prewarm rate is recorded.
+  * `--gate` waits (up to that many seconds) for the machine to be less than half busy
+    before each run; "foreign CPU s" is machine busy time during the run minus the two
+    engines and this script, i.e. what other work took from the two engines.
+  * Both sides get the `events` capability; the source gets `max-bandwidth` 0.
+
+Exit status: 0 when the benchmark ran (FAILED runs are results, reported in the tables),
+1 on errors (the harness could not run: missing QEMU, no space, interrupted ...),
+2 on bad arguments.
+
+New scenarios: write a function `scenario_xxx(ctx, pair, rep) -> dict` (see
+`tcp_migration` for the shape of the record) and add it to SCENARIOS.
+"""
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import hashlib
+import json
+import multiprocessing
+import os
+import platform
+import random
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+try:
+    from qemu.qmp import EventListener, ExecuteError, QMPClient
+except ImportError:  # pragma: no cover
+    sys.stderr.write("bench.py needs the qemu.qmp Python package (pip install qemu.qmp)\n")
+    sys.exit(1)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+CLK = os.sysconf("SC_CLK_TCK")
+PAGE = 4096
+GiB = 1 << 30
+MiB = 1 << 20
+
+BLOCK = 64 * 1024            # page-mix granule: 16 pages of one kind
+CHUNK = 16 * MiB             # generation / verification unit
+GEN_VERSION = 1              # bump when the generated content changes
+MIX = (0.4, 0.3, 0.3)        # zero, random, text
+RAM_ID = "m0"
+
+
+class BenchError(Exception):
+    """The harness cannot go on (as opposed to a run that failed)."""
+
+
+class RunFailed(Exception):
+    """One measured run failed; it is recorded and the benchmark continues."""
+
+
+# --------------------------------------------------------------------------------------
+# Cleanup registry: every process we start and every big file we create is recorded here
+# and removed at exit, whatever happened.
+
+_children = []      # subprocess.Popen objects started by this script
+_temp_files = set()
+
+
+def _set_pdeathsig():
+    # Children die with us even if this script is SIGKILLed (Linux prctl PR_SET_PDEATHSIG).
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
+    except Exception:
+        pass
+
+
+def exit_status(p):
+    """Exit status of a child without reaping it (None while it runs). Not reaping keeps its
+    PID, and so its process group ID, ours until kill_proc() has cleaned up."""
+    if p.returncode is not None:
+        return p.returncode
+    try:
+        r = os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return p.poll()
+    if r is None:
+        return None
+    return r.si_status if r.si_code == os.CLD_EXITED else -r.si_status
+
+
+def kill_proc(p):
+    """Kill one engine we started: the process group it leads (it was started in a session
+    of its own, so the group holds it and only what it spawned), then reap it."""
+    if p.returncode is None:  # not reaped yet: the group ID is still ours
+        with contextlib.suppress(Exception):
+            os.killpg(p.pid, signal.SIGKILL)
+        with contextlib.suppress(Exception):
+            p.kill()
+    with contextlib.suppress(Exception):
+        p.wait(timeout=10)
+
+
+def kill_children():
+    for p in _children:
+        kill_proc(p)
+
+
+def remove_temp_files():
+    for f in list(_temp_files):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f)
+        _temp_files.discard(f)
+
+
+def _on_sigterm(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+# --------------------------------------------------------------------------------------
+# Sizes and small helpers
+
+def parse_size(s):
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", s, re.I)
+    if not m:
+        raise argparse.ArgumentTypeError(f"bad size {s!r} (use e.g. 512M, 4G)")
+    n = float(m.group(1)) * {"": 1, "K": 1 << 10, "M": MiB, "G": GiB, "T": 1 << 40}[m.group(2).upper()]
+    n = int(n)
+    if n < 16 * MiB or n % (2 * MiB):
+        raise argparse.ArgumentTypeError(f"size {s!r} must be a multiple of 2 MiB, at least 16 MiB")
+    return n
+
+
+def size_arg(n):
+    """QEMU-style size string both engines accept."""
+    return f"{n // GiB}G" if n % GiB == 0 else f"{n // MiB}M"
+
+
+def human_size(n):
+    return f"{n / GiB:g} GiB" if n >= GiB else f"{n / MiB:g} MiB"
+
+
+def proc_cpu(pid):
+    """user+sys seconds of the whole process (all threads, incl. exited ones)."""
+    with open(f"/proc/{pid}/stat") as f:
+        s = f.read()
+    fields = s[s.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / CLK
+
+
+def proc_status(pid):
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            if k in ("VmHWM", "VmRSS", "RssAnon", "RssFile", "RssShmem"):
+                out[k] = int(v.split()[0])  # kB
+    return out
+
+
+def machine_busy():
+    """Busy CPU seconds of the whole machine (all CPUs) from /proc/stat."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:9]]
+    return (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / CLK
+
+
+def self_cpu():
+    t = os.times()
+    return t.user + t.system
+
+
+def quiet_gate(max_wait, thresh=0.5, window=0.5):
+    """Wait up to max_wait s until the machine is < thresh busy over a window."""
+    if max_wait <= 0:
+        return 0.0, None
+    n = os.cpu_count() or 1
+    t0 = time.monotonic()
+    while True:
+        b0 = machine_busy()
+        time.sleep(window)
+        frac = (machine_busy() - b0) / (window * n)
+        if frac < thresh or time.monotonic() - t0 >= max_wait:
+            return time.monotonic() - t0, frac
+
+
+def prewarm(nbytes):
+    """Touch and free nbytes of anonymous memory; returns (seconds, us per page)."""
+    if nbytes <= 0:
+        return None, None
+    import mmap
+    t0 = time.perf_counter()
+    m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        try:
+            m.madvise(23)  # MADV_POPULATE_WRITE (Linux >= 5.14): fault everything in at once
+        except (OSError, ValueError):
+            z = bytes(CHUNK)
+            for off in range(0, nbytes - CHUNK + 1, CHUNK):
+                m[off:off + CHUNK] = z
+    finally:
+        m.close()
+    dt = time.perf_counter() - t0
+    return dt, dt * 1e6 / (nbytes // PAGE)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tail(path, n=15):
+    try:
+        with open(path, errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return ""
+    return "\n".join("    " + l for l in lines[-n:])
+
+
+# --------------------------------------------------------------------------------------
+# Guest RAM image: deterministic page mix, written in 16 MiB chunks by up to N processes.
+# Each chunk's SHA-1 is kept, so a destination RAM file is verified chunk by chunk (also in
+# parallel) and a mismatch can be located.
+
+_WORDS = ("request response user session cache miss hit commit rollback connection timeout "
+          "retry queue worker scheduler payload checksum index table update insert delete "
+          "select lock acquired released GET POST PUT backend frontend shard replica leader "
+          "follower flush compaction snapshot token refresh").split()
+_LEVELS = ("INFO", "INFO", "INFO", "DEBUG", "WARN", "ERROR")
+_COMPS = ("http", "db", "auth", "storage", "rpc", "gc", "net", "sched")
+
+_G = {}  # per-process generator / verifier state (set before fork or in the initializer)
+
+
+def _line_pool(seed, n=8000):
+    r = random.Random(f"lines:{seed}")
+    out = []
+    for _ in range(n):
+        msg = " ".join(r.choice(_WORDS) for _ in range(r.randint(3, 9)))
+        out.append((f"2025-{r.randint(1, 12):02d}-{r.randint(1, 28):02d} {r.randint(0, 23):02d}:"
+                    f"{r.randint(0, 59):02d}:{r.randint(0, 59):02d}.{r.randint(0, 999):03d} "
+                    f"{r.choice(_LEVELS)} [{r.choice(_COMPS)}-{r.randint(0, 63)}] {msg} "
+                    f"id={r.getrandbits(64):016x} uid={r.randint(1, 99999)} "
+                    f"lat={r.randint(0, 5000)}ms path=/api/v1/{r.choice(_WORDS)}/{r.randint(0, 10**6)}\n"
+                    ).encode())
+    return out
+
+
+def _block_kinds(size, seed):
+    nblk = size // BLOCK
+    nz = round(nblk * MIX[0])
+    nr = round(nblk * MIX[1])
+    kinds = [0] * nz + [1] * nr + [2] * (nblk - nz - nr)
+    random.Random(f"kinds:{seed}").shuffle(kinds)
+    return bytes(kinds)
+
+
+def _gen_chunk(i):
+    path, size, seed, kinds, lines = _G["path"], _G["size"], _G["seed"], _G["kinds"], _G["lines"]
+    off = i * CHUNK
+    n = min(CHUNK, size - off)
+    buf = bytearray(n)  # zero blocks stay zero but are written, so the file is fully allocated
+    r = random.Random(f"chunk:{seed}:{i}")
+    b0 = off // BLOCK
+    for j in range(n // BLOCK):
+        k = kinds[b0 + j]
+        o = j * BLOCK
+        if k == 1:
+            buf[o:o + BLOCK] = r.randbytes(BLOCK)
+        elif k == 2:
+            s = b"".join(r.choices(lines, k=470))
+            while len(s) < BLOCK:
+                s += b"".join(r.choices(lines, k=64))
+            buf[o:o + BLOCK] = s[:BLOCK]
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        mv = memoryview(buf)
+        done = 0
+        while done < n:
+            done += os.pwrite(fd, mv[done:], off + done)
+    finally:
+        os.close(fd)
+    return i, hashlib.sha1(buf).hexdigest()
+
+
+def _hash_chunk(args):
+    path, size, i = args
+    off = i * CHUNK
+    n = min(CHUNK, size - off)
+    with open(path, "rb") as f:
+        f.seek(off)
+        data = f.read(n)
+    if len(data) < n:  # short file: missing tail reads as a mismatch
+        return i, None
+    return i, hashlib.sha1(data).hexdigest()
+
+
+def _workers():
+    return max(1, min(os.cpu_count() or 1, 4))
+
+
+def _worker_init():
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles ^C and ends the pool
+
+
+def _pool():
+    return multiprocessing.get_context("fork").Pool(_workers(), initializer=_worker_init)
+
+
+def image_meta(size, seed):
+    return {"generator": GEN_VERSION, "size": size, "seed": seed, "block": BLOCK,
+            "chunk": CHUNK, "mix_zero_random_text": MIX}
+
+
+def make_image(path, size, seed, log):
+    """Create (or reuse, if its sidecar metadata matches) the source RAM image."""
+    meta_path = path + ".json"
+    want = image_meta(size, seed)
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if ({k: meta.get(k) for k in want} == json.loads(json.dumps(want))
+                and os.path.getsize(path) == size):
+            log(f"reusing RAM image {path} ({human_size(size)})")
+            return meta
+    except (OSError, ValueError):
+        pass
+    for p in (path, meta_path):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(p)
+    t0 = time.perf_counter()
+    _G.update(path=path, size=size, seed=seed, kinds=_block_kinds(size, seed), lines=_line_pool(seed))
+    with open(path, "wb") as f:
+        f.truncate(size)
+    nchunks = (size + CHUNK - 1) // CHUNK
+    digests = [None] * nchunks
+    if _workers() > 1:
+        with _pool() as pool:
+            for i, d in pool.imap_unordered(_gen_chunk, range(nchunks)):
+                digests[i] = d
+    else:
+        for i in range(nchunks):
+            digests[i] = _gen_chunk(i)[1]
+    _G.clear()
+    kinds = _block_kinds(size, seed)
+    meta = dict(want, chunk_sha1=digests,
+                blocks={"zero": kinds.count(0), "random": kinds.count(1), "text": kinds.count(2)},
+                image_sha1=hashlib.sha1("".join(digests).encode()).hexdigest())
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    dt = time.perf_counter() - t0
+    log(f"generated RAM image {path}: {human_size(size)} in {dt:.1f} s ({size / GiB / dt:.2f} GiB/s), "
+        f"blocks zero/random/text = {meta['blocks']['zero']}/{meta['blocks']['random']}/{meta['blocks']['text']}")
+    return meta
+
+
+def verify_ram(path, meta):
+    """Compare a RAM file with the image's chunk digests. Returns (ok, detail)."""
+    size = meta["size"]
+    try:
+        actual = os.path.getsize(path)
+    except OSError as e:
+        return False, f"destination RAM file unreadable: {e}"
+    if actual < size:
+        return False, f"destination RAM file is {actual} bytes, expected {size}"
+    nchunks = len(meta["chunk_sha1"])
+    jobs = [(path, size, i) for i in range(nchunks)]
+    if _workers() > 1:
+        with _pool() as pool:
+            got = dict(pool.imap_unordered(_hash_chunk, jobs, chunksize=4))
+    else:
+        got = dict(map(_hash_chunk, jobs))
+    bad = [i for i in range(nchunks) if got[i] != meta["chunk_sha1"][i]]
+    if not bad:
+        return True, "ok"
+    return False, (f"RAM differs in {len(bad)} of {nchunks} 16 MiB chunks, first at offset "
+                   f"{bad[0] * CHUNK:#x}")
+
+
+# --------------------------------------------------------------------------------------
+# Engines and VM processes
+
+class Engine:
+    def __init__(self, name, binary):
+        self.name = name
+        self.binary = binary
+        self.unavailable = None  # reason, if this engine cannot be run at all
+
+    def argv(self, size, ram_path, qmp_sock, incoming):
+        raise NotImplementedError
+
+
+class QemuEngine(Engine):
+    def argv(self, size, ram_path, qmp_sock, incoming):
+        a = [self.binary, "-nodefaults", "-display", "none",
+             "-object", f"memory-backend-file,id={RAM_ID},size={size_arg(size)},mem-path={ram_path},share=on",
+             "-machine", f"none,memory-backend={RAM_ID}",
+             "-qmp", f"unix:{qmp_sock},server=on,wait=off"]
+        if incoming:
+            a += ["-incoming", incoming]
+        return a
+
+
+class VmigrateEngine(Engine):
+    def argv(self, size, ram_path, qmp_sock, incoming):
+        a = [self.binary, "vm", "--machine", "none", "--memory", size_arg(size),
+             "--mem-path", ram_path, "--share", "--ram-id", RAM_ID, "--qmp", f"unix:{qmp_sock}"]
+        if incoming:
+            a += ["--incoming", incoming]
+        return a
+
+
+class VM:
+    """One engine process with a QMP connection and a MIGRATION event queue."""
+
+    def __init__(self, engine, role, ctx):
+        self.engine, self.role, self.ctx = engine, role, ctx
+        self.label = f"{engine.name} {role}"
+        self.sock = os.path.join(ctx.tmpdir, f"{role}.qmp")
+        self.log = os.path.join(ctx.tmpdir, f"{role}-{engine.name}.log")
+        self.proc = None
+        self.qmp = None
+        self.events = None
+
+    def fail(self, msg):
+        extra = tail(self.log)
+        rc = exit_status(self.proc) if self.proc else None
+        if rc is not None:
+            msg += f" ({self.label} exited with status {rc})"
+        raise RunFailed(f"{self.label}: {msg}" + (f"\n  last output of {self.label}:\n{extra}" if extra else ""))
+
+    async def start(self, ram_path, incoming=None):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.sock)
+        argv = self.engine.argv(self.ctx.size, ram_path, self.sock, incoming)
+        with open(self.log, "w") as logf:
+            logf.write("$ " + " ".join(argv) + "\n")
+            logf.flush()
+            try:
+                self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf,
+                                             stderr=subprocess.STDOUT, preexec_fn=_set_pdeathsig,
+                                             start_new_session=True)
+            except OSError as e:
+                raise RunFailed(f"{self.label}: cannot start {argv[0]}: {e}")
+        _children.append(self.proc)
+        deadline = time.monotonic() + 20
+        while True:
+            if exit_status(self.proc) is not None:
+                self.fail("exited before its QMP socket accepted a connection")
+            if os.path.exists(self.sock):
+                qmp = QMPClient(f"{self.role}")
+                try:
+                    await qmp.connect(self.sock)
+                    self.qmp = qmp
+                    break
+                except Exception:
+                    with contextlib.suppress(Exception):
+                        await qmp.disconnect()
+            if time.monotonic() > deadline:
+                self.fail("no QMP connection within 20 s")
+            await asyncio.sleep(0.01)
+        self.events = EventListener("MIGRATION")
+        self.qmp.register_listener(self.events)
+
+    async def cmd(self, name, **args):
+        try:
+            return await asyncio.wait_for(self.qmp.execute(name, args or None), 30)
+        except ExecuteError as e:
+            self.fail(f"QMP {name} failed: {e}")
+        except asyncio.TimeoutError:
+            self.fail(f"QMP {name}: no reply within 30 s")
+        except Exception as e:
+            self.fail(f"QMP {name}: {type(e).__name__}: {e}")
+
+    async def try_cmd(self, name, **args):
+        """Like cmd(), but an error only yields {"error": text} (for optional statistics)."""
+        try:
+            return await asyncio.wait_for(self.qmp.execute(name, args or None), 30)
+        except Exception as e:
+            return {"error": f"{type(e).__name__}: {e}"}
+
+    async def set_caps(self, caps):
+        if caps:
+            await self.cmd("migrate-set-capabilities",
+                           capabilities=[{"capability": k, "state": v} for k, v in caps.items()])
+
+    async def set_params(self, params):
+        if params:
+            await self.cmd("migrate-set-parameters", **params)
+
+    def cpu(self):
+        try:
+            return proc_cpu(self.proc.pid)
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def status(self):
+        try:
+            return proc_status(self.proc.pid)
+        except (OSError, ValueError):
+            return {}
+
+    async def stop(self):
+        """quit over QMP; the PID is killed if it does not exit within 10 s."""
+        if self.proc is None:
+            return
+        if self.qmp is not None and exit_status(self.proc) is None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.qmp.execute("quit"), 5)
+        if self.qmp is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.qmp.disconnect(), 5)
+            self.qmp = None
+        deadline = time.monotonic() + 10
+        while exit_status(self.proc) is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        kill_proc(self.proc)  # also ends anything it left behind in its process group
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.sock)
+
+
+TERMINAL = ("completed", "failed", "cancelled")
+
+
+async def wait_migration(vm, deadline, t0):
+    """Wait for a terminal MIGRATION status on vm: the event (timestamped by the engine, used
+    when plausible) or, as a fallback, query-migrate polling every 0.5 s.
+    Returns dict(status, t, how)."""
+    next_poll = time.monotonic() + 0.5
+    while True:
+        now = time.monotonic()
+        if now > deadline:
+            return {"status": "timeout", "t": None, "how": None}
+        try:
+            ev = await asyncio.wait_for(vm.events.get(), min(0.1, max(0.01, deadline - now)))
+        except asyncio.TimeoutError:
+            ev = None
+            if exit_status(vm.proc) is not None:  # only once its queued events are read
+                return {"status": "exited", "t": None, "how": None}
+        if ev is not None:
+            st = ev.get("data", {}).get("status")
+            if st in TERMINAL:
+                recv = time.time()
+                ts = ev.get("timestamp", {})
+                t = ts.get("seconds", 0) + ts.get("microseconds", 0) / 1e6
+                how = "event"
+                if not (t0 - 0.5 <= t <= recv + 0.5):  # engine clock not usable: receipt time
+                    t, how = recv, "event-recv"
+                return {"status": st, "t": t, "how": how}
+            continue
+        if time.monotonic() >= next_poll:
+            next_poll = time.monotonic() + 0.5
+            try:
+                q = await asyncio.wait_for(vm.qmp.execute("query-migrate"), 5)
+            except Exception:
+                q = {}
+            if isinstance(q, dict) and q.get("status") in TERMINAL:
+                # an event may have arrived meanwhile: prefer it
+                with contextlib.suppress(asyncio.TimeoutError):
+                    ev = await asyncio.wait_for(vm.events.get(), 0.05)
+                    if ev.get("data", {}).get("status") in TERMINAL:
+                        ts = ev.get("timestamp", {})
+                        t = ts.get("seconds", 0) + ts.get("microseconds", 0) / 1e6
+                        if t0 - 0.5 <= t <= time.time() + 0.5:
+                            return {"status": ev["data"]["status"], "t": t, "how": "event"}
+                return {"status": q["status"], "t": time.time(), "how": "poll"}
+
+
+# --------------------------------------------------------------------------------------
+# Scenarios. Each gets (ctx, pair, rep) and returns a record dict; raising RunFailed marks
+# the run FAILED with that message. ctx.fresh_ram_file(), ctx.prepare_run(), VM(...) and
+# ctx.verify() are the building blocks.
+
+async def tcp_migration(ctx, pair, rep, caps=None, params=None):
+    """Stopped VM, loopback TCP, source -> destination; caps/params set on both sides
+    (plus events on both and max-bandwidth 0 on the source)."""
+    src_engine, dst_engine = pair
+    caps = dict(caps or {}, events=True)
+    params = dict(params or {})
+    rec = {}
+    src = VM(src_engine, "src", ctx)
+    dst = VM(dst_engine, "dst", ctx)
+    port = ctx.args.port or free_port()
+    uri = f"tcp:127.0.0.1:{port}"
+    dst_ram = ctx.fresh_ram_file()
+    try:
+        await dst.start(dst_ram, incoming="defer")
+        await src.start(ctx.image)
+        await dst.set_caps(caps)
+        await dst.set_params(params)
+        await dst.cmd("migrate-incoming", uri=uri)
+        await src.cmd("stop")
+        await src.set_caps(caps)
+        await src.set_params(dict(params, **{"max-bandwidth": 0}))
+        rec.update(ctx.prepare_run())
+
+        b0, me0 = machine_busy(), self_cpu()
+        cs0, cd0 = src.cpu(), dst.cpu()
+        t0 = time.time()
+        await src.cmd("migrate", uri=uri)
+        deadline = time.monotonic() + ctx.timeout
+        wd = asyncio.ensure_future(wait_migration(dst, deadline, t0))
+        ws = asyncio.ensure_future(wait_migration(src, deadline, t0))
+        try:
+            pending = {wd, ws}
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                if any(t.result()["status"] != "completed" for t in done):
+                    break
+        finally:
+            for t in (wd, ws):
+                t.cancel()
+            await asyncio.gather(wd, ws, return_exceptions=True)
+        cs1, cd1 = src.cpu(), dst.cpu()
+        b1, me1 = machine_busy(), self_cpu()
+        if None in (cs0, cd0, cs1, cd1):
+            cs0 = cs1 = cd0 = cd1 = 0.0  # only possible when a process died: the run fails below
+        rs = ws.result() if ws.done() and not ws.cancelled() else {"status": "not finished", "t": None}
+        rd = wd.result() if wd.done() and not wd.cancelled() else {"status": "not finished", "t": None}
+        rec.update(src_status=rs["status"], dst_status=rd["status"], wall_how=rd.get("how"))
+        if rs["status"] != "completed" or rd["status"] != "completed":
+            parts, logs = [], []
+            for vm, r in ((dst, rd), (src, rs)):
+                q = None
+                if exit_status(vm.proc) is None:
+                    with contextlib.suppress(Exception):
+                        q = await asyncio.wait_for(vm.qmp.execute("query-migrate"), 5)
+                st = r["status"]
+                if st == "timeout":
+                    st = f"timeout after {ctx.timeout:g} s"
+                elif st == "exited":
+                    st = f"process exited with status {exit_status(vm.proc)}"
+                why = f" ({q['error-desc']})" if isinstance(q, dict) and q.get("error-desc") else ""
+                parts.append(f"{vm.label}: {st}{why}")
+                if r["status"] != "completed" and r["status"] != "not finished":
+                    t = tail(vm.log)
+                    if t:
+                        logs.append(f"  last output of {vm.label}:\n{t}")
+            raise RunFailed("migration did not complete: " + "; ".join(parts)
+                            + ("\n" + "\n".join(logs) if logs else ""), rec)
+        rec["hwm_src_kib"] = src.status().get("VmHWM")
+        rec["hwm_dst_kib"] = dst.status().get("VmHWM")
+        rec["status_src"], rec["status_dst"] = src.status(), dst.status()
+        qs = await src.try_cmd("query-migrate")
+        qd = await dst.try_cmd("query-migrate")
+        ram = (qs or {}).get("ram", {})
+        wall = rd["t"] - t0
+        rec.update(
+            wall_s=wall, src_wall_s=rs["t"] - t0,
+            total_time_ms=(qs or {}).get("total-time"),
+            transferred=ram.get("transferred"),
+            gib_per_s=ctx.size / GiB / wall,
+            gbit_per_s=(ram["transferred"] * 8 / wall / 1e9) if ram.get("transferred") else None,
+            cpu_src_s=cs1 - cs0, cpu_dst_s=cd1 - cd0,
+            foreign_cpu_s=(b1 - b0) - (cs1 - cs0) - (cd1 - cd0) - (me1 - me0),
+            query_migrate_src=qs, query_migrate_dst=qd)
+        await asyncio.gather(src.stop(), dst.stop())
+        ok, detail = ctx.verify(dst_ram)
+        rec["verify"] = detail
+        if not ok:
+            raise RunFailed(f"verification: {detail}", rec)
+        return rec
+    finally:
+        await asyncio.gather(src.stop(), dst.stop())
+        ctx.remove_ram_file(dst_ram)
+
+
+def _tcp(caps=None, params=None, doc=""):
+    async def scenario(ctx, pair, rep):
+        return await tcp_migration(ctx, pair, rep, caps, params)
+    scenario.__doc__ = doc
+    return scenario
+
+
+SCENARIOS = {
+    "tcp-precopy": _tcp(doc="stopped VM, loopback TCP, precopy, one channel, unlimited bandwidth"),
+    "tcp-multifd2": _tcp({"multifd": True}, {"multifd-channels": 2},
+                         "stopped VM, loopback TCP, multifd 2 channels, no compression"),
+    "tcp-multifd4": _tcp({"multifd": True}, {"multifd-channels": 4},
+                         "stopped VM, loopback TCP, multifd 4 channels, no compression"),
+    "tcp-multifd2-zstd": _tcp({"multifd": True}, {"multifd-channels": 2, "multifd-compression": "zstd",
+                                                  "multifd-zstd-level": 1},
+                              "stopped VM, loopback TCP, multifd 2 channels, zstd level 1"),
+}
+
+
+# --------------------------------------------------------------------------------------
+# Run context
+
+class Ctx:
+    def __init__(self, args, image, meta, tmpdir):
+        self.args = args
+        self.size = args.size
+        self.image = image
+        self.meta = meta
+        self.tmpdir = tmpdir
+        self.timeout = args.timeout or max(120, 60 * args.size / GiB)
+        self._n = 0
+        self.harness_errors = 0
+
+    def fresh_ram_file(self):
+        """A new, sparse (untouched) RAM file of the VM's size in the shm dir."""
+        self._n += 1
+        path = os.path.join(self.args.shm, f"vmigrate-bench-dst-{os.getpid()}-{self._n}.ram")
+        _temp_files.add(path)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, self.size)
+        finally:
+            os.close(fd)
+        return path
+
+    def remove_ram_file(self, path):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        _temp_files.discard(path)
+
+    def prepare_run(self):
+        """Called by a scenario right before its timed part: quiet gate + prewarm."""
+        gw, gl = quiet_gate(self.args.gate)
+        pw_s, pw_us = prewarm(int(self.args.prewarm * GiB))
+        return {"gate_wait_s": gw, "gate_load": gl, "prewarm_s": pw_s, "prewarm_us_per_page": pw_us}
+
+    def verify(self, path):
+        return verify_ram(path, self.meta)
+
+
+# --------------------------------------------------------------------------------------
+# Reporting
+
+PAIR_NAMES = {"qq": ("qemu", "qemu"), "vv": ("vmigrate", "vmigrate"),
+              "qv": ("qemu", "vmigrate"), "vq": ("vmigrate", "qemu")}
+
+
+def pair_label(p):
+    return f"{p[0]}→{p[1]}"
+
+
+def fmt(vals, prec=2):
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return "–"
+    med = statistics.median(vals)
+    if len(vals) == 1:
+        return f"{med:.{prec}f}"
+    return f"{med:.{prec}f} [{min(vals):.{prec}f}–{max(vals):.{prec}f}]"
+
+
+def median(vals):
+    vals = [v for v in vals if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def table(header, rows):
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def report(records, size, scenarios, pairs):
+    gib = size / GiB
+    lines = []
+    for sc in scenarios:
+        rows = []
+        for p in pairs:
+            rs = [r for r in records if r["scenario"] == sc and (r["src"], r["dst"]) == p]
+            ok = [r for r in rs if r["ok"]]
+            g = lambda k: [r.get(k) for r in ok]
+            per_gib = lambda k: [r[k] / gib for r in ok if r.get(k) is not None]
+            mib = lambda k: [r[k] / 1024 for r in ok if r.get(k) is not None]
+            rows.append([pair_label(p), f"{len(ok)}/{len(rs)}", fmt(g("wall_s")), fmt(g("gib_per_s")),
+                         fmt(g("gbit_per_s"), 1), fmt([r["transferred"] / GiB for r in ok if r.get("transferred")], 3),
+                         fmt(g("cpu_src_s")), fmt(g("cpu_dst_s")), fmt(per_gib("cpu_src_s")), fmt(per_gib("cpu_dst_s")),
+                         fmt(mib("hwm_src_kib"), 0), fmt(mib("hwm_dst_kib"), 0), fmt(g("foreign_cpu_s"), 1),
+                         fmt(g("prewarm_us_per_page"), 2)])
+        lines.append(f"\n### {sc}: {SCENARIOS[sc].__doc__} — {human_size(size)} guest RAM; median [min–max] of verified runs\n")
+        lines.append(table(["pair (src→dst)", "ok/runs", "wall s", "RAM GiB/s", "wire Gbit/s", "sent GiB",
+                            "CPU src s", "CPU dst s", "CPU src s/GiB", "CPU dst s/GiB",
+                            "peak RSS src MiB", "peak RSS dst MiB", "foreign CPU s", "prewarm µs/page"], rows))
+
+        # ratios vmigrate / QEMU, from medians
+        def m(pair, key, per=1.0):
+            vals = [r[key] / per for r in records if r["scenario"] == sc and r["ok"]
+                    and (r["src"], r["dst"]) == pair and r.get(key) is not None]
+            return median(vals)
+
+        def ratio(a, b):
+            return f"{a / b:.2f}" if a is not None and b and b > 0 else "–"
+
+        def num(v):
+            return f"{v:.2f}" if v is not None else "–"
+
+        Q, V = "qemu", "vmigrate"
+        rrows = []
+        for role, other, vpair, qpair, cpukey in (
+                ("source", "dst " + Q, (V, Q), (Q, Q), "cpu_src_s"),
+                ("source", "dst " + V, (V, V), (Q, V), "cpu_src_s"),
+                ("destination", "src " + Q, (Q, V), (Q, Q), "cpu_dst_s"),
+                ("destination", "src " + V, (V, V), (V, Q), "cpu_dst_s")):
+            tv, tq = m(vpair, "gib_per_s"), m(qpair, "gib_per_s")
+            cv, cq = m(vpair, cpukey, gib), m(qpair, cpukey, gib)
+            if None in (tv, tq) and None in (cv, cq):
+                continue
+            rrows.append([role, other, f"{pair_label(vpair)} / {pair_label(qpair)}", ratio(tv, tq),
+                          num(cv), num(cq), ratio(cv, cq)])
+        tv, tq = m((V, V), "gib_per_s"), m((Q, Q), "gib_per_s")
+        if tv is not None and tq is not None:
+            cv = median([(r["cpu_src_s"] + r["cpu_dst_s"]) / gib for r in records
+                         if r["scenario"] == sc and r["ok"] and (r["src"], r["dst"]) == (V, V)])
+            cq = median([(r["cpu_src_s"] + r["cpu_dst_s"]) / gib for r in records
+                         if r["scenario"] == sc and r["ok"] and (r["src"], r["dst"]) == (Q, Q)])
+            rrows.append(["both", "–", f"{pair_label((V, V))} / {pair_label((Q, Q))}", ratio(tv, tq),
+                          num(cv), num(cq), ratio(cv, cq)])
+        lines.append("\nvmigrate / QEMU (throughput ratio > 1: vmigrate faster; CPU ratio < 1: vmigrate cheaper)\n")
+        if rrows:
+            lines.append(table(["role", "other side", "pairs compared", "throughput ratio",
+                                "CPU s/GiB vmigrate", "CPU s/GiB QEMU", "CPU ratio"], rrows))
+        else:
+            lines.append("(no ratios: needs verified runs of both engines in the same role)")
+        failed = [r for r in records if r["scenario"] == sc and not r["ok"]]
+        if failed:
+            lines.append("\nFAILED runs (not counted):")
+            for r in failed:
+                first = (r.get("error") or "").splitlines()[0] if r.get("error") else "?"
+                lines.append(f"  {pair_label((r['src'], r['dst']))} rep {r['rep']}: {first}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------
+# Main
+
+def newest_source(root):
+    """(mtime, path) of the newest Rust source or manifest in the repository."""
+    best = None
+    for top in ("src", "crates", "Cargo.toml", "Cargo.lock"):
+        start = os.path.join(root, top)
+        if os.path.isfile(start):
+            walk = [(root, [], [top])]
+        else:
+            walk = os.walk(start)
+        for d, dirs, files in walk:
+            dirs[:] = [x for x in dirs if x != "target"]
+            for f in files:
+                if f.endswith((".rs", ".toml", ".lock")):
+                    fp = os.path.join(d, f)
+                    with contextlib.suppress(OSError):
+                        m = os.path.getmtime(fp)
+                        if best is None or m > best[0]:
+                            best = (m, fp)
+    return best
+
+
+def resolve_vmigrate(args, log):
+    """Path of the vmigrate binary, or (None, reason)."""
+    if args.vmigrate:
+        p = os.path.abspath(args.vmigrate)
+        if os.path.isfile(p) and os.access(p, os.X_OK):
+            return p, None
+        return None, f"--vmigrate {args.vmigrate}: not an executable file"
+    p = os.path.join(REPO, "target", "release", "vmigrate")
+    if os.path.isfile(p) and os.access(p, os.X_OK) and not args.rebuild:
+        newer = newest_source(REPO)
+        if newer and newer[0] > os.path.getmtime(p):
+            log(f"warning: {p} is older than {os.path.relpath(newer[1], REPO)}; "
+                "pass --rebuild to run cargo build --release first")
+        return p, None
+    if args.no_build:
+        return None, f"{p} missing (and --no-build)"
+    cargo = shutil.which("cargo")
+    if not cargo:
+        return None, f"{p} missing and cargo not found"
+    log(f"{'rebuilding' if os.path.exists(p) else p + ' missing'}: running cargo build --release in {REPO} ...")
+    blog = os.path.join(tempfile.gettempdir(), f"vmigrate-bench-build-{os.getpid()}.log")
+    t0 = time.monotonic()
+    with open(blog, "w") as f:
+        rc = subprocess.run([cargo, "build", "--release"], cwd=REPO, stdout=f,
+                            stderr=subprocess.STDOUT).returncode
+    if rc == 0 and os.path.isfile(p):
+        os.unlink(blog)
+        log(f"built {p} in {time.monotonic() - t0:.0f} s")
+        return p, None
+    reason = f"cargo build --release failed (status {rc}); log: {blog}"
+    if rc == 0:
+        reason = f"cargo build --release succeeded but produced no {p}"
+    log(reason + "\n" + tail(blog, 10))
+    return None, reason
+
+
+def parse_pairs(s):
+    out = []
+    for item in s.split(","):
+        item = item.strip().lower()
+        if item in PAIR_NAMES:
+            p = PAIR_NAMES[item]
+        else:
+            parts = re.split(r"->|→|-|>|:", item)
+            if len(parts) != 2 or any(x not in ("qemu", "vmigrate") for x in parts):
+                raise argparse.ArgumentTypeError(f"bad pair {item!r} (use qq,vv,qv,vq or qemu-vmigrate ...)")
+            p = tuple(parts)
+        if p not in out:
+            out.append(p)
+    return out
+
+
+def host_info(qemu_bin, vmigrate_bin):
+    info = {"kernel": platform.release(), "cpus": os.cpu_count(), "python": platform.python_version()}
+    with contextlib.suppress(Exception):
+        info["qemu_version"] = subprocess.run([qemu_bin, "--version"], capture_output=True, text=True,
+                                              timeout=10).stdout.splitlines()[0]
+    with contextlib.suppress(Exception):
+        with open("/proc/cpuinfo") as f:
+            info["cpu_model"] = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    with contextlib.suppress(Exception):
+        rev = subprocess.run(["git", "-C", REPO, "describe", "--always", "--dirty"], capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        info["vmigrate_git"] = rev
+    info["vmigrate_binary"] = vmigrate_bin
+    return info
+
+
+async def run_all(ctx, engines, pairs, scenarios, reps, records, log):
+    for rep in range(reps):
+        order = pairs[rep % len(pairs):] + pairs[:rep % len(pairs)]  # rotate: no fixed position
+        for sc in scenarios:
+            for p in order:
+                src, dst = engines[p[0]], engines[p[1]]
+                rec = {"scenario": sc, "src": p[0], "dst": p[1], "rep": rep, "size": ctx.size,
+                       "start": time.time()}
+                why = src.unavailable or dst.unavailable
+                if why:
+                    rec.update(ok=False, error=f"engine unavailable: {why}")
+                else:
+                    try:
+                        rec.update(await SCENARIOS[sc](ctx, (src, dst), rep))
+                        rec["ok"] = True
+                    except RunFailed as e:
+                        rec["ok"] = False
+                        rec["error"] = str(e.args[0])
+                        if len(e.args) > 1 and isinstance(e.args[1], dict):
+                            rec.update({k: v for k, v in e.args[1].items() if k not in rec})
+                    except Exception as e:  # a harness bug: record, go on, exit non-zero
+                        rec["ok"] = False
+                        rec["error"] = f"harness error: {type(e).__name__}: {e}"
+                        ctx.harness_errors += 1
+                        traceback.print_exc()
+                records.append(rec)
+                if rec["ok"]:
+                    gb = f"{rec['gbit_per_s']:.1f}" if rec.get("gbit_per_s") else "–"
+                    pw = f"{rec['prewarm_us_per_page']:.2f} µs/page" if rec.get("prewarm_us_per_page") else "off"
+                    log(f"[{sc} rep {rep}] {pair_label(p):18s} {rec['wall_s']:7.2f} s "
+                        f"{rec['gib_per_s']:5.2f} GiB/s {gb:>5} Gbit/s  CPU src {rec['cpu_src_s']:.2f} s "
+                        f"dst {rec['cpu_dst_s']:.2f} s  RSS {rec['hwm_src_kib'] // 1024}/{rec['hwm_dst_kib'] // 1024} MiB"
+                        f"  foreign {rec['foreign_cpu_s']:.1f} s  prewarm {pw}  verified")
+                else:
+                    log(f"[{sc} rep {rep}] {pair_label(p):18s} FAILED: {rec['error']}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="Pairs: qq=qemu-qemu vv=vmigrate-vmigrate qv=qemu-vmigrate vq=vmigrate-qemu")
+    ap.add_argument("--size", type=parse_size, default=parse_size("4G"), help="guest RAM size (default 4G)")
+    ap.add_argument("-n", "--reps", type=int, default=3, help="repetitions of every pair (default 3)")
+    ap.add_argument("--pairs", type=parse_pairs, default=parse_pairs("qq,vv,qv,vq"),
+                    help="comma list of src-dst pairs (default qq,vv,qv,vq)")
+    ap.add_argument("--scenario", default="tcp-precopy",
+                    help="comma list of scenarios (default tcp-precopy; see --list-scenarios)")
+    ap.add_argument("--list-scenarios", action="store_true")
+    ap.add_argument("--vmigrate", help="vmigrate binary (default: target/release/vmigrate, built if missing)")
+    ap.add_argument("--no-build", action="store_true", help="never run cargo build")
+    ap.add_argument("--rebuild", action="store_true",
+                    help="run cargo build --release even if target/release/vmigrate exists")
+    ap.add_argument("--qemu", default=os.environ.get("QEMU", "/usr/bin/qemu-system-x86_64"))
+    ap.add_argument("--json", metavar="OUT", help="write raw per-run records (JSON) to OUT")
+    ap.add_argument("--prewarm", type=float, help="GiB of memory to touch+free before each run (default size+1)")
+    ap.add_argument("--gate", type=float, default=2.0,
+                    help="wait up to this many seconds for a quiet machine before each run (0: off; default 2)")
+    ap.add_argument("--timeout", type=float, help="per-migration timeout in s (default max(120, 60 per GiB))")
+    ap.add_argument("--port", type=int, default=0, help="TCP port for the migration (default: a free one)")
+    ap.add_argument("--seed", type=int, default=42, help="RAM image seed (default 42)")
+    ap.add_argument("--shm", default="/dev/shm", help="directory for RAM files (default /dev/shm)")
+    ap.add_argument("--keep-image", action="store_true",
+                    help="keep the source RAM image (reused by the next run with the same size and seed)")
+    ap.add_argument("--keep-logs", action="store_true", help="keep the engines' logs and QMP dir")
+    args = ap.parse_args()
+
+    if args.list_scenarios:
+        for k, f in SCENARIOS.items():
+            print(f"{k:20s} {f.__doc__}")
+        return 0
+    scenarios = [s.strip() for s in args.scenario.split(",") if s.strip()]
+    for s in scenarios:
+        if s not in SCENARIOS:
+            ap.error(f"unknown scenario {s!r}; known: {', '.join(SCENARIOS)}")
+    if args.reps < 1:
+        ap.error("--reps must be >= 1")
+    if args.prewarm is None:
+        args.prewarm = args.size / GiB + 1
+    with contextlib.suppress(Exception):
+        sys.stdout.reconfigure(errors="replace", line_buffering=True)
+        sys.stderr.reconfigure(errors="replace")
+
+    def log(msg):
+        print(msg, flush=True)
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    records = []
+    tmpdir = None
+    image = os.path.join(args.shm, f"vmigrate-bench-src-{size_arg(args.size)}-{args.seed}.ram")
+    try:
+        if not (os.path.isfile(args.qemu) and os.access(args.qemu, os.X_OK)):
+            raise BenchError(f"QEMU binary {args.qemu} not found")
+        engines = {"qemu": QemuEngine("qemu", args.qemu)}
+        vm_bin, why = None, None
+        if any("vmigrate" in p for p in args.pairs):
+            vm_bin, why = resolve_vmigrate(args, log)
+        engines["vmigrate"] = VmigrateEngine("vmigrate", vm_bin)
+        engines["vmigrate"].unavailable = why
+        if why:
+            log(f"note: vmigrate pairs will be reported FAILED: {why}")
+
+        # space: image + one destination file (+ prewarm, which is anonymous memory)
+        st = os.statvfs(args.shm)
+        have_image = os.path.exists(image) and os.path.getsize(image) == args.size
+        need = args.size * (1 if have_image else 2)
+        if st.f_bavail * st.f_frsize < need + 64 * MiB:
+            raise BenchError(f"{args.shm} has {st.f_bavail * st.f_frsize / GiB:.1f} GiB free, "
+                             f"needs {need / GiB:.1f} GiB")
+        with open("/proc/meminfo") as f:
+            avail = next(int(l.split()[1]) * 1024 for l in f if l.startswith("MemAvailable"))
+        if avail < need + args.prewarm * GiB:
+            log(f"warning: MemAvailable {avail / GiB:.1f} GiB is below image+destination+prewarm "
+                f"({(need + args.prewarm * GiB) / GiB:.1f} GiB)")
+
+        tmpdir = tempfile.mkdtemp(prefix="vmigrate-bench-")
+        if not args.keep_image:
+            _temp_files.update((image, image + ".json"))
+        meta = make_image(image, args.size, args.seed, log)
+        ctx = Ctx(args, image, meta, tmpdir)
+        info = host_info(args.qemu, vm_bin)
+        log(f"{human_size(args.size)} stopped 'none' VM, pairs {', '.join(pair_label(p) for p in args.pairs)}, "
+            f"{args.reps} rep(s), scenarios {', '.join(scenarios)}; prewarm {args.prewarm:g} GiB, gate {args.gate:g} s")
+        try:
+            asyncio.run(run_all(ctx, engines, args.pairs, scenarios, args.reps, records, log))
+        finally:
+            if args.json and records:
+                out = {"config": {"size": args.size, "reps": args.reps, "scenarios": scenarios,
+                                  "pairs": [list(p) for p in args.pairs], "prewarm_gib": args.prewarm,
+                                  "gate_s": args.gate, "seed": args.seed,
+                                  "image": {k: v for k, v in meta.items() if k != "chunk_sha1"}},
+                       "host": info, "runs": records}
+                with open(args.json, "w") as f:
+                    json.dump(out, f, indent=1)
+                log(f"raw records: {args.json}")
+        print(report(records, args.size, scenarios, args.pairs))
+        if ctx.harness_errors:
+            sys.stderr.write(f"bench.py: {ctx.harness_errors} run(s) hit a harness error (see above)\n")
+            return 1
+        return 0
+    except BenchError as e:
+        sys.stderr.write(f"bench.py: error: {e}\n")
+        return 1
+    except KeyboardInterrupt as e:
+        sys.stderr.write(f"bench.py: interrupted ({str(e) or 'SIGINT'}); cleaning up\n")
+        return 1
+    finally:
+        kill_children()
+        remove_temp_files()
+        if tmpdir:
+            if args.keep_logs:
+                log(f"engine logs kept in {tmpdir}")
+            else:
+                shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
