@@ -50,6 +50,17 @@ fn main() {
 }
 
 fn inspect(file: &std::path::Path, json: bool, offset: u64) -> anyhow::Result<()> {
-    let _ = (file, json, offset);
-    anyhow::bail!("inspect is not available in this build")
+    use anyhow::Context;
+    let map = vmigrate_engine::memory::MappedFile::open(file)
+        .with_context(|| format!("cannot read {}", file.display()))?;
+    let report = vmigrate_inspect::inspect(map.bytes(), offset);
+    if json {
+        println!("{:#}", report.to_json());
+    } else {
+        print!("{}", report.to_text());
+    }
+    if let Some(e) = &report.error {
+        anyhow::bail!("{}: damaged stream: {e}", file.display());
+    }
+    Ok(())
 }

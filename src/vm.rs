@@ -38,7 +38,8 @@ pub struct VmArgs {
     /// The VM's UUID.
     #[arg(long)]
     uuid: Option<String>,
-    /// Start paused.
+    /// Start with the vCPUs stopped (QEMU's `-S`): run state `prelaunch` until `cont`;
+    /// an incoming guest is not started.
     #[arg(long)]
     paused: bool,
 }
@@ -76,7 +77,7 @@ pub fn run(args: VmArgs) -> anyhow::Result<()> {
     let initial = if args.incoming.is_some() {
         RunState::InMigrate
     } else if args.paused {
-        RunState::Paused
+        RunState::Prelaunch
     } else {
         RunState::Running
     };
@@ -99,6 +100,7 @@ pub fn run(args: VmArgs) -> anyhow::Result<()> {
         IncomingMode::Disabled
     };
     let migrator = Migrator::new(machine.clone(), events.clone(), mode);
+    migrator.set_autostart(!args.paused);
     migrator.set_incoming_failure_handler(|msg| {
         eprintln!("vmigrate: {msg}");
         std::process::exit(1);

@@ -255,8 +255,58 @@ impl Drop for RamBlock {
     }
 }
 
+/// A whole file mapped read-only, for tools that read migration files in place.
+#[derive(Debug)]
+pub struct MappedFile {
+    ptr: *mut std::ffi::c_void,
+    len: usize,
+}
+
+impl MappedFile {
+    pub fn open(path: &Path) -> std::io::Result<Self> {
+        let file = std::fs::File::open(path)?;
+        let len = file.metadata()?.len() as usize;
+        if len == 0 {
+            return Ok(Self {
+                ptr: std::ptr::null_mut(),
+                len: 0,
+            });
+        }
+        // SAFETY: a private read-only mapping of a file we opened; nothing else in this
+        // process maps it writable.
+        let ptr = unsafe {
+            rustix::mm::mmap(
+                std::ptr::null_mut(),
+                len,
+                rustix::mm::ProtFlags::READ,
+                rustix::mm::MapFlags::PRIVATE,
+                file.as_fd(),
+                0,
+            )
+        }?;
+        Ok(Self { ptr, len })
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        if self.len == 0 {
+            return &[];
+        }
+        // SAFETY: the mapping covers `len` readable bytes for the life of `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr.cast(), self.len) }
+    }
+}
+
+impl Drop for MappedFile {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            // SAFETY: unmapping our own mapping; `bytes()` borrows cannot outlive self.
+            let _ = unsafe { rustix::mm::munmap(self.ptr, self.len) };
+        }
+    }
+}
+
 fn check_size(len: u64, page_size: u64) -> Result<(), MemoryError> {
-    if len == 0 || len % page_size != 0 {
+    if len == 0 || !len.is_multiple_of(page_size) {
         return Err(MemoryError::BadSize { page_size });
     }
     Ok(())

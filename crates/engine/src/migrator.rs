@@ -167,6 +167,9 @@ pub struct Migrator {
     shared: Arc<Shared>,
     fds: Arc<FdStore>,
     on_incoming_failure: Mutex<Option<FailureHandler>>,
+    /// Whether a destination starts the guest after a stream that says `running`
+    /// (QEMU's autostart: off with `-S`, or after `stop` while waiting).
+    autostart: AtomicBool,
 }
 
 impl std::fmt::Debug for Migrator {
@@ -202,6 +205,7 @@ impl Migrator {
             }),
             fds: Arc::new(FdStore::default()),
             on_incoming_failure: Mutex::new(None),
+            autostart: AtomicBool::new(true),
         })
     }
 
@@ -221,6 +225,11 @@ impl Migrator {
             .on_incoming_failure
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = Some(Box::new(f));
+    }
+
+    /// Sets whether an incoming guest that was running starts running here.
+    pub fn set_autostart(&self, on: bool) {
+        self.autostart.store(on, Ordering::Relaxed);
     }
 
     pub fn status(&self) -> MigrationStatus {
@@ -530,11 +539,17 @@ impl Migrator {
             eprintln!("vmigrate: {note}");
         }
         let control = self.vmm.control();
-        let run = outcome.runstate.as_deref().is_none_or(|s| s == "running");
-        if run {
-            control.vm_start();
-        } else {
-            control.set_run_state(RunState::Paused);
+        match outcome.runstate.as_deref() {
+            None | Some("running") => {
+                if self.autostart.load(Ordering::Relaxed) {
+                    control.vm_start();
+                } else {
+                    control.set_run_state(RunState::Paused);
+                }
+            }
+            Some(other) => {
+                control.set_run_state(RunState::from_name(other).unwrap_or(RunState::Paused))
+            }
         }
         self.shared.set_status(MigrationStatus::Completed);
     }

@@ -139,7 +139,7 @@ impl RamSaver {
                 return Err(e);
             }
             n += 1;
-            if n % 256 == 0 && deadline.is_some_and(|d| Instant::now() >= d) {
+            if n.is_multiple_of(256) && deadline.is_some_and(|d| Instant::now() >= d) {
                 return Ok((sent, false));
             }
         }

@@ -24,7 +24,7 @@ pub fn discard(payload: &[u8]) -> Option<Discard> {
         return None;
     }
     let rest = &payload[DISCARD_FIXED_LEN + name_len..];
-    if rest.len() % DISCARD_RANGE_LEN != 0 {
+    if !rest.len().is_multiple_of(DISCARD_RANGE_LEN) {
         return None;
     }
     let ranges = rest

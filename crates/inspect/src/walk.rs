@@ -812,7 +812,7 @@ impl<'a> Walker<'a> {
                 ),
             );
         }
-        if entry.used_length % h.page_size != 0 {
+        if !entry.used_length.is_multiple_of(h.page_size) {
             return Err(fail(format!(
                 "block length 0x{:x} is not a multiple of the page size",
                 entry.used_length

@@ -53,8 +53,11 @@ enum Arg {
     Any,
 }
 
-/// Every command: name, members (name, type, required).
-const COMMANDS: &[(&str, &[(&str, Arg, bool)])] = &[
+/// A command member: name, type, required.
+type Member = (&'static str, Arg, bool);
+
+/// Every command: name and members.
+const COMMANDS: &[(&str, &[Member])] = &[
     ("qmp_capabilities", &[("enable", Arg::Any, false)]),
     ("query-version", &[]),
     ("query-commands", &[]),
@@ -202,14 +205,16 @@ impl Dispatcher {
                 Ok(json!({"running": st.is_running(), "status": st.name()}))
             }
             "stop" => {
-                if control.run_state().is_running() {
-                    control.vm_stop(RunState::Paused);
+                match control.run_state() {
+                    RunState::InMigrate => m.set_autostart(false),
+                    RunState::Running => control.vm_stop(RunState::Paused),
+                    _ => {}
                 }
                 empty()
             }
             "cont" => {
                 match control.run_state() {
-                    RunState::InMigrate => {}
+                    RunState::InMigrate => m.set_autostart(true),
                     RunState::Running => {}
                     _ => control.vm_start(),
                 }
@@ -366,7 +371,7 @@ pub fn version() -> Value {
            "package": concat!("vmigrate ", env!("CARGO_PKG_VERSION"))})
 }
 
-fn check_args(args: &Map<String, Value>, members: &[(&str, Arg, bool)]) -> Result<(), QmpError> {
+fn check_args(args: &Map<String, Value>, members: &[Member]) -> Result<(), QmpError> {
     for key in args.keys() {
         if !members.iter().any(|(n, _, _)| n == key) {
             return Err(QmpError::generic(format!(

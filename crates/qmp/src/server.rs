@@ -38,10 +38,13 @@ impl MonitorAddress {
     }
 }
 
+/// One connection's output, shared by its replies and the events sent to it.
+type SharedWriter = Arc<Mutex<Box<dyn Write + Send>>>;
+
 /// The connections that receive events.
 #[derive(Default)]
 struct Clients {
-    writers: Mutex<Vec<Arc<Mutex<Box<dyn Write + Send>>>>>,
+    writers: Mutex<Vec<SharedWriter>>,
 }
 
 fn timestamp() -> Value {
@@ -273,10 +276,7 @@ fn handle_message(
     };
     let result = if !*negotiated {
         if name == "qmp_capabilities" {
-            negotiate(&args).map(|v| {
-                *negotiated = true;
-                v
-            })
+            negotiate(&args).inspect(|_| *negotiated = true)
         } else {
             Err(QmpError::not_found(
                 "Expecting capabilities negotiation with 'qmp_capabilities'",

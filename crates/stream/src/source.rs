@@ -134,20 +134,6 @@ impl Source for SliceSource<'_> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn truncated_read_reports_offset() {
-        let mut s = SliceSource::with_base(&[1, 2, 3], 100);
-        assert_eq!(s.u8("a").unwrap(), 1);
-        let err = s.be32("b").unwrap_err();
-        assert_eq!(err.offset, 101);
-        assert!(err.to_string().contains("needed 4 bytes for b"));
-    }
-}
-
 impl<S: Source + ?Sized> Source for &mut S {
     fn fill(&mut self, buf: &mut [u8], what: &'static str) -> Result<(), DecodeError> {
         (**self).fill(buf, what)
@@ -160,5 +146,19 @@ impl<S: Source + ?Sized> Source for &mut S {
     }
     fn skip(&mut self, n: u64, what: &'static str) -> Result<(), DecodeError> {
         (**self).skip(n, what)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn truncated_read_reports_offset() {
+        let mut s = SliceSource::with_base(&[1, 2, 3], 100);
+        assert_eq!(s.u8("a").unwrap(), 1);
+        let err = s.be32("b").unwrap_err();
+        assert_eq!(err.offset, 101);
+        assert!(err.to_string().contains("needed 4 bytes for b"));
     }
 }
