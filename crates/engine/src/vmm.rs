@@ -118,6 +118,14 @@ pub trait VmControl: Send + Sync {
     fn vm_start(&self);
     /// Changes the run state without starting or stopping vCPUs (both not running).
     fn set_run_state(&self, state: RunState);
+    /// Throttles the vCPUs to run only `100 - percentage` % of the time (auto-converge);
+    /// 0 removes the throttle. Machines without vCPUs cannot be throttled.
+    fn set_cpu_throttle(&self, percentage: u8) -> Result<(), VmmError> {
+        if percentage == 0 {
+            return Ok(());
+        }
+        Err(VmmError::Other("this machine has no vCPUs to throttle".into()))
+    }
 }
 
 /// One device's migratable state, a vmstate section. The defaults fail: a device that

@@ -42,6 +42,11 @@ impl From<MigrateError> for QmpError {
 pub trait VmBackend: Send + Sync {
     /// Copies guest-physical memory; false when the range is not all RAM.
     fn read_physical(&self, gpa: u64, out: &mut [u8]) -> bool;
+    /// `query-workload` (a vmigrate extension): the guest workload's counters, or
+    /// `None` when the machine runs no workload.
+    fn query_workload(&self) -> Option<Value> {
+        None
+    }
 }
 
 /// The argument type of one command member.
@@ -104,6 +109,7 @@ const COMMANDS: &[(&str, &[Member])] = &[
         ],
     ),
     ("getfd", &[("fdname", Arg::Str, true)]),
+    ("query-workload", &[]),
     ("closefd", &[("fdname", Arg::Str, true)]),
     (
         "human-monitor-command",
@@ -293,6 +299,9 @@ impl Dispatcher {
                 m.fd_store().add(fdname, fd);
                 empty()
             }
+            "query-workload" => self.backend.query_workload().ok_or_else(|| {
+                QmpError::generic("This machine runs no workload")
+            }),
             "closefd" => {
                 let fdname = s("fdname").unwrap_or("");
                 match m.fd_store().remove(fdname) {
