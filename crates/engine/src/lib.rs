@@ -17,6 +17,7 @@ pub mod migrator;
 pub mod options;
 pub mod ram_load;
 pub mod ram_save;
+pub mod return_path;
 pub mod save;
 pub mod stats;
 pub mod status;

@@ -17,6 +17,8 @@ use vmigrate_stream::{header, vmdesc, DecodeError, DecodeErrorKind, Source};
 use crate::io::FdSource;
 use crate::options::Capabilities;
 use crate::ram_load::RamLoader;
+use crate::return_path::ReturnPathWriter;
+use vmigrate_stream::return_path::RpMessage;
 use crate::vmm::{DeviceLoadError, DeviceState, Vmm};
 
 /// What a completed load carried over.
@@ -50,11 +52,60 @@ enum Entry {
     GlobalState,
 }
 
-/// Loads a whole precopy stream from `src`.
+/// Loads a whole precopy stream from `src`. `return_path` is the way back to the source
+/// when the transport has one (sockets); the source opens it with OPEN_RETURN_PATH.
 pub fn load_stream(
     src: &mut FdSource,
     vmm: &dyn Vmm,
     caps: &Capabilities,
+    return_path: Option<ReturnPathWriter>,
+) -> Result<LoadOutcome, LoadError> {
+    let mut rp = ReturnPathState {
+        writer: return_path,
+        open: false,
+    };
+    let result = load_records(src, vmm, caps, &mut rp);
+    if rp.open {
+        let code = u32::from(result.is_err());
+        let _ = rp.send(&RpMessage::Shut(code), 0);
+    }
+    result
+}
+
+/// The destination's end of the return path.
+struct ReturnPathState {
+    writer: Option<ReturnPathWriter>,
+    open: bool,
+}
+
+impl ReturnPathState {
+    fn send(&mut self, msg: &RpMessage, at: u64) -> Result<(), DecodeError> {
+        let w = self.writer.as_mut().filter(|_| self.open).ok_or_else(|| {
+            DecodeError::new(
+                at,
+                DecodeErrorKind::Invalid {
+                    what: "command",
+                    detail: "the return path is not open".into(),
+                },
+            )
+        })?;
+        w.send(msg).map_err(|e| {
+            DecodeError::new(
+                at,
+                DecodeErrorKind::Io {
+                    what: "return path",
+                    source: e,
+                },
+            )
+        })
+    }
+}
+
+fn load_records(
+    src: &mut FdSource,
+    vmm: &dyn Vmm,
+    caps: &Capabilities,
+    rp: &mut ReturnPathState,
 ) -> Result<LoadOutcome, LoadError> {
     header::decode_header(src)?;
     let at = src.offset();
@@ -130,6 +181,25 @@ pub fn load_stream(
             }
             Record::Command(cmd) => match cmd {
                 Command::SwitchoverStart => {}
+                Command::OpenReturnPath => {
+                    if rp.writer.is_none() {
+                        return Err(DecodeError::new(
+                            at,
+                            DecodeErrorKind::Invalid {
+                                what: "OPEN_RETURN_PATH",
+                                detail: "Unable to open return-path: the transport has no way back".into(),
+                            },
+                        )
+                        .into());
+                    }
+                    if !rp.open {
+                        rp.open = true;
+                        if caps.get("switchover-ack") {
+                            rp.send(&RpMessage::SwitchoverAck, at)?;
+                        }
+                    }
+                }
+                Command::Ping(v) => rp.send(&RpMessage::Pong(v), at)?,
                 other => {
                     return Err(DecodeError::new(
                         at,

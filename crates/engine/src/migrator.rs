@@ -510,7 +510,15 @@ impl Migrator {
             let fd = ch.fd.try_clone().map_err(|e| e.to_string())?;
             let mut src = FdSource::new(fd, ch.base_offset);
             let caps = self.shared.caps_snapshot();
-            let r = load::load_stream(&mut src, self.vmm.as_ref(), &caps)
+            let rp = if ch.is_socket {
+                let back = ch.fd.try_clone().map_err(|e| e.to_string())?;
+                Some(crate::return_path::ReturnPathWriter::new(Box::new(
+                    std::fs::File::from(back),
+                )))
+            } else {
+                None
+            };
+            let r = load::load_stream(&mut src, self.vmm.as_ref(), &caps, rp)
                 .map_err(|e| format!("load of migration failed: {e}"));
             drop(src);
             ch.finish_with_close();

@@ -31,8 +31,10 @@ pub const CAPABILITIES: [&str; 22] = [
 
 /// Capabilities vmigrate implements. `zero-blocks` and `late-block-activate` have no
 /// effect in QEMU 10.0 either, so accepting them is faithful.
-const SUPPORTED_CAPABILITIES: [&str; 5] = [
+const SUPPORTED_CAPABILITIES: [&str; 7] = [
     "events",
+    "return-path",
+    "switchover-ack",
     "zero-blocks",
     "late-block-activate",
     "validate-uuid",

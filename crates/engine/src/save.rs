@@ -22,6 +22,7 @@ use vmigrate_stream::section::{encode_footer, Record, SectionId};
 use vmigrate_stream::{header, vmdesc};
 
 use crate::io::{StreamWriter, WriteError};
+use crate::return_path::ReturnPath;
 use crate::migrator::{SectionIds, Shared};
 use crate::ram_save::{RamSaveError, RamSaver, ZeroPages, ITERATION_SLICE};
 use crate::status::{MigrationStatus, RunState};
@@ -37,6 +38,8 @@ pub enum SaveError {
     Vmm(#[from] VmmError),
     #[error("migration was cancelled")]
     Cancelled,
+    #[error("{0}")]
+    ReturnPath(String),
 }
 
 impl From<RamSaveError> for SaveError {
@@ -47,6 +50,9 @@ impl From<RamSaveError> for SaveError {
         }
     }
 }
+
+/// How long the source waits for the destination's SHUT after the last byte.
+const RETURN_PATH_CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Resumes the VM when dropped, unless disarmed: whatever fails after switchover
 /// started, a VM that was running keeps running.
@@ -109,9 +115,27 @@ pub(crate) fn run(shared: &Shared, vmm: &dyn Vmm, channel: &Channel) -> Result<(
             None
         },
     };
+    let return_path = if caps.get("return-path") {
+        if !channel.is_socket {
+            return Err(SaveError::ReturnPath(
+                "Unable to open return-path for postcopy".into(),
+            ));
+        }
+        let back = channel
+            .fd
+            .try_clone()
+            .map_err(|e| WriteError::Io(e.to_string()))?;
+        Some(ReturnPath::spawn(back))
+    } else {
+        None
+    };
     w.with_buf(|out| {
         header::encode_header(out);
         config.encode(out);
+        if return_path.is_some() {
+            Command::OpenReturnPath.encode(out);
+            Command::Ping(1).encode(out);
+        }
         Record::Start(SectionId {
             section_id: ids.ram,
             idstr: RAM_IDSTR.into(),
@@ -123,12 +147,42 @@ pub(crate) fn run(shared: &Shared, vmm: &dyn Vmm, channel: &Channel) -> Result<(
     saver.write_setup(&mut w)?;
     w.with_buf(|out| encode_footer(out, ids.ram))?;
     tracker.start()?;
-    let result = iterate_and_complete(shared, vmm, &mut w, &mut saver, &ids, &config, devices);
+    let session = Session {
+        ids,
+        config,
+        devices,
+        return_path,
+        switchover_ack: caps.get("switchover-ack"),
+    };
+    let result = iterate_and_complete(shared, vmm, &mut w, &mut saver, &session);
     tracker.stop();
     if result.is_err() {
         saver.requeue_all(tracker);
     }
     result
+}
+
+/// What stays fixed through one outgoing session.
+struct Session {
+    ids: SectionIds,
+    config: Configuration,
+    devices: Vec<Arc<dyn crate::vmm::DeviceState>>,
+    return_path: Option<Arc<ReturnPath>>,
+    switchover_ack: bool,
+}
+
+impl Session {
+    /// Whether the destination allows switchover (always, without switchover-ack).
+    fn may_switch_over(&self) -> bool {
+        !self.switchover_ack || self.return_path.as_ref().is_some_and(|rp| rp.switchover_acked())
+    }
+
+    fn return_path_error(&self) -> Result<(), SaveError> {
+        match self.return_path.as_ref().and_then(|rp| rp.error()) {
+            Some(e) => Err(SaveError::ReturnPath(e)),
+            None => Ok(()),
+        }
+    }
 }
 
 fn dirty_sync(shared: &Shared, vmm: &dyn Vmm, saver: &mut RamSaver) -> Result<(), VmmError> {
@@ -156,10 +210,9 @@ fn iterate_and_complete(
     vmm: &dyn Vmm,
     w: &mut StreamWriter,
     saver: &mut RamSaver,
-    ids: &SectionIds,
-    config: &Configuration,
-    devices: Vec<Arc<dyn crate::vmm::DeviceState>>,
+    session: &Session,
 ) -> Result<(), SaveError> {
+    let ids = &session.ids;
     let stats = shared.stats();
     let cancel = shared.cancel_flag();
     dirty_sync(shared, vmm, saver)?;
@@ -182,6 +235,7 @@ fn iterate_and_complete(
         if cancel.load(Ordering::Relaxed) {
             return Err(SaveError::Cancelled);
         }
+        session.return_path_error()?;
         w.with_buf(|out| Record::Part(ids.ram).encode(out))?;
         let (sent, pass_done) = saver.send_dirty(w, Some(Instant::now() + ITERATION_SLICE))?;
         w.with_buf(|out| {
@@ -207,7 +261,7 @@ fn iterate_and_complete(
                         .expected_downtime_ms
                         .store((remaining / window.bandwidth) as u64, Ordering::Relaxed);
                 }
-                if remaining <= threshold {
+                if remaining <= threshold && session.may_switch_over() {
                     break;
                 }
             } else {
@@ -215,7 +269,7 @@ fn iterate_and_complete(
             }
         }
     }
-    complete(shared, vmm, w, saver, ids, config, devices)
+    complete(shared, vmm, w, saver, session)
 }
 
 /// Bytes that may remain for switchover: bandwidth (bytes/ms) × downtime-limit (ms),
@@ -263,10 +317,9 @@ fn complete(
     vmm: &dyn Vmm,
     w: &mut StreamWriter,
     saver: &mut RamSaver,
-    ids: &SectionIds,
-    config: &Configuration,
-    devices: Vec<Arc<dyn crate::vmm::DeviceState>>,
+    session: &Session,
 ) -> Result<(), SaveError> {
+    let (ids, config, devices) = (&session.ids, &session.config, &session.devices);
     let stats = shared.stats();
     let control = vmm.control();
     let was_running = control.run_state().is_running();
@@ -338,6 +391,10 @@ fn complete(
     let desc = vmdesc::build(Some(config.describe()), saver_page_size(vmm), descriptions);
     w.with_buf(|out| vmdesc::encode(out, &desc))?;
     w.flush()?;
+    if let Some(rp) = &session.return_path {
+        rp.await_close(RETURN_PATH_CLOSE_TIMEOUT)
+            .map_err(SaveError::ReturnPath)?;
+    }
     let total = stats.transferred.load(Ordering::Relaxed);
     stats
         .downtime_bytes

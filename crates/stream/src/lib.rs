@@ -23,6 +23,7 @@ pub mod devices;
 pub mod error;
 pub mod header;
 pub mod ram;
+pub mod return_path;
 pub mod section;
 pub mod source;
 pub mod vmdesc;
