@@ -18,8 +18,8 @@ use crate::io::FdSource;
 use crate::options::Capabilities;
 use crate::ram_load::RamLoader;
 use crate::return_path::ReturnPathWriter;
-use vmigrate_stream::return_path::RpMessage;
 use crate::vmm::{DeviceLoadError, DeviceState, Vmm};
+use vmigrate_stream::return_path::RpMessage;
 
 /// What a completed load carried over.
 #[derive(Debug)]
@@ -187,7 +187,8 @@ fn load_records(
                             at,
                             DecodeErrorKind::Invalid {
                                 what: "OPEN_RETURN_PATH",
-                                detail: "Unable to open return-path: the transport has no way back".into(),
+                                detail: "Unable to open return-path: the transport has no way back"
+                                    .into(),
                             },
                         )
                         .into());

@@ -52,9 +52,10 @@ pub struct RamBlock {
     len: u64,
     page_size: u64,
     gpa: u64,
-    /// Whether every page was zero when the block was created (a fresh anonymous mapping
-    /// or a file with no data), so a loader need not touch pages that stay zero.
-    created_zero: bool,
+    /// Whether every page is known to be zero: the block was created zero (a fresh
+    /// anonymous mapping, or a file with no data) and nothing has written it since. A
+    /// loader then need not touch pages that stay zero.
+    pristine: std::sync::atomic::AtomicBool,
 }
 
 // SAFETY: the block owns a plain memory mapping that lives until drop; access goes
@@ -164,7 +165,7 @@ impl RamBlock {
             len,
             page_size,
             gpa,
-            created_zero,
+            pristine: std::sync::atomic::AtomicBool::new(created_zero),
         }
     }
 
@@ -186,8 +187,16 @@ impl RamBlock {
     pub fn gpa(&self) -> u64 {
         self.gpa
     }
-    pub fn created_zero(&self) -> bool {
-        self.created_zero
+    /// True while every page is known to be zero (see the field's comment).
+    pub fn pristine(&self) -> bool {
+        self.pristine.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Records that something outside this type (a guest's vCPUs, a device model
+    /// writing through [`RamBlock::ptr_at`]) may have written the block.
+    pub fn note_external_writes(&self) {
+        self.pristine
+            .store(false, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn check(&self, offset: u64, len: usize) {
@@ -223,12 +232,14 @@ impl RamBlock {
     }
 
     pub fn write(&self, offset: u64, data: &[u8]) {
+        self.note_external_writes();
         let p = self.ptr_at(offset, data.len());
         // SAFETY: the destination range is inside the mapping and cannot overlap `data`.
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len()) }
     }
 
     pub fn fill_zero(&self, offset: u64, len: usize) {
+        self.note_external_writes();
         let p = self.ptr_at(offset, len);
         // SAFETY: the range is inside the mapping.
         unsafe { std::ptr::write_bytes(p, 0, len) }
@@ -351,7 +362,7 @@ mod tests {
     fn anonymous_block_reads_and_writes() {
         let ps = host_page_size();
         let b = RamBlock::anonymous("ram", 4 * ps, 0).unwrap();
-        assert!(b.created_zero());
+        assert!(b.pristine());
         assert!(b.is_zero(0, (4 * ps) as usize));
         b.write(ps, b"hello");
         let mut out = [0u8; 5];
@@ -368,11 +379,12 @@ mod tests {
         let ps = host_page_size();
         let _ = std::fs::remove_file(&dir);
         let b = RamBlock::from_file("m0", &dir, 2 * ps, 0, true).unwrap();
-        assert!(b.created_zero());
+        assert!(b.pristine());
         b.write(0, b"x");
+        assert!(!b.pristine());
         drop(b);
         let b = RamBlock::from_file("m0", &dir, 2 * ps, 0, true).unwrap();
-        assert!(!b.created_zero());
+        assert!(!b.pristine());
         let mut out = [0u8; 1];
         b.read(0, &mut out);
         assert_eq!(&out, b"x");

@@ -13,9 +13,11 @@ use crate::vmm::DirtyBitmap;
 #[derive(Debug)]
 pub struct RamLoader {
     blocks: Vec<Arc<RamBlock>>,
-    /// Pages written since the block was created; a ZERO record for a page that is
-    /// neither written nor dirty from before needs no work at all.
+    /// Pages this loader wrote; a ZERO record for a page of a pristine block that the
+    /// loader did not write needs no work at all.
     written: Vec<DirtyBitmap>,
+    /// Whether each block was pristine when the load began.
+    pristine: Vec<bool>,
     current_block: Option<usize>,
     page_size: u64,
     pub zero_pages: u64,
@@ -25,10 +27,12 @@ pub struct RamLoader {
 impl RamLoader {
     pub fn new(blocks: Vec<Arc<RamBlock>>) -> Self {
         let written = blocks.iter().map(|b| DirtyBitmap::new(b.pages())).collect();
+        let pristine = blocks.iter().map(|b| b.pristine()).collect();
         let page_size = blocks.first().map(|b| b.page_size()).unwrap_or(4096);
         Self {
             blocks,
             written,
+            pristine,
             current_block: None,
             page_size,
             zero_pages: 0,
@@ -170,13 +174,17 @@ impl RamLoader {
         self.zero_pages += 1;
         let block = &self.blocks[bi];
         let was_written = self.written[bi].test_and_clear(page);
-        if block.created_zero() && !was_written {
+        if self.pristine[bi] && !was_written {
             return Ok(());
         }
         let ps = block.page_size();
         let offset = page as u64 * ps;
         if !block.is_zero(offset, ps as usize) {
-            block.fill_zero(offset, ps as usize);
+            // Through the raw pointer: the loader tracks its own writes, so this must not
+            // end the block's pristine state for the rest of the load.
+            let p = block.ptr_at(offset, ps as usize);
+            // SAFETY: the page is inside the block's live mapping (checked by ptr_at).
+            unsafe { std::ptr::write_bytes(p, 0, ps as usize) };
         }
         Ok(())
     }
@@ -191,5 +199,15 @@ impl RamLoader {
         self.written[bi].set(page);
         self.normal_pages += 1;
         Ok(())
+    }
+}
+
+impl Drop for RamLoader {
+    fn drop(&mut self) {
+        for (block, written) in self.blocks.iter().zip(&self.written) {
+            if written.count() > 0 {
+                block.note_external_writes();
+            }
+        }
     }
 }

@@ -100,7 +100,9 @@ impl ReturnPath {
         while !h.closed {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err("Timed out waiting for the destination to close the return path".into());
+                return Err(
+                    "Timed out waiting for the destination to close the return path".into(),
+                );
             }
             h = self
                 .changed

@@ -22,9 +22,9 @@ use vmigrate_stream::section::{encode_footer, Record, SectionId};
 use vmigrate_stream::{header, vmdesc};
 
 use crate::io::{StreamWriter, WriteError};
-use crate::return_path::ReturnPath;
 use crate::migrator::{SectionIds, Shared};
 use crate::ram_save::{RamSaveError, RamSaver, ZeroPages, ITERATION_SLICE};
+use crate::return_path::ReturnPath;
 use crate::status::{MigrationStatus, RunState};
 use crate::transport::Channel;
 use crate::vmm::{Vmm, VmmError};
@@ -174,7 +174,11 @@ struct Session {
 impl Session {
     /// Whether the destination allows switchover (always, without switchover-ack).
     fn may_switch_over(&self) -> bool {
-        !self.switchover_ack || self.return_path.as_ref().is_some_and(|rp| rp.switchover_acked())
+        !self.switchover_ack
+            || self
+                .return_path
+                .as_ref()
+                .is_some_and(|rp| rp.switchover_acked())
     }
 
     fn return_path_error(&self) -> Result<(), SaveError> {

@@ -124,7 +124,9 @@ pub trait VmControl: Send + Sync {
         if percentage == 0 {
             return Ok(());
         }
-        Err(VmmError::Other("this machine has no vCPUs to throttle".into()))
+        Err(VmmError::Other(
+            "this machine has no vCPUs to throttle".into(),
+        ))
     }
 }
 

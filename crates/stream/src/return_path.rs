@@ -22,7 +22,10 @@ pub enum RpMessage {
     Pong(u32),
     SwitchoverAck,
     /// Postcopy and recovery messages, kept raw.
-    Other { kind: u16, payload: Vec<u8> },
+    Other {
+        kind: u16,
+        payload: Vec<u8>,
+    },
 }
 
 impl RpMessage {
@@ -90,8 +93,17 @@ mod tests {
         // SWITCHOVER_ACK, PONG 1, SHUT 0, as QEMU 10.0.2 sends them.
         let bytes = [0, 7, 0, 0, 0, 2, 0, 4, 0, 0, 0, 1, 0, 1, 0, 4, 0, 0, 0, 0];
         let mut src = SliceSource::new(&bytes);
-        let msgs: Vec<_> = (0..3).map(|_| RpMessage::decode(&mut src).unwrap()).collect();
-        assert_eq!(msgs, [RpMessage::SwitchoverAck, RpMessage::Pong(1), RpMessage::Shut(0)]);
+        let msgs: Vec<_> = (0..3)
+            .map(|_| RpMessage::decode(&mut src).unwrap())
+            .collect();
+        assert_eq!(
+            msgs,
+            [
+                RpMessage::SwitchoverAck,
+                RpMessage::Pong(1),
+                RpMessage::Shut(0)
+            ]
+        );
         let mut out = Vec::new();
         for m in &msgs {
             m.encode(&mut out);

@@ -1,0 +1,527 @@
+"""QMP and HMP conformance: QEMU 10.0.2 and vmigrate get the same scripts of monitor
+commands, side by side, and must give the same replies: same success or failure, same
+error class, same text, and the same return values where they do not depend on the
+process (versions, times, ports).
+
+Where vmigrate lacks a feature it answers with its own clear error instead; every such
+case is listed in VMIGRATE_ONLY below, and nowhere else.
+
+Also here: QEMU's own asyncio client (`qemu.qmp.QMPClient`) driving vmigrate, hostile
+QMP input (bad JSON, huge messages, many clients, clients that vanish mid-command) and
+the MIGRATION/MIGRATION_PASS event sequence of a precopy run compared with QEMU's."""
+import asyncio
+import json
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+import harness
+from conftest import require
+from rawqmp import RawQMP
+
+pytestmark = pytest.mark.vmigrate
+
+CAPABILITIES = [
+    "xbzrle", "rdma-pin-all", "auto-converge", "zero-blocks", "events", "postcopy-ram",
+    "x-colo", "release-ram", "return-path", "pause-before-switchover", "multifd",
+    "dirty-bitmaps", "postcopy-blocktime", "late-block-activate", "x-ignore-shared",
+    "validate-uuid", "background-snapshot", "zero-copy-send", "postcopy-preempt",
+    "switchover-ack", "dirty-limit", "mapped-ram",
+]
+
+# ------------------------------------------------------------------------------------
+# The one place where vmigrate is expected to differ from QEMU 10.0.2.
+
+# Capabilities whose feature vmigrate does not have yet. A capability change that QEMU
+# accepts and that turns one of them on gets, from vmigrate, the error
+# "Capability 'X' is not supported by vmigrate yet" for the first such X in the request
+# (QEMU's own compatibility rules are applied before, so pairs QEMU refuses get QEMU's
+# error from vmigrate too).
+UNSUPPORTED_CAPABILITIES = [
+    "xbzrle", "rdma-pin-all", "auto-converge", "postcopy-ram", "x-colo", "release-ram",
+    "return-path", "multifd", "dirty-bitmaps", "postcopy-blocktime", "x-ignore-shared",
+    "background-snapshot", "zero-copy-send", "postcopy-preempt", "switchover-ack",
+    "dirty-limit", "mapped-ram",
+]
+
+# Commands (as sent, in compact JSON) whose vmigrate reply is an error with this text,
+# whatever QEMU answers.  QEMU_SKIP: not sent to QEMU at all (QEMU crashes on them).
+VMIGRATE_ONLY = {
+    # QEMU 10.0.2 segfaults on a channel list without a main entry; the message it
+    # meant to give is this one.
+    '{"execute": "migrate", "arguments": {"channels": [{"channel-type": "cpr", "addr": '
+    '{"transport": "socket", "type": "unix", "path": "/nonexistent/cpr.sock"}}]}}':
+        "Channel list has no main entry",
+    # No RDMA transport in vmigrate (QEMU: "RDMA ERROR: could not create CM channel"
+    # on a host without RDMA hardware).
+    '{"execute": "migrate", "arguments": {"uri": "rdma:127.0.0.1:4444"}}':
+        "RDMA migration is not supported by vmigrate",
+    # cpr-reboot mode: QEMU saves the stopped VM; vmigrate migrates only in mode normal.
+    '{"execute": "migrate", "arguments": {"uri": "file:@CPR_FILE@-reboot"}}':
+        "Migration mode 'cpr-reboot' is not supported by vmigrate yet",
+}
+QEMU_SKIP = {
+    '{"execute": "migrate", "arguments": {"channels": [{"channel-type": "cpr", "addr": '
+    '{"transport": "socket", "type": "unix", "path": "/nonexistent/cpr.sock"}}]}}',
+}
+
+
+def vmigrate_expected(key, msg, qemu_reply):
+    """The error text vmigrate must give instead of QEMU's reply, or None when it must
+    give QEMU's reply."""
+    if key in VMIGRATE_ONLY:
+        return VMIGRATE_ONLY[key]
+    if "return" in qemu_reply and msg.get("execute") == "migrate-set-capabilities":
+        for item in msg["arguments"]["capabilities"]:
+            if item["state"] and item["capability"] in UNSUPPORTED_CAPABILITIES:
+                return f"Capability '{item['capability']}' is not supported by vmigrate yet"
+    return None
+
+# ------------------------------------------------------------------------------------
+
+
+def cmd(name, **args):
+    m = {"execute": name}
+    if args:
+        m["arguments"] = args
+    return m
+
+
+def caps(*pairs, state=True):
+    return cmd("migrate-set-capabilities",
+               capabilities=[{"capability": c, "state": state} for c in pairs])
+
+
+ALL_CAPS_OFF = caps(*CAPABILITIES, state=False)
+DEFAULT_PARAMS = {
+    "announce-initial": 50, "announce-max": 550, "announce-rounds": 5,
+    "announce-step": 100, "throttle-trigger-threshold": 50, "cpu-throttle-initial": 20,
+    "cpu-throttle-increment": 10, "cpu-throttle-tailslow": False, "max-cpu-throttle": 99,
+    "tls-creds": "", "tls-hostname": "", "tls-authz": "", "max-bandwidth": 134217728,
+    "avail-switchover-bandwidth": 0, "downtime-limit": 300, "x-checkpoint-delay": 20000,
+    "multifd-channels": 2, "multifd-compression": "none", "multifd-zlib-level": 1,
+    "multifd-qatzip-level": 1, "multifd-zstd-level": 1, "xbzrle-cache-size": 67108864,
+    "max-postcopy-bandwidth": 0, "x-vcpu-dirty-limit-period": 1000,
+    "vcpu-dirty-limit": 1, "mode": "normal", "zero-page-detection": "multifd",
+    "direct-io": False,
+}
+RESET_PARAMS = cmd("migrate-set-parameters", **DEFAULT_PARAMS)
+
+U64 = ["announce-initial", "announce-max", "announce-rounds", "announce-step",
+       "max-bandwidth", "avail-switchover-bandwidth", "downtime-limit",
+       "xbzrle-cache-size", "max-postcopy-bandwidth", "x-vcpu-dirty-limit-period",
+       "vcpu-dirty-limit"]
+U8 = ["throttle-trigger-threshold", "cpu-throttle-initial", "cpu-throttle-increment",
+      "max-cpu-throttle", "multifd-channels", "multifd-zlib-level",
+      "multifd-qatzip-level", "multifd-zstd-level"]
+BOOLS = ["cpu-throttle-tailslow", "direct-io"]
+TLS = ["tls-creds", "tls-hostname", "tls-authz"]
+ENUMS = {"multifd-compression": ["none", "zlib", "zstd", "qatzip", "lz4"],
+         "mode": ["normal", "cpr-reboot", "cpr-transfer", "cpr-exec"],
+         "zero-page-detection": ["none", "legacy", "multifd", "bogus"]}
+EDGES = {
+    "throttle-trigger-threshold": [0, 1, 100, 101],
+    "cpu-throttle-initial": [0, 1, 99, 100],
+    "cpu-throttle-increment": [0, 1, 99, 100],
+    "max-cpu-throttle": [0, 19, 20, 99, 100],
+    "multifd-channels": [0, 1, 255],
+    "multifd-zlib-level": [0, 9, 10],
+    "multifd-qatzip-level": [0, 1, 9, 10],
+    "multifd-zstd-level": [0, 20, 21],
+    "downtime-limit": [0, 2000000, 2000001, -1],
+    "announce-initial": [0, 100000, 100001],
+    "announce-max": [100000, 100001],
+    "announce-rounds": [1000, 1001],
+    "announce-step": [0, 1, 10000, 10001],
+    "xbzrle-cache-size": [0, 4095, 4096, 8192, 12288, 1 << 40, -1],
+    "x-vcpu-dirty-limit-period": [0, 1, 1000, 1001],
+    "vcpu-dirty-limit": [0, 1, 2],
+    "max-bandwidth": [0, 1, -1, -5, 1 << 63],
+    "avail-switchover-bandwidth": [0, -1],
+    "max-postcopy-bandwidth": [-5],
+    "x-checkpoint-delay": [0, 4294967295, 4294967296, -1],
+}
+
+
+def parameter_script():
+    s = [cmd("query-migrate-parameters")]
+    bad_types = ["x", 1.5, True, None, [], {}, 18446744073709551616]
+    for p in U64:
+        for v in bad_types:
+            s.append(cmd("migrate-set-parameters", **{p: v}))
+    for p in U8:
+        for v in bad_types + [256, -1, 1 << 40]:
+            s.append(cmd("migrate-set-parameters", **{p: v}))
+    for v in bad_types + [4294967296]:
+        s.append(cmd("migrate-set-parameters", **{"x-checkpoint-delay": v}))
+    for p in BOOLS:
+        for v in [True, False, "on", 1, None]:
+            s.append(cmd("migrate-set-parameters", **{p: v}))
+            s.append(RESET_PARAMS)
+    for p in TLS:
+        for v in [None, "", "tls0", 1, True, [], {}]:
+            s.append(cmd("migrate-set-parameters", **{p: v}))
+            s.append(cmd("query-migrate-parameters"))
+            s.append(RESET_PARAMS)
+    for p, values in ENUMS.items():
+        for v in values + [1, None, True]:
+            s.append(cmd("migrate-set-parameters", **{p: v}))
+            s.append(RESET_PARAMS)
+    for p, values in EDGES.items():
+        for v in values:
+            s.append(cmd("migrate-set-parameters", **{p: v}))
+            s.append(cmd("query-migrate-parameters"))
+            s.append(RESET_PARAMS)
+    s += [
+        cmd("migrate-set-parameters"),
+        cmd("migrate-set-parameters", nope=1),
+        cmd("migrate-set-parameters", **{"max-bandwidth": 1, "nope": 1}),
+        cmd("migrate-set-parameters", **{"nope": 1, "max-bandwidth": "x"}),
+        cmd("migrate-set-parameters", **{"downtime-limit": 2000001, "multifd-channels": 0}),
+        cmd("migrate-set-parameters", **{"cpu-throttle-initial": 99,
+                                         "max-cpu-throttle": 50}),
+        # a change to one member rejected for another's sake (merged set)
+        cmd("migrate-set-parameters", **{"max-cpu-throttle": 30}),
+        cmd("migrate-set-parameters", **{"cpu-throttle-initial": 40}),
+        RESET_PARAMS,
+        cmd("migrate-set-parameters", **{"block-bitmap-mapping": []}),
+        cmd("query-migrate-parameters"),
+        cmd("migrate-set-parameters", **{"block-bitmap-mapping": 1}),
+        cmd("migrate-set-parameters", **{"block-bitmap-mapping": [1]}),
+        cmd("migrate-set-parameters", **{"block-bitmap-mapping": [{}]}),
+        cmd("migrate-set-parameters", **{"block-bitmap-mapping": [
+            {"node-name": "n", "alias": "a", "bitmaps": []}]}),
+        cmd("migrate-set-parameters", **{"block-bitmap-mapping": [
+            {"node-name": "n", "alias": "a", "bitmaps": []},
+            {"node-name": "n", "alias": "b", "bitmaps": []}]}),
+        cmd("migrate-set-parameters", **{"block-bitmap-mapping": [
+            {"node-name": "n", "alias": "a", "bitmaps": []},
+            {"node-name": "m", "alias": "a", "bitmaps": []}]}),
+        cmd("migrate-set-parameters", **{"block-bitmap-mapping": [
+            {"node-name": "n", "alias": "a b", "bitmaps": []}]}),
+        cmd("migrate-set-parameters", **{"block-bitmap-mapping": [
+            {"node-name": "n", "alias": "a", "bitmaps": [
+                {"name": "b", "alias": "c"}, {"name": "b", "alias": "d"}]}]}),
+        cmd("migrate-set-parameters", **{"block-bitmap-mapping": [
+            {"node-name": "n", "alias": "a", "bitmaps": [
+                {"name": "b", "alias": "c", "transform": {"persistent": True}}]}]}),
+        cmd("query-migrate-parameters"),
+        RESET_PARAMS,
+        cmd("query-migrate-parameters"),
+    ]
+    return s
+
+
+def capability_script():
+    s = [cmd("query-migrate-capabilities")]
+    for c in CAPABILITIES:
+        s.append(caps(c))
+        if c not in UNSUPPORTED_CAPABILITIES:
+            s.append(cmd("query-migrate-capabilities"))
+        s.append(ALL_CAPS_OFF)
+    for i, a in enumerate(CAPABILITIES):
+        for b in CAPABILITIES[i + 1:]:
+            s += [caps(a, b), ALL_CAPS_OFF]
+    s += [
+        caps("dirty-limit", "auto-converge"), ALL_CAPS_OFF,
+        caps("return-path", "switchover-ack"), ALL_CAPS_OFF,
+        caps("postcopy-ram", "postcopy-preempt"), ALL_CAPS_OFF,
+        caps("multifd", "zero-copy-send"), ALL_CAPS_OFF,
+        caps("multifd", "zero-copy-send", "xbzrle"), ALL_CAPS_OFF,
+        caps("xbzrle", "pause-before-switchover", "multifd"), ALL_CAPS_OFF,
+        caps("events"), caps("events"), caps("events", state=False),
+        # duplicates: the last one wins
+        cmd("migrate-set-capabilities", capabilities=[
+            {"capability": "events", "state": True},
+            {"capability": "events", "state": False}]),
+        cmd("query-migrate-capabilities"),
+        cmd("migrate-set-capabilities", capabilities=[]),
+        cmd("migrate-set-capabilities"),
+        cmd("migrate-set-capabilities", capabilities={}),
+        cmd("migrate-set-capabilities", capabilities=None),
+        cmd("migrate-set-capabilities", capabilities="events"),
+        cmd("migrate-set-capabilities", capabilities=[1]),
+        cmd("migrate-set-capabilities", capabilities=[{}]),
+        cmd("migrate-set-capabilities", capabilities=[{"capability": "events"}]),
+        cmd("migrate-set-capabilities", capabilities=[{"state": True}]),
+        cmd("migrate-set-capabilities", capabilities=[{"capability": 1, "state": True}]),
+        cmd("migrate-set-capabilities", capabilities=[{"capability": "events",
+                                                        "state": "on"}]),
+        cmd("migrate-set-capabilities", capabilities=[{"capability": "events",
+                                                        "state": None}]),
+        cmd("migrate-set-capabilities", capabilities=[{"capability": "nosuch",
+                                                        "state": True}]),
+        cmd("migrate-set-capabilities", capabilities=[{"capability": "compress",
+                                                        "state": True}]),
+        cmd("migrate-set-capabilities", capabilities=[
+            {"capability": "events", "state": True, "extra": 1}]),
+        cmd("migrate-set-capabilities", capabilities=[
+            {"capability": "events", "state": True}, {"capability": "bogus"}]),
+        cmd("migrate-set-capabilities", capabilities=[], extra=1),
+        cmd("migrate-set-capabilities", extra=1, capabilities=1),
+        cmd("query-migrate-capabilities"),
+    ]
+    return s
+
+
+def state_script(cpr_file, missing_dir):
+    """Commands that depend on state, on a VM started without -incoming."""
+    bad_uris = [
+        "", "foo:bar", "127.0.0.1:4444", "tcp:", "tcp:127.0.0.1", "tcp:[::1",
+        "tcp:127.0.0.1:notaport", "tcp:127.0.0.1:4444,to=x", "unix:", "fd:", "vsock:",
+        "vsock:1", "fd:nosuchfd", "fd:3", "file:", f"file:{missing_dir}/f",
+        "file:/tmp/x,offset=abc", "file:/tmp/x,offset=-1", "exec", "TCP:1.2.3.4:5",
+        "rdma:127.0.0.1:4444",
+    ]
+    ch = lambda addr, t="main": {"channel-type": t, "addr": addr}  # noqa: E731
+    unix = {"transport": "socket", "type": "unix", "path": "/nonexistent/cpr.sock"}
+    s = [
+        cmd("query-migrate"),
+        cmd("query-status"),
+        cmd("query-migrationthreads"),
+        cmd("migrate-continue", state="pre-switchover"),
+        cmd("migrate-continue", state="active"),
+        cmd("migrate-continue", state="none"),
+        cmd("migrate-continue", state="bogus"),
+        cmd("migrate-continue", state=1),
+        cmd("migrate-continue"),
+        cmd("migrate-pause"),
+        cmd("migrate-pause", x=1),
+        cmd("migrate-recover", uri="tcp:127.0.0.1:4444"),
+        cmd("migrate-recover"),
+        cmd("migrate-recover", uri=1),
+        cmd("migrate-start-postcopy"),
+        cmd("migrate_cancel"),
+        cmd("migrate_cancel", x=1),
+        cmd("migrate-incoming", uri="tcp:127.0.0.1:0"),
+        cmd("migrate-incoming", uri="bogus:"),
+        cmd("migrate-incoming"),
+        cmd("migrate", uri="tcp:127.0.0.1:1", resume=True),
+        cmd("migrate", uri="foo:bar", resume=True),
+        cmd("migrate"),
+        cmd("migrate", uri="tcp:127.0.0.1:1", channels=[ch({"transport": "socket",
+            "type": "inet", "host": "127.0.0.1", "port": "1"})]),
+        cmd("migrate", uri="foo:bar", channels=[]),
+        cmd("migrate", channels=[]),
+        cmd("migrate", uri=1),
+        cmd("migrate", uri=None),
+        cmd("migrate", uri="tcp:127.0.0.1:1", detach="yes"),
+        cmd("migrate", uri="tcp:127.0.0.1:1", resume=1),
+        cmd("migrate", uri="tcp:127.0.0.1:1", blk=True),
+        cmd("migrate", channels={}),
+        cmd("migrate", channels=[1]),
+        cmd("migrate", channels=[{}]),
+        cmd("migrate", channels=[{"channel-type": "main"}]),
+        cmd("migrate", channels=[{"channel-type": "bogus", "addr": unix}]),
+        cmd("migrate", channels=[ch({})]),
+        cmd("migrate", channels=[ch({"transport": "bogus"})]),
+        cmd("migrate", channels=[ch({"transport": "socket"})]),
+        cmd("migrate", channels=[ch({"transport": "socket", "type": "bogus"})]),
+        cmd("migrate", channels=[ch({"transport": "socket", "type": "inet"})]),
+        cmd("migrate", channels=[ch({"transport": "socket", "type": "inet",
+                                     "host": "127.0.0.1"})]),
+        cmd("migrate", channels=[ch({"transport": "socket", "type": "inet",
+                                     "host": "127.0.0.1", "port": 1})]),
+        cmd("migrate", channels=[ch({"transport": "socket", "type": "unix"})]),
+        cmd("migrate", channels=[ch({"transport": "socket", "type": "fd"})]),
+        cmd("migrate", channels=[ch({"transport": "socket", "type": "fd",
+                                     "str": "nosuchfd"})]),
+        cmd("migrate", channels=[ch({"transport": "exec"})]),
+        cmd("migrate", channels=[ch({"transport": "exec", "args": "true"})]),
+        cmd("migrate", channels=[ch({"transport": "file", "filename": "/tmp/x"})]),
+        cmd("migrate", channels=[ch({"transport": "file", "filename": "/tmp/x",
+                                     "offset": "0x1000"})]),
+        cmd("migrate", channels=[ch({"transport": "file", "filename": "/tmp/x",
+                                     "offset": -1, "extra": 1})]),
+        cmd("migrate", channels=[ch({"transport": "file",
+                                     "filename": f"{missing_dir}/f", "offset": 0})]),
+        cmd("migrate", channels=[ch(unix), ch(unix)]),
+        cmd("migrate", channels=[ch(unix, "cpr"), ch(unix, "cpr")]),
+        cmd("migrate", channels=[ch(unix, "cpr")]),
+    ]
+    for u in bad_uris:
+        s.append(cmd("migrate", uri=u))
+    for u in bad_uris[:-1]:
+        s.append(cmd("migrate-incoming", uri=u))
+    s += [
+        # a migration that fails asynchronously: connection refused
+        cmd("migrate", uri="tcp:127.0.0.1:1"),
+        "WAIT_FAILED",
+        cmd("query-migrate"),
+        cmd("migrate-continue", state="failed"),
+        cmd("migrate-start-postcopy"),
+        cmd("migrate-pause"),
+        cmd("migrate_cancel"),
+        cmd("query-migrationthreads"),
+        # modes
+        cmd("migrate-set-parameters", mode="cpr-transfer"),
+        cmd("migrate", uri="tcp:127.0.0.1:1"),
+        cmd("migrate", uri=f"file:{cpr_file}"),
+        cmd("migrate", channels=[ch({"transport": "file", "filename": cpr_file,
+                                     "offset": 0})]),
+        cmd("migrate-set-parameters", mode="normal"),
+        cmd("migrate-set-parameters", mode="cpr-reboot"),
+        cmd("migrate", uri="tcp:127.0.0.1:4444,to=x"),
+        cmd("migrate", uri=f"file:{cpr_file}-reboot"),
+    ]
+    return s
+
+
+def incoming_script():
+    """Commands on a VM started with -incoming defer."""
+    return [
+        cmd("query-status"),
+        cmd("query-migrate"),
+        cmd("migrate", uri="tcp:127.0.0.1:1"),
+        cmd("migrate", uri="foo:bar"),
+        cmd("migrate-incoming"),
+        cmd("migrate-incoming", uri="foo:bar"),
+        cmd("migrate-incoming", uri="tcp:127.0.0.1"),
+        cmd("migrate-incoming", channels=[]),
+        cmd("migrate-incoming", uri=1),
+        cmd("migrate-incoming", uri="tcp:127.0.0.1:0", **{"exit-on-error": "no"}),
+        cmd("migrate-incoming", channels=[
+            {"channel-type": "main", "addr": {"transport": "socket", "type": "inet",
+                                              "host": "127.0.0.1", "port": "0"}},
+            {"channel-type": "main", "addr": {"transport": "socket", "type": "inet",
+                                              "host": "127.0.0.1", "port": "0"}}]),
+        caps("multifd"), ALL_CAPS_OFF,
+        caps("postcopy-ram"), ALL_CAPS_OFF,
+        cmd("migrate-incoming", uri="tcp:127.0.0.1:0"),
+        "WAIT_SETUP",
+        cmd("query-migrate"),
+        cmd("migrate-incoming", uri="tcp:127.0.0.1:0"),
+        cmd("migrate-incoming", uri="foo:bar"),
+        cmd("migrate", uri="tcp:127.0.0.1:1"),
+        cmd("migrate-continue", state="setup"),
+        cmd("migrate-pause"),
+        cmd("migrate-recover", uri="tcp:127.0.0.1:0"),
+        cmd("migrate-start-postcopy"),
+        caps("multifd"),
+        caps("postcopy-ram", "postcopy-preempt"),
+        caps("events"),
+        cmd("query-migrate-capabilities"),
+        ALL_CAPS_OFF,
+        cmd("migrate-set-parameters", **{"multifd-channels": 4}),
+        cmd("query-migrationthreads"),
+        cmd("query-migrate"),
+        cmd("migrate_cancel"),
+        cmd("query-migrate"),
+        cmd("query-status"),
+    ]
+
+
+# ------------------------------------------------------------------------------------
+# Running a script on both and comparing
+
+
+def normalise(reply):
+    """What must match between QEMU and vmigrate."""
+    r = dict(reply)
+    r.pop("id", None)
+    ret = r.get("return")
+    if isinstance(ret, dict):
+        ret = dict(ret)
+        for k in ("setup-time", "total-time", "expected-downtime", "downtime"):
+            if k in ret:
+                ret[k] = "<ms>"
+        for a in ret.get("socket-address", []):
+            if "port" in a:
+                a["port"] = "<port>"
+        r["return"] = ret
+    if isinstance(ret, list) and ret and isinstance(ret[0], dict) and "thread-id" in ret[0]:
+        r["return"] = [dict(t, **{"thread-id": "<tid>"}) for t in ret]
+    return r
+
+
+def key_of(msg):
+    return json.dumps(msg)
+
+
+def run_script(q, v, script, subst=None, qemu_dead_ok=False):
+    """Sends SCRIPT to QEMU (q) and vmigrate (v); returns the list of differences."""
+    diffs = []
+    subst = subst or {}
+    for msg in script:
+        if msg == "WAIT_FAILED":
+            for c in (q, v):
+                wait_status(c, ("failed",))
+            continue
+        if msg == "WAIT_SETUP":
+            for c in (q, v):
+                wait_status(c, ("setup", "active"))
+            continue
+        key = key_of(msg)
+        sent = json.loads(_subst(key, subst))
+        expected = None
+        if key in QEMU_SKIP:
+            qr = None
+        else:
+            qr = q.send(sent)
+        vr = v.send(sent)
+        expected = vmigrate_expected(key, msg, qr or {})
+        if expected is not None:
+            got = vr.get("error", {})
+            if got != {"class": "GenericError", "desc": expected}:
+                diffs.append(f"{key}\n    vmigrate: {vr}\n    expected: {expected!r}")
+            continue
+        if normalise(qr) != normalise(vr):
+            diffs.append(f"{key}\n    qemu:     {qr}\n    vmigrate: {vr}")
+    return diffs
+
+
+def _subst(text, subst):
+    for k, val in subst.items():
+        text = text.replace(k, val)
+    return text
+
+
+def wait_status(c, want, timeout=10):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        st = c.ok("query-migrate").get("status")
+        if st in want:
+            return st
+        time.sleep(0.02)
+    raise AssertionError(f"migration status not in {want} after {timeout}s")
+
+
+def start_pair(ws, tag, **kw):
+    q = ws.vm("qemu", f"q{tag}", mem_mib=16, ram_id="ram", shared=False, **kw)
+    v = ws.vm("vmigrate", f"v{tag}", mem_mib=16, ram_id="ram", shared=False, **kw)
+    q.start(connect=False)
+    v.start(connect=False)
+    return q, v, RawQMP.connect(q.qmp_path), RawQMP.connect(v.qmp_path)
+
+
+def report(diffs):
+    assert not diffs, f"{len(diffs)} replies differ:\n" + "\n".join(diffs)
+
+
+# ------------------------------------------------------------------------------------
+# QMP conformance
+
+
+def test_qmp_parameters_and_capabilities(ws):
+    require("qemu", "vmigrate")
+    _, _, q, v = start_pair(ws, "opt")
+    diffs = run_script(q, v, parameter_script() + capability_script())
+    report(diffs)
+
+
+def test_qmp_state_commands(ws):
+    require("qemu", "vmigrate")
+    _, _, q, v = start_pair(ws, "st")
+    missing = ws.path("missing-dir")
+    subst = {"@CPR_FILE@": ws.path("cpr.bin")}
+    diffs = run_script(q, v, state_script("@CPR_FILE@", missing), subst)
+    report(diffs)
+
+
+def test_qmp_incoming_commands(ws):
+    require("qemu", "vmigrate")
+    _, _, q, v = start_pair(ws, "in", incoming="defer")
+    report(run_script(q, v, incoming_script()))
