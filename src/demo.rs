@@ -1,6 +1,9 @@
-//! `vmigrate demo`: starts a source VM holding a known pattern and a destination, live
-//! migrates between them over loopback TCP while showing progress, and checks that the
-//! destination's RAM is identical.
+//! `vmigrate demo`: starts a `lab` source VM whose vCPU runs a self-checking workload
+//! (every page of a hot set rewritten pass after pass, each page checked before it is
+//! rewritten) and a destination, live-migrates the running guest over loopback TCP
+//! while showing progress, and shows that it arrived intact: guest RAM at switchover is
+//! identical on both sides, and the guest's own self-check keeps passing on the
+//! destination with its pass count continuing from the source's.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -18,8 +21,14 @@ pub struct DemoArgs {
     /// Guest RAM size.
     #[arg(long, default_value = "512M")]
     memory: String,
+    /// The guest's workload (`hot=SIZE,rate=BYTES_PER_S`; the self-check is always on).
+    #[arg(long, default_value = "hot=128M,rate=200M")]
+    workload: String,
+    /// The lab machine's accelerator (`soft` or `kvm`).
+    #[arg(long, default_value = "soft")]
+    accel: String,
     /// Bandwidth cap in bytes/s so the transfer can be watched (0 = unlimited).
-    #[arg(long, default_value_t = 256 << 20)]
+    #[arg(long, default_value_t = 512 << 20)]
     max_bandwidth: u64,
 }
 
@@ -37,31 +46,6 @@ impl Drop for Run {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-/// Fills guest RAM with a known mix: zero pages, counter pages and text-like pages.
-fn write_pattern(path: &Path, bytes: u64, page: usize) -> anyhow::Result<()> {
-    let mut f = std::fs::File::create(path)?;
-    let text = b"vmigrate moves a running VM's memory to another host while it keeps working. ";
-    let mut buf = vec![0u8; page];
-    for i in 0..(bytes / page as u64) {
-        match i % 5 {
-            0 | 1 => buf.fill(0),
-            2 | 3 => {
-                for (j, b) in buf.iter_mut().enumerate() {
-                    *b = (i as usize).wrapping_mul(31).wrapping_add(j * 7) as u8;
-                }
-                buf[..8].copy_from_slice(&i.to_be_bytes());
-            }
-            _ => {
-                for (j, b) in buf.iter_mut().enumerate() {
-                    *b = text[(j + i as usize) % text.len()];
-                }
-            }
-        }
-        f.write_all(&buf)?;
-    }
-    Ok(())
 }
 
 fn digest(path: &Path) -> anyhow::Result<u64> {
@@ -102,15 +86,16 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     };
     let (src_ram, dst_ram) = (dir.join("src.ram"), dir.join("dst.ram"));
     let (src_qmp, dst_qmp) = (dir.join("src.qmp"), dir.join("dst.qmp"));
-    let page = vmigrate_engine::memory::host_page_size() as usize;
-    println!(
-        "vmigrate demo: {} MiB guest, migrating over loopback TCP",
-        memory >> 20
-    );
-    write_pattern(&src_ram, memory, page)?;
+    let workload = format!("{},verify", args.workload);
     let common = |ram: &Path, qmp: &Path| {
         vec![
-            "--memory".to_string(),
+            "--machine".to_string(),
+            "lab".into(),
+            "--accel".into(),
+            args.accel.clone(),
+            "--workload".into(),
+            workload.clone(),
+            "--memory".into(),
             format!("{}M", memory >> 20),
             "--mem-path".into(),
             ram.display().to_string(),
@@ -122,10 +107,34 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     run.children
         .push(spawn_vm(&exe, &common(&src_ram, &src_qmp))?);
     let mut dst_args = common(&dst_ram, &dst_qmp);
-    dst_args.extend(["--incoming".into(), "defer".into()]);
+    // Paused on arrival, so its RAM can be compared before the guest runs on.
+    dst_args.extend(["--incoming".into(), "defer".into(), "--paused".into()]);
     run.children.push(spawn_vm(&exe, &dst_args)?);
     let mut src = QmpClient::connect(&src_qmp, Duration::from_secs(10))?;
     let mut dst = QmpClient::connect(&dst_qmp, Duration::from_secs(10))?;
+
+    println!(
+        "vmigrate demo: a {} MiB `lab` guest ({}, workload {workload}) live-migrating over loopback TCP",
+        memory >> 20,
+        args.accel
+    );
+    let w = wait_passes(&mut src, 2, Duration::from_secs(20))?;
+    std::thread::sleep(Duration::from_millis(600));
+    let w = {
+        let now = src.execute("query-workload", json!({}))?;
+        if now["dirty-rate"].as_u64().unwrap_or(0) > 0 {
+            now
+        } else {
+            w
+        }
+    };
+    println!(
+        "source guest: running, {} passes over its {} MiB hot set, dirtying {:.0} MB/s, {} violations",
+        w["passes"],
+        w["hot-bytes"].as_u64().unwrap_or(0) >> 20,
+        w["dirty-rate"].as_u64().unwrap_or(0) as f64 / 1e6,
+        w["violations"]
+    );
 
     dst.execute("migrate-incoming", json!({"uri": "tcp:127.0.0.1:0"}))?;
     let info = dst.execute("query-migrate", json!({}))?;
@@ -137,18 +146,16 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         "migrate-set-parameters",
         json!({"max-bandwidth": args.max_bandwidth}),
     )?;
-    let before = src.execute("query-status", json!({}))?;
-    println!(
-        "source is {}; destination listens on 127.0.0.1:{port}",
-        before["status"].as_str().unwrap_or("?")
-    );
     let started = Instant::now();
     src.execute("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}))?;
     let last = loop {
         let q = src.execute("query-migrate", json!({}))?;
-        let status = q["status"].as_str().unwrap_or("").to_string();
-        show_progress(&q, memory);
-        if matches!(status.as_str(), "completed" | "failed" | "cancelled") {
+        let wl = src.execute("query-workload", json!({}))?;
+        show_progress(&q, &wl, memory);
+        if matches!(
+            q["status"].as_str(),
+            Some("completed" | "failed" | "cancelled")
+        ) {
             println!();
             break q;
         }
@@ -172,60 +179,93 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    let wall = started.elapsed();
+    // The source stopped its vCPUs at switchover and the destination arrived paused:
+    // both RAMs and counters are as they were at switchover.
+    let at_switchover = src.execute("query-workload", json!({}))?;
+    let src_digest = digest(&src_ram)?;
     let ram = &last["ram"];
     println!(
-        "completed in {} ms (downtime {} ms, setup {} ms): {} MiB sent, {} normal and {} zero pages, {} dirty syncs",
+        "completed in {} ms (setup {} ms, downtime {} ms): {:.1} MiB sent, {} passes over RAM (dirty syncs), {} normal and {} zero pages",
         last["total-time"],
-        last["downtime"],
         last["setup-time"],
-        ram["transferred"].as_u64().unwrap_or(0) >> 20,
+        last["downtime"],
+        ram["transferred"].as_u64().unwrap_or(0) as f64 / (1 << 20) as f64,
+        ram["dirty-sync-count"],
         ram["normal"],
         ram["duplicate"],
-        ram["dirty-sync-count"]
     );
+    let dst_digest = digest(&dst_ram)?;
+    println!("guest RAM at switchover: source {src_digest:016x}, destination {dst_digest:016x}");
+    if src_digest != dst_digest {
+        bail!("destination RAM differs from the source's at switchover");
+    }
+    let arrived = dst.execute("query-workload", json!({}))?;
+    dst.execute("cont", json!({}))?;
+    let target = arrived["passes"].as_u64().unwrap_or(0) + 3;
+    let verdict = wait_passes(&mut dst, target, Duration::from_secs(20))?;
     let src_state = src.execute("query-status", json!({}))?;
     let dst_state = dst.execute("query-status", json!({}))?;
     println!(
-        "source is now {}, destination is {}",
+        "source is now {}, destination is {} (wall {:.2} s)",
         src_state["status"].as_str().unwrap_or("?"),
-        dst_state["status"].as_str().unwrap_or("?")
+        dst_state["status"].as_str().unwrap_or("?"),
+        wall.as_secs_f64()
     );
-    let (a, b) = (digest(&src_ram)?, digest(&dst_ram)?);
     println!(
-        "guest RAM digest: source {a:016x}, destination {b:016x} (wall {:.2} s)",
-        started.elapsed().as_secs_f64()
+        "guest's verdict: {} passes on the source at switchover, {} on arrival, {} now on the destination; {} violations",
+        at_switchover["passes"], arrived["passes"], verdict["passes"], verdict["violations"]
     );
-    if a != b {
-        bail!("destination RAM differs from the source");
+    if arrived["passes"] != at_switchover["passes"] || verdict["violations"] != 0 {
+        bail!("the guest's self-check failed on the destination: {verdict}");
     }
-    println!("destination RAM is identical to the source: the VM arrived intact");
+    println!(
+        "the guest's self-check holds on the destination: every page arrived, nothing was lost"
+    );
     let _ = src.execute("quit", json!({}));
     let _ = dst.execute("quit", json!({}));
     Ok(())
 }
 
-fn show_progress(q: &Value, memory: u64) {
+fn wait_passes(q: &mut QmpClient, passes: u64, timeout: Duration) -> anyhow::Result<Value> {
+    let t0 = Instant::now();
+    loop {
+        let w = q.execute("query-workload", json!({}))?;
+        if w["passes"].as_u64().unwrap_or(0) >= passes {
+            return Ok(w);
+        }
+        if t0.elapsed() > timeout {
+            bail!("the guest's workload did not reach {passes} passes: {w}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn show_progress(q: &Value, wl: &Value, memory: u64) {
     let ram = &q["ram"];
     let sent = ram["transferred"].as_u64().unwrap_or(0);
     let remaining = ram["remaining"].as_u64().unwrap_or(memory);
     let done = memory.saturating_sub(remaining);
-    let width = 30usize;
-    let filled = ((done as f64 / memory as f64) * width as f64) as usize;
+    let width = 20usize;
+    let filled = (((done as f64 / memory as f64) * width as f64) as usize).min(width);
     let mbps = ram["mbps"].as_f64().unwrap_or(0.0);
-    let eta = if mbps > 0.0 {
-        format!("{:.1} s", remaining as f64 * 8.0 / (mbps * 1e6))
+    // Zero pages cost almost nothing on the wire, so the ETA uses the page rate.
+    let page_rate =
+        ram["pages-per-second"].as_u64().unwrap_or(0) * ram["page-size"].as_u64().unwrap_or(4096);
+    let eta = if page_rate > 0 {
+        format!("{:.1} s", remaining as f64 / page_rate as f64)
     } else {
         "-".into()
     };
     print!(
-        "\r[{}{}] {:>9} sent {:>5} MiB remaining {:>5} MiB {:>8.1} Mbit/s dirty {:>6} pages/s ETA {:<8}",
-        "#".repeat(filled.min(width)),
-        " ".repeat(width - filled.min(width)),
+        "\r[{}{}] {:<9} sent {:>4} MiB  left {:>4} MiB  dirty {:>4.0} MB/s  bw {:>5.0} MB/s  ETA {:<6}",
+        "#".repeat(filled),
+        " ".repeat(width - filled),
         q["status"].as_str().unwrap_or(""),
         sent >> 20,
         remaining >> 20,
-        mbps,
-        ram["dirty-pages-rate"].as_u64().unwrap_or(0),
+        wl["dirty-rate"].as_u64().unwrap_or(0) as f64 / 1e6,
+        mbps / 8.0,
         eta
     );
     let _ = std::io::stdout().flush();

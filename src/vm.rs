@@ -7,13 +7,25 @@ use clap::Args;
 use vmigrate_engine::transport::Address;
 use vmigrate_engine::{EventBus, IncomingMode, Migrator, RunState};
 use vmigrate_qmp::{Dispatcher, MonitorAddress, VmBackend};
-use vmigrate_vm::{Machine, MachineConfig, MachineKind};
+use vmigrate_vm::{Accel, LabConfig, Machine, MachineConfig, MachineKind, WorkloadSpec};
 
 #[derive(Args, Debug)]
 pub struct VmArgs {
-    /// Machine type: `none` (RAM only).
+    /// Machine type: `none` (RAM only) or `lab` (RAM and vCPUs running a workload).
     #[arg(long, default_value = "none")]
     machine: String,
+    /// `lab` accelerator: `kvm` (default where /dev/kvm works) or `soft`.
+    #[arg(long)]
+    accel: Option<String>,
+    /// `lab` vCPUs.
+    #[arg(long, default_value_t = 1)]
+    cpus: u32,
+    /// `lab` workload: `hot=SIZE,rate=BYTES_PER_S,verify` (each optional), or `none`.
+    #[arg(long, default_value = "")]
+    workload: String,
+    /// `lab` serial console: `stdio`, `none` or a file.
+    #[arg(long, default_value = "none")]
+    serial: String,
     /// Guest RAM size, QEMU style (`64M`, `4G`; a plain number is MiB).
     #[arg(long, default_value = "128M")]
     memory: String,
@@ -58,13 +70,33 @@ impl VmBackend for Backend {
     fn read_physical(&self, gpa: u64, out: &mut [u8]) -> bool {
         self.0.read_physical(gpa, out)
     }
+    fn query_workload(&self) -> Option<serde_json::Value> {
+        self.0.query_workload()
+    }
 }
 
 pub fn run(args: VmArgs) -> anyhow::Result<()> {
     let kind = match args.machine.as_str() {
         "none" => MachineKind::None,
-        other => bail!("unknown machine type '{other}' (known: none)"),
+        "lab" => MachineKind::Lab,
+        other => bail!("unknown machine type '{other}' (known: none, lab)"),
     };
+    let accel = match args.accel.as_deref() {
+        None => Accel::host_default(),
+        Some(a) => {
+            Accel::parse(a).with_context(|| format!("unknown --accel '{a}' (known: kvm, soft)"))?
+        }
+    };
+    let workload = WorkloadSpec::parse(&args.workload)
+        .with_context(|| format!("invalid --workload '{}'", args.workload))?;
+    if kind == MachineKind::None
+        && (args.accel.is_some() || !args.workload.is_empty() || args.cpus != 1)
+    {
+        bail!("--accel, --cpus and --workload need --machine lab");
+    }
+    if args.cpus == 0 {
+        bail!("--cpus must be at least 1");
+    }
     let memory = parse_memory(&args.memory)
         .with_context(|| format!("invalid --memory '{}'", args.memory))?;
     let uuid = match &args.uuid {
@@ -91,6 +123,12 @@ pub fn run(args: VmArgs) -> anyhow::Result<()> {
             ram_id: args.ram_id.clone(),
             uuid,
             initial,
+            lab: LabConfig {
+                accel,
+                cpus: args.cpus,
+                workload,
+                serial: args.serial.clone(),
+            },
         },
         events.clone(),
     )?);

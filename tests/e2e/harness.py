@@ -303,10 +303,13 @@ class Machine:
                 otherwise plain anonymous RAM, which needs ram_id "ram"
     incoming    None, "defer" or a URI
     start_paused  QEMU -S / vmigrate --paused
+    machine     vmigrate's --machine ("none", or "lab" with EXTRA such as --accel,
+                --cpus, --workload, --serial)
     """
 
     def __init__(self, ws, impl, name, mem_mib=256, ram_id="m0", incoming=None,
-                 start_paused=False, shared=True, mem_file=None):
+                 start_paused=False, shared=True, mem_file=None, machine="none",
+                 extra=()):
         assert impl in IMPLS, impl
         self.ws = ws
         self.impl = impl
@@ -315,6 +318,9 @@ class Machine:
         self.ram_id = ram_id
         self.incoming = incoming
         self.start_paused = start_paused
+        self.machine = machine
+        self.extra = list(extra)
+        assert impl == "vmigrate" or (machine == "none" and not extra), "lab is vmigrate's"
         self.qmp_path = ws.path(f"{name}.qmp")
         self.mem_file = None
         if shared:
@@ -345,8 +351,8 @@ class Machine:
             if self.start_paused:
                 a += ["-S"]
         else:
-            a = [vmigrate_bin(), "vm", "--machine", "none", "--memory", size,
-                 "--qmp", f"unix:{self.qmp_path}"]
+            a = [vmigrate_bin(), "vm", "--machine", self.machine, "--memory", size,
+                 "--qmp", f"unix:{self.qmp_path}"] + self.extra
             if self.mem_file:
                 a += ["--mem-path", self.mem_file, "--share"]
             if self.ram_id != "ram":

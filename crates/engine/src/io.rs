@@ -158,6 +158,9 @@ impl Source for FdSource {
 #[derive(Debug)]
 pub struct RateLimiter {
     limit: Arc<AtomicU64>,
+    /// This limiter's share of the limit: 1 for the main channel alone, N when N
+    /// channels split the bandwidth.
+    share: u64,
     window_start: Instant,
     used: u64,
 }
@@ -168,6 +171,7 @@ impl RateLimiter {
     pub fn new(limit: Arc<AtomicU64>) -> Self {
         Self {
             limit,
+            share: 1,
             window_start: Instant::now(),
             used: 0,
         }
@@ -178,7 +182,7 @@ impl RateLimiter {
     pub fn account(&mut self, bytes: u64, cancel: &AtomicBool) {
         self.used += bytes;
         loop {
-            let budget = self.limit.load(Ordering::Relaxed) / 10;
+            let budget = self.limit.load(Ordering::Relaxed) / 10 / self.share;
             if budget == 0 {
                 self.used = 0;
                 return;
@@ -330,6 +334,16 @@ impl StreamWriter {
         self.pending = 0;
         self.limiter.account(total as u64, &self.cancel);
         Ok(())
+    }
+
+    /// Makes this writer use `1/share` of the bandwidth limit (multifd channels).
+    pub fn set_bandwidth_share(&mut self, share: u64) {
+        self.limiter.share = share.max(1);
+    }
+
+    /// Bytes queued but not written yet.
+    pub fn pending(&self) -> usize {
+        self.pending
     }
 
     pub fn fd(&self) -> &OwnedFd {

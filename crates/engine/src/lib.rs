@@ -9,11 +9,14 @@
 //! - [`vmm`]: the traits a VMM implements; [`memory`]: guest RAM blocks.
 //! - [`stats`], [`status`], [`events`].
 
+pub mod compress;
 pub mod events;
 pub mod io;
 pub mod load;
 pub mod memory;
 pub mod migrator;
+pub mod multifd_recv;
+pub mod multifd_send;
 pub mod options;
 pub mod ram_load;
 pub mod ram_save;

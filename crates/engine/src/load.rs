@@ -15,6 +15,7 @@ use vmigrate_stream::section::{decode_footer, Record, SectionId};
 use vmigrate_stream::{header, vmdesc, DecodeError, DecodeErrorKind, Source};
 
 use crate::io::FdSource;
+use crate::multifd_recv::{MultifdReceiver, ReceiveConfig};
 use crate::options::Capabilities;
 use crate::ram_load::RamLoader;
 use crate::return_path::ReturnPathWriter;
@@ -59,12 +60,49 @@ pub fn load_stream(
     vmm: &dyn Vmm,
     caps: &Capabilities,
     return_path: Option<ReturnPathWriter>,
+    multifd: Option<MultifdChannels>,
 ) -> Result<LoadOutcome, LoadError> {
     let mut rp = ReturnPathState {
         writer: return_path,
         open: false,
     };
-    let result = load_records(src, vmm, caps, &mut rp);
+    let mut ram = RamLoader::new(vmm.ram_blocks().to_vec());
+    let receiver = multifd.map(|m| {
+        let r = MultifdReceiver::start(
+            m.fds,
+            ReceiveConfig {
+                blocks: vmm.ram_blocks().to_vec(),
+                pristine: ram.pristine(),
+                received: ram.received(),
+                method: m.method,
+                page_size: vmm
+                    .ram_blocks()
+                    .first()
+                    .map(|b| b.page_size())
+                    .unwrap_or(4096),
+            },
+        );
+        ram.use_multifd(r.clone());
+        r
+    });
+    let mut result = load_records(src, vmm, caps, &mut rp, &mut ram);
+    if let Some(r) = &receiver {
+        match &result {
+            Ok(_) => {
+                if let Err(e) = r.finish() {
+                    result = Err(DecodeError::new(
+                        src.offset(),
+                        DecodeErrorKind::Invalid {
+                            what: "multifd channel",
+                            detail: e,
+                        },
+                    )
+                    .into());
+                }
+            }
+            Err(_) => r.abort(),
+        }
+    }
     if rp.open {
         let code = u32::from(result.is_err());
         let _ = rp.send(&RpMessage::Shut(code), 0);
@@ -101,11 +139,19 @@ impl ReturnPathState {
     }
 }
 
+/// The multifd connections of an incoming migration, ordered by channel id.
+#[derive(Debug)]
+pub struct MultifdChannels {
+    pub fds: Vec<std::os::fd::OwnedFd>,
+    pub method: crate::compress::Method,
+}
+
 fn load_records(
     src: &mut FdSource,
     vmm: &dyn Vmm,
     caps: &Capabilities,
     rp: &mut ReturnPathState,
+    ram: &mut RamLoader,
 ) -> Result<LoadOutcome, LoadError> {
     header::decode_header(src)?;
     let at = src.offset();
@@ -113,7 +159,6 @@ fn load_records(
     check_configuration(&config, at, vmm, caps)?;
 
     let devices = vmm.devices();
-    let mut ram = RamLoader::new(vmm.ram_blocks().to_vec());
     let mut sections: HashMap<u32, (String, u32)> = HashMap::new();
     let mut runstate = None;
     loop {

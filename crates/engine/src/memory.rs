@@ -224,6 +224,15 @@ impl RamBlock {
         f(unsafe { std::slice::from_raw_parts(p, len) })
     }
 
+    /// A view of guest memory that lives as long as the block borrow. The bytes may
+    /// change under it while the guest runs; callers only copy or compress them, and a
+    /// page changed meanwhile is dirty again and sent again.
+    pub fn slice(&self, offset: u64, len: usize) -> &[u8] {
+        let p = self.ptr_at(offset, len);
+        // SAFETY: the range is inside the mapping, which lives as long as `self`.
+        unsafe { std::slice::from_raw_parts(p, len) }
+    }
+
     pub fn read(&self, offset: u64, out: &mut [u8]) {
         let p = self.ptr_at(offset, out.len());
         // SAFETY: the source range is inside the mapping and cannot overlap `out`, which
@@ -243,6 +252,23 @@ impl RamBlock {
         let p = self.ptr_at(offset, len);
         // SAFETY: the range is inside the mapping.
         unsafe { std::ptr::write_bytes(p, 0, len) }
+    }
+
+    /// Fills `len` bytes at `offset` with copies of `word` (native byte order): one
+    /// store per word, how the `lab` machine's workload writes a whole page. `offset`
+    /// and `len` must be multiples of 8.
+    pub fn fill_u64(&self, offset: u64, len: usize, word: u64) {
+        assert!(
+            offset.is_multiple_of(8) && len.is_multiple_of(8),
+            "fill_u64 needs 8-byte alignment"
+        );
+        let p = self.ptr_at(offset, len).cast::<u64>();
+        for i in 0..len / 8 {
+            // SAFETY: `offset..offset+len` is inside the mapping (checked by ptr_at), the
+            // mapping is page aligned and `offset` a multiple of 8, so every word written
+            // is in range and aligned; no Rust reference to guest memory is live.
+            unsafe { p.add(i).write(word) }
+        }
     }
 
     pub fn is_zero(&self, offset: u64, len: usize) -> bool {
@@ -370,6 +396,13 @@ mod tests {
         assert_eq!(&out, b"hello");
         b.fill_zero(ps, ps as usize);
         assert!(b.is_zero(ps, ps as usize));
+        b.fill_u64(2 * ps, ps as usize, 0x0102_0304_0506_0708);
+        b.with_bytes(2 * ps, ps as usize, |v| {
+            assert!(v
+                .chunks(8)
+                .all(|w| w == 0x0102_0304_0506_0708u64.to_ne_bytes()))
+        });
+        assert!(b.is_zero(3 * ps, ps as usize));
         assert!(RamBlock::anonymous("ram", ps + 1, 0).is_err());
     }
 

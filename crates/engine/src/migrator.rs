@@ -11,8 +11,13 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use serde_json::{json, Map, Value};
 
 use crate::events::EventBus;
+use std::time::Instant;
+
+use crate::compress::Method;
 use crate::io::FdSource;
+use crate::load::MultifdChannels;
 use crate::load::{self, LoadOutcome};
+use crate::multifd_recv::{read_init, HANDSHAKE_TIMEOUT};
 use crate::options::{Capabilities, Parameters};
 use crate::save::{self, SaveError};
 use crate::stats::Stats;
@@ -77,8 +82,8 @@ struct State {
     error: Option<String>,
     stats: Arc<Stats>,
     cancel: Arc<AtomicBool>,
-    /// Raw descriptor of the outgoing socket, for shutdown on cancel.
-    cancel_fd: Option<i32>,
+    /// Raw descriptors of the outgoing sockets, for shutdown on cancel.
+    cancel_fds: Vec<i32>,
     incoming_mode: IncomingMode,
     incoming_started: bool,
     socket_address: Option<Value>,
@@ -138,6 +143,11 @@ impl Shared {
         self.set_status(MigrationStatus::Failed);
     }
 
+    /// Adds a socket that cancel shuts down (multifd channels).
+    pub fn register_cancel_fd(&self, fd: i32) {
+        self.lock().cancel_fds.push(fd);
+    }
+
     pub fn emit_pass(&self, pass: u64) {
         if self.lock().caps.get("events") {
             self.events
@@ -193,7 +203,7 @@ impl Migrator {
                     error: None,
                     stats: Stats::new(),
                     cancel: Arc::new(AtomicBool::new(false)),
-                    cancel_fd: None,
+                    cancel_fds: Vec::new(),
                     incoming_mode,
                     incoming_started: false,
                     socket_address: None,
@@ -247,10 +257,7 @@ impl Migrator {
         }
         let next = st
             .caps
-            .merged(list, st.incoming_started)
-            .map_err(|e| MigrateError(e.0))?;
-        st.params
-            .cross_check(&st.params, &next)
+            .merged(list, st.incoming_started, &st.params)
             .map_err(|e| MigrateError(e.0))?;
         if next.get("zero-blocks") {
             eprintln!("warning: zero-blocks capability is deprecated");
@@ -315,13 +322,18 @@ impl Migrator {
         }
     }
 
-    fn check_transport(&self, addr: &Address) -> Result<(), MigrateError> {
+    /// QEMU's checks of the main channel against the capabilities and the mode.
+    pub fn check_transport(&self, addr: &Address) -> Result<(), MigrateError> {
         let caps = self.shared.caps_snapshot();
         if caps.get("mapped-ram") && !matches!(addr, Address::File { .. }) {
             return merr("Migration requires seekable transport (e.g. file)");
         }
         if (caps.get("multifd") || caps.get("postcopy-preempt")) && !addr.is_socket() {
             return merr("Migration requires multi-channel URIs (e.g. tcp)");
+        }
+        let cpr_transfer = self.shared.params_snapshot().str("mode") == "cpr-transfer";
+        if cpr_transfer && matches!(addr, Address::File { .. }) {
+            return merr("Migration requires streamable transport (eg unix)");
         }
         Ok(())
     }
@@ -348,6 +360,12 @@ impl Migrator {
         if let Some(reason) = self.vmm.migration_blockers().into_iter().next() {
             return merr(reason);
         }
+        let mode = self.shared.params_snapshot().str("mode").to_string();
+        if mode != "normal" {
+            return merr(format!(
+                "Migration mode '{mode}' is not supported by vmigrate yet"
+            ));
+        }
         let early =
             transport::open_outgoing_sync(&addr, &self.fds).map_err(|e| MigrateError(e.0))?;
         let stats = Stats::new();
@@ -359,7 +377,7 @@ impl Migrator {
             st.error = None;
             st.stats = stats;
             st.cancel = cancel;
-            st.cancel_fd = None;
+            st.cancel_fds.clear();
             st.continue_requested = false;
             st.status = MigrationStatus::None;
         }
@@ -387,7 +405,7 @@ impl Migrator {
         {
             let mut st = self.shared.lock();
             if channel.is_socket {
-                st.cancel_fd = Some(channel.fd.as_raw_fd());
+                st.cancel_fds.push(channel.fd.as_raw_fd());
             }
             if st.cancel.load(Ordering::Relaxed) {
                 drop(st);
@@ -395,11 +413,11 @@ impl Migrator {
                 return;
             }
         }
-        let result = save::run(&self.shared, self.vmm.as_ref(), &channel);
+        let result = save::run(&self.shared, self.vmm.as_ref(), &channel, &addr);
         if channel.is_socket {
             transport::shutdown_socket(channel.fd.as_raw_fd());
         }
-        self.shared.lock().cancel_fd = None;
+        self.shared.lock().cancel_fds.clear();
         drop(channel.fd.try_clone());
         channel.finish_with_close();
         let stats = self.shared.stats();
@@ -433,8 +451,8 @@ impl Migrator {
             return Ok(());
         }
         st.cancel.store(true, Ordering::Relaxed);
-        if let Some(fd) = st.cancel_fd {
-            transport::shutdown_socket(fd);
+        for fd in &st.cancel_fds {
+            transport::shutdown_socket(*fd);
         }
         drop(st);
         self.shared.continue_cv.notify_all();
@@ -445,15 +463,45 @@ impl Migrator {
     /// `migrate-continue`.
     pub fn migrate_continue(&self, state: &str) -> Result<(), MigrateError> {
         let mut st = self.shared.lock();
-        if st.status.name() != state {
+        // Only an outgoing migration can be continued: a destination counts as `none`.
+        let current = match st.role {
+            Role::Outgoing => st.status,
+            _ => MigrationStatus::None,
+        };
+        if current.name() != state {
             return merr(format!(
                 "Migration not in expected state: {}",
-                st.status.name()
+                current.name()
             ));
+        }
+        if current == MigrationStatus::None {
+            return Ok(());
         }
         st.continue_requested = true;
         drop(st);
         self.shared.continue_cv.notify_all();
+        Ok(())
+    }
+
+    /// The checks `migrate-incoming` makes before it looks at its address: whether
+    /// this process waits for `migrate-incoming` at all, and only once.
+    pub fn incoming_precheck(&self) -> Result<(), MigrateError> {
+        let st = self.shared.lock();
+        match st.incoming_mode {
+            IncomingMode::Disabled => {
+                return merr("'-incoming' was not specified on the command line")
+            }
+            IncomingMode::Started => {
+                return merr("The incoming migration has already been started")
+            }
+            IncomingMode::Deferred => {}
+        }
+        if st.incoming_started {
+            return merr(format!(
+                "Illegal migration incoming state: {}",
+                st.status.name()
+            ));
+        }
         Ok(())
     }
 
@@ -463,24 +511,7 @@ impl Migrator {
         addr: Address,
         exit_on_error: bool,
     ) -> Result<(), MigrateError> {
-        {
-            let st = self.shared.lock();
-            match st.incoming_mode {
-                IncomingMode::Disabled => {
-                    return merr("'-incoming' was not specified on the command line")
-                }
-                IncomingMode::Started => {
-                    return merr("The incoming migration has already been started")
-                }
-                IncomingMode::Deferred => {}
-            }
-            if st.incoming_started {
-                return merr(format!(
-                    "Illegal migration incoming state: {}",
-                    st.status.name()
-                ));
-            }
-        }
+        self.incoming_precheck()?;
         self.check_transport(&addr)?;
         {
             let mut st = self.shared.lock();
@@ -504,8 +535,81 @@ impl Migrator {
         Ok(())
     }
 
+    /// With multifd, accepts the main connection and every channel (in any order),
+    /// classifying them by their first bytes as QEMU does.
+    fn accept_channels(
+        &self,
+        incoming: &Incoming,
+    ) -> Result<(transport::Channel, Option<MultifdChannels>), String> {
+        let params = self.shared.params_snapshot();
+        let n = params.u64("multifd-channels") as usize;
+        let method = Method::from_name(params.str("multifd-compression")).ok_or_else(|| {
+            format!(
+                "multifd-compression '{}' is not supported by vmigrate yet",
+                params.str("multifd-compression")
+            )
+        })?;
+        let deadline = Instant::now() + HANDSHAKE_TIMEOUT * 3;
+        let mut main = None;
+        let mut channels: Vec<Option<std::os::fd::OwnedFd>> = (0..n).map(|_| None).collect();
+        let uuid = self.vmm.uuid().unwrap_or([0; 16]);
+        // Each new connection is classified on its own thread, so one that stays silent
+        // cannot hold up the others.
+        let (tx, rx) = std::sync::mpsc::channel::<Result<Classified, String>>();
+        let mut pending = 0usize;
+        while main.is_none() || channels.iter().any(Option::is_none) {
+            while let Ok(c) = rx.try_recv() {
+                pending -= 1;
+                place(c?, &mut main, &mut channels)?;
+            }
+            if main.is_some() && channels.iter().all(Option::is_some) {
+                break;
+            }
+            if pending > 0
+                && pending + usize::from(main.is_some()) + channels.iter().flatten().count() > n
+            {
+                // Enough connections are being classified; wait for one to finish.
+                let left = deadline.saturating_duration_since(Instant::now());
+                match rx.recv_timeout(left) {
+                    Ok(c) => {
+                        pending -= 1;
+                        place(c?, &mut main, &mut channels)?;
+                        continue;
+                    }
+                    Err(_) => {
+                        return Err("timed out waiting for the multifd channels' handshakes".into())
+                    }
+                }
+            }
+            let ch = incoming.accept_more(deadline).map_err(|e| e.0)?;
+            let tx = tx.clone();
+            pending += 1;
+            std::thread::spawn(move || {
+                let _ = tx.send(classify(ch, uuid, n));
+            });
+        }
+        let fds = channels
+            .into_iter()
+            .map(|c| c.expect("all channels present"))
+            .collect();
+        Ok((
+            main.expect("main channel present"),
+            Some(MultifdChannels { fds, method }),
+        ))
+    }
+
     fn incoming_thread(&self, incoming: Incoming, exit_on_error: bool) {
-        let result = incoming.accept().map_err(|e| e.0).and_then(|mut ch| {
+        self.incoming_thread_inner(incoming, exit_on_error)
+    }
+
+    fn incoming_thread_inner(&self, incoming: Incoming, exit_on_error: bool) {
+        let multifd = self.shared.caps_snapshot().get("multifd");
+        let accepted = if multifd {
+            self.accept_channels(&incoming)
+        } else {
+            incoming.accept().map(|ch| (ch, None)).map_err(|e| e.0)
+        };
+        let result = accepted.and_then(|(mut ch, channels)| {
             self.shared.set_status(MigrationStatus::Active);
             let fd = ch.fd.try_clone().map_err(|e| e.to_string())?;
             let mut src = FdSource::new(fd, ch.base_offset);
@@ -518,7 +622,7 @@ impl Migrator {
             } else {
                 None
             };
-            let r = load::load_stream(&mut src, self.vmm.as_ref(), &caps, rp)
+            let r = load::load_stream(&mut src, self.vmm.as_ref(), &caps, rp, channels)
                 .map_err(|e| format!("load of migration failed: {e}"));
             drop(src);
             ch.finish_with_close();
@@ -613,6 +717,47 @@ impl Migrator {
         }
         Value::Object(out)
     }
+}
+
+/// A new incoming connection, told apart by its first bytes.
+enum Classified {
+    Main(transport::Channel),
+    Multifd(u8, std::os::fd::OwnedFd),
+}
+
+fn classify(ch: transport::Channel, uuid: [u8; 16], channels: usize) -> Result<Classified, String> {
+    transport::set_read_timeout(&ch.fd, Some(HANDSHAKE_TIMEOUT));
+    let head = transport::peek4(&ch.fd).map_err(|e| e.0)?;
+    if head == vmigrate_stream::header::MAGIC.to_be_bytes() {
+        transport::set_read_timeout(&ch.fd, None);
+        return Ok(Classified::Main(ch));
+    }
+    let id = read_init(&ch.fd, uuid, channels)?;
+    transport::set_read_timeout(&ch.fd, None);
+    Ok(Classified::Multifd(id, ch.fd))
+}
+
+fn place(
+    c: Classified,
+    main: &mut Option<transport::Channel>,
+    channels: &mut [Option<std::os::fd::OwnedFd>],
+) -> Result<(), String> {
+    match c {
+        Classified::Main(ch) => {
+            if main.is_some() {
+                return Err("a second main migration channel connected".into());
+            }
+            *main = Some(ch);
+        }
+        Classified::Multifd(id, fd) => {
+            let slot = &mut channels[usize::from(id)];
+            if slot.is_some() {
+                return Err(format!("multifd: channel {id} connected twice"));
+            }
+            *slot = Some(fd);
+        }
+    }
+    Ok(())
 }
 
 impl transport::Channel {

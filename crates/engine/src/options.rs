@@ -31,8 +31,9 @@ pub const CAPABILITIES: [&str; 22] = [
 
 /// Capabilities vmigrate implements. `zero-blocks` and `late-block-activate` have no
 /// effect in QEMU 10.0 either, so accepting them is faithful.
-const SUPPORTED_CAPABILITIES: [&str; 7] = [
+const SUPPORTED_CAPABILITIES: [&str; 8] = [
     "events",
+    "multifd",
     "return-path",
     "switchover-ack",
     "zero-blocks",
@@ -81,28 +82,25 @@ impl Capabilities {
         )
     }
 
-    /// `migrate-set-capabilities`: checks the argument shapes, merges, validates the
-    /// would-be set and returns it. `incoming_started` is whether this process already
-    /// listens for an incoming migration.
+    /// `migrate-set-capabilities`: checks the argument shapes as QEMU's input visitor
+    /// does, merges, validates the would-be set (against the current `params`, which
+    /// zero-copy-send looks at) and returns it. `incoming_started` is whether this
+    /// process already listens for an incoming migration.
     pub fn merged(
         &self,
         list: &Value,
         incoming_started: bool,
+        params: &Parameters,
     ) -> Result<Capabilities, OptionsError> {
         let items = list
             .as_array()
-            .ok_or_else(|| OptionsError("Parameter 'capabilities' expects array".into()))?;
+            .ok_or_else(|| invalid_type("capabilities", "array"))?;
         let mut next = self.clone();
         let mut turned_on = Vec::new();
         for (i, item) in items.iter().enumerate() {
-            let obj = item.as_object().ok_or_else(|| {
-                OptionsError(format!("Parameter 'capabilities[{i}]' expects object"))
-            })?;
-            for key in obj.keys() {
-                if key != "capability" && key != "state" {
-                    return err(format!("Parameter 'capabilities[{i}].{key}' is unexpected"));
-                }
-            }
+            let obj = item
+                .as_object()
+                .ok_or_else(|| invalid_type(&format!("capabilities[{i}]"), "object"))?;
             let name = match obj.get("capability") {
                 None => {
                     return err(format!(
@@ -110,28 +108,35 @@ impl Capabilities {
                     ))
                 }
                 Some(Value::String(s)) if CAPABILITIES.contains(&s.as_str()) => s.as_str(),
+                // QEMU's enum visitor names the member alone, without its path.
                 Some(Value::String(s)) => {
                     return err(format!(
-                        "Parameter 'capabilities[{i}].capability' does not accept value '{s}'"
+                        "Parameter 'capability' does not accept value '{s}'"
                     ))
                 }
                 Some(_) => {
-                    return err(format!(
-                        "Parameter 'capabilities[{i}].capability' expects string"
+                    return Err(invalid_type(
+                        &format!("capabilities[{i}].capability"),
+                        "string",
                     ))
                 }
             };
             let state = match obj.get("state") {
                 None => return err(format!("Parameter 'capabilities[{i}].state' is missing")),
                 Some(Value::Bool(b)) => *b,
-                Some(_) => return err(format!("Parameter 'capabilities[{i}].state' expects bool")),
+                Some(_) => {
+                    return Err(invalid_type(&format!("capabilities[{i}].state"), "boolean"))
+                }
             };
-            if state && !self.get(name) {
+            if let Some(key) = obj.keys().find(|k| *k != "capability" && *k != "state") {
+                return err(format!("Parameter 'capabilities[{i}].{key}' is unexpected"));
+            }
+            if state && !self.get(name) && !turned_on.contains(&name) {
                 turned_on.push(name);
             }
             next.set(name, state);
         }
-        next.validate(self, incoming_started)?;
+        next.validate(self, incoming_started, params)?;
         for name in turned_on {
             if next.get(name) && !SUPPORTED_CAPABILITIES.contains(&name) {
                 return err(format!(
@@ -143,7 +148,12 @@ impl Capabilities {
     }
 
     /// QEMU's rules on a would-be capability set, in its order.
-    fn validate(&self, old: &Capabilities, incoming_started: bool) -> Result<(), OptionsError> {
+    fn validate(
+        &self,
+        old: &Capabilities,
+        incoming_started: bool,
+        params: &Parameters,
+    ) -> Result<(), OptionsError> {
         let on = |c: &str| self.get(c);
         if on("postcopy-ram") {
             if on("x-ignore-shared") {
@@ -174,7 +184,12 @@ impl Capabilities {
                 return err(format!("Background-snapshot is not compatible with {c}"));
             }
         }
-        if on("zero-copy-send") && (!on("multifd") || on("xbzrle")) {
+        if on("zero-copy-send")
+            && (!on("multifd")
+                || on("xbzrle")
+                || params.str("multifd-compression") != "none"
+                || !params.str("tls-creds").is_empty())
+        {
             return err("Zero copy only available for non-compressed non-TLS multifd migration");
         }
         if on("postcopy-preempt") {
@@ -276,6 +291,40 @@ const PARAMETERS: [(&str, Kind, DefaultValue); 28] = [
 ];
 const BLOCK_BITMAP_MAPPING: &str = "block-bitmap-mapping";
 
+/// The members of `migrate-set-parameters` in the order of QEMU's schema, which is the
+/// order its input visitor checks them in.
+const SET_ORDER: [&str; 29] = [
+    "announce-initial",
+    "announce-max",
+    "announce-rounds",
+    "announce-step",
+    "throttle-trigger-threshold",
+    "cpu-throttle-initial",
+    "cpu-throttle-increment",
+    "cpu-throttle-tailslow",
+    "tls-creds",
+    "tls-hostname",
+    "tls-authz",
+    "max-bandwidth",
+    "avail-switchover-bandwidth",
+    "downtime-limit",
+    "x-checkpoint-delay",
+    "multifd-channels",
+    "xbzrle-cache-size",
+    "max-postcopy-bandwidth",
+    "max-cpu-throttle",
+    "multifd-compression",
+    "multifd-zlib-level",
+    "multifd-qatzip-level",
+    "multifd-zstd-level",
+    BLOCK_BITMAP_MAPPING,
+    "x-vcpu-dirty-limit-period",
+    "vcpu-dirty-limit",
+    "mode",
+    "zero-page-detection",
+    "direct-io",
+];
+
 #[derive(Debug, Clone, Copy)]
 enum DefaultValue {
     U(u64),
@@ -326,23 +375,26 @@ impl Parameters {
         self.values.get(name).and_then(Value::as_str).unwrap_or("")
     }
 
-    /// `migrate-set-parameters`: type-checks every member, merges into a copy, runs
+    /// `migrate-set-parameters`: type-checks every member in the schema's order (then
+    /// refuses unknown members, as QEMU's input visitor does), merges into a copy, runs
     /// QEMU's checks on the merged set, and returns it. Nothing changes on error.
     pub fn merged(&self, args: &Map<String, Value>) -> Result<Parameters, OptionsError> {
         let mut next = self.clone();
-        for (key, value) in args {
+        for key in SET_ORDER {
+            let Some(value) = args.get(key) else { continue };
             if key == BLOCK_BITMAP_MAPPING {
-                if !value.is_array() {
-                    return err(format!("Parameter '{key}' expects array"));
-                }
-                next.values.insert(key.clone(), value.clone());
+                next.values
+                    .insert(key.to_string(), check_bitmap_mapping_shape(value)?);
                 continue;
             }
-            let Some((name, kind, _)) = PARAMETERS.iter().find(|(n, _, _)| n == key) else {
-                return err(format!("Parameter '{key}' is unexpected"));
+            let Some((name, kind, _)) = PARAMETERS.iter().find(|(n, _, _)| *n == key) else {
+                continue;
             };
             next.values
                 .insert(name.to_string(), check_type(name, *kind, value)?);
+        }
+        if let Some(key) = args.keys().find(|k| !SET_ORDER.contains(&k.as_str())) {
+            return err(format!("Parameter '{key}' is unexpected"));
         }
         next.validate(self)?;
         Ok(next)
@@ -405,6 +457,14 @@ impl Parameters {
         if !(1..=10_000).contains(&u("announce-step")) {
             return err("Parameter 'announce_step' expects a value between 0 and 10000");
         }
+        if let Some(mapping) = self.values.get(BLOCK_BITMAP_MAPPING) {
+            check_bitmap_mapping_rules(mapping).map_err(|e| {
+                OptionsError(format!(
+                    "Invalid mapping given for block-bitmap-mapping: {}",
+                    e.0
+                ))
+            })?;
+        }
         if !(1..=1000).contains(&u("x-vcpu-dirty-limit-period")) {
             return err("Parameter 'x-vcpu-dirty-limit-period' expects a value between 1 and 1000");
         }
@@ -435,6 +495,142 @@ impl Parameters {
     }
 }
 
+/// QEMU's input-visitor error for a JSON value of the wrong kind (integers aside, which
+/// get `Parameter 'x' expects uint64`).
+pub fn invalid_type(path: &str, expected: &str) -> OptionsError {
+    OptionsError(format!(
+        "Invalid parameter type for '{path}', expected: {expected}"
+    ))
+}
+
+/// Checks the shape of `block-bitmap-mapping`
+/// (`[{node-name, alias, bitmaps: [{name, alias, transform?: {persistent?}}]}]`).
+fn check_bitmap_mapping_shape(v: &Value) -> Result<Value, OptionsError> {
+    fn object<'a>(
+        v: &'a Value,
+        path: &str,
+        members: &[(&str, &str, bool)],
+    ) -> Result<&'a Map<String, Value>, OptionsError> {
+        let obj = v.as_object().ok_or_else(|| invalid_type(path, "object"))?;
+        for (name, ty, required) in members {
+            let here = format!("{path}.{name}");
+            match obj.get(*name) {
+                None if *required => {
+                    return err(format!("Parameter '{here}' is missing"));
+                }
+                None => {}
+                Some(m) => {
+                    let ok = match *ty {
+                        "string" => m.is_string(),
+                        "boolean" => m.is_boolean(),
+                        "array" => m.is_array(),
+                        _ => true,
+                    };
+                    if !ok {
+                        return Err(invalid_type(&here, ty));
+                    }
+                }
+            }
+        }
+        if let Some(key) = obj
+            .keys()
+            .find(|k| !members.iter().any(|(n, _, _)| n == *k))
+        {
+            return err(format!("Parameter '{path}.{key}' is unexpected"));
+        }
+        Ok(obj)
+    }
+    let nodes = v
+        .as_array()
+        .ok_or_else(|| invalid_type(BLOCK_BITMAP_MAPPING, "array"))?;
+    for (i, node) in nodes.iter().enumerate() {
+        let path = format!("{BLOCK_BITMAP_MAPPING}[{i}]");
+        let obj = object(
+            node,
+            &path,
+            &[
+                ("node-name", "string", true),
+                ("alias", "string", true),
+                ("bitmaps", "array", true),
+            ],
+        )?;
+        let bitmaps = obj["bitmaps"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+        for (j, bitmap) in bitmaps.iter().enumerate() {
+            let bpath = format!("{path}.bitmaps[{j}]");
+            let b = object(
+                bitmap,
+                &bpath,
+                &[
+                    ("name", "string", true),
+                    ("alias", "string", true),
+                    ("transform", "object", false),
+                ],
+            )?;
+            if let Some(t) = b.get("transform") {
+                object(
+                    t,
+                    &format!("{bpath}.transform"),
+                    &[("persistent", "boolean", false)],
+                )?;
+            }
+        }
+    }
+    Ok(v.clone())
+}
+
+/// QEMU's rules on a well-typed `block-bitmap-mapping` (without the
+/// `Invalid mapping given for block-bitmap-mapping: ` prefix).
+fn check_bitmap_mapping_rules(v: &Value) -> Result<(), OptionsError> {
+    /// QEMU's rule for ids: a letter, then letters, digits, `-`, `.` or `_`.
+    fn well_formed(id: &str) -> bool {
+        let mut chars = id.chars();
+        chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+            && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+    }
+    let s = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+    let mut node_names = Vec::new();
+    let mut node_aliases = Vec::new();
+    for node in v.as_array().map(Vec::as_slice).unwrap_or(&[]) {
+        let (name, alias) = (s(node, "node-name"), s(node, "alias"));
+        if !well_formed(&alias) {
+            return err(format!("The node alias '{alias}' is not well-formed"));
+        }
+        if alias.len() > 255 {
+            return err(format!("The node alias '{alias}' is longer than 255 bytes"));
+        }
+        if node_names.contains(&name) {
+            return err(format!("The node name '{name}' is mapped twice"));
+        }
+        if node_aliases.contains(&alias) {
+            return err(format!("The node alias '{alias}' is used twice"));
+        }
+        node_names.push(name.clone());
+        node_aliases.push(alias.clone());
+        let mut bitmap_names = Vec::new();
+        let mut bitmap_aliases = Vec::new();
+        let bitmaps = node.get("bitmaps").and_then(Value::as_array);
+        for bitmap in bitmaps.map(Vec::as_slice).unwrap_or(&[]) {
+            let (bname, balias) = (s(bitmap, "name"), s(bitmap, "alias"));
+            if balias.len() > 255 {
+                return err(format!(
+                    "The bitmap alias '{alias}'/'{balias}' is longer than 255 bytes"
+                ));
+            }
+            if bitmap_names.contains(&bname) {
+                return err(format!("The bitmap '{name}'/'{bname}' is mapped twice"));
+            }
+            if bitmap_aliases.contains(&balias) {
+                return err(format!(
+                    "The bitmap alias '{alias}'/'{balias}' is used twice"
+                ));
+            }
+            bitmap_names.push(bname);
+            bitmap_aliases.push(balias);
+        }
+    }
+    Ok(())
+}
+
 /// Type-checks one member as QEMU's input visitor does.
 fn check_type(name: &str, kind: Kind, v: &Value) -> Result<Value, OptionsError> {
     let expects = |t: &str| OptionsError(format!("Parameter '{name}' expects {t}"));
@@ -452,18 +648,21 @@ fn check_type(name: &str, kind: Kind, v: &Value) -> Result<Value, OptionsError> 
                 _ => Ok(json!(n)),
             }
         }
-        Kind::Bool => v.as_bool().map(Value::Bool).ok_or_else(|| expects("bool")),
+        Kind::Bool => v
+            .as_bool()
+            .map(Value::Bool)
+            .ok_or_else(|| invalid_type(name, "boolean")),
         Kind::StrOrNull => match v {
             Value::Null => Ok(json!("")),
             Value::String(s) => Ok(json!(s)),
-            _ => Err(expects("string")),
+            _ => Err(invalid_type(name, "StrOrNull")),
         },
         Kind::Enum(values) => match v.as_str() {
             Some(s) if values.contains(&s) => Ok(json!(s)),
             Some(s) => Err(OptionsError(format!(
                 "Parameter '{name}' does not accept value '{s}'"
             ))),
-            None => Err(expects("string")),
+            None => Err(invalid_type(name, "string")),
         },
     }
 }
@@ -519,7 +718,8 @@ mod tests {
     #[test]
     fn capability_rules() {
         let c = Capabilities::default();
-        let set = |v: Value| c.merged(&v, false).map(|_| ()).unwrap_err().0;
+        let p = Parameters::default();
+        let set = |v: Value| c.merged(&v, false, &p).map(|_| ()).unwrap_err().0;
         assert_eq!(
             set(
                 json!([{"capability": "multifd", "state": true}, {"capability": "xbzrle", "state": true}])
@@ -532,11 +732,11 @@ mod tests {
         );
         assert_eq!(
             set(json!([{"capability": "nosuch", "state": true}])),
-            "Parameter 'capabilities[0].capability' does not accept value 'nosuch'"
+            "Parameter 'capability' does not accept value 'nosuch'"
         );
         assert!(set(json!([{"capability": "xbzrle", "state": true}])).contains("not supported"));
         let on = c
-            .merged(&json!([{"capability": "events", "state": true}]), false)
+            .merged(&json!([{"capability": "events", "state": true}]), false, &p)
             .unwrap();
         assert!(on.get("events"));
     }

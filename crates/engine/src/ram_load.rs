@@ -5,17 +5,83 @@ use std::sync::Arc;
 use vmigrate_stream::ram::{self, BlockEntry, RamRecordHeader, RamRecordKind};
 use vmigrate_stream::{DecodeError, DecodeErrorKind, Source};
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use crate::io::FdSource;
 use crate::memory::RamBlock;
-use crate::vmm::DirtyBitmap;
+use crate::multifd_recv::MultifdReceiver;
+
+/// Pages a load has written, per block, shared by the main loader and the multifd
+/// channel threads.
+#[derive(Debug)]
+pub struct ReceivedPages {
+    blocks: Vec<Vec<AtomicU64>>,
+}
+
+impl ReceivedPages {
+    pub fn new(blocks: &[Arc<RamBlock>]) -> Self {
+        Self {
+            blocks: blocks
+                .iter()
+                .map(|b| {
+                    (0..b.pages().div_ceil(64))
+                        .map(|_| AtomicU64::new(0))
+                        .collect()
+                })
+                .collect(),
+        }
+    }
+
+    pub fn set(&self, block: usize, page: usize) {
+        self.blocks[block][page / 64].fetch_or(1 << (page % 64), Ordering::Relaxed);
+    }
+
+    /// Clears the bit and says whether it was set.
+    pub fn take(&self, block: usize, page: usize) -> bool {
+        let bit = 1u64 << (page % 64);
+        self.blocks[block][page / 64].fetch_and(!bit, Ordering::Relaxed) & bit != 0
+    }
+
+    fn any(&self, block: usize) -> bool {
+        self.blocks[block]
+            .iter()
+            .any(|w| w.load(Ordering::Relaxed) != 0)
+    }
+}
+
+/// Handles a zero page: nothing to do for a page of a pristine block that no one wrote
+/// during this load; otherwise the page is cleared (only if it is not zero already).
+pub fn load_zero_page(
+    block: &RamBlock,
+    pristine: bool,
+    received: &ReceivedPages,
+    bi: usize,
+    page: usize,
+) {
+    let was_written = received.take(bi, page);
+    if pristine && !was_written {
+        return;
+    }
+    let ps = block.page_size() as usize;
+    let offset = page as u64 * ps as u64;
+    if !block.is_zero(offset, ps) {
+        // Through the raw pointer: the load tracks its own writes, so this must not end
+        // the block's pristine state for the rest of the load.
+        let p = block.ptr_at(offset, ps);
+        // SAFETY: the page is inside the block's live mapping (checked by ptr_at).
+        unsafe { std::ptr::write_bytes(p, 0, ps) };
+    }
+}
 
 /// Loads page records into the destination's RAM blocks.
 #[derive(Debug)]
 pub struct RamLoader {
     blocks: Vec<Arc<RamBlock>>,
-    /// Pages this loader wrote; a ZERO record for a page of a pristine block that the
-    /// loader did not write needs no work at all.
-    written: Vec<DirtyBitmap>,
+    /// Pages this load wrote; a ZERO record for a page of a pristine block that the
+    /// load did not write needs no work at all.
+    received: Arc<ReceivedPages>,
+    /// multifd channels whose pages must all be in before a MULTIFD_FLUSH is passed.
+    multifd: Option<Arc<MultifdReceiver>>,
     /// Whether each block was pristine when the load began.
     pristine: Vec<bool>,
     current_block: Option<usize>,
@@ -26,18 +92,34 @@ pub struct RamLoader {
 
 impl RamLoader {
     pub fn new(blocks: Vec<Arc<RamBlock>>) -> Self {
-        let written = blocks.iter().map(|b| DirtyBitmap::new(b.pages())).collect();
+        let received = Arc::new(ReceivedPages::new(&blocks));
         let pristine = blocks.iter().map(|b| b.pristine()).collect();
         let page_size = blocks.first().map(|b| b.page_size()).unwrap_or(4096);
         Self {
             blocks,
-            written,
+            received,
+            multifd: None,
             pristine,
             current_block: None,
             page_size,
             zero_pages: 0,
             normal_pages: 0,
         }
+    }
+
+    /// The pages-written map, to share with multifd channels.
+    pub fn received(&self) -> Arc<ReceivedPages> {
+        self.received.clone()
+    }
+
+    /// Whether each block was pristine when the load began.
+    pub fn pristine(&self) -> Vec<bool> {
+        self.pristine.clone()
+    }
+
+    /// Makes MULTIFD_FLUSH records wait for these channels.
+    pub fn use_multifd(&mut self, m: Arc<MultifdReceiver>) {
+        self.multifd = Some(m);
     }
 
     fn find(&self, name: &str) -> Option<usize> {
@@ -97,7 +179,19 @@ impl RamLoader {
             let h = RamRecordHeader::decode(src, self.page_size)?;
             match h.kind {
                 RamRecordKind::Eos => return Ok(()),
-                RamRecordKind::MultifdFlush => {}
+                RamRecordKind::MultifdFlush => {
+                    if let Some(m) = &self.multifd {
+                        m.wait_sync().map_err(|e| {
+                            DecodeError::new(
+                                at,
+                                DecodeErrorKind::Invalid {
+                                    what: "multifd channel",
+                                    detail: e,
+                                },
+                            )
+                        })?;
+                    }
+                }
                 RamRecordKind::Zero | RamRecordKind::Page => {
                     let (bi, page) = self.resolve(src, &h, at)?;
                     if h.kind == RamRecordKind::Zero {
@@ -172,20 +266,13 @@ impl RamLoader {
             return Err(DecodeError::new(at, DecodeErrorKind::NonZeroFill(fill)));
         }
         self.zero_pages += 1;
-        let block = &self.blocks[bi];
-        let was_written = self.written[bi].test_and_clear(page);
-        if self.pristine[bi] && !was_written {
-            return Ok(());
-        }
-        let ps = block.page_size();
-        let offset = page as u64 * ps;
-        if !block.is_zero(offset, ps as usize) {
-            // Through the raw pointer: the loader tracks its own writes, so this must not
-            // end the block's pristine state for the rest of the load.
-            let p = block.ptr_at(offset, ps as usize);
-            // SAFETY: the page is inside the block's live mapping (checked by ptr_at).
-            unsafe { std::ptr::write_bytes(p, 0, ps as usize) };
-        }
+        load_zero_page(
+            &self.blocks[bi],
+            self.pristine[bi],
+            &self.received,
+            bi,
+            page,
+        );
         Ok(())
     }
 
@@ -196,7 +283,7 @@ impl RamLoader {
         // SAFETY: ptr..ptr+ps is inside the block's mapping (checked by ptr_at), which
         // this loader keeps alive through its Arc.
         unsafe { src.fill_raw(ptr, ps, "RAM page")? };
-        self.written[bi].set(page);
+        self.received.set(bi, page);
         self.normal_pages += 1;
         Ok(())
     }
@@ -204,8 +291,8 @@ impl RamLoader {
 
 impl Drop for RamLoader {
     fn drop(&mut self) {
-        for (block, written) in self.blocks.iter().zip(&self.written) {
-            if written.count() > 0 {
+        for (bi, block) in self.blocks.iter().enumerate() {
+            if self.received.any(bi) {
                 block.note_external_writes();
             }
         }

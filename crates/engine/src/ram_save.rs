@@ -8,6 +8,7 @@ use vmigrate_stream::ram::{self, BlockEntry};
 
 use crate::io::{StreamWriter, WriteError};
 use crate::memory::RamBlock;
+use crate::multifd_send::{MultifdSender, ZeroDetection};
 use crate::vmm::{DirtyBitmap, DirtyTracker, VmmError};
 
 /// How zero pages are sent on the main channel.
@@ -24,6 +25,14 @@ pub enum ZeroPages {
 pub struct SentPages {
     pub zero: u64,
     pub normal: u64,
+    /// Pages handed to multifd channels (which count zero and normal themselves).
+    pub queued: u64,
+}
+
+impl SentPages {
+    pub fn total(&self) -> u64 {
+        self.zero + self.normal + self.queued
+    }
 }
 
 /// Walks the dirty bitmaps and writes page records.
@@ -36,6 +45,9 @@ pub struct RamSaver {
     last_block: Option<usize>,
     /// Scan position: block and page.
     cursor: (usize, usize),
+    /// multifd channels, when the capability is on: pages go there, not to the main
+    /// stream.
+    multifd: Option<MultifdSender>,
 }
 
 /// Why a saver step stopped.
@@ -59,6 +71,30 @@ impl RamSaver {
             zero_pages,
             last_block: None,
             cursor: (0, 0),
+            multifd: None,
+        }
+    }
+
+    /// Sends pages through multifd channels from now on.
+    pub fn use_multifd(&mut self, sender: MultifdSender) {
+        self.multifd = Some(sender);
+    }
+
+    /// A multifd sync point: all pages queued so far reach the destination before it
+    /// reads past the MULTIFD_FLUSH this writes. Nothing without multifd.
+    pub fn multifd_sync(&mut self, w: &mut StreamWriter) -> Result<(), WriteError> {
+        if let Some(m) = &mut self.multifd {
+            m.sync()?;
+            w.with_buf(ram::put_multifd_flush)?;
+        }
+        Ok(())
+    }
+
+    /// Stops the multifd channels after the last sync.
+    pub fn finish_multifd(&mut self) -> Result<(), WriteError> {
+        match self.multifd.take() {
+            Some(m) => m.finish(),
+            None => Ok(()),
         }
     }
 
@@ -66,8 +102,8 @@ impl RamSaver {
         self.blocks.iter().map(|b| b.len()).sum()
     }
 
-    /// The setup body: MEM_SIZE, the block list, EOS.
-    pub fn write_setup(&self, w: &mut StreamWriter) -> Result<(), WriteError> {
+    /// The setup body: MEM_SIZE, the block list, [MULTIFD_FLUSH,] EOS.
+    pub fn write_setup(&mut self, w: &mut StreamWriter) -> Result<(), WriteError> {
         w.with_buf(|out| {
             ram::put_mem_size(out, self.total_bytes());
             for b in &self.blocks {
@@ -79,8 +115,9 @@ impl RamSaver {
                 }
                 .encode(out);
             }
-            ram::put_eos(out);
-        })
+        })?;
+        self.multifd_sync(w)?;
+        w.with_buf(ram::put_eos)
     }
 
     /// Bytes still marked dirty.
@@ -160,6 +197,13 @@ impl RamSaver {
         } else {
             Some(block.idstr())
         };
+        if let Some(m) = &mut self.multifd {
+            if m.zero_detection() != ZeroDetection::Legacy || !block.is_zero(offset, ps as usize) {
+                m.queue(bi, offset)?;
+                sent.queued += 1;
+                return Ok(());
+            }
+        }
         if self.zero_pages == ZeroPages::Detect && block.is_zero(offset, ps as usize) {
             w.with_buf(|out| ram::put_zero_page(out, offset, name))?;
             sent.zero += 1;

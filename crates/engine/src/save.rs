@@ -21,12 +21,17 @@ use vmigrate_stream::ram::{RAM_IDSTR, RAM_SECTION_VERSION};
 use vmigrate_stream::section::{encode_footer, Record, SectionId};
 use vmigrate_stream::{header, vmdesc};
 
+use std::os::fd::AsRawFd;
+
+use crate::compress::Method;
 use crate::io::{StreamWriter, WriteError};
 use crate::migrator::{SectionIds, Shared};
+use crate::multifd_send::{ChannelConfig, MultifdSender, ZeroDetection};
 use crate::ram_save::{RamSaveError, RamSaver, ZeroPages, ITERATION_SLICE};
 use crate::return_path::ReturnPath;
 use crate::status::{MigrationStatus, RunState};
 use crate::transport::Channel;
+use crate::transport::{self, Address};
 use crate::vmm::{Vmm, VmmError};
 
 /// Why an outgoing migration ended without completing.
@@ -70,7 +75,12 @@ impl Drop for ResumeGuard<'_> {
 }
 
 /// Runs one outgoing precopy migration over `channel` to its end.
-pub(crate) fn run(shared: &Shared, vmm: &dyn Vmm, channel: &Channel) -> Result<(), SaveError> {
+pub(crate) fn run(
+    shared: &Shared,
+    vmm: &dyn Vmm,
+    channel: &Channel,
+    addr: &Address,
+) -> Result<(), SaveError> {
     let params = shared.params_snapshot();
     let caps = shared.caps_snapshot();
     let stats = shared.stats();
@@ -103,6 +113,9 @@ pub(crate) fn run(shared: &Shared, vmm: &dyn Vmm, channel: &Channel) -> Result<(
         .store(saver.total_bytes(), Ordering::Relaxed);
     let devices = vmm.devices();
     let ids = SectionIds::new(devices.len());
+    if caps.get("multifd") {
+        saver.use_multifd(start_multifd(shared, vmm, addr, &params, ps)?);
+    }
 
     // Setup.
     let config = Configuration {
@@ -146,6 +159,7 @@ pub(crate) fn run(shared: &Shared, vmm: &dyn Vmm, channel: &Channel) -> Result<(
     })?;
     saver.write_setup(&mut w)?;
     w.with_buf(|out| encode_footer(out, ids.ram))?;
+    w.flush()?;
     tracker.start()?;
     let session = Session {
         ids,
@@ -160,6 +174,54 @@ pub(crate) fn run(shared: &Shared, vmm: &dyn Vmm, channel: &Channel) -> Result<(
         saver.requeue_all(tracker);
     }
     result
+}
+
+/// Connects the multifd channels and starts their threads.
+fn start_multifd(
+    shared: &Shared,
+    vmm: &dyn Vmm,
+    addr: &Address,
+    params: &crate::options::Parameters,
+    page_size: u64,
+) -> Result<MultifdSender, SaveError> {
+    let n = params.u64("multifd-channels");
+    let mut conns = Vec::new();
+    for _ in 0..n {
+        let ch = transport::connect_outgoing(addr).map_err(|e| WriteError::Io(e.0))?;
+        shared.register_cancel_fd(ch.fd.as_raw_fd());
+        conns.push(ch.fd);
+    }
+    let method = Method::from_name(params.str("multifd-compression")).ok_or_else(|| {
+        SaveError::ReturnPath(format!(
+            "multifd-compression '{}' is not supported by vmigrate yet",
+            params.str("multifd-compression")
+        ))
+    })?;
+    let level = match method {
+        Method::Zlib => params.u64("multifd-zlib-level"),
+        Method::Zstd => params.u64("multifd-zstd-level"),
+        Method::None => 0,
+    } as u32;
+    let zero = match params.str("zero-page-detection") {
+        "none" => ZeroDetection::None,
+        "legacy" => ZeroDetection::Legacy,
+        _ => ZeroDetection::InChannels,
+    };
+    let config = ChannelConfig {
+        method,
+        level,
+        zero,
+        uuid: vmm.uuid().unwrap_or([0; 16]),
+        page_size,
+    };
+    Ok(MultifdSender::start(
+        conns,
+        vmm.ram_blocks().to_vec(),
+        config,
+        shared.stats(),
+        shared.max_bandwidth(),
+        shared.cancel_flag(),
+    )?)
 }
 
 /// What stays fixed through one outgoing session.
@@ -242,6 +304,9 @@ fn iterate_and_complete(
         session.return_path_error()?;
         w.with_buf(|out| Record::Part(ids.ram).encode(out))?;
         let (sent, pass_done) = saver.send_dirty(w, Some(Instant::now() + ITERATION_SLICE))?;
+        if pass_done {
+            saver.multifd_sync(w)?;
+        }
         w.with_buf(|out| {
             vmigrate_stream::ram::put_eos(out);
             encode_footer(out, ids.ram);
@@ -249,7 +314,7 @@ fn iterate_and_complete(
         w.flush()?;
         stats.duplicate.fetch_add(sent.zero, Ordering::Relaxed);
         stats.normal.fetch_add(sent.normal, Ordering::Relaxed);
-        pages_total += sent.zero + sent.normal;
+        pages_total += sent.total();
         stats
             .remaining
             .store(saver.remaining_bytes(), Ordering::Relaxed);
@@ -351,6 +416,7 @@ fn complete(
     let (sent, _) = saver.send_dirty(w, None)?;
     stats.duplicate.fetch_add(sent.zero, Ordering::Relaxed);
     stats.normal.fetch_add(sent.normal, Ordering::Relaxed);
+    saver.multifd_sync(w)?;
     w.with_buf(|out| {
         vmigrate_stream::ram::put_eos(out);
         encode_footer(out, ids.ram);
@@ -395,6 +461,7 @@ fn complete(
     let desc = vmdesc::build(Some(config.describe()), saver_page_size(vmm), descriptions);
     w.with_buf(|out| vmdesc::encode(out, &desc))?;
     w.flush()?;
+    saver.finish_multifd()?;
     if let Some(rp) = &session.return_path {
         rp.await_close(RETURN_PATH_CLOSE_TIMEOUT)
             .map_err(SaveError::ReturnPath)?;

@@ -22,6 +22,8 @@ pub struct Stats {
     pub pages_per_second: AtomicU64,
     /// Megabits per second × 1000 (mbps is a float in QMP).
     pub mbps_milli: AtomicU64,
+    /// Bytes written on multifd channels (also counted in `transferred`).
+    pub multifd_bytes: AtomicU64,
     pub precopy_bytes: AtomicU64,
     pub downtime_bytes: AtomicU64,
     pub expected_downtime_ms: AtomicU64,
@@ -72,7 +74,7 @@ impl Stats {
             "dirty-sync-count": Self::get(&self.dirty_sync_count),
             "postcopy-requests": 0,
             "page-size": ps,
-            "multifd-bytes": 0,
+            "multifd-bytes": Self::get(&self.multifd_bytes),
             "pages-per-second": Self::get(&self.pages_per_second),
             "precopy-bytes": Self::get(&self.precopy_bytes),
             "downtime-bytes": Self::get(&self.downtime_bytes),

@@ -491,6 +491,53 @@ impl Incoming {
         }
     }
 
+    /// Accepts one more connection on a socket listener, waiting at most until
+    /// `deadline`.
+    pub fn accept_more(&self, deadline: std::time::Instant) -> Result<Channel, TransportError> {
+        let fd = match self {
+            Incoming::Tcp(l) => rustix::fd::AsFd::as_fd(l),
+            Incoming::Unix(l, _) => rustix::fd::AsFd::as_fd(l),
+            Incoming::Ready(_) => return terr("this transport has only one channel"),
+        };
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return terr("timed out waiting for the source's multifd channels to connect");
+            }
+            let timeout = rustix::event::Timespec {
+                tv_sec: left.as_secs() as i64,
+                tv_nsec: i64::from(left.subsec_nanos()),
+            };
+            let mut fds = [rustix::event::PollFd::new(
+                &fd,
+                rustix::event::PollFlags::IN,
+            )];
+            match rustix::event::poll(&mut fds, Some(&timeout)) {
+                Ok(0) | Err(rustix::io::Errno::INTR) => continue,
+                Ok(_) => break,
+                Err(e) => return terr(format!("poll failed: {e}")),
+            }
+        }
+        let (conn, is_tcp) = match self {
+            Incoming::Tcp(l) => {
+                let (s, _) = l
+                    .accept()
+                    .map_err(|e| TransportError(format!("accept failed: {}", errno_text(&e))))?;
+                let _ = s.set_nodelay(true);
+                (OwnedFd::from(s), true)
+            }
+            Incoming::Unix(l, _) => {
+                let (s, _) = l
+                    .accept()
+                    .map_err(|e| TransportError(format!("accept failed: {}", errno_text(&e))))?;
+                (OwnedFd::from(s), false)
+            }
+            Incoming::Ready(_) => unreachable!("handled above"),
+        };
+        let _ = is_tcp;
+        Ok(Channel::plain(conn, true))
+    }
+
     /// Waits for the source to connect.
     pub fn accept(self) -> Result<Channel, TransportError> {
         match self {
@@ -533,6 +580,27 @@ pub fn shutdown_socket(fd: RawFd) {
     // another thread uses is exactly the point.
     let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
     let _ = rustix::net::shutdown(fd, rustix::net::Shutdown::Both);
+}
+
+/// Looks at the first 4 bytes of a connection without consuming them.
+pub fn peek4(fd: &OwnedFd) -> Result<[u8; 4], TransportError> {
+    let mut b = [0u8; 4];
+    let (n, _) = rustix::net::recv(
+        fd,
+        &mut b,
+        rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::WAITALL,
+    )
+    .map_err(|e| TransportError(format!("reading a new connection failed: {e}")))?;
+    if n < 4 {
+        return terr("a connection closed before sending 4 bytes");
+    }
+    Ok(b)
+}
+
+/// Sets (or with `None` clears) the receive timeout of a socket.
+pub fn set_read_timeout(fd: &OwnedFd, timeout: Option<std::time::Duration>) {
+    let _ =
+        rustix::net::sockopt::set_socket_timeout(fd, rustix::net::sockopt::Timeout::Recv, timeout);
 }
 
 pub fn raw(fd: &OwnedFd) -> RawFd {

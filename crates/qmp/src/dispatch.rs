@@ -7,7 +7,10 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Map, Value};
 use vmigrate_engine::migrator::MigrateError;
+use vmigrate_engine::options::CAPABILITIES;
 use vmigrate_engine::{Migrator, RunState};
+
+use crate::schema::{check_members, opt, req, Member, SchemaBuilder, Ty};
 
 /// A QMP error: class and description.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,76 +52,351 @@ pub trait VmBackend: Send + Sync {
     }
 }
 
-/// The argument type of one command member.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Arg {
-    Str,
-    Int,
-    Bool,
-    Any,
+static STR: Ty = Ty::Str;
+static INT: Ty = Ty::Int;
+static U64: Ty = Ty::Uint64;
+static BOOL: Ty = Ty::Bool;
+static ANY: Ty = Ty::Any;
+static STR_OR_NULL: Ty = Ty::StrOrNull;
+static EMPTY: Ty = Ty::Struct("q_empty", &[]);
+
+static MIGRATION_STATUS: Ty = Ty::Enum(
+    "MigrationStatus",
+    &[
+        "none",
+        "setup",
+        "cancelling",
+        "cancelled",
+        "active",
+        "postcopy-active",
+        "postcopy-paused",
+        "postcopy-recover-setup",
+        "postcopy-recover",
+        "completed",
+        "failed",
+        "colo",
+        "pre-switchover",
+        "device",
+        "wait-unplug",
+    ],
+);
+static CAPABILITY: Ty = Ty::Enum("MigrationCapability", &CAPABILITIES);
+static CAPABILITY_STATUS: Ty = Ty::Struct(
+    "MigrationCapabilityStatus",
+    &[req("capability", &CAPABILITY), req("state", &BOOL)],
+);
+static CAPABILITY_LIST: Ty = Ty::Array(&CAPABILITY_STATUS);
+
+static INET_ADDRESS: Ty = Ty::Struct(
+    "InetSocketAddress",
+    &[
+        req("host", &STR),
+        req("port", &STR),
+        opt("numeric", &BOOL),
+        opt("to", &U64),
+        opt("ipv4", &BOOL),
+        opt("ipv6", &BOOL),
+        opt("keep-alive", &BOOL),
+        opt("mptcp", &BOOL),
+    ],
+);
+static UNIX_ADDRESS: Ty = Ty::Struct(
+    "UnixSocketAddress",
+    &[
+        req("path", &STR),
+        opt("abstract", &BOOL),
+        opt("tight", &BOOL),
+    ],
+);
+static VSOCK_ADDRESS: Ty = Ty::Struct("VsockSocketAddress", &[req("cid", &STR), req("port", &STR)]);
+static FD_ADDRESS: Ty = Ty::Struct("FdSocketAddress", &[req("str", &STR)]);
+static SOCKET_TYPE: Ty = Ty::Enum("SocketAddressType", &["inet", "unix", "vsock", "fd"]);
+static SOCKET_ADDRESS: Ty = Ty::Union {
+    name: "SocketAddress",
+    base: &[req("type", &SOCKET_TYPE)],
+    tag: "type",
+    branches: &[
+        ("inet", &INET_ADDRESS),
+        ("unix", &UNIX_ADDRESS),
+        ("vsock", &VSOCK_ADDRESS),
+        ("fd", &FD_ADDRESS),
+    ],
+};
+static STR_LIST: Ty = Ty::Array(&STR);
+static EXEC_ADDRESS: Ty = Ty::Struct("MigrationExecCommand", &[req("args", &STR_LIST)]);
+static FILE_ADDRESS: Ty = Ty::Struct(
+    "FileMigrationArgs",
+    &[req("filename", &STR), req("offset", &U64)],
+);
+static ADDRESS_TYPE: Ty = Ty::Enum("MigrationAddressType", &["socket", "exec", "rdma", "file"]);
+static MIGRATION_ADDRESS: Ty = Ty::Union {
+    name: "MigrationAddress",
+    base: &[req("transport", &ADDRESS_TYPE)],
+    tag: "transport",
+    branches: &[
+        ("socket", &SOCKET_ADDRESS),
+        ("exec", &EXEC_ADDRESS),
+        ("rdma", &INET_ADDRESS),
+        ("file", &FILE_ADDRESS),
+    ],
+};
+static CHANNEL_TYPE: Ty = Ty::Enum("MigrationChannelType", &["main", "cpr"]);
+static CHANNEL: Ty = Ty::Struct(
+    "MigrationChannel",
+    &[
+        req("channel-type", &CHANNEL_TYPE),
+        req("addr", &MIGRATION_ADDRESS),
+    ],
+);
+static CHANNEL_LIST: Ty = Ty::Array(&CHANNEL);
+
+static MODE: Ty = Ty::Enum("MigMode", &["normal", "cpr-reboot", "cpr-transfer"]);
+static COMPRESSION: Ty = Ty::Enum("MultiFDCompression", &["none", "zlib", "zstd"]);
+static ZERO_PAGE: Ty = Ty::Enum("ZeroPageDetection", &["none", "legacy", "multifd"]);
+static BITMAP_MAPPING: Ty = Ty::Array(&ANY);
+/// `migrate-set-parameters` (checked by the engine's options; listed for the schema).
+static SET_PARAMETERS: Ty = Ty::Struct(
+    "MigrateSetParameters",
+    &[
+        opt("announce-initial", &U64),
+        opt("announce-max", &U64),
+        opt("announce-rounds", &U64),
+        opt("announce-step", &U64),
+        opt("throttle-trigger-threshold", &U64),
+        opt("cpu-throttle-initial", &U64),
+        opt("cpu-throttle-increment", &U64),
+        opt("cpu-throttle-tailslow", &BOOL),
+        opt("tls-creds", &STR_OR_NULL),
+        opt("tls-hostname", &STR_OR_NULL),
+        opt("tls-authz", &STR_OR_NULL),
+        opt("max-bandwidth", &U64),
+        opt("avail-switchover-bandwidth", &U64),
+        opt("downtime-limit", &U64),
+        opt("x-checkpoint-delay", &U64),
+        opt("multifd-channels", &U64),
+        opt("xbzrle-cache-size", &U64),
+        opt("max-postcopy-bandwidth", &U64),
+        opt("max-cpu-throttle", &U64),
+        opt("multifd-compression", &COMPRESSION),
+        opt("multifd-zlib-level", &U64),
+        opt("multifd-qatzip-level", &U64),
+        opt("multifd-zstd-level", &U64),
+        opt("block-bitmap-mapping", &BITMAP_MAPPING),
+        opt("x-vcpu-dirty-limit-period", &U64),
+        opt("vcpu-dirty-limit", &U64),
+        opt("mode", &MODE),
+        opt("zero-page-detection", &ZERO_PAGE),
+        opt("direct-io", &BOOL),
+    ],
+);
+static PARAMETERS: Ty = Ty::Struct("MigrationParameters", &[]);
+static MIGRATION_INFO: Ty = Ty::Struct(
+    "MigrationInfo",
+    &[
+        opt("status", &MIGRATION_STATUS),
+        opt("ram", &ANY),
+        opt("total-time", &INT),
+        opt("expected-downtime", &INT),
+        opt("downtime", &INT),
+        opt("setup-time", &INT),
+        opt("error-desc", &STR),
+        opt("blocked-reasons", &STR_LIST),
+        opt("socket-address", &ANY),
+    ],
+);
+static THREAD_INFO: Ty = Ty::Struct(
+    "MigrationThreadInfo",
+    &[req("name", &STR), req("thread-id", &INT)],
+);
+static THREAD_LIST: Ty = Ty::Array(&THREAD_INFO);
+static STATUS_INFO: Ty = Ty::Struct("StatusInfo", &[req("running", &BOOL), req("status", &STR)]);
+static VERSION_INFO: Ty = Ty::Struct("VersionInfo", &[req("qemu", &ANY), req("package", &STR)]);
+static COMMAND_INFO: Ty = Ty::Struct("CommandInfo", &[req("name", &STR)]);
+static COMMAND_LIST: Ty = Ty::Array(&COMMAND_INFO);
+static SCHEMA_LIST: Ty = Ty::Array(&ANY);
+static QMP_CAPABILITY: Ty = Ty::Enum("QMPCapability", &["oob"]);
+static QMP_CAPABILITY_LIST: Ty = Ty::Array(&QMP_CAPABILITY);
+
+/// One command: name, arguments, return type, whether `exec-oob` may run it.
+struct Command {
+    name: &'static str,
+    args: Ty,
+    ret: &'static Ty,
+    oob: bool,
 }
 
-/// A command member: name, type, required.
-type Member = (&'static str, Arg, bool);
+const fn command(name: &'static str, args: &'static [Member], ret: &'static Ty) -> Command {
+    Command {
+        name,
+        args: Ty::Struct(name, args),
+        ret,
+        oob: false,
+    }
+}
 
-/// Every command: name and members.
-const COMMANDS: &[(&str, &[Member])] = &[
-    ("qmp_capabilities", &[("enable", Arg::Any, false)]),
-    ("query-version", &[]),
-    ("query-commands", &[]),
-    ("query-status", &[]),
-    ("stop", &[]),
-    ("cont", &[]),
-    ("quit", &[]),
-    (
+/// Every command vmigrate offers.
+static COMMANDS: &[Command] = &[
+    command(
+        "qmp_capabilities",
+        &[opt("enable", &QMP_CAPABILITY_LIST)],
+        &EMPTY,
+    ),
+    command("query-version", &[], &VERSION_INFO),
+    command("query-commands", &[], &COMMAND_LIST),
+    command("query-qmp-schema", &[], &SCHEMA_LIST),
+    command("query-status", &[], &STATUS_INFO),
+    command("stop", &[], &EMPTY),
+    command("cont", &[], &EMPTY),
+    command("quit", &[], &EMPTY),
+    command(
         "migrate",
         &[
-            ("uri", Arg::Str, false),
-            ("channels", Arg::Any, false),
-            ("detach", Arg::Bool, false),
-            ("resume", Arg::Bool, false),
+            opt("uri", &STR),
+            opt("channels", &CHANNEL_LIST),
+            opt("detach", &BOOL),
+            opt("resume", &BOOL),
         ],
+        &EMPTY,
     ),
-    (
+    command(
         "migrate-incoming",
         &[
-            ("uri", Arg::Str, false),
-            ("channels", Arg::Any, false),
-            ("exit-on-error", Arg::Bool, false),
+            opt("uri", &STR),
+            opt("channels", &CHANNEL_LIST),
+            opt("exit-on-error", &BOOL),
         ],
+        &EMPTY,
     ),
-    ("migrate_cancel", &[]),
-    ("migrate-continue", &[("state", Arg::Str, true)]),
-    ("migrate-pause", &[]),
-    ("migrate-recover", &[("uri", Arg::Str, true)]),
-    ("migrate-start-postcopy", &[]),
-    (
+    command("migrate_cancel", &[], &EMPTY),
+    command(
+        "migrate-continue",
+        &[req("state", &MIGRATION_STATUS)],
+        &EMPTY,
+    ),
+    Command {
+        name: "migrate-pause",
+        args: Ty::Struct("migrate-pause", &[]),
+        ret: &EMPTY,
+        oob: true,
+    },
+    Command {
+        name: "migrate-recover",
+        args: Ty::Struct("migrate-recover", &[req("uri", &STR)]),
+        ret: &EMPTY,
+        oob: true,
+    },
+    command("migrate-start-postcopy", &[], &EMPTY),
+    command(
         "migrate-set-capabilities",
-        &[("capabilities", Arg::Any, true)],
+        &[req("capabilities", &CAPABILITY_LIST)],
+        &EMPTY,
     ),
-    ("query-migrate-capabilities", &[]),
-    ("migrate-set-parameters", &[]),
-    ("query-migrate-parameters", &[]),
-    ("query-migrate", &[]),
-    (
+    command("query-migrate-capabilities", &[], &CAPABILITY_LIST),
+    Command {
+        name: "migrate-set-parameters",
+        args: Ty::Struct("migrate-set-parameters", &[]),
+        ret: &EMPTY,
+        oob: false,
+    },
+    command("query-migrate-parameters", &[], &PARAMETERS),
+    command("query-migrate", &[], &MIGRATION_INFO),
+    command("query-migrationthreads", &[], &THREAD_LIST),
+    command(
         "pmemsave",
-        &[
-            ("val", Arg::Int, true),
-            ("size", Arg::Int, true),
-            ("filename", Arg::Str, true),
-        ],
+        &[req("val", &INT), req("size", &INT), req("filename", &STR)],
+        &EMPTY,
     ),
-    ("getfd", &[("fdname", Arg::Str, true)]),
-    ("query-workload", &[]),
-    ("closefd", &[("fdname", Arg::Str, true)]),
-    (
+    command("getfd", &[req("fdname", &STR)], &EMPTY),
+    command("query-workload", &[], &ANY),
+    command("closefd", &[req("fdname", &STR)], &EMPTY),
+    command(
         "human-monitor-command",
-        &[
-            ("command-line", Arg::Str, true),
-            ("cpu-index", Arg::Int, false),
-        ],
+        &[req("command-line", &STR), opt("cpu-index", &INT)],
+        &STR,
     ),
 ];
+
+static MIGRATION_EVENT: Ty = Ty::Struct("MIGRATION-data", &[req("status", &MIGRATION_STATUS)]);
+static PASS_EVENT: Ty = Ty::Struct("MIGRATION_PASS-data", &[req("pass", &INT)]);
+static SHUTDOWN_EVENT: Ty =
+    Ty::Struct("SHUTDOWN-data", &[req("guest", &BOOL), req("reason", &STR)]);
+/// Every event vmigrate sends, with its data.
+static EVENTS: &[(&str, &Ty)] = &[
+    ("MIGRATION", &MIGRATION_EVENT),
+    ("MIGRATION_PASS", &PASS_EVENT),
+    ("STOP", &EMPTY),
+    ("RESUME", &EMPTY),
+    ("SHUTDOWN", &SHUTDOWN_EVENT),
+];
+
+fn find_command(name: &str) -> Option<&'static Command> {
+    COMMANDS.iter().find(|c| c.name == name)
+}
+
+/// `query-qmp-schema`: the commands and events above as QEMU's `SchemaInfo` list.
+fn qmp_schema() -> Value {
+    let mut b = SchemaBuilder::default();
+    for c in COMMANDS {
+        if c.name == "migrate-set-parameters" {
+            b.command(c.name, &SET_PARAMETERS, c.ret, c.oob);
+        } else {
+            b.command(c.name, &c.args, c.ret, c.oob);
+        }
+    }
+    for (name, data) in EVENTS {
+        b.event(name, data);
+    }
+    b.finish()
+}
+
+/// `query-migrationthreads`: the engine's outgoing threads (`mig/src/...`) that run now.
+fn migration_threads() -> Value {
+    let mut threads = Vec::new();
+    if let Ok(dir) = std::fs::read_dir("/proc/self/task") {
+        for entry in dir.flatten() {
+            let Ok(tid) = entry.file_name().to_string_lossy().parse::<i64>() else {
+                continue;
+            };
+            let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+            let name = comm.trim_end();
+            if name.starts_with("mig/src/") {
+                threads.push((tid, name.to_string()));
+            }
+        }
+    }
+    threads.sort();
+    Value::Array(
+        threads
+            .into_iter()
+            .map(|(tid, name)| json!({"name": name, "thread-id": tid}))
+            .collect(),
+    )
+}
+
+/// QEMU's rules on a `migrate` channel list beyond its types: one entry per type, and
+/// a main one.
+fn check_outgoing_channels(channels: Option<&Value>) -> Result<bool, QmpError> {
+    let list = channels
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or(&[]);
+    let count = |t: &str| {
+        list.iter()
+            .filter(|c| c.get("channel-type").and_then(Value::as_str) == Some(t))
+            .count()
+    };
+    for t in ["main", "cpr"] {
+        if count(t) > 1 {
+            return Err(QmpError::generic(format!(
+                "Channel list has more than one {t} entry"
+            )));
+        }
+    }
+    if !list.is_empty() && count("main") == 0 {
+        return Err(QmpError::generic("Channel list has no main entry"));
+    }
+    Ok(count("cpr") == 1)
+}
 
 /// Runs commands against one VM. Shared by every monitor connection.
 pub struct Dispatcher {
@@ -158,7 +436,12 @@ impl Dispatcher {
 
     /// Names of the commands, for `query-commands`.
     pub fn command_names() -> Vec<&'static str> {
-        COMMANDS.iter().map(|(n, _)| *n).collect()
+        COMMANDS.iter().map(|c| c.name).collect()
+    }
+
+    /// Whether `name` exists and may run out of band (`exec-oob`).
+    pub fn allows_oob(name: &str) -> Option<bool> {
+        find_command(name).map(|c| c.oob)
     }
 
     /// Checks arguments and runs `name`.
@@ -168,18 +451,20 @@ impl Dispatcher {
         args: &Map<String, Value>,
         session: &mut Session,
     ) -> Result<Value, QmpError> {
-        let Some((_, members)) = COMMANDS.iter().find(|(n, _)| *n == name) else {
+        let Some(command) = find_command(name) else {
             return Err(QmpError::not_found(format!(
                 "The command {name} has not been found"
             )));
         };
         if name != "migrate-set-parameters" {
-            check_args(args, members)?;
+            check_members(args, &command.args, "").map_err(QmpError::generic)?;
         }
         if name == "human-monitor-command" {
             // HMP may poll (migrate without -d): run it outside the command lock.
+            // QEMU's monitor ends every output line in CRLF, here as on its sockets.
             let line = args["command-line"].as_str().unwrap_or("");
-            return Ok(json!(self.human_monitor_command(line, session)));
+            let text = self.human_monitor_command(line, session);
+            return Ok(json!(text.replace("\r\n", "\n").replace('\n', "\r\n")));
         }
         let _guard = self.big_lock.lock().unwrap_or_else(|e| e.into_inner());
         self.run(name, args, session)
@@ -200,6 +485,8 @@ impl Dispatcher {
                 "Capabilities negotiation is already complete, command ignored",
             )),
             "query-version" => Ok(version()),
+            "query-qmp-schema" => Ok(qmp_schema()),
+            "query-migrationthreads" => Ok(migration_threads()),
             "query-commands" => Ok(Value::Array(
                 Self::command_names()
                     .into_iter()
@@ -231,12 +518,22 @@ impl Dispatcher {
                 empty()
             }
             "migrate" => {
+                let has_cpr = if s("uri").is_none() {
+                    check_outgoing_channels(args.get("channels"))?
+                } else {
+                    false
+                };
                 let target = Migrator::parse_target(s("uri"), args.get("channels"), false)?;
+                m.check_transport(&target)?;
+                if m.query_parameters()["mode"] == "cpr-transfer" && !has_cpr {
+                    return Err(QmpError::generic("missing 'cpr' migration channel"));
+                }
                 let resume = args.get("resume").and_then(Value::as_bool).unwrap_or(false);
                 m.migrate(target, resume)?;
                 empty()
             }
             "migrate-incoming" => {
+                m.incoming_precheck()?;
                 let target = Migrator::parse_target(s("uri"), args.get("channels"), true)?;
                 let exit = args
                     .get("exit-on-error")
@@ -250,16 +547,7 @@ impl Dispatcher {
                 empty()
             }
             "migrate-continue" => {
-                let state = s("state").unwrap_or("");
-                if vmigrate_engine::MigrationStatus::from_name(state).is_none() {
-                    return Err(QmpError::generic(format!(
-                        "Parameter 'state' does not accept value '{state}'"
-                    )));
-                }
-                if state == "none" && m.status() == vmigrate_engine::MigrationStatus::None {
-                    return empty();
-                }
-                m.migrate_continue(state)?;
+                m.migrate_continue(s("state").unwrap_or(""))?;
                 empty()
             }
             "migrate-pause" => Err(QmpError::generic(
@@ -378,40 +666,4 @@ impl vmigrate_hmp::QmpExecutor for HmpBridge<'_> {
 pub fn version() -> Value {
     json!({"qemu": {"micro": 2, "minor": 0, "major": 10},
            "package": concat!("vmigrate ", env!("CARGO_PKG_VERSION"))})
-}
-
-fn check_args(args: &Map<String, Value>, members: &[Member]) -> Result<(), QmpError> {
-    for key in args.keys() {
-        if !members.iter().any(|(n, _, _)| n == key) {
-            return Err(QmpError::generic(format!(
-                "Parameter '{key}' is unexpected"
-            )));
-        }
-    }
-    for (name, ty, required) in members {
-        match args.get(*name) {
-            None if *required => {
-                return Err(QmpError::generic(format!("Parameter '{name}' is missing")))
-            }
-            None => {}
-            Some(v) => {
-                let ok = match ty {
-                    Arg::Str => v.is_string(),
-                    Arg::Int => v.is_i64() || v.is_u64(),
-                    Arg::Bool => v.is_boolean(),
-                    Arg::Any => true,
-                };
-                if !ok {
-                    let t = match ty {
-                        Arg::Str => "string",
-                        Arg::Int => "int",
-                        Arg::Bool => "bool",
-                        Arg::Any => "value",
-                    };
-                    return Err(QmpError::generic(format!("Parameter '{name}' expects {t}")));
-                }
-            }
-        }
-    }
-    Ok(())
 }

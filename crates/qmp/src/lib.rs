@@ -8,6 +8,7 @@
 pub mod dispatch;
 pub mod framing;
 pub mod hmp;
+pub mod schema;
 pub mod server;
 
 pub use dispatch::{Dispatcher, QmpError, VmBackend};

@@ -168,6 +168,7 @@ fn serve_connection(
     }
     let mut framer = Framer::default();
     let mut negotiated = false;
+    let mut oob = false;
     let mut session = Session::default();
     let mut buf = vec![0u8; 64 << 10];
     'outer: loop {
@@ -181,7 +182,7 @@ fn serve_connection(
             let reply = match frame {
                 Frame::Error(desc) => error_reply(None, &QmpError::generic(desc)),
                 Frame::Message(text) => {
-                    handle_message(&text, &mut negotiated, &dispatcher, &mut session)
+                    handle_message(&text, &mut negotiated, &mut oob, &dispatcher, &mut session)
                 }
             };
             if send(&reply).is_err() {
@@ -230,6 +231,7 @@ fn error_reply(id: Option<&Value>, e: &QmpError) -> Value {
 fn handle_message(
     text: &str,
     negotiated: &mut bool,
+    oob: &mut bool,
     d: &Dispatcher,
     session: &mut Session,
 ) -> Value {
@@ -258,25 +260,47 @@ fn handle_message(
             return fail(format!("QMP input member '{key}' is unexpected"));
         }
     }
-    if obj.contains_key("exec-oob") {
+    let out_of_band = obj.contains_key("exec-oob");
+    if out_of_band {
         if obj.contains_key("execute") {
             return fail("QMP input member 'execute' clashes with 'exec-oob'".into());
         }
-        return fail("QMP input member 'exec-oob' is unexpected".into());
+        if !*oob {
+            return fail("QMP input member 'exec-oob' is unexpected".into());
+        }
     }
-    let name = match obj.get("execute") {
+    let member = if out_of_band { "exec-oob" } else { "execute" };
+    let name = match obj.get(member) {
         None => return fail("QMP input lacks member 'execute'".into()),
         Some(Value::String(s)) => s.clone(),
-        Some(_) => return fail("QMP input member 'execute' must be a string".into()),
+        Some(_) => return fail(format!("QMP input member '{member}' must be a string")),
     };
     let args = match obj.get("arguments") {
         None => Map::new(),
         Some(Value::Object(a)) => a.clone(),
         Some(_) => return fail("QMP input member 'arguments' must be an object".into()),
     };
-    let result = if !*negotiated {
+    // Commands run one at a time per connection, so an out-of-band command simply runs
+    // now; what QEMU checks is that the command allows it.
+    let oob_refusal = match Dispatcher::allows_oob(&name) {
+        _ if !out_of_band => None,
+        None => Some(QmpError::not_found(format!(
+            "The command {name} has not been found"
+        ))),
+        Some(false) => Some(QmpError::generic(format!(
+            "The command {name} does not support OOB"
+        ))),
+        Some(true) => None,
+    };
+    let result = if let Some(e) = oob_refusal {
+        Err(e)
+    } else if !*negotiated {
         if name == "qmp_capabilities" {
-            negotiate(&args).inspect(|_| *negotiated = true)
+            negotiate(&args).map(|enabled| {
+                *negotiated = true;
+                *oob = enabled;
+                json!({})
+            })
         } else {
             Err(QmpError::not_found(
                 "Expecting capabilities negotiation with 'qmp_capabilities'",
@@ -298,25 +322,34 @@ fn handle_message(
     }
 }
 
-fn negotiate(args: &Map<String, Value>) -> Result<Value, QmpError> {
+/// `qmp_capabilities` before negotiation: true when `oob` was enabled.
+fn negotiate(args: &Map<String, Value>) -> Result<bool, QmpError> {
+    let mut oob = false;
     for (k, v) in args {
         if k != "enable" {
             return Err(QmpError::generic(format!("Parameter '{k}' is unexpected")));
         }
         let Some(list) = v.as_array() else {
-            return Err(QmpError::generic("Parameter 'enable' expects array"));
+            return Err(QmpError::generic(
+                "Invalid parameter type for 'enable', expected: array",
+            ));
         };
         for item in list {
-            if item.as_str() != Some("oob") {
-                let shown = item
-                    .as_str()
-                    .map(str::to_string)
-                    .unwrap_or_else(|| item.to_string());
-                return Err(QmpError::generic(format!(
-                    "Parameter 'null' does not accept value '{shown}'"
-                )));
+            match item.as_str() {
+                Some("oob") => oob = true,
+                Some(other) => {
+                    return Err(QmpError::generic(format!(
+                        "Parameter 'null' does not accept value '{other}'"
+                    )))
+                }
+                None => {
+                    return Err(QmpError::generic(format!(
+                        "Invalid parameter type for 'enable[{}]', expected: string",
+                        list.iter().position(|x| x == item).unwrap_or(0)
+                    )))
+                }
             }
         }
     }
-    Ok(json!({}))
+    Ok(oob)
 }

@@ -22,6 +22,7 @@ pub mod config;
 pub mod devices;
 pub mod error;
 pub mod header;
+pub mod multifd;
 pub mod ram;
 pub mod return_path;
 pub mod section;

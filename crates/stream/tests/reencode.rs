@@ -24,7 +24,7 @@ fn reencode(data: &[u8]) -> Vec<u8> {
     header::encode_header(&mut out);
     Configuration::decode(&mut src).unwrap().encode(&mut out);
     let mut ram_id = None;
-    let mut current_block: Option<String> = None;
+    let mut current_block: Option<String>;
     loop {
         let rec = Record::decode(&mut src).unwrap();
         rec.encode(&mut out);

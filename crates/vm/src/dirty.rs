@@ -23,11 +23,12 @@ impl AtomicDirtyLog {
         }
     }
 
-    /// Marks pages `first..first+count` of `block` dirty.
+    /// Marks pages `first..first+count` of `block` dirty. Call it after writing the
+    /// pages: a sync that clears the bit before the write lands sees it set again.
     pub fn mark(&self, block: usize, first: usize, count: usize) {
         let words = &self.blocks[block];
         for p in first..(first + count).min(self.pages[block]) {
-            words[p / 64].fetch_or(1 << (p % 64), Ordering::Relaxed);
+            words[p / 64].fetch_or(1 << (p % 64), Ordering::Release);
         }
     }
 }

@@ -1,13 +1,26 @@
-//! The vmigrate reference VM: guest memory, run state and the devices of its machines.
+//! The vmigrate reference VM: guest memory, run state, vCPUs and the devices of its
+//! machines.
 //!
-//! - [`machine`]: the machines (`none`: RAM only, the interop machine).
-//! - [`runstate`]: the run state with `STOP`/`RESUME` events.
+//! - [`machine`]: the machines (`none`: RAM only, the interop machine; `lab`: RAM plus
+//!   vCPUs running a workload, for live migration).
+//! - [`runstate`]: the run state with `STOP`/`RESUME` events, parking the vCPUs.
+//! - [`gate`]: how vCPU threads run, park and are throttled.
+//! - [`workload`]: the `--workload` specification and the self-check's page pattern.
+//! - [`soft`]: the `soft` accelerator, vCPU threads writing guest RAM directly.
+//! - [`kvm`]: the `kvm` accelerator, real vCPUs running `guest/lab.S`, KVM's dirty log.
+//! - [`serial`]: the serial console and the UART of `kvm` guests.
 //! - [`dirty`]: dirty tracking for writes the VMM itself makes.
 //! - [`timer`]: the guest clock, migrated as QEMU's `timer` section.
 
 pub mod dirty;
+pub mod gate;
+pub mod kvm;
 pub mod machine;
 pub mod runstate;
+pub mod serial;
+pub mod soft;
 pub mod timer;
+pub mod workload;
 
-pub use machine::{Machine, MachineConfig, MachineError, MachineKind};
+pub use machine::{Accel, LabConfig, Machine, MachineConfig, MachineError, MachineKind};
+pub use workload::WorkloadSpec;

@@ -1,27 +1,92 @@
 //! Machines of the reference VM.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 
+use serde_json::{json, Value};
 use vmigrate_engine::memory::MemoryError;
 use vmigrate_engine::vmm::{DeviceState, DirtyTracker, VmControl, Vmm};
 use vmigrate_engine::{EventBus, RamBlock, RunState};
 
 use crate::dirty::AtomicDirtyLog;
+use crate::gate::VcpuGate;
 use crate::runstate::RunControl;
+use crate::serial::SerialSink;
+use crate::soft::SoftWorkload;
 use crate::timer::GuestClock;
+use crate::workload::{DirtyRateMeter, WorkloadSpec};
 
 /// The machine types.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MachineKind {
     /// RAM only: the same stream shape as `qemu-system-x86_64 -M none -nodefaults`.
     None,
+    /// RAM plus vCPUs running a workload, for live migration.
+    Lab,
 }
 
 impl MachineKind {
     pub fn name(self) -> &'static str {
         match self {
             MachineKind::None => "none",
+            MachineKind::Lab => "lab",
+        }
+    }
+}
+
+/// How a `lab` machine runs its vCPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    /// Real vCPUs under KVM running a guest program from this repository.
+    Kvm,
+    /// Threads of the VM process that run the workload at native speed.
+    Soft,
+}
+
+impl Accel {
+    pub fn name(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Soft => "soft",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "kvm" => Some(Accel::Kvm),
+            "soft" | "tcg" => Some(Accel::Soft),
+            _ => None,
+        }
+    }
+
+    /// `kvm` where /dev/kvm can create a VM, else `soft`.
+    pub fn host_default() -> Self {
+        if crate::kvm::usable() {
+            Accel::Kvm
+        } else {
+            Accel::Soft
+        }
+    }
+}
+
+/// The `lab` machine's options.
+#[derive(Debug, Clone)]
+pub struct LabConfig {
+    pub accel: Accel,
+    pub cpus: u32,
+    pub workload: WorkloadSpec,
+    /// `stdio`, `none` or a file path.
+    pub serial: String,
+}
+
+impl Default for LabConfig {
+    fn default() -> Self {
+        Self {
+            accel: Accel::Soft,
+            cpus: 1,
+            workload: WorkloadSpec::default(),
+            serial: "none".into(),
         }
     }
 }
@@ -36,22 +101,49 @@ pub struct MachineConfig {
     pub ram_id: String,
     pub uuid: Option<[u8; 16]>,
     pub initial: RunState,
+    /// Used by the `lab` machine only.
+    pub lab: LabConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum MachineError {
     #[error(transparent)]
     Memory(#[from] MemoryError),
+    #[error("cannot open the serial output '{path}': {source}")]
+    Serial {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot start a vCPU thread: {0}")]
+    Thread(std::io::Error),
+    #[error(transparent)]
+    Kvm(#[from] crate::kvm::KvmError),
+}
+
+/// What runs the guest.
+enum Accelerator {
+    /// No vCPUs (`none`).
+    Idle,
+    Soft(Arc<SoftWorkload>),
+    Kvm(Arc<crate::kvm::KvmGuest>),
 }
 
 /// A running reference VM.
 pub struct Machine {
     kind: MachineKind,
     ram: Vec<Arc<RamBlock>>,
-    dirty: AtomicDirtyLog,
+    /// Writes the VMM itself makes to guest RAM (and the soft vCPUs' writes).
+    dirty: Arc<AtomicDirtyLog>,
+    /// What the engine syncs: `dirty`, or KVM's log with `dirty` ORed in.
+    tracker: Arc<dyn DirtyTracker>,
     control: RunControl,
-    clock: Arc<GuestClock>,
     uuid: Option<[u8; 16]>,
+    accel: Accelerator,
+    gate: Option<Arc<VcpuGate>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    devices: Vec<Arc<dyn DeviceState>>,
+    dirty_rate: DirtyRateMeter,
+    cpus: u32,
 }
 
 impl std::fmt::Debug for Machine {
@@ -59,7 +151,24 @@ impl std::fmt::Debug for Machine {
         f.debug_struct("Machine")
             .field("kind", &self.kind)
             .field("ram", &self.ram)
+            .field("cpus", &self.cpus)
             .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        if let Some(g) = &self.gate {
+            g.shutdown();
+        }
+        for t in self
+            .threads
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            let _ = t.join();
+        }
     }
 }
 
@@ -71,15 +180,97 @@ impl Machine {
             }
             None => RamBlock::anonymous(&config.ram_id, config.memory, 0)?,
         };
-        let dirty = AtomicDirtyLog::new(&[block.pages()]);
-        Ok(Self {
+        let block = Arc::new(block);
+        let dirty = Arc::new(AtomicDirtyLog::new(&[block.pages()]));
+        let clock = Arc::new(GuestClock::default());
+        let mut machine = Self {
             kind: config.kind,
-            ram: vec![Arc::new(block)],
-            dirty,
-            control: RunControl::new(config.initial, events),
-            clock: Arc::new(GuestClock::default()),
+            ram: vec![block.clone()],
+            dirty: dirty.clone(),
+            tracker: dirty.clone(),
+            control: RunControl::new(config.initial, events.clone()),
             uuid: config.uuid,
-        })
+            accel: Accelerator::Idle,
+            gate: None,
+            threads: Mutex::new(Vec::new()),
+            devices: vec![clock],
+            dirty_rate: DirtyRateMeter::default(),
+            cpus: 0,
+        };
+        if config.kind == MachineKind::None {
+            return Ok(machine);
+        }
+        let lab = &config.lab;
+        let sink =
+            Arc::new(
+                SerialSink::open(&lab.serial).map_err(|source| MachineError::Serial {
+                    path: lab.serial.clone(),
+                    source,
+                })?,
+            );
+        let gate = Arc::new(VcpuGate::new());
+        machine.cpus = lab.cpus.max(1);
+        match lab.accel {
+            Accel::Soft => {
+                let workload = Arc::new(SoftWorkload::new(
+                    lab.workload,
+                    machine.cpus,
+                    block,
+                    dirty,
+                    sink,
+                    gate.clone(),
+                ));
+                let threads = workload.spawn().map_err(MachineError::Thread)?;
+                *machine.threads.get_mut().unwrap_or_else(|e| e.into_inner()) = threads;
+                machine.devices.push(workload.clone());
+                machine.accel = Accelerator::Soft(workload);
+            }
+            Accel::Kvm => {
+                let guest = Arc::new(crate::kvm::KvmGuest::new(
+                    block,
+                    machine.cpus,
+                    lab.workload,
+                    sink,
+                    gate.clone(),
+                    dirty,
+                    config.initial == RunState::InMigrate,
+                )?);
+                let threads = guest.spawn().map_err(MachineError::Thread)?;
+                *machine.threads.get_mut().unwrap_or_else(|e| e.into_inner()) = threads;
+                machine.devices.extend(guest.devices());
+                machine.tracker = guest.clone();
+                machine.accel = Accelerator::Kvm(guest);
+            }
+        }
+        machine.control = RunControl::with_vcpus(config.initial, events, gate.clone());
+        machine.gate = Some(gate);
+        Ok(machine)
+    }
+
+    /// `query-workload`: the workload's counters, or `None` on a machine without one.
+    pub fn query_workload(&self) -> Option<Value> {
+        let throttle = self.gate.as_ref().map_or(0, |g| g.throttle());
+        let running = self.control.run_state().is_running();
+        let (accel, spec, hot, c) = match &self.accel {
+            Accelerator::Idle => return None,
+            Accelerator::Soft(w) => (Accel::Soft, w.spec(), w.hot_bytes(), w.counters()),
+            Accelerator::Kvm(g) => (Accel::Kvm, g.spec(), g.hot_bytes(), g.counters()),
+        };
+        let ps = self.ram.first().map_or(0, |b| b.page_size());
+        Some(json!({
+            "machine": self.kind.name(),
+            "accel": accel.name(),
+            "vcpus": self.cpus,
+            "workload": spec.to_string(),
+            "running": running,
+            "hot-bytes": hot,
+            "verify": spec.verify,
+            "passes": c.passes,
+            "violations": c.violations,
+            "pages-written": c.pages_written,
+            "dirty-rate": self.dirty_rate.rate(c.local_written * ps),
+            "cpu-throttle-percentage": throttle,
+        }))
     }
 
     /// Copies guest-physical memory `gpa..gpa+out.len()` into `out`; false when the
@@ -132,13 +323,13 @@ impl Vmm for Machine {
         &self.ram
     }
     fn dirty_tracker(&self) -> &dyn DirtyTracker {
-        &self.dirty
+        &*self.tracker
     }
     fn control(&self) -> &dyn VmControl {
         &self.control
     }
     fn devices(&self) -> Vec<Arc<dyn DeviceState>> {
-        vec![self.clock.clone()]
+        self.devices.clone()
     }
     fn uuid(&self) -> Option<[u8; 16]> {
         self.uuid

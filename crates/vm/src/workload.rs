@@ -171,6 +171,39 @@ pub fn vcpu_slice(hot_pages: u64, vcpus: u32, index: u32) -> std::ops::Range<u64
     start..start + len
 }
 
+/// Measures the dirty rate from a growing count of bytes written, over windows of at
+/// least [`DirtyRateMeter::WINDOW`].
+#[derive(Debug)]
+pub struct DirtyRateMeter {
+    last: std::sync::Mutex<(std::time::Instant, u64, u64)>,
+}
+
+impl Default for DirtyRateMeter {
+    fn default() -> Self {
+        Self {
+            last: std::sync::Mutex::new((std::time::Instant::now(), 0, 0)),
+        }
+    }
+}
+
+impl DirtyRateMeter {
+    pub const WINDOW: std::time::Duration = std::time::Duration::from_millis(500);
+
+    /// The rate in bytes per second given the total written so far: a fresh figure when
+    /// a window has passed since the last one, else the last figure.
+    pub fn rate(&self, total_bytes: u64) -> u64 {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let elapsed = last.0.elapsed();
+        if elapsed >= Self::WINDOW {
+            let delta = total_bytes.saturating_sub(last.1);
+            last.2 = (delta as f64 / elapsed.as_secs_f64()) as u64;
+            last.0 = std::time::Instant::now();
+            last.1 = total_bytes;
+        }
+        last.2
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,7 +12,7 @@ use vmigrate_engine::load::{load_stream, LoadError};
 use vmigrate_engine::options::Capabilities;
 use vmigrate_engine::return_path::ReturnPathWriter;
 use vmigrate_engine::{EventBus, RunState, Vmm};
-use vmigrate_vm::{Machine, MachineConfig, MachineKind};
+use vmigrate_vm::{LabConfig, Machine, MachineConfig, MachineKind};
 
 fn capture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -30,6 +30,7 @@ fn machine(ram_id: &str, mib: u64) -> Machine {
             ram_id: ram_id.into(),
             uuid: None,
             initial: RunState::InMigrate,
+            lab: LabConfig::default(),
         },
         EventBus::new(),
     )
@@ -81,6 +82,7 @@ fn load(
         m,
         caps,
         rp.map(|c| ReturnPathWriter::new(Box::new(c))),
+        None,
     )
 }
 
@@ -120,6 +122,7 @@ fn return_path_capture_loads_and_answers_like_qemu() {
             &json!([{"capability": "return-path", "state": true},
                     {"capability": "switchover-ack", "state": true}]),
             false,
+            &vmigrate_engine::options::Parameters::default(),
         )
         .unwrap();
     let rp = Collect::default();
@@ -180,7 +183,7 @@ fn truncated_capture_reports_where_it_ended() {
     let dir = std::env::temp_dir().join(format!("vmigrate-golden-{}", std::process::id()));
     std::fs::write(&dir, &data[..20000]).unwrap();
     let mut src = FdSource::new(std::fs::File::open(&dir).unwrap().into(), 0);
-    let e = load_stream(&mut src, &m, &Capabilities::default(), None).unwrap_err();
+    let e = load_stream(&mut src, &m, &Capabilities::default(), None, None).unwrap_err();
     let _ = std::fs::remove_file(&dir);
     let text = e.to_string();
     assert!(text.contains("stream ended early"), "{text}");

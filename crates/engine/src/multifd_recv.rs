@@ -1,0 +1,297 @@
+//! The multifd receiver: one thread per channel reads RAM packets into guest memory; the
+//! main loader waits at each MULTIFD_FLUSH until every channel reached its SYNC.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use vmigrate_stream::multifd::{packet_len, ChannelInit, PacketHeader, INIT_LEN};
+use vmigrate_stream::Source;
+
+use crate::compress::{Decompressor, Method};
+use crate::io::FdSource;
+use crate::memory::RamBlock;
+use crate::ram_load::{load_zero_page, ReceivedPages};
+
+/// How long a connected channel may take to send its init packet.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long channels may take to end after the main stream ended.
+const FINISH_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Default)]
+struct SyncState {
+    /// Channels waiting at the current sync point.
+    arrived: usize,
+    generation: u64,
+    finished: usize,
+    failed: Option<String>,
+}
+
+/// Shared by the channel threads and the main loader.
+#[derive(Debug)]
+pub struct MultifdReceiver {
+    channels: usize,
+    state: Mutex<SyncState>,
+    changed: Condvar,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    sockets: Mutex<Vec<OwnedFd>>,
+}
+
+/// Everything a channel thread needs.
+#[derive(Debug, Clone)]
+pub struct ReceiveConfig {
+    pub blocks: Vec<Arc<RamBlock>>,
+    pub pristine: Vec<bool>,
+    pub received: Arc<ReceivedPages>,
+    pub method: Method,
+    pub page_size: u64,
+}
+
+impl MultifdReceiver {
+    /// Starts a thread per channel; `channels` is indexed by channel id.
+    pub fn start(channels: Vec<OwnedFd>, config: ReceiveConfig) -> Arc<Self> {
+        let me = Arc::new(Self {
+            channels: channels.len(),
+            state: Mutex::new(SyncState::default()),
+            changed: Condvar::new(),
+            threads: Mutex::new(Vec::new()),
+            sockets: Mutex::new(Vec::new()),
+        });
+        for (id, fd) in channels.into_iter().enumerate() {
+            if let Ok(dup) = fd.try_clone() {
+                me.sockets
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(dup);
+            }
+            let (r, cfg) = (me.clone(), config.clone());
+            let t = std::thread::Builder::new()
+                .name(format!("mig/dst/recv_{id}"))
+                .spawn(move || {
+                    let result = receive_channel(&r, fd, &cfg);
+                    let mut st = r.lock();
+                    st.finished += 1;
+                    if let Err(e) = result {
+                        st.failed
+                            .get_or_insert_with(|| format!("multifd channel {id}: {e}"));
+                    }
+                    drop(st);
+                    r.changed.notify_all();
+                });
+            if let Ok(t) = t {
+                me.threads.lock().unwrap_or_else(|e| e.into_inner()).push(t);
+            }
+        }
+        me
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SyncState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits until every channel reached its next SYNC, then lets them go on.
+    pub fn wait_sync(&self) -> Result<(), String> {
+        let mut st = self.lock();
+        loop {
+            if let Some(e) = &st.failed {
+                return Err(e.clone());
+            }
+            if st.arrived == self.channels {
+                st.arrived = 0;
+                st.generation += 1;
+                drop(st);
+                self.changed.notify_all();
+                return Ok(());
+            }
+            if st.finished == self.channels {
+                return Err("multifd channels ended before a sync point".into());
+            }
+            st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// After the main stream: waits for every channel to end cleanly.
+    pub fn finish(&self) -> Result<(), String> {
+        let deadline = Instant::now() + FINISH_TIMEOUT;
+        let mut st = self.lock();
+        while st.finished < self.channels && st.failed.is_none() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                drop(st);
+                self.abort();
+                return Err("multifd channels did not end after the main stream".into());
+            }
+            st = self
+                .changed
+                .wait_timeout(st, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        let failed = st.failed.clone();
+        drop(st);
+        for t in self
+            .threads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            let _ = t.join();
+        }
+        failed.map_or(Ok(()), Err)
+    }
+
+    /// Unblocks every channel (the load failed elsewhere).
+    pub fn abort(&self) {
+        for s in self
+            .sockets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            let _ = rustix::net::shutdown(s.as_fd(), rustix::net::Shutdown::Both);
+        }
+        self.lock().failed.get_or_insert_with(|| "aborted".into());
+        self.changed.notify_all();
+    }
+
+    /// A channel reached a SYNC: waits to be released by the main loader.
+    fn arrive_and_wait(&self) -> Result<(), String> {
+        let mut st = self.lock();
+        st.arrived += 1;
+        let generation = st.generation;
+        self.changed.notify_all();
+        while st.generation == generation {
+            if let Some(e) = &st.failed {
+                return Err(e.clone());
+            }
+            st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        Ok(())
+    }
+}
+
+/// Reads and checks a channel's init packet. `uuid` is the destination's own (zero if
+/// none was given), `channels` the configured count.
+pub fn read_init(fd: &OwnedFd, uuid: [u8; 16], channels: usize) -> Result<u8, String> {
+    let mut buf = [0u8; INIT_LEN];
+    let mut got = 0;
+    while got < INIT_LEN {
+        match rustix::io::read(fd, &mut buf[got..]) {
+            Ok(0) => return Err("multifd channel closed before its handshake".into()),
+            Ok(n) => got += n,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(rustix::io::Errno::AGAIN) => {
+                return Err(format!(
+                    "multifd channel sent no handshake within {} s",
+                    HANDSHAKE_TIMEOUT.as_secs()
+                ))
+            }
+            Err(e) => return Err(format!("multifd handshake: {e}")),
+        }
+    }
+    let init = ChannelInit::decode(&buf).map_err(|e| e.to_string())?;
+    if init.uuid != uuid {
+        return Err(format!(
+            "multifd: received uuid '{}' and expected uuid '{}' for channel {}",
+            vmigrate_stream::config::format_uuid(&init.uuid),
+            vmigrate_stream::config::format_uuid(&uuid),
+            init.id
+        ));
+    }
+    if usize::from(init.id) >= channels {
+        return Err(format!(
+            "multifd: received channel id {} is greater than number of channels {channels}",
+            init.id
+        ));
+    }
+    Ok(init.id)
+}
+
+fn receive_channel(r: &MultifdReceiver, fd: OwnedFd, cfg: &ReceiveConfig) -> Result<(), String> {
+    let ps = cfg.page_size;
+    let mut src = FdSource::new(fd, 0);
+    let mut header = vec![0u8; packet_len(ps)];
+    let mut decompressor = Decompressor::new(cfg.method).map_err(|e| e.to_string())?;
+    let mut payload = Vec::new();
+    let mut scratch = Vec::new();
+    let mut last_block: Option<usize> = None;
+    loop {
+        if src.peek_u8().map_err(|e| e.to_string())?.is_none() {
+            return Ok(());
+        }
+        let at = src.offset();
+        src.fill(&mut header, "multifd packet header")
+            .map_err(|e| e.to_string())?;
+        let h = PacketHeader::decode(&header, ps, cfg.method.flag())
+            .map_err(|e| format!("{} (at byte offset {at} of the channel)", e.kind))?;
+        let count = h.offsets.len();
+        if count > 0 {
+            let bi = match last_block {
+                Some(b) if cfg.blocks[b].idstr() == h.block => b,
+                _ => cfg
+                    .blocks
+                    .iter()
+                    .position(|b| b.idstr() == h.block)
+                    .ok_or_else(|| {
+                        format!("unknown ramblock \"{}\" (at byte offset {at})", h.block)
+                    })?,
+            };
+            last_block = Some(bi);
+            let block = &cfg.blocks[bi];
+            for o in &h.offsets {
+                if o % ps != 0 || *o > block.len() - ps {
+                    return Err(format!(
+                        "multifd: server offset 0x{o:x} is out of range for block {} of 0x{:x} bytes (at byte offset {at})",
+                        block.idstr(),
+                        block.len()
+                    ));
+                }
+            }
+            let normal = h.normal_pages as usize;
+            if cfg.method == Method::None {
+                for o in &h.offsets[..normal] {
+                    let ptr = block.ptr_at(*o, ps as usize);
+                    // SAFETY: the page is inside the block's mapping, which the config's
+                    // Arc keeps alive.
+                    unsafe { src.fill_raw(ptr, ps as usize, "multifd page") }
+                        .map_err(|e| e.to_string())?;
+                    cfg.received.set(bi, (*o / ps) as usize);
+                }
+            } else if normal > 0 {
+                payload.resize(h.next_packet_size as usize, 0);
+                src.fill(&mut payload, "multifd payload")
+                    .map_err(|e| e.to_string())?;
+                scratch.resize(normal * ps as usize, 0);
+                decompressor
+                    .decompress_packet(&payload, &mut scratch)
+                    .map_err(|e| format!("{e} (packet at byte offset {at})"))?;
+                for (i, o) in h.offsets[..normal].iter().enumerate() {
+                    let ptr = block.ptr_at(*o, ps as usize);
+                    let page = &scratch[i * ps as usize..(i + 1) * ps as usize];
+                    // SAFETY: destination page inside the live mapping; the source is our
+                    // own buffer, so they cannot overlap.
+                    unsafe { std::ptr::copy_nonoverlapping(page.as_ptr(), ptr, ps as usize) };
+                    cfg.received.set(bi, (*o / ps) as usize);
+                }
+            }
+            for o in &h.offsets[normal..] {
+                load_zero_page(
+                    block,
+                    cfg.pristine[bi],
+                    &cfg.received,
+                    bi,
+                    (*o / ps) as usize,
+                );
+            }
+        } else if h.next_packet_size > 0 && !h.is_sync() {
+            return Err(format!(
+                "packet without pages carries {} payload bytes",
+                h.next_packet_size
+            ));
+        }
+        if h.is_sync() {
+            r.arrive_and_wait()?;
+        }
+    }
+}

@@ -1,0 +1,214 @@
+"""Live migration of running guests: the `lab` machine (vmigrate only).
+
+soft guests are vCPU threads writing guest RAM with a self-check (`verify`): every page
+is checked against the pass it must hold before it is rewritten, so a page the migration
+failed to resend shows up as a violation on the destination.
+"""
+import fcntl
+import hashlib
+import os
+import re
+import time
+
+import pytest
+
+import harness
+from conftest import require
+
+pytestmark = pytest.mark.vmigrate
+
+MiB = harness.MiB
+
+
+def lab(ws, name, mem_mib, accel="soft", workload="", cpus=1, serial=None, **kw):
+    extra = ["--accel", accel, "--cpus", str(cpus)]
+    if workload:
+        extra += ["--workload", workload]
+    if serial:
+        extra += ["--serial", serial]
+    return ws.vm("vmigrate", name, mem_mib=mem_mib, machine="lab", extra=extra, **kw)
+
+
+def workload(m):
+    return m.cmd("query-workload")
+
+
+def wait_passes(m, n, timeout=20):
+    t0 = time.time()
+    w = workload(m)
+    while time.time() - t0 < timeout:
+        w = workload(m)
+        if w["passes"] >= n:
+            return w
+        time.sleep(0.05)
+    raise harness.HarnessError(f"{m.name}: workload reached only {w} in {timeout}s")
+
+
+def sha(path, size):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        left = size
+        while left:
+            b = f.read(min(left, 8 * MiB))
+            if not b:
+                break
+            h.update(b)
+            left -= len(b)
+    return h.hexdigest()
+
+
+def start_incoming(dst):
+    dst.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
+    return f"tcp:127.0.0.1:{harness.socket_port(dst.query_migrate())}"
+
+
+def kvm_unusable_reason():
+    """Why KVM guests cannot run here, or None."""
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        return f"/dev/kvm cannot be opened: {e}"
+    try:
+        if fcntl.ioctl(fd, 0xAE00) != 12:  # KVM_GET_API_VERSION
+            return "/dev/kvm speaks an unknown KVM API version"
+        vm = fcntl.ioctl(fd, 0xAE01, 0)  # KVM_CREATE_VM
+        os.close(vm)
+    except OSError as e:
+        return f"/dev/kvm cannot create a VM: {e}"
+    finally:
+        os.close(fd)
+    return None
+
+
+def test_soft_guest_migrates_live_and_arrives_intact(ws):
+    """A 64 MiB hot set dirtied at 150 MB/s, a link that outruns it: the migration
+    converges, guest RAM at switchover equals the destination's, and the destination's
+    self-check keeps passing with counts continuing from the source's."""
+    require("vmigrate")
+    spec = "hot=64M,rate=150M,verify"
+    src = lab(ws, "src", 128, workload=spec).start()
+    dst = lab(ws, "dst", 128, workload=spec, incoming="defer", start_paused=True).start()
+    w0 = wait_passes(src, 2)
+    assert w0["violations"] == 0 and w0["accel"] == "soft"
+    time.sleep(0.6)
+    rate = workload(src)["dirty-rate"]
+    assert 60e6 < rate < 300e6, f"dirty rate {rate} B/s, asked for 150M"
+    src.set_caps(pause_before_switchover=True)
+    src.set_params(max_bandwidth=1024 * MiB)
+    src.cmd("migrate", uri=start_incoming(dst))
+    info = src.wait_migration(("pre-switchover", "failed", "cancelled"), timeout=25)
+    assert info["status"] == "pre-switchover", info
+    assert src.runstate() == "finish-migrate"
+    at_switchover = workload(src)
+    src_hash = sha(src.mem_file, 128 * MiB)
+    time.sleep(0.2)
+    assert workload(src)["pages-written"] == at_switchover["pages-written"], \
+        "a vCPU wrote guest RAM while the VM was stopped"
+    src.cmd("migrate-continue", state="pre-switchover")
+    si = src.wait_migration(timeout=25)
+    assert si["status"] == "completed", si
+    di = dst.wait_migration(("completed", "failed"), timeout=25)
+    assert di["status"] == "completed", di
+    assert si["ram"]["dirty-sync-count"] >= 2
+    assert dst.runstate() == "paused"
+    assert sha(dst.mem_file, 128 * MiB) == src_hash, "destination RAM differs from the source's"
+    arrived = workload(dst)
+    assert arrived["passes"] == at_switchover["passes"]
+    assert arrived["pages-written"] == at_switchover["pages-written"]
+    dst.cmd("cont")
+    after = wait_passes(dst, at_switchover["passes"] + 3)
+    assert after["violations"] == 0, after
+    assert src.runstate() == "postmigrate"
+
+
+def test_pause_before_switchover_waits_for_continue(ws):
+    require("vmigrate")
+    src = lab(ws, "src", 32, workload="hot=16M,rate=50M,verify").start()
+    dst = lab(ws, "dst", 32, workload="hot=16M,rate=50M,verify", incoming="defer").start()
+    wait_passes(src, 1)
+    src.set_caps(pause_before_switchover=True, events=True)
+    src.set_params(max_bandwidth=0)
+    src.cmd("migrate", uri=start_incoming(dst))
+    info = src.wait_migration(("pre-switchover", "completed", "failed"), timeout=20)
+    assert info["status"] == "pre-switchover", info
+    frozen = workload(src)["pages-written"]
+    time.sleep(1.0)
+    assert src.query_migrate()["status"] == "pre-switchover"
+    assert dst.query_migrate()["status"] == "active"
+    assert workload(src)["pages-written"] == frozen
+    src.cmd("migrate-continue", state="pre-switchover")
+    assert src.wait_migration(timeout=20)["status"] == "completed"
+    assert dst.wait_migration(("completed", "failed"), timeout=20)["status"] == "completed"
+    dst.wait_runstate("running")
+    after = wait_passes(dst, workload(dst)["passes"] + 2)
+    assert after["violations"] == 0
+
+
+def test_cancel_during_active_then_migrate_again(ws):
+    """Cancelled while active, the source keeps running with its self-check intact; a
+    second migration then completes and the guest carries on at the destination."""
+    require("vmigrate")
+    spec = "hot=64M,rate=150M,verify"
+    src = lab(ws, "src", 128, workload=spec).start()
+    dst1 = lab(ws, "dst1", 128, workload=spec, incoming="defer").start()
+    wait_passes(src, 1)
+    src.set_params(max_bandwidth=32 * MiB)
+    src.cmd("migrate", uri=start_incoming(dst1))
+    src.wait_migration(("active",), timeout=10)
+    time.sleep(0.5)
+    src.cmd("migrate_cancel")
+    assert src.wait_migration(timeout=10)["status"] == "cancelled"
+    assert src.runstate() == "running"
+    before = workload(src)
+    after = wait_passes(src, before["passes"] + 2)
+    assert after["violations"] == 0, after
+    dst1.destroy()
+
+    dst2 = lab(ws, "dst2", 128, workload=spec, incoming="defer").start()
+    src.set_params(max_bandwidth=0)
+    src.cmd("migrate", uri=start_incoming(dst2))
+    si = src.wait_migration(timeout=25)
+    assert si["status"] == "completed", si
+    assert dst2.wait_migration(("completed", "failed"), timeout=25)["status"] == "completed"
+    dst2.wait_runstate("running")
+    arrived = workload(dst2)
+    final = wait_passes(dst2, arrived["passes"] + 3)
+    assert final["violations"] == 0, final
+
+
+PASS_LINE = re.compile(r"^pass ([0-9a-f]{8})$")
+
+
+def test_kvm_guest_migrates_live_and_keeps_running(ws):
+    """A KVM guest dirtying pages in a loop and printing a line per pass: migrated
+    live, it keeps running on the destination, and the two serial logs joined together
+    count every pass exactly once."""
+    require("vmigrate")
+    reason = kvm_unusable_reason()
+    if reason:
+        print(f"SKIP test_kvm_guest_migrates_live_and_keeps_running: {reason}")
+        pytest.skip(reason)
+    spec = "hot=1M,verify"
+    src_log, dst_log = ws.path("src.serial"), ws.path("dst.serial")
+    src = lab(ws, "src", 16, accel="kvm", workload=spec, serial=src_log).start()
+    dst = lab(ws, "dst", 16, accel="kvm", workload=spec, serial=dst_log,
+              incoming="defer").start()
+    w0 = wait_passes(src, 3)
+    assert w0["accel"] == "kvm" and w0["violations"] == 0
+    src.set_params(max_bandwidth=0)
+    src.cmd("migrate", uri=start_incoming(dst))
+    si = src.wait_migration(timeout=25)
+    assert si["status"] == "completed", si
+    assert dst.wait_migration(("completed", "failed"), timeout=25)["status"] == "completed"
+    dst.wait_runstate("running")
+    arrived = workload(dst)
+    after = wait_passes(dst, arrived["passes"] + 3)
+    assert after["violations"] == 0, after
+    src.quit()
+    text = open(src_log).read() + open(dst_log).read()
+    lines = text.split("\n")
+    assert lines[0] == "lab guest: running", lines[:3]
+    passes = [int(PASS_LINE.match(line).group(1), 16) for line in lines[1:-1]]
+    assert passes == list(range(1, len(passes) + 1)), "serial output has a gap or a repeat"
+    assert len(passes) >= after["passes"] - 1
+    assert os.path.getsize(dst_log) > 0
