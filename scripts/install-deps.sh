@@ -22,7 +22,7 @@ if [ "$(qemu_version)" != "10.0.2" ]; then
     echo "${line/ bookworm / bookworm-backports }" | $SUDO tee -a /etc/apt/sources.list >/dev/null
   fi
   $SUDO apt-get update -q
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q -t bookworm-backports qemu-system-x86
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q -t bookworm-backports qemu-system-x86 zlib1g-dev pkg-config
 fi
 echo "QEMU: $(qemu_version)"
 

@@ -82,7 +82,8 @@ pub fn run(args: VmArgs) -> anyhow::Result<()> {
         other => bail!("unknown machine type '{other}' (known: none, lab)"),
     };
     let accel = match args.accel.as_deref() {
-        None => Accel::host_default(),
+        None if kind == MachineKind::Lab => Accel::host_default(),
+        None => Accel::Soft,
         Some(a) => {
             Accel::parse(a).with_context(|| format!("unknown --accel '{a}' (known: kvm, soft)"))?
         }

@@ -632,3 +632,350 @@ def test_hmp_conformance(ws):
         elif qr != vr:
             diffs.append(f"{line!r}\n    qemu:     {qr!r}\n    vmigrate: {vr!r}")
     report(diffs)
+
+
+# ------------------------------------------------------------------------------------
+# Protocol level: negotiation, framing errors, OOB
+
+
+def protocol_script():
+    """Raw messages sent before and after negotiation (marker "NEGOTIATE")."""
+    return [
+        b'{"execute": "query-status", "id": 1}',
+        b'{"execute": "qmp_capabilities", "arguments": {"enable": ["foo"]}}',
+        b'{"execute": "qmp_capabilities", "arguments": {"bogus": 1}}',
+        b'{"execute": "qmp_capabilities", "arguments": {"enable": "oob"}}',
+        b'{"exec-oob": "qmp_capabilities"}',
+        "NEGOTIATE",
+        b'{"execute": "qmp_capabilities", "id": "again"}',
+        b'{"execute": }',
+        b'[1,2]',
+        b'{"id":5}',
+        b'{"execute": "query-status", "arguments": []}',
+        b'{"execute": 42}',
+        b'{"execute": "query-status", "extra": 1}',
+        b'{"execute": "query-status", "exec-oob": "migrate-pause"}',
+        b'{"exec-oob": "migrate-pause", "id": "o1"}',
+        b'{"exec-oob": "query-status", "id": "o2"}',
+        b'{"exec-oob": "nosuch", "id": "o3"}',
+        b'{"exec-oob": "migrate-recover", "arguments": {"uri": "tcp:127.0.0.1:0"}, "id": 4}',
+        b'{"exec-oob": 1}',
+        b'{"execute": "no-such-command", "id": [1, {"a": null}]}',
+        b"{'execute': 'query-status', 'id': 'sq'}",
+        b'{"execute": "query-status", "id": null}',
+        b'{"execute": "query-status", "id": 1.5}',
+        b'{"execute": "query-status", "arguments": {"x": 1}}',
+        b'{"execute": "query-migrate-capabilities", "arguments": null}',
+    ]
+
+
+def run_protocol(path, enable):
+    c = RawQMP.connect(path, negotiate=False)
+    replies = []
+    for m in protocol_script():
+        if m == "NEGOTIATE":
+            args = {"enable": enable} if enable else {}
+            replies.append(c.send({"execute": "qmp_capabilities", "arguments": args}))
+        else:
+            replies.append(c.send(m))
+    # a stray control character resets the parser; the next command works
+    c.write(b'{"execute": "query-status"\x01')
+    replies.append(c.reply())
+    replies.append(c.send(b'{"execute": "query-status", "id": "after"}'))
+    # two objects back to back, then one split over two writes
+    c.write(b'{"execute": "query-status", "id": 6}{"execute": "query-status", "id": 7}')
+    replies += [c.reply(), c.reply()]
+    c.write(b'{"execute": "query-')
+    time.sleep(0.05)
+    replies.append(c.send(b'status", "id": 8}\n'))
+    c.close()
+    return replies
+
+
+@pytest.mark.parametrize("enable", [None, ["oob"]], ids=["no-oob", "oob"])
+def test_protocol_conformance(ws, enable):
+    require("qemu", "vmigrate")
+    qm, vm, q, v = start_pair(ws, "proto")
+    q.close()
+    v.close()
+    qr, vr = run_protocol(qm.qmp_path, enable), run_protocol(vm.qmp_path, enable)
+    assert len(qr) == len(vr)
+    diffs = [f"{m!r}\n    qemu:     {a}\n    vmigrate: {b}"
+             for m, a, b in zip([*protocol_script(), "stray", "after", "6", "7", "split"],
+                                qr, vr) if a != b]
+    report(diffs)
+
+
+# ------------------------------------------------------------------------------------
+# Discovery: query-qmp-schema and query-commands describe what vmigrate offers
+
+
+def test_schema_describes_commands(ws):
+    require("vmigrate")
+    m = ws.vm("vmigrate", "schema", mem_mib=16, ram_id="ram", shared=False).start(
+        connect=False)
+    v = RawQMP.connect(m.qmp_path)
+    schema = v.ok("query-qmp-schema")
+    by_name = {e["name"]: e for e in schema}
+    commands = {e["name"] for e in schema if e["meta-type"] == "command"}
+    listed = {c["name"] for c in v.ok("query-commands")}
+    assert commands == listed
+    for name in ["migrate", "migrate-incoming", "migrate_cancel", "migrate-continue",
+                 "migrate-pause", "migrate-recover", "migrate-start-postcopy",
+                 "migrate-set-capabilities", "query-migrate-capabilities",
+                 "migrate-set-parameters", "query-migrate-parameters", "query-migrate",
+                 "query-migrationthreads", "query-qmp-schema", "query-commands"]:
+        assert name in commands, name
+    # every command is answered as known (a missing argument at worst)
+    for name in commands - {"quit", "qmp_capabilities"}:
+        r = v.cmd(name)
+        assert r.get("error", {}).get("class") != "CommandNotFound", (name, r)
+    # OOB as in QEMU: exactly migrate-pause and migrate-recover here
+    assert {e["name"] for e in schema if e.get("allow-oob")} == {"migrate-pause",
+                                                                  "migrate-recover"}
+    # every type a command or event refers to is described
+    for e in schema:
+        for ref in (e.get("arg-type"), e.get("ret-type"), e.get("element-type")):
+            if ref is not None:
+                assert ref in by_name, (e, ref)
+        for member in e.get("members", []):
+            if "type" in member:
+                assert member["type"] in by_name, (e, member)
+    mig = by_name[by_name["migrate"]["arg-type"]]
+    members = {x["name"]: x for x in mig["members"]}
+    assert set(members) == {"uri", "channels", "detach", "resume"}
+    assert by_name[members["uri"]["type"]]["json-type"] == "string"
+    assert "default" in members["uri"]
+    chan = by_name[by_name[members["channels"]["type"]]["element-type"]]
+    assert [x["name"] for x in chan["members"]] == ["channel-type", "addr"]
+    cont = by_name[by_name["migrate-continue"]["arg-type"]]
+    status = by_name[cont["members"][0]["type"]]
+    assert status["meta-type"] == "enum" and "pre-switchover" in status["values"]
+    caps_ret = by_name[by_name["query-migrate-capabilities"]["ret-type"]]
+    assert caps_ret["meta-type"] == "array"
+    cap_enum = by_name[by_name[caps_ret["element-type"]]["members"][0]["type"]]
+    assert cap_enum["values"] == CAPABILITIES
+    params = by_name[by_name["migrate-set-parameters"]["arg-type"]]
+    assert {x["name"] for x in params["members"]} == set(DEFAULT_PARAMS) | {
+        "block-bitmap-mapping"}
+    events = {e["name"] for e in schema if e["meta-type"] == "event"}
+    assert {"MIGRATION", "MIGRATION_PASS", "STOP", "RESUME"} <= events
+    ev = by_name[by_name["MIGRATION"]["arg-type"]]
+    assert ev["members"][0]["name"] == "status"
+
+
+# ------------------------------------------------------------------------------------
+# QEMU's own asyncio client drives vmigrate
+
+
+def test_qemu_qmp_client_drives_vmigrate(ws):
+    require("vmigrate")
+    qmp_mod = pytest.importorskip("qemu.qmp")
+    m = ws.vm("vmigrate", "aio", mem_mib=16, ram_id="ram", shared=False).start(
+        connect=False)
+    dst = ws.vm("vmigrate", "aiodst", mem_mib=16, ram_id="ram", shared=False,
+                incoming="defer").start(connect=False)
+    for p in (m.qmp_path, dst.qmp_path):
+        RawQMP.connect(p).close()
+
+    async def drive():
+        src = qmp_mod.QMPClient("src")
+        d = qmp_mod.QMPClient("dst")
+        await src.connect(m.qmp_path)
+        await d.connect(dst.qmp_path)
+        try:
+            status = await src.execute("query-status")
+            assert status == {"running": True, "status": "running"}
+            caps = await src.execute("query-migrate-capabilities")
+            assert [c["capability"] for c in caps] == CAPABILITIES
+            with pytest.raises(qmp_mod.ExecuteError) as e:
+                await src.execute("no-such-command")
+            assert e.value.error_class == "CommandNotFound"
+            with pytest.raises(qmp_mod.ExecuteError) as e:
+                await src.execute("migrate-set-parameters", {"downtime-limit": 2000001})
+            assert "(2000 * 1000)" in str(e.value)
+            # out of band, as QEMU's client sends it
+            with pytest.raises(qmp_mod.ExecuteError) as e:
+                await src.execute("migrate-pause", oob=True)
+            assert "postcopy-active" in str(e.value)
+            for c in (src, d):
+                await c.execute("migrate-set-capabilities", {"capabilities": [
+                    {"capability": "events", "state": True}]})
+            await d.execute("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})
+            port = (await d.execute("query-migrate"))["socket-address"][0]["port"]
+            seen = []
+            listener = qmp_mod.EventListener()
+            with src.listen(listener):
+                await src.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+                async for event in listener:
+                    seen.append(event["event"])
+                    if event["event"] == "MIGRATION" and \
+                            event["data"]["status"] in ("completed", "failed"):
+                        assert event["data"]["status"] == "completed"
+                        break
+            assert "MIGRATION_PASS" in seen
+            assert (await src.execute("query-status"))["status"] == "postmigrate"
+        finally:
+            await src.disconnect()
+            await d.disconnect()
+
+    asyncio.run(asyncio.wait_for(drive(), 60))
+
+
+# ------------------------------------------------------------------------------------
+# Hostile clients: the monitor answers clearly and keeps serving the others
+
+
+def test_hostile_qmp_clients(ws):
+    require("vmigrate")
+    m = ws.vm("vmigrate", "hostile", mem_mib=16, ram_id="ram", shared=False).start(
+        connect=False)
+    watcher = RawQMP.connect(m.qmp_path)
+
+    # a huge message (20 MiB): refused with a clear error, the connection goes on
+    big = RawQMP.connect(m.qmp_path)
+    payload = b'{"execute": "query-status", "arguments": {"x": "' + b"A" * (20 << 20) \
+        + b'"}, "id": "big"}'
+    sender = threading.Thread(target=big.write, args=(payload,))
+    sender.start()
+    r = big.reply()
+    sender.join()
+    assert "error" in r and "longer than" in r["error"]["desc"], r
+    assert big.send({"execute": "query-status", "id": 2}) == {
+        "return": {"running": True, "status": "running"}, "id": 2}
+    big.close()
+
+    # deeply nested and invalid input
+    bad = RawQMP.connect(m.qmp_path)
+    r = bad.send(b"[" * 5000 + b"]" * 5000)
+    assert "error" in r, r
+    r = bad.send(b'{"execute": "query-status", "arguments": {"a": "\xff\xfe"}}')
+    assert "error" in r, r
+    r = bad.send({"execute": "migrate-set-parameters",
+                  "arguments": {"max-bandwidth": {"deep": [1, 2, {"x": None}]}}})
+    assert r["error"]["desc"] == "Parameter 'max-bandwidth' expects uint64"
+    assert "return" in bad.send({"execute": "query-migrate"})
+    bad.close()
+
+    # commands before negotiation, then a client that leaves mid-command
+    early = RawQMP.connect(m.qmp_path, negotiate=False)
+    r = early.send({"execute": "query-migrate", "id": 1})
+    assert r == {"id": 1, "error": {"class": "CommandNotFound",
+                 "desc": "Expecting capabilities negotiation with 'qmp_capabilities'"}}
+    early.write(b'{"execute": "qmp_capabilities"}{"execute": "migrate-set-par')
+    early.close()
+    gone = RawQMP.connect(m.qmp_path)
+    gone.write({"execute": "migrate-set-parameters",
+                "arguments": {"downtime-limit": 1234}})
+    gone.sock.shutdown(socket.SHUT_RDWR)
+    gone.close()
+    hmp_gone = RawQMP.connect(m.qmp_path)
+    hmp_gone.write({"execute": "human-monitor-command",
+                    "arguments": {"command-line": "info migrate_parameters"}})
+    hmp_gone.close()
+
+    # twenty clients at once, each with its own commands and ids
+    errors = []
+
+    def client(i):
+        try:
+            c = RawQMP.connect(m.qmp_path)
+            for j in range(25):
+                r = c.send({"execute": "query-migrate-parameters", "id": [i, j]})
+                assert r["id"] == [i, j] and "return" in r, r
+                r = c.send({"execute": "nosuch", "id": j})
+                assert r["error"]["class"] == "CommandNotFound", r
+            c.close()
+        except Exception as e:  # reported below
+            errors.append(f"client {i}: {e!r}")
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    # the first client is still served and sees the departed client's change
+    params = watcher.ok("query-migrate-parameters")
+    assert params["downtime-limit"] == 1234
+    assert m.alive()
+    watcher.close()
+
+
+# ------------------------------------------------------------------------------------
+# query-migrationthreads during a migration, and the precopy event sequence
+
+
+def test_migration_threads(ws):
+    require("qemu", "vmigrate")
+    replies = {}
+    for impl in ("qemu", "vmigrate"):
+        src = ws.vm(impl, f"{impl}src", mem_mib=64).start(connect=False)
+        src.write_ram(os.urandom(64 << 20))
+        dst = ws.vm(impl, f"{impl}dst", mem_mib=64, incoming="defer").start(
+            connect=False)
+        s, d = RawQMP.connect(src.qmp_path), RawQMP.connect(dst.qmp_path)
+        assert s.ok("query-migrationthreads") == []
+        d.ok("migrate-incoming", uri="tcp:127.0.0.1:0")
+        port = d.ok("query-migrate")["socket-address"][0]["port"]
+        s.ok("migrate-set-parameters", **{"max-bandwidth": 8 << 20})
+        s.ok("migrate", uri=f"tcp:127.0.0.1:{port}")
+        wait_status(s, ("active",))
+        threads = s.ok("query-migrationthreads")
+        replies[impl] = threads
+        assert d.ok("query-migrationthreads") == []
+        assert [t["name"] for t in threads] == ["mig/src/main"], threads
+        tid = threads[0]["thread-id"]
+        assert os.path.exists(f"/proc/{src.proc.pid}/task/{tid}"), threads
+        s.ok("migrate_cancel")
+        wait_status(s, ("cancelled",))
+        assert s.ok("query-migrationthreads") == []
+        s.close()
+        d.close()
+    assert replies["qemu"][0].keys() == replies["vmigrate"][0].keys()
+
+
+def _event_sequence(ws, impl, running):
+    tag = f"{impl}{'run' if running else 'stop'}"
+    src = ws.vm(impl, f"{tag}s", mem_mib=32, ram_id="ram", shared=False).start(
+        connect=False)
+    dst = ws.vm(impl, f"{tag}d", mem_mib=32, ram_id="ram", shared=False,
+                incoming="defer").start(connect=False)
+    s, d = RawQMP.connect(src.qmp_path), RawQMP.connect(dst.qmp_path)
+    if not running:
+        s.ok("stop")
+    for c in (s, d):
+        c.ok("migrate-set-capabilities",
+             capabilities=[{"capability": "events", "state": True}])
+        c.events.clear()
+    s.ok("migrate-set-parameters", **{"max-bandwidth": 0})
+    d.ok("migrate-incoming", uri="tcp:127.0.0.1:0")
+    port = d.ok("query-migrate")["socket-address"][0]["port"]
+    s.ok("migrate", uri=f"tcp:127.0.0.1:{port}")
+    wait_status(s, ("completed",))
+    wait_status(d, ("completed",))
+
+    def names(c):
+        out = []
+        for e in c.drain_events(0.3):
+            if e["event"] == "MIGRATION":
+                out.append("MIGRATION:" + e["data"]["status"])
+            elif e["event"] == "MIGRATION_PASS":
+                out.append(f"PASS:{e['data']['pass']}")
+            elif e["event"] in ("STOP", "RESUME"):
+                out.append(e["event"])
+        return out
+
+    return names(s), names(d)
+
+
+# QEMU switches over as soon as its pending-RAM estimate is 0, without another dirty
+# sync; vmigrate's saver (save.rs) syncs once more first, which adds one MIGRATION_PASS.
+@pytest.mark.xfail(strict=True, reason="one dirty sync more than QEMU before switchover")
+@pytest.mark.parametrize("running", [True, False], ids=["running", "paused"])
+def test_event_sequence_matches_qemu(ws, running):
+    require("qemu", "vmigrate")
+    q = _event_sequence(ws, "qemu", running)
+    v = _event_sequence(ws, "vmigrate", running)
+    assert q[0][0] == "MIGRATION:setup" and q[0][-1] == "MIGRATION:completed", q
+    assert v == q, f"\n  qemu:     {q}\n  vmigrate: {v}"

@@ -18,6 +18,9 @@ use crate::ram_load::{load_zero_page, ReceivedPages};
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long channels may take to end after the main stream ended.
 const FINISH_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the main stream waits at a MULTIFD_FLUSH for the channels' SYNC packets. The
+/// source writes every SYNC before the FLUSH, so only data already in flight is awaited.
+pub const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Default)]
 struct SyncState {
@@ -92,6 +95,7 @@ impl MultifdReceiver {
 
     /// Waits until every channel reached its next SYNC, then lets them go on.
     pub fn wait_sync(&self) -> Result<(), String> {
+        let deadline = Instant::now() + SYNC_TIMEOUT;
         let mut st = self.lock();
         loop {
             if let Some(e) = &st.failed {
@@ -107,7 +111,22 @@ impl MultifdReceiver {
             if st.finished == self.channels {
                 return Err("multifd channels ended before a sync point".into());
             }
-            st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                let arrived = st.arrived;
+                drop(st);
+                self.abort();
+                return Err(format!(
+                    "only {arrived} of {} multifd channels reached the sync point within {} s",
+                    self.channels,
+                    SYNC_TIMEOUT.as_secs()
+                ));
+            }
+            st = self
+                .changed
+                .wait_timeout(st, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
     }
 

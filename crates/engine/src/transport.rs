@@ -590,7 +590,12 @@ pub fn peek4(fd: &OwnedFd) -> Result<[u8; 4], TransportError> {
         &mut b,
         rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::WAITALL,
     )
-    .map_err(|e| TransportError(format!("reading a new connection failed: {e}")))?;
+    .map_err(|e| match e {
+        rustix::io::Errno::AGAIN => {
+            TransportError("a new connection sent no handshake before the timeout".into())
+        }
+        e => TransportError(format!("reading a new connection failed: {e}")),
+    })?;
     if n < 4 {
         return terr("a connection closed before sending 4 bytes");
     }

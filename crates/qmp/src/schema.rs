@@ -142,6 +142,8 @@ pub fn check(v: &Value, ty: &Ty, path: &str, name: &str) -> Result<(), String> {
     }
 }
 
+static EMPTY_ARGS: Ty = Ty::Struct("q_empty", &[]);
+
 /// `query-qmp-schema` entities for a set of commands and events.
 #[derive(Debug, Default)]
 pub struct SchemaBuilder {
@@ -256,7 +258,23 @@ impl SchemaBuilder {
     }
 
     pub fn command(&mut self, name: &str, args: &'static Ty, ret: &'static Ty, oob: bool) {
-        let arg_type = self.type_name(args);
+        // A command's own argument struct gets QEMU's implicit-type name.
+        let arg_type = match args {
+            Ty::Struct(n, members) if *n == name => {
+                let implicit = format!("q_obj_{name}-arg");
+                if members.is_empty() {
+                    self.type_name(&EMPTY_ARGS)
+                } else {
+                    let ms = self.members(members);
+                    self.push(
+                        implicit.clone(),
+                        json!({"name": implicit, "meta-type": "object", "members": ms}),
+                    );
+                    implicit
+                }
+            }
+            _ => self.type_name(args),
+        };
         let ret_type = self.type_name(ret);
         let mut c = json!({"name": name, "meta-type": "command", "arg-type": arg_type,
                            "ret-type": ret_type});

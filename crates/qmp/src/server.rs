@@ -262,11 +262,11 @@ fn handle_message(
     }
     let out_of_band = obj.contains_key("exec-oob");
     if out_of_band {
-        if obj.contains_key("execute") {
-            return fail("QMP input member 'execute' clashes with 'exec-oob'".into());
-        }
         if !*oob {
             return fail("QMP input member 'exec-oob' is unexpected".into());
+        }
+        if obj.contains_key("execute") {
+            return fail("QMP input member 'execute' clashes with 'exec-oob'".into());
         }
     }
     let member = if out_of_band { "exec-oob" } else { "execute" };

@@ -12,6 +12,7 @@
  */
         .code32
         .set COM1, 0x3f8
+        .set POST_PORT, 0x80
         .set PAGE, 4096
         .set LAST_WORD, PAGE - 4
 
@@ -54,8 +55,15 @@ write_page:
         adcl $0, MB_WRITTEN_HI(%esi)
         add $PAGE, %edi
         dec %ecx
+        jz pass_done
+        test $0xff, %ecx
         jnz page_loop
+        /* Every 256 pages, a write to the POST port: an exit that lets the VMM stop
+           this vCPU promptly even when a pass is long. */
+        out %al, $POST_PORT
+        jmp page_loop
 
+pass_done:
         inc %ebx
         mov %ebx, MB_PASS(%esi)
         cmpl $0, MB_PRINT(%esi)

@@ -14,7 +14,9 @@
 //! The workload's counters live in guest RAM, in the mailboxes, so they migrate with
 //! it; the vCPUs' registers travel in `cpu` sections and the UART's in `serial`.
 //!
-//! A vCPU thread only parks between `KVM_RUN`s. After an I/O exit KVM completes the
+//! A vCPU thread only parks between `KVM_RUN`s; the guest writes to the POST port
+//! (0x80) every 256 pages so that it exits often enough to stop promptly (about 1 ms
+//! here) even when a pass over a large hot set takes long. After an I/O exit KVM completes the
 //! instruction on the next entry, so before parking the thread enters once more with
 //! `immediate_exit` set: the saved registers then point past the `out`, and the
 //! destination neither repeats nor loses a character.
