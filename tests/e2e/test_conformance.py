@@ -97,9 +97,11 @@ URI_PARSE_DIFFERENCES = [
 
 def probe_unsupported(v):
     """The capabilities vmigrate refuses as not supported yet, found by asking it."""
+    needs = {"zero-copy-send": ["multifd"], "postcopy-preempt": ["postcopy-ram"],
+             "switchover-ack": ["return-path"]}
     found = set()
     for c in CAPABILITIES:
-        r = v.send(caps(c))
+        r = v.send(caps(c, *needs.get(c, [])))
         desc = r.get("error", {}).get("desc", "")
         if desc == f"Capability '{c}' is not supported by vmigrate yet":
             found.add(c)

@@ -24,6 +24,7 @@ pub mod return_path;
 pub mod save;
 pub mod stats;
 pub mod status;
+pub mod throttle;
 pub mod transport;
 pub mod vmm;
 

@@ -698,6 +698,10 @@ impl Migrator {
                             "expected-downtime".into(),
                             json!(live(&s.expected_downtime_ms)),
                         );
+                        let throttle = live(&s.cpu_throttle_percentage);
+                        if throttle > 0 {
+                            out.insert("cpu-throttle-percentage".into(), json!(throttle));
+                        }
                         out.insert("ram".into(), s.ram_json(false));
                     }
                     MigrationStatus::Completed => {

@@ -31,8 +31,9 @@ pub const CAPABILITIES: [&str; 22] = [
 
 /// Capabilities vmigrate implements. `zero-blocks` and `late-block-activate` have no
 /// effect in QEMU 10.0 either, so accepting them is faithful.
-const SUPPORTED_CAPABILITIES: [&str; 8] = [
+const SUPPORTED_CAPABILITIES: [&str; 9] = [
     "events",
+    "auto-converge",
     "multifd",
     "return-path",
     "switchover-ack",
@@ -713,6 +714,61 @@ mod tests {
             .merged(json!({"tls-authz": null}).as_object().unwrap())
             .unwrap();
         assert_eq!(q.str("tls-authz"), "");
+    }
+
+    #[test]
+    fn visitor_texts_and_member_order() {
+        let p = Parameters::default();
+        let set = |v: Value| p.merged(v.as_object().unwrap()).map(|_| ()).unwrap_err().0;
+        assert_eq!(
+            set(json!({"direct-io": "on"})),
+            "Invalid parameter type for 'direct-io', expected: boolean"
+        );
+        assert_eq!(
+            set(json!({"tls-creds": 1})),
+            "Invalid parameter type for 'tls-creds', expected: StrOrNull"
+        );
+        assert_eq!(
+            set(json!({"mode": null})),
+            "Invalid parameter type for 'mode', expected: string"
+        );
+        // members are checked in schema order before unknown ones are refused
+        assert_eq!(
+            set(json!({"nope": 1, "max-bandwidth": "x"})),
+            "Parameter 'max-bandwidth' expects uint64"
+        );
+    }
+
+    #[test]
+    fn block_bitmap_mapping_rules() {
+        let p = Parameters::default();
+        let set = |v: Value| {
+            p.merged(json!({"block-bitmap-mapping": v}).as_object().unwrap())
+                .map(|_| ())
+                .unwrap_err()
+                .0
+        };
+        let node = |n: &str, a: &str| json!({"node-name": n, "alias": a, "bitmaps": []});
+        assert_eq!(
+            set(json!([{}])),
+            "Parameter 'block-bitmap-mapping[0].node-name' is missing"
+        );
+        assert_eq!(
+            set(json!([node("n", "a"), node("n", "b")])),
+            "Invalid mapping given for block-bitmap-mapping: The node name 'n' is mapped twice"
+        );
+        assert_eq!(
+            set(json!([node("n", "a b")])),
+            "Invalid mapping given for block-bitmap-mapping: The node alias 'a b' is not well-formed"
+        );
+        let ok = p
+            .merged(
+                json!({"block-bitmap-mapping": [node("n", "a")]})
+                    .as_object()
+                    .unwrap(),
+            )
+            .unwrap();
+        assert!(ok.to_json().get("block-bitmap-mapping").is_some());
     }
 
     #[test]

@@ -120,6 +120,10 @@ impl RamSaver {
         w.with_buf(ram::put_eos)
     }
 
+    pub fn page_size(&self) -> u64 {
+        self.blocks.first().map(|b| b.page_size()).unwrap_or(4096)
+    }
+
     /// Bytes still marked dirty.
     pub fn remaining_bytes(&self) -> u64 {
         self.blocks

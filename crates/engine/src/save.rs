@@ -30,6 +30,7 @@ use crate::multifd_send::{ChannelConfig, MultifdSender, ZeroDetection};
 use crate::ram_save::{RamSaveError, RamSaver, ZeroPages, ITERATION_SLICE};
 use crate::return_path::ReturnPath;
 use crate::status::{MigrationStatus, RunState};
+use crate::throttle::{AutoConverge, SyncPeriod};
 use crate::transport::Channel;
 use crate::transport::{self, Address};
 use crate::vmm::{Vmm, VmmError};
@@ -251,13 +252,60 @@ impl Session {
     }
 }
 
-fn dirty_sync(shared: &Shared, vmm: &dyn Vmm, saver: &mut RamSaver) -> Result<(), VmmError> {
+/// Dirty-rate bookkeeping between syncs, and auto-converge.
+struct SyncTracker {
+    last: Instant,
+    sent_at_last: u64,
+    auto_converge: AutoConverge,
+    first: bool,
+}
+
+impl SyncTracker {
+    fn new() -> Self {
+        Self {
+            last: Instant::now(),
+            sent_at_last: 0,
+            auto_converge: AutoConverge::default(),
+            first: true,
+        }
+    }
+}
+
+fn dirty_sync(
+    shared: &Shared,
+    vmm: &dyn Vmm,
+    saver: &mut RamSaver,
+    tracker: &mut SyncTracker,
+) -> Result<(), VmmError> {
     let stats = shared.stats();
-    saver.sync(vmm.dirty_tracker())?;
+    let fresh = saver.sync(vmm.dirty_tracker())?;
     let pass = stats.dirty_sync_count.fetch_add(1, Ordering::Relaxed) + 1;
     stats
         .remaining
         .store(saver.remaining_bytes(), Ordering::Relaxed);
+    let sent_now = stats.transferred.load(Ordering::Relaxed);
+    let secs = tracker.last.elapsed().as_secs_f64();
+    if !tracker.first && secs > 0.0 {
+        stats
+            .dirty_pages_rate
+            .store((fresh as f64 / secs) as u64, Ordering::Relaxed);
+        let params = shared.params_snapshot();
+        if shared.caps_snapshot().get("auto-converge") {
+            let period = SyncPeriod {
+                dirtied: fresh * saver.page_size(),
+                sent: sent_now - tracker.sent_at_last,
+            };
+            if let Some(pct) = tracker.auto_converge.on_sync(&params, period) {
+                vmm.control().set_cpu_throttle(pct)?;
+                stats
+                    .cpu_throttle_percentage
+                    .store(u64::from(pct), Ordering::Relaxed);
+            }
+        }
+    }
+    tracker.first = false;
+    tracker.last = Instant::now();
+    tracker.sent_at_last = sent_now;
     shared.emit_pass(pass);
     Ok(())
 }
@@ -279,9 +327,31 @@ fn iterate_and_complete(
     session: &Session,
 ) -> Result<(), SaveError> {
     let ids = &session.ids;
+    let mut sync_tracker = SyncTracker::new();
+    let result = iterate_inner(shared, vmm, w, saver, session, &mut sync_tracker);
+    if sync_tracker.auto_converge.percentage() > 0 {
+        let _ = vmm.control().set_cpu_throttle(0);
+        shared
+            .stats()
+            .cpu_throttle_percentage
+            .store(0, Ordering::Relaxed);
+    }
+    let _ = ids;
+    result
+}
+
+fn iterate_inner(
+    shared: &Shared,
+    vmm: &dyn Vmm,
+    w: &mut StreamWriter,
+    saver: &mut RamSaver,
+    session: &Session,
+    sync_tracker: &mut SyncTracker,
+) -> Result<(), SaveError> {
+    let ids = &session.ids;
     let stats = shared.stats();
     let cancel = shared.cancel_flag();
-    dirty_sync(shared, vmm, saver)?;
+    dirty_sync(shared, vmm, saver, sync_tracker)?;
     stats
         .setup_time_ms
         .store(stats.elapsed_ms(), Ordering::Relaxed);
@@ -323,7 +393,7 @@ fn iterate_and_complete(
             let params = shared.params_snapshot();
             let threshold = switchover_threshold(&params, window.bandwidth);
             if saver.remaining_bytes() as f64 <= threshold {
-                dirty_sync(shared, vmm, saver)?;
+                dirty_sync(shared, vmm, saver, sync_tracker)?;
                 let remaining = saver.remaining_bytes() as f64;
                 if window.bandwidth > 0.0 {
                     stats
@@ -334,11 +404,11 @@ fn iterate_and_complete(
                     break;
                 }
             } else {
-                dirty_sync(shared, vmm, saver)?;
+                dirty_sync(shared, vmm, saver, sync_tracker)?;
             }
         }
     }
-    complete(shared, vmm, w, saver, session)
+    complete(shared, vmm, w, saver, session, sync_tracker)
 }
 
 /// Bytes that may remain for switchover: bandwidth (bytes/ms) × downtime-limit (ms),
@@ -387,6 +457,7 @@ fn complete(
     w: &mut StreamWriter,
     saver: &mut RamSaver,
     session: &Session,
+    sync_tracker: &mut SyncTracker,
 ) -> Result<(), SaveError> {
     let (ids, config, devices) = (&session.ids, &session.config, &session.devices);
     let stats = shared.stats();
@@ -408,7 +479,7 @@ fn complete(
         }
     }
     shared.set_status(MigrationStatus::Device);
-    dirty_sync(shared, vmm, saver)?;
+    dirty_sync(shared, vmm, saver, sync_tracker)?;
     w.with_buf(|out| {
         Command::SwitchoverStart.encode(out);
         Record::End(ids.ram).encode(out);

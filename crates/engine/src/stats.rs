@@ -27,6 +27,8 @@ pub struct Stats {
     pub precopy_bytes: AtomicU64,
     pub downtime_bytes: AtomicU64,
     pub expected_downtime_ms: AtomicU64,
+    /// auto-converge's current throttle, 0 when not throttling.
+    pub cpu_throttle_percentage: AtomicU64,
     pub setup_time_ms: AtomicU64,
     pub downtime_ms: AtomicU64,
     pub total_time_ms: AtomicU64,
