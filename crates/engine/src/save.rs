@@ -390,20 +390,28 @@ fn iterate_inner(
             .store(saver.remaining_bytes(), Ordering::Relaxed);
         update_rates(shared, &mut window, pages_total);
         if pass_done {
+            // As QEMU decides it: the estimate (what is still marked dirty) is checked
+            // against the threshold; only when it is below does an exact dirty sync
+            // run before the decision. With no bandwidth measured yet the threshold is
+            // 0, and an empty estimate switches over at once.
             let params = shared.params_snapshot();
             let threshold = switchover_threshold(&params, window.bandwidth);
-            if saver.remaining_bytes() as f64 <= threshold {
+            let mut pending = saver.remaining_bytes() as f64;
+            let mut synced = false;
+            if pending < threshold {
                 dirty_sync(shared, vmm, saver, sync_tracker)?;
-                let remaining = saver.remaining_bytes() as f64;
+                synced = true;
+                pending = saver.remaining_bytes() as f64;
                 if window.bandwidth > 0.0 {
                     stats
                         .expected_downtime_ms
-                        .store((remaining / window.bandwidth) as u64, Ordering::Relaxed);
+                        .store((pending / window.bandwidth) as u64, Ordering::Relaxed);
                 }
-                if remaining <= threshold && session.may_switch_over() {
-                    break;
-                }
-            } else {
+            }
+            if (pending == 0.0 || pending < threshold) && session.may_switch_over() {
+                break;
+            }
+            if !synced {
                 dirty_sync(shared, vmm, saver, sync_tracker)?;
             }
         }
