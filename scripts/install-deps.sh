@@ -22,8 +22,14 @@ if [ "$(qemu_version)" != "10.0.2" ]; then
     echo "${line/ bookworm / bookworm-backports }" | $SUDO tee -a /etc/apt/sources.list >/dev/null
   fi
   $SUDO apt-get update -q
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q -t bookworm-backports qemu-system-x86 zlib1g-dev pkg-config
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q -t bookworm-backports qemu-system-x86 zlib1g-dev libzstd-dev pkg-config
 fi
 echo "QEMU: $(qemu_version)"
+
+# Libraries the build links: the system zlib and zstd, the same QEMU uses, so both
+# compress alike.
+if ! dpkg -s zlib1g-dev libzstd-dev pkg-config >/dev/null 2>&1; then
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q zlib1g-dev libzstd-dev pkg-config
+fi
 
 python3 -m pip install -q --disable-pip-version-check qemu.qmp pytest zstandard
