@@ -556,8 +556,6 @@ def test_qmp_incoming_commands(ws):
     report(run_script(q, v, incoming_script()))
 
 
-@pytest.mark.xfail(strict=True, reason="URI options are parsed in the transport module, "
-                                       "which does not check them like QEMU yet")
 def test_uri_parse_differences(ws):
     require("qemu", "vmigrate")
     _, _, q, v = start_pair(ws, "uri")

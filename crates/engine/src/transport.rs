@@ -82,7 +82,14 @@ impl Address {
                 let (path, offset) = match rest.split_once(",offset=") {
                     Some((p, o)) => {
                         let off = parse_size(o).ok_or_else(|| {
-                            TransportError(format!("file URI has bad offset {o}: Invalid argument"))
+                            let why = if o.starts_with('-')
+                                || (o.chars().all(|c| c.is_ascii_digit()) && !o.is_empty())
+                            {
+                                "Numerical result out of range"
+                            } else {
+                                "Invalid argument"
+                            };
+                            TransportError(format!("file URI has bad offset {o}: {why}"))
                         })?;
                         (p, off)
                     }
@@ -170,7 +177,15 @@ impl Address {
 }
 
 fn parse_host_port(rest: &str) -> Result<(String, String), TransportError> {
-    let rest = rest.split(',').next().unwrap_or("");
+    let mut parts = rest.split(',');
+    let rest = parts.next().unwrap_or("");
+    for opt in parts {
+        if let Some(v) = opt.strip_prefix("to=") {
+            if v.parse::<u16>().is_err() {
+                return terr("error parsing to= argument");
+            }
+        }
+    }
     if let Some(v6) = rest.strip_prefix('[') {
         let Some((host, after)) = v6.split_once(']') else {
             return terr(format!("error parsing IPv6 address '{rest}'"));

@@ -190,3 +190,63 @@ fn truncated_capture_reports_where_it_ended() {
     assert!(text.contains("at byte offset 2"), "{text}");
     assert_eq!(m.ram_blocks().len(), 1);
 }
+
+/// Loads a multifd capture: the main stream and its channels, through the engine's
+/// multifd receiver, with the channels' init packets checked first.
+fn load_multifd(
+    dir: &str,
+    channels: usize,
+    method: vmigrate_engine::compress::Method,
+    uuid: [u8; 16],
+) -> Machine {
+    use std::os::fd::OwnedFd;
+    use vmigrate_engine::load::MultifdChannels;
+    use vmigrate_engine::multifd_recv::read_init;
+    let m = machine("m0", 64);
+    let mut fds: Vec<Option<OwnedFd>> = (0..channels).map(|_| None).collect();
+    for conn in 1..=channels {
+        let f = std::fs::File::open(capture(&format!("{dir}/conn{conn}.c2s"))).unwrap();
+        let fd = OwnedFd::from(f);
+        let id = read_init(&fd, uuid, channels).unwrap() as usize;
+        fds[id] = Some(fd);
+    }
+    let main = std::fs::File::open(capture(&format!("{dir}/conn0.c2s"))).unwrap();
+    let mut src = FdSource::new(main.into(), 0);
+    let mf = MultifdChannels {
+        fds: fds.into_iter().map(Option::unwrap).collect(),
+        method,
+    };
+    load_stream(&mut src, &m, &Capabilities::default(), None, Some(mf)).unwrap();
+    m
+}
+
+#[test]
+fn multifd_captures_load_through_the_receiver() {
+    use vmigrate_engine::compress::Method;
+    let full = [0..=3, 100..=100, 200..=460];
+    for (dir, method) in [
+        ("cap_mf", Method::None),
+        ("cap_mf_zlib", Method::Zlib),
+        ("cap_mf_zstd", Method::Zstd),
+    ] {
+        let m = load_multifd(dir, 2, method, [0; 16]);
+        assert_ram(&m, 64, &full);
+    }
+    let m = load_multifd("cap_mf_zplegacy", 2, Method::None, [0; 16]);
+    assert_ram(&m, 64, &[0..=3, 100..=100]);
+    let uuid = vmigrate_stream::config::parse_uuid("12345678-9abc-def0-1122-334455667788").unwrap();
+    let m = load_multifd("cap_mf_uuid", 3, Method::None, uuid);
+    assert_ram(&m, 64, &[0..=3]);
+}
+
+#[test]
+fn multifd_handshake_checks_uuid_and_id() {
+    use std::os::fd::OwnedFd;
+    use vmigrate_engine::multifd_recv::read_init;
+    let open = |p: &str| OwnedFd::from(std::fs::File::open(capture(p)).unwrap());
+    let e = read_init(&open("cap_mf_uuid/conn1.c2s"), [0; 16], 3).unwrap_err();
+    assert!(e.contains("uuid"), "{e}");
+    // Channel id 1 with only one channel configured.
+    let e = read_init(&open("cap_mf/conn2.c2s"), [0; 16], 1).unwrap_err();
+    assert!(e.contains("channel id"), "{e}");
+}
