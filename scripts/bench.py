@@ -719,6 +719,15 @@ SCENARIOS = {
     "tcp-multifd2-zstd": _tcp({"multifd": True}, {"multifd-channels": 2, "multifd-compression": "zstd",
                                                   "multifd-zstd-level": 1},
                               "stopped VM, loopback TCP, multifd 2 channels, zstd level 1"),
+    "tcp-multifd4-zstd": _tcp({"multifd": True}, {"multifd-channels": 4, "multifd-compression": "zstd",
+                                                  "multifd-zstd-level": 1},
+                              "stopped VM, loopback TCP, multifd 4 channels, zstd level 1"),
+    "tcp-multifd2-zlib": _tcp({"multifd": True}, {"multifd-channels": 2, "multifd-compression": "zlib",
+                                                  "multifd-zlib-level": 1},
+                              "stopped VM, loopback TCP, multifd 2 channels, zlib level 1"),
+    "tcp-multifd4-zlib": _tcp({"multifd": True}, {"multifd-channels": 4, "multifd-compression": "zlib",
+                                                  "multifd-zlib-level": 1},
+                              "stopped VM, loopback TCP, multifd 4 channels, zlib level 1"),
 }
 
 

@@ -105,26 +105,32 @@ impl Compressor {
                 }
             }
             Compressor::Zstd(e) => {
-                let mut scratch = vec![0u8; 128 << 10];
+                // Room for the worst case (incompressible input plus block overhead),
+                // so zstd writes straight into `out`.
+                let input_len: usize = pages.iter().map(|p| p.len()).sum();
+                out.reserve(input_len + input_len / 128 + 4096);
+                let mut o = OutBuffer::around(out);
                 for p in pages {
                     let mut input = InBuffer::around(p);
                     while input.pos < p.len() {
-                        let mut o = OutBuffer::around(&mut scratch[..]);
+                        let before = (input.pos, o.pos());
                         e.run(&mut input, &mut o)
                             .map_err(|e| CompressError(format!("zstd: {e}")))?;
-                        let n = o.pos();
-                        out.extend_from_slice(&scratch[..n]);
+                        if (input.pos, o.pos()) == before {
+                            return Err(CompressError("zstd: output buffer full".into()));
+                        }
                     }
                 }
                 loop {
-                    let mut o = OutBuffer::around(&mut scratch[..]);
+                    let before = o.pos();
                     let left = e
                         .flush(&mut o)
                         .map_err(|e| CompressError(format!("zstd: {e}")))?;
-                    let n = o.pos();
-                    out.extend_from_slice(&scratch[..n]);
                     if left == 0 {
                         break;
+                    }
+                    if o.pos() == before {
+                        return Err(CompressError("zstd: output buffer full".into()));
                     }
                 }
             }
