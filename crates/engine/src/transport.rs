@@ -366,25 +366,43 @@ pub fn connect_outgoing(addr: &Address) -> Result<Channel, TransportError> {
             })?;
             Ok(Channel::plain(OwnedFd::from(s), true))
         }
-        Address::Exec { args } => {
-            let (prog, rest) = args
-                .split_first()
-                .ok_or_else(|| TransportError("exec: empty command".into()))?;
-            let mut child = Command::new(prog)
-                .args(rest)
-                .stdin(Stdio::piped())
-                .spawn()
-                .map_err(|e| TransportError(format!("cannot run '{prog}': {}", errno_text(&e))))?;
-            let stdin = child.stdin.take().expect("stdin was piped");
-            Ok(Channel {
-                fd: OwnedFd::from(stdin),
-                child: Some(child),
-                is_socket: false,
-                base_offset: 0,
-            })
-        }
+        Address::Exec { args } => spawn_exec(args, ExecEnd::Stdin),
         _ => terr("transport cannot be connected"),
     }
+}
+
+/// Which end of an `exec:` child carries the stream.
+enum ExecEnd {
+    /// The source writes into the child's stdin.
+    Stdin,
+    /// The destination reads the child's stdout.
+    Stdout,
+}
+
+/// Starts an `exec:` child and returns the pipe end the stream uses.
+fn spawn_exec(args: &[String], end: ExecEnd) -> Result<Channel, TransportError> {
+    let (prog, rest) = args
+        .split_first()
+        .ok_or_else(|| TransportError("exec: empty command".into()))?;
+    let mut cmd = Command::new(prog);
+    cmd.args(rest);
+    match end {
+        ExecEnd::Stdin => cmd.stdin(Stdio::piped()),
+        ExecEnd::Stdout => cmd.stdout(Stdio::piped()),
+    };
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| TransportError(format!("cannot run '{prog}': {}", errno_text(&e))))?;
+    let fd = match end {
+        ExecEnd::Stdin => OwnedFd::from(child.stdin.take().expect("stdin was piped")),
+        ExecEnd::Stdout => OwnedFd::from(child.stdout.take().expect("stdout was piped")),
+    };
+    Ok(Channel {
+        fd,
+        child: Some(child),
+        is_socket: false,
+        base_offset: 0,
+    })
 }
 
 /// An incoming transport that is ready to produce its channel.
@@ -462,25 +480,7 @@ impl Incoming {
                 let is_socket = rustix::net::sockopt::socket_type(&fd).is_ok();
                 Ok(Incoming::Ready(Channel::plain(fd, is_socket)))
             }
-            Address::Exec { args } => {
-                let (prog, rest) = args
-                    .split_first()
-                    .ok_or_else(|| TransportError("exec: empty command".into()))?;
-                let mut child = Command::new(prog)
-                    .args(rest)
-                    .stdout(Stdio::piped())
-                    .spawn()
-                    .map_err(|e| {
-                        TransportError(format!("cannot run '{prog}': {}", errno_text(&e)))
-                    })?;
-                let out = child.stdout.take().expect("stdout was piped");
-                Ok(Incoming::Ready(Channel {
-                    fd: OwnedFd::from(out),
-                    child: Some(child),
-                    is_socket: false,
-                    base_offset: 0,
-                }))
-            }
+            Address::Exec { args } => spawn_exec(args, ExecEnd::Stdout).map(Incoming::Ready),
             Address::Vsock { .. } => terr("vsock transport is not supported by vmigrate yet"),
             Address::Rdma { .. } => terr("RDMA ERROR: could not create CM channel"),
         }

@@ -85,39 +85,62 @@ pub fn serve(
         });
     }
     for addr in addrs {
+        let d = dispatcher.clone();
+        let c = clients.clone();
         match addr {
             MonitorAddress::Unix(path) => {
                 let _ = std::fs::remove_file(path);
                 let l = UnixListener::bind(path)?;
-                let d = dispatcher.clone();
-                let c = clients.clone();
-                std::thread::spawn(move || {
-                    for conn in l.incoming().flatten() {
-                        let (d, c) = (d.clone(), c.clone());
-                        std::thread::spawn(move || {
-                            let Ok(w) = conn.try_clone() else { return };
-                            serve_connection(OwnedFd::from(conn), true, Box::new(w), d, c)
-                        });
-                    }
-                });
+                std::thread::spawn(move || accept_loop(l.incoming().flatten(), true, d, c));
             }
             MonitorAddress::Tcp(a) => {
                 let l = TcpListener::bind(a.as_str())?;
-                let d = dispatcher.clone();
-                let c = clients.clone();
-                std::thread::spawn(move || {
-                    for conn in l.incoming().flatten() {
-                        let (d, c) = (d.clone(), c.clone());
-                        std::thread::spawn(move || {
-                            let Ok(w) = conn.try_clone() else { return };
-                            serve_connection(OwnedFd::from(conn), false, Box::new(w), d, c)
-                        });
-                    }
-                });
+                std::thread::spawn(move || accept_loop(l.incoming().flatten(), false, d, c));
             }
         }
     }
     Ok(())
+}
+
+/// Serves every connection a listener yields, each on its own thread.
+fn accept_loop<S>(
+    conns: impl Iterator<Item = S>,
+    unix: bool,
+    dispatcher: Arc<Dispatcher>,
+    clients: Arc<Clients>,
+) where
+    S: Into<OwnedFd> + TryCloneStream + Send + 'static,
+{
+    for conn in conns {
+        let (d, c) = (dispatcher.clone(), clients.clone());
+        std::thread::spawn(move || {
+            let Some(w) = conn.try_clone_stream() else {
+                return;
+            };
+            serve_connection(conn.into(), unix, w, d, c)
+        });
+    }
+}
+
+/// Socket types whose second handle writes replies and events.
+trait TryCloneStream {
+    fn try_clone_stream(&self) -> Option<Box<dyn Write + Send>>;
+}
+
+impl TryCloneStream for std::os::unix::net::UnixStream {
+    fn try_clone_stream(&self) -> Option<Box<dyn Write + Send>> {
+        self.try_clone()
+            .ok()
+            .map(|s| Box::new(s) as Box<dyn Write + Send>)
+    }
+}
+
+impl TryCloneStream for std::net::TcpStream {
+    fn try_clone_stream(&self) -> Option<Box<dyn Write + Send>> {
+        self.try_clone()
+            .ok()
+            .map(|s| Box::new(s) as Box<dyn Write + Send>)
+    }
 }
 
 /// Reads from a socket, collecting descriptors passed with SCM_RIGHTS.
