@@ -130,6 +130,97 @@ impl FdSource {
         Ok(())
     }
 
+    /// Fills several destinations in order: what is buffered is copied, the rest is read
+    /// straight into them with `readv` (multifd pages land in guest memory without a copy).
+    ///
+    /// # Safety
+    ///
+    /// Every `(ptr, len)` range must be valid for writes for the duration of the call and
+    /// must not overlap this source's buffer.
+    pub unsafe fn fill_scattered(
+        &mut self,
+        dsts: &[(*mut u8, usize)],
+        what: &'static str,
+    ) -> Result<(), DecodeError> {
+        let at = self.offset;
+        let total: usize = dsts.iter().map(|d| d.1).sum();
+        let mut idx = 0;
+        let mut done_in_first = 0;
+        // Drain the buffer first.
+        while idx < dsts.len() && self.start < self.end {
+            let (ptr, len) = dsts[idx];
+            let n = (self.end - self.start).min(len - done_in_first);
+            // SAFETY: the caller guarantees the destination range; the buffer range is
+            // inside `buf`.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    self.buf[self.start..].as_ptr(),
+                    ptr.add(done_in_first),
+                    n,
+                )
+            };
+            self.start += n;
+            self.offset += n as u64;
+            done_in_first += n;
+            if done_in_first == len {
+                idx += 1;
+                done_in_first = 0;
+            }
+        }
+        while idx < dsts.len() {
+            if self.eof {
+                return Err(DecodeError::new(
+                    at,
+                    DecodeErrorKind::Truncated {
+                        what,
+                        needed: total,
+                    },
+                ));
+            }
+            let mut iov: Vec<std::io::IoSliceMut<'_>> = Vec::with_capacity(dsts.len() - idx);
+            for (k, (ptr, len)) in dsts[idx..].iter().enumerate() {
+                let skip = if k == 0 { done_in_first } else { 0 };
+                // SAFETY: the caller guarantees each range is writable and unaliased for
+                // this call.
+                iov.push(std::io::IoSliceMut::new(unsafe {
+                    std::slice::from_raw_parts_mut(ptr.add(skip), len - skip)
+                }));
+            }
+            let n = match rustix::io::readv(&self.fd, &mut iov) {
+                Ok(0) => {
+                    self.eof = true;
+                    continue;
+                }
+                Ok(n) => n,
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => {
+                    return Err(DecodeError::new(
+                        self.offset,
+                        DecodeErrorKind::Io {
+                            what,
+                            source: e.into(),
+                        },
+                    ))
+                }
+            };
+            drop(iov);
+            self.offset += n as u64;
+            let mut left = n;
+            while left > 0 {
+                let room = dsts[idx].1 - done_in_first;
+                if left >= room {
+                    left -= room;
+                    idx += 1;
+                    done_in_first = 0;
+                } else {
+                    done_in_first += left;
+                    left = 0;
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub fn into_fd(self) -> OwnedFd {
         self.fd
     }

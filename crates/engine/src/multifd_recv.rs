@@ -268,13 +268,29 @@ fn receive_channel(r: &MultifdReceiver, fd: OwnedFd, cfg: &ReceiveConfig) -> Res
                 }
             }
             let normal = h.normal_pages as usize;
-            if cfg.method == Method::None {
+            let mut sorted = h.offsets[..normal].to_vec();
+            sorted.sort_unstable();
+            let repeats = sorted.windows(2).any(|w| w[0] == w[1]);
+            if cfg.method == Method::None && repeats {
+                // A page listed twice: one page at a time, so no two buffers alias.
                 for o in &h.offsets[..normal] {
                     let ptr = block.ptr_at(*o, ps as usize);
                     // SAFETY: the page is inside the block's mapping, which the config's
                     // Arc keeps alive.
                     unsafe { src.fill_raw(ptr, ps as usize, "multifd page") }
                         .map_err(|e| e.to_string())?;
+                    cfg.received.set(bi, (*o / ps) as usize);
+                }
+            } else if cfg.method == Method::None {
+                let dsts: Vec<(*mut u8, usize)> = h.offsets[..normal]
+                    .iter()
+                    .map(|o| (block.ptr_at(*o, ps as usize), ps as usize))
+                    .collect();
+                // SAFETY: each page is inside the block's mapping, which the config's Arc
+                // keeps alive; the offsets were checked above, no page is listed twice, and
+                // guest pages do not overlap the source's own buffer.
+                unsafe { src.fill_scattered(&dsts, "multifd pages") }.map_err(|e| e.to_string())?;
+                for o in &h.offsets[..normal] {
                     cfg.received.set(bi, (*o / ps) as usize);
                 }
             } else if normal > 0 {
