@@ -1,8 +1,9 @@
 //! Guest RAM blocks: a host mapping made once (anonymous, or a file), shared between the
 //! guest, the VMM and the migration threads.
 //!
-//! All `unsafe` for guest memory lives here. The mapping is valid for the life of the
-//! block; its contents may change at any time (the guest writes while it runs), which is
+//! The mappings are made and unmapped only here; other modules reach guest pages through
+//! pointers this module hands out after checking the range. The mapping is valid for the
+//! life of the block; its contents may change at any time (the guest writes while it runs), which is
 //! why callers only get short-lived byte views and copies, and why a page read while the
 //! guest writes it is simply sent again once the dirty log reports it.
 

@@ -15,7 +15,7 @@ use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use vmigrate_stream::multifd::{page_slots, ChannelInit, PacketHeader, FLAG_SYNC};
+use vmigrate_stream::multifd::{page_slots, ChannelInit, PacketHeader};
 
 use crate::compress::{Compressor, Method};
 use crate::io::{StreamWriter, WriteError};
@@ -276,13 +276,8 @@ impl ChannelWorker {
 
     fn send_sync(&mut self, packet_num: u64) -> Result<bool, WriteError> {
         let ps = self.config.page_size;
-        let before = self.writer.pending();
-        self.writer.with_buf(|out| {
-            let mut h = PacketHeader::sync(packet_num);
-            h.flags = FLAG_SYNC;
-            h.encode(out, ps);
-        })?;
-        let _ = before;
+        self.writer
+            .with_buf(|out| PacketHeader::sync(packet_num).encode(out, ps))?;
         self.writer.flush()?;
         self.stats.multifd_bytes.fetch_add(
             vmigrate_stream::multifd::packet_len(ps) as u64,

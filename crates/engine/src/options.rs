@@ -397,12 +397,12 @@ impl Parameters {
         if let Some(key) = args.keys().find(|k| !SET_ORDER.contains(&k.as_str())) {
             return err(format!("Parameter '{key}' is unexpected"));
         }
-        next.validate(self)?;
+        next.validate()?;
         Ok(next)
     }
 
     /// QEMU's parameter checks, in its order.
-    fn validate(&self, stored: &Parameters) -> Result<(), OptionsError> {
+    fn validate(&self) -> Result<(), OptionsError> {
         let u = |n: &str| self.u64(n);
         let between = |n: &str, c: &str, lo: u64, hi: u64| {
             if (lo..=hi).contains(&u(n)) {
@@ -472,7 +472,6 @@ impl Parameters {
         if u("vcpu-dirty-limit") < 1 {
             return err("Parameter 'vcpu_dirty_limit' must be greater than 1 MB/s");
         }
-        let _ = stored;
         Ok(())
     }
 

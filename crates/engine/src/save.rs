@@ -326,7 +326,6 @@ fn iterate_and_complete(
     saver: &mut RamSaver,
     session: &Session,
 ) -> Result<(), SaveError> {
-    let ids = &session.ids;
     let mut sync_tracker = SyncTracker::new();
     let result = iterate_inner(shared, vmm, w, saver, session, &mut sync_tracker);
     if sync_tracker.auto_converge.percentage() > 0 {
@@ -336,7 +335,6 @@ fn iterate_and_complete(
             .cpu_throttle_percentage
             .store(0, Ordering::Relaxed);
     }
-    let _ = ids;
     result
 }
 

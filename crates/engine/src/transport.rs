@@ -533,23 +533,22 @@ impl Incoming {
                 Err(e) => return terr(format!("poll failed: {e}")),
             }
         }
-        let (conn, is_tcp) = match self {
+        let conn = match self {
             Incoming::Tcp(l) => {
                 let (s, _) = l
                     .accept()
                     .map_err(|e| TransportError(format!("accept failed: {}", errno_text(&e))))?;
                 let _ = s.set_nodelay(true);
-                (OwnedFd::from(s), true)
+                OwnedFd::from(s)
             }
             Incoming::Unix(l, _) => {
                 let (s, _) = l
                     .accept()
                     .map_err(|e| TransportError(format!("accept failed: {}", errno_text(&e))))?;
-                (OwnedFd::from(s), false)
+                OwnedFd::from(s)
             }
             Incoming::Ready(_) => unreachable!("handled above"),
         };
-        let _ = is_tcp;
         Ok(Channel::plain(conn, true))
     }
 
