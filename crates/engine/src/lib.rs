@@ -10,6 +10,7 @@
 //! - [`stats`], [`status`], [`events`].
 
 pub mod compress;
+pub mod dirtyrate;
 pub mod events;
 pub mod io;
 pub mod load;

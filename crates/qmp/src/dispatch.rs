@@ -59,6 +59,11 @@ static BOOL: Ty = Ty::Bool;
 static ANY: Ty = Ty::Any;
 static STR_OR_NULL: Ty = Ty::StrOrNull;
 static EMPTY: Ty = Ty::Struct("q_empty", &[]);
+static TIME_UNIT: Ty = Ty::Enum("TimeUnit", &["second", "millisecond"]);
+static DIRTY_RATE_MODE: Ty = Ty::Enum(
+    "DirtyRateMeasureMode",
+    &["page-sampling", "dirty-ring", "dirty-bitmap"],
+);
 
 static MIGRATION_STATUS: Ty = Ty::Enum(
     "MigrationStatus",
@@ -308,6 +313,21 @@ static COMMANDS: &[Command] = &[
     ),
     command("getfd", &[req("fdname", &STR)], &EMPTY),
     command("query-workload", &[], &ANY),
+    command(
+        "calc-dirty-rate",
+        &[
+            req("calc-time", &INT),
+            opt("calc-time-unit", &TIME_UNIT),
+            opt("sample-pages", &INT),
+            opt("mode", &DIRTY_RATE_MODE),
+        ],
+        &EMPTY,
+    ),
+    command(
+        "query-dirty-rate",
+        &[opt("calc-time-unit", &TIME_UNIT)],
+        &ANY,
+    ),
     command("closefd", &[req("fdname", &STR)], &EMPTY),
     command(
         "human-monitor-command",
@@ -402,6 +422,8 @@ fn check_outgoing_channels(channels: Option<&Value>) -> Result<bool, QmpError> {
 pub struct Dispatcher {
     migrator: Arc<Migrator>,
     backend: Arc<dyn VmBackend>,
+    /// `calc-dirty-rate` / `query-dirty-rate`.
+    dirty_rate: vmigrate_engine::dirtyrate::DirtyRateMeter,
     /// Serialises command execution, as QEMU's main loop does.
     big_lock: Mutex<()>,
 }
@@ -426,6 +448,7 @@ impl Dispatcher {
         Arc::new(Self {
             migrator,
             backend,
+            dirty_rate: Default::default(),
             big_lock: Mutex::new(()),
         })
     }
@@ -587,6 +610,21 @@ impl Dispatcher {
                 m.fd_store().add(fdname, fd);
                 empty()
             }
+            "calc-dirty-rate" => {
+                let request = vmigrate_engine::dirtyrate::CalcRequest {
+                    calc_time: args["calc-time"].as_i64().unwrap_or(0),
+                    millis: s("calc-time-unit") == Some("millisecond"),
+                    sample_pages: args.get("sample-pages").and_then(Value::as_i64),
+                    mode: s("mode").unwrap_or("page-sampling").to_string(),
+                };
+                self.dirty_rate
+                    .start(m.vmm().ram_blocks().to_vec(), &request)
+                    .map_err(QmpError::generic)?;
+                empty()
+            }
+            "query-dirty-rate" => Ok(self
+                .dirty_rate
+                .query(s("calc-time-unit") == Some("millisecond"))),
             "query-workload" => self.backend.query_workload().ok_or_else(|| {
                 QmpError::generic("This machine runs no workload")
             }),
