@@ -60,3 +60,19 @@ def test_errors_match_qemu(ws, args):
     v = ws.vm("vmigrate", "v", mem_mib=16).start()
     qr, vr = q.raw("calc-dirty-rate", **args), v.raw("calc-dirty-rate", **args)
     assert qr.get("error") == vr.get("error"), (qr, vr)
+
+
+def test_hmp_info_dirty_rate_matches_qemu(ws):
+    """`info dirty_rate` before and after a measurement, in QEMU's text (the start time
+    differs by when each ran, so it is masked)."""
+    import re
+    require("qemu", "vmigrate")
+    outs = {}
+    for impl in ("qemu", "vmigrate"):
+        m = ws.vm(impl, impl, mem_mib=32).start()
+        hmp = lambda: m.cmd("human-monitor-command", **{"command-line": "info dirty_rate"})
+        before = hmp()
+        measure(m, **{"calc-time": 100, "calc-time-unit": "millisecond"})
+        after = re.sub(r"Start Time: \d+", "Start Time: T", hmp())
+        outs[impl] = (before, after)
+    assert outs["qemu"] == outs["vmigrate"], outs

@@ -30,6 +30,7 @@ enum TopLevelAction {
 /// What an `info` subcommand shows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum InfoAction {
+    DirtyRate,
     Migrate,
     MigrateCapabilities,
     MigrateParameters,
@@ -176,6 +177,13 @@ const COMMANDS: &[CommandSpec<TopLevelAction>] = &[
 /// The `info` subcommands, in the order QEMU's `info` lists them.
 const INFO_COMMANDS: &[CommandSpec<InfoAction>] = &[
     CommandSpec {
+        names: "dirty_rate",
+        params: "",
+        help: "show dirty rate information",
+        arguments: &[],
+        action: InfoAction::DirtyRate,
+    },
+    CommandSpec {
         names: "migrate",
         params: "",
         help: "show migration status",
@@ -285,6 +293,9 @@ fn run_info(rest: &str, qmp: &mut dyn QmpExecutor) -> String {
         return error.render(command.names, &format!("info {name}"));
     }
     let reply = match command.action {
+        InfoAction::DirtyRate => qmp
+            .execute("query-dirty-rate", json!({}))
+            .map(|reply| info::format_dirty_rate(&reply)),
         InfoAction::Migrate => qmp
             .execute("query-migrate", json!({}))
             .map(|reply| info::format_migration_info(&reply, &qmp.migration_globals())),

@@ -433,6 +433,35 @@ fn write_xbzrle_statistics(out: &mut String, cache: &Map<String, Value>) {
     );
 }
 
+/// `info dirty_rate`, from a `query-dirty-rate` reply. QEMU labels the start time "(ms)"
+/// although the value is in seconds; the label is kept as QEMU prints it.
+pub fn format_dirty_rate(reply: &Value) -> String {
+    let n = |k: &str| reply.get(k).and_then(Value::as_i64).unwrap_or(0);
+    let s = |k: &str| reply.get(k).and_then(Value::as_str).unwrap_or("");
+    let mut out = String::new();
+    out.push_str(&format!("Status: {}\n", s("status")));
+    out.push_str(&format!("Start Time: {} (ms)\n", n("start-time")));
+    if s("mode") == "page-sampling" {
+        out.push_str(&format!("Sample Pages: {} (per GB)\n", n("sample-pages")));
+    }
+    out.push_str(&format!("Period: {} (sec)\n", n("calc-time")));
+    out.push_str(&format!("Mode: {}\n", s("mode")));
+    match reply.get("dirty-rate").and_then(Value::as_i64) {
+        Some(rate) if s("status") == "measured" => {
+            out.push_str(&format!("Dirty rate: {rate} (MB/s)\n"))
+        }
+        _ => out.push_str("Dirty rate: (not ready)\n"),
+    }
+    if let Some(vcpus) = reply.get("vcpu-dirty-rate").and_then(Value::as_array) {
+        for v in vcpus {
+            let id = v.get("id").and_then(Value::as_i64).unwrap_or(0);
+            let rate = v.get("dirty-rate").and_then(Value::as_i64).unwrap_or(0);
+            out.push_str(&format!("vcpu[{id}], Dirty rate: {rate} (MB/s)\n"));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -594,7 +594,8 @@ fn help_texts_match_qemu() {
         let mut qmp = FakeQmp::default();
         assert_eq!(run_command(line, &mut qmp), expected, "{line:?}");
     }
-    let info_list = "info migrate  -- show migration status\n\
+    let info_list = "info dirty_rate  -- show dirty rate information\n\
+        info migrate  -- show migration status\n\
         info migrate_capabilities  -- show current migration capabilities\n\
         info migrate_parameters  -- show current migration parameters\n\
         info status  -- show the current VM status (running|paused)\n\
