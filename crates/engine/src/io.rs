@@ -58,15 +58,7 @@ impl FdSource {
                     return Ok(true);
                 }
                 Err(rustix::io::Errno::INTR) => continue,
-                Err(e) => {
-                    return Err(DecodeError::new(
-                        self.offset,
-                        DecodeErrorKind::Io {
-                            what,
-                            source: e.into(),
-                        },
-                    ))
-                }
+                Err(e) => return Err(self.read_error(what, e)),
             }
         }
     }
@@ -108,15 +100,7 @@ impl FdSource {
                         self.offset += n as u64;
                     }
                     Err(rustix::io::Errno::INTR) => {}
-                    Err(e) => {
-                        return Err(DecodeError::new(
-                            self.offset,
-                            DecodeErrorKind::Io {
-                                what,
-                                source: e.into(),
-                            },
-                        ))
-                    }
+                    Err(e) => return Err(self.read_error(what, e)),
                 }
                 continue;
             }
@@ -193,15 +177,7 @@ impl FdSource {
                 }
                 Ok(n) => n,
                 Err(rustix::io::Errno::INTR) => continue,
-                Err(e) => {
-                    return Err(DecodeError::new(
-                        self.offset,
-                        DecodeErrorKind::Io {
-                            what,
-                            source: e.into(),
-                        },
-                    ))
-                }
+                Err(e) => return Err(self.read_error(what, e)),
             };
             drop(iov);
             self.offset += n as u64;
@@ -219,6 +195,17 @@ impl FdSource {
             }
         }
         Ok(())
+    }
+
+    /// A failed read at the current offset.
+    fn read_error(&self, what: &'static str, e: rustix::io::Errno) -> DecodeError {
+        DecodeError::new(
+            self.offset,
+            DecodeErrorKind::Io {
+                what,
+                source: e.into(),
+            },
+        )
     }
 
     pub fn into_fd(self) -> OwnedFd {

@@ -371,17 +371,14 @@ fn iterate_inner(
         }
         session.return_path_error()?;
         w.with_buf(|out| Record::Part(ids.ram).encode(out))?;
-        let (sent, pass_done) = saver.send_dirty(w, Some(Instant::now() + ITERATION_SLICE))?;
-        if pass_done {
-            saver.multifd_sync(w)?;
-        }
-        w.with_buf(|out| {
-            vmigrate_stream::ram::put_eos(out);
-            encode_footer(out, ids.ram);
-        })?;
+        let (sent, pass_done) = send_ram_body(
+            shared,
+            w,
+            saver,
+            ids.ram,
+            Some(Instant::now() + ITERATION_SLICE),
+        )?;
         w.flush()?;
-        stats.duplicate.fetch_add(sent.zero, Ordering::Relaxed);
-        stats.normal.fetch_add(sent.normal, Ordering::Relaxed);
         pages_total += sent.total();
         stats
             .remaining
@@ -415,6 +412,30 @@ fn iterate_inner(
         }
     }
     complete(shared, vmm, w, saver, session, sync_tracker)
+}
+
+/// The rest of a PART or END body of the `ram` section: dirty pages until `deadline` (or
+/// all of them), a multifd sync point when the pass reached the end of RAM, EOS and the
+/// footer. Returns the pages sent and whether the pass was complete.
+fn send_ram_body(
+    shared: &Shared,
+    w: &mut StreamWriter,
+    saver: &mut RamSaver,
+    ram_id: u32,
+    deadline: Option<Instant>,
+) -> Result<(crate::ram_save::SentPages, bool), SaveError> {
+    let (sent, pass_done) = saver.send_dirty(w, deadline)?;
+    if pass_done {
+        saver.multifd_sync(w)?;
+    }
+    w.with_buf(|out| {
+        vmigrate_stream::ram::put_eos(out);
+        encode_footer(out, ram_id);
+    })?;
+    let stats = shared.stats();
+    stats.duplicate.fetch_add(sent.zero, Ordering::Relaxed);
+    stats.normal.fetch_add(sent.normal, Ordering::Relaxed);
+    Ok((sent, pass_done))
 }
 
 /// Bytes that may remain for switchover: bandwidth (bytes/ms) × downtime-limit (ms),
@@ -490,14 +511,7 @@ fn complete(
         Command::SwitchoverStart.encode(out);
         Record::End(ids.ram).encode(out);
     })?;
-    let (sent, _) = saver.send_dirty(w, None)?;
-    stats.duplicate.fetch_add(sent.zero, Ordering::Relaxed);
-    stats.normal.fetch_add(sent.normal, Ordering::Relaxed);
-    saver.multifd_sync(w)?;
-    w.with_buf(|out| {
-        vmigrate_stream::ram::put_eos(out);
-        encode_footer(out, ids.ram);
-    })?;
+    send_ram_body(shared, w, saver, ids.ram, None)?;
     let mut descriptions = Vec::new();
     for (i, dev) in devices.iter().enumerate() {
         let body = dev.save()?;
