@@ -211,6 +211,23 @@ impl FdSource {
     pub fn into_fd(self) -> OwnedFd {
         self.fd
     }
+
+    /// The descriptor, for positional reads beside the stream (mapped-ram).
+    pub fn fd(&self) -> &OwnedFd {
+        &self.fd
+    }
+
+    /// Moves the stream to absolute file position `pos`, dropping what was buffered
+    /// (mapped-ram: the stream resumes after a block's page area).
+    pub fn seek_to(&mut self, pos: u64) -> Result<(), DecodeError> {
+        rustix::fs::seek(&self.fd, rustix::fs::SeekFrom::Start(pos))
+            .map_err(|e| self.read_error("stream position", e))?;
+        self.start = 0;
+        self.end = 0;
+        self.offset = pos;
+        self.eof = false;
+        Ok(())
+    }
 }
 
 impl Source for FdSource {
@@ -247,9 +264,14 @@ const RATE_WINDOW: Duration = Duration::from_millis(100);
 
 impl RateLimiter {
     pub fn new(limit: Arc<AtomicU64>) -> Self {
+        Self::with_share(limit, 1)
+    }
+
+    /// A limiter that uses `1/share` of the limit (one of `share` parallel writers).
+    pub fn with_share(limit: Arc<AtomicU64>, share: u64) -> Self {
         Self {
             limit,
-            share: 1,
+            share: share.max(1),
             window_start: Instant::now(),
             used: 0,
         }
@@ -288,6 +310,8 @@ pub struct StreamWriter {
     /// Segments in order: either a range of `buf` or a guest pointer.
     segs: Vec<Segment>,
     pending: usize,
+    /// File position of the first pending byte (seekable targets; otherwise a count).
+    position: u64,
     /// Bytes written so far (what `query-migrate` calls `transferred`).
     pub written: Arc<AtomicU64>,
     limiter: RateLimiter,
@@ -328,6 +352,7 @@ impl StreamWriter {
             buf: Vec::with_capacity(256 << 10),
             segs: Vec::with_capacity(MAX_SEGMENTS),
             pending: 0,
+            position: 0,
             written,
             limiter: RateLimiter::new(limit),
             cancel,
@@ -407,10 +432,31 @@ impl StreamWriter {
         }
         drop(iov);
         self.written.fetch_add(total as u64, Ordering::Relaxed);
+        self.position += total as u64;
         self.buf.clear();
         self.segs.clear();
         self.pending = 0;
         self.limiter.account(total as u64, &self.cancel);
+        Ok(())
+    }
+
+    /// Says where in the file the stream starts (`file:…,offset=N`).
+    pub fn set_position(&mut self, pos: u64) {
+        self.position = pos;
+    }
+
+    /// The file position the next appended byte will have.
+    pub fn position(&self) -> u64 {
+        self.position + self.pending as u64
+    }
+
+    /// Flushes, then continues the stream at absolute file position `pos` (mapped-ram
+    /// leaves room for each block's bitmap and pages).
+    pub fn seek_to(&mut self, pos: u64) -> Result<(), WriteError> {
+        self.flush()?;
+        rustix::fs::seek(&self.fd, rustix::fs::SeekFrom::Start(pos))
+            .map_err(|e| WriteError::Io(crate::transport::errno_text(&std::io::Error::from(e))))?;
+        self.position = pos;
         Ok(())
     }
 

@@ -14,6 +14,7 @@ pub mod dirtyrate;
 pub mod events;
 pub mod io;
 pub mod load;
+pub mod mapped_ram;
 pub mod memory;
 pub mod migrator;
 pub mod multifd_recv;

@@ -62,11 +62,51 @@ pub fn load_stream(
     return_path: Option<ReturnPathWriter>,
     multifd: Option<MultifdChannels>,
 ) -> Result<LoadOutcome, LoadError> {
+    load_stream_with(
+        src,
+        vmm,
+        caps,
+        return_path,
+        multifd,
+        MappedRamLoad::default(),
+    )
+}
+
+/// How a mapped-ram file's page area is read.
+#[derive(Debug, Clone, Copy)]
+pub struct MappedRamLoad {
+    /// Parallel readers (the multifd channel count with multifd, else 1).
+    pub threads: usize,
+    /// Read the page area with O_DIRECT.
+    pub direct_io: bool,
+}
+
+impl Default for MappedRamLoad {
+    fn default() -> Self {
+        Self {
+            threads: 1,
+            direct_io: false,
+        }
+    }
+}
+
+/// [`load_stream`], with the settings a mapped-ram file is read with.
+pub fn load_stream_with(
+    src: &mut FdSource,
+    vmm: &dyn Vmm,
+    caps: &Capabilities,
+    return_path: Option<ReturnPathWriter>,
+    multifd: Option<MultifdChannels>,
+    mapped_ram: MappedRamLoad,
+) -> Result<LoadOutcome, LoadError> {
     let mut rp = ReturnPathState {
         writer: return_path,
         open: false,
     };
     let mut ram = RamLoader::new(vmm.ram_blocks().to_vec());
+    if caps.get("mapped-ram") {
+        ram.use_mapped_ram(mapped_ram);
+    }
     let receiver = multifd.map(|m| {
         let r = MultifdReceiver::start(
             m.fds,

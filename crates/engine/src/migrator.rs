@@ -328,10 +328,16 @@ impl Migrator {
         if caps.get("mapped-ram") && !matches!(addr, Address::File { .. }) {
             return merr("Migration requires seekable transport (e.g. file)");
         }
-        if (caps.get("multifd") || caps.get("postcopy-preempt")) && !addr.is_socket() {
+        let file = matches!(addr, Address::File { .. });
+        let multi_channel = addr.is_socket() || (file && caps.get("mapped-ram"));
+        if (caps.get("multifd") || caps.get("postcopy-preempt")) && !multi_channel {
             return merr("Migration requires multi-channel URIs (e.g. tcp)");
         }
-        let cpr_transfer = self.shared.params_snapshot().str("mode") == "cpr-transfer";
+        let params = self.shared.params_snapshot();
+        if caps.get("multifd") && caps.get("mapped-ram") && params.bool("direct-io") && !file {
+            return merr("Migration requires a transport that allows for extra fds (e.g. file)");
+        }
+        let cpr_transfer = params.str("mode") == "cpr-transfer";
         if cpr_transfer && matches!(addr, Address::File { .. }) {
             return merr("Migration requires streamable transport (eg unix)");
         }
@@ -359,6 +365,15 @@ impl Migrator {
         }
         if let Some(reason) = self.vmm.migration_blockers().into_iter().next() {
             return merr(reason);
+        }
+        if self.shared.caps_snapshot().get("mapped-ram") {
+            let params = self.shared.params_snapshot();
+            if !params.str("tls-creds").is_empty() {
+                return merr("Cannot use TLS with mapped-ram");
+            }
+            if params.str("multifd-compression") != "none" {
+                return merr("Cannot use compression with mapped-ram");
+            }
         }
         let mode = self.shared.params_snapshot().str("mode").to_string();
         if mode != "normal" {
@@ -603,7 +618,10 @@ impl Migrator {
     }
 
     fn incoming_thread_inner(&self, incoming: Incoming, exit_on_error: bool) {
-        let multifd = self.shared.caps_snapshot().get("multifd");
+        let caps = self.shared.caps_snapshot();
+        let mapped_ram = caps.get("mapped-ram");
+        // A mapped-ram file has no channel connections: its readers use the file itself.
+        let multifd = caps.get("multifd") && !mapped_ram;
         let accepted = if multifd {
             self.accept_channels(&incoming)
         } else {
@@ -622,8 +640,18 @@ impl Migrator {
             } else {
                 None
             };
-            let r = load::load_stream(&mut src, self.vmm.as_ref(), &caps, rp, channels)
-                .map_err(|e| format!("load of migration failed: {e}"));
+            let params = self.shared.params_snapshot();
+            let file_load = load::MappedRamLoad {
+                threads: if caps.get("multifd") {
+                    params.u64("multifd-channels") as usize
+                } else {
+                    1
+                },
+                direct_io: params.bool("direct-io"),
+            };
+            let r =
+                load::load_stream_with(&mut src, self.vmm.as_ref(), &caps, rp, channels, file_load)
+                    .map_err(|e| format!("load of migration failed: {e}"));
             drop(src);
             ch.finish_with_close();
             r

@@ -31,8 +31,9 @@ pub const CAPABILITIES: [&str; 22] = [
 
 /// Capabilities vmigrate implements. `zero-blocks` and `late-block-activate` have no
 /// effect in QEMU 10.0 either, so accepting them is faithful.
-const SUPPORTED_CAPABILITIES: [&str; 9] = [
+const SUPPORTED_CAPABILITIES: [&str; 10] = [
     "events",
+    "mapped-ram",
     "auto-converge",
     "multifd",
     "return-path",

@@ -8,6 +8,8 @@ use vmigrate_stream::{DecodeError, DecodeErrorKind, Source};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::io::FdSource;
+use crate::load::MappedRamLoad;
+use crate::mapped_ram::{self, Region};
 use crate::memory::RamBlock;
 use crate::multifd_recv::MultifdReceiver;
 
@@ -86,6 +88,10 @@ pub struct RamLoader {
     pristine: Vec<bool>,
     current_block: Option<usize>,
     page_size: u64,
+    /// mapped-ram: pages come from the file's page areas, the sections carry none.
+    mapped: Option<MappedRamLoad>,
+    /// The O_DIRECT descriptor for the page area, opened at the first block.
+    direct_fd: Option<std::os::fd::OwnedFd>,
     pub zero_pages: u64,
     pub normal_pages: u64,
 }
@@ -102,6 +108,8 @@ impl RamLoader {
             pristine,
             current_block: None,
             page_size,
+            mapped: None,
+            direct_fd: None,
             zero_pages: 0,
             normal_pages: 0,
         }
@@ -115,6 +123,45 @@ impl RamLoader {
     /// Whether each block was pristine when the load began.
     pub fn pristine(&self) -> Vec<bool> {
         self.pristine.clone()
+    }
+
+    /// Reads a mapped-ram file: each block entry is followed by its header and region.
+    pub fn use_mapped_ram(&mut self, how: MappedRamLoad) {
+        self.mapped = Some(how);
+    }
+
+    /// Reads one block's mapped-ram header at the stream position and loads its pages;
+    /// the stream continues after the block's page area.
+    fn load_mapped_block(
+        &mut self,
+        src: &mut FdSource,
+        bi: usize,
+        how: MappedRamLoad,
+    ) -> Result<(), DecodeError> {
+        let at = src.offset();
+        let header = ram::MappedRamHeader::decode(src)?;
+        let block = self.blocks[bi].clone();
+        let invalid = |detail: String| {
+            DecodeError::new(
+                at,
+                DecodeErrorKind::Invalid {
+                    what: "mapped-ram region",
+                    detail: format!("block '{}': {detail}", block.idstr()),
+                },
+            )
+        };
+        let file_len = rustix::fs::fstat(src.fd())
+            .map_err(|e| invalid(format!("cannot size the file: {e}")))?
+            .st_size as u64;
+        let region = Region::from_header(&header, &block, file_len).map_err(invalid)?;
+        if how.direct_io && self.direct_fd.is_none() {
+            self.direct_fd = Some(mapped_ram::reopen_direct(src.fd(), false).map_err(invalid)?);
+        }
+        let pages_fd = self.direct_fd.as_ref().unwrap_or(src.fd());
+        let read = mapped_ram::load_block(src.fd(), pages_fd, &block, &region, how.threads)
+            .map_err(invalid)?;
+        self.normal_pages += read;
+        src.seek_to(region.end())
     }
 
     /// Makes MULTIFD_FLUSH records wait for these channels.
@@ -168,6 +215,9 @@ impl RamLoader {
                     at,
                     DecodeErrorKind::BlockListOverrun { total },
                 ))?;
+            if let Some(how) = self.mapped {
+                self.load_mapped_block(src, i, how)?;
+            }
         }
         self.load_records(src)
     }
@@ -177,6 +227,18 @@ impl RamLoader {
         loop {
             let at = src.offset();
             let h = RamRecordHeader::decode(src, self.page_size)?;
+            if self.mapped.is_some() && h.kind != RamRecordKind::Eos {
+                return Err(DecodeError::new(
+                    at,
+                    DecodeErrorKind::Invalid {
+                        what: "RAM record",
+                        detail: format!(
+                            "Unexpected RAM flags: {:?} records do not occur in a mapped-ram stream",
+                            h.kind
+                        ),
+                    },
+                ));
+            }
             match h.kind {
                 RamRecordKind::Eos => return Ok(()),
                 RamRecordKind::MultifdFlush => {

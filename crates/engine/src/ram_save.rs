@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use vmigrate_stream::ram::{self, BlockEntry};
 
 use crate::io::{StreamWriter, WriteError};
+use crate::mapped_ram::{MappedRamWriter, Region};
 use crate::memory::RamBlock;
 use crate::multifd_send::{MultifdSender, ZeroDetection};
 use crate::vmm::{DirtyBitmap, DirtyTracker, VmmError};
@@ -48,6 +49,10 @@ pub struct RamSaver {
     /// multifd channels, when the capability is on: pages go there, not to the main
     /// stream.
     multifd: Option<MultifdSender>,
+    /// mapped-ram: the setup section lays the blocks out in the file and pages go to
+    /// their fixed offsets instead of the stream.
+    mapped_layout: bool,
+    mapped: Option<MappedRamWriter>,
 }
 
 /// Why a saver step stopped.
@@ -72,6 +77,30 @@ impl RamSaver {
             last_block: None,
             cursor: (0, 0),
             multifd: None,
+            mapped_layout: false,
+            mapped: None,
+        }
+    }
+
+    /// Lays the blocks out as mapped-ram in the setup section.
+    pub fn use_mapped_layout(&mut self) {
+        self.mapped_layout = true;
+    }
+
+    /// Writes pages at their file offsets from now on.
+    pub fn use_mapped_ram(&mut self, writer: MappedRamWriter) {
+        self.mapped = Some(writer);
+    }
+
+    pub fn is_mapped(&self) -> bool {
+        self.mapped_layout
+    }
+
+    /// mapped-ram: waits for every page written so far, then writes the bitmaps.
+    pub fn write_mapped_bitmaps(&mut self) -> Result<(), WriteError> {
+        match &mut self.mapped {
+            Some(m) => m.write_bitmaps(),
+            None => Ok(()),
         }
     }
 
@@ -87,11 +116,17 @@ impl RamSaver {
             m.sync()?;
             w.with_buf(ram::put_multifd_flush)?;
         }
+        if let Some(m) = &mut self.mapped {
+            m.drain()?;
+        }
         Ok(())
     }
 
     /// Stops the multifd channels after the last sync.
     pub fn finish_multifd(&mut self) -> Result<(), WriteError> {
+        if let Some(mut m) = self.mapped.take() {
+            m.drain()?;
+        }
         match self.multifd.take() {
             Some(m) => m.finish(),
             None => Ok(()),
@@ -102,22 +137,32 @@ impl RamSaver {
         self.blocks.iter().map(|b| b.len()).sum()
     }
 
-    /// The setup body: MEM_SIZE, the block list, [MULTIFD_FLUSH,] EOS.
-    pub fn write_setup(&mut self, w: &mut StreamWriter) -> Result<(), WriteError> {
-        w.with_buf(|out| {
-            ram::put_mem_size(out, self.total_bytes());
-            for b in &self.blocks {
+    /// The setup body: MEM_SIZE, the block list, [MULTIFD_FLUSH,] EOS. With the mapped-ram
+    /// layout each block entry is followed by its header and the stream jumps past the
+    /// block's bitmap and pages; the regions are returned.
+    pub fn write_setup(&mut self, w: &mut StreamWriter) -> Result<Vec<Region>, WriteError> {
+        let mut regions = Vec::new();
+        w.with_buf(|out| ram::put_mem_size(out, self.total_bytes()))?;
+        for b in &self.blocks {
+            w.with_buf(|out| {
                 BlockEntry {
                     idstr: b.idstr().to_string(),
                     used_length: b.len(),
                     page_size: None,
                     mr_addr: None,
                 }
-                .encode(out);
+                .encode(out)
+            })?;
+            if self.mapped_layout {
+                let region = Region::plan(w.position(), b.len(), b.page_size());
+                w.with_buf(|out| region.header().encode(out))?;
+                w.seek_to(region.end())?;
+                regions.push(region);
             }
-        })?;
+        }
         self.multifd_sync(w)?;
-        w.with_buf(ram::put_eos)
+        w.with_buf(ram::put_eos)?;
+        Ok(regions)
     }
 
     pub fn page_size(&self) -> u64 {
@@ -150,8 +195,14 @@ impl RamSaver {
     /// Hands every page still marked dirty back to the tracker (a failed migration must
     /// not lose dirty state the VMM might need for a retry).
     pub fn requeue_all(&self, tracker: &dyn DirtyTracker) {
+        // Pages handed to channel threads may not have left: give back every page.
+        let in_flight = self.multifd.is_some() || self.mapped.is_some();
         for (i, d) in self.dirty.iter().enumerate() {
-            tracker.requeue(i, d);
+            if in_flight {
+                tracker.requeue(i, &DirtyBitmap::all_set(d.pages()));
+            } else {
+                tracker.requeue(i, d);
+            }
         }
     }
 
@@ -201,6 +252,11 @@ impl RamSaver {
         } else {
             Some(block.idstr())
         };
+        if let Some(m) = &mut self.mapped {
+            m.queue(bi, page)?;
+            sent.queued += 1;
+            return Ok(());
+        }
         if let Some(m) = &mut self.multifd {
             if m.zero_detection() != ZeroDetection::Legacy || !block.is_zero(offset, ps as usize) {
                 m.queue(bi, offset)?;

@@ -114,7 +114,11 @@ pub(crate) fn run(
         .store(saver.total_bytes(), Ordering::Relaxed);
     let devices = vmm.devices();
     let ids = SectionIds::new(devices.len());
-    if caps.get("multifd") {
+    let mapped_ram = caps.get("mapped-ram");
+    w.set_position(channel.base_offset);
+    if mapped_ram {
+        saver.use_mapped_layout();
+    } else if caps.get("multifd") {
         saver.use_multifd(start_multifd(shared, vmm, addr, &params, ps)?);
     }
 
@@ -122,7 +126,11 @@ pub(crate) fn run(
     let config = Configuration {
         machine: vmm.machine_name().to_string(),
         target_page_bits: None,
-        capabilities: vec![],
+        capabilities: if mapped_ram {
+            vec!["mapped-ram".to_string()]
+        } else {
+            vec![]
+        },
         uuid: if caps.get("validate-uuid") {
             vmm.uuid()
         } else {
@@ -158,9 +166,30 @@ pub(crate) fn run(
         })
         .encode(out);
     })?;
-    saver.write_setup(&mut w)?;
+    let regions = saver.write_setup(&mut w)?;
     w.with_buf(|out| encode_footer(out, ids.ram))?;
     w.flush()?;
+    if mapped_ram {
+        let threads = if caps.get("multifd") {
+            params.u64("multifd-channels") as usize
+        } else {
+            0
+        };
+        let config = crate::mapped_ram::WriterConfig {
+            threads,
+            direct_io: params.bool("direct-io"),
+            detect_zero: params.str("zero-page-detection") != "none",
+            limit: shared.max_bandwidth(),
+        };
+        saver.use_mapped_ram(crate::mapped_ram::MappedRamWriter::start(
+            &channel.fd,
+            vmm.ram_blocks().to_vec(),
+            regions,
+            config,
+            shared.stats(),
+            cancel.clone(),
+        )?);
+    }
     tracker.start()?;
     let session = Session {
         ids,
@@ -370,12 +399,17 @@ fn iterate_inner(
             return Err(SaveError::Cancelled);
         }
         session.return_path_error()?;
-        w.with_buf(|out| Record::Part(ids.ram).encode(out))?;
+        // mapped-ram PART sections would carry nothing but EOS; leaving them out keeps
+        // the file's size fixed however many passes the guest forces.
+        let section = (!saver.is_mapped()).then_some(ids.ram);
+        if let Some(id) = section {
+            w.with_buf(|out| Record::Part(id).encode(out))?;
+        }
         let (sent, pass_done) = send_ram_body(
             shared,
             w,
             saver,
-            ids.ram,
+            section,
             Some(Instant::now() + ITERATION_SLICE),
         )?;
         w.flush()?;
@@ -416,22 +450,28 @@ fn iterate_inner(
 
 /// The rest of a PART or END body of the `ram` section: dirty pages until `deadline` (or
 /// all of them), a multifd sync point when the pass reached the end of RAM, EOS and the
-/// footer. Returns the pages sent and whether the pass was complete.
+/// footer (when the pages are in section `ram_id`). Returns the pages sent and whether
+/// the pass was complete.
 fn send_ram_body(
     shared: &Shared,
     w: &mut StreamWriter,
     saver: &mut RamSaver,
-    ram_id: u32,
+    ram_id: Option<u32>,
     deadline: Option<Instant>,
 ) -> Result<(crate::ram_save::SentPages, bool), SaveError> {
     let (sent, pass_done) = saver.send_dirty(w, deadline)?;
     if pass_done {
         saver.multifd_sync(w)?;
     }
-    w.with_buf(|out| {
-        vmigrate_stream::ram::put_eos(out);
-        encode_footer(out, ram_id);
-    })?;
+    if deadline.is_none() {
+        saver.write_mapped_bitmaps()?;
+    }
+    if let Some(id) = ram_id {
+        w.with_buf(|out| {
+            vmigrate_stream::ram::put_eos(out);
+            encode_footer(out, id);
+        })?;
+    }
     let stats = shared.stats();
     stats.duplicate.fetch_add(sent.zero, Ordering::Relaxed);
     stats.normal.fetch_add(sent.normal, Ordering::Relaxed);
@@ -511,7 +551,7 @@ fn complete(
         Command::SwitchoverStart.encode(out);
         Record::End(ids.ram).encode(out);
     })?;
-    send_ram_body(shared, w, saver, ids.ram, None)?;
+    send_ram_body(shared, w, saver, Some(ids.ram), None)?;
     let mut descriptions = Vec::new();
     for (i, dev) in devices.iter().enumerate() {
         let body = dev.save()?;
