@@ -306,9 +306,14 @@ pub fn open_outgoing_sync(
                 .map_err(|e| {
                     TransportError(format!("Could not create '{path}': {}", errno_text(&e)))
                 })?;
-            file.set_len(*offset).map_err(|e| {
-                TransportError(format!("Could not truncate '{path}': {}", errno_text(&e)))
-            })?;
+            // Only a file longer than the offset is cut: truncating a file that is
+            // already short enough makes ext4 write all of its data back at close.
+            let len = file.metadata().map(|m| m.len()).unwrap_or(u64::MAX);
+            if len != *offset {
+                file.set_len(*offset).map_err(|e| {
+                    TransportError(format!("Could not truncate '{path}': {}", errno_text(&e)))
+                })?;
+            }
             let mut file = file;
             file.seek(std::io::SeekFrom::Start(*offset)).map_err(|e| {
                 TransportError(format!("Could not seek '{path}': {}", errno_text(&e)))
