@@ -336,6 +336,9 @@ const FLUSH_BYTES: usize = 1 << 20;
 pub enum WriteError {
     #[error("Unable to write to socket: {0}")]
     Io(String),
+    /// A positional write to a migration file (mapped-ram), or opening it for one.
+    #[error("{0}")]
+    File(String),
     #[error("migration was cancelled")]
     Cancelled,
 }

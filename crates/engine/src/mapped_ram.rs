@@ -395,11 +395,17 @@ impl MappedRamWriter {
         stats: Arc<Stats>,
         cancel: Arc<AtomicBool>,
     ) -> Result<Self, WriteError> {
-        let meta_fd = fd.try_clone().map_err(|e| WriteError::Io(errno_text(&e)))?;
+        let dup_error = |e: std::io::Error| {
+            WriteError::File(format!(
+                "cannot duplicate the file descriptor: {}",
+                errno_text(&e)
+            ))
+        };
+        let meta_fd = fd.try_clone().map_err(dup_error)?;
         let pages_fd = if config.direct_io {
-            reopen_direct(fd, true).map_err(WriteError::Io)?
+            reopen_direct(fd, true).map_err(WriteError::File)?
         } else {
-            fd.try_clone().map_err(|e| WriteError::Io(errno_text(&e)))?
+            fd.try_clone().map_err(dup_error)?
         };
         let bitmaps = regions.iter().map(|r| FileBitmap::new(r.pages())).collect();
         let shared = Arc::new(WriterShared {
@@ -435,7 +441,7 @@ impl MappedRamWriter {
                         sh.finish_batch(r);
                     }
                 })
-                .map_err(|e| WriteError::Io(format!("cannot start a file writer thread: {e}")))?;
+                .map_err(|e| WriteError::File(format!("cannot start a file writer thread: {e}")))?;
             workers.push(tx);
             threads.push(handle);
         }
@@ -474,7 +480,7 @@ impl MappedRamWriter {
             return self
                 .shared
                 .write_batch(bi, &pages, &mut self.limiter)
-                .map_err(WriteError::Io);
+                .map_err(|e| WriteError::File(format!("Unable to write to file: {e}")));
         }
         self.shared
             .inflight
@@ -501,7 +507,7 @@ impl MappedRamWriter {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         match &g.1 {
-            Some(e) => Err(WriteError::Io(format!("Unable to write to file: {e}"))),
+            Some(e) => Err(WriteError::File(format!("Unable to write to file: {e}"))),
             None => Ok(()),
         }
     }
@@ -531,7 +537,7 @@ impl MappedRamWriter {
                 &bitmap.to_bytes(),
                 region.bitmap_offset,
             )
-            .map_err(|e| WriteError::Io(format!("Unable to write to file: {e}")))?;
+            .map_err(|e| WriteError::File(format!("Unable to write to file: {e}")))?;
         }
         Ok(())
     }
