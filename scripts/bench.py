@@ -16,17 +16,33 @@ wall time from `migrate` to the destination's MIGRATION `completed` event, throu
 RSS (VmHWM) of both, and checks the destination RAM file against the generated image
 (per-16 MiB-chunk SHA-1). A run that does not verify is reported FAILED and not counted.
 
+Scenario `live` (not in the default set): a running guest dirties a hot set at a set rate
+while it is migrated over loopback TCP (precopy, `max-bandwidth` 0, `downtime-limit` 300 ms),
+QEMU to QEMU and vmigrate to vmigrate. vmigrate runs its `lab` machine (`--accel soft
+--workload hot=SIZE,rate=RATE`); QEMU runs a `pc` machine booting a tiny guest
+(scripts/bench_guest/guest.S, assembled by this script with `as` and `ld`) that writes the
+same hot set at the same rate, paced by the HPET. QEMU's accelerator is TCG or KVM, whichever
+runs that guest faster here (probed once, flat out); if QEMU's guest cannot reach the asked
+rate, the rate of both is lowered to what it reaches. Per engine it reports the guest's dirty
+rate before and during the migration (page writes per second, measured the same way on
+both), calc-dirty-rate, total time, downtime, bytes sent, passes (dirty-sync-count), and the
+ratios vmigrate / QEMU, and says whether vmigrate's downtime and bytes are at most QEMU's at
+an equal or higher dirty rate.
+
 Usage:
     scripts/bench.py                        # 4 GiB, 3 reps, all four pairs
     scripts/bench.py --size 512M -n 2       # quick check
     scripts/bench.py --pairs qq,qv --json /tmp/bench.json
     scripts/bench.py --vmigrate /path/to/vmigrate --scenario tcp-multifd2
     scripts/bench.py --list-scenarios
+    scripts/bench.py --scenario live        # 256 MiB hot set at 512 MiB/s, 3 reps
+    scripts/bench.py --scenario live --live-hot 128M --live-rate 1G -n 2 --live-accel tcg
 
 Options (see --help): --size, -n/--reps, --pairs (qq,vv,qv,vq or full names), --scenario,
 --vmigrate PATH (default: target/release/vmigrate, built with `cargo build --release` if
 missing), --qemu PATH, --json OUT (raw per-run records), --prewarm GIB, --gate SECONDS,
---timeout SECONDS, --keep-image, --keep-logs, --shm DIR.
+--timeout SECONDS, --keep-image, --keep-logs, --shm DIR; for `live`: --live-hot, --live-memory,
+--live-rate, --live-accel auto|tcg|kvm, --downtime-limit MS, --live-calc-ms.
 
 Method notes:
   * Before every run a fresh, sparse destination RAM file is created and GIB of anonymous
@@ -43,7 +59,9 @@ Exit status: 0 when the benchmark ran (FAILED runs are results, reported in the 
 2 on bad arguments.
 
 New scenarios: write a function `scenario_xxx(ctx, pair, rep) -> dict` (see
-`tcp_migration` for the shape of the record) and add it to SCENARIOS.
+`tcp_migration` for the shape of the record) and add it to SCENARIOS. A scenario function
+with the attribute `live = True` runs only qq and vv, gets ctx.live (see `live_migration`)
+and is reported by report_live().
 """
 import argparse
 import asyncio
@@ -164,6 +182,14 @@ def parse_size(s):
     if n < 16 * MiB or n % (2 * MiB):
         raise argparse.ArgumentTypeError(f"size {s!r} must be a multiple of 2 MiB, at least 16 MiB")
     return n
+
+
+def parse_rate(s):
+    """Bytes per second: a number with an optional K/M/G suffix (powers of 1024)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?)i?B?(?:/s)?\s*", s, re.I)
+    if not m or float(m.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"bad rate {s!r} (use e.g. 512M for 512 MiB/s)")
+    return int(float(m.group(1)) * {"": 1, "K": 1 << 10, "M": MiB, "G": GiB}[m.group(2).upper()])
 
 
 def size_arg(n):
@@ -427,6 +453,10 @@ class Engine:
     def argv(self, size, ram_path, qmp_sock, incoming):
         raise NotImplementedError
 
+    def live_argv(self, live, qmp_sock, serial, incoming):
+        """A running guest that dirties live.hot bytes at live.rate (the `live` scenario)."""
+        raise NotImplementedError
+
 
 class QemuEngine(Engine):
     def argv(self, size, ram_path, qmp_sock, incoming):
@@ -438,11 +468,29 @@ class QemuEngine(Engine):
             a += ["-incoming", incoming]
         return a
 
+    def live_argv(self, live, qmp_sock, serial, incoming, accel=None, image=None):
+        a = [self.binary, "-nodefaults", "-display", "none", "-M", "pc",
+             "-accel", accel or live.qemu_accel, "-m", size_arg(live.memory),
+             "-drive", f"file={image or live.guest_image(incoming)},format=raw,if=ide",
+             "-chardev", f"file,id=com1,path={serial}", "-serial", "chardev:com1",
+             "-qmp", f"unix:{qmp_sock},server=on,wait=off"]
+        if incoming:
+            a += ["-incoming", incoming]
+        return a
+
 
 class VmigrateEngine(Engine):
     def argv(self, size, ram_path, qmp_sock, incoming):
         a = [self.binary, "vm", "--machine", "none", "--memory", size_arg(size),
              "--mem-path", ram_path, "--share", "--ram-id", RAM_ID, "--qmp", f"unix:{qmp_sock}"]
+        if incoming:
+            a += ["--incoming", incoming]
+        return a
+
+    def live_argv(self, live, qmp_sock, serial, incoming):
+        a = [self.binary, "vm", "--machine", "lab", "--accel", "soft", "--cpus", "1",
+             "--memory", size_arg(live.memory),
+             "--workload", f"hot={live.hot},rate={live.vmigrate_rate}", "--qmp", f"unix:{qmp_sock}"]
         if incoming:
             a += ["--incoming", incoming]
         return a
@@ -467,10 +515,11 @@ class VM:
             msg += f" ({self.label} exited with status {rc})"
         raise RunFailed(f"{self.label}: {msg}" + (f"\n  last output of {self.label}:\n{extra}" if extra else ""))
 
-    async def start(self, ram_path, incoming=None):
+    async def start(self, ram_path=None, incoming=None, argv=None):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.sock)
-        argv = self.engine.argv(self.ctx.size, ram_path, self.sock, incoming)
+        if argv is None:
+            argv = self.engine.argv(self.ctx.size, ram_path, self.sock, incoming)
         with open(self.log, "w") as logf:
             logf.write("$ " + " ".join(argv) + "\n")
             logf.flush()
@@ -710,6 +759,352 @@ def _tcp(caps=None, params=None, doc=""):
     return scenario
 
 
+# --------------------------------------------------------------------------------------
+# Live scenario: a running guest dirties a hot set at a set rate while it is migrated.
+#
+# vmigrate runs its `lab` machine with the `soft` accelerator (a workload thread writing
+# guest RAM). QEMU runs a `pc` machine booting scripts/bench_guest/guest.S, a boot sector
+# that sweeps the same hot set at the same rate, under TCG or KVM, whichever reaches the
+# higher dirty rate here (probed once per invocation). The guest paces itself by the HPET
+# counter and halts until the next 1 kHz PIT tick when it is ahead.
+#
+# The dirty rate is measured the same way on both: pages the guest wrote per second times
+# the page size (QEMU's guest writes one serial byte per MARK_PAGES pages, vmigrate reports
+# `pages-written` in query-workload), before the migration and during it. calc-dirty-rate
+# (page-sampling, same arguments on both) and query-migrate's dirty-pages-rate are recorded
+# as the engines' own views.
+
+GUEST_SRC = os.path.join(HERE, "bench_guest", "guest.S")
+PIT_DIVISOR = 1193           # 1193182 Hz / 1193: a wake-up tick every ms
+HPET_HZ = 100_000_000        # QEMU's HPET counter (the guest checks its period)
+MARK_PAGES = 256             # guest pages written per serial byte
+PROBE_RATE = 64 * GiB        # a pace no accelerator reaches: the probe guest runs flat out
+GUEST_IMAGE_SIZE = MiB
+LIVE_PAGE = 4096             # the x86 guest page both engines track
+RATE_TOLERANCE = 0.05        # dirty rates within 5 % count as equal
+
+
+def guest_pages_per_count(rate):
+    """Pages per HPET count, as a 32.32 fixed-point number below 2^31."""
+    return min((1 << 31) - 1, max(1, round(rate / LIVE_PAGE / HPET_HZ * (1 << 32))))
+
+
+def guest_rate(rate):
+    """The rate the paced guest actually runs at (its pace is quantised)."""
+    return guest_pages_per_count(rate) * LIVE_PAGE * HPET_HZ / (1 << 32)
+
+
+def build_guest(outdir, name, hot, rate):
+    """Assemble guest.S for this hot set and rate into a 1 MiB boot disk image."""
+    for tool in ("as", "ld"):
+        if not shutil.which(tool):
+            raise RunFailed(f"cannot build the QEMU guest: {tool} not found")
+    defs = {"HOT_PAGES": hot // LIVE_PAGE,
+            "PAGES_PER_COUNT_X2_32": guest_pages_per_count(rate),
+            "MARK_PAGES": MARK_PAGES,
+            "MAX_LAG_PAGES": max(MARK_PAGES, int(rate / LIVE_PAGE / 10)),  # 100 ms of backlog
+            "PIT_DIVISOR": PIT_DIVISOR}
+    obj, raw, img = (os.path.join(outdir, f"{name}.{ext}") for ext in ("o", "bin", "img"))
+    steps = (["as", "--32"] + [a for k, v in defs.items() for a in ("--defsym", f"{k}={v}")]
+             + [GUEST_SRC, "-o", obj],
+             ["ld", "-m", "elf_i386", "-Ttext=0x7c00", "--oformat=binary", "-e", "_start", obj, "-o", raw])
+    for argv in steps:
+        r = subprocess.run(argv, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RunFailed(f"cannot build the QEMU guest: {' '.join(argv[:2])} ... failed:\n"
+                            + (r.stderr or r.stdout).strip())
+    with open(raw, "rb") as f:
+        boot = f.read()
+    if len(boot) != 512 or boot[510:] != b"\x55\xaa":
+        raise RunFailed(f"cannot build the QEMU guest: {raw} is not a 512-byte boot sector")
+    with open(img, "wb") as f:
+        f.write(boot)
+        f.truncate(GUEST_IMAGE_SIZE)
+    return img
+
+
+class LiveConfig:
+    """What the live scenario runs; the QEMU accelerator and the final rate are settled
+    by live_setup()."""
+
+    def __init__(self, args, workdir):
+        self.hot = args.live_hot
+        self.memory = args.live_memory or self.hot + 256 * MiB
+        self.requested_rate = args.live_rate
+        self.rate = args.live_rate
+        self.accel_request = args.live_accel
+        self.downtime_limit = args.downtime_limit
+        self.calc_ms = args.live_calc_ms or int(min(1000, max(50, 500 * self.hot / self.rate)))
+        self.timeout = args.timeout or 120.0
+        self.workdir = workdir
+        self.qemu_accel = None
+        self.qemu_unavailable = None
+        self.probe = {}
+        self.notes = []
+        self._built = None
+        self._images = {}
+
+    @property
+    def vmigrate_rate(self):
+        return int(self.rate)
+
+    @property
+    def qemu_rate(self):
+        return guest_rate(self.rate)
+
+    def guest_image(self, incoming):
+        """A copy of the paced guest's disk per role (no image locking between the two)."""
+        role = "dst" if incoming else "src"
+        if role not in self._images:
+            if self._built is None:
+                self._built = build_guest(self.workdir, "guest", self.hot, self.rate)
+            path = os.path.join(self.workdir, f"guest-{role}.img")
+            shutil.copyfile(self._built, path)
+            self._images[role] = path
+        return self._images[role]
+
+    def describe(self):
+        return {"hot": self.hot, "memory": self.memory, "requested_rate": self.requested_rate,
+                "rate": self.rate, "qemu_guest_rate": self.qemu_rate, "vmigrate_rate": self.vmigrate_rate,
+                "qemu_accel": self.qemu_accel, "accel_request": self.accel_request,
+                "probe_unpaced_rate": self.probe, "downtime_limit_ms": self.downtime_limit,
+                "calc_dirty_rate_ms": self.calc_ms, "timeout_s": self.timeout, "notes": self.notes}
+
+
+class GuestMeter:
+    """Pages a running guest has written: QEMU's guest counts them on its serial port,
+    vmigrate's workload in query-workload."""
+
+    def __init__(self, vm, serial=None):
+        self.vm, self.serial = vm, serial
+
+    async def pages(self):
+        if self.serial is not None:
+            try:
+                return os.path.getsize(self.serial) * MARK_PAGES
+            except FileNotFoundError:
+                return 0
+        w = await self.vm.cmd("query-workload")
+        return w["pages-written"]
+
+    async def wait_pages(self, n, timeout):
+        deadline = time.monotonic() + timeout
+        while True:
+            got = await self.pages()
+            if got >= n:
+                return got
+            if exit_status(self.vm.proc) is not None:
+                self.vm.fail("exited while its guest was starting")
+            if time.monotonic() > deadline:
+                self.vm.fail(f"guest wrote {got} pages in {timeout:g} s, waited for {n}")
+            await asyncio.sleep(0.05)
+
+    async def rate(self, seconds):
+        """Bytes of pages written per second over the next `seconds`."""
+        p0, t0 = await self.pages(), time.monotonic()
+        await asyncio.sleep(seconds)
+        p1, t1 = await self.pages(), time.monotonic()
+        return (p1 - p0) * LIVE_PAGE / (t1 - t0)
+
+
+def kvm_usable():
+    return os.access("/dev/kvm", os.R_OK | os.W_OK)
+
+
+async def live_setup(ctx, qemu, pairs, log):
+    """Choose QEMU's accelerator (the one whose guest dirties fastest, running flat out)
+    and lower the rate to what QEMU's guest reaches, if it reaches less than asked."""
+    live = ctx.live
+    log(f"live: hot set {human_size(live.hot)} of {human_size(live.memory)}, asked rate "
+        f"{live.requested_rate / MiB:.0f} MiB/s, downtime-limit {live.downtime_limit} ms")
+    if ("qemu", "qemu") not in pairs:
+        return
+    if qemu.unavailable:
+        live.qemu_unavailable = qemu.unavailable
+        return
+    accels = ["tcg", "kvm"] if live.accel_request == "auto" else [live.accel_request]
+    if live.accel_request == "auto" and not kvm_usable():
+        live.probe["kvm"] = None
+        live.notes.append("kvm not probed: /dev/kvm not usable")
+        accels = ["tcg"]
+    try:
+        image = build_guest(live.workdir, "probe", live.hot, PROBE_RATE)
+    except RunFailed as e:
+        live.qemu_unavailable = str(e.args[0])
+        log(f"live: {live.qemu_unavailable}")
+        return
+    for accel in accels:
+        vm = VM(qemu, f"probe-{accel}", ctx)
+        serial = os.path.join(ctx.tmpdir, f"probe-{accel}.serial")
+        try:
+            await vm.start(argv=qemu.live_argv(live, vm.sock, serial, None, accel=accel, image=image))
+            meter = GuestMeter(vm, serial)
+            await meter.wait_pages(MARK_PAGES, 30)
+            await asyncio.sleep(0.5)
+            live.probe[accel] = await meter.rate(2.0)
+        except RunFailed as e:
+            live.probe[accel] = None
+            live.notes.append(f"{accel} probe failed: {str(e.args[0]).splitlines()[0]}")
+        finally:
+            await vm.stop()
+    shown = ", ".join(f"{a} {r / MiB:.0f} MiB/s" if r else f"{a} –" for a, r in live.probe.items())
+    usable = {a: r for a, r in live.probe.items() if r}
+    if not usable:
+        live.qemu_unavailable = "no accelerator ran the guest: " + "; ".join(live.notes)
+        log(f"live: {live.qemu_unavailable}")
+        return
+    live.qemu_accel = max(usable, key=usable.get)
+    best = usable[live.qemu_accel]
+    log(f"live: QEMU accelerator {live.qemu_accel} (guest dirty rate running flat out: {shown})")
+    if best < live.rate:
+        live.rate = int(best // MiB * MiB) or int(best)
+        live.notes.append(f"rate lowered from {live.requested_rate / MiB:.0f} to {live.rate / MiB:.0f} MiB/s, "
+                          f"the most QEMU's guest reaches under {live.qemu_accel}")
+        log(f"live: {live.notes[-1]}")
+    log(f"live: guest rate QEMU {live.qemu_rate / MiB:.1f} MiB/s (paced by the HPET), vmigrate "
+        f"{live.vmigrate_rate / MiB:.1f} MiB/s")
+
+
+async def calc_dirty_rate(vm, ms):
+    """calc-dirty-rate (page-sampling) over `ms`; bytes per second, or None."""
+    r = await vm.try_cmd("calc-dirty-rate", **{"calc-time": ms, "calc-time-unit": "millisecond",
+                                                "sample-pages": 16384, "mode": "page-sampling"})
+    if isinstance(r, dict) and r.get("error"):
+        return None
+    deadline = time.monotonic() + ms / 1000 + 15
+    while time.monotonic() < deadline:
+        await asyncio.sleep(max(0.05, ms / 4000))
+        q = await vm.try_cmd("query-dirty-rate")
+        if isinstance(q, dict) and q.get("status") == "measured":
+            return q["dirty-rate"] * MiB if q.get("dirty-rate") is not None else None
+    return None
+
+
+async def sample_migration(vm, samples, t0, period=0.2):
+    """query-migrate every `period` s until cancelled."""
+    while True:
+        await asyncio.sleep(period)
+        q = await vm.try_cmd("query-migrate")
+        if not isinstance(q, dict) or "status" not in q:
+            continue
+        ram = q.get("ram", {})
+        samples.append({"t": round(time.time() - t0, 3), "status": q.get("status"),
+                        "dirty_sync_count": ram.get("dirty-sync-count"),
+                        "dirty_pages_rate": ram.get("dirty-pages-rate"), "page_size": ram.get("page-size"),
+                        "remaining": ram.get("remaining"), "transferred": ram.get("transferred"),
+                        "mbps": ram.get("mbps"), "expected_downtime": q.get("expected-downtime")})
+
+
+async def live_migration(ctx, pair, rep):
+    """running guest dirtying a hot set at a set rate, loopback TCP, precopy, unlimited bandwidth, downtime-limit (qq and vv only)"""
+    live = ctx.live
+    engine = pair[0]
+    is_qemu = isinstance(engine, QemuEngine)
+    if is_qemu and live.qemu_unavailable:
+        raise RunFailed(f"QEMU live guest unavailable: {live.qemu_unavailable}")
+    rec = {"engine": engine.name, "accel": live.qemu_accel if is_qemu else "soft",
+           "hot": live.hot, "memory": live.memory,
+           "guest_rate_set": live.qemu_rate if is_qemu else live.vmigrate_rate}
+    src, dst = VM(engine, "src", ctx), VM(engine, "dst", ctx)
+    serial_src = os.path.join(ctx.tmpdir, f"src-{engine.name}.serial") if is_qemu else None
+    serial_dst = os.path.join(ctx.tmpdir, f"dst-{engine.name}.serial") if is_qemu else None
+    for p in (serial_src, serial_dst):
+        if p:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(p)
+    port = ctx.args.port or free_port()
+    uri = f"tcp:127.0.0.1:{port}"
+    try:
+        await src.start(argv=engine.live_argv(live, src.sock, serial_src, None))
+        await dst.start(argv=engine.live_argv(live, dst.sock, serial_dst, "defer"))
+        for vm in (src, dst):
+            await vm.set_caps({"events": True})
+        await src.set_params({"max-bandwidth": 0, "downtime-limit": live.downtime_limit})
+        await dst.cmd("migrate-incoming", uri=uri)
+        meter = GuestMeter(src, serial_src)
+        await meter.wait_pages(live.hot // LIVE_PAGE, 60)  # the whole hot set written once
+        gw, gl = quiet_gate(ctx.args.gate)
+        pw_gib = ctx.args.prewarm if ctx.args.prewarm_given else live.memory / GiB + 1
+        pw_s, pw_us = prewarm(int(pw_gib * GiB))
+        rec.update(gate_wait_s=gw, gate_load=gl, prewarm_s=pw_s, prewarm_us_per_page=pw_us)
+        rec["dirty_rate_before"] = await meter.rate(2.0)
+        rec["calc_dirty_rate"] = await calc_dirty_rate(src, live.calc_ms)
+        rec["calc_dirty_rate_ms"] = live.calc_ms
+
+        samples = []
+        b0, me0 = machine_busy(), self_cpu()
+        cs0, cd0 = src.cpu(), dst.cpu()
+        pages0 = await meter.pages()
+        t0 = time.time()
+        await src.cmd("migrate", uri=uri)
+        sampler = asyncio.ensure_future(sample_migration(src, samples, t0))
+        deadline = time.monotonic() + live.timeout
+        ws = asyncio.ensure_future(wait_migration(src, deadline, t0))
+        wd = asyncio.ensure_future(wait_migration(dst, deadline, t0))
+        try:
+            pending = {ws, wd}
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                if any(t.result()["status"] != "completed" for t in done):
+                    break
+        finally:
+            for t in (ws, wd, sampler):
+                t.cancel()
+            await asyncio.gather(ws, wd, sampler, return_exceptions=True)
+        cs1, cd1 = src.cpu(), dst.cpu()
+        b1, me1 = machine_busy(), self_cpu()
+        rs = ws.result() if ws.done() and not ws.cancelled() else {"status": "not finished", "t": None}
+        rd = wd.result() if wd.done() and not wd.cancelled() else {"status": "not finished", "t": None}
+        rec["samples"] = samples
+        rec.update(src_status=rs["status"], dst_status=rd["status"])
+        rates = [s["dirty_pages_rate"] * (s["page_size"] or LIVE_PAGE) for s in samples
+                 if s.get("dirty_pages_rate")]
+        rec["dirty_pages_rate_max"] = max(rates) if rates else None
+        if rs["status"] != "completed" or rd["status"] != "completed":
+            q = await src.try_cmd("query-migrate") if exit_status(src.proc) is None else {}
+            if isinstance(q, dict) and q.get("status") not in TERMINAL + (None,):
+                await src.try_cmd("migrate_cancel")
+            ram = (q or {}).get("ram", {})
+            rec.update(transferred=ram.get("transferred"), dirty_sync_count=ram.get("dirty-sync-count"))
+            why = f" ({q['error-desc']})" if isinstance(q, dict) and q.get("error-desc") else ""
+            st = {"timeout": f"did not converge in {live.timeout:g} s"}
+            raise RunFailed(f"migration did not complete: source {st.get(rs['status'], rs['status'])}{why}, "
+                            f"destination {st.get(rd['status'], rd['status'])}; "
+                            f"{ram.get('dirty-sync-count')} passes, "
+                            f"{(ram.get('transferred') or 0) / MiB:.0f} MiB sent", rec)
+        qs = await src.cmd("query-migrate")
+        ram = qs.get("ram", {})
+        pages1 = await meter.pages()  # the source guest stopped at switchover
+        total_ms, downtime_ms = qs.get("total-time"), qs.get("downtime")
+        active_s = ((total_ms or 0) - (downtime_ms or 0)) / 1000
+        rec.update(
+            wall_s=rd["t"] - t0, total_time_ms=total_ms, downtime_ms=downtime_ms,
+            setup_time_ms=qs.get("setup-time"), transferred=ram.get("transferred"),
+            dirty_sync_count=ram.get("dirty-sync-count"), normal_pages=ram.get("normal"),
+            duplicate_pages=ram.get("duplicate"),
+            pages_written_during=pages1 - pages0,
+            dirty_rate_during=(pages1 - pages0) * LIVE_PAGE / active_s if active_s > 0 else None,
+            cpu_src_s=(cs1 - cs0) if None not in (cs0, cs1) else None,
+            cpu_dst_s=(cd1 - cd0) if None not in (cd0, cd1) else None,
+            foreign_cpu_s=(b1 - b0) - ((cs1 or 0) - (cs0 or 0)) - ((cd1 or 0) - (cd0 or 0)) - (me1 - me0),
+            query_migrate_src=qs)
+        # the guest goes on at the destination
+        dmeter = GuestMeter(dst, serial_dst)
+        d0 = await dmeter.pages()
+        t_end = time.monotonic() + 5
+        while time.monotonic() < t_end and await dmeter.pages() <= d0:
+            await asyncio.sleep(0.05)
+        rec["dst_guest_runs"] = await dmeter.pages() > d0
+        if not rec["dst_guest_runs"]:
+            raise RunFailed("the guest did not run on the destination after the migration", rec)
+        return rec
+    finally:
+        await asyncio.gather(src.stop(), dst.stop())
+
+
+live_migration.live = True
+
+
 SCENARIOS = {
     "tcp-precopy": _tcp(doc="stopped VM, loopback TCP, precopy, one channel, unlimited bandwidth"),
     "tcp-multifd2": _tcp({"multifd": True}, {"multifd-channels": 2},
@@ -728,7 +1123,12 @@ SCENARIOS = {
     "tcp-multifd4-zlib": _tcp({"multifd": True}, {"multifd-channels": 4, "multifd-compression": "zlib",
                                                   "multifd-zlib-level": 1},
                               "stopped VM, loopback TCP, multifd 4 channels, zlib level 1"),
+    "live": live_migration,
 }
+
+
+def is_live(scenario):
+    return getattr(SCENARIOS[scenario], "live", False)
 
 
 # --------------------------------------------------------------------------------------
@@ -742,6 +1142,7 @@ class Ctx:
         self.meta = meta
         self.tmpdir = tmpdir
         self.timeout = args.timeout or max(120, 60 * args.size / GiB)
+        self.live = None  # LiveConfig, when a live scenario runs
         self._n = 0
         self.harness_errors = 0
 
@@ -873,6 +1274,85 @@ def report(records, size, scenarios, pairs):
     return "\n".join(lines)
 
 
+def report_live(records, live):
+    """Tables of the live scenario: per engine, then vmigrate / QEMU and the target."""
+    lines = []
+    for sc in [s for s in SCENARIOS if is_live(s)]:
+        recs = [r for r in records if r["scenario"] == sc]
+        if not recs:
+            continue
+        mib = lambda vals: [v / MiB for v in vals if v is not None]
+        rows = []
+        for name in ("qemu", "vmigrate"):
+            rs = [r for r in recs if r["src"] == name]
+            ok = [r for r in rs if r["ok"]]
+            if not rs:
+                continue
+            g = lambda k: [r.get(k) for r in ok]
+            accel = ",".join(sorted({r["accel"] for r in ok if r.get("accel")})) or "–"
+            rows.append([f"{pair_label((name, name))}", accel, f"{len(ok)}/{len(rs)}",
+                         fmt(mib(g("guest_rate_set")), 0), fmt(mib(g("dirty_rate_before")), 0),
+                         fmt(mib(g("dirty_rate_during")), 0), fmt(mib(g("calc_dirty_rate")), 0),
+                         fmt(mib(g("dirty_pages_rate_max")), 0),
+                         fmt(g("total_time_ms"), 0), fmt(g("downtime_ms"), 0), fmt(mib(g("transferred")), 0),
+                         fmt(g("dirty_sync_count"), 0), fmt(g("wall_s")), fmt(g("cpu_src_s")),
+                         fmt(g("cpu_dst_s"))])
+        probe = ", ".join(f"{a} {r / MiB:.0f} MiB/s" if r else f"{a} –" for a, r in live.probe.items())
+        lines.append(f"\n### {sc}: {SCENARIOS[sc].__doc__}\n")
+        lines.append(f"hot set {human_size(live.hot)} of {human_size(live.memory)} guest RAM; downtime-limit "
+                     f"{live.downtime_limit} ms; max-bandwidth 0. QEMU guest: pc machine, accelerator "
+                     f"{live.qemu_accel or '–'} (chosen by the higher flat-out guest dirty rate: {probe or 'not probed'}); "
+                     f"vmigrate: lab machine, soft accelerator.")
+        for n in live.notes:
+            lines.append(f"note: {n}")
+        lines.append("Dirty rate = guest page writes × 4 KiB per second (QEMU: serial marks, vmigrate: "
+                     "query-workload pages-written), before and during the migration; calc-dirty-rate is "
+                     f"page-sampling over {live.calc_ms} ms (distinct pages); dirty-pages-rate is the highest "
+                     "query-migrate figure seen (sampled every 0.2 s; QEMU computes it over periods of at least "
+                     "1 s, so a hot set rewritten faster counts once per period). Median [min–max] of completed "
+                     "runs.\n")
+        lines.append(table(["engine (src→dst)", "accel", "ok/runs", "rate set MiB/s", "dirty MiB/s before",
+                            "dirty MiB/s during", "calc-dirty-rate MiB/s", "dirty-pages-rate MiB/s",
+                            "total time ms", "downtime ms", "sent MiB", "passes", "wall s",
+                            "CPU src s", "CPU dst s"], rows))
+
+        def m(name, key):
+            return median([r.get(key) for r in recs if r["ok"] and r["src"] == name])
+
+        def ratio(a, b):
+            return f"{a / b:.2f}" if a is not None and b else "–"
+
+        ratios = []
+        for label, key in (("downtime", "downtime_ms"), ("sent bytes", "transferred"),
+                           ("total time", "total_time_ms"), ("passes", "dirty_sync_count"),
+                           ("dirty rate before", "dirty_rate_before"), ("dirty rate during", "dirty_rate_during")):
+            ratios.append([label, ratio(m("vmigrate", key), m("qemu", key))])
+        lines.append("\nvmigrate / QEMU (medians; < 1 for downtime, bytes and time: vmigrate better; "
+                     "≥ 1 for dirty rates: vmigrate's guest dirtied at least as fast)\n")
+        lines.append(table(["figure", "vmigrate / QEMU"], ratios))
+        dv, dq = m("vmigrate", "downtime_ms"), m("qemu", "downtime_ms")
+        bv, bq = m("vmigrate", "transferred"), m("qemu", "transferred")
+        rv = [m("vmigrate", k) for k in ("dirty_rate_before", "dirty_rate_during")]
+        rq = [m("qemu", k) for k in ("dirty_rate_before", "dirty_rate_during")]
+        if None in (dv, dq, bv, bq) or None in rv or None in rq:
+            lines.append("\ntarget: not decided (needs completed runs of both engines)")
+        else:
+            rate_ok = all(v >= q * (1 - RATE_TOLERANCE) for v, q in zip(rv, rq))
+            met = dv <= dq and bv <= bq and rate_ok
+            lines.append(f"\ntarget (vmigrate downtime and sent bytes at most QEMU's, at an equal or higher "
+                         f"dirty rate, equal = within {RATE_TOLERANCE:.0%}): {'MET' if met else 'NOT MET'} — "
+                         f"downtime {dv:.0f} vs {dq:.0f} ms, sent {bv / MiB:.0f} vs {bq / MiB:.0f} MiB, dirty rate "
+                         f"before {rv[0] / MiB:.0f} vs {rq[0] / MiB:.0f} MiB/s, during {rv[1] / MiB:.0f} vs "
+                         f"{rq[1] / MiB:.0f} MiB/s")
+        failed = [r for r in recs if not r["ok"]]
+        if failed:
+            lines.append("\nFAILED runs (not counted):")
+            for r in failed:
+                first = (r.get("error") or "").splitlines()[0] if r.get("error") else "?"
+                lines.append(f"  {pair_label((r['src'], r['dst']))} rep {r['rep']}: {first}")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------------------
 # Main
 
@@ -966,13 +1446,17 @@ def host_info(qemu_bin, vmigrate_bin):
 
 
 async def run_all(ctx, engines, pairs, scenarios, reps, records, log):
+    if ctx.live is not None:
+        await live_setup(ctx, engines["qemu"], pairs, log)
     for rep in range(reps):
         order = pairs[rep % len(pairs):] + pairs[:rep % len(pairs)]  # rotate: no fixed position
         for sc in scenarios:
             for p in order:
+                if is_live(sc) and p[0] != p[1]:
+                    continue  # a live guest migrates only between two VMs of one engine
                 src, dst = engines[p[0]], engines[p[1]]
-                rec = {"scenario": sc, "src": p[0], "dst": p[1], "rep": rep, "size": ctx.size,
-                       "start": time.time()}
+                rec = {"scenario": sc, "src": p[0], "dst": p[1], "rep": rep,
+                       "size": ctx.live.memory if is_live(sc) else ctx.size, "start": time.time()}
                 why = src.unavailable or dst.unavailable
                 if why:
                     rec.update(ok=False, error=f"engine unavailable: {why}")
@@ -991,7 +1475,13 @@ async def run_all(ctx, engines, pairs, scenarios, reps, records, log):
                         ctx.harness_errors += 1
                         traceback.print_exc()
                 records.append(rec)
-                if rec["ok"]:
+                if rec["ok"] and is_live(sc):
+                    log(f"[{sc} rep {rep}] {pair_label(p):18s} {rec['accel']:4s} dirty "
+                        f"{rec['dirty_rate_before'] / MiB:5.0f} MiB/s before, "
+                        f"{(rec['dirty_rate_during'] or 0) / MiB:5.0f} during  total {rec['total_time_ms']} ms  "
+                        f"downtime {rec['downtime_ms']} ms  sent {rec['transferred'] / MiB:.0f} MiB  "
+                        f"passes {rec['dirty_sync_count']}")
+                elif rec["ok"]:
                     gb = f"{rec['gbit_per_s']:.1f}" if rec.get("gbit_per_s") else "–"
                     pw = f"{rec['prewarm_us_per_page']:.2f} µs/page" if rec.get("prewarm_us_per_page") else "off"
                     log(f"[{sc} rep {rep}] {pair_label(p):18s} {rec['wall_s']:7.2f} s "
@@ -1029,6 +1519,20 @@ def main():
     ap.add_argument("--keep-image", action="store_true",
                     help="keep the source RAM image (reused by the next run with the same size and seed)")
     ap.add_argument("--keep-logs", action="store_true", help="keep the engines' logs and QMP dir")
+    live = ap.add_argument_group("live scenario")
+    live.add_argument("--live-hot", type=parse_size, default=parse_size("256M"),
+                      help="hot set the guest dirties (default 256M)")
+    live.add_argument("--live-memory", type=parse_size,
+                      help="guest RAM (default hot set + 256M; at most 3G)")
+    live.add_argument("--live-rate", type=parse_rate, default=parse_rate("512M"),
+                      help="guest dirty rate in bytes/s, e.g. 1G (default 512M = 512 MiB/s); lowered to what "
+                           "QEMU's guest reaches if it reaches less")
+    live.add_argument("--live-accel", choices=("auto", "tcg", "kvm"), default="auto",
+                      help="QEMU accelerator for the guest (default auto: probe both, take the one "
+                           "whose guest dirties fastest)")
+    live.add_argument("--downtime-limit", type=int, default=300, help="downtime-limit in ms (default 300)")
+    live.add_argument("--live-calc-ms", type=int,
+                      help="calc-time of calc-dirty-rate in ms (default half a sweep of the hot set, 50-1000)")
     args = ap.parse_args()
 
     if args.list_scenarios:
@@ -1041,6 +1545,12 @@ def main():
             ap.error(f"unknown scenario {s!r}; known: {', '.join(SCENARIOS)}")
     if args.reps < 1:
         ap.error("--reps must be >= 1")
+    live_memory = args.live_memory or args.live_hot + 256 * MiB
+    if live_memory < args.live_hot + 16 * MiB or live_memory > 3 * GiB:
+        ap.error("--live-memory must be at least the hot set + 16M and at most 3G")
+    if args.downtime_limit < 1:
+        ap.error("--downtime-limit must be >= 1")
+    args.prewarm_given = args.prewarm is not None
     if args.prewarm is None:
         args.prewarm = args.size / GiB + 1
     with contextlib.suppress(Exception):
@@ -1067,10 +1577,11 @@ def main():
             log(f"note: vmigrate pairs will be reported FAILED: {why}")
 
         # space: image + one destination file (+ prewarm, which is anonymous memory)
+        stopped = [s for s in scenarios if not is_live(s)]
         st = os.statvfs(args.shm)
         have_image = os.path.exists(image) and os.path.getsize(image) == args.size
-        need = args.size * (1 if have_image else 2)
-        if st.f_bavail * st.f_frsize < need + 64 * MiB:
+        need = args.size * (1 if have_image else 2) if stopped else 0
+        if stopped and st.f_bavail * st.f_frsize < need + 64 * MiB:
             raise BenchError(f"{args.shm} has {st.f_bavail * st.f_frsize / GiB:.1f} GiB free, "
                              f"needs {need / GiB:.1f} GiB")
         with open("/proc/meminfo") as f:
@@ -1080,13 +1591,22 @@ def main():
                 f"({(need + args.prewarm * GiB) / GiB:.1f} GiB)")
 
         tmpdir = tempfile.mkdtemp(prefix="vmigrate-bench-")
-        if not args.keep_image:
-            _temp_files.update((image, image + ".json"))
-        meta = make_image(image, args.size, args.seed, log)
+        meta = None
+        if stopped:
+            if not args.keep_image:
+                _temp_files.update((image, image + ".json"))
+            meta = make_image(image, args.size, args.seed, log)
         ctx = Ctx(args, image, meta, tmpdir)
+        if len(stopped) < len(scenarios):
+            ctx.live = LiveConfig(args, tmpdir)
+            if not any(p[0] == p[1] for p in args.pairs):
+                log("note: the live scenario runs only qq and vv pairs, and none was asked for")
         info = host_info(args.qemu, vm_bin)
-        log(f"{human_size(args.size)} stopped 'none' VM, pairs {', '.join(pair_label(p) for p in args.pairs)}, "
-            f"{args.reps} rep(s), scenarios {', '.join(scenarios)}; prewarm {args.prewarm:g} GiB, gate {args.gate:g} s")
+        if stopped:
+            log(f"{human_size(args.size)} stopped 'none' VM, pairs {', '.join(pair_label(p) for p in args.pairs)}, "
+                f"{args.reps} rep(s), scenarios {', '.join(scenarios)}; prewarm {args.prewarm:g} GiB, gate {args.gate:g} s")
+        else:
+            log(f"{args.reps} rep(s), scenarios {', '.join(scenarios)}; gate {args.gate:g} s")
         try:
             asyncio.run(run_all(ctx, engines, args.pairs, scenarios, args.reps, records, log))
         finally:
@@ -1094,12 +1614,16 @@ def main():
                 out = {"config": {"size": args.size, "reps": args.reps, "scenarios": scenarios,
                                   "pairs": [list(p) for p in args.pairs], "prewarm_gib": args.prewarm,
                                   "gate_s": args.gate, "seed": args.seed,
-                                  "image": {k: v for k, v in meta.items() if k != "chunk_sha1"}},
+                                  "image": {k: v for k, v in (meta or {}).items() if k != "chunk_sha1"},
+                                  "live": ctx.live.describe() if ctx.live else None},
                        "host": info, "runs": records}
                 with open(args.json, "w") as f:
                     json.dump(out, f, indent=1)
                 log(f"raw records: {args.json}")
-        print(report(records, args.size, scenarios, args.pairs))
+        if stopped:
+            print(report(records, args.size, stopped, args.pairs))
+        if ctx.live is not None:
+            print(report_live(records, ctx.live))
         if ctx.harness_errors:
             sys.stderr.write(f"bench.py: {ctx.harness_errors} run(s) hit a harness error (see above)\n")
             return 1

@@ -718,15 +718,24 @@ class LoadResult:
                 f"runstate={self.runstate}, stderr={self.machine.stderr_tail(600)!r})")
 
 
-def load_stream(ws, impl, uri, mem_mib, cmdline=False, name="dst", timeout=30):
+def load_stream(ws, impl, uri, mem_mib, cmdline=False, name="dst", timeout=30,
+                caps=None, params=None):
     """Load the stream at URI into a fresh destination.
     cmdline=False: started with incoming=defer, then QMP migrate-incoming with
                    exit-on-error false.
     cmdline=True:  started with the URI as -incoming / --incoming (exit-on-error is
-                   then the default, true)."""
+                   then the default, true).
+    caps, params:  capabilities and parameters ({name: value}) set before
+                   migrate-incoming (cmdline=False only)."""
+    if cmdline and (caps or params):
+        raise ValueError("capabilities and parameters need migrate-incoming (cmdline=False)")
     m = ws.vm(impl, name, mem_mib=mem_mib, incoming=uri if cmdline else "defer")
     if not cmdline:
         m.start()
+        if caps:
+            m.set_caps(**caps)
+        if params:
+            m.set_params(**params)
         m.cmd("migrate-incoming", uri=uri, **{"exit-on-error": False})
         info = m.wait_migration(("completed", "failed"), timeout=timeout)
         return LoadResult(m, info["status"], info, runstate=m.runstate())

@@ -421,13 +421,14 @@ fn iterate_inner(
         if pass_done {
             // As QEMU decides it: the estimate (what is still marked dirty) is checked
             // against the threshold; only when it is below does an exact dirty sync
-            // run before the decision. With no bandwidth measured yet the threshold is
-            // 0, and an empty estimate switches over at once.
+            // run before the decision. Unlike QEMU, with no bandwidth measured yet
+            // (threshold 0) the exact sync runs too: an empty estimate at the end of a
+            // pass says nothing about what a running guest dirtied meanwhile.
             let params = shared.params_snapshot();
             let threshold = switchover_threshold(&params, window.bandwidth);
             let mut pending = saver.remaining_bytes() as f64;
             let mut synced = false;
-            if pending < threshold {
+            if pending < threshold || threshold == 0.0 {
                 dirty_sync(shared, vmm, saver, sync_tracker)?;
                 synced = true;
                 pending = saver.remaining_bytes() as f64;
