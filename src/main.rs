@@ -21,7 +21,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Run a reference VM with a QMP (and optionally HMP) monitor.
-    Vm(vm::VmArgs),
+    Vm(Box<vm::VmArgs>),
     /// Read a migration file (QEMU's or vmigrate's) and report what it holds.
     Inspect {
         file: std::path::PathBuf,
@@ -39,7 +39,7 @@ enum Cmd {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        Cmd::Vm(args) => vm::run(args),
+        Cmd::Vm(args) => vm::run(*args),
         Cmd::Inspect { file, json, offset } => inspect(&file, json, offset),
         Cmd::Demo(args) => demo::run(args),
     };

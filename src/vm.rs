@@ -7,6 +7,7 @@ use clap::Args;
 use vmigrate_engine::transport::Address;
 use vmigrate_engine::{EventBus, IncomingMode, Migrator, RunState};
 use vmigrate_qmp::{Dispatcher, MonitorAddress, VmBackend};
+use vmigrate_vm::kvm::DirtyTracking;
 use vmigrate_vm::{Accel, LabConfig, Machine, MachineConfig, MachineKind, WorkloadSpec};
 
 #[derive(Args, Debug)]
@@ -23,6 +24,15 @@ pub struct VmArgs {
     /// `lab` workload: `hot=SIZE,rate=BYTES_PER_S,verify` (each optional), or `none`.
     #[arg(long, default_value = "")]
     workload: String,
+    /// `lab` with `--accel kvm`: how KVM reports the pages the guest writes.
+    /// `log`: KVM_GET_DIRTY_LOG, which fetches and re-protects in one call;
+    /// `log-clear`: KVM_GET_DIRTY_LOG then KVM_CLEAR_DIRTY_LOG for the fetched pages
+    /// (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2); `ring` or `ring=ENTRIES`: a dirty ring per
+    /// vCPU (KVM_CAP_DIRTY_LOG_RING; ENTRIES a power of two, default 4096);
+    /// `auto`: ring where KVM offers it, else log-clear, else log.
+    /// A mode this host's KVM lacks is an error.
+    #[arg(long, value_name = "MODE", value_parser = parse_dirty_tracking)]
+    dirty_tracking: Option<DirtyTracking>,
     /// `lab` serial console: `stdio`, `none` or a file.
     #[arg(long, default_value = "none")]
     serial: String,
@@ -54,6 +64,11 @@ pub struct VmArgs {
     /// an incoming guest is not started.
     #[arg(long)]
     paused: bool,
+    /// Registers a migration blocker, `MODE:TEXT` (repeatable): outgoing migration in
+    /// MODE (`normal`, `cpr-reboot`, `cpr-transfer`, or `all`) fails with TEXT, and
+    /// `query-migrate` lists TEXT in `blocked-reasons` while `mode` is MODE.
+    #[arg(long, value_name = "MODE:TEXT")]
+    migration_blocker: Vec<String>,
 }
 
 /// Parses a QEMU-style memory size: a plain number is MiB.
@@ -62,6 +77,11 @@ pub fn parse_memory(s: &str) -> Option<u64> {
         return s.parse::<u64>().ok()?.checked_mul(1 << 20);
     }
     vmigrate_engine::transport::parse_size(s)
+}
+
+fn parse_dirty_tracking(s: &str) -> Result<DirtyTracking, String> {
+    DirtyTracking::parse(s)
+        .ok_or_else(|| "known modes: auto, log, log-clear, ring, ring=ENTRIES".to_string())
 }
 
 struct Backend(Arc<Machine>);
@@ -95,6 +115,13 @@ pub fn run(args: VmArgs) -> anyhow::Result<()> {
     {
         bail!("--accel, --cpus and --workload need --machine lab");
     }
+    let dirty_tracking = match args.dirty_tracking {
+        None => DirtyTracking::Auto,
+        Some(_) if kind != MachineKind::Lab || accel != Accel::Kvm => {
+            bail!("--dirty-tracking needs --machine lab --accel kvm")
+        }
+        Some(m) => m,
+    };
     if args.cpus == 0 {
         bail!("--cpus must be at least 1");
     }
@@ -129,6 +156,7 @@ pub fn run(args: VmArgs) -> anyhow::Result<()> {
                 cpus: args.cpus,
                 workload,
                 serial: args.serial.clone(),
+                dirty_tracking,
             },
         },
         events.clone(),
@@ -138,6 +166,11 @@ pub fn run(args: VmArgs) -> anyhow::Result<()> {
     } else {
         IncomingMode::Disabled
     };
+    for spec in &args.migration_blocker {
+        let (blocker_mode, reason) = vmigrate_vm::blockers::parse_blocker_spec(spec)
+            .map_err(|e| anyhow::anyhow!("invalid --migration-blocker: {e}"))?;
+        machine.add_migration_blocker(blocker_mode, reason);
+    }
     let migrator = Migrator::new(machine.clone(), events.clone(), mode);
     migrator.set_autostart(!args.paused);
     migrator.set_incoming_failure_handler(|msg| {

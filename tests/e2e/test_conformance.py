@@ -4,7 +4,8 @@ error class, same text, and the same return values where they do not depend on t
 process (versions, times, ports).
 
 Where vmigrate lacks a feature it answers with its own clear error instead; every such
-case is listed in VMIGRATE_ONLY below, and nowhere else.
+case is listed in the block at the top (VMIGRATE_ONLY, QEMU_ONLY and the functions next
+to them), and nowhere else.
 
 Also here: QEMU's own asyncio client (`qemu.qmp.QMPClient`) driving vmigrate, hostile
 QMP input (bad JSON, huge messages, many clients, clients that vanish mid-command) and
@@ -55,13 +56,23 @@ VMIGRATE_ONLY = {
     '{"execute": "migrate", "arguments": {"channels": [{"channel-type": "cpr", "addr": '
     '{"transport": "socket", "type": "unix", "path": "/nonexistent/cpr.sock"}}]}}':
         "Channel list has no main entry",
-    # cpr-reboot mode: QEMU saves the stopped VM; vmigrate migrates only in mode normal.
-    '{"execute": "migrate", "arguments": {"uri": "file:@CPR_FILE@-reboot"}}':
-        "Migration mode 'cpr-reboot' is not supported by vmigrate yet",
 }
 QEMU_SKIP = {
     '{"execute": "migrate", "arguments": {"channels": [{"channel-type": "cpr", "addr": '
     '{"transport": "socket", "type": "unix", "path": "/nonexistent/cpr.sock"}}]}}',
+}
+
+# Commands sent to QEMU only, with the error QEMU must give: states vmigrate cannot
+# reach because it refuses the capability involved (the texts are vmigrate's too).
+CPR_CONFLICTS = {
+    "postcopy-ram": "Cannot use postcopy with CPR",
+    "dirty-bitmaps": "Cannot use postcopy with CPR",
+    "background-snapshot": "Cannot use background snapshot with CPR",
+    "x-colo": "Cannot use COLO with CPR",
+}
+QEMU_ONLY = {
+    json.dumps({"execute": "migrate", "arguments": {"uri": f"file:@CPR_FILE@-{cap}"}}): text
+    for cap, text in CPR_CONFLICTS.items()
 }
 
 
@@ -71,6 +82,10 @@ def vmigrate_hmp_expected(line, unsupported):
     if words[:1] == ["migrate_set_capability"] and len(words) == 3 and words[2] == "on" \
             and words[1] in unsupported:
         return f"Error: Capability '{words[1]}' is not supported by vmigrate yet\r\n"
+    # calc-dirty-rate measures by page sampling only
+    if line == "calc_dirty_rate -b 1":
+        return ("Error: mode dirty-bitmap is not supported by vmigrate yet, use "
+                "page-sampling instead.\r\n")
     return None
 
 
@@ -150,7 +165,8 @@ U8 = ["throttle-trigger-threshold", "cpu-throttle-initial", "cpu-throttle-increm
 BOOLS = ["cpu-throttle-tailslow", "direct-io"]
 TLS = ["tls-creds", "tls-hostname", "tls-authz"]
 ENUMS = {"multifd-compression": ["none", "zlib", "zstd", "qatzip", "lz4"],
-         "mode": ["normal", "cpr-reboot", "cpr-transfer", "cpr-exec"],
+         "mode": ["normal", "cpr-reboot", "cpr-transfer", "cpr-exec", "", "NORMAL",
+                  "cpr_reboot"],
          "zero-page-detection": ["none", "legacy", "multifd", "bogus"]}
 EDGES = {
     "throttle-trigger-threshold": [0, 1, 100, 101],
@@ -372,7 +388,8 @@ def state_script(cpr_file, missing_dir):
         cmd("migrate", channels=[ch(unix, "cpr")]),
     ]
     for u in bad_uris:
-        s.append(cmd("migrate", uri=u))
+        # some fail only once started (QEMU resolves addresses asynchronously)
+        s += [cmd("migrate", uri=u), "WAIT_IDLE"]
     for u in bad_uris[:-1]:
         s.append(cmd("migrate-incoming", uri=u))
     s += [
@@ -385,17 +402,143 @@ def state_script(cpr_file, missing_dir):
         cmd("migrate-pause"),
         cmd("migrate_cancel"),
         cmd("query-migrationthreads"),
-        # modes
+        # vCPU dirty limits: no KVM dirty ring
+        cmd("set-vcpu-dirty-limit"),
+        cmd("set-vcpu-dirty-limit", **{"dirty-rate": 100}),
+        cmd("set-vcpu-dirty-limit", **{"dirty-rate": 0}),
+        cmd("set-vcpu-dirty-limit", **{"dirty-rate": -1}),
+        cmd("set-vcpu-dirty-limit", **{"dirty-rate": "x"}),
+        cmd("set-vcpu-dirty-limit", **{"dirty-rate": 1.5}),
+        cmd("set-vcpu-dirty-limit", **{"dirty-rate": 18446744073709551616}),
+        cmd("set-vcpu-dirty-limit", **{"dirty-rate": 100, "cpu-index": 0}),
+        cmd("set-vcpu-dirty-limit", **{"dirty-rate": 100, "cpu-index": 99}),
+        cmd("set-vcpu-dirty-limit", **{"dirty-rate": 100, "cpu-index": -1}),
+        cmd("set-vcpu-dirty-limit", **{"dirty-rate": 100, "cpu-index": "x"}),
+        cmd("set-vcpu-dirty-limit", **{"dirty-rate": 100, "x": 1}),
+        cmd("cancel-vcpu-dirty-limit"),
+        cmd("cancel-vcpu-dirty-limit", **{"cpu-index": 0}),
+        cmd("cancel-vcpu-dirty-limit", **{"cpu-index": 99}),
+        cmd("cancel-vcpu-dirty-limit", **{"cpu-index": -1}),
+        cmd("cancel-vcpu-dirty-limit", **{"cpu-index": "x"}),
+        cmd("cancel-vcpu-dirty-limit", x=1),
+        cmd("query-vcpu-dirty-limit"),
+        cmd("query-vcpu-dirty-limit", x=1),
+        # modes: cpr-transfer (RAM here is not shared, so QEMU blocks it)
         cmd("migrate-set-parameters", mode="cpr-transfer"),
+        cmd("query-migrate"),
         cmd("migrate", uri="tcp:127.0.0.1:1"),
         cmd("migrate", uri=f"file:{cpr_file}"),
         cmd("migrate", channels=[ch({"transport": "file", "filename": cpr_file,
                                      "offset": 0})]),
+        cmd("migrate", channels=[ch({"transport": "file", "filename": cpr_file,
+                                     "offset": 0}), ch(unix, "cpr")]),
+        cmd("migrate", channels=[ch(unix), ch(unix, "cpr")]),
+        cmd("migrate", channels=[ch(unix), ch({"transport": "socket", "type": "inet",
+                                               "host": "127.0.0.1", "port": "1"}, "cpr")]),
+        cmd("migrate", channels=[ch(unix)]),
         cmd("migrate-set-parameters", mode="normal"),
+        cmd("query-migrate"),
+        # cpr-reboot: QEMU's checks, in its order
         cmd("migrate-set-parameters", mode="cpr-reboot"),
+        cmd("query-migrate"),
         cmd("migrate", uri="foo:bar"),
-        cmd("migrate", uri=f"file:{cpr_file}-reboot"),
+        # the cpr channel is ignored outside cpr-transfer: the connection fails later
+        cmd("migrate", channels=[ch(unix), ch(unix, "cpr")]),
+        "WAIT_FAILED",
+        cmd("query-migrate"),
+        cmd("query-status"),
+        caps("mapped-ram"),
+        cmd("migrate", uri="tcp:127.0.0.1:1"),
+        cmd("migrate-set-parameters", **{"multifd-compression": "zlib"}),
+        cmd("migrate", uri=f"file:{cpr_file}-mapped"),
+        caps("mapped-ram", state=False),
+        cmd("migrate-set-parameters", **{"multifd-compression": "none"}),
+        caps("multifd"),
+        cmd("migrate", uri=f"file:{cpr_file}-multifd"),
+        caps("multifd", state=False),
     ]
+    for cap in CPR_CONFLICTS:
+        s += [caps(cap), cmd("migrate", uri=f"file:{cpr_file}-{cap}"), ALL_CAPS_OFF]
+    s += [
+        # cpr-reboot saves the stopped VM
+        cmd("migrate", uri=f"file:{cpr_file}-reboot"),
+        "WAIT_COMPLETED",
+        cmd("query-migrate"),
+        cmd("query-status"),
+        cmd("migrate", uri=f"file:{cpr_file}-again"),
+        caps("postcopy-ram"),
+        cmd("migrate", uri=f"file:{cpr_file}-again"),
+        ALL_CAPS_OFF,
+        cmd("cont"),
+        cmd("query-status"),
+        cmd("migrate-set-parameters", mode="normal"),
+    ]
+    return s
+
+
+def snapshot_script():
+    """Internal snapshots and jobs on a VM without block devices."""
+    def snap(kind, job_id, devices=(), **extra):
+        args = {"job-id": job_id, "tag": "t1"}
+        if kind != "delete":
+            args["vmstate"] = "x"
+        args["devices"] = list(devices)
+        args.update(extra)
+        return cmd(f"snapshot-{kind}", **args)
+    s = [
+        cmd("query-jobs"),
+        snap("save", "s1"),
+        cmd("query-jobs"),
+        snap("save", "s1"),
+        snap("delete", "s1"),
+        snap("load", "s1"),
+    ]
+    for verb in ("cancel", "pause", "resume", "complete", "finalize", "dismiss"):
+        s += [cmd(f"job-{verb}", id="s1"), cmd(f"job-{verb}", id="nosuch")]
+    s += [
+        cmd("job-dismiss", id="s1"),
+        cmd("job-dismiss"),
+        cmd("job-dismiss", id=1),
+        cmd("job-cancel", id="s1", force=True),
+        cmd("query-jobs"),
+        cmd("query-jobs", x=1),
+        snap("save", "1bad"),
+        snap("save", ""),
+        snap("save", "a b"),
+        snap("save", "#a"),
+        snap("save", "a" * 200),
+        snap("save", "a-b_c.d"),
+        cmd("snapshot-save", **{"job-id": "m1"}),
+        cmd("snapshot-save", **{"job-id": "m1", "tag": "t1", "devices": []}),
+        cmd("snapshot-save", **{"job-id": "m1", "tag": "t1", "vmstate": "x"}),
+        cmd("snapshot-save", **{"job-id": "m1", "tag": 1, "vmstate": "x", "devices": []}),
+        cmd("snapshot-save", **{"job-id": "m1", "tag": "t", "vmstate": "x", "devices": [1]}),
+        snap("save", "m1", extra=1),
+        cmd("snapshot-delete", **{"job-id": "m1", "tag": "t1", "vmstate": "x",
+                                  "devices": []}),
+        snap("save", "s2", ["x", "y"]),
+        snap("delete", "d1"),
+        snap("delete", "d2", ["x"]),
+        cmd("query-jobs"),
+        cmd("query-status"),
+        # a load stops a running VM first and leaves it stopped
+        snap("load", "l1", ["x"]),
+        cmd("query-status"),
+        cmd("query-jobs"),
+        cmd("cont"),
+        cmd("query-status"),
+        cmd("stop"),
+        snap("load", "l2"),
+        cmd("query-status"),
+        cmd("cont"),
+        snap("load", "l3"),
+        cmd("query-status"),
+        cmd("cont"),
+        cmd("query-jobs"),
+    ]
+    for job_id in ("s2", "d1", "d2", "l1", "l2", "l3", "a" * 200, "a-b_c.d"):
+        s.append(cmd("job-dismiss", id=job_id))
+    s += [cmd("query-jobs"), cmd("query-status"), cmd("query-migrate")]
     return s
 
 
@@ -447,6 +590,10 @@ def incoming_script():
 # Running a script on both and comparing
 
 
+# Statistics of a completed migration that depend on timing and stream framing.
+RAM_MASKED = ("transferred", "mbps", "pages-per-second", "downtime-bytes")
+
+
 def normalise(reply):
     """What must match between QEMU and vmigrate."""
     r = dict(reply)
@@ -457,6 +604,8 @@ def normalise(reply):
         for k in ("setup-time", "total-time", "expected-downtime", "downtime"):
             if k in ret:
                 ret[k] = "<ms>"
+        if isinstance(ret.get("ram"), dict):
+            ret["ram"] = {k: "<n>" if k in RAM_MASKED else v for k, v in ret["ram"].items()}
         for a in ret.get("socket-address", []):
             if "port" in a:
                 a["port"] = "<port>"
@@ -484,8 +633,21 @@ def run_script(q, v, script, subst=None):
             for c in (q, v):
                 wait_status(c, ("setup", "active"))
             continue
+        if msg == "WAIT_IDLE":
+            for c in (q, v):
+                wait_status(c, (None, "completed", "failed", "cancelled"))
+            continue
+        if msg == "WAIT_COMPLETED":
+            for c in (q, v):
+                wait_status(c, ("completed",))
+            continue
         key = key_of(msg)
         sent = json.loads(_subst(key, subst))
+        if key in QEMU_ONLY:
+            qr = q.send(sent)
+            if qr != {"error": {"class": "GenericError", "desc": QEMU_ONLY[key]}}:
+                diffs.append(f"{key}\n    qemu:     {qr}\n    expected: {QEMU_ONLY[key]!r}")
+            continue
         if key in QEMU_SKIP:
             qr = None
         else:
@@ -548,6 +710,46 @@ def test_qmp_state_commands(ws):
     subst = {"@CPR_FILE@": ws.path("cpr.bin")}
     diffs = run_script(q, v, state_script("@CPR_FILE@", missing), subst)
     report(diffs)
+
+
+def test_qmp_snapshots_and_jobs(ws):
+    require("qemu", "vmigrate")
+    _, _, q, v = start_pair(ws, "snap")
+    report(run_script(q, v, snapshot_script()))
+
+
+def _job_message_order(ws, impl):
+    """Replies and events, in the order they arrive, for snapshot jobs."""
+    m = ws.vm(impl, f"{impl}jobs", mem_mib=16, ram_id="ram", shared=False).start(
+        connect=False)
+    c = RawQMP.connect(m.qmp_path)
+    order = []
+    for kind, job_id in (("save", "s1"), ("delete", "d1"), ("load", "l1")):
+        args = {"job-id": job_id, "tag": "t1", "devices": []}
+        if kind != "delete":
+            args["vmstate"] = "x"
+        c.write({"execute": f"snapshot-{kind}", "arguments": args})
+        seen = []
+        while len(seen) < 5 + (kind == "load"):
+            msg = c.read_line()
+            if "event" in msg:
+                data = msg.get("data") or {}
+                seen.append(f"{msg['event']}:{data.get('status', '')}")
+            else:
+                seen.append(f"return:{msg}")
+        order.append(seen)
+    c.write({"execute": "job-dismiss", "arguments": {"id": "s1"}})
+    order.append([str(c.read_line().get("return")), str(c.read_line().get("data"))])
+    return order
+
+
+def test_snapshot_job_events_match_qemu(ws):
+    require("qemu", "vmigrate")
+    q, v = _job_message_order(ws, "qemu"), _job_message_order(ws, "vmigrate")
+    assert q[0] == ["JOB_STATUS_CHANGE:created", "JOB_STATUS_CHANGE:running",
+                    "return:{'return': {}}", "JOB_STATUS_CHANGE:aborting",
+                    "JOB_STATUS_CHANGE:concluded"], q
+    assert v == q, f"\n  qemu:     {q}\n  vmigrate: {v}"
 
 
 def test_qmp_incoming_commands(ws):
@@ -615,6 +817,41 @@ def hmp_script():
           "migrate_incoming tcp:127.0.0.1:0", "migrate_cancel", "migrate foo:bar",
           "migrate -d tcp:", "migrate -r tcp:127.0.0.1:1", "info migrate",
           "help migrate", "help migrate_set_parameter", "nosuchcommand"]
+    # modes: QEMU's cpr-transfer blocker for RAM that is not shared
+    s += ["migrate_set_parameter mode cpr-transfer", "info migrate",
+          "migrate tcp:127.0.0.1:1", "migrate file:/nonexistent/x",
+          "migrate_set_parameter mode cpr-reboot", "info migrate", "migrate foo:bar",
+          "migrate_set_parameter mode normal", "info migrate"]
+    # vCPU dirty limits (no KVM dirty ring)
+    s += ["set_vcpu_dirty_limit", "set_vcpu_dirty_limit 100", "set_vcpu_dirty_limit -1",
+          "set_vcpu_dirty_limit 0", "set_vcpu_dirty_limit 100 0",
+          "set_vcpu_dirty_limit 100 5", "set_vcpu_dirty_limit x",
+          "set_vcpu_dirty_limit 100 -1", "set_vcpu_dirty_limit 100 x",
+          "set_vcpu_dirty_limit 1 2 3", "set_vcpu_dirty_limit 100 -2",
+          "cancel_vcpu_dirty_limit", "cancel_vcpu_dirty_limit 0",
+          "cancel_vcpu_dirty_limit 5", "cancel_vcpu_dirty_limit -1",
+          "cancel_vcpu_dirty_limit x", "cancel_vcpu_dirty_limit 1 2",
+          "info vcpu_dirty_limit", "info vcpu_dirty_limit x",
+          "help set_vcpu_dirty_limit", "help cancel_vcpu_dirty_limit",
+          "help info vcpu_dirty_limit"]
+    # internal snapshots: no block device can hold them; loadvm stops the VM first
+    s += ["info snapshots", "info snapshots x", "savevm", "savevm t1", 'savevm "a b"',
+          "savevm a b", "loadvm", "delvm", "delvm t1", "info status", "loadvm t1",
+          "info status", "cont", "stop", "loadvm t1", "info status", "cont",
+          "info status", "help savevm", "help loadvm", "help delvm",
+          "help info snapshots"]
+    # calc_dirty_rate (the measuring one last: the others would find it running)
+    s += ["calc_dirty_rate", "calc_dirty_rate 0", "calc_dirty_rate -r -b 1",
+          "calc_dirty_rate -r 1", "calc_dirty_rate x", "calc_dirty_rate -1",
+          "calc_dirty_rate -x 1", "calc_dirty_rate 1 2 3", "calc_dirty_rate 1/0",
+          "calc_dirty_rate 1*", "calc_dirty_rate (1", "calc_dirty_rate 'ab'",
+          "calc_dirty_rate 99999999999999999999", "calc_dirty_rate $pc",
+          "calc_dirty_rate 61", "calc_dirty_rate 1 -5", "calc_dirty_rate 1 100",
+          "calc_dirty_rate 1 20000", "calc_dirty_rate -r 1 256",
+          "calc_dirty_rate -b 1 256", "calc_dirty_rate 1 -1",
+          "calc_dirty_rate 'a'", "calc_dirty_rate ~0", "calc_dirty_rate 1 x",
+          "help calc_dirty_rate", "calc_dirty_rate 1", "calc_dirty_rate 1",
+          "calc_dirty_rate 61", "WAIT_DIRTY_RATE", "calc_dirty_rate -b 1"]
     return s
 
 
@@ -624,6 +861,13 @@ def test_hmp_conformance(ws):
     unsupported = probe_unsupported(v)
     diffs = []
     for line in hmp_script():
+        if line == "WAIT_DIRTY_RATE":
+            for c in (q, v):
+                t0 = time.time()
+                while c.ok("query-dirty-rate")["status"] == "measuring":
+                    assert time.time() - t0 < 10, "dirty-rate measurement does not end"
+                    time.sleep(0.05)
+            continue
         qr, vr = q.hmp(line), v.hmp(line)
         expected = vmigrate_hmp_expected(line, unsupported)
         if expected is not None:
@@ -724,7 +968,10 @@ def test_schema_describes_commands(ws):
                  "migrate-pause", "migrate-recover", "migrate-start-postcopy",
                  "migrate-set-capabilities", "query-migrate-capabilities",
                  "migrate-set-parameters", "query-migrate-parameters", "query-migrate",
-                 "query-migrationthreads", "query-qmp-schema", "query-commands"]:
+                 "query-migrationthreads", "query-qmp-schema", "query-commands",
+                 "set-vcpu-dirty-limit", "cancel-vcpu-dirty-limit",
+                 "query-vcpu-dirty-limit", "snapshot-save", "snapshot-load",
+                 "snapshot-delete", "query-jobs", "job-dismiss", "job-cancel"]:
         assert name in commands, name
     # every command is answered as known (a missing argument at worst)
     for name in commands - {"quit", "qmp_capabilities"}:
@@ -759,7 +1006,7 @@ def test_schema_describes_commands(ws):
     assert {x["name"] for x in params["members"]} == set(DEFAULT_PARAMS) | {
         "block-bitmap-mapping"}
     events = {e["name"] for e in schema if e["meta-type"] == "event"}
-    assert {"MIGRATION", "MIGRATION_PASS", "STOP", "RESUME"} <= events
+    assert {"MIGRATION", "MIGRATION_PASS", "STOP", "RESUME", "JOB_STATUS_CHANGE"} <= events
     ev = by_name[by_name["MIGRATION"]["arg-type"]]
     assert ev["members"][0]["name"] == "status"
 

@@ -48,8 +48,13 @@ pub struct CalcRequest {
 }
 
 impl DirtyRateMeter {
-    /// Checks the request as QEMU does and starts the measurement.
+    /// Checks the request as QEMU does, in its order (a running measurement first, then
+    /// the time, the sample count, the mode), and starts the measurement.
     pub fn start(&self, blocks: Vec<Arc<RamBlock>>, req: &CalcRequest) -> Result<(), String> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if st.status == "measuring" {
+            return Err("the dirty rate is already being measured.".into());
+        }
         let ms = if req.millis {
             req.calc_time
         } else {
@@ -58,31 +63,27 @@ impl DirtyRateMeter {
         if !(50..=60_000).contains(&ms) {
             return Err("Calculation time is out of range [50ms, 60000ms].".into());
         }
+        let sample_pages = match req.sample_pages {
+            None => DEFAULT_SAMPLE_PAGES,
+            Some(_) if req.mode != "page-sampling" => {
+                return Err("sample-pages is used only in page-sampling mode".into())
+            }
+            Some(n) if (128..=16384).contains(&n) => n as u64,
+            Some(_) => return Err("sample-pages is out of range[128, 16384].".into()),
+        };
         match req.mode.as_str() {
             "page-sampling" => {}
             "dirty-ring" => {
                 return Err("mode dirty-ring is not enabled, use other method instead.".into())
             }
             _ => {
-                if req.sample_pages.is_some() {
-                    return Err("sample-pages is used only in page-sampling mode".into());
-                }
                 return Err(format!(
                     "mode {} is not supported by vmigrate yet, use page-sampling instead.",
                     req.mode
                 ));
             }
         }
-        let sample_pages = match req.sample_pages {
-            None => DEFAULT_SAMPLE_PAGES,
-            Some(n) if (128..=16384).contains(&n) => n as u64,
-            Some(_) => return Err("sample-pages is out of range[128, 16384].".into()),
-        };
         {
-            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            if st.status == "measuring" {
-                return Err("the dirty rate is already being measured.".into());
-            }
             *st = Measurement {
                 status: "measuring",
                 dirty_rate: None,
@@ -94,6 +95,7 @@ impl DirtyRateMeter {
                 sample_pages,
             };
         }
+        drop(st);
         let state = self.state.clone();
         std::thread::Builder::new()
             .name("dirtyrate-calc".into())
@@ -229,8 +231,8 @@ mod tests {
         let writer = {
             let b = b.clone();
             std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(20));
                 for round in 1..=3u8 {
-                    std::thread::sleep(Duration::from_millis(40));
                     for p in 0..b.pages() as u64 {
                         b.write(p * b.page_size(), &[round; 8]);
                     }

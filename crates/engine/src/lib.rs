@@ -33,5 +33,6 @@ pub mod vmm;
 pub use events::EventBus;
 pub use memory::RamBlock;
 pub use migrator::{IncomingMode, MigrateError, Migrator};
+pub use options::MigMode;
 pub use status::{MigrationStatus, RunState};
 pub use vmm::{DeviceState, DirtyBitmap, DirtyTracker, VmControl, Vmm, VmmError};

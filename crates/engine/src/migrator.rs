@@ -18,7 +18,7 @@ use crate::io::FdSource;
 use crate::load::MultifdChannels;
 use crate::load::{self, LoadOutcome};
 use crate::multifd_recv::{read_init, HANDSHAKE_TIMEOUT};
-use crate::options::{Capabilities, Parameters};
+use crate::options::{cpr_conflict, Capabilities, MigMode, Parameters};
 use crate::save::{self, SaveError};
 use crate::stats::Stats;
 use crate::status::{MigrationStatus, RunState};
@@ -228,6 +228,11 @@ impl Migrator {
         &self.vmm
     }
 
+    /// Where this VM's events go.
+    pub fn events(&self) -> &Arc<EventBus> {
+        &self.shared.events
+    }
+
     /// Called with the error text when an incoming migration fails and
     /// `exit-on-error` is set (the binary exits, as QEMU does).
     pub fn set_incoming_failure_handler(&self, f: impl Fn(&str) + Send + Sync + 'static) {
@@ -345,7 +350,13 @@ impl Migrator {
     }
 
     /// `migrate`: checks, starts the transport, and runs the session on its own thread.
-    pub fn migrate(self: &Arc<Self>, addr: Address, resume: bool) -> Result<(), MigrateError> {
+    /// `cpr_channel` is the `addr` of the request's `cpr` channel, if it had one.
+    pub fn migrate(
+        self: &Arc<Self>,
+        addr: Address,
+        resume: bool,
+        cpr_channel: Option<&Value>,
+    ) -> Result<(), MigrateError> {
         self.check_transport(&addr)?;
         if resume {
             return merr("Cannot resume if there is no paused migration");
@@ -363,10 +374,12 @@ impl Migrator {
             }
             _ => {}
         }
-        if let Some(reason) = self.vmm.migration_blockers().into_iter().next() {
+        let mode = self.shared.params_snapshot().mode();
+        if let Some(reason) = self.vmm.migration_blockers(mode).pop() {
             return merr(reason);
         }
-        if self.shared.caps_snapshot().get("mapped-ram") {
+        let caps = self.shared.caps_snapshot();
+        if caps.get("mapped-ram") {
             let params = self.shared.params_snapshot();
             if !params.str("tls-creds").is_empty() {
                 return merr("Cannot use TLS with mapped-ram");
@@ -375,11 +388,21 @@ impl Migrator {
                 return merr("Cannot use compression with mapped-ram");
             }
         }
-        let mode = self.shared.params_snapshot().str("mode").to_string();
-        if mode != "normal" {
-            return merr(format!(
-                "Migration mode '{mode}' is not supported by vmigrate yet"
-            ));
+        if let Some(conflict) = cpr_conflict(mode, &caps) {
+            return merr(conflict);
+        }
+        if mode == MigMode::CprTransfer {
+            // QEMU checks the cpr channel once the migration is set up, so a bad one
+            // ends it as `failed`; vmigrate refuses the mode at that same point.
+            let unix = cpr_channel.is_some_and(|a| {
+                a.get("transport").and_then(Value::as_str) == Some("socket")
+                    && a.get("type").and_then(Value::as_str) == Some("unix")
+            });
+            return Err(self.fail_outgoing_setup(if unix {
+                "Migration mode 'cpr-transfer' is not supported by vmigrate yet"
+            } else {
+                "bad cpr channel address; must be unix"
+            }));
         }
         let early =
             transport::open_outgoing_sync(&addr, &self.fds).map_err(|e| MigrateError(e.0))?;
@@ -403,6 +426,24 @@ impl Migrator {
             .spawn(move || me.outgoing_thread(addr, early))
             .map_err(|e| MigrateError(format!("cannot start migration thread: {e}")))?;
         Ok(())
+    }
+
+    /// An outgoing migration that fails right after its setup: it is reported as a
+    /// migration that went `setup` then `failed`, with `msg` as its error.
+    fn fail_outgoing_setup(&self, msg: &str) -> MigrateError {
+        {
+            let mut st = self.shared.lock();
+            st.role = Role::Outgoing;
+            st.error = None;
+            st.stats = Stats::new();
+            st.cancel = Arc::new(AtomicBool::new(false));
+            st.cancel_fds.clear();
+            st.continue_requested = false;
+            st.status = MigrationStatus::None;
+        }
+        self.shared.set_status(MigrationStatus::Setup);
+        self.shared.fail(msg.to_string());
+        MigrateError(msg.to_string())
     }
 
     fn outgoing_thread(&self, addr: Address, early: Option<transport::Channel>) {
@@ -698,7 +739,7 @@ impl Migrator {
     pub fn query_migrate(&self) -> Value {
         let st = self.shared.lock();
         let mut out = Map::new();
-        let blockers = self.vmm.migration_blockers();
+        let blockers = self.vmm.migration_blockers(st.params.mode());
         if !blockers.is_empty() {
             out.insert("blocked-reasons".into(), json!(blockers));
         }

@@ -231,6 +231,70 @@ impl Capabilities {
     }
 }
 
+/// The migration `mode` parameter (QEMU's `MigMode`).
+///
+/// - `normal`: live migration.
+/// - `cpr-reboot`: the VM is stopped when the migration starts and saved (normally to a
+///   `file:`), for a restart of the same VM on a new host process or after a reboot.
+/// - `cpr-transfer`: guest RAM stays in place and is handed to a new process over a
+///   `cpr` channel; it needs RAM that can be shared.
+///
+/// Migration blockers are registered per mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MigMode {
+    Normal,
+    CprReboot,
+    CprTransfer,
+}
+
+impl MigMode {
+    /// Every mode, in QEMU's enum order.
+    pub const ALL: [MigMode; 3] = [MigMode::Normal, MigMode::CprReboot, MigMode::CprTransfer];
+    /// Their names, in the same order.
+    pub const NAMES: [&'static str; 3] = ["normal", "cpr-reboot", "cpr-transfer"];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            MigMode::Normal => Self::NAMES[0],
+            MigMode::CprReboot => Self::NAMES[1],
+            MigMode::CprTransfer => Self::NAMES[2],
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|m| m.name() == name)
+    }
+
+    /// Whether this is one of the checkpoint/restart modes.
+    pub fn is_cpr(self) -> bool {
+        self != MigMode::Normal
+    }
+}
+
+impl std::fmt::Display for MigMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The capability that a CPR mode cannot be combined with, as the error `migrate`
+/// gives, in QEMU's order (`dirty-bitmaps` counts as postcopy, as it does in QEMU).
+pub fn cpr_conflict(mode: MigMode, caps: &Capabilities) -> Option<&'static str> {
+    if !mode.is_cpr() {
+        return None;
+    }
+    if caps.get("postcopy-ram") || caps.get("dirty-bitmaps") {
+        return Some("Cannot use postcopy with CPR");
+    }
+    if caps.get("background-snapshot") {
+        return Some("Cannot use background snapshot with CPR");
+    }
+    if caps.get("x-colo") {
+        return Some("Cannot use COLO with CPR");
+    }
+    None
+}
+
 /// How a parameter's JSON value is typed and checked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -245,7 +309,7 @@ enum Kind {
 }
 
 const COMPRESSION: &[&str] = &["none", "zlib", "zstd"];
-const MODES: &[&str] = &["normal", "cpr-reboot", "cpr-transfer"];
+const MODES: &[&str] = &MigMode::NAMES;
 const ZERO_PAGE_DETECTION: &[&str] = &["none", "legacy", "multifd"];
 
 /// Every parameter, in the order `query-migrate-parameters` lists them, with its default.
@@ -375,6 +439,11 @@ impl Parameters {
 
     pub fn str(&self, name: &str) -> &str {
         self.values.get(name).and_then(Value::as_str).unwrap_or("")
+    }
+
+    /// The `mode` parameter (only the enum's names are ever stored).
+    pub fn mode(&self) -> MigMode {
+        MigMode::from_name(self.str("mode")).unwrap_or(MigMode::Normal)
     }
 
     /// `migrate-set-parameters`: type-checks every member in the schema's order (then
@@ -769,6 +838,50 @@ mod tests {
             )
             .unwrap();
         assert!(ok.to_json().get("block-bitmap-mapping").is_some());
+    }
+
+    #[test]
+    fn modes_and_cpr_conflicts() {
+        for m in MigMode::ALL {
+            assert_eq!(MigMode::from_name(m.name()), Some(m));
+        }
+        assert_eq!(MigMode::from_name("cpr-exec"), None);
+        let p = Parameters::default();
+        assert_eq!(p.mode(), MigMode::Normal);
+        let q = p
+            .merged(json!({"mode": "cpr-reboot"}).as_object().unwrap())
+            .unwrap();
+        assert_eq!(q.mode(), MigMode::CprReboot);
+        let with = |names: &[&str]| {
+            let mut c = Capabilities::default();
+            for n in names {
+                c.set(n, true);
+            }
+            c
+        };
+        let none = with(&[]);
+        assert_eq!(cpr_conflict(MigMode::CprReboot, &none), None);
+        let all = with(&["x-colo", "background-snapshot", "postcopy-ram"]);
+        assert_eq!(cpr_conflict(MigMode::Normal, &all), None);
+        assert_eq!(
+            cpr_conflict(MigMode::CprReboot, &all),
+            Some("Cannot use postcopy with CPR")
+        );
+        assert_eq!(
+            cpr_conflict(MigMode::CprTransfer, &with(&["dirty-bitmaps"])),
+            Some("Cannot use postcopy with CPR")
+        );
+        assert_eq!(
+            cpr_conflict(
+                MigMode::CprReboot,
+                &with(&["x-colo", "background-snapshot"])
+            ),
+            Some("Cannot use background snapshot with CPR")
+        );
+        assert_eq!(
+            cpr_conflict(MigMode::CprReboot, &with(&["x-colo", "postcopy-blocktime"])),
+            Some("Cannot use COLO with CPR")
+        );
     }
 
     #[test]

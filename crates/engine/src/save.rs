@@ -8,6 +8,9 @@
 //!         ─▶ completed │ failed │ cancelled
 //! ```
 //!
+//! In mode `cpr-reboot` the VM is stopped before the header is written, so every pass
+//! runs on a stopped VM.
+//!
 //! The VM is resumed on every error path after it was stopped, if it ran before.
 
 use std::sync::atomic::Ordering;
@@ -27,6 +30,7 @@ use crate::compress::Method;
 use crate::io::{StreamWriter, WriteError};
 use crate::migrator::{SectionIds, Shared};
 use crate::multifd_send::{ChannelConfig, MultifdSender, ZeroDetection};
+use crate::options::MigMode;
 use crate::ram_save::{RamSaveError, RamSaver, ZeroPages, ITERATION_SLICE};
 use crate::return_path::ReturnPath;
 use crate::status::{MigrationStatus, RunState};
@@ -96,6 +100,20 @@ pub(crate) fn run(
         shared.max_bandwidth(),
         cancel.clone(),
     );
+    // cpr-reboot stops the VM before anything is saved (STOP comes before `active`);
+    // whatever fails from here on resumes a VM that was running.
+    let early_stop = (params.mode() == MigMode::CprReboot).then(|| {
+        let before = vmm.control().run_state();
+        vmm.control().vm_stop(RunState::FinishMigrate);
+        EarlyStop {
+            before,
+            at: Instant::now(),
+        }
+    });
+    let mut early_guard = ResumeGuard {
+        vmm,
+        armed: early_stop.is_some_and(|e| e.before.is_running()),
+    };
     let tracker = vmm.dirty_tracker();
     let zero_pages = if params.str("zero-page-detection") == "none" {
         ZeroPages::SendAsData
@@ -197,11 +215,14 @@ pub(crate) fn run(
         devices,
         return_path,
         switchover_ack: caps.get("switchover-ack"),
+        early_stop,
     };
     let result = iterate_and_complete(shared, vmm, &mut w, &mut saver, &session);
     tracker.stop();
     if result.is_err() {
         saver.requeue_all(tracker);
+    } else {
+        early_guard.armed = false;
     }
     result
 }
@@ -261,6 +282,15 @@ struct Session {
     devices: Vec<Arc<dyn crate::vmm::DeviceState>>,
     return_path: Option<Arc<ReturnPath>>,
     switchover_ack: bool,
+    /// Set when the VM was stopped at the start (cpr-reboot).
+    early_stop: Option<EarlyStop>,
+}
+
+/// The VM was stopped when the migration started: its run state before, and when.
+#[derive(Debug, Clone, Copy)]
+struct EarlyStop {
+    before: RunState,
+    at: Instant,
 }
 
 impl Session {
@@ -394,6 +424,7 @@ fn iterate_inner(
         bandwidth: 0.0,
     };
     let mut pages_total = 0u64;
+    let mut pass_started = Instant::now();
     loop {
         if cancel.load(Ordering::Relaxed) {
             return Err(SaveError::Cancelled);
@@ -421,14 +452,19 @@ fn iterate_inner(
         if pass_done {
             // As QEMU decides it: the estimate (what is still marked dirty) is checked
             // against the threshold; only when it is below does an exact dirty sync
-            // run before the decision. Unlike QEMU, with no bandwidth measured yet
-            // (threshold 0) the exact sync runs too: an empty estimate at the end of a
-            // pass says nothing about what a running guest dirtied meanwhile.
+            // run before the decision. A threshold of 0 after a pass long enough to
+            // have measured the bandwidth is not trusted (QEMU would switch over at
+            // once): the exact sync runs, since an empty estimate at the end of a pass
+            // says nothing about what a running guest dirtied meanwhile.
             let params = shared.params_snapshot();
             let threshold = switchover_threshold(&params, window.bandwidth);
             let mut pending = saver.remaining_bytes() as f64;
             let mut synced = false;
-            if pending < threshold || threshold == 0.0 {
+            // (cpr-reboot: the VM was stopped before the first sync; the estimate is
+            // exact.)
+            let exact = session.early_stop.is_some();
+            let unmeasured = threshold == 0.0 && pass_started.elapsed() >= RATE_PERIOD;
+            if pending < threshold || (unmeasured && !exact) {
                 dirty_sync(shared, vmm, saver, sync_tracker)?;
                 synced = true;
                 pending = saver.remaining_bytes() as f64;
@@ -444,6 +480,7 @@ fn iterate_inner(
             if !synced {
                 dirty_sync(shared, vmm, saver, sync_tracker)?;
             }
+            pass_started = Instant::now();
         }
     }
     complete(shared, vmm, w, saver, session, sync_tracker)
@@ -479,6 +516,9 @@ fn send_ram_body(
     Ok((sent, pass_done))
 }
 
+/// How often the bandwidth and rates are measured.
+const RATE_PERIOD: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Bytes that may remain for switchover: bandwidth (bytes/ms) × downtime-limit (ms),
 /// using `avail-switchover-bandwidth` instead of the estimate when it is set.
 fn switchover_threshold(params: &crate::options::Parameters, bandwidth: f64) -> f64 {
@@ -494,7 +534,7 @@ fn switchover_threshold(params: &crate::options::Parameters, bandwidth: f64) -> 
 fn update_rates(shared: &Shared, window: &mut RateWindow, pages_total: u64) {
     let stats = shared.stats();
     let elapsed = window.start.elapsed();
-    if elapsed.as_millis() < 100 {
+    if elapsed < RATE_PERIOD {
         return;
     }
     let bytes = stats.transferred.load(Ordering::Relaxed);
@@ -530,15 +570,24 @@ fn complete(
     let (ids, config, devices) = (&session.ids, &session.config, &session.devices);
     let stats = shared.stats();
     let control = vmm.control();
-    let was_running = control.run_state().is_running();
-    let runstate_at_switchover = control.run_state();
-    let stop_time = Instant::now();
-    let precopy_bytes = stats.transferred.load(Ordering::Relaxed);
+    let runstate_at_switchover = match session.early_stop {
+        Some(stop) => stop.before,
+        None => control.run_state(),
+    };
+    let was_running = runstate_at_switchover.is_running();
+    // With the VM stopped from the start, everything after setup was sent in downtime.
+    let stop_time = session.early_stop.map_or_else(Instant::now, |stop| stop.at);
+    let precopy_bytes = match session.early_stop {
+        Some(_) => 0,
+        None => stats.transferred.load(Ordering::Relaxed),
+    };
     stats.precopy_bytes.store(precopy_bytes, Ordering::Relaxed);
-    control.vm_stop(RunState::FinishMigrate);
+    if session.early_stop.is_none() {
+        control.vm_stop(RunState::FinishMigrate);
+    }
     let mut guard = ResumeGuard {
         vmm,
-        armed: was_running,
+        armed: was_running && session.early_stop.is_none(),
     };
     if shared.caps_snapshot().get("pause-before-switchover") {
         shared.set_status(MigrationStatus::PreSwitchover);

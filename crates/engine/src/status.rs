@@ -114,6 +114,10 @@ pub enum RunState {
     Shutdown,
     Suspended,
     InternalError,
+    /// An internal snapshot is being loaded (`loadvm`, `snapshot-load`).
+    RestoreVm,
+    /// An internal snapshot is being saved (`savevm`, `snapshot-save`).
+    SaveVm,
 }
 
 impl RunState {
@@ -128,6 +132,8 @@ impl RunState {
             Self::Shutdown => "shutdown",
             Self::Suspended => "suspended",
             Self::InternalError => "internal-error",
+            Self::RestoreVm => "restore-vm",
+            Self::SaveVm => "save-vm",
         }
     }
 
@@ -144,6 +150,8 @@ impl RunState {
             "shutdown" => Self::Shutdown,
             "suspended" => Self::Suspended,
             "internal-error" => Self::InternalError,
+            "restore-vm" => Self::RestoreVm,
+            "save-vm" => Self::SaveVm,
             _ => return None,
         })
     }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use vmigrate_stream::{DecodeError, Source};
 
 use crate::memory::RamBlock;
+use crate::options::MigMode;
 use crate::status::RunState;
 
 /// Dirty pages of one RAM block since the last sync, one bit per page.
@@ -176,8 +177,11 @@ pub trait Vmm: Send + Sync {
     fn devices(&self) -> Vec<Arc<dyn DeviceState>>;
     /// The VM's UUID, if one was given.
     fn uuid(&self) -> Option<[u8; 16]>;
-    /// Reasons outgoing migration is blocked, if any.
-    fn migration_blockers(&self) -> Vec<String> {
+    /// Reasons outgoing migration in `mode` is blocked, oldest first. `query-migrate`
+    /// lists them in this order; `migrate` refuses with the most recent one, as QEMU
+    /// does.
+    fn migration_blockers(&self, mode: MigMode) -> Vec<String> {
+        let _ = mode;
         Vec::new()
     }
 }

@@ -3,6 +3,8 @@
 
 use thiserror::Error;
 
+use crate::expression::{parse_expression, ExpressionError};
+
 /// The kinds of arguments the implemented commands take (QEMU's `args_type` letters).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ArgumentKind {
@@ -13,8 +15,14 @@ pub enum ArgumentKind {
     },
     /// `s`: a required string, either one whitespace-free word or a double-quoted string.
     Word,
+    /// `s?`: a string that may be left out (only at the end of the line).
+    OptionalWord,
     /// `b`: a required `on` or `off`.
     OnOff,
+    /// `l`: a required integer expression.
+    Integer,
+    /// `l?`: an integer expression that may be left out (only at the end of the line).
+    OptionalInteger,
 }
 
 /// One parsed argument value.
@@ -24,8 +32,12 @@ pub enum ArgumentValue {
     Flag(bool),
     /// A string argument.
     Word(String),
+    /// An optional string argument.
+    OptionalWord(Option<String>),
     /// An `on`/`off` argument.
     OnOff(bool),
+    /// An integer argument (`None`: an optional one left out).
+    Integer(Option<i64>),
 }
 
 /// A problem inside a double-quoted string, printed on its own line before the argument error.
@@ -55,6 +67,9 @@ pub enum ArgumentError {
     /// Text is left after the last argument.
     #[error("extraneous characters at the end of line")]
     ExtraneousCharacters,
+    /// An integer argument is not a valid expression.
+    #[error(transparent)]
+    Expression(#[from] ExpressionError),
 }
 
 impl ArgumentError {
@@ -66,7 +81,9 @@ impl ArgumentError {
             ArgumentError::StringExpected(Some(quoted)) => {
                 text.push_str(&format!("{quoted}\n{table_name}: {self}\n"));
             }
-            ArgumentError::ExpectedOnOff => text.push_str(&format!("{self}\n")),
+            ArgumentError::ExpectedOnOff | ArgumentError::Expression(_) => {
+                text.push_str(&format!("{self}\n"))
+            }
             _ => text.push_str(&format!("{table_name}: {self}\n")),
         }
         text.push_str(&format!("Try \"help {typed_path}\" for more information\n"));
@@ -164,6 +181,24 @@ pub fn parse_arguments(
                 let (word, after) = read_string(rest)?;
                 rest = after;
                 values.push(ArgumentValue::Word(word));
+            }
+            ArgumentKind::OptionalWord => {
+                if skip_spaces(rest).is_empty() {
+                    values.push(ArgumentValue::OptionalWord(None));
+                } else {
+                    let (word, after) = read_string(rest)?;
+                    rest = after;
+                    values.push(ArgumentValue::OptionalWord(Some(word)));
+                }
+            }
+            ArgumentKind::Integer | ArgumentKind::OptionalInteger => {
+                if *kind == ArgumentKind::OptionalInteger && skip_spaces(rest).is_empty() {
+                    values.push(ArgumentValue::Integer(None));
+                } else {
+                    let (value, after) = parse_expression(rest)?;
+                    rest = after;
+                    values.push(ArgumentValue::Integer(Some(value)));
+                }
             }
             ArgumentKind::OnOff => {
                 let (word, after) = split_word(rest);
@@ -285,6 +320,61 @@ mod tests {
     }
 
     #[test]
+    fn integers_and_optional_arguments() {
+        const CALC: &[ArgumentKind] = &[
+            ArgumentKind::Flag { letter: 'r' },
+            ArgumentKind::Flag { letter: 'b' },
+            ArgumentKind::Integer,
+            ArgumentKind::OptionalInteger,
+        ];
+        assert_eq!(
+            parse_arguments(CALC, "-b 1"),
+            Ok(vec![
+                ArgumentValue::Flag(false),
+                ArgumentValue::Flag(true),
+                ArgumentValue::Integer(Some(1)),
+                ArgumentValue::Integer(None)
+            ])
+        );
+        // "1 -5" is one expression: 1 - 5
+        assert_eq!(
+            parse_arguments(CALC, "1 -5")
+                .unwrap()
+                .get(2..)
+                .map(<[ArgumentValue]>::to_vec),
+            Some(vec![
+                ArgumentValue::Integer(Some(-4)),
+                ArgumentValue::Integer(None)
+            ])
+        );
+        assert_eq!(
+            parse_arguments(CALC, "-5"),
+            Err(ArgumentError::UnsupportedOption("5".into()))
+        );
+        assert_eq!(
+            parse_arguments(CALC, ""),
+            Err(ArgumentError::Expression(ExpressionError::UnexpectedEnd))
+        );
+        assert_eq!(
+            parse_arguments(CALC, "1 2 3"),
+            Err(ArgumentError::ExtraneousCharacters)
+        );
+        let savevm = &[ArgumentKind::OptionalWord];
+        assert_eq!(
+            parse_arguments(savevm, "  "),
+            Ok(vec![ArgumentValue::OptionalWord(None)])
+        );
+        assert_eq!(
+            parse_arguments(savevm, "\"a b\""),
+            Ok(vec![ArgumentValue::OptionalWord(Some("a b".into()))])
+        );
+        assert_eq!(
+            parse_arguments(savevm, "a b"),
+            Err(ArgumentError::ExtraneousCharacters)
+        );
+    }
+
+    #[test]
     fn rendering_names_the_command_and_help_path() {
         assert_eq!(
             ArgumentError::ExtraneousCharacters.render("stop|s", "s"),
@@ -298,6 +388,11 @@ mod tests {
         assert_eq!(
             ArgumentError::ExpectedOnOff.render("migrate_set_capability", "migrate_set_capability"),
             "Expected 'on' or 'off'\nTry \"help migrate_set_capability\" for more information\n"
+        );
+        assert_eq!(
+            ArgumentError::Expression(ExpressionError::InvalidChar('x'))
+                .render("calc_dirty_rate", "calc_dirty_rate"),
+            "invalid char 'x' in expression\nTry \"help calc_dirty_rate\" for more information\n"
         );
     }
 }

@@ -3,7 +3,7 @@
 use serde_json::{json, Value};
 
 use crate::command_line::{parse_arguments, split_word, ArgumentKind, ArgumentValue};
-use crate::executor::{QmpError, QmpExecutor};
+use crate::executor::{QmpError, QmpExecutor, SnapshotOp};
 use crate::info;
 use crate::parameters::{set_parameter_arguments, ParameterValueError};
 use crate::MIGRATE_POLL_INTERVAL;
@@ -11,9 +11,13 @@ use crate::MIGRATE_POLL_INTERVAL;
 /// What a top-level command does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum TopLevelAction {
+    CalcDirtyRate,
+    CancelVcpuDirtyLimit,
     Cont,
+    DeleteVm,
     Help,
     Info,
+    LoadVm,
     Migrate,
     MigrateCancel,
     MigrateContinue,
@@ -24,6 +28,8 @@ enum TopLevelAction {
     MigrateSetParameter,
     MigrateStartPostcopy,
     Quit,
+    SaveVm,
+    SetVcpuDirtyLimit,
     Stop,
 }
 
@@ -34,7 +40,9 @@ enum InfoAction {
     Migrate,
     MigrateCapabilities,
     MigrateParameters,
+    Snapshots,
     Status,
+    VcpuDirtyLimit,
     Version,
 }
 
@@ -71,11 +79,37 @@ const ONE_WORD: &[ArgumentKind] = &[ArgumentKind::Word];
 /// The top-level commands, in the order QEMU's `help` lists them.
 const COMMANDS: &[CommandSpec<TopLevelAction>] = &[
     CommandSpec {
+        names: "calc_dirty_rate",
+        params: "[-r] [-b] second [sample_pages_per_GB]",
+        help: "start a round of guest dirty rate measurement (using -r to\n\t\t\t specify dirty ring as the method of calculation and\n\t\t\t -b to specify dirty bitmap as method of calculation)",
+        arguments: &[
+            ArgumentKind::Flag { letter: 'r' },
+            ArgumentKind::Flag { letter: 'b' },
+            ArgumentKind::Integer,
+            ArgumentKind::OptionalInteger,
+        ],
+        action: TopLevelAction::CalcDirtyRate,
+    },
+    CommandSpec {
+        names: "cancel_vcpu_dirty_limit",
+        params: "[cpu_index]",
+        help: "cancel dirty page rate limit, use cpu_index to cancel\n\t\t\t\t\t limit on a specified virtual cpu",
+        arguments: &[ArgumentKind::OptionalInteger],
+        action: TopLevelAction::CancelVcpuDirtyLimit,
+    },
+    CommandSpec {
         names: "cont|c",
         params: "",
         help: "resume emulation",
         arguments: &[],
         action: TopLevelAction::Cont,
+    },
+    CommandSpec {
+        names: "delvm",
+        params: "tag",
+        help: "delete a VM snapshot from its tag",
+        arguments: ONE_WORD,
+        action: TopLevelAction::DeleteVm,
     },
     CommandSpec {
         names: "help|?",
@@ -90,6 +124,13 @@ const COMMANDS: &[CommandSpec<TopLevelAction>] = &[
         help: "show various information about the system state",
         arguments: &[],
         action: TopLevelAction::Info,
+    },
+    CommandSpec {
+        names: "loadvm",
+        params: "tag",
+        help: "restore a VM snapshot from its tag",
+        arguments: ONE_WORD,
+        action: TopLevelAction::LoadVm,
     },
     CommandSpec {
         names: "migrate",
@@ -166,6 +207,20 @@ const COMMANDS: &[CommandSpec<TopLevelAction>] = &[
         action: TopLevelAction::Quit,
     },
     CommandSpec {
+        names: "savevm",
+        params: "tag",
+        help: "save a VM snapshot. If no tag is provided, a new snapshot is created",
+        arguments: &[ArgumentKind::OptionalWord],
+        action: TopLevelAction::SaveVm,
+    },
+    CommandSpec {
+        names: "set_vcpu_dirty_limit",
+        params: "dirty_rate [cpu_index]",
+        help: "set dirty page rate limit, use cpu_index to set limit\n\t\t\t\t\t on a specified virtual cpu",
+        arguments: &[ArgumentKind::Integer, ArgumentKind::OptionalInteger],
+        action: TopLevelAction::SetVcpuDirtyLimit,
+    },
+    CommandSpec {
         names: "stop|s",
         params: "",
         help: "stop emulation",
@@ -205,11 +260,25 @@ const INFO_COMMANDS: &[CommandSpec<InfoAction>] = &[
         action: InfoAction::MigrateParameters,
     },
     CommandSpec {
+        names: "snapshots",
+        params: "",
+        help: "show the currently saved VM snapshots",
+        arguments: &[],
+        action: InfoAction::Snapshots,
+    },
+    CommandSpec {
         names: "status",
         params: "",
         help: "show the current VM status (running|paused)",
         arguments: &[],
         action: InfoAction::Status,
+    },
+    CommandSpec {
+        names: "vcpu_dirty_limit",
+        params: "",
+        help: "show dirty page limit information of all vCPU",
+        arguments: &[],
+        action: InfoAction::VcpuDirtyLimit,
     },
     CommandSpec {
         names: "version",
@@ -251,6 +320,9 @@ enum CommandError {
     /// A name is not a member of the enum it must belong to.
     #[error("invalid parameter value: {0}")]
     InvalidEnumValue(String),
+    /// `set_vcpu_dirty_limit` with a negative rate.
+    #[error("invalid dirty page limit {0}")]
+    InvalidDirtyLimit(i64),
 }
 
 /// The `unknown command: '<name>'` line.
@@ -305,9 +377,17 @@ fn run_info(rest: &str, qmp: &mut dyn QmpExecutor) -> String {
         InfoAction::MigrateParameters => qmp
             .execute("query-migrate-parameters", json!({}))
             .map(|reply| info::format_parameters(&reply)),
+        InfoAction::Snapshots => Ok(match qmp.internal_snapshot(SnapshotOp::List) {
+            Ok(()) => "There is no snapshot available.\n".to_owned(),
+            // QEMU reports this one without the `Error: ` prefix.
+            Err(error) => format!("{}\n", error.desc),
+        }),
         InfoAction::Status => qmp
             .execute("query-status", json!({}))
             .map(|reply| info::format_status(&reply)),
+        InfoAction::VcpuDirtyLimit => qmp
+            .execute("query-vcpu-dirty-limit", json!({}))
+            .map(|reply| info::format_vcpu_dirty_limit(&reply)),
         InfoAction::Version => qmp
             .execute("query-version", json!({}))
             .map(|reply| info::format_version(&reply)),
@@ -372,6 +452,26 @@ fn flag(arguments: &[ArgumentValue], index: usize) -> bool {
         .unwrap_or(false)
 }
 
+/// The `index`th integer argument (`None` when an optional one was left out).
+fn integer(arguments: &[ArgumentValue], index: usize) -> Option<i64> {
+    arguments
+        .iter()
+        .filter_map(|argument| match argument {
+            ArgumentValue::Integer(value) => Some(*value),
+            _ => None,
+        })
+        .nth(index)
+        .flatten()
+}
+
+/// The first optional string argument.
+fn optional_word(arguments: &[ArgumentValue]) -> Option<&str> {
+    arguments.iter().find_map(|argument| match argument {
+        ArgumentValue::OptionalWord(word) => word.as_deref(),
+        _ => None,
+    })
+}
+
 /// The first `on`/`off` argument.
 fn on_off(arguments: &[ArgumentValue]) -> bool {
     arguments
@@ -433,9 +533,81 @@ fn run_top_level(
             let request = set_parameter_arguments(word(arguments, 0), word(arguments, 1))?;
             simple(qmp, "migrate-set-parameters", request)
         }
+        TopLevelAction::CalcDirtyRate => calc_dirty_rate(
+            qmp,
+            flag(arguments, 0),
+            flag(arguments, 1),
+            integer(arguments, 0).unwrap_or(0),
+            integer(arguments, 1),
+        ),
+        TopLevelAction::SetVcpuDirtyLimit => {
+            let rate = integer(arguments, 0).unwrap_or(0);
+            if rate < 0 {
+                return Err(CommandError::InvalidDirtyLimit(rate));
+            }
+            let mut request = json!({ "dirty-rate": rate });
+            if let Some(index) = integer(arguments, 1).filter(|index| *index != -1) {
+                request["cpu-index"] = json!(index);
+            }
+            simple(qmp, "set-vcpu-dirty-limit", request)
+        }
+        TopLevelAction::CancelVcpuDirtyLimit => {
+            let mut request = json!({});
+            if let Some(index) = integer(arguments, 0).filter(|index| *index != -1) {
+                request["cpu-index"] = json!(index);
+            }
+            qmp.execute("cancel-vcpu-dirty-limit", request)?;
+            Ok(
+                "[Please use 'info vcpu_dirty_limit' to query dirty limit for virtual CPU]\n"
+                    .to_owned(),
+            )
+        }
+        TopLevelAction::SaveVm => snapshot(qmp, SnapshotOp::Save(optional_word(arguments))),
+        TopLevelAction::LoadVm => snapshot(qmp, SnapshotOp::Load(word(arguments, 0))),
+        TopLevelAction::DeleteVm => snapshot(qmp, SnapshotOp::Delete(word(arguments, 0))),
         // Handled before argument parsing.
         TopLevelAction::Help | TopLevelAction::Info => Ok(String::new()),
     }
+}
+
+/// `savevm`, `loadvm`, `delvm`: nothing is printed on success.
+fn snapshot(qmp: &mut dyn QmpExecutor, op: SnapshotOp<'_>) -> Result<String, CommandError> {
+    qmp.internal_snapshot(op)?;
+    Ok(String::new())
+}
+
+/// `calc_dirty_rate [-r] [-b] second [sample_pages_per_GB]`: a zero period and both
+/// methods at once are refused with a plain message (not an error); a sample count of
+/// -1 counts as left out.
+fn calc_dirty_rate(
+    qmp: &mut dyn QmpExecutor,
+    dirty_ring: bool,
+    dirty_bitmap: bool,
+    seconds: i64,
+    sample_pages: Option<i64>,
+) -> Result<String, CommandError> {
+    if seconds == 0 {
+        return Ok("Incorrect period length specified!\n".to_owned());
+    }
+    if dirty_ring && dirty_bitmap {
+        return Ok("Either dirty ring or dirty bitmap can be specified!\n".to_owned());
+    }
+    let mode = if dirty_bitmap {
+        "dirty-bitmap"
+    } else if dirty_ring {
+        "dirty-ring"
+    } else {
+        "page-sampling"
+    };
+    let mut request = json!({ "calc-time": seconds, "mode": mode });
+    if let Some(pages) = sample_pages.filter(|pages| *pages != -1) {
+        request["sample-pages"] = json!(pages);
+    }
+    qmp.execute("calc-dirty-rate", request)?;
+    Ok(format!(
+        "Starting dirty rate measurement with period {seconds} seconds\n\
+         [Please use 'info dirty_rate' to check results]\n"
+    ))
 }
 
 /// `migrate_set_capability`: the name must be one `query-migrate-capabilities` reports.

@@ -58,6 +58,20 @@ impl Default for MigrationGlobals {
     }
 }
 
+/// An internal-snapshot operation of the human monitor, which QEMU carries out without
+/// a QMP command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotOp<'a> {
+    /// `savevm [tag]`.
+    Save(Option<&'a str>),
+    /// `loadvm tag`.
+    Load(&'a str),
+    /// `delvm tag`.
+    Delete(&'a str),
+    /// `info snapshots`: succeeds when snapshots could be listed (there are none).
+    List,
+}
+
 /// Runs QMP commands on behalf of the human monitor.
 ///
 /// Only [`execute`](QmpExecutor::execute) is required. The other methods have defaults that
@@ -85,6 +99,17 @@ pub trait QmpExecutor {
     /// serving events meanwhile can do that here instead.
     fn wait_before_migration_poll(&mut self, interval: Duration) {
         std::thread::sleep(interval);
+    }
+
+    /// Carries out an internal-snapshot operation (`savevm`, `loadvm`, `delvm`,
+    /// `info snapshots`).
+    ///
+    /// The default refuses every operation: a VM has to say how it stores snapshots.
+    fn internal_snapshot(&mut self, op: SnapshotOp<'_>) -> Result<(), QmpError> {
+        let _ = op;
+        Err(QmpError::generic(
+            "internal snapshots are not available on this monitor",
+        ))
     }
 
     /// Receives the `error-desc` of a synchronous `migrate` that ended in failure.

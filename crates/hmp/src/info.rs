@@ -433,6 +433,29 @@ fn write_xbzrle_statistics(out: &mut String, cache: &Map<String, Value>) {
     );
 }
 
+/// `info vcpu_dirty_limit`, from a `query-vcpu-dirty-limit` reply: one line per limited
+/// vCPU, or QEMU's notice when none is (the limiter is not in service).
+pub fn format_vcpu_dirty_limit(reply: &Value) -> String {
+    let limits = reply.as_array().map(Vec::as_slice).unwrap_or(&[]);
+    if limits.is_empty() {
+        return "Dirty page limit not enabled!\n".to_owned();
+    }
+    let empty = Map::new();
+    let mut out = String::new();
+    for limit in limits {
+        let limit = limit.as_object().unwrap_or(&empty);
+        let number = |key| integer_text(limit, key).unwrap_or_else(|| "0".to_owned());
+        let _ = writeln!(
+            out,
+            "vcpu[{}], limit rate {} (MB/s), current rate {} (MB/s)",
+            number("cpu-index"),
+            number("limit-rate"),
+            number("current-rate")
+        );
+    }
+    out
+}
+
 /// `info dirty_rate`, from a `query-dirty-rate` reply. QEMU labels the start time "(ms)"
 /// although the value is in seconds; the label is kept as QEMU prints it.
 pub fn format_dirty_rate(reply: &Value) -> String {

@@ -5,11 +5,14 @@
 //! for byte. The crate knows nothing about the migration engine behind the executor.
 //!
 //! Implemented commands: `info status`, `info version`, `info migrate`,
-//! `info migrate_capabilities`, `info migrate_parameters`, `migrate [-d] [-r] uri`,
+//! `info migrate_capabilities`, `info migrate_parameters`, `info dirty_rate`,
+//! `info vcpu_dirty_limit`, `info snapshots`, `migrate [-d] [-r] uri`,
 //! `migrate_incoming uri`, `migrate_cancel`, `migrate_continue state`, `migrate_pause`,
 //! `migrate_recover uri`, `migrate_start_postcopy`, `migrate_set_capability cap on|off`,
-//! `migrate_set_parameter name value`, `stop`, `cont`, `quit` and `help [cmd]`. Any other
-//! command name gets QEMU's `unknown command: '<name>'`.
+//! `migrate_set_parameter name value`, `calc_dirty_rate [-r] [-b] second [sample_pages]`,
+//! `set_vcpu_dirty_limit dirty_rate [cpu_index]`, `cancel_vcpu_dirty_limit [cpu_index]`,
+//! `savevm [tag]`, `loadvm tag`, `delvm tag`, `stop`, `cont`, `quit` and `help [cmd]`.
+//! Any other command name gets QEMU's `unknown command: '<name>'`.
 //!
 //! ```
 //! use serde_json::{json, Value};
@@ -33,6 +36,7 @@
 mod command_line;
 mod commands;
 mod executor;
+mod expression;
 mod info;
 mod numbers;
 mod parameters;
@@ -42,7 +46,7 @@ mod tests;
 
 use std::time::Duration;
 
-pub use executor::{MigrationGlobals, QmpError, QmpExecutor};
+pub use executor::{MigrationGlobals, QmpError, QmpExecutor, SnapshotOp};
 
 /// The line a QEMU 10.0.2 monitor prints when a client connects (without the line ending).
 pub const BANNER: &str = "QEMU 10.0.2 monitor - type 'help' for more information";

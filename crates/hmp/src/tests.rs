@@ -588,6 +588,23 @@ fn help_texts_match_qemu() {
         ("help info migrate", "info migrate  -- show migration status\n"),
         ("help info version", "info version  -- show the version of QEMU\n"),
         ("help foo", "unknown command: 'foo'\n"),
+        (
+            "help calc_dirty_rate",
+            "calc_dirty_rate [-r] [-b] second [sample_pages_per_GB] -- start a round of guest dirty rate measurement (using -r to\n\t\t\t specify dirty ring as the method of calculation and\n\t\t\t -b to specify dirty bitmap as method of calculation)\n",
+        ),
+        (
+            "help set_vcpu_dirty_limit",
+            "set_vcpu_dirty_limit dirty_rate [cpu_index] -- set dirty page rate limit, use cpu_index to set limit\n\t\t\t\t\t on a specified virtual cpu\n",
+        ),
+        (
+            "help cancel_vcpu_dirty_limit",
+            "cancel_vcpu_dirty_limit [cpu_index] -- cancel dirty page rate limit, use cpu_index to cancel\n\t\t\t\t\t limit on a specified virtual cpu\n",
+        ),
+        ("help savevm", "savevm tag -- save a VM snapshot. If no tag is provided, a new snapshot is created\n"),
+        ("help loadvm", "loadvm tag -- restore a VM snapshot from its tag\n"),
+        ("help delvm", "delvm tag -- delete a VM snapshot from its tag\n"),
+        ("help info snapshots", "info snapshots  -- show the currently saved VM snapshots\n"),
+        ("help info vcpu_dirty_limit", "info vcpu_dirty_limit  -- show dirty page limit information of all vCPU\n"),
         ("help info foo", "unknown command: 'info foo'\n"),
     ];
     for (line, expected) in cases {
@@ -598,13 +615,16 @@ fn help_texts_match_qemu() {
         info migrate  -- show migration status\n\
         info migrate_capabilities  -- show current migration capabilities\n\
         info migrate_parameters  -- show current migration parameters\n\
+        info snapshots  -- show the currently saved VM snapshots\n\
         info status  -- show the current VM status (running|paused)\n\
+        info vcpu_dirty_limit  -- show dirty page limit information of all vCPU\n\
         info version  -- show the version of QEMU\n";
     assert_eq!(run_command("info", &mut FakeQmp::default()), info_list);
     assert_eq!(run_command("help info", &mut FakeQmp::default()), info_list);
     let all = run_command("help", &mut FakeQmp::default());
-    assert!(all.starts_with("cont|c  -- resume emulation\nhelp|? [cmd] -- show the help\n"));
-    assert!(all.ends_with("quit|q  -- quit the emulator\nstop|s  -- stop emulation\n"));
+    assert!(all.starts_with("calc_dirty_rate [-r] [-b] second [sample_pages_per_GB] -- "));
+    assert!(all.contains("cont|c  -- resume emulation\ndelvm tag -- delete a VM snapshot from its tag\nhelp|? [cmd] -- show the help\n"));
+    assert!(all.ends_with("quit|q  -- quit the emulator\nsavevm tag -- save a VM snapshot. If no tag is provided, a new snapshot is created\nset_vcpu_dirty_limit dirty_rate [cpu_index] -- set dirty page rate limit, use cpu_index to set limit\n\t\t\t\t\t on a specified virtual cpu\nstop|s  -- stop emulation\n"));
 }
 
 #[test]
@@ -760,5 +780,144 @@ fn failed_queries_print_the_qmp_error() {
     assert_eq!(
         run_command("info migrate", &mut qmp),
         "Error: Migration is disabled\n"
+    );
+}
+
+/// The texts QEMU 10.0.2 printed for these lines on a `-M none` VM without a KVM dirty
+/// ring (captured through `human-monitor-command`, CRLF turned into LF).
+#[test]
+fn dirty_rate_and_dirty_limit_commands_match_qemu() {
+    let kvm =
+        "dirty page limit feature requires KVM with accelerator property 'dirty-ring-size' set'";
+    let ring = "mode dirty-ring is not enabled, use other method instead.";
+    let started = "Starting dirty rate measurement with period 1 seconds\n[Please use 'info dirty_rate' to check results]\n";
+    let cancelled = "[Please use 'info vcpu_dirty_limit' to query dirty limit for virtual CPU]\n";
+    // (line, the QMP command it must send with its arguments, that command's error,
+    // the text printed)
+    type Case<'a> = (&'a str, Option<(&'a str, Value)>, Option<&'a str>, &'a str);
+    let cases: &[Case] = &[
+        ("calc_dirty_rate", None, None, "unexpected end of expression\nTry \"help calc_dirty_rate\" for more information\n"),
+        ("calc_dirty_rate 0", None, None, "Incorrect period length specified!\n"),
+        ("calc_dirty_rate 1 -1", None, None, "Incorrect period length specified!\n"),
+        ("calc_dirty_rate -r -b 1", None, None, "Either dirty ring or dirty bitmap can be specified!\n"),
+        ("calc_dirty_rate x", None, None, "invalid char 'x' in expression\nTry \"help calc_dirty_rate\" for more information\n"),
+        ("calc_dirty_rate -1", None, None, "calc_dirty_rate: unsupported option -1\nTry \"help calc_dirty_rate\" for more information\n"),
+        ("calc_dirty_rate 1 2 3", None, None, "calc_dirty_rate: extraneous characters at the end of line\nTry \"help calc_dirty_rate\" for more information\n"),
+        ("calc_dirty_rate 1/0", None, None, "division by zero\nTry \"help calc_dirty_rate\" for more information\n"),
+        ("calc_dirty_rate $pc", None, None, "unknown register\nTry \"help calc_dirty_rate\" for more information\n"),
+        ("calc_dirty_rate 99999999999999999999", None, None, "number too large\nTry \"help calc_dirty_rate\" for more information\n"),
+        ("calc_dirty_rate 1", Some(("calc-dirty-rate", json!({"calc-time": 1, "mode": "page-sampling"}))), None, started),
+        ("calc_dirty_rate 2-1 256", Some(("calc-dirty-rate", json!({"calc-time": 1, "mode": "page-sampling", "sample-pages": 256}))), None, started),
+        ("calc_dirty_rate -r 1", Some(("calc-dirty-rate", json!({"calc-time": 1, "mode": "dirty-ring"}))), Some(ring), "Error: mode dirty-ring is not enabled, use other method instead.\n"),
+        ("calc_dirty_rate -b 0x1", Some(("calc-dirty-rate", json!({"calc-time": 1, "mode": "dirty-bitmap"}))), None, started),
+        ("calc_dirty_rate 1 -5", Some(("calc-dirty-rate", json!({"calc-time": -4, "mode": "page-sampling"}))), Some("Calculation time is out of range [50ms, 60000ms]."), "Error: Calculation time is out of range [50ms, 60000ms].\n"),
+        ("set_vcpu_dirty_limit", None, None, "unexpected end of expression\nTry \"help set_vcpu_dirty_limit\" for more information\n"),
+        ("set_vcpu_dirty_limit -1", None, None, "Error: invalid dirty page limit -1\n"),
+        ("set_vcpu_dirty_limit 100", Some(("set-vcpu-dirty-limit", json!({"dirty-rate": 100}))), Some(kvm), "Error: dirty page limit feature requires KVM with accelerator property 'dirty-ring-size' set'\n"),
+        ("set_vcpu_dirty_limit 100 5", Some(("set-vcpu-dirty-limit", json!({"dirty-rate": 100, "cpu-index": 5}))), Some(kvm), "Error: dirty page limit feature requires KVM with accelerator property 'dirty-ring-size' set'\n"),
+        ("set_vcpu_dirty_limit 100 -1", Some(("set-vcpu-dirty-limit", json!({"dirty-rate": 99}))), Some(kvm), "Error: dirty page limit feature requires KVM with accelerator property 'dirty-ring-size' set'\n"),
+        ("set_vcpu_dirty_limit 1 2 3", None, None, "set_vcpu_dirty_limit: extraneous characters at the end of line\nTry \"help set_vcpu_dirty_limit\" for more information\n"),
+        ("cancel_vcpu_dirty_limit", Some(("cancel-vcpu-dirty-limit", json!({}))), None, cancelled),
+        ("cancel_vcpu_dirty_limit 5", Some(("cancel-vcpu-dirty-limit", json!({"cpu-index": 5}))), None, cancelled),
+        ("cancel_vcpu_dirty_limit -1", Some(("cancel-vcpu-dirty-limit", json!({}))), None, cancelled),
+        ("cancel_vcpu_dirty_limit x", None, None, "invalid char 'x' in expression\nTry \"help cancel_vcpu_dirty_limit\" for more information\n"),
+        ("info vcpu_dirty_limit x", None, None, "vcpu_dirty_limit: extraneous characters at the end of line\nTry \"help info vcpu_dirty_limit\" for more information\n"),
+    ];
+    for (line, call, error, text) in cases {
+        let mut qmp = FakeQmp::default();
+        if let (Some((command, _)), Some(desc)) = (call, error) {
+            qmp = qmp.error(command, desc);
+        }
+        assert_eq!(run_command(line, &mut qmp), *text, "{line:?}");
+        let expected: Vec<(String, Value)> = call
+            .iter()
+            .map(|(c, a)| (c.to_string(), a.clone()))
+            .collect();
+        assert_eq!(qmp.actions(), expected, "{line:?}");
+    }
+}
+
+#[test]
+fn info_vcpu_dirty_limit() {
+    let mut qmp = FakeQmp::default().ok("query-vcpu-dirty-limit", json!([]));
+    assert_eq!(
+        run_command("info vcpu_dirty_limit", &mut qmp),
+        "Dirty page limit not enabled!\n"
+    );
+    // The format QEMU prints for a limiter in service (§6.6 of the reference).
+    let mut qmp = FakeQmp::default().ok(
+        "query-vcpu-dirty-limit",
+        json!([{"cpu-index": 0, "limit-rate": 200, "current-rate": 0},
+               {"cpu-index": 1, "limit-rate": 200, "current-rate": 0}]),
+    );
+    assert_eq!(
+        run_command("info vcpu_dirty_limit", &mut qmp),
+        "vcpu[0], limit rate 200 (MB/s), current rate 0 (MB/s)\n\
+         vcpu[1], limit rate 200 (MB/s), current rate 0 (MB/s)\n"
+    );
+}
+
+/// An executor whose internal snapshots behave as QEMU's without block devices, and
+/// that records the operations.
+#[derive(Default)]
+struct Diskless {
+    ops: Vec<String>,
+}
+
+impl QmpExecutor for Diskless {
+    fn execute(&mut self, command: &str, _arguments: Value) -> Result<Value, QmpError> {
+        Err(QmpError::generic(format!("unexpected {command}")))
+    }
+
+    fn internal_snapshot(&mut self, op: crate::SnapshotOp<'_>) -> Result<(), QmpError> {
+        self.ops.push(format!("{op:?}"));
+        match op {
+            crate::SnapshotOp::Delete(_) => Ok(()),
+            _ => Err(QmpError::generic(
+                "no block device can store vmstate for snapshot",
+            )),
+        }
+    }
+}
+
+#[test]
+fn snapshot_commands_match_qemu_without_block_devices() {
+    let error = "Error: no block device can store vmstate for snapshot\n";
+    let cases = [
+        ("savevm", error, Some("Save(None)")),
+        ("savevm t1", error, Some("Save(Some(\"t1\"))")),
+        ("savevm \"a b\"", error, Some("Save(Some(\"a b\"))")),
+        ("loadvm t1", error, Some("Load(\"t1\")")),
+        ("delvm t1", "", Some("Delete(\"t1\")")),
+        ("info snapshots", "no block device can store vmstate for snapshot\n", Some("List")),
+        ("loadvm", "loadvm: string expected\nTry \"help loadvm\" for more information\n", None),
+        ("delvm", "delvm: string expected\nTry \"help delvm\" for more information\n", None),
+        ("savevm a b", "savevm: extraneous characters at the end of line\nTry \"help savevm\" for more information\n", None),
+        ("info snapshots x", "snapshots: extraneous characters at the end of line\nTry \"help info snapshots\" for more information\n", None),
+    ];
+    for (line, text, op) in cases {
+        let mut qmp = Diskless::default();
+        assert_eq!(run_command(line, &mut qmp), text, "{line:?}");
+        let expected: Vec<String> = op.into_iter().map(String::from).collect();
+        assert_eq!(qmp.ops, expected, "{line:?}");
+    }
+    // A VM that can list snapshots but has none.
+    struct NoSnapshots;
+    impl QmpExecutor for NoSnapshots {
+        fn execute(&mut self, _: &str, _: Value) -> Result<Value, QmpError> {
+            Ok(json!({}))
+        }
+        fn internal_snapshot(&mut self, _: crate::SnapshotOp<'_>) -> Result<(), QmpError> {
+            Ok(())
+        }
+    }
+    assert_eq!(
+        run_command("info snapshots", &mut NoSnapshots),
+        "There is no snapshot available.\n"
+    );
+    // The default refuses loudly.
+    assert_eq!(
+        run_command("savevm t1", &mut FakeQmp::default()),
+        "Error: internal snapshots are not available on this monitor\n"
     );
 }

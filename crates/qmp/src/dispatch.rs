@@ -10,6 +10,7 @@ use vmigrate_engine::migrator::MigrateError;
 use vmigrate_engine::options::CAPABILITIES;
 use vmigrate_engine::{Migrator, RunState};
 
+use crate::jobs::{stop_if_running, JobType, JobVerb, Jobs, SnapshotRequest, NO_VMSTATE_DEVICE};
 use crate::schema::{check_members, opt, req, Member, SchemaBuilder, Ty};
 
 /// A QMP error: class and description.
@@ -219,6 +220,57 @@ static VERSION_INFO: Ty = Ty::Struct("VersionInfo", &[req("qemu", &ANY), req("pa
 static COMMAND_INFO: Ty = Ty::Struct("CommandInfo", &[req("name", &STR)]);
 static COMMAND_LIST: Ty = Ty::Array(&COMMAND_INFO);
 static SCHEMA_LIST: Ty = Ty::Array(&ANY);
+static DIRTY_LIMIT_INFO: Ty = Ty::Struct(
+    "DirtyLimitInfo",
+    &[
+        req("cpu-index", &INT),
+        req("limit-rate", &U64),
+        req("current-rate", &U64),
+    ],
+);
+static DIRTY_LIMIT_LIST: Ty = Ty::Array(&DIRTY_LIMIT_INFO);
+static JOB_TYPE: Ty = Ty::Enum(
+    "JobType",
+    &[
+        "commit",
+        "stream",
+        "mirror",
+        "backup",
+        "create",
+        "amend",
+        "snapshot-load",
+        "snapshot-save",
+        "snapshot-delete",
+    ],
+);
+static JOB_STATUS: Ty = Ty::Enum(
+    "JobStatus",
+    &[
+        "undefined",
+        "created",
+        "running",
+        "paused",
+        "ready",
+        "standby",
+        "waiting",
+        "pending",
+        "aborting",
+        "concluded",
+        "null",
+    ],
+);
+static JOB_INFO: Ty = Ty::Struct(
+    "JobInfo",
+    &[
+        req("id", &STR),
+        req("type", &JOB_TYPE),
+        req("status", &JOB_STATUS),
+        req("current-progress", &INT),
+        req("total-progress", &INT),
+        opt("error", &STR),
+    ],
+);
+static JOB_INFO_LIST: Ty = Ty::Array(&JOB_INFO);
 static QMP_CAPABILITY: Ty = Ty::Enum("QMPCapability", &["oob"]);
 static QMP_CAPABILITY_LIST: Ty = Ty::Array(&QMP_CAPABILITY);
 
@@ -330,6 +382,49 @@ static COMMANDS: &[Command] = &[
     ),
     command("closefd", &[req("fdname", &STR)], &EMPTY),
     command(
+        "set-vcpu-dirty-limit",
+        &[opt("cpu-index", &INT), req("dirty-rate", &U64)],
+        &EMPTY,
+    ),
+    command("cancel-vcpu-dirty-limit", &[opt("cpu-index", &INT)], &EMPTY),
+    command("query-vcpu-dirty-limit", &[], &DIRTY_LIMIT_LIST),
+    command(
+        "snapshot-save",
+        &[
+            req("job-id", &STR),
+            req("tag", &STR),
+            req("vmstate", &STR),
+            req("devices", &STR_LIST),
+        ],
+        &EMPTY,
+    ),
+    command(
+        "snapshot-load",
+        &[
+            req("job-id", &STR),
+            req("tag", &STR),
+            req("vmstate", &STR),
+            req("devices", &STR_LIST),
+        ],
+        &EMPTY,
+    ),
+    command(
+        "snapshot-delete",
+        &[
+            req("job-id", &STR),
+            req("tag", &STR),
+            req("devices", &STR_LIST),
+        ],
+        &EMPTY,
+    ),
+    command("query-jobs", &[], &JOB_INFO_LIST),
+    command("job-pause", &[req("id", &STR)], &EMPTY),
+    command("job-resume", &[req("id", &STR)], &EMPTY),
+    command("job-cancel", &[req("id", &STR)], &EMPTY),
+    command("job-complete", &[req("id", &STR)], &EMPTY),
+    command("job-dismiss", &[req("id", &STR)], &EMPTY),
+    command("job-finalize", &[req("id", &STR)], &EMPTY),
+    command(
         "human-monitor-command",
         &[req("command-line", &STR), opt("cpu-index", &INT)],
         &STR,
@@ -338,6 +433,10 @@ static COMMANDS: &[Command] = &[
 
 static MIGRATION_EVENT: Ty = Ty::Struct("MIGRATION-data", &[req("status", &MIGRATION_STATUS)]);
 static PASS_EVENT: Ty = Ty::Struct("MIGRATION_PASS-data", &[req("pass", &INT)]);
+static JOB_STATUS_EVENT: Ty = Ty::Struct(
+    "JOB_STATUS_CHANGE-data",
+    &[req("id", &STR), req("status", &JOB_STATUS)],
+);
 static SHUTDOWN_EVENT: Ty =
     Ty::Struct("SHUTDOWN-data", &[req("guest", &BOOL), req("reason", &STR)]);
 /// Every event vmigrate sends, with its data.
@@ -347,6 +446,7 @@ static EVENTS: &[(&str, &Ty)] = &[
     ("STOP", &EMPTY),
     ("RESUME", &EMPTY),
     ("SHUTDOWN", &SHUTDOWN_EVENT),
+    ("JOB_STATUS_CHANGE", &JOB_STATUS_EVENT),
 ];
 
 fn find_command(name: &str) -> Option<&'static Command> {
@@ -424,6 +524,8 @@ pub struct Dispatcher {
     backend: Arc<dyn VmBackend>,
     /// `calc-dirty-rate` / `query-dirty-rate`.
     dirty_rate: vmigrate_engine::dirtyrate::DirtyRateMeter,
+    /// `query-jobs` and the snapshot jobs.
+    jobs: Arc<Jobs>,
     /// Serialises command execution, as QEMU's main loop does.
     big_lock: Mutex<()>,
 }
@@ -441,14 +543,38 @@ pub struct Session {
     pub received_fds: Vec<OwnedFd>,
     /// Set by `quit`.
     pub quit: bool,
+    /// Work a command left for after its reply (QEMU runs it in a bottom half).
+    after_reply: AfterReply,
+}
+
+/// Steps to run once the reply of the command that queued them has been sent.
+#[derive(Default)]
+struct AfterReply(Vec<Box<dyn FnOnce() + Send>>);
+
+impl std::fmt::Debug for AfterReply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AfterReply({} steps)", self.0.len())
+    }
+}
+
+impl Session {
+    /// Runs the work the last command left for after its reply; the monitor calls this
+    /// once the reply is out.
+    pub fn run_after_reply(&mut self) {
+        for step in std::mem::take(&mut self.after_reply.0) {
+            step();
+        }
+    }
 }
 
 impl Dispatcher {
     pub fn new(migrator: Arc<Migrator>, backend: Arc<dyn VmBackend>) -> Arc<Self> {
+        let jobs = Arc::new(Jobs::new(migrator.events().clone()));
         Arc::new(Self {
             migrator,
             backend,
             dirty_rate: Default::default(),
+            jobs,
             big_lock: Mutex::new(()),
         })
     }
@@ -552,7 +678,14 @@ impl Dispatcher {
                     return Err(QmpError::generic("missing 'cpr' migration channel"));
                 }
                 let resume = args.get("resume").and_then(Value::as_bool).unwrap_or(false);
-                m.migrate(target, resume)?;
+                let cpr_channel = args
+                    .get("channels")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .find(|c| c.get("channel-type").and_then(Value::as_str) == Some("cpr"))
+                    .and_then(|c| c.get("addr"));
+                m.migrate(target, resume, cpr_channel)?;
                 empty()
             }
             "migrate-incoming" => {
@@ -625,6 +758,44 @@ impl Dispatcher {
             "query-dirty-rate" => Ok(self
                 .dirty_rate
                 .query(s("calc-time-unit") == Some("millisecond"))),
+            // A VM without a KVM dirty ring, as QEMU answers for one.
+            "set-vcpu-dirty-limit" => Err(QmpError::generic(
+                "dirty page limit feature requires KVM with accelerator property 'dirty-ring-size' set'",
+            )),
+            "cancel-vcpu-dirty-limit" => empty(),
+            "query-vcpu-dirty-limit" => Ok(json!([])),
+            "snapshot-save" | "snapshot-load" | "snapshot-delete" => {
+                let job_type = match name {
+                    "snapshot-save" => JobType::SnapshotSave,
+                    "snapshot-load" => JobType::SnapshotLoad,
+                    _ => JobType::SnapshotDelete,
+                };
+                let request = SnapshotRequest {
+                    job_type,
+                    job_id: s("job-id").unwrap_or("").to_string(),
+                    devices: args["devices"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(Value::as_str)
+                        .map(String::from)
+                        .collect(),
+                };
+                let finish = self.jobs.start_snapshot(request)?;
+                if job_type == JobType::SnapshotLoad {
+                    stop_if_running(control, RunState::RestoreVm);
+                }
+                session.after_reply.0.push(Box::new(finish));
+                empty()
+            }
+            "query-jobs" => Ok(self.jobs.query()),
+            verb if verb.starts_with("job-") => {
+                let verb = JobVerb::from_command(verb).ok_or_else(|| {
+                    QmpError::not_found(format!("The command {name} has not been found"))
+                })?;
+                self.jobs.verb(verb, s("id").unwrap_or(""))?;
+                empty()
+            }
             "query-workload" => self.backend.query_workload().ok_or_else(|| {
                 QmpError::generic("This machine runs no workload")
             }),
@@ -697,6 +868,33 @@ impl vmigrate_hmp::QmpExecutor for HmpBridge<'_> {
                 class: e.class.to_string(),
                 desc: e.desc,
             })
+    }
+
+    /// Internal snapshots need a block device to hold the VM state, and this VM has
+    /// none: QEMU's answers for that case. `loadvm` stops a running VM first and leaves
+    /// it stopped; `delvm` has nothing to delete.
+    fn internal_snapshot(
+        &mut self,
+        op: vmigrate_hmp::SnapshotOp<'_>,
+    ) -> Result<(), vmigrate_hmp::QmpError> {
+        use vmigrate_hmp::SnapshotOp;
+        if let SnapshotOp::Load(_) = op {
+            let _guard = self
+                .dispatcher
+                .big_lock
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            stop_if_running(
+                self.dispatcher.migrator.vmm().control(),
+                RunState::RestoreVm,
+            );
+        }
+        match op {
+            SnapshotOp::Delete(_) => Ok(()),
+            SnapshotOp::Save(_) | SnapshotOp::Load(_) | SnapshotOp::List => {
+                Err(vmigrate_hmp::QmpError::generic(NO_VMSTATE_DEVICE))
+            }
+        }
     }
 }
 

@@ -19,6 +19,7 @@ pub fn run_stdio(dispatcher: Arc<Dispatcher>) {
             let text = dispatcher.human_monitor_command(&line, &mut session);
             let _ = write!(out, "{text}(qemu) ");
             let _ = out.flush();
+            session.run_after_reply();
             if session.quit {
                 std::process::exit(0);
             }
@@ -41,6 +42,7 @@ pub fn serve_unix(path: &str, dispatcher: Arc<Dispatcher>) -> std::io::Result<()
                     let Ok(line) = line else { break };
                     let text = d.human_monitor_command(line.trim_end_matches('\r'), &mut session);
                     let _ = write!(w, "{}(qemu) ", text.replace('\n', "\r\n"));
+                    session.run_after_reply();
                     if session.quit {
                         std::process::exit(0);
                     }

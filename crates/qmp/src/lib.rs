@@ -4,10 +4,12 @@
 //! - [`dispatch`]: the commands, their argument checks and errors.
 //! - [`server`]: sockets, the greeting, capabilities negotiation, events.
 //! - [`hmp`]: the human monitor on stdio or a socket, through `vmigrate-hmp`.
+//! - [`jobs`]: `query-jobs`, `job-*` and the snapshot commands of a diskless VM.
 
 pub mod dispatch;
 pub mod framing;
 pub mod hmp;
+pub mod jobs;
 pub mod schema;
 pub mod server;
 

@@ -175,7 +175,8 @@ impl SchemaBuilder {
         match ty {
             Ty::Str => builtin(self, "str", "string"),
             Ty::Int => builtin(self, "int", "int"),
-            Ty::Uint64 => builtin(self, "uint64", "int"),
+            // QEMU's introspection shows every integer type as `int`.
+            Ty::Uint64 => builtin(self, "int", "int"),
             Ty::Bool => builtin(self, "bool", "boolean"),
             Ty::Any => builtin(self, "any", "value"),
             Ty::StrOrNull => {

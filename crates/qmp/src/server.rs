@@ -208,7 +208,10 @@ fn serve_connection(
                     handle_message(&text, &mut negotiated, &mut oob, &dispatcher, &mut session)
                 }
             };
-            if send(&reply).is_err() {
+            let sent = send(&reply);
+            // Whether or not the client is still there, started work ends.
+            session.run_after_reply();
+            if sent.is_err() {
                 break 'outer;
             }
             if session.quit {

@@ -7,11 +7,13 @@
 //! - [`gate`]: how vCPU threads run, park and are throttled.
 //! - [`workload`]: the `--workload` specification and the self-check's page pattern.
 //! - [`soft`]: the `soft` accelerator, vCPU threads writing guest RAM directly.
-//! - [`kvm`]: the `kvm` accelerator, real vCPUs running `guest/lab.S`, KVM's dirty log.
+//! - [`kvm`]: the `kvm` accelerator, real vCPUs running `guest/lab.S`, dirty pages from KVM's dirty log (with manual clear) or its dirty ring.
 //! - [`serial`]: the serial console and the UART of `kvm` guests.
 //! - [`dirty`]: dirty tracking for writes the VMM itself makes.
 //! - [`timer`]: the guest clock, migrated as QEMU's `timer` section.
+//! - [`blockers`]: migration blockers, per migration mode.
 
+pub mod blockers;
 pub mod dirty;
 pub mod gate;
 pub mod kvm;

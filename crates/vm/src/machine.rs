@@ -7,8 +7,9 @@ use std::thread::JoinHandle;
 use serde_json::{json, Value};
 use vmigrate_engine::memory::MemoryError;
 use vmigrate_engine::vmm::{DeviceState, DirtyTracker, VmControl, Vmm};
-use vmigrate_engine::{EventBus, RamBlock, RunState};
+use vmigrate_engine::{EventBus, MigMode, RamBlock, RunState};
 
+use crate::blockers::{cpr_ram_blocker, MigrationBlockers};
 use crate::dirty::AtomicDirtyLog;
 use crate::gate::VcpuGate;
 use crate::runstate::RunControl;
@@ -78,6 +79,8 @@ pub struct LabConfig {
     pub workload: WorkloadSpec,
     /// `stdio`, `none` or a file path.
     pub serial: String,
+    /// How a `kvm` guest's dirty pages are tracked.
+    pub dirty_tracking: crate::kvm::DirtyTracking,
 }
 
 impl Default for LabConfig {
@@ -87,6 +90,7 @@ impl Default for LabConfig {
             cpus: 1,
             workload: WorkloadSpec::default(),
             serial: "none".into(),
+            dirty_tracking: crate::kvm::DirtyTracking::Auto,
         }
     }
 }
@@ -144,6 +148,7 @@ pub struct Machine {
     devices: Vec<Arc<dyn DeviceState>>,
     dirty_rate: DirtyRateMeter,
     cpus: u32,
+    blockers: MigrationBlockers,
 }
 
 impl std::fmt::Debug for Machine {
@@ -181,6 +186,11 @@ impl Machine {
             None => RamBlock::anonymous(&config.ram_id, config.memory, 0)?,
         };
         let block = Arc::new(block);
+        let blockers = MigrationBlockers::default();
+        if config.mem_path.is_none() || !config.share {
+            // Only RAM in a shared file can be handed to a new process.
+            blockers.add(Some(MigMode::CprTransfer), cpr_ram_blocker(block.idstr()));
+        }
         let dirty = Arc::new(AtomicDirtyLog::new(&[block.pages()]));
         let clock = Arc::new(GuestClock::default());
         let mut machine = Self {
@@ -196,6 +206,7 @@ impl Machine {
             devices: vec![clock],
             dirty_rate: DirtyRateMeter::default(),
             cpus: 0,
+            blockers,
         };
         if config.kind == MachineKind::None {
             return Ok(machine);
@@ -233,6 +244,7 @@ impl Machine {
                     sink,
                     gate.clone(),
                     dirty,
+                    lab.dirty_tracking,
                     config.initial == RunState::InMigrate,
                 )?);
                 let threads = guest.spawn().map_err(MachineError::Thread)?;
@@ -247,6 +259,11 @@ impl Machine {
         Ok(machine)
     }
 
+    /// Registers a migration blocker for `mode`, or for every mode when `None`.
+    pub fn add_migration_blocker(&self, mode: Option<MigMode>, reason: impl Into<String>) {
+        self.blockers.add(mode, reason);
+    }
+
     /// `query-workload`: the workload's counters, or `None` on a machine without one.
     pub fn query_workload(&self) -> Option<Value> {
         let throttle = self.gate.as_ref().map_or(0, |g| g.throttle());
@@ -257,7 +274,7 @@ impl Machine {
             Accelerator::Kvm(g) => (Accel::Kvm, g.spec(), g.hot_bytes(), g.counters()),
         };
         let ps = self.ram.first().map_or(0, |b| b.page_size());
-        Some(json!({
+        let mut w = json!({
             "machine": self.kind.name(),
             "accel": accel.name(),
             "vcpus": self.cpus,
@@ -270,7 +287,13 @@ impl Machine {
             "pages-written": c.pages_written,
             "dirty-rate": self.dirty_rate.rate(c.local_written * ps),
             "cpu-throttle-percentage": throttle,
-        }))
+        });
+        if let Accelerator::Kvm(g) = &self.accel {
+            w["dirty-tracking"] = json!(g.dirty_tracking().to_string());
+            w["dirty-ring-full-exits"] = json!(g.ring_full_exits());
+            w["dirty-ring-overflows"] = json!(g.ring_overflows());
+        }
+        Some(w)
     }
 
     /// Copies guest-physical memory `gpa..gpa+out.len()` into `out`; false when the
@@ -333,5 +356,8 @@ impl Vmm for Machine {
     }
     fn uuid(&self) -> Option<[u8; 16]> {
         self.uuid
+    }
+    fn migration_blockers(&self, mode: MigMode) -> Vec<String> {
+        self.blockers.for_mode(mode)
     }
 }
