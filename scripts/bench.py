@@ -29,6 +29,19 @@ both), calc-dirty-rate, total time, downtime, bytes sent, passes (dirty-sync-cou
 ratios vmigrate / QEMU, and says whether vmigrate's downtime and bytes are at most QEMU's at
 an equal or higher dirty rate.
 
+File scenarios `file-plain`, `file-mr`, `file-mr2`, `file-mr4`, `file-mr-dio`, `file-mr2-dio`,
+`file-mr4-dio` (group `file`; not in the default set): the stopped VM is saved with `migrate
+file:DIR/bench-PID.mig` (plain sequential stream; mapped-ram; mapped-ram + multifd 2 or 4
+channels; each mapped-ram variant also with direct-io) and restored into a fresh `-incoming
+defer` VM with `migrate-incoming` of the same URI; the pair's source engine saves and its
+destination engine restores. Per run: save time (to the source's `completed` event) and CPU,
+the file's size and allocated bytes, restore time and CPU with the file in the page cache
+(warm) and, with --file-cold, after `sync; echo 3 > /proc/sys/vm/drop_caches` (cold), and
+`dd if=FILE of=/dev/null bs=1M` on the same file right after each restore. Both restores are
+verified. The report compares QEMU's best configuration with vmigrate's best and with
+vmigrate in the same configuration (target: QEMU-best time / vmigrate time >= 1.5 for save
+and restore), and vmigrate's restore throughput with dd's (target >= 80 %).
+
 Usage:
     scripts/bench.py                        # 4 GiB, 3 reps, all four pairs
     scripts/bench.py --size 512M -n 2       # quick check
@@ -37,12 +50,17 @@ Usage:
     scripts/bench.py --list-scenarios
     scripts/bench.py --scenario live        # 256 MiB hot set at 512 MiB/s, 3 reps
     scripts/bench.py --scenario live --live-hot 128M --live-rate 1G -n 2 --live-accel tcg
+    scripts/bench.py --size 4G -n 2 --pairs qq,vv --scenario file    # all file scenarios
+    scripts/bench.py --scenario file-mr4,file-mr4-dio --file-dir /var/tmp --no-file-cold
 
 Options (see --help): --size, -n/--reps, --pairs (qq,vv,qv,vq or full names), --scenario,
 --vmigrate PATH (default: target/release/vmigrate, built with `cargo build --release` if
 missing), --qemu PATH, --json OUT (raw per-run records), --prewarm GIB, --gate SECONDS,
 --timeout SECONDS, --keep-image, --keep-logs, --shm DIR; for `live`: --live-hot, --live-memory,
---live-rate, --live-accel auto|tcg|kvm, --downtime-limit MS, --live-calc-ms.
+--live-rate, --live-accel auto|tcg|kvm, --downtime-limit MS, --live-calc-ms; for the file
+scenarios: --file-dir DIR (default /var/tmp when on the repository's file system, else
+target/; not /dev/shm), --file-cold / --no-file-cold (default on when root and drop_caches is
+writable).
 
 Method notes:
   * Before every run a fresh, sparse destination RAM file is created and GIB of anonymous
@@ -52,7 +70,11 @@ Method notes:
   * `--gate` waits (up to that many seconds) for the machine to be less than half busy
     before each run; "foreign CPU s" is machine busy time during the run minus the two
     engines and this script, i.e. what other work took from the two engines.
-  * Both sides get the `events` capability; the source gets `max-bandwidth` 0.
+  * Both sides get the `events` capability; the source gets `max-bandwidth` 0 (file
+    scenarios: both sides, with the same capabilities and parameters).
+  * File scenarios run the gate and the prewarm before every timed step (save, each restore,
+    each dd); the file is fsynced after the save (time recorded, not counted) and deleted
+    after the run.
 
 Exit status: 0 when the benchmark ran (FAILED runs are results, reported in the tables),
 1 on errors (the harness could not run: missing QEMU, no space, interrupted ...),
@@ -61,7 +83,8 @@ Exit status: 0 when the benchmark ran (FAILED runs are results, reported in the 
 New scenarios: write a function `scenario_xxx(ctx, pair, rep) -> dict` (see
 `tcp_migration` for the shape of the record) and add it to SCENARIOS. A scenario function
 with the attribute `live = True` runs only qq and vv, gets ctx.live (see `live_migration`)
-and is reported by report_live().
+and is reported by report_live(); one with `file = True` (see `_file`) is reported by
+report_file().
 """
 import argparse
 import asyncio
@@ -1105,6 +1128,191 @@ async def live_migration(ctx, pair, rep):
 live_migration.live = True
 
 
+# --------------------------------------------------------------------------------------
+# File scenarios: a stopped VM is saved with `migrate file:...` and restored into a fresh
+# VM with `migrate-incoming file:...`. The pair's source engine saves, its destination
+# engine restores. Right after the warm restore the same file is read with dd; with
+# --file-cold the page cache is dropped before a second restore and before a second dd.
+#
+# "Warm" means the whole file was read once right before the timed step (a direct-io save
+# leaves its pages out of the page cache, so the save alone does not make it warm);
+# "cold" means `sync; echo 3 > /proc/sys/vm/drop_caches` right before it.
+
+DROP_CACHES = "/proc/sys/vm/drop_caches"
+
+
+def can_drop_caches():
+    return os.geteuid() == 0 and os.access(DROP_CACHES, os.W_OK)
+
+
+def drop_caches():
+    os.sync()
+    with open(DROP_CACHES, "w") as f:
+        f.write("3\n")
+
+
+def fs_type(path):
+    """File system type of path as `stat -f` names it (e.g. ext2/ext3, tmpfs), or None."""
+    with contextlib.suppress(Exception):
+        r = subprocess.run(["stat", "-f", "-c", "%T", path], capture_output=True, text=True, timeout=10)
+        if r.returncode == 0:
+            return r.stdout.strip()
+    return None
+
+
+def default_file_dir():
+    """/var/tmp (or the temp dir) when it is on the repository's file system, else target/."""
+    with contextlib.suppress(OSError):
+        repo_dev = os.stat(REPO).st_dev
+        for d in ("/var/tmp", tempfile.gettempdir()):
+            with contextlib.suppress(OSError):
+                if os.stat(d).st_dev == repo_dev and os.access(d, os.W_OK):
+                    return d
+    return os.path.join(REPO, "target")
+
+
+def fsync_path(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def dd_read(path, timeout):
+    """Wall seconds of `dd if=path of=/dev/null bs=1M`."""
+    argv = ["dd", f"if={path}", "of=/dev/null", "bs=1M"]
+    t0 = time.perf_counter()
+    try:
+        r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                           timeout=timeout, preexec_fn=_set_pdeathsig)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise RunFailed(f"{' '.join(argv)}: {e}")
+    dt = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise RunFailed(f"{' '.join(argv)} failed (status {r.returncode}): {r.stderr.strip()}")
+    return dt
+
+
+def prefixed(prefix, d):
+    return {prefix + k: v for k, v in d.items()}
+
+
+async def timed_migration(vm, command, uri, ctx, rec, step):
+    """Run `command` (migrate or migrate-incoming) to uri on vm and wait for its terminal
+    MIGRATION status. Returns dict(s, cpu_s, foreign_cpu_s, how); RunFailed if it did not
+    complete."""
+    b0, me0 = machine_busy(), self_cpu()
+    c0 = vm.cpu()
+    t0 = time.time()
+    await vm.cmd(command, uri=uri)
+    r = await wait_migration(vm, time.monotonic() + ctx.timeout, t0)
+    c1 = vm.cpu()
+    b1, me1 = machine_busy(), self_cpu()
+    if r["status"] != "completed":
+        q = None
+        if exit_status(vm.proc) is None:
+            with contextlib.suppress(Exception):
+                q = await asyncio.wait_for(vm.qmp.execute("query-migrate"), 5)
+        st = r["status"]
+        if st == "timeout":
+            st = f"timeout after {ctx.timeout:g} s"
+        elif st == "exited":
+            st = f"process exited with status {exit_status(vm.proc)}"
+        why = f" ({q['error-desc']})" if isinstance(q, dict) and q.get("error-desc") else ""
+        out = tail(vm.log)
+        raise RunFailed(f"{step} did not complete: {vm.label}: {st}{why}"
+                        + (f"\n  last output of {vm.label}:\n{out}" if out else ""), rec)
+    if None in (c0, c1):
+        raise RunFailed(f"{step}: {vm.label}: CPU time unreadable", rec)
+    return {"s": r["t"] - t0, "cpu_s": c1 - c0, "foreign_cpu_s": (b1 - b0) - (c1 - c0) - (me1 - me0),
+            "how": r["how"]}
+
+
+async def file_restore(ctx, engine, caps, params, uri, path, phase, rec):
+    """Restore `path` into a fresh VM of `engine` (phase "warm" or "cold"), verify its RAM,
+    and add restore_<phase>_* figures to rec."""
+    dst = VM(engine, f"restore-{phase}", ctx)
+    dst_ram = ctx.fresh_ram_file()
+    p = f"restore_{phase}_"
+    try:
+        if phase == "cold":
+            drop_caches()
+        await dst.start(dst_ram, incoming="defer")
+        await dst.set_caps(caps)
+        await dst.set_params(params)
+        rec.update(prefixed(p, ctx.prepare_run()))
+        if phase == "warm":
+            rec[p + "preread_s"] = dd_read(path, ctx.timeout)
+        r = await timed_migration(dst, "migrate-incoming", uri, ctx, rec, f"{phase} restore")
+        rec.update({p + "s": r["s"], "cpu_" + p + "s": r["cpu_s"], p + "foreign_cpu_s": r["foreign_cpu_s"],
+                    p + "how": r["how"], p + "hwm_kib": dst.status().get("VmHWM"),
+                    "query_migrate_" + p.rstrip("_"): await dst.try_cmd("query-migrate")})
+        await dst.stop()
+        ok, detail = ctx.verify(dst_ram)
+        rec[p + "verify"] = detail
+        if not ok:
+            raise RunFailed(f"verification after the {phase} restore: {detail}", rec)
+    finally:
+        await dst.stop()
+        ctx.remove_file(dst_ram)
+
+
+async def file_save_restore(ctx, pair, rep, caps=None, params=None):
+    """Stopped VM saved to a file by the pair's source engine, restored by its destination
+    engine (warm, then cold when --file-cold), the file read with dd after each restore."""
+    saver, restorer = pair
+    caps = dict(caps or {}, events=True)
+    params = dict(params or {}, **{"max-bandwidth": 0})
+    path = ctx.mig_file()
+    uri = f"file:{path}"
+    rec = {"file": path, "file_caps": caps, "file_params": params}
+    src = VM(saver, "save", ctx)
+    try:
+        await src.start(ctx.image)
+        await src.cmd("stop")
+        await src.set_caps(caps)
+        await src.set_params(params)
+        os.sync()
+        rec.update(prefixed("save_", ctx.prepare_run()))
+        r = await timed_migration(src, "migrate", uri, ctx, rec, "save")
+        qs = await src.try_cmd("query-migrate")
+        rec.update(save_s=r["s"], cpu_save_s=r["cpu_s"], save_foreign_cpu_s=r["foreign_cpu_s"], save_how=r["how"],
+                   save_gib_per_s=ctx.size / GiB / r["s"], save_hwm_kib=src.status().get("VmHWM"),
+                   save_total_time_ms=(qs or {}).get("total-time"), query_migrate_save=qs)
+        await src.stop()
+        t0 = time.perf_counter()
+        fsync_path(path)
+        rec["fsync_after_save_s"] = time.perf_counter() - t0
+        st = os.stat(path)
+        rec.update(file_size=st.st_size, file_alloc=st.st_blocks * 512)
+
+        await file_restore(ctx, restorer, caps, params, uri, path, "warm", rec)
+        rec.update(prefixed("dd_warm_", ctx.prepare_run()))
+        rec["dd_warm_s"] = dd_read(path, ctx.timeout)
+        if ctx.file_cold:
+            await file_restore(ctx, restorer, caps, params, uri, path, "cold", rec)
+            drop_caches()
+            rec.update(prefixed("dd_cold_", ctx.prepare_run()))
+            rec["dd_cold_s"] = dd_read(path, ctx.timeout)
+        return rec
+    finally:
+        await src.stop()
+        ctx.remove_file(path)
+
+
+def _file(caps=None, params=None, doc=""):
+    async def scenario(ctx, pair, rep):
+        return await file_save_restore(ctx, pair, rep, caps, params)
+    scenario.__doc__ = doc
+    scenario.file = True
+    return scenario
+
+
+MAPPED_RAM = {"mapped-ram": True}
+MAPPED_RAM_MULTIFD = {"mapped-ram": True, "multifd": True}
+
+
 SCENARIOS = {
     "tcp-precopy": _tcp(doc="stopped VM, loopback TCP, precopy, one channel, unlimited bandwidth"),
     "tcp-multifd2": _tcp({"multifd": True}, {"multifd-channels": 2},
@@ -1124,11 +1332,33 @@ SCENARIOS = {
                                                   "multifd-zlib-level": 1},
                               "stopped VM, loopback TCP, multifd 4 channels, zlib level 1"),
     "live": live_migration,
+    "file-plain": _file(doc="stopped VM saved to / restored from a file, plain sequential stream"),
+    "file-mr": _file(MAPPED_RAM, None, "stopped VM saved to / restored from a file, mapped-ram, no multifd"),
+    "file-mr2": _file(MAPPED_RAM_MULTIFD, {"multifd-channels": 2},
+                      "stopped VM saved to / restored from a file, mapped-ram, multifd 2 channels"),
+    "file-mr4": _file(MAPPED_RAM_MULTIFD, {"multifd-channels": 4},
+                      "stopped VM saved to / restored from a file, mapped-ram, multifd 4 channels"),
+    "file-mr-dio": _file(MAPPED_RAM, {"direct-io": True},
+                         "stopped VM saved to / restored from a file, mapped-ram, direct-io, no multifd"),
+    "file-mr2-dio": _file(MAPPED_RAM_MULTIFD, {"multifd-channels": 2, "direct-io": True},
+                          "stopped VM saved to / restored from a file, mapped-ram, multifd 2 channels, direct-io"),
+    "file-mr4-dio": _file(MAPPED_RAM_MULTIFD, {"multifd-channels": 4, "direct-io": True},
+                          "stopped VM saved to / restored from a file, mapped-ram, multifd 4 channels, direct-io"),
 }
 
 
 def is_live(scenario):
     return getattr(SCENARIOS[scenario], "live", False)
+
+
+def is_file(scenario):
+    return getattr(SCENARIOS[scenario], "file", False)
+
+
+SCENARIO_GROUPS = {
+    "file": [s for s in SCENARIOS if is_file(s)],
+    "tcp": [s for s in SCENARIOS if s.startswith("tcp-")],
+}
 
 
 # --------------------------------------------------------------------------------------
@@ -1143,6 +1373,8 @@ class Ctx:
         self.tmpdir = tmpdir
         self.timeout = args.timeout or max(120, 60 * args.size / GiB)
         self.live = None  # LiveConfig, when a live scenario runs
+        self.file_dir = args.file_dir
+        self.file_cold = args.file_cold
         self._n = 0
         self.harness_errors = 0
 
@@ -1158,10 +1390,20 @@ class Ctx:
             os.close(fd)
         return path
 
-    def remove_ram_file(self, path):
+    def mig_file(self):
+        """Path of the migration file of a file scenario (in --file-dir; removed at exit)."""
+        path = os.path.join(self.file_dir, f"bench-{os.getpid()}.mig")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        _temp_files.add(path)
+        return path
+
+    def remove_file(self, path):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         _temp_files.discard(path)
+
+    remove_ram_file = remove_file
 
     def prepare_run(self):
         """Called by a scenario right before its timed part: quiet gate + prewarm."""
@@ -1271,6 +1513,155 @@ def report(records, size, scenarios, pairs):
             for r in failed:
                 first = (r.get("error") or "").splitlines()[0] if r.get("error") else "?"
                 lines.append(f"  {pair_label((r['src'], r['dst']))} rep {r['rep']}: {first}")
+    return "\n".join(lines)
+
+
+FILE_SPEEDUP_TARGET = 1.5    # QEMU's best time / vmigrate's time, save and restore
+FILE_DD_TARGET = 0.8         # vmigrate restore throughput / dd throughput on the same file
+
+
+def _file_runs(records, sc, engine, role):
+    """Verified runs of scenario sc where `engine` did the `role` ("save" or "restore").
+    A save does not depend on who restores, so every pair it saved in counts; a restore
+    counts from files its own engine saved, or, without such runs, from any."""
+    ok = [r for r in records if r["scenario"] == sc and r["ok"]]
+    if role == "save":
+        return [r for r in ok if r["src"] == engine]
+    own = [r for r in ok if r["dst"] == engine and r["src"] == engine]
+    return own or [r for r in ok if r["dst"] == engine]
+
+
+def _dd_fraction(r, phase):
+    """Restore throughput as a fraction of dd's on the same file (dd time / restore time)."""
+    rs, dd = r.get(f"restore_{phase}_s"), r.get(f"dd_{phase}_s")
+    return dd / rs if rs and dd else None
+
+
+def report_file(records, size, scenarios, pairs, cold):
+    """Tables of the file scenarios: per scenario and pair, then QEMU's best configuration
+    against vmigrate's, and vmigrate's restore against dd on the same file."""
+    gib = size / GiB
+    phases = ("warm", "cold") if cold else ("warm",)
+    lines = [f"\n## File save/restore — {human_size(size)} guest RAM, stopped VM; median [min–max] of verified runs",
+             "save: `migrate file:` to the source's `completed` event; restore: `migrate-incoming file:` in a fresh "
+             "VM to its `completed` event (warm: the file was read once right before; cold: sync + drop_caches "
+             "right before); dd: `dd if=FILE of=/dev/null bs=1M` on the same file right after the restore "
+             "(warm, then cold after drop_caches); restore/dd = dd s / restore s (restore throughput as a "
+             "fraction of dd's). CPU = user+sys of the engine process over the timed step."
+             + ("" if cold else " Cold restore not measured (--no-file-cold, or not root).")]
+    for sc in scenarios:
+        rows = []
+        for p in pairs:
+            rs = [r for r in records if r["scenario"] == sc and (r["src"], r["dst"]) == p]
+            if not rs:
+                continue
+            ok = [r for r in rs if r["ok"]]
+            g = lambda k: [r.get(k) for r in ok]
+            gi = lambda k: [r[k] / GiB for r in ok if r.get(k) is not None]
+            size_alloc = (f"{fmt(gi('file_size'))} / {fmt(gi('file_alloc'))}" if ok else "–")
+            row = [pair_label(p), f"{len(ok)}/{len(rs)}", fmt(g("save_s")), fmt(g("save_gib_per_s")),
+                   fmt(g("restore_warm_s"))]
+            if cold:
+                row.append(fmt(g("restore_cold_s")))
+            row += [fmt(g("cpu_save_s")), fmt(g("cpu_restore_warm_s"))]
+            if cold:
+                row.append(fmt(g("cpu_restore_cold_s")))
+            row += [size_alloc, fmt(g("dd_warm_s"))]
+            if cold:
+                row.append(fmt(g("dd_cold_s")))
+            row += [fmt([_dd_fraction(r, ph) for r in ok]) for ph in phases]
+            row.append(" / ".join(fmt(g(k), 1) for k in
+                                  ("save_foreign_cpu_s", "restore_warm_foreign_cpu_s")
+                                  + (("restore_cold_foreign_cpu_s",) if cold else ())))
+            rows.append(row)
+        header = ["pair (save→restore)", "ok/runs", "save s", "save GiB/s", "restore warm s"]
+        header += ["restore cold s"] if cold else []
+        header += ["CPU save s", "CPU restore warm s"] + (["CPU restore cold s"] if cold else [])
+        header += ["file GiB size / allocated", "dd warm s"] + (["dd cold s"] if cold else [])
+        header += [f"restore/dd {ph}" for ph in phases]
+        header += ["foreign CPU s save / warm" + (" / cold" if cold else "")]
+        lines.append(f"\n### {sc}: {SCENARIOS[sc].__doc__}\n")
+        lines.append(table(header, rows) if rows else "(no runs)")
+        failed = [r for r in records if r["scenario"] == sc and not r["ok"]]
+        if failed:
+            lines.append("\nFAILED runs (not counted):")
+            for r in failed:
+                first = (r.get("error") or "").splitlines()[0] if r.get("error") else "?"
+                lines.append(f"  {pair_label((r['src'], r['dst']))} rep {r['rep']}: {first}")
+
+    def med(sc, engine, role, key):
+        return median([r.get(key) for r in _file_runs(records, sc, engine, role)])
+
+    def best(engine, role, key):
+        got = [(med(sc, engine, role, key), sc) for sc in scenarios]
+        got = [x for x in got if x[0] is not None]
+        return min(got) if got else (None, None)
+
+    def num(v):
+        return f"{v:.2f}" if v is not None else "–"
+
+    def ratio(a, b):
+        return a / b if a is not None and b else None
+
+    def verdict(v, target):
+        return "–" if v is None else ("MET" if v >= target else "NOT MET")
+
+    steps = [("save", "save", "save_s")] + [(f"restore {ph}", "restore", f"restore_{ph}_s") for ph in phases]
+    rows, met_lines = [], []
+    for label, role, key in steps:
+        tq, cq = best("qemu", role, key)
+        tv, cv = best("vmigrate", role, key)
+        tvs = med(cq, "vmigrate", role, key) if cq else None
+        r_best, r_same = ratio(tq, tv), ratio(tq, tvs)
+        rows.append([label, cq or "–", num(tq), cv or "–", num(tv), num(tvs),
+                     num(r_best), num(r_same), f"≥ {FILE_SPEEDUP_TARGET:g}"])
+        met_lines.append(f"{label}: QEMU best ({cq or '–'}, {num(tq)} s) / vmigrate best ({cv or '–'}, {num(tv)} s) "
+                         f"= {num(r_best)} (target ≥ {FILE_SPEEDUP_TARGET:g}): {verdict(r_best, FILE_SPEEDUP_TARGET)}")
+        met_lines.append(f"{label}: QEMU best ({cq or '–'}, {num(tq)} s) / vmigrate in the same configuration "
+                         f"({num(tvs)} s) = {num(r_same)} (target ≥ {FILE_SPEEDUP_TARGET:g}): "
+                         f"{verdict(r_same, FILE_SPEEDUP_TARGET)}")
+    lines.append(f"\n### File save/restore summary: QEMU's best configuration vs vmigrate — {human_size(size)}\n")
+    lines.append(f"Best = lowest median time over the file scenarios measured ({', '.join(scenarios)}). "
+                 "Save times count every run the engine saved in; restore times count restores of a file the "
+                 "same engine saved (qq, vv; without such runs, any file). Ratio = QEMU-best time / vmigrate time (> 1: vmigrate faster).\n")
+    lines.append(table(["step", "QEMU best config", "QEMU s", "vmigrate best config", "vmigrate s",
+                        "vmigrate s in QEMU's best config", "QEMU best / vmigrate best",
+                        "QEMU best / vmigrate same config", "target"], rows))
+
+    rows = []
+    for sc in scenarios:
+        row = [sc]
+        for ph in phases:
+            for engine in ("vmigrate", "qemu"):
+                rs = _file_runs(records, sc, engine, "restore")
+                row += [num(median([r.get(f"restore_{ph}_s") for r in rs])),
+                        num(median([r.get(f"dd_{ph}_s") for r in rs])),
+                        num(median([_dd_fraction(r, ph) for r in rs]))]
+        rows.append(row)
+    header = ["config"]
+    for ph in phases:
+        header += [f"vmigrate restore {ph} s", f"dd {ph} s", f"vmigrate restore/dd {ph}",
+                   f"QEMU restore {ph} s", f"dd {ph} s (QEMU runs)", f"QEMU restore/dd {ph}"]
+    lines.append(f"\n### Restore vs dd on the same file (restore/dd = dd s / restore s, median of per-run "
+                 f"ratios; target for vmigrate ≥ {FILE_DD_TARGET:.0%})\n")
+    lines.append(table(header, rows))
+    for ph in phases:
+        key = f"restore_{ph}_s"
+        tv, cv = best("vmigrate", "restore", key)
+        if cv is None:
+            met_lines.append(f"restore {ph} vs dd: not decided (no verified vmigrate restore)")
+            continue
+        frac = median([_dd_fraction(r, ph) for r in _file_runs(records, cv, "vmigrate", "restore")])
+        per_cfg = [median([_dd_fraction(r, ph) for r in _file_runs(records, sc, "vmigrate", "restore")])
+                   for sc in scenarios]
+        per_cfg = [f for f in per_cfg if f is not None]
+        n_met = sum(f >= FILE_DD_TARGET for f in per_cfg)
+        shown = f"{frac:.0%}" if frac is not None else "–"
+        met_lines.append(f"restore {ph} vs dd: vmigrate's best restore configuration ({cv}) reaches "
+                         f"{shown} of dd's throughput on the same file (target ≥ {FILE_DD_TARGET:.0%}): "
+                         f"{verdict(frac, FILE_DD_TARGET)}; {n_met} of {len(per_cfg)} configurations reach it")
+    lines.append("")
+    lines += met_lines
     return "\n".join(lines)
 
 
@@ -1445,6 +1836,21 @@ def host_info(qemu_bin, vmigrate_bin):
     return info
 
 
+def file_run_line(sc, rep, p, rec):
+    def s(key):
+        v = rec.get(key)
+        return f"{v:.2f}" if v is not None else "–"
+    cold = (f"  cold {s('restore_cold_s')} s (CPU {s('cpu_restore_cold_s')} s)"
+            if rec.get("restore_cold_s") is not None else "")
+    dd = s("dd_warm_s") + (f"/{s('dd_cold_s')}" if rec.get("dd_cold_s") is not None else "")
+    foreign = "/".join(f"{rec[k]:.1f}" for k in ("save_foreign_cpu_s", "restore_warm_foreign_cpu_s",
+                                                 "restore_cold_foreign_cpu_s") if rec.get(k) is not None)
+    return (f"[{sc} rep {rep}] {pair_label(p):18s} save {s('save_s')} s ({rec['save_gib_per_s']:.2f} GiB/s, "
+            f"CPU {s('cpu_save_s')} s)  restore warm {s('restore_warm_s')} s (CPU {s('cpu_restore_warm_s')} s){cold}"
+            f"  dd {dd} s  file {rec['file_size'] / GiB:.2f}/{rec['file_alloc'] / GiB:.2f} GiB  "
+            f"foreign {foreign} s  verified")
+
+
 async def run_all(ctx, engines, pairs, scenarios, reps, records, log):
     if ctx.live is not None:
         await live_setup(ctx, engines["qemu"], pairs, log)
@@ -1481,6 +1887,8 @@ async def run_all(ctx, engines, pairs, scenarios, reps, records, log):
                         f"{(rec['dirty_rate_during'] or 0) / MiB:5.0f} during  total {rec['total_time_ms']} ms  "
                         f"downtime {rec['downtime_ms']} ms  sent {rec['transferred'] / MiB:.0f} MiB  "
                         f"passes {rec['dirty_sync_count']}")
+                elif rec["ok"] and is_file(sc):
+                    log(file_run_line(sc, rep, p, rec))
                 elif rec["ok"]:
                     gb = f"{rec['gbit_per_s']:.1f}" if rec.get("gbit_per_s") else "–"
                     pw = f"{rec['prewarm_us_per_page']:.2f} µs/page" if rec.get("prewarm_us_per_page") else "off"
@@ -1519,6 +1927,12 @@ def main():
     ap.add_argument("--keep-image", action="store_true",
                     help="keep the source RAM image (reused by the next run with the same size and seed)")
     ap.add_argument("--keep-logs", action="store_true", help="keep the engines' logs and QMP dir")
+    fl = ap.add_argument_group("file scenarios")
+    fl.add_argument("--file-dir", help="directory of the migration file, on a disk file system (default: /var/tmp "
+                                       "when it is on the repository's file system, else target/)")
+    fl.add_argument("--file-cold", action=argparse.BooleanOptionalAction, default=None,
+                    help="also restore and dd with a cold page cache (sync + drop_caches before each; needs "
+                         "root; default on when /proc/sys/vm/drop_caches is writable)")
     live = ap.add_argument_group("live scenario")
     live.add_argument("--live-hot", type=parse_size, default=parse_size("256M"),
                       help="hot set the guest dirties (default 256M)")
@@ -1538,11 +1952,21 @@ def main():
     if args.list_scenarios:
         for k, f in SCENARIOS.items():
             print(f"{k:20s} {f.__doc__}")
+        for k, v in SCENARIO_GROUPS.items():
+            print(f"{k:20s} group: {', '.join(v)}")
         return 0
-    scenarios = [s.strip() for s in args.scenario.split(",") if s.strip()]
-    for s in scenarios:
-        if s not in SCENARIOS:
-            ap.error(f"unknown scenario {s!r}; known: {', '.join(SCENARIOS)}")
+    scenarios = []
+    for s in (s.strip() for s in args.scenario.split(",")):
+        if not s:
+            continue
+        if s not in SCENARIOS and s not in SCENARIO_GROUPS:
+            ap.error(f"unknown scenario {s!r}; known: {', '.join(SCENARIOS)}; groups: {', '.join(SCENARIO_GROUPS)}")
+        scenarios += [x for x in SCENARIO_GROUPS.get(s, [s]) if x not in scenarios]
+    if args.file_cold is None:
+        args.file_cold = can_drop_caches()
+    elif args.file_cold and not can_drop_caches():
+        ap.error(f"--file-cold needs root and a writable {DROP_CACHES}")
+    args.file_dir = os.path.abspath(args.file_dir or default_file_dir())
     if args.reps < 1:
         ap.error("--reps must be >= 1")
     live_memory = args.live_memory or args.live_hot + 256 * MiB
@@ -1578,6 +2002,21 @@ def main():
 
         # space: image + one destination file (+ prewarm, which is anonymous memory)
         stopped = [s for s in scenarios if not is_live(s)]
+        file_scenarios = [s for s in stopped if is_file(s)]
+        tcp_scenarios = [s for s in stopped if not is_file(s)]
+        file_fs = None
+        if file_scenarios:
+            if args.file_dir == os.path.join(REPO, "target"):
+                os.makedirs(args.file_dir, exist_ok=True)
+            if not os.path.isdir(args.file_dir) or not os.access(args.file_dir, os.W_OK):
+                raise BenchError(f"--file-dir {args.file_dir}: not a writable directory")
+            fst = os.statvfs(args.file_dir)
+            if fst.f_bavail * fst.f_frsize < args.size + 256 * MiB:
+                raise BenchError(f"{args.file_dir} has {fst.f_bavail * fst.f_frsize / GiB:.1f} GiB free, "
+                                 f"needs {(args.size + 256 * MiB) / GiB:.1f} GiB")
+            file_fs = fs_type(args.file_dir)
+            if file_fs == "tmpfs":
+                log(f"warning: --file-dir {args.file_dir} is on tmpfs, not a disk: cold restores mean nothing there")
         st = os.statvfs(args.shm)
         have_image = os.path.exists(image) and os.path.getsize(image) == args.size
         need = args.size * (1 if have_image else 2) if stopped else 0
@@ -1607,6 +2046,10 @@ def main():
                 f"{args.reps} rep(s), scenarios {', '.join(scenarios)}; prewarm {args.prewarm:g} GiB, gate {args.gate:g} s")
         else:
             log(f"{args.reps} rep(s), scenarios {', '.join(scenarios)}; gate {args.gate:g} s")
+        if file_scenarios:
+            log(f"file scenarios: migration file {os.path.join(args.file_dir, f'bench-{os.getpid()}.mig')} "
+                f"({file_fs or 'unknown file system'}), cold restore and dd "
+                f"{'on' if args.file_cold else 'off'}")
         try:
             asyncio.run(run_all(ctx, engines, args.pairs, scenarios, args.reps, records, log))
         finally:
@@ -1615,13 +2058,18 @@ def main():
                                   "pairs": [list(p) for p in args.pairs], "prewarm_gib": args.prewarm,
                                   "gate_s": args.gate, "seed": args.seed,
                                   "image": {k: v for k, v in (meta or {}).items() if k != "chunk_sha1"},
-                                  "live": ctx.live.describe() if ctx.live else None},
+                                  "live": ctx.live.describe() if ctx.live else None,
+                                  "file": {"dir": args.file_dir, "fs_type": file_fs, "cold": args.file_cold,
+                                           "speedup_target": FILE_SPEEDUP_TARGET,
+                                           "dd_target": FILE_DD_TARGET} if file_scenarios else None},
                        "host": info, "runs": records}
                 with open(args.json, "w") as f:
                     json.dump(out, f, indent=1)
                 log(f"raw records: {args.json}")
-        if stopped:
-            print(report(records, args.size, stopped, args.pairs))
+        if tcp_scenarios:
+            print(report(records, args.size, tcp_scenarios, args.pairs))
+        if file_scenarios:
+            print(report_file(records, args.size, file_scenarios, args.pairs, args.file_cold))
         if ctx.live is not None:
             print(report_live(records, ctx.live))
         if ctx.harness_errors:
