@@ -636,6 +636,23 @@ class Machine:
             os.unlink(out)
 
 
+def workload(m):
+    """A `lab` VM's `query-workload`."""
+    return m.cmd("query-workload")
+
+
+def wait_passes(m, n, timeout=20):
+    """Waits until the lab workload of M has made N passes; returns its last report."""
+    t0 = time.time()
+    w = workload(m)
+    while time.time() - t0 < timeout:
+        w = workload(m)
+        if w["passes"] >= n:
+            return w
+        time.sleep(0.05)
+    raise HarnessError(f"{m.name}: workload reached only {w} in {timeout}s")
+
+
 def socket_port(info):
     """TCP port from a destination's query-migrate socket-address."""
     addrs = info.get("socket-address") or []

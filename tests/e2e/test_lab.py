@@ -13,6 +13,7 @@ import time
 import pytest
 
 import harness
+from harness import wait_passes, workload
 from conftest import require
 
 pytestmark = pytest.mark.vmigrate
@@ -30,21 +31,6 @@ def lab(ws, name, mem_mib, accel="soft", workload="", cpus=1, serial=None, track
     if tracking:
         extra += ["--dirty-tracking", tracking]
     return ws.vm("vmigrate", name, mem_mib=mem_mib, machine="lab", extra=extra, **kw)
-
-
-def workload(m):
-    return m.cmd("query-workload")
-
-
-def wait_passes(m, n, timeout=20):
-    t0 = time.time()
-    w = workload(m)
-    while time.time() - t0 < timeout:
-        w = workload(m)
-        if w["passes"] >= n:
-            return w
-        time.sleep(0.05)
-    raise harness.HarnessError(f"{m.name}: workload reached only {w} in {timeout}s")
 
 
 def sha(path, size):

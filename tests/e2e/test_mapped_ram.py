@@ -27,7 +27,7 @@ import time
 import pytest
 
 import harness
-from harness import MiB, PAGE
+from harness import MiB, PAGE, wait_passes, workload
 from conftest import require
 from test_conformance import ALL_CAPS_OFF, RESET_PARAMS, caps, cmd, normalise, start_pair
 
@@ -464,21 +464,6 @@ def test_qemu_capture_loads(ws, impl, name, channels, offset, spec, bits):
 def lab(ws, name, mem_mib, spec, **kw):
     return ws.vm("vmigrate", name, mem_mib=mem_mib, machine="lab",
                  extra=["--accel", "soft", "--cpus", "1", "--workload", spec], **kw)
-
-
-def workload(m):
-    return m.cmd("query-workload")
-
-
-def wait_passes(m, n, timeout=20):
-    t0 = time.time()
-    w = workload(m)
-    while time.time() - t0 < timeout:
-        w = workload(m)
-        if w["passes"] >= n:
-            return w
-        time.sleep(0.05)
-    raise harness.HarnessError(f"{m.name}: workload reached only {w} in {timeout}s")
 
 
 LAB_MIB = 64

@@ -23,6 +23,7 @@ use crate::io::{RateLimiter, WriteError};
 use crate::memory::RamBlock;
 use crate::stats::Stats;
 use crate::transport::errno_text;
+use crate::vmm::AtomicBitmap;
 
 /// The page area of every block starts on a multiple of this absolute file offset.
 pub const PAGES_ALIGNMENT: u64 = 1 << 20;
@@ -146,37 +147,6 @@ fn bitmap_len(pages: u64) -> u64 {
     pages.div_ceil(64) * 8
 }
 
-/// A block's page bitmap as the file stores it: 64-bit little-endian words, bit `i % 64`
-/// of word `i / 64` for page `i`; set = the page's content is in the page area.
-#[derive(Debug)]
-pub struct FileBitmap {
-    words: Vec<AtomicU64>,
-}
-
-impl FileBitmap {
-    pub fn new(pages: usize) -> Self {
-        Self {
-            words: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
-        }
-    }
-
-    pub fn set(&self, page: usize, present: bool) {
-        let bit = 1u64 << (page % 64);
-        if present {
-            self.words[page / 64].fetch_or(bit, Ordering::Relaxed);
-        } else {
-            self.words[page / 64].fetch_and(!bit, Ordering::Relaxed);
-        }
-    }
-
-    pub fn to_bytes(&self) -> Vec<u8> {
-        self.words
-            .iter()
-            .flat_map(|w| w.load(Ordering::Relaxed).to_le_bytes())
-            .collect()
-    }
-}
-
 /// Runs of consecutive set bits in a file bitmap, as (first page, count), each at most
 /// `max_run` long. Fails on a bit set at or past `pages`.
 pub fn bitmap_runs(
@@ -264,7 +234,7 @@ fn write_all_at(fd: &OwnedFd, mut data: &[u8], mut offset: u64) -> Result<(), St
 struct WriterShared {
     blocks: Vec<Arc<RamBlock>>,
     regions: Vec<Region>,
-    bitmaps: Vec<FileBitmap>,
+    bitmaps: Vec<AtomicBitmap>,
     /// The buffered descriptor (bitmaps) and the one pages go through (O_DIRECT or not).
     meta_fd: OwnedFd,
     pages_fd: OwnedFd,
@@ -315,11 +285,11 @@ impl WriterShared {
         };
         for &page in pages {
             if self.detect_zero && block.is_zero(page as u64 * ps as u64, ps) {
-                self.bitmaps[bi].set(page, false);
+                self.bitmaps[bi].put(page, false);
                 zero += 1;
                 continue;
             }
-            self.bitmaps[bi].set(page, true);
+            self.bitmaps[bi].put(page, true);
             normal += 1;
             run = match run {
                 Some((first, n)) if first + n == page && n < IO_CHUNK_PAGES => Some((first, n + 1)),
@@ -407,7 +377,10 @@ impl MappedRamWriter {
         } else {
             fd.try_clone().map_err(dup_error)?
         };
-        let bitmaps = regions.iter().map(|r| FileBitmap::new(r.pages())).collect();
+        let bitmaps = regions
+            .iter()
+            .map(|r| AtomicBitmap::new(r.pages()))
+            .collect();
         let shared = Arc::new(WriterShared {
             blocks,
             regions,
@@ -534,7 +507,7 @@ impl MappedRamWriter {
         for (bitmap, region) in self.shared.bitmaps.iter().zip(&self.shared.regions) {
             write_all_at(
                 &self.shared.meta_fd,
-                &bitmap.to_bytes(),
+                &bitmap.to_le_bytes(),
                 region.bitmap_offset,
             )
             .map_err(|e| WriteError::File(format!("Unable to write to file: {e}")))?;
@@ -680,11 +653,11 @@ mod tests {
 
     #[test]
     fn bitmap_bit_order() {
-        let b = FileBitmap::new(16384);
+        let b = AtomicBitmap::new(16384);
         for p in [0, 1, 2, 3, 100, 16383] {
-            b.set(p, true);
+            b.put(p, true);
         }
-        let bytes = b.to_bytes();
+        let bytes = b.to_le_bytes();
         assert_eq!(bytes.len(), 2048);
         assert_eq!(bytes[0], 0x0F);
         assert_eq!(bytes[12], 0x10);
@@ -695,15 +668,15 @@ mod tests {
 
     #[test]
     fn runs_are_split_and_bounded() {
-        let b = FileBitmap::new(1000);
+        let b = AtomicBitmap::new(1000);
         for p in 0..600 {
-            b.set(p, true);
+            b.put(p, true);
         }
-        b.set(5, false);
-        let runs = bitmap_runs(&b.to_bytes(), 1000, 256).unwrap();
+        b.put(5, false);
+        let runs = bitmap_runs(&b.to_le_bytes(), 1000, 256).unwrap();
         assert_eq!(runs, vec![(0, 5), (6, 256), (262, 256), (518, 82)]);
         // A bit past the block's last page is refused.
-        let mut bytes = FileBitmap::new(100).to_bytes();
+        let mut bytes = AtomicBitmap::new(100).to_le_bytes();
         bytes[12] |= 0x20; // page 101
         assert!(bitmap_runs(&bytes, 100, 256)
             .unwrap_err()

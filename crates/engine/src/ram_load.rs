@@ -5,19 +5,18 @@ use std::sync::Arc;
 use vmigrate_stream::ram::{self, BlockEntry, RamRecordHeader, RamRecordKind};
 use vmigrate_stream::{DecodeError, DecodeErrorKind, Source};
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use crate::io::FdSource;
 use crate::load::MappedRamLoad;
 use crate::mapped_ram::{self, Region};
 use crate::memory::RamBlock;
 use crate::multifd_recv::MultifdReceiver;
+use crate::vmm::AtomicBitmap;
 
 /// Pages a load has written, per block, shared by the main loader and the multifd
 /// channel threads.
 #[derive(Debug)]
 pub struct ReceivedPages {
-    blocks: Vec<Vec<AtomicU64>>,
+    blocks: Vec<AtomicBitmap>,
 }
 
 impl ReceivedPages {
@@ -25,29 +24,22 @@ impl ReceivedPages {
         Self {
             blocks: blocks
                 .iter()
-                .map(|b| {
-                    (0..b.pages().div_ceil(64))
-                        .map(|_| AtomicU64::new(0))
-                        .collect()
-                })
+                .map(|b| AtomicBitmap::new(b.pages()))
                 .collect(),
         }
     }
 
     pub fn set(&self, block: usize, page: usize) {
-        self.blocks[block][page / 64].fetch_or(1 << (page % 64), Ordering::Relaxed);
+        self.blocks[block].put(page, true);
     }
 
     /// Clears the bit and says whether it was set.
     pub fn take(&self, block: usize, page: usize) -> bool {
-        let bit = 1u64 << (page % 64);
-        self.blocks[block][page / 64].fetch_and(!bit, Ordering::Relaxed) & bit != 0
+        self.blocks[block].put(page, false)
     }
 
     fn any(&self, block: usize) -> bool {
-        self.blocks[block]
-            .iter()
-            .any(|w| w.load(Ordering::Relaxed) != 0)
+        self.blocks[block].any()
     }
 }
 

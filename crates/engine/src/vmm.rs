@@ -9,6 +9,49 @@ use crate::memory::RamBlock;
 use crate::options::MigMode;
 use crate::status::RunState;
 
+/// A page bitmap several threads set and clear at once: bit `i % 64` of word `i / 64`
+/// for page `i`.
+#[derive(Debug)]
+pub struct AtomicBitmap {
+    words: Vec<std::sync::atomic::AtomicU64>,
+}
+
+impl AtomicBitmap {
+    pub fn new(pages: usize) -> Self {
+        Self {
+            words: (0..pages.div_ceil(64))
+                .map(|_| std::sync::atomic::AtomicU64::new(0))
+                .collect(),
+        }
+    }
+
+    /// Sets or clears the bit of `page`; returns whether it was set before.
+    pub fn put(&self, page: usize, on: bool) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let bit = 1u64 << (page % 64);
+        let old = if on {
+            self.words[page / 64].fetch_or(bit, Relaxed)
+        } else {
+            self.words[page / 64].fetch_and(!bit, Relaxed)
+        };
+        old & bit != 0
+    }
+
+    pub fn any(&self) -> bool {
+        self.words
+            .iter()
+            .any(|w| w.load(std::sync::atomic::Ordering::Relaxed) != 0)
+    }
+
+    /// The words as 64-bit little-endian bytes (the mapped-ram file encoding).
+    pub fn to_le_bytes(&self) -> Vec<u8> {
+        self.words
+            .iter()
+            .flat_map(|w| w.load(std::sync::atomic::Ordering::Relaxed).to_le_bytes())
+            .collect()
+    }
+}
+
 /// Dirty pages of one RAM block since the last sync, one bit per page.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DirtyBitmap {
