@@ -28,6 +28,8 @@ pub struct SentPages {
     pub normal: u64,
     /// Pages handed to multifd channels (which count zero and normal themselves).
     pub queued: u64,
+    /// Pages left for the next sync: the guest wrote them again since the last one.
+    pub deferred: u64,
 }
 
 impl SentPages {
@@ -207,11 +209,15 @@ impl RamSaver {
     }
 
     /// Sends dirty pages until the bitmaps are empty or `deadline` passes. Returns the
-    /// pages sent and whether the pass reached the end of RAM.
+    /// pages sent and whether the pass reached the end of RAM. With `live`, the tracker
+    /// of a running guest, a page the guest wrote again since the last sync is left to
+    /// the next one instead of being sent now and again then (it stays marked there, so
+    /// it cannot be lost).
     pub fn send_dirty(
         &mut self,
         w: &mut StreamWriter,
         deadline: Option<Instant>,
+        live: Option<&dyn DirtyTracker>,
     ) -> Result<(SentPages, bool), WriteError> {
         let mut sent = SentPages::default();
         let mut n = 0u32;
@@ -226,6 +232,10 @@ impl RamSaver {
             };
             self.dirty[bi].test_and_clear(page);
             self.cursor = (bi, page + 1);
+            if live.is_some_and(|t| t.written_since_sync(bi, page)) {
+                sent.deferred += 1;
+                continue;
+            }
             if let Err(e) = self.send_page(w, bi, page, &mut sent) {
                 self.dirty[bi].set(page);
                 return Err(e);

@@ -68,6 +68,13 @@ impl DirtyTracker for AtomicDirtyLog {
     }
 
     fn stop(&self) {}
+
+    fn written_since_sync(&self, block: usize, page: usize) -> bool {
+        self.blocks
+            .get(block)
+            .and_then(|words| words.get(page / 64))
+            .is_some_and(|w| w.load(Ordering::Relaxed) & (1 << (page % 64)) != 0)
+    }
 }
 
 #[cfg(test)]
@@ -89,5 +96,47 @@ mod tests {
         log.requeue(0, &out);
         log.sync(0, &mut again).unwrap();
         assert_eq!(again, out);
+    }
+
+    #[test]
+    fn a_pass_leaves_pages_written_again_to_the_next_sync() {
+        use std::sync::atomic::{AtomicBool, AtomicU64};
+        use std::sync::Arc;
+        use vmigrate_engine::io::StreamWriter;
+        use vmigrate_engine::ram_save::{RamSaver, ZeroPages};
+        use vmigrate_engine::RamBlock;
+
+        let pages = 64;
+        let ram = Arc::new(RamBlock::anonymous("ram", pages as u64 * 4096, 0).unwrap());
+        ram.fill_u64(0, pages * 4096, 0x5a5a);
+        let log = AtomicDirtyLog::new(&[pages]);
+        log.start().unwrap();
+        log.mark(0, 0, pages);
+        let mut saver = RamSaver::new(vec![ram.clone()], ZeroPages::Detect);
+        saver.sync(&log).unwrap();
+        // The guest writes pages 7 and 40 again after the sync.
+        ram.fill_u64(7 * 4096, 4096, 1);
+        log.mark(0, 7, 1);
+        ram.fill_u64(40 * 4096, 4096, 2);
+        log.mark(0, 40, 1);
+        let sink = std::fs::File::create("/dev/null").unwrap();
+        let mut w = StreamWriter::new(
+            sink.into(),
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let (sent, done) = saver.send_dirty(&mut w, None, Some(&log)).unwrap();
+        assert!(done);
+        assert_eq!((sent.normal, sent.deferred), (pages as u64 - 2, 2));
+        assert_eq!(saver.remaining_bytes(), 0);
+        // Still marked in the tracker: the next sync brings exactly those back.
+        let fresh = saver.sync(&log).unwrap();
+        assert_eq!(fresh, 2);
+        assert_eq!(saver.remaining_bytes(), 2 * 4096);
+        // Without a live tracker (switchover) every dirty page is sent.
+        log.mark(0, 7, 1);
+        let (sent, _) = saver.send_dirty(&mut w, None, None).unwrap();
+        assert_eq!((sent.normal, sent.deferred), (2, 0));
     }
 }
