@@ -5,7 +5,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use clap::Args;
 use vmigrate_engine::transport::Address;
-use vmigrate_engine::{EventBus, IncomingMode, Migrator, RunState};
+use vmigrate_engine::{EventBus, IncomingMode, MigrationProperties, Migrator, RunState};
 use vmigrate_qmp::{Dispatcher, MonitorAddress, VmBackend};
 use vmigrate_vm::kvm::DirtyTracking;
 use vmigrate_vm::{Accel, LabConfig, Machine, MachineConfig, MachineKind, WorkloadSpec};
@@ -69,6 +69,12 @@ pub struct VmArgs {
     /// `query-migrate` lists TEXT in `blocked-reasons` while `mode` is MODE.
     #[arg(long, value_name = "MODE:TEXT")]
     migration_blocker: Vec<String>,
+    /// Sets a migration property as QEMU's `-global` does, `migration.PROPERTY=VALUE`
+    /// (repeatable). Known: `multifd-flush-after-each-section` (`on`/`off`, default
+    /// `off`): a multifd sync point before every RAM EOS instead of one per pass over
+    /// RAM; both ends of a migration must agree.
+    #[arg(long = "global", value_name = "DRIVER.PROPERTY=VALUE")]
+    globals: Vec<String>,
 }
 
 /// Parses a QEMU-style memory size: a plain number is MiB.
@@ -134,6 +140,12 @@ pub fn run(args: VmArgs) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    let mut properties = MigrationProperties::default();
+    for spec in &args.globals {
+        properties
+            .apply_global(spec)
+            .map_err(|e| anyhow::anyhow!("--global: {e}"))?;
+    }
     let initial = if args.incoming.is_some() {
         RunState::InMigrate
     } else if args.paused {
@@ -172,6 +184,7 @@ pub fn run(args: VmArgs) -> anyhow::Result<()> {
         machine.add_migration_blocker(blocker_mode, reason);
     }
     let migrator = Migrator::new(machine.clone(), events.clone(), mode);
+    migrator.set_properties(properties);
     migrator.set_autostart(!args.paused);
     migrator.set_incoming_failure_handler(|msg| {
         eprintln!("vmigrate: {msg}");

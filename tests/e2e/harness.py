@@ -305,11 +305,13 @@ class Machine:
     start_paused  QEMU -S / vmigrate --paused
     machine     vmigrate's --machine ("none", or "lab" with EXTRA such as --accel,
                 --cpus, --workload, --serial)
+    globals     "DRIVER.PROPERTY=VALUE" settings, passed as QEMU's -global and
+                vmigrate's --global
     """
 
     def __init__(self, ws, impl, name, mem_mib=256, ram_id="m0", incoming=None,
                  start_paused=False, shared=True, mem_file=None, machine="none",
-                 extra=()):
+                 extra=(), globals=()):
         assert impl in IMPLS, impl
         self.ws = ws
         self.impl = impl
@@ -320,6 +322,7 @@ class Machine:
         self.start_paused = start_paused
         self.machine = machine
         self.extra = list(extra)
+        self.globals = list(globals)
         assert impl == "vmigrate" or (machine == "none" and not extra), "lab is vmigrate's"
         self.qmp_path = ws.path(f"{name}.qmp")
         self.mem_file = None
@@ -350,6 +353,8 @@ class Machine:
                 a += ["-incoming", self.incoming]
             if self.start_paused:
                 a += ["-S"]
+            for g in self.globals:
+                a += ["-global", g]
         else:
             a = [vmigrate_bin(), "vm", "--machine", self.machine, "--memory", size,
                  "--qmp", f"unix:{self.qmp_path}"] + self.extra
@@ -361,6 +366,8 @@ class Machine:
                 a += ["--incoming", self.incoming]
             if self.start_paused:
                 a += ["--paused"]
+            for g in self.globals:
+                a += ["--global", g]
         return a
 
     def describe(self):

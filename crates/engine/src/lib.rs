@@ -3,7 +3,8 @@
 //! - [`migrator`]: the facade a monitor drives (`migrate`, `migrate-incoming`, ...).
 //! - [`save`] and [`ram_save`]: the outgoing precopy session and the RAM saver.
 //! - [`load`] and [`ram_load`]: the incoming stream and the RAM loader.
-//! - [`options`]: capabilities and parameters with QEMU's rules.
+//! - [`options`]: capabilities and parameters with QEMU's rules; [`properties`]: the
+//!   migration object's command-line properties (`-global migration.*`).
 //! - [`transport`]: URIs, channels, listeners.
 //! - [`io`]: buffered reading and gathering writes, rate limiting.
 //! - [`vmm`]: the traits a VMM implements; [`memory`]: guest RAM blocks.
@@ -20,6 +21,7 @@ pub mod migrator;
 pub mod multifd_recv;
 pub mod multifd_send;
 pub mod options;
+pub mod properties;
 pub mod ram_load;
 pub mod ram_save;
 pub mod return_path;
@@ -34,5 +36,6 @@ pub use events::EventBus;
 pub use memory::RamBlock;
 pub use migrator::{IncomingMode, MigrateError, Migrator};
 pub use options::MigMode;
+pub use properties::{MigrationProperties, MultifdSync};
 pub use status::{MigrationStatus, RunState};
 pub use vmm::{DeviceState, DirtyBitmap, DirtyTracker, VmControl, Vmm, VmmError};

@@ -122,7 +122,7 @@ pub fn load_stream_with(
                     .unwrap_or(4096),
             },
         );
-        ram.use_multifd(r.clone());
+        ram.use_multifd(r.clone(), m.sync);
         r
     });
     let mut result = load_records(src, vmm, caps, &mut rp, &mut ram);
@@ -140,7 +140,21 @@ pub fn load_stream_with(
                     .into());
                 }
             }
-            Err(_) => r.abort(),
+            Err(_) => {
+                // A channel that failed first holds the cause; the main stream's error
+                // (often its end, once the source gave up) is only the consequence.
+                if let Some(cause) = r.failure() {
+                    result = Err(DecodeError::new(
+                        src.offset(),
+                        DecodeErrorKind::Invalid {
+                            what: "multifd channel",
+                            detail: cause,
+                        },
+                    )
+                    .into());
+                }
+                r.abort();
+            }
         }
     }
     if rp.open {
@@ -184,6 +198,9 @@ impl ReturnPathState {
 pub struct MultifdChannels {
     pub fds: Vec<std::os::fd::OwnedFd>,
     pub method: crate::compress::Method,
+    /// Which main-stream records are sync points: MULTIFD_FLUSH always, RAM EOS too
+    /// per section.
+    pub sync: crate::properties::MultifdSync,
 }
 
 fn load_records(

@@ -6,10 +6,11 @@
 //! ```
 //!
 //! The saver writes pages with positional writes, on the migration thread or on one
-//! thread per multifd channel; a page dirtied again is rewritten in place, so the file
+//! thread per multifd channel (at most one per core); a page dirtied again is rewritten in place, so the file
 //! never grows past RAM plus metadata. Zero pages are never written: their bit stays
 //! clear and the file keeps a hole. The loader reads each block's bitmap and fills guest
-//! memory straight from the file with positional reads, split across threads.
+//! memory straight from the file with positional reads, split across as many threads
+//! (again, at most one per core).
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -230,6 +231,13 @@ fn write_all_at(fd: &OwnedFd, mut data: &[u8], mut offset: u64) -> Result<(), St
     Ok(())
 }
 
+/// Threads worth running for file I/O: a mapped-ram file has no channels, only offsets,
+/// so its writers and readers need not number `multifd-channels`; more threads than
+/// cores only take turns (and take the CPU from the guest and the other threads).
+fn usable_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 /// The save side's shared state: the file, the layout, what each block's bitmap says.
 struct WriterShared {
     blocks: Vec<Arc<RamBlock>>,
@@ -348,7 +356,8 @@ impl std::fmt::Debug for MappedRamWriter {
 /// How the saver writes the page area.
 #[derive(Debug, Clone)]
 pub struct WriterConfig {
-    /// Writer threads (multifd channels); 0 writes on the migration thread.
+    /// Writer threads (multifd channels, at most one per core); 0 writes on the
+    /// migration thread.
     pub threads: usize,
     pub direct_io: bool,
     pub detect_zero: bool,
@@ -389,16 +398,18 @@ impl MappedRamWriter {
             pages_fd,
             detect_zero: config.detect_zero,
             threaded: config.threads > 0,
-            turn: (config.threads > 1 && !config.direct_io).then(|| Mutex::new(())),
+            turn: (config.threads.min(usable_cores()) > 1 && !config.direct_io)
+                .then(|| Mutex::new(())),
             stats,
             cancel,
             inflight: Mutex::new((0, None)),
             idle: Condvar::new(),
         });
-        let share = config.threads.max(1) as u64;
+        let writers = config.threads.min(usable_cores());
+        let share = writers.max(1) as u64;
         let mut workers = Vec::new();
         let mut threads = Vec::new();
-        for id in 0..config.threads {
+        for id in 0..writers {
             let (tx, rx) = mpsc::sync_channel::<(usize, Vec<usize>)>(2);
             let sh = shared.clone();
             let mut limiter = RateLimiter::with_share(config.limit.clone(), share);
@@ -584,7 +595,7 @@ pub fn load_block(
             }
         }
     };
-    let threads = threads.clamp(1, runs.len().max(1));
+    let threads = threads.min(usable_cores()).clamp(1, runs.len().max(1));
     std::thread::scope(|s| {
         for _ in 1..threads {
             s.spawn(read_runs);

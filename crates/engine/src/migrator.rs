@@ -19,6 +19,7 @@ use crate::load::MultifdChannels;
 use crate::load::{self, LoadOutcome};
 use crate::multifd_recv::{read_init, HANDSHAKE_TIMEOUT};
 use crate::options::{cpr_conflict, Capabilities, MigMode, Parameters};
+use crate::properties::MigrationProperties;
 use crate::save::{self, SaveError};
 use crate::stats::Stats;
 use crate::status::{MigrationStatus, RunState};
@@ -77,6 +78,8 @@ type FailureHandler = Box<dyn Fn(&str) + Send + Sync>;
 struct State {
     caps: Capabilities,
     params: Parameters,
+    /// Fixed at startup (`--global migration.*`).
+    properties: MigrationProperties,
     status: MigrationStatus,
     role: Role,
     error: Option<String>,
@@ -109,6 +112,10 @@ impl Shared {
 
     pub fn caps_snapshot(&self) -> Capabilities {
         self.lock().caps.clone()
+    }
+
+    pub fn properties(&self) -> MigrationProperties {
+        self.lock().properties
     }
 
     pub fn stats(&self) -> Arc<Stats> {
@@ -198,6 +205,7 @@ impl Migrator {
                 state: Mutex::new(State {
                     caps: Capabilities::default(),
                     params,
+                    properties: MigrationProperties::default(),
                     status: MigrationStatus::None,
                     role: Role::None,
                     error: None,
@@ -240,6 +248,17 @@ impl Migrator {
             .on_incoming_failure
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = Some(Box::new(f));
+    }
+
+    /// Sets the migration object's properties; the command line does this once, before
+    /// any migration starts.
+    pub fn set_properties(&self, properties: MigrationProperties) {
+        self.shared.lock().properties = properties;
+    }
+
+    /// The migration object's properties.
+    pub fn properties(&self) -> MigrationProperties {
+        self.shared.properties()
     }
 
     /// Sets whether an incoming guest that was running starts running here.
@@ -650,7 +669,11 @@ impl Migrator {
             .collect();
         Ok((
             main.expect("main channel present"),
-            Some(MultifdChannels { fds, method }),
+            Some(MultifdChannels {
+                fds,
+                method,
+                sync: self.shared.properties().multifd_sync(),
+            }),
         ))
     }
 

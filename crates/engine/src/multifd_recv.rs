@@ -1,5 +1,6 @@
 //! The multifd receiver: one thread per channel reads RAM packets into guest memory; the
-//! main loader waits at each MULTIFD_FLUSH until every channel reached its SYNC.
+//! main loader waits at each sync point (MULTIFD_FLUSH, and per section every RAM EOS)
+//! until every channel reached its SYNC.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Condvar, Mutex};
@@ -18,9 +19,18 @@ use crate::ram_load::{load_zero_page, ReceivedPages};
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long channels may take to end after the main stream ended.
 const FINISH_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long the main stream waits at a MULTIFD_FLUSH for the channels' SYNC packets. The
-/// source writes every SYNC before the FLUSH, so only data already in flight is awaited.
+/// How long the main stream waits at a sync point for the channels' SYNC packets, and a
+/// channel at its SYNC for the main stream to reach the sync point. The source writes
+/// every SYNC just before the marker, so only data already in flight is awaited; a
+/// longer wait means the two ends disagree on where sync points are.
 pub const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The likely cause of sync points that never match.
+const SYNC_MISMATCH_HINT: &str =
+    "do both sides set multifd-flush-after-each-section alike?";
+
+/// The failure [`MultifdReceiver::abort`] records when nothing failed before.
+const ABORTED: &str = "aborted";
 
 #[derive(Debug, Default)]
 struct SyncState {
@@ -109,7 +119,9 @@ impl MultifdReceiver {
                 return Ok(());
             }
             if st.finished == self.channels {
-                return Err("multifd channels ended before a sync point".into());
+                return Err(format!(
+                    "multifd channels ended before a sync point ({SYNC_MISMATCH_HINT})"
+                ));
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -117,7 +129,8 @@ impl MultifdReceiver {
                 drop(st);
                 self.abort();
                 return Err(format!(
-                    "only {arrived} of {} multifd channels reached the sync point within {} s",
+                    "only {arrived} of {} multifd channels reached the sync point within {} s \
+                     ({SYNC_MISMATCH_HINT})",
                     self.channels,
                     SYNC_TIMEOUT.as_secs()
                 ));
@@ -160,6 +173,14 @@ impl MultifdReceiver {
         failed.map_or(Ok(()), Err)
     }
 
+    /// Why the channels stopped, if one failed (not counting [`abort`](Self::abort)).
+    pub fn failure(&self) -> Option<String> {
+        self.lock()
+            .failed
+            .clone()
+            .filter(|e| e.as_str() != ABORTED)
+    }
+
     /// Unblocks every channel (the load failed elsewhere).
     pub fn abort(&self) {
         for s in self
@@ -170,12 +191,14 @@ impl MultifdReceiver {
         {
             let _ = rustix::net::shutdown(s.as_fd(), rustix::net::Shutdown::Both);
         }
-        self.lock().failed.get_or_insert_with(|| "aborted".into());
+        self.lock().failed.get_or_insert_with(|| ABORTED.into());
         self.changed.notify_all();
     }
 
-    /// A channel reached a SYNC: waits to be released by the main loader.
+    /// A channel reached a SYNC: waits to be released by the main loader, for at most
+    /// [`SYNC_TIMEOUT`]; then the whole load fails, and every channel is shut down.
     fn arrive_and_wait(&self) -> Result<(), String> {
+        let deadline = Instant::now() + SYNC_TIMEOUT;
         let mut st = self.lock();
         st.arrived += 1;
         let generation = st.generation;
@@ -184,7 +207,23 @@ impl MultifdReceiver {
             if let Some(e) = &st.failed {
                 return Err(e.clone());
             }
-            st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                let e = format!(
+                    "a channel waited {} s at a SYNC packet for the main stream to reach its sync point \
+                     ({SYNC_MISMATCH_HINT})",
+                    SYNC_TIMEOUT.as_secs()
+                );
+                st.failed.get_or_insert_with(|| e.clone());
+                drop(st);
+                self.abort();
+                return Err(e);
+            }
+            st = self
+                .changed
+                .wait_timeout(st, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
         Ok(())
     }

@@ -5,8 +5,8 @@
 //! RamSaver ─queue(page)─▶ batch (one block, ≤ 128 pages) ─▶ next idle channel
 //!                                                            │ zero detection,
 //!                                                            │ compression, writev
-//! sync(): every channel sends SYNC after its queued packets; the main stream gets
-//!         MULTIFD_FLUSH once all have.
+//! sync(): every channel sends SYNC after its queued packets; once all have, the main
+//!         stream gets the marker (MULTIFD_FLUSH, or per section the RAM EOS).
 //! ```
 
 use std::os::fd::OwnedFd;
@@ -190,7 +190,7 @@ impl MultifdSender {
     }
 
     /// A sync point: everything queued so far is sent, then every channel sends a SYNC
-    /// packet. Returns once all have; the caller then writes MULTIFD_FLUSH.
+    /// packet. Returns once all have; the caller then writes the main-stream marker.
     pub fn sync(&mut self) -> Result<(), WriteError> {
         self.dispatch()?;
         for c in 0..self.jobs.len() {

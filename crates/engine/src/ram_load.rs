@@ -10,6 +10,7 @@ use crate::load::MappedRamLoad;
 use crate::mapped_ram::{self, Region};
 use crate::memory::RamBlock;
 use crate::multifd_recv::MultifdReceiver;
+use crate::properties::MultifdSync;
 use crate::vmm::AtomicBitmap;
 
 /// Pages a load has written, per block, shared by the main loader and the multifd
@@ -74,8 +75,10 @@ pub struct RamLoader {
     /// Pages this load wrote; a ZERO record for a page of a pristine block that the
     /// load did not write needs no work at all.
     received: Arc<ReceivedPages>,
-    /// multifd channels whose pages must all be in before a MULTIFD_FLUSH is passed.
+    /// multifd channels whose pages must all be in before a MULTIFD_FLUSH (and, per
+    /// section, a RAM EOS) is passed.
     multifd: Option<Arc<MultifdReceiver>>,
+    multifd_sync: MultifdSync,
     /// Whether each block was pristine when the load began.
     pristine: Vec<bool>,
     current_block: Option<usize>,
@@ -97,6 +100,7 @@ impl RamLoader {
             blocks,
             received,
             multifd: None,
+            multifd_sync: MultifdSync::PerRound,
             pristine,
             current_block: None,
             page_size,
@@ -156,9 +160,27 @@ impl RamLoader {
         src.seek_to(region.end())
     }
 
-    /// Makes MULTIFD_FLUSH records wait for these channels.
-    pub fn use_multifd(&mut self, m: Arc<MultifdReceiver>) {
+    /// Makes MULTIFD_FLUSH records, and with [`MultifdSync::PerSection`] every RAM EOS
+    /// too, wait for these channels.
+    pub fn use_multifd(&mut self, m: Arc<MultifdReceiver>, sync: MultifdSync) {
         self.multifd = Some(m);
+        self.multifd_sync = sync;
+    }
+
+    /// A sync point: waits until every channel has read its SYNC, then releases them.
+    fn multifd_sync_point(&self, at: u64) -> Result<(), DecodeError> {
+        let Some(m) = &self.multifd else {
+            return Ok(());
+        };
+        m.wait_sync().map_err(|e| {
+            DecodeError::new(
+                at,
+                DecodeErrorKind::Invalid {
+                    what: "multifd channel",
+                    detail: e,
+                },
+            )
+        })
     }
 
     fn find(&self, name: &str) -> Option<usize> {
@@ -232,20 +254,14 @@ impl RamLoader {
                 ));
             }
             match h.kind {
-                RamRecordKind::Eos => return Ok(()),
-                RamRecordKind::MultifdFlush => {
-                    if let Some(m) = &self.multifd {
-                        m.wait_sync().map_err(|e| {
-                            DecodeError::new(
-                                at,
-                                DecodeErrorKind::Invalid {
-                                    what: "multifd channel",
-                                    detail: e,
-                                },
-                            )
-                        })?;
+                RamRecordKind::Eos => {
+                    // (mapped-ram loads have no channel receiver, so no sync point.)
+                    if self.multifd_sync == MultifdSync::PerSection {
+                        self.multifd_sync_point(at)?;
                     }
+                    return Ok(());
                 }
+                RamRecordKind::MultifdFlush => self.multifd_sync_point(at)?,
                 RamRecordKind::Zero | RamRecordKind::Page => {
                     let (bi, page) = self.resolve(src, &h, at)?;
                     if h.kind == RamRecordKind::Zero {

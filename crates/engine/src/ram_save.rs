@@ -10,6 +10,7 @@ use crate::io::{StreamWriter, WriteError};
 use crate::mapped_ram::{MappedRamWriter, Region};
 use crate::memory::RamBlock;
 use crate::multifd_send::{MultifdSender, ZeroDetection};
+use crate::properties::MultifdSync;
 use crate::vmm::{DirtyBitmap, DirtyTracker, VmmError};
 
 /// How zero pages are sent on the main channel.
@@ -51,6 +52,8 @@ pub struct RamSaver {
     /// multifd channels, when the capability is on: pages go there, not to the main
     /// stream.
     multifd: Option<MultifdSender>,
+    /// Where the multifd sync points go.
+    multifd_sync: MultifdSync,
     /// mapped-ram: the setup section lays the blocks out in the file and pages go to
     /// their fixed offsets instead of the stream.
     mapped_layout: bool,
@@ -79,6 +82,7 @@ impl RamSaver {
             last_block: None,
             cursor: (0, 0),
             multifd: None,
+            multifd_sync: MultifdSync::PerRound,
             mapped_layout: false,
             mapped: None,
         }
@@ -106,20 +110,38 @@ impl RamSaver {
         }
     }
 
-    /// Sends pages through multifd channels from now on.
-    pub fn use_multifd(&mut self, sender: MultifdSender) {
+    /// Sends pages through multifd channels from now on, with sync points placed as
+    /// `sync` says.
+    pub fn use_multifd(&mut self, sender: MultifdSender, sync: MultifdSync) {
         self.multifd = Some(sender);
+        self.multifd_sync = sync;
     }
 
-    /// A multifd sync point: all pages queued so far reach the destination before it
-    /// reads past the MULTIFD_FLUSH this writes. Nothing without multifd.
-    pub fn multifd_sync(&mut self, w: &mut StreamWriter) -> Result<(), WriteError> {
+    /// The sync point due at the end of a RAM section body, just before its EOS, if any:
+    /// per round only when the pass reached the end of RAM (`pass_done`), marked by the
+    /// MULTIFD_FLUSH this writes; per section always, marked by the EOS the caller
+    /// writes next. All pages queued so far reach the destination before it reads past
+    /// the marker. mapped-ram has no sync points: at the end of a pass it waits for its
+    /// writers.
+    pub fn sync_before_eos(
+        &mut self,
+        w: &mut StreamWriter,
+        pass_done: bool,
+    ) -> Result<(), WriteError> {
         if let Some(m) = &mut self.multifd {
-            m.sync()?;
-            w.with_buf(ram::put_multifd_flush)?;
+            match self.multifd_sync {
+                MultifdSync::PerRound if pass_done => {
+                    m.sync()?;
+                    w.with_buf(ram::put_multifd_flush)?;
+                }
+                MultifdSync::PerRound => {}
+                MultifdSync::PerSection => m.sync()?,
+            }
         }
-        if let Some(m) = &mut self.mapped {
-            m.drain()?;
+        if pass_done {
+            if let Some(m) = &mut self.mapped {
+                m.drain()?;
+            }
         }
         Ok(())
     }
@@ -139,7 +161,7 @@ impl RamSaver {
         self.blocks.iter().map(|b| b.len()).sum()
     }
 
-    /// The setup body: MEM_SIZE, the block list, [MULTIFD_FLUSH,] EOS. With the mapped-ram
+    /// The setup body: MEM_SIZE, the block list, [multifd sync point,] EOS. With the mapped-ram
     /// layout each block entry is followed by its header and the stream jumps past the
     /// block's bitmap and pages; the regions are returned.
     pub fn write_setup(&mut self, w: &mut StreamWriter) -> Result<Vec<Region>, WriteError> {
@@ -162,7 +184,7 @@ impl RamSaver {
                 regions.push(region);
             }
         }
-        self.multifd_sync(w)?;
+        self.sync_before_eos(w, true)?;
         w.with_buf(ram::put_eos)?;
         Ok(regions)
     }

@@ -137,7 +137,8 @@ pub(crate) fn run(
     if mapped_ram {
         saver.use_mapped_layout();
     } else if caps.get("multifd") {
-        saver.use_multifd(start_multifd(shared, vmm, addr, &params, ps)?);
+        let sender = start_multifd(shared, vmm, addr, &params, ps)?;
+        saver.use_multifd(sender, shared.properties().multifd_sync());
     }
 
     // Setup.
@@ -549,8 +550,9 @@ fn another_pass_pays(pending: f64, bandwidth: f64, dirtying: f64, limit_ms: f64)
 }
 
 /// The rest of a PART or END body of the `ram` section: dirty pages until the deadline
-/// of `iteration` (or all of them at switchover), a multifd sync point when the pass
-/// reached the end of RAM, EOS and the footer (when the pages are in section `ram_id`).
+/// of `iteration` (or all of them at switchover), the multifd sync point if one is due
+/// (see [`RamSaver::sync_before_eos`]), EOS and the footer (when the pages are in section
+/// `ram_id`).
 /// While iterating, pages the guest wrote again since the last sync wait for the next
 /// one (see [`RamSaver::send_dirty`]). Returns the pages sent and whether the pass was
 /// complete.
@@ -563,9 +565,7 @@ fn send_ram_body(
 ) -> Result<(crate::ram_save::SentPages, bool), SaveError> {
     let deadline = iteration.map(|(d, _)| d);
     let (sent, pass_done) = saver.send_dirty(w, deadline, iteration.map(|(_, t)| t))?;
-    if pass_done {
-        saver.multifd_sync(w)?;
-    }
+    saver.sync_before_eos(w, pass_done)?;
     if deadline.is_none() {
         saver.write_mapped_bitmaps()?;
     }

@@ -11,7 +11,7 @@ use vmigrate_engine::io::FdSource;
 use vmigrate_engine::load::{load_stream, LoadError};
 use vmigrate_engine::options::Capabilities;
 use vmigrate_engine::return_path::ReturnPathWriter;
-use vmigrate_engine::{EventBus, RunState, Vmm};
+use vmigrate_engine::{EventBus, MultifdSync, RunState, Vmm};
 use vmigrate_vm::{LabConfig, Machine, MachineConfig, MachineKind};
 
 fn capture(name: &str) -> PathBuf {
@@ -199,10 +199,22 @@ fn load_multifd(
     method: vmigrate_engine::compress::Method,
     uuid: [u8; 16],
 ) -> Machine {
+    let m = machine("m0", 64);
+    load_multifd_into(&m, dir, channels, method, uuid, MultifdSync::PerRound).unwrap();
+    m
+}
+
+fn load_multifd_into(
+    m: &Machine,
+    dir: &str,
+    channels: usize,
+    method: vmigrate_engine::compress::Method,
+    uuid: [u8; 16],
+    sync: MultifdSync,
+) -> Result<vmigrate_engine::load::LoadOutcome, LoadError> {
     use std::os::fd::OwnedFd;
     use vmigrate_engine::load::MultifdChannels;
     use vmigrate_engine::multifd_recv::read_init;
-    let m = machine("m0", 64);
     let mut fds: Vec<Option<OwnedFd>> = (0..channels).map(|_| None).collect();
     for conn in 1..=channels {
         let f = std::fs::File::open(capture(&format!("{dir}/conn{conn}.c2s"))).unwrap();
@@ -215,9 +227,9 @@ fn load_multifd(
     let mf = MultifdChannels {
         fds: fds.into_iter().map(Option::unwrap).collect(),
         method,
+        sync,
     };
-    load_stream(&mut src, &m, &Capabilities::default(), None, Some(mf)).unwrap();
-    m
+    load_stream(&mut src, m, &Capabilities::default(), None, Some(mf))
 }
 
 #[test]
@@ -237,6 +249,44 @@ fn multifd_captures_load_through_the_receiver() {
     let uuid = vmigrate_stream::config::parse_uuid("12345678-9abc-def0-1122-334455667788").unwrap();
     let m = load_multifd("cap_mf_uuid", 3, Method::None, uuid);
     assert_ram(&m, 64, &[0..=3]);
+}
+
+#[test]
+fn per_section_capture_loads_with_flush_after_each_section() {
+    // QEMU with `-global migration.multifd-flush-after-each-section=on`: no
+    // MULTIFD_FLUSH, every RAM EOS (4) is a sync point, 4 SYNC packets per channel.
+    let m = machine("m0", 64);
+    let out = load_multifd_into(
+        &m,
+        "cap_mf_persec",
+        2,
+        vmigrate_engine::compress::Method::None,
+        [0; 16],
+        MultifdSync::PerSection,
+    )
+    .unwrap();
+    assert_eq!(out.runstate.as_deref(), Some("paused"));
+    assert_ram(&m, 64, &[0..=3, 100..=100]);
+}
+
+#[test]
+fn per_round_capture_fails_fast_when_loaded_per_section() {
+    // Each RAM EOS waits for one more SYNC than the source sent: the channels end
+    // before the last sync point, and the error says which setting to check.
+    let m = machine("m0", 64);
+    let t0 = std::time::Instant::now();
+    let e = load_multifd_into(
+        &m,
+        "cap_mf",
+        2,
+        vmigrate_engine::compress::Method::None,
+        [0; 16],
+        MultifdSync::PerSection,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("multifd-flush-after-each-section"), "{e}");
+    assert!(t0.elapsed() < std::time::Duration::from_secs(10), "{e}");
 }
 
 #[test]
