@@ -26,8 +26,7 @@ const FINISH_TIMEOUT: Duration = Duration::from_secs(30);
 pub const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The likely cause of sync points that never match.
-const SYNC_MISMATCH_HINT: &str =
-    "do both sides set multifd-flush-after-each-section alike?";
+const SYNC_MISMATCH_HINT: &str = "do both sides set multifd-flush-after-each-section alike?";
 
 /// The failure [`MultifdReceiver::abort`] records when nothing failed before.
 const ABORTED: &str = "aborted";
@@ -175,24 +174,20 @@ impl MultifdReceiver {
 
     /// Why the channels stopped, if one failed (not counting [`abort`](Self::abort)).
     pub fn failure(&self) -> Option<String> {
-        self.lock()
-            .failed
-            .clone()
-            .filter(|e| e.as_str() != ABORTED)
+        self.lock().failed.clone().filter(|e| e.as_str() != ABORTED)
     }
 
-    /// Unblocks every channel (the load failed elsewhere).
+    /// Unblocks every channel (the load failed elsewhere) and closes this receiver's
+    /// copies of their sockets: once the channel threads have let go of theirs too, a
+    /// source still writing gets a reset instead of a connection that stalls.
     pub fn abort(&self) {
-        for s in self
-            .sockets
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-        {
+        let sockets = std::mem::take(&mut *self.sockets.lock().unwrap_or_else(|e| e.into_inner()));
+        for s in &sockets {
             let _ = rustix::net::shutdown(s.as_fd(), rustix::net::Shutdown::Both);
         }
         self.lock().failed.get_or_insert_with(|| ABORTED.into());
         self.changed.notify_all();
+        drop(sockets);
     }
 
     /// A channel reached a SYNC: waits to be released by the main loader, for at most

@@ -56,7 +56,7 @@ enum Job {
 
 enum ChannelEvent {
     Synced,
-    Failed(String),
+    Failed(WriteError),
 }
 
 /// The sender: channel threads and the packet being filled.
@@ -183,7 +183,7 @@ impl MultifdSender {
     fn channel_failure(&self) -> WriteError {
         while let Ok(ev) = self.events.try_recv() {
             if let ChannelEvent::Failed(e) = ev {
-                return WriteError::Io(e);
+                return e;
             }
         }
         WriteError::Io("a multifd channel stopped".into())
@@ -202,7 +202,7 @@ impl MultifdSender {
         for _ in 0..self.jobs.len() {
             match self.events.recv() {
                 Ok(ChannelEvent::Synced) => {}
-                Ok(ChannelEvent::Failed(e)) => return Err(WriteError::Io(e)),
+                Ok(ChannelEvent::Failed(e)) => return Err(e),
                 Err(_) => return Err(WriteError::Io("multifd channels stopped".into())),
             }
         }
@@ -219,7 +219,7 @@ impl MultifdSender {
         r?;
         while let Ok(ev) = self.events.try_recv() {
             if let ChannelEvent::Failed(e) = ev {
-                return Err(WriteError::Io(e));
+                return Err(e);
             }
         }
         Ok(())
@@ -247,7 +247,7 @@ impl ChannelWorker {
             .put(&init.encode())
             .and_then(|_| self.writer.flush())
         {
-            let _ = events.send(ChannelEvent::Failed(e.to_string()));
+            let _ = events.send(ChannelEvent::Failed(e));
             return;
         }
         for job in jobs {
@@ -266,7 +266,7 @@ impl ChannelWorker {
                     }
                 }
                 Err(e) => {
-                    let _ = events.send(ChannelEvent::Failed(e.to_string()));
+                    let _ = events.send(ChannelEvent::Failed(e));
                     return;
                 }
             }

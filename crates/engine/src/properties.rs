@@ -28,7 +28,9 @@ pub struct MigrationProperties {
 pub enum GlobalError {
     #[error("-global {0}: Invalid parameter '{0}' (expected DRIVER.PROPERTY=VALUE)")]
     Syntax(String),
-    #[error("global {driver}.{property} has invalid class name '{driver}' (vmigrate knows: migration)")]
+    #[error(
+        "global {driver}.{property} has invalid class name '{driver}' (vmigrate knows: migration)"
+    )]
     UnknownDriver { driver: String, property: String },
     #[error(
         "can't apply global migration.{property}={value}: Property 'migration.{property}' not found \
@@ -142,10 +144,16 @@ mod tests {
         );
         for v in ["1", "0", ""] {
             let spec = format!("migration.multifd-flush-after-each-section={v}");
-            assert!(matches!(apply(&spec), Err(GlobalError::NotBool { .. })), "{v}");
+            assert!(
+                matches!(apply(&spec), Err(GlobalError::NotBool { .. })),
+                "{v}"
+            );
         }
         let e = apply("migration.nonexistent=on").unwrap_err().to_string();
-        assert!(e.contains("Property 'migration.nonexistent' not found"), "{e}");
+        assert!(
+            e.contains("Property 'migration.nonexistent' not found"),
+            "{e}"
+        );
         assert!(e.contains("multifd-flush-after-each-section"), "{e}");
         let e = apply("foo.bar=on").unwrap_err().to_string();
         assert!(e.contains("invalid class name 'foo'"), "{e}");

@@ -128,7 +128,11 @@ fn per_section_save_marks_each_sync_point_with_the_eos_only() {
     assert!(eos >= 3, "{eos} RAM EOS records");
     assert_eq!(cap.channels.len(), 2);
     for channel in &cap.channels {
-        assert_eq!(sync_packets(channel), eos, "one SYNC per RAM EOS on every channel");
+        assert_eq!(
+            sync_packets(channel),
+            eos,
+            "one SYNC per RAM EOS on every channel"
+        );
     }
 }
 
