@@ -7,7 +7,8 @@ use clap::Args;
 use vmigrate_engine::transport::Address;
 use vmigrate_engine::{EventBus, IncomingMode, MigrationProperties, Migrator, RunState};
 use vmigrate_qmp::{Dispatcher, MonitorAddress, VmBackend};
-use vmigrate_vm::kvm::DirtyTracking;
+use vmigrate_vm::kvm::DirtyTracking as KvmDirtyTracking;
+use vmigrate_vm::soft::DirtyTracking as SoftDirtyTracking;
 use vmigrate_vm::{Accel, LabConfig, Machine, MachineConfig, MachineKind, WorkloadSpec};
 
 #[derive(Args, Debug)]
@@ -24,15 +25,18 @@ pub struct VmArgs {
     /// `lab` workload: `hot=SIZE,rate=BYTES_PER_S,verify` (each optional), or `none`.
     #[arg(long, default_value = "")]
     workload: String,
-    /// `lab` with `--accel kvm`: how KVM reports the pages the guest writes.
-    /// `log`: KVM_GET_DIRTY_LOG, which fetches and re-protects in one call;
-    /// `log-clear`: KVM_GET_DIRTY_LOG then KVM_CLEAR_DIRTY_LOG for the fetched pages
-    /// (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2); `ring` or `ring=ENTRIES`: a dirty ring per
-    /// vCPU (KVM_CAP_DIRTY_LOG_RING; ENTRIES a power of two, default 4096);
-    /// `auto`: ring where KVM offers it, else log-clear, else log.
-    /// A mode this host's KVM lacks is an error.
+    /// `lab`: how the pages the guest writes are tracked.
+    /// With `--accel kvm`: `log`: KVM_GET_DIRTY_LOG, which fetches and re-protects in
+    /// one call; `log-clear`: KVM_GET_DIRTY_LOG then KVM_CLEAR_DIRTY_LOG for the fetched
+    /// pages (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2); `ring` or `ring=ENTRIES`: a dirty ring
+    /// per vCPU (KVM_CAP_DIRTY_LOG_RING; ENTRIES a power of two, default 4096);
+    /// `auto` (default): ring where KVM offers it, else log-clear, else log.
+    /// With `--accel soft`: `bitmap` (default): the vCPU threads mark an atomic bitmap
+    /// after each write; `uffd-wp`: the kernel tracks their writes (userfaultfd
+    /// asynchronous write-protection read with PAGEMAP_SCAN, Linux 6.7).
+    /// A mode the host lacks is an error.
     #[arg(long, value_name = "MODE", value_parser = parse_dirty_tracking)]
-    dirty_tracking: Option<DirtyTracking>,
+    dirty_tracking: Option<DirtyTrackingArg>,
     /// `lab` serial console: `stdio`, `none` or a file.
     #[arg(long, default_value = "none")]
     serial: String,
@@ -85,9 +89,28 @@ pub fn parse_memory(s: &str) -> Option<u64> {
     vmigrate_engine::transport::parse_size(s)
 }
 
-fn parse_dirty_tracking(s: &str) -> Result<DirtyTracking, String> {
-    DirtyTracking::parse(s)
-        .ok_or_else(|| "known modes: auto, log, log-clear, ring, ring=ENTRIES".to_string())
+/// A `--dirty-tracking` mode, of one accelerator or the other.
+#[derive(Debug, Clone, Copy)]
+enum DirtyTrackingArg {
+    Kvm(KvmDirtyTracking),
+    Soft(SoftDirtyTracking),
+}
+
+const KVM_TRACKING_MODES: &str = "auto, log, log-clear, ring, ring=ENTRIES";
+const SOFT_TRACKING_MODES: &str = "bitmap, uffd-wp";
+
+fn parse_dirty_tracking(s: &str) -> Result<DirtyTrackingArg, String> {
+    if let Some(m) = KvmDirtyTracking::parse(s) {
+        return Ok(DirtyTrackingArg::Kvm(m));
+    }
+    SoftDirtyTracking::parse(s)
+        .map(DirtyTrackingArg::Soft)
+        .ok_or_else(|| {
+            format!(
+                "known modes: {KVM_TRACKING_MODES} (--accel kvm); \
+                 {SOFT_TRACKING_MODES} (--accel soft)"
+            )
+        })
 }
 
 struct Backend(Arc<Machine>);
@@ -121,12 +144,22 @@ pub fn run(args: VmArgs) -> anyhow::Result<()> {
     {
         bail!("--accel, --cpus and --workload need --machine lab");
     }
-    let dirty_tracking = match args.dirty_tracking {
-        None => DirtyTracking::Auto,
-        Some(_) if kind != MachineKind::Lab || accel != Accel::Kvm => {
-            bail!("--dirty-tracking needs --machine lab --accel kvm")
+    let (dirty_tracking, soft_dirty_tracking) = match (args.dirty_tracking, accel) {
+        (None, _) => (KvmDirtyTracking::Auto, SoftDirtyTracking::Bitmap),
+        (Some(_), _) if kind != MachineKind::Lab => {
+            bail!("--dirty-tracking needs --machine lab")
         }
-        Some(m) => m,
+        (Some(DirtyTrackingArg::Kvm(m)), Accel::Kvm) => (m, SoftDirtyTracking::Bitmap),
+        (Some(DirtyTrackingArg::Soft(m)), Accel::Soft) => (KvmDirtyTracking::Auto, m),
+        (Some(DirtyTrackingArg::Kvm(m)), Accel::Soft) => bail!(
+            "--dirty-tracking {} is a mode of --accel kvm; --accel soft offers \
+             {SOFT_TRACKING_MODES}",
+            m.name()
+        ),
+        (Some(DirtyTrackingArg::Soft(m)), Accel::Kvm) => bail!(
+            "--dirty-tracking {m} is a mode of --accel soft; --accel kvm offers \
+             {KVM_TRACKING_MODES}"
+        ),
     };
     if args.cpus == 0 {
         bail!("--cpus must be at least 1");
@@ -169,6 +202,7 @@ pub fn run(args: VmArgs) -> anyhow::Result<()> {
                 workload,
                 serial: args.serial.clone(),
                 dirty_tracking,
+                soft_dirty_tracking,
             },
         },
         events.clone(),

@@ -10,6 +10,8 @@
 //! - [`kvm`]: the `kvm` accelerator, real vCPUs running `guest/lab.S`, dirty pages from KVM's dirty log (with manual clear) or its dirty ring.
 //! - [`serial`]: the serial console and the UART of `kvm` guests.
 //! - [`dirty`]: dirty tracking for writes the VMM itself makes.
+//! - [`uffd`]: dirty tracking of `soft` guests by the kernel, userfaultfd asynchronous
+//!   write-protection read with `PAGEMAP_SCAN`.
 //! - [`timer`]: the guest clock, migrated as QEMU's `timer` section.
 //! - [`blockers`]: migration blockers, per migration mode.
 
@@ -22,6 +24,7 @@ pub mod runstate;
 pub mod serial;
 pub mod soft;
 pub mod timer;
+pub mod uffd;
 pub mod workload;
 
 pub use machine::{Accel, LabConfig, Machine, MachineConfig, MachineError, MachineKind};

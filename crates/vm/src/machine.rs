@@ -81,6 +81,8 @@ pub struct LabConfig {
     pub serial: String,
     /// How a `kvm` guest's dirty pages are tracked.
     pub dirty_tracking: crate::kvm::DirtyTracking,
+    /// How a `soft` guest's dirty pages are tracked.
+    pub soft_dirty_tracking: crate::soft::DirtyTracking,
 }
 
 impl Default for LabConfig {
@@ -91,6 +93,7 @@ impl Default for LabConfig {
             workload: WorkloadSpec::default(),
             serial: "none".into(),
             dirty_tracking: crate::kvm::DirtyTracking::Auto,
+            soft_dirty_tracking: crate::soft::DirtyTracking::Bitmap,
         }
     }
 }
@@ -122,13 +125,18 @@ pub enum MachineError {
     Thread(std::io::Error),
     #[error(transparent)]
     Kvm(#[from] crate::kvm::KvmError),
+    #[error(transparent)]
+    Uffd(#[from] crate::uffd::UffdError),
 }
 
 /// What runs the guest.
 enum Accelerator {
     /// No vCPUs (`none`).
     Idle,
-    Soft(Arc<SoftWorkload>),
+    Soft {
+        workload: Arc<SoftWorkload>,
+        tracking: crate::soft::DirtyTracking,
+    },
     Kvm(Arc<crate::kvm::KvmGuest>),
 }
 
@@ -136,9 +144,11 @@ enum Accelerator {
 pub struct Machine {
     kind: MachineKind,
     ram: Vec<Arc<RamBlock>>,
-    /// Writes the VMM itself makes to guest RAM (and the soft vCPUs' writes).
+    /// Writes the VMM itself makes to guest RAM (and the soft vCPUs' writes under
+    /// `bitmap` tracking).
     dirty: Arc<AtomicDirtyLog>,
-    /// What the engine syncs: `dirty`, or KVM's log with `dirty` ORed in.
+    /// What the engine syncs: `dirty`, or KVM's log or the kernel's userfaultfd
+    /// write-protection tracking with `dirty` ORed in.
     tracker: Arc<dyn DirtyTracker>,
     control: RunControl,
     uuid: Option<[u8; 16]>,
@@ -223,18 +233,30 @@ impl Machine {
         machine.cpus = lab.cpus.max(1);
         match lab.accel {
             Accel::Soft => {
+                let tracking = lab.soft_dirty_tracking;
+                let vcpu_dirty = match tracking {
+                    crate::soft::DirtyTracking::Bitmap => Some(dirty),
+                    crate::soft::DirtyTracking::UffdWp => {
+                        machine.tracker = Arc::new(crate::uffd::UffdWpTracker::new(
+                            block.clone(),
+                            dirty,
+                            config.mem_path.is_some() && config.share,
+                        )?);
+                        None
+                    }
+                };
                 let workload = Arc::new(SoftWorkload::new(
                     lab.workload,
                     machine.cpus,
                     block,
-                    dirty,
+                    vcpu_dirty,
                     sink,
                     gate.clone(),
                 ));
                 let threads = workload.spawn().map_err(MachineError::Thread)?;
                 *machine.threads.get_mut().unwrap_or_else(|e| e.into_inner()) = threads;
                 machine.devices.push(workload.clone());
-                machine.accel = Accelerator::Soft(workload);
+                machine.accel = Accelerator::Soft { workload, tracking };
             }
             Accel::Kvm => {
                 let guest = Arc::new(crate::kvm::KvmGuest::new(
@@ -270,7 +292,9 @@ impl Machine {
         let running = self.control.run_state().is_running();
         let (accel, spec, hot, c) = match &self.accel {
             Accelerator::Idle => return None,
-            Accelerator::Soft(w) => (Accel::Soft, w.spec(), w.hot_bytes(), w.counters()),
+            Accelerator::Soft { workload: w, .. } => {
+                (Accel::Soft, w.spec(), w.hot_bytes(), w.counters())
+            }
             Accelerator::Kvm(g) => (Accel::Kvm, g.spec(), g.hot_bytes(), g.counters()),
         };
         let ps = self.ram.first().map_or(0, |b| b.page_size());
@@ -288,10 +312,16 @@ impl Machine {
             "dirty-rate": self.dirty_rate.rate(c.local_written * ps),
             "cpu-throttle-percentage": throttle,
         });
-        if let Accelerator::Kvm(g) = &self.accel {
-            w["dirty-tracking"] = json!(g.dirty_tracking().to_string());
-            w["dirty-ring-full-exits"] = json!(g.ring_full_exits());
-            w["dirty-ring-overflows"] = json!(g.ring_overflows());
+        match &self.accel {
+            Accelerator::Kvm(g) => {
+                w["dirty-tracking"] = json!(g.dirty_tracking().to_string());
+                w["dirty-ring-full-exits"] = json!(g.ring_full_exits());
+                w["dirty-ring-overflows"] = json!(g.ring_overflows());
+            }
+            Accelerator::Soft { tracking, .. } => {
+                w["dirty-tracking"] = json!(tracking.to_string());
+            }
+            Accelerator::Idle => {}
         }
         Some(w)
     }

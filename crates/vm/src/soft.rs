@@ -1,6 +1,7 @@
 //! The `soft` accelerator: each vCPU is a thread of the VM process that runs the
-//! workload against guest RAM at native speed, marking every page it writes in the
-//! dirty log after writing it.
+//! workload against guest RAM at native speed. Under `bitmap` dirty tracking it marks
+//! every page it writes in the dirty log after writing it; under `uffd-wp` it marks
+//! nothing and the kernel reports its writes ([`crate::uffd`]).
 //!
 //! A vCPU's "registers" are its pass number and its cursor in its slice of the hot set;
 //! they live in [`SoftVcpu`] and travel in the `lab-workload` section, so a destination
@@ -24,6 +25,41 @@ use crate::workload::{first_mismatch, page_tag, tag_pass, vcpu_slice, WorkloadSp
 
 pub const WORKLOAD_IDSTR: &str = "lab-workload";
 pub const WORKLOAD_VERSION: u32 = 1;
+
+/// How a `soft` guest's dirty pages are tracked (`--dirty-tracking`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DirtyTracking {
+    /// The vCPU threads mark an atomic bitmap after each write.
+    #[default]
+    Bitmap,
+    /// The kernel tracks the writes: userfaultfd asynchronous write-protection, read
+    /// and re-armed with `PAGEMAP_SCAN`.
+    UffdWp,
+}
+
+impl DirtyTracking {
+    /// Parses `bitmap` or `uffd-wp`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "bitmap" => Some(Self::Bitmap),
+            "uffd-wp" => Some(Self::UffdWp),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Bitmap => "bitmap",
+            Self::UffdWp => "uffd-wp",
+        }
+    }
+}
+
+impl std::fmt::Display for DirtyTracking {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
 
 /// Violations a vCPU reports line by line on the serial port; later ones are counted.
 const REPORTED_VIOLATIONS: u64 = 16;
@@ -62,7 +98,9 @@ pub struct SoftWorkload {
     page_size: u64,
     vcpus: Vec<SoftVcpu>,
     ram: Arc<RamBlock>,
-    dirty: Arc<AtomicDirtyLog>,
+    /// Where the vCPUs mark the pages they write; `None` when the kernel tracks their
+    /// writes.
+    dirty: Option<Arc<AtomicDirtyLog>>,
     serial: Arc<SerialSink>,
     gate: Arc<VcpuGate>,
 }
@@ -79,11 +117,13 @@ pub struct WorkloadCounters {
 }
 
 impl SoftWorkload {
+    /// A workload whose vCPUs mark each page they write in `dirty`, or nothing with
+    /// `None` (the kernel tracks their writes).
     pub fn new(
         spec: WorkloadSpec,
         cpus: u32,
         ram: Arc<RamBlock>,
-        dirty: Arc<AtomicDirtyLog>,
+        dirty: Option<Arc<AtomicDirtyLog>>,
         serial: Arc<SerialSink>,
         gate: Arc<VcpuGate>,
     ) -> Self {
@@ -186,7 +226,9 @@ impl SoftWorkload {
                 }
             }
             self.ram.fill_u64(offset, ps as usize, page_tag(pass, page));
-            self.dirty.mark(0, page as usize, 1);
+            if let Some(dirty) = &self.dirty {
+                dirty.mark(0, page as usize, 1);
+            }
             me.pages_written.fetch_add(1, Ordering::Relaxed);
             me.local_written.fetch_add(1, Ordering::Relaxed);
             if cursor + 1 == slice.end - slice.start {
@@ -304,10 +346,30 @@ mod tests {
     use vmigrate_engine::{DirtyBitmap, DirtyTracker};
     use vmigrate_stream::SliceSource;
 
+    #[test]
+    fn parses_modes() {
+        assert_eq!(DirtyTracking::parse("bitmap"), Some(DirtyTracking::Bitmap));
+        assert_eq!(DirtyTracking::parse("uffd-wp"), Some(DirtyTracking::UffdWp));
+        for bad in ["", "auto", "log", "uffd", "UFFD-WP"] {
+            assert_eq!(DirtyTracking::parse(bad), None, "{bad:?}");
+        }
+        assert_eq!(DirtyTracking::UffdWp.to_string(), "uffd-wp");
+        assert_eq!(DirtyTracking::default(), DirtyTracking::Bitmap);
+    }
+
     fn workload(spec: &str, pages: u64, cpus: u32) -> (Arc<SoftWorkload>, Vec<JoinHandle<()>>) {
         let ps = vmigrate_engine::memory::host_page_size();
         let ram = Arc::new(RamBlock::anonymous("ram", pages * ps, 0).unwrap());
         let dirty = Arc::new(AtomicDirtyLog::new(&[pages as usize]));
+        workload_on(spec, ram, Some(dirty), cpus)
+    }
+
+    fn workload_on(
+        spec: &str,
+        ram: Arc<RamBlock>,
+        dirty: Option<Arc<AtomicDirtyLog>>,
+        cpus: u32,
+    ) -> (Arc<SoftWorkload>, Vec<JoinHandle<()>>) {
         let w = Arc::new(SoftWorkload::new(
             WorkloadSpec::parse(spec).unwrap(),
             cpus,
@@ -333,21 +395,76 @@ mod tests {
         w.gate.pause();
     }
 
+    /// Runs the vCPUs until every one has completed `passes` passes (however busy the
+    /// host is), parks them and returns the counters.
+    fn run_passes(w: &SoftWorkload, passes: u64) -> WorkloadCounters {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        w.gate.resume();
+        while w.counters().passes < passes {
+            assert!(std::time::Instant::now() < deadline, "{:?}", w.counters());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        w.gate.pause();
+        w.counters()
+    }
+
     #[test]
     fn verified_passes_and_dirty_pages() {
         let (w, threads) = workload("hot=64K,verify", 64, 2);
-        w.dirty.start().unwrap();
+        let dirty = w.dirty.clone().unwrap();
+        dirty.start().unwrap();
         run_for(&w, 50);
         let c = w.counters();
         assert!(c.passes >= 2, "{c:?}");
         assert_eq!(c.violations, 0);
         let mut d = DirtyBitmap::new(64);
-        w.dirty.sync(0, &mut d).unwrap();
+        dirty.sync(0, &mut d).unwrap();
         let hot = (64 * 1024 / w.page_size) as usize;
         assert_eq!(d.count(), hot, "every hot page is dirty, no other");
         // Parked: nothing moves.
         std::thread::sleep(Duration::from_millis(10));
         assert_eq!(w.counters(), c);
+        finish(&w, threads);
+    }
+
+    /// Under `uffd-wp` the vCPUs mark nothing: the kernel reports exactly the hot set,
+    /// and nothing once they are parked.
+    #[test]
+    fn kernel_tracking_sees_every_page_the_vcpus_write() {
+        let pages = 256;
+        let ps = vmigrate_engine::memory::host_page_size();
+        let ram = Arc::new(RamBlock::anonymous("ram", pages * ps, 0).unwrap());
+        let vmm_dirty = Arc::new(AtomicDirtyLog::new(&[pages as usize]));
+        let tracker = match crate::uffd::UffdWpTracker::new(ram.clone(), vmm_dirty.clone(), false) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("SKIP kernel_tracking_sees_every_page_the_vcpus_write: {e}");
+                return;
+            }
+        };
+        let hot = 64 * 1024 / ps as usize;
+        let (w, threads) = workload_on("hot=64K,verify", ram, None, 2);
+        tracker.start().unwrap();
+        let c = run_passes(&w, 2);
+        assert_eq!(c.violations, 0);
+        let mut d = DirtyBitmap::new(pages as usize);
+        tracker.sync(0, &mut d).unwrap();
+        assert_eq!(d.count(), hot, "every hot page is dirty, no other");
+        assert_eq!(d.next_set(hot), None);
+        let mut marked = DirtyBitmap::new(pages as usize);
+        vmm_dirty.sync(0, &mut marked).unwrap();
+        assert_eq!(marked.count(), 0, "the vCPUs marked the bitmap");
+        let mut again = DirtyBitmap::new(pages as usize);
+        tracker.sync(0, &mut again).unwrap();
+        assert_eq!(again.count(), 0, "parked vCPUs wrote");
+        run_passes(&w, c.passes + 1);
+        tracker.sync(0, &mut again).unwrap();
+        assert_eq!(
+            again.count(),
+            hot,
+            "written again after the sync re-protected"
+        );
+        tracker.stop();
         finish(&w, threads);
     }
 
