@@ -166,7 +166,20 @@ impl Decompressor {
     /// Decodes one packet's payload into exactly `out.len()` bytes. A payload that
     /// inflates to more or to less is an error.
     pub fn decompress_packet(&mut self, input: &[u8], out: &mut [u8]) -> Result<(), CompressError> {
-        let want = out.len();
+        self.decompress_pages(input, &mut [out])
+    }
+
+    /// Decodes one packet's payload straight into `pages`, filling each exactly, in
+    /// order (the pages of a packet need not be next to each other in memory). A
+    /// payload that inflates to more or to less than their total is an error; pages
+    /// may then hold part of it.
+    pub fn decompress_pages(
+        &mut self,
+        input: &[u8],
+        pages: &mut [&mut [u8]],
+    ) -> Result<(), CompressError> {
+        let want: usize = pages.iter().map(|p| p.len()).sum();
+        let mut cursor = PageCursor::default();
         match self {
             Decompressor::None => {
                 if input.len() != want {
@@ -175,35 +188,41 @@ impl Decompressor {
                         input.len()
                     )));
                 }
-                out.copy_from_slice(input);
+                let mut at = 0;
+                for p in pages.iter_mut() {
+                    p.copy_from_slice(&input[at..at + p.len()]);
+                    at += p.len();
+                }
             }
             Decompressor::Zlib(z) => {
                 let (in0, out0) = (z.total_in(), z.total_out());
                 let mut spare = [0u8; 64];
                 loop {
                     let done_in = (z.total_in() - in0) as usize;
-                    let done_out = (z.total_out() - out0) as usize;
                     if done_in == input.len() {
                         break;
                     }
-                    let status = if done_out < want {
-                        z.decompress(
-                            &input[done_in..],
-                            &mut out[done_out..],
-                            FlushDecompress::Sync,
-                        )
-                    } else {
-                        let r = z.decompress(&input[done_in..], &mut spare, FlushDecompress::Sync);
-                        if z.total_out() - out0 > want as u64 {
-                            return Err(CompressError(format!(
-                                "zlib payload inflates past its {want} bytes of pages"
-                            )));
+                    let before_out = z.total_out();
+                    let status = match cursor.next_room(pages) {
+                        Some(room) => {
+                            let r = z.decompress(&input[done_in..], room, FlushDecompress::Sync);
+                            cursor.advance((z.total_out() - before_out) as usize);
+                            r
                         }
-                        r
+                        None => {
+                            let r =
+                                z.decompress(&input[done_in..], &mut spare, FlushDecompress::Sync);
+                            if z.total_out() != before_out {
+                                return Err(CompressError(format!(
+                                    "zlib payload inflates past its {want} bytes of pages"
+                                )));
+                            }
+                            r
+                        }
                     }
                     .map_err(|e| CompressError(format!("zlib: {e}")))?;
-                    let progressed = (z.total_in() - in0) as usize != done_in
-                        || (z.total_out() - out0) as usize != done_out;
+                    let progressed =
+                        (z.total_in() - in0) as usize != done_in || z.total_out() != before_out;
                     if matches!(status, Status::StreamEnd) || !progressed {
                         break;
                     }
@@ -221,26 +240,30 @@ impl Decompressor {
                 let mut produced = 0usize;
                 let mut spare = [0u8; 64];
                 loop {
-                    if produced < want {
-                        let mut o = OutBuffer::around(&mut out[produced..]);
-                        d.run(&mut inb, &mut o)
-                            .map_err(|e| CompressError(format!("zstd: {e}")))?;
-                        let n = o.pos();
-                        produced += n;
-                        if n == 0 && inb.pos == input.len() {
-                            break;
+                    match cursor.next_room(pages) {
+                        Some(room) => {
+                            let mut o = OutBuffer::around(room);
+                            d.run(&mut inb, &mut o)
+                                .map_err(|e| CompressError(format!("zstd: {e}")))?;
+                            let n = o.pos();
+                            cursor.advance(n);
+                            produced += n;
+                            if n == 0 && inb.pos == input.len() {
+                                break;
+                            }
                         }
-                    } else {
-                        let mut o = OutBuffer::around(&mut spare[..]);
-                        d.run(&mut inb, &mut o)
-                            .map_err(|e| CompressError(format!("zstd: {e}")))?;
-                        if o.pos() > 0 {
-                            return Err(CompressError(format!(
-                                "zstd payload inflates past its {want} bytes of pages"
-                            )));
-                        }
-                        if inb.pos == input.len() {
-                            break;
+                        None => {
+                            let mut o = OutBuffer::around(&mut spare[..]);
+                            d.run(&mut inb, &mut o)
+                                .map_err(|e| CompressError(format!("zstd: {e}")))?;
+                            if o.pos() > 0 {
+                                return Err(CompressError(format!(
+                                    "zstd payload inflates past its {want} bytes of pages"
+                                )));
+                            }
+                            if inb.pos == input.len() {
+                                break;
+                            }
                         }
                     }
                 }
@@ -253,6 +276,30 @@ impl Decompressor {
             }
         }
         Ok(())
+    }
+}
+
+/// Where decoded bytes go next among a packet's pages.
+#[derive(Debug, Default)]
+struct PageCursor {
+    page: usize,
+    filled: usize,
+}
+
+impl PageCursor {
+    /// The unfilled rest of the current page, moving past full ones; `None` once every
+    /// page is full.
+    fn next_room<'a>(&mut self, pages: &'a mut [&mut [u8]]) -> Option<&'a mut [u8]> {
+        while self.page < pages.len() && self.filled == pages[self.page].len() {
+            self.page += 1;
+            self.filled = 0;
+        }
+        let page = pages.get_mut(self.page)?;
+        Some(&mut page[self.filled..])
+    }
+
+    fn advance(&mut self, n: usize) {
+        self.filled += n;
     }
 }
 
@@ -293,6 +340,38 @@ mod tests {
     fn zstd_packets_decode_independently_in_order() {
         round_trip(Method::Zstd, 1);
         round_trip(Method::Zstd, 19);
+    }
+
+    #[test]
+    fn packets_decode_straight_into_scattered_pages() {
+        for (m, level) in [(Method::Zlib, 1), (Method::Zstd, 1), (Method::None, 0)] {
+            let mut c = Compressor::new(m, level).unwrap();
+            let mut d = Decompressor::new(m).unwrap();
+            let p = pages();
+            for round in 0..3 {
+                let refs: Vec<&[u8]> = p.iter().map(|v| v.as_slice()).collect();
+                let mut out = Vec::new();
+                c.compress_packet(&refs, &mut out).unwrap();
+                // One allocation per page, not one contiguous buffer.
+                let mut dst: Vec<Vec<u8>> = (0..p.len()).map(|_| vec![0xee; 4096]).collect();
+                let mut views: Vec<&mut [u8]> = dst.iter_mut().map(|v| v.as_mut_slice()).collect();
+                d.decompress_pages(&out, &mut views).unwrap();
+                assert_eq!(dst, p, "{m:?} round {round}");
+            }
+            // One page short: the payload inflates past the pages.
+            let refs: Vec<&[u8]> = p.iter().map(|v| v.as_slice()).collect();
+            let mut out = Vec::new();
+            Compressor::new(m, level)
+                .unwrap()
+                .compress_packet(&refs, &mut out)
+                .unwrap();
+            let mut short: Vec<Vec<u8>> = (0..p.len() - 1).map(|_| vec![0; 4096]).collect();
+            let mut views: Vec<&mut [u8]> = short.iter_mut().map(|v| v.as_mut_slice()).collect();
+            let fresh = Decompressor::new(m)
+                .unwrap()
+                .decompress_pages(&out, &mut views);
+            assert!(fresh.is_err(), "{m:?}");
+        }
     }
 
     #[test]

@@ -327,7 +327,32 @@ fn receive_channel(r: &MultifdReceiver, fd: OwnedFd, cfg: &ReceiveConfig) -> Res
                 for o in &h.offsets[..normal] {
                     cfg.received.set(bi, (*o / ps) as usize);
                 }
+            } else if normal > 0 && !repeats {
+                payload.resize(h.next_packet_size as usize, 0);
+                src.fill(&mut payload, "multifd payload")
+                    .map_err(|e| e.to_string())?;
+                let mut pages: Vec<&mut [u8]> = h.offsets[..normal]
+                    .iter()
+                    .map(|o| {
+                        let ptr = block.ptr_at(*o, ps as usize);
+                        // SAFETY: the page is inside the block's mapping, which the
+                        // config's Arc keeps alive; no page is listed twice in this
+                        // packet (checked above), so these slices are disjoint and live
+                        // only for the decode. Another channel writes the same page
+                        // only in a stream that lies, and then, as with the raw copies
+                        // of the other paths, the page just holds garbage: guest memory
+                        // is plain bytes that writers may race on (see `RamBlock`).
+                        unsafe { std::slice::from_raw_parts_mut(ptr, ps as usize) }
+                    })
+                    .collect();
+                decompressor
+                    .decompress_pages(&payload, &mut pages)
+                    .map_err(|e| format!("{e} (packet at byte offset {at})"))?;
+                for o in &h.offsets[..normal] {
+                    cfg.received.set(bi, (*o / ps) as usize);
+                }
             } else if normal > 0 {
+                // A page listed twice: decoded into a buffer, then copied page by page.
                 payload.resize(h.next_packet_size as usize, 0);
                 src.fill(&mut payload, "multifd payload")
                     .map_err(|e| e.to_string())?;

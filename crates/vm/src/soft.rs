@@ -457,7 +457,15 @@ mod tests {
         let mut again = DirtyBitmap::new(pages as usize);
         tracker.sync(0, &mut again).unwrap();
         assert_eq!(again.count(), 0, "parked vCPUs wrote");
-        run_passes(&w, c.passes + 1);
+        // Every vCPU finishes the pass it was parked in and then one whole pass more,
+        // so each hot page is written after the sync whatever the scheduling.
+        let furthest = w
+            .vcpus
+            .iter()
+            .map(|v| v.pass.load(Ordering::Relaxed) - 1)
+            .max()
+            .unwrap_or(0);
+        run_passes(&w, furthest + 2);
         tracker.sync(0, &mut again).unwrap();
         assert_eq!(
             again.count(),
