@@ -52,6 +52,37 @@ def start_incoming(dst):
     return f"tcp:127.0.0.1:{harness.socket_port(dst.query_migrate())}"
 
 
+def migrate_tracked_guest(src, dst, mem_mib, hot_mib, min_syncs, min_resent,
+                          compare_ram=True):
+    """Migrates the running `src` to the paused `dst` at 32 MiB/s, so the guest dirties
+    pages during the transfer, and checks what dirty tracking must give: at least
+    `min_syncs` syncs, more than `min_resent` times the hot set sent, the workload's
+    counters (and with `compare_ram`, guest RAM) on arrival as at switchover, and no
+    violation once the destination runs on. Returns the source's query-migrate, its
+    workload at the end, the destination's on arrival and after three more passes."""
+    src.set_params(max_bandwidth=32 * MiB)
+    src.cmd("migrate", uri=start_incoming(dst))
+    si = src.wait_migration(timeout=60)
+    assert si["status"] == "completed", si
+    assert si["ram"]["dirty-sync-count"] >= min_syncs, si["ram"]
+    hot_pages = hot_mib * MiB // si["ram"]["page-size"]
+    assert si["ram"]["normal"] > hot_pages * min_resent, \
+        f"the guest dirtied too little during the migration to test tracking: {si['ram']}"
+    assert dst.wait_migration(("completed", "failed"), timeout=25)["status"] == "completed"
+    assert dst.runstate() == "paused"
+    src_w = workload(src)
+    arrived = workload(dst)
+    assert arrived["passes"] == src_w["passes"]
+    assert arrived["pages-written"] == src_w["pages-written"]
+    if compare_ram:
+        assert sha(dst.mem_file, mem_mib * MiB) == sha(src.mem_file, mem_mib * MiB), \
+            "destination RAM differs from the source's at switchover"
+    dst.cmd("cont")
+    after = wait_passes(dst, arrived["passes"] + 3)
+    assert after["violations"] == 0, after
+    return si, src_w, arrived, after
+
+
 def kvm_unusable_reason():
     """Why KVM guests cannot run here, or None."""
     try:
@@ -295,25 +326,8 @@ def test_kvm_guest_migrates_live_with_each_dirty_tracking_mode(ws, tracking):
     # Zero pages cost next to nothing: the passes are over the hot set (2 MiB), which
     # at 32 MiB/s the guest partly rewrites during each pass, and which fits the
     # downtime limit.
-    src.set_params(max_bandwidth=32 * MiB)
-    src.cmd("migrate", uri=start_incoming(dst))
-    si = src.wait_migration(timeout=60)
-    assert si["status"] == "completed", si
-    assert si["ram"]["dirty-sync-count"] >= 2, si["ram"]
-    hot_pages = 2 * MiB // si["ram"]["page-size"]
-    assert si["ram"]["normal"] > hot_pages * 1.2, \
-        f"the guest dirtied too little during the migration to test tracking: {si['ram']}"
-    assert dst.wait_migration(("completed", "failed"), timeout=25)["status"] == "completed"
-    assert dst.runstate() == "paused"
-    src_w = workload(src)
-    arrived = workload(dst)
-    assert arrived["passes"] == src_w["passes"]
-    assert arrived["pages-written"] == src_w["pages-written"]
-    assert sha(dst.mem_file, 16 * MiB) == sha(src.mem_file, 16 * MiB), \
-        "destination RAM differs from the source's at switchover"
-    dst.cmd("cont")
-    after = wait_passes(dst, arrived["passes"] + 3)
-    assert after["violations"] == 0, after
+    si, src_w, _, _ = migrate_tracked_guest(src, dst, mem_mib=16, hot_mib=2, min_syncs=2,
+                                            min_resent=1.2)
     print(f"{tracking}: {si['ram']['dirty-sync-count']} syncs, "
           f"{si['ram']['transferred']} bytes, {si.get('total-time')} ms, "
           f"ring-full exits {src_w['dirty-ring-full-exits']}, "
@@ -339,27 +353,10 @@ def test_soft_guest_migrates_live_with_uffd_wp_tracking(ws, shared):
     # At 32 MiB/s the first pass over the hot set (16 MiB) takes half a second, during
     # which the guest rewrites half of it; each pass halves what is left until it fits
     # the downtime limit, so the passes send pages the kernel reported page by page.
-    src.set_params(max_bandwidth=32 * MiB)
-    src.cmd("migrate", uri=start_incoming(dst))
-    si = src.wait_migration(timeout=60)
-    assert si["status"] == "completed", si
-    assert si["ram"]["dirty-sync-count"] >= 3, si["ram"]
-    hot_pages = 16 * MiB // si["ram"]["page-size"]
-    assert si["ram"]["normal"] > hot_pages * 1.4, \
-        f"the guest dirtied too little during the migration to test tracking: {si['ram']}"
-    assert dst.wait_migration(("completed", "failed"), timeout=25)["status"] == "completed"
-    assert dst.runstate() == "paused"
-    src_w = workload(src)
-    arrived = workload(dst)
+    si, _, arrived, after = migrate_tracked_guest(src, dst, mem_mib=64, hot_mib=16,
+                                                  min_syncs=3, min_resent=1.4,
+                                                  compare_ram=shared)
     assert arrived["dirty-tracking"] == "uffd-wp"
-    assert arrived["passes"] == src_w["passes"]
-    assert arrived["pages-written"] == src_w["pages-written"]
-    if shared:
-        assert sha(dst.mem_file, 64 * MiB) == sha(src.mem_file, 64 * MiB), \
-            "destination RAM differs from the source's at switchover"
-    dst.cmd("cont")
-    after = wait_passes(dst, arrived["passes"] + 3)
-    assert after["violations"] == 0, after
     assert after["running"]
     print(f"uffd-wp ({'shm file' if shared else 'anonymous'}): "
           f"{si['ram']['dirty-sync-count']} syncs, {si['ram']['normal']} pages sent, "

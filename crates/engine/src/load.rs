@@ -15,7 +15,7 @@ use vmigrate_stream::section::{decode_footer, Record, SectionId};
 use vmigrate_stream::{header, vmdesc, DecodeError, DecodeErrorKind, Source};
 
 use crate::io::FdSource;
-use crate::multifd_recv::{MultifdReceiver, ReceiveConfig};
+use crate::multifd_recv::{channel_error, MultifdReceiver, ReceiveConfig};
 use crate::options::Capabilities;
 use crate::ram_load::RamLoader;
 use crate::return_path::ReturnPathWriter;
@@ -130,28 +130,14 @@ pub fn load_stream_with(
         match &result {
             Ok(_) => {
                 if let Err(e) = r.finish() {
-                    result = Err(DecodeError::new(
-                        src.offset(),
-                        DecodeErrorKind::Invalid {
-                            what: "multifd channel",
-                            detail: e,
-                        },
-                    )
-                    .into());
+                    result = Err(channel_error(src.offset(), e).into());
                 }
             }
             Err(_) => {
                 // A channel that failed first holds the cause; the main stream's error
                 // (often its end, once the source gave up) is only the consequence.
                 if let Some(cause) = r.failure() {
-                    result = Err(DecodeError::new(
-                        src.offset(),
-                        DecodeErrorKind::Invalid {
-                            what: "multifd channel",
-                            detail: cause,
-                        },
-                    )
-                    .into());
+                    result = Err(channel_error(src.offset(), cause).into());
                 }
                 r.abort();
             }

@@ -390,6 +390,7 @@ impl MappedRamWriter {
             .iter()
             .map(|r| AtomicBitmap::new(r.pages()))
             .collect();
+        let writers = config.threads.min(usable_cores());
         let shared = Arc::new(WriterShared {
             blocks,
             regions,
@@ -398,14 +399,12 @@ impl MappedRamWriter {
             pages_fd,
             detect_zero: config.detect_zero,
             threaded: config.threads > 0,
-            turn: (config.threads.min(usable_cores()) > 1 && !config.direct_io)
-                .then(|| Mutex::new(())),
+            turn: (writers > 1 && !config.direct_io).then(|| Mutex::new(())),
             stats,
             cancel,
             inflight: Mutex::new((0, None)),
             idle: Condvar::new(),
         });
-        let writers = config.threads.min(usable_cores());
         let share = writers.max(1) as u64;
         let mut workers = Vec::new();
         let mut threads = Vec::new();

@@ -25,6 +25,17 @@ const FINISH_TIMEOUT: Duration = Duration::from_secs(30);
 /// longer wait means the two ends disagree on where sync points are.
 pub const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// A multifd channel's failure, reported at main-stream offset `at`.
+pub fn channel_error(at: u64, detail: String) -> vmigrate_stream::DecodeError {
+    vmigrate_stream::DecodeError::new(
+        at,
+        vmigrate_stream::DecodeErrorKind::Invalid {
+            what: "multifd channel",
+            detail,
+        },
+    )
+}
+
 /// The likely cause of sync points that never match.
 const SYNC_MISMATCH_HINT: &str = "do both sides set multifd-flush-after-each-section alike?";
 
@@ -327,45 +338,44 @@ fn receive_channel(r: &MultifdReceiver, fd: OwnedFd, cfg: &ReceiveConfig) -> Res
                 for o in &h.offsets[..normal] {
                     cfg.received.set(bi, (*o / ps) as usize);
                 }
-            } else if normal > 0 && !repeats {
-                payload.resize(h.next_packet_size as usize, 0);
-                src.fill(&mut payload, "multifd payload")
-                    .map_err(|e| e.to_string())?;
-                let mut pages: Vec<&mut [u8]> = h.offsets[..normal]
-                    .iter()
-                    .map(|o| {
-                        let ptr = block.ptr_at(*o, ps as usize);
-                        // SAFETY: the page is inside the block's mapping, which the
-                        // config's Arc keeps alive; no page is listed twice in this
-                        // packet (checked above), so these slices are disjoint and live
-                        // only for the decode. Another channel writes the same page
-                        // only in a stream that lies, and then, as with the raw copies
-                        // of the other paths, the page just holds garbage: guest memory
-                        // is plain bytes that writers may race on (see `RamBlock`).
-                        unsafe { std::slice::from_raw_parts_mut(ptr, ps as usize) }
-                    })
-                    .collect();
-                decompressor
-                    .decompress_pages(&payload, &mut pages)
-                    .map_err(|e| format!("{e} (packet at byte offset {at})"))?;
-                for o in &h.offsets[..normal] {
-                    cfg.received.set(bi, (*o / ps) as usize);
-                }
             } else if normal > 0 {
-                // A page listed twice: decoded into a buffer, then copied page by page.
                 payload.resize(h.next_packet_size as usize, 0);
                 src.fill(&mut payload, "multifd payload")
                     .map_err(|e| e.to_string())?;
-                scratch.resize(normal * ps as usize, 0);
-                decompressor
-                    .decompress_packet(&payload, &mut scratch)
-                    .map_err(|e| format!("{e} (packet at byte offset {at})"))?;
-                for (i, o) in h.offsets[..normal].iter().enumerate() {
-                    let ptr = block.ptr_at(*o, ps as usize);
-                    let page = &scratch[i * ps as usize..(i + 1) * ps as usize];
-                    // SAFETY: destination page inside the live mapping; the source is our
-                    // own buffer, so they cannot overlap.
-                    unsafe { std::ptr::copy_nonoverlapping(page.as_ptr(), ptr, ps as usize) };
+                if repeats {
+                    // A page listed twice: decoded into a buffer, then copied page by page.
+                    scratch.resize(normal * ps as usize, 0);
+                    decompressor
+                        .decompress_packet(&payload, &mut scratch)
+                        .map_err(|e| format!("{e} (packet at byte offset {at})"))?;
+                    for (i, o) in h.offsets[..normal].iter().enumerate() {
+                        let ptr = block.ptr_at(*o, ps as usize);
+                        let page = &scratch[i * ps as usize..(i + 1) * ps as usize];
+                        // SAFETY: destination page inside the live mapping; the source is
+                        // our own buffer, so they cannot overlap.
+                        unsafe { std::ptr::copy_nonoverlapping(page.as_ptr(), ptr, ps as usize) };
+                    }
+                } else {
+                    let mut pages: Vec<&mut [u8]> = h.offsets[..normal]
+                        .iter()
+                        .map(|o| {
+                            let ptr = block.ptr_at(*o, ps as usize);
+                            // SAFETY: the page is inside the block's mapping, which the
+                            // config's Arc keeps alive; no page is listed twice in this
+                            // packet (checked above), so these slices are disjoint and
+                            // live only for the decode. Another channel writes the same
+                            // page only in a stream that lies, and then, as with the raw
+                            // copies of the other paths, the page just holds garbage:
+                            // guest memory is plain bytes that writers may race on (see
+                            // `RamBlock`).
+                            unsafe { std::slice::from_raw_parts_mut(ptr, ps as usize) }
+                        })
+                        .collect();
+                    decompressor
+                        .decompress_pages(&payload, &mut pages)
+                        .map_err(|e| format!("{e} (packet at byte offset {at})"))?;
+                }
+                for o in &h.offsets[..normal] {
                     cfg.received.set(bi, (*o / ps) as usize);
                 }
             }

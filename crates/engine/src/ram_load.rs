@@ -169,18 +169,12 @@ impl RamLoader {
 
     /// A sync point: waits until every channel has read its SYNC, then releases them.
     fn multifd_sync_point(&self, at: u64) -> Result<(), DecodeError> {
-        let Some(m) = &self.multifd else {
-            return Ok(());
-        };
-        m.wait_sync().map_err(|e| {
-            DecodeError::new(
-                at,
-                DecodeErrorKind::Invalid {
-                    what: "multifd channel",
-                    detail: e,
-                },
-            )
-        })
+        match &self.multifd {
+            Some(m) => m
+                .wait_sync()
+                .map_err(|e| crate::multifd_recv::channel_error(at, e)),
+            None => Ok(()),
+        }
     }
 
     fn find(&self, name: &str) -> Option<usize> {
