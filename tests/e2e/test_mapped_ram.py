@@ -215,6 +215,11 @@ def check_mapped_file(path, at, image):
     assert MULTIFD_MAGIC not in rest, \
         f"multifd magic 11223344 at {rest.find(MULTIFD_MAGIC)} outside the page area"
     assert size - b.end < 64 * 1024, f"{size - b.end} bytes of stream after the page area"
+    allocated = os.stat(path).st_blocks * 512
+    data = image.nonzero_pages * PAGE
+    assert allocated <= data + b.pages_offset + 64 * 1024, \
+        f"{allocated} bytes allocated for {data} bytes of non-zero pages: zero pages were " \
+        f"written, the file is not sparse"
     return mf
 
 
@@ -408,6 +413,44 @@ def test_direct_io_refused_by_the_file_system(ws, mr_image):
         assert "panicked" not in res.stderr
     finally:
         shutil.rmtree(sub, ignore_errors=True)
+
+
+def small_tmpfs(parent, size_mib):
+    """Mounts a SIZE_MIB MiB tmpfs on a new directory under PARENT; returns (the
+    directory, None) or (None, why it could not)."""
+    where = tempfile.mkdtemp(prefix="vme2e-full-", dir=parent)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mib}m", "vme2e-full", where],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        os.rmdir(where)
+        return None, (r.stderr.strip() or f"mount exited with status {r.returncode}")
+    return where, None
+
+
+@pytest.mark.vmigrate
+@pytest.mark.parametrize("channels", [0, 2], ids=channels_id)
+def test_full_file_system(ws, mr_image, channels):
+    """A save to a file system with no room for the page area fails with ENOSPC's text,
+    and the source keeps running with its RAM intact (buffered saves copy into a shared
+    mapping of the file: its blocks are reserved first, so no write faults)."""
+    require("vmigrate")
+    where, why = small_tmpfs(ws.tmp, 8)
+    if where is None:
+        pytest.skip(f"cannot mount a small tmpfs to fill up ({why})")
+    try:
+        src = ws.vm("vmigrate", "src", mem_mib=MIB).start()
+        src.write_ram(mr_image.data)
+        use_mapped_ram(src, channels)
+        src.cmd("migrate", uri=file_uri(os.path.join(where, "save.bin")))
+        si = src.wait_migration(timeout=30)
+        assert si["status"] == "failed", f"saving {MIB} MiB into an 8 MiB file system: {si}"
+        assert "No space left on device" in si.get("error-desc", ""), si
+        assert src.proc.poll() is None, "the source process died"
+        assert src.runstate() == "running", "the source must survive a failed save"
+        assert src.check_ram(mr_image) is None
+    finally:
+        subprocess.run(["umount", "-l", where], capture_output=True)
+        os.rmdir(where)
 
 
 # --------------------------------------------------------------------------------------

@@ -25,9 +25,16 @@ const READ_BUFFER: usize = 1 << 20;
 
 impl FdSource {
     pub fn new(fd: OwnedFd, base_offset: u64) -> Self {
+        Self::with_buffer(fd, base_offset, READ_BUFFER)
+    }
+
+    /// A source whose read-ahead is at most `capacity` bytes. A multifd channel uses its
+    /// packet header's size: the header is all that is read ahead, so the pages after it
+    /// go from the socket straight into guest memory instead of through the buffer.
+    pub fn with_buffer(fd: OwnedFd, base_offset: u64, capacity: usize) -> Self {
         Self {
             fd,
-            buf: vec![0u8; READ_BUFFER].into_boxed_slice(),
+            buf: vec![0u8; capacity.max(1)].into_boxed_slice(),
             start: 0,
             end: 0,
             offset: base_offset,
@@ -90,7 +97,7 @@ impl FdSource {
                 done += n;
                 continue;
             }
-            if len - done >= READ_BUFFER / 4 && !self.eof {
+            if len - done >= self.buf.len() / 4 && !self.eof {
                 // SAFETY: as above; the slice covers the part not yet filled.
                 let out = unsafe { std::slice::from_raw_parts_mut(dst.add(done), len - done) };
                 match rustix::io::read(&self.fd, out) {

@@ -274,7 +274,7 @@ pub fn read_init(fd: &OwnedFd, uuid: [u8; 16], channels: usize) -> Result<u8, St
 
 fn receive_channel(r: &MultifdReceiver, fd: OwnedFd, cfg: &ReceiveConfig) -> Result<(), String> {
     let ps = cfg.page_size;
-    let mut src = FdSource::new(fd, 0);
+    let mut src = FdSource::with_buffer(fd, 0, packet_len(ps));
     let mut header = vec![0u8; packet_len(ps)];
     let mut decompressor = Decompressor::new(cfg.method).map_err(|e| e.to_string())?;
     let mut payload = Vec::new();
