@@ -284,9 +284,9 @@ struct PageArea {
     len: usize,
 }
 
-// SAFETY: the mapping is plain shared memory owned by this value until it is dropped;
-// writers copy into disjoint runs.
+// SAFETY: the mapping is plain shared memory owned by this value until it is dropped.
 unsafe impl Send for PageArea {}
+// SAFETY: writer threads only copy into it, each into the disjoint runs of its batches.
 unsafe impl Sync for PageArea {}
 
 impl PageArea {
