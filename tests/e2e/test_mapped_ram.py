@@ -431,8 +431,7 @@ def small_tmpfs(parent, size_mib):
 @pytest.mark.parametrize("channels", [0, 2], ids=channels_id)
 def test_full_file_system(ws, mr_image, channels):
     """A save to a file system with no room for the page area fails with ENOSPC's text,
-    and the source keeps running with its RAM intact (buffered saves copy into a shared
-    mapping of the file: its blocks are reserved first, so no write faults)."""
+    and the source keeps running with its RAM intact."""
     require("vmigrate")
     where, why = small_tmpfs(ws.tmp, 8)
     if where is None:

@@ -231,120 +231,11 @@ fn write_all_at(fd: &OwnedFd, mut data: &[u8], mut offset: u64) -> Result<(), St
     Ok(())
 }
 
-/// Copies one run of pages into its block's mapped page area, its file blocks reserved
-/// first. A file system without `fallocate` gets a positional write instead.
-fn copy_to_area(
-    fd: &OwnedFd,
-    area: &PageArea,
-    region: &Region,
-    first: usize,
-    data: &[u8],
-) -> Result<(), String> {
-    let at = first as u64 * region.page_size;
-    let file_at = region.page_at(first);
-    match rustix::fs::fallocate(
-        fd,
-        rustix::fs::FallocateFlags::empty(),
-        file_at,
-        data.len() as u64,
-    ) {
-        Ok(()) => {}
-        Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::NOSYS) => {
-            return write_all_at(fd, data, file_at);
-        }
-        Err(e) => return Err(errno_text(&std::io::Error::from(e))),
-    }
-    if at as usize + data.len() > area.len {
-        return Err(format!("page {first} is past the block's page area"));
-    }
-    // SAFETY: the run is inside the mapping (checked above), its file blocks are
-    // allocated, and runs handed to writers are disjoint; `data` is guest memory, a
-    // different mapping.
-    unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), area.ptr.add(at as usize), data.len()) };
-    Ok(())
-}
-
 /// Threads worth running for file I/O: a mapped-ram file has no channels, only offsets,
 /// so its writers and readers need not number `multifd-channels`; more threads than
 /// cores only take turns (and take the CPU from the guest and the other threads).
 fn usable_cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
-}
-
-/// One block's page area mapped shared from the migration file (buffered saves).
-///
-/// Copying into the mapping lets every writer thread fill the page cache at once, where
-/// buffered `pwrite`s to one file would queue on the inode lock; with 2 writers on 2
-/// cores this roughly halves the time to write the page area when fresh page-cache
-/// pages are what costs (as on hosts that hand freed memory back to their hypervisor).
-/// Each run's blocks are reserved with `fallocate` before the copy, so a full file
-/// system is an error from that call, not a fault in the mapping.
-struct PageArea {
-    ptr: *mut u8,
-    len: usize,
-}
-
-// SAFETY: the mapping is plain shared memory owned by this value until it is dropped.
-unsafe impl Send for PageArea {}
-// SAFETY: writer threads only copy into it, each into the disjoint runs of its batches.
-unsafe impl Sync for PageArea {}
-
-impl PageArea {
-    fn map(fd: &OwnedFd, region: &Region) -> Option<Self> {
-        let len = usize::try_from(region.used_length).ok()?;
-        if len == 0 {
-            return None;
-        }
-        // SAFETY: a fresh shared mapping of the file, at a page-aligned offset (the
-        // page area is 1 MiB aligned); nothing else refers to it.
-        let ptr = unsafe {
-            rustix::mm::mmap(
-                std::ptr::null_mut(),
-                len,
-                rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
-                rustix::mm::MapFlags::SHARED,
-                fd,
-                region.pages_offset,
-            )
-        }
-        .ok()?;
-        let area = Self {
-            ptr: ptr.cast(),
-            len,
-        };
-        // No read-ahead, so every fault brings in one page: a large folio would be
-        // written back whole, filling the holes of the zero pages next to a run.
-        // SAFETY: advice on the mapping just made.
-        unsafe { rustix::mm::madvise(ptr, len, rustix::mm::Advice::Random) }.ok()?;
-        Some(area)
-    }
-}
-
-impl Drop for PageArea {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `map`, no longer used by any writer.
-        let _ = unsafe { rustix::mm::munmap(self.ptr.cast(), self.len) };
-    }
-}
-
-/// Maps every block's page area for a buffered save, after growing the file to cover
-/// them (the stream goes on past the last area anyway). `None` where any step fails:
-/// the writers then use positional writes.
-fn map_page_areas(fd: &OwnedFd, regions: &[Region]) -> Option<Vec<PageArea>> {
-    let need = regions.iter().map(Region::end).max()?;
-    // A shared writable mapping needs a descriptor open for reading too; the migration
-    // file is opened write-only, as QEMU opens it.
-    let rw = rustix::fs::open(
-        format!("/proc/self/fd/{}", fd.as_raw_fd()).as_str(),
-        rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
-        rustix::fs::Mode::empty(),
-    )
-    .ok()?;
-    let size = rustix::fs::fstat(&rw).ok()?.st_size as u64;
-    if size < need {
-        rustix::fs::ftruncate(&rw, need).ok()?;
-    }
-    regions.iter().map(|r| PageArea::map(&rw, r)).collect()
 }
 
 /// The save side's shared state: the file, the layout, what each block's bitmap says.
@@ -364,8 +255,6 @@ struct WriterShared {
     /// spinning waiters); taking turns here instead leaves the CPU to the other writers'
     /// zero detection. O_DIRECT writes do not need it.
     turn: Option<Mutex<()>>,
-    /// Every block's page area mapped (buffered saves); empty: positional writes.
-    areas: Vec<PageArea>,
     /// Batches handed out and not finished, and the first error.
     inflight: Mutex<(usize, Option<String>)>,
     idle: Condvar,
@@ -394,15 +283,11 @@ impl WriterShared {
             // which this writer keeps alive through its Arc; guest writes racing with
             // the copy are caught by dirty tracking and the page is written again.
             let data = unsafe { std::slice::from_raw_parts(ptr, len) };
-            if let Some(area) = self.areas.get(bi) {
-                copy_to_area(&self.pages_fd, area, region, first, data)?;
-            } else {
-                let _turn = self
-                    .turn
-                    .as_ref()
-                    .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()));
-                write_all_at(&self.pages_fd, data, region.page_at(first))?;
-            }
+            let _turn = self
+                .turn
+                .as_ref()
+                .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()));
+            write_all_at(&self.pages_fd, data, region.page_at(first))?;
             *written += len as u64;
             Ok(())
         };
@@ -506,11 +391,6 @@ impl MappedRamWriter {
             .map(|r| AtomicBitmap::new(r.pages()))
             .collect();
         let writers = config.threads.min(usable_cores());
-        let areas = if config.direct_io {
-            Vec::new()
-        } else {
-            map_page_areas(&pages_fd, &regions).unwrap_or_default()
-        };
         let shared = Arc::new(WriterShared {
             blocks,
             regions,
@@ -520,7 +400,6 @@ impl MappedRamWriter {
             detect_zero: config.detect_zero,
             threaded: config.threads > 0,
             turn: (writers > 1 && !config.direct_io).then(|| Mutex::new(())),
-            areas,
             stats,
             cancel,
             inflight: Mutex::new((0, None)),
