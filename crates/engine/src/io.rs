@@ -488,3 +488,64 @@ impl StreamWriter {
         self.fd
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+
+    /// A header then pages, all in the socket (and closed) before the first read, so a
+    /// source that reads ahead further than it should has the pages at hand to take.
+    fn stream(header: &[u8], pages: &[Vec<u8>], cut: usize) -> FdSource {
+        let (mut w, r) = UnixStream::pair().unwrap();
+        let mut all = header.to_vec();
+        for p in pages {
+            all.extend_from_slice(p);
+        }
+        all.truncate(all.len() - cut);
+        w.write_all(&all).unwrap();
+        drop(w);
+        FdSource::with_buffer(OwnedFd::from(r), 0, header.len())
+    }
+
+    fn pages() -> Vec<Vec<u8>> {
+        (0..3u8).map(|i| vec![i + 1; 4096]).collect()
+    }
+
+    #[test]
+    fn a_header_sized_buffer_reads_ahead_no_further_than_the_header() {
+        let header: Vec<u8> = (0..100).collect();
+        let want = pages();
+        let mut src = stream(&header, &want, 0);
+        assert_eq!(src.peek_u8().unwrap(), Some(0));
+        let mut got_header = vec![0u8; 100];
+        src.fill(&mut got_header, "header").unwrap();
+        assert_eq!(got_header, header);
+        assert_eq!(src.end - src.start, 0, "page bytes were buffered");
+        let mut got: Vec<Vec<u8>> = vec![vec![0u8; 4096]; 3];
+        let dsts: Vec<(*mut u8, usize)> = got.iter_mut().map(|p| (p.as_mut_ptr(), 4096)).collect();
+        // SAFETY: three live, separate 4096-byte buffers.
+        unsafe { src.fill_scattered(&dsts, "pages") }.unwrap();
+        assert_eq!(got, want);
+        assert_eq!(src.offset(), 100 + 3 * 4096);
+        assert_eq!(src.peek_u8().unwrap(), None);
+    }
+
+    #[test]
+    fn a_stream_cut_inside_the_pages_is_truncated_at_their_start() {
+        let header = vec![7u8; 100];
+        let mut src = stream(&header, &pages(), 10);
+        let mut h = vec![0u8; 100];
+        src.fill(&mut h, "header").unwrap();
+        let mut got: Vec<Vec<u8>> = vec![vec![0u8; 4096]; 3];
+        let dsts: Vec<(*mut u8, usize)> = got.iter_mut().map(|p| (p.as_mut_ptr(), 4096)).collect();
+        // SAFETY: three live, separate 4096-byte buffers.
+        let e = unsafe { src.fill_scattered(&dsts, "pages") }.unwrap_err();
+        assert_eq!(e.offset, 100);
+        assert!(
+            matches!(e.kind, DecodeErrorKind::Truncated { what: "pages", needed } if needed == 3 * 4096),
+            "{e:?}"
+        );
+    }
+}
