@@ -6,9 +6,9 @@
 //! ```
 //!
 //! The saver writes pages with positional writes, on the migration thread or on one
-//! thread per multifd channel (at most one per core); a page dirtied again is rewritten in place, so the file
-//! never grows past RAM plus metadata. Zero pages are never written: their bit stays
-//! clear and the file keeps a hole. The loader reads each block's bitmap and fills guest
+//! thread per multifd channel (at most one per core); a page dirtied again is rewritten
+//! in place, so the file never grows past RAM plus metadata. Zero pages are never
+//! written: their bit stays clear and the file keeps a hole. The loader reads each block's bitmap and fills guest
 //! memory straight from the file with positional reads, split across as many threads
 //! (again, at most one per core).
 

@@ -161,9 +161,9 @@ impl RamSaver {
         self.blocks.iter().map(|b| b.len()).sum()
     }
 
-    /// The setup body: MEM_SIZE, the block list, [multifd sync point,] EOS. With the mapped-ram
-    /// layout each block entry is followed by its header and the stream jumps past the
-    /// block's bitmap and pages; the regions are returned.
+    /// The setup body: MEM_SIZE, the block list, [multifd sync point,] EOS. With the
+    /// mapped-ram layout each block entry is followed by its header and the stream jumps
+    /// past the block's bitmap and pages; the regions are returned.
     pub fn write_setup(&mut self, w: &mut StreamWriter) -> Result<Vec<Region>, WriteError> {
         let mut regions = Vec::new();
         w.with_buf(|out| ram::put_mem_size(out, self.total_bytes()))?;

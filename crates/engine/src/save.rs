@@ -513,11 +513,7 @@ impl ExtraPasses {
         bandwidth: f64,
         params: &crate::options::Parameters,
     ) -> bool {
-        if self.taken >= Self::MAX
-            || pending == 0.0
-            || bandwidth <= 0.0
-            || !vmm.control().run_state().is_running()
-        {
+        if self.taken >= Self::MAX || !vmm.control().run_state().is_running() {
             return false;
         }
         let stats = shared.stats();

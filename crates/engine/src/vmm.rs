@@ -107,6 +107,11 @@ impl DirtyBitmap {
         self.words.iter().map(|w| w.count_ones() as usize).sum()
     }
 
+    /// Every set bit, in ascending order.
+    pub fn iter_set(&self) -> impl Iterator<Item = usize> + '_ {
+        std::iter::successors(self.next_set(0), |&p| self.next_set(p + 1))
+    }
+
     /// The first set bit at or after `from`.
     pub fn next_set(&self, from: usize) -> Option<usize> {
         if from >= self.pages {
@@ -251,6 +256,7 @@ mod tests {
         assert_eq!(b.next_set(4), Some(64));
         assert_eq!(b.next_set(65), Some(129));
         assert_eq!(b.next_set(130), None);
+        assert_eq!(b.iter_set().collect::<Vec<_>>(), [3, 64, 129]);
         assert!(b.test_and_clear(64));
         assert_eq!(b.count(), 2);
         let all = DirtyBitmap::all_set(130);

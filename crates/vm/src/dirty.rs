@@ -60,10 +60,8 @@ impl DirtyTracker for AtomicDirtyLog {
     }
 
     fn requeue(&self, block: usize, pages: &DirtyBitmap) {
-        let mut p = 0;
-        while let Some(next) = pages.next_set(p) {
-            self.mark(block, next, 1);
-            p = next + 1;
+        for page in pages.iter_set() {
+            self.mark(block, page, 1);
         }
     }
 

@@ -1060,13 +1060,7 @@ mod tests {
     }
 
     fn set_pages(d: &DirtyBitmap) -> Vec<usize> {
-        let mut pages = Vec::new();
-        let mut p = 0;
-        while let Some(next) = d.next_set(p) {
-            pages.push(next);
-            p = next + 1;
-        }
-        pages
+        d.iter_set().collect()
     }
 
     /// Runs the guest under `tracking` and checks, sync by sync: every hot page the

@@ -576,13 +576,7 @@ mod tests {
     fn synced(t: &UffdWpTracker, pages: usize) -> Vec<usize> {
         let mut out = DirtyBitmap::new(pages);
         t.sync(0, &mut out).unwrap();
-        let mut got = Vec::new();
-        let mut p = 0;
-        while let Some(n) = out.next_set(p) {
-            got.push(n);
-            p = n + 1;
-        }
-        got
+        out.iter_set().collect()
     }
 
     #[test]
