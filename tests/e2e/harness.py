@@ -534,6 +534,11 @@ class Machine:
         try:
             r = self.qmp.cmd_raw(command, args or None)
         except Exception as e:
+            # The socket closes a moment before an exiting process is gone.
+            try:
+                self.proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                pass
             self._check_alive(command)
             raise HarnessError(f"{self.impl} {self.name}: QMP {command} failed: {e!r}")
         self._drain()
@@ -773,9 +778,13 @@ def load_stream(ws, impl, uri, mem_mib, cmdline=False, name="dst", timeout=30,
                 m.connect(timeout=timeout)
             info = m.query_migrate()
         except (MachineExited, HarnessError):
-            if not m.alive():
-                return LoadResult(m, "exited", rc=m.wait_exit())
-            raise
+            # A process exiting on error closes its QMP socket a moment before it is
+            # gone: a dropped connection means "wait for the exit", not "failed".
+            try:
+                return LoadResult(m, "exited", rc=m.wait_exit(10))
+            except HarnessError:
+                raise HarnessError(f"{impl} {name}: QMP connection lost while the "
+                                   f"process kept running") from None
         st = info.get("status")
         if st == "completed":
             return LoadResult(m, "completed", info, runstate=m.runstate())
