@@ -79,6 +79,13 @@ pub struct VmArgs {
     /// RAM; both ends of a migration must agree.
     #[arg(long = "global", value_name = "DRIVER.PROPERTY=VALUE")]
     globals: Vec<String>,
+    /// Creates an object as QEMU's `-object` does, `TYPE,id=ID,...` (repeatable; `,,`
+    /// is a literal comma). Types: `tls-creds-x509` (`dir`, `endpoint=client|server`,
+    /// `verify-peer=on|off`), `authz-simple` (`identity`), `authz-list` (`policy`,
+    /// `rules.N.match`, `rules.N.policy`, `rules.N.format=exact|glob`); migration
+    /// uses them through the `tls-creds` and `tls-authz` parameters.
+    #[arg(long = "object", value_name = "TYPE,id=ID,...")]
+    objects: Vec<String>,
 }
 
 /// Parses a QEMU-style memory size: a plain number is MiB.
@@ -219,6 +226,11 @@ pub fn run(args: VmArgs) -> anyhow::Result<()> {
     }
     let migrator = Migrator::new(machine.clone(), events.clone(), mode);
     migrator.set_properties(properties);
+    for spec in &args.objects {
+        vmigrate_engine::objects::parse_object_option(spec)
+            .and_then(|props| migrator.objects().add(&props, false))
+            .map_err(|e| anyhow::anyhow!("--object {spec}: {e}"))?;
+    }
     migrator.set_autostart(!args.paused);
     migrator.set_incoming_failure_handler(|msg| {
         eprintln!("vmigrate: {msg}");

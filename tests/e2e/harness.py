@@ -307,11 +307,12 @@ class Machine:
                 --cpus, --workload, --serial)
     globals     "DRIVER.PROPERTY=VALUE" settings, passed as QEMU's -global and
                 vmigrate's --global
+    objects     "TYPE,id=ID,..." objects, passed as QEMU's -object and vmigrate's --object
     """
 
     def __init__(self, ws, impl, name, mem_mib=256, ram_id="m0", incoming=None,
                  start_paused=False, shared=True, mem_file=None, machine="none",
-                 extra=(), globals=()):
+                 extra=(), globals=(), objects=()):
         assert impl in IMPLS, impl
         self.ws = ws
         self.impl = impl
@@ -323,6 +324,7 @@ class Machine:
         self.machine = machine
         self.extra = list(extra)
         self.globals = list(globals)
+        self.objects = list(objects)
         assert impl == "vmigrate" or (machine == "none" and not extra), "lab is vmigrate's"
         self.qmp_path = ws.path(f"{name}.qmp")
         self.mem_file = None
@@ -355,6 +357,8 @@ class Machine:
                 a += ["-S"]
             for g in self.globals:
                 a += ["-global", g]
+            for o in self.objects:
+                a += ["-object", o]
         else:
             a = [vmigrate_bin(), "vm", "--machine", self.machine, "--memory", size,
                  "--qmp", f"unix:{self.qmp_path}"] + self.extra
@@ -368,6 +372,8 @@ class Machine:
                 a += ["--paused"]
             for g in self.globals:
                 a += ["--global", g]
+            for o in self.objects:
+                a += ["--object", o]
         return a
 
     def describe(self):

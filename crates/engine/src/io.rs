@@ -346,6 +346,9 @@ pub enum WriteError {
     /// A positional write to a migration file (mapped-ram), or opening it for one.
     #[error("{0}")]
     File(String),
+    /// Securing a channel with TLS failed.
+    #[error("{0}")]
+    Tls(String),
     #[error("migration was cancelled")]
     Cancelled,
 }

@@ -5,7 +5,8 @@
 //! - [`load`] and [`ram_load`]: the incoming stream and the RAM loader.
 //! - [`options`]: capabilities and parameters with QEMU's rules; [`properties`]: the
 //!   migration object's command-line properties (`-global migration.*`).
-//! - [`transport`]: URIs, channels, listeners.
+//! - [`transport`]: URIs, channels, listeners; [`tls`]: TLS on those channels, with
+//!   the credentials and authorization [`objects`] it names.
 //! - [`io`]: buffered reading and gathering writes, rate limiting.
 //! - [`vmm`]: the traits a VMM implements; [`memory`]: guest RAM blocks.
 //! - [`stats`], [`status`], [`events`].
@@ -20,6 +21,7 @@ pub mod memory;
 pub mod migrator;
 pub mod multifd_recv;
 pub mod multifd_send;
+pub mod objects;
 pub mod options;
 pub mod properties;
 pub mod ram_load;
@@ -29,8 +31,11 @@ pub mod save;
 pub mod stats;
 pub mod status;
 pub mod throttle;
+pub mod tls;
+mod tls_relay;
 pub mod transport;
 pub mod vmm;
+pub mod x509_name;
 
 pub use events::EventBus;
 pub use memory::RamBlock;

@@ -129,7 +129,12 @@ pub fn load_stream_with(
     if let Some(r) = &receiver {
         match &result {
             Ok(_) => {
-                if let Err(e) = r.finish() {
+                let finished = if rp.open {
+                    r.close_after_last_sync()
+                } else {
+                    r.finish()
+                };
+                if let Err(e) = finished {
                     result = Err(channel_error(src.offset(), e).into());
                 }
             }

@@ -18,11 +18,13 @@ use crate::io::FdSource;
 use crate::load::MultifdChannels;
 use crate::load::{self, LoadOutcome};
 use crate::multifd_recv::{read_init, HANDSHAKE_TIMEOUT};
+use crate::objects::ObjectStore;
 use crate::options::{cpr_conflict, Capabilities, MigMode, Parameters};
 use crate::properties::MigrationProperties;
 use crate::save::{self, SaveError};
 use crate::stats::Stats;
 use crate::status::{MigrationStatus, RunState};
+use crate::tls;
 use crate::transport::{self, Address, FdStore, Incoming};
 use crate::vmm::Vmm;
 
@@ -91,6 +93,10 @@ struct State {
     incoming_started: bool,
     socket_address: Option<Value>,
     continue_requested: bool,
+    /// The outgoing migration's TLS setup, for its multifd channels.
+    tls_client: Option<tls::ClientSetup>,
+    /// Relays of outgoing multifd channels, waited for before `completed`.
+    tls_relays: Vec<tls::RelayDone>,
 }
 
 /// State shared between the facade and the session threads.
@@ -155,6 +161,16 @@ impl Shared {
         self.lock().cancel_fds.push(fd);
     }
 
+    /// The outgoing migration's TLS setup, when `tls-creds` is set.
+    pub fn tls_client(&self) -> Option<tls::ClientSetup> {
+        self.lock().tls_client.clone()
+    }
+
+    /// Keeps a multifd channel's relay, so completion waits for its last bytes.
+    pub fn add_tls_relay(&self, relay: tls::RelayDone) {
+        self.lock().tls_relays.push(relay);
+    }
+
     pub fn emit_pass(&self, pass: u64) {
         if self.lock().caps.get("events") {
             self.events
@@ -183,6 +199,7 @@ pub struct Migrator {
     vmm: Arc<dyn Vmm>,
     shared: Arc<Shared>,
     fds: Arc<FdStore>,
+    objects: Arc<ObjectStore>,
     on_incoming_failure: Mutex<Option<FailureHandler>>,
     /// Whether a destination starts the guest after a stream that says `running`
     /// (QEMU's autostart: off with `-S`, or after `stop` while waiting).
@@ -216,12 +233,15 @@ impl Migrator {
                     incoming_started: false,
                     socket_address: None,
                     continue_requested: false,
+                    tls_client: None,
+                    tls_relays: Vec::new(),
                 }),
                 continue_cv: Condvar::new(),
                 events,
                 max_bandwidth,
             }),
             fds: Arc::new(FdStore::default()),
+            objects: Arc::new(ObjectStore::default()),
             on_incoming_failure: Mutex::new(None),
             autostart: AtomicBool::new(true),
         })
@@ -230,6 +250,47 @@ impl Migrator {
     /// Descriptors passed with `getfd`.
     pub fn fd_store(&self) -> &FdStore {
         &self.fds
+    }
+
+    /// Objects made with `object-add` or `--object` (TLS credentials, authz).
+    pub fn objects(&self) -> &ObjectStore {
+        &self.objects
+    }
+
+    /// The source's TLS setup from `tls-creds` and `tls-hostname` (else the URI's
+    /// host), or `None` without TLS.
+    fn outgoing_tls(&self, addr: &Address) -> Result<Option<tls::ClientSetup>, String> {
+        let params = self.shared.params_snapshot();
+        let id = params.str("tls-creds");
+        if id.is_empty() {
+            return Ok(None);
+        }
+        let creds = self.objects.tls_creds(id, tls::Endpoint::Client)?;
+        let hostname = match (params.str("tls-hostname"), addr) {
+            ("", Address::Tcp { host, .. }) => Some(host.as_str()),
+            ("", _) => None,
+            (h, _) => Some(h),
+        };
+        tls::ClientSetup::new(&creds, hostname)
+            .map(Some)
+            .map_err(|e| e.0)
+    }
+
+    /// The destination's TLS setup from `tls-creds` and `tls-authz`.
+    fn incoming_tls(&self) -> Result<Option<tls::ServerSetup>, String> {
+        let params = self.shared.params_snapshot();
+        let id = params.str("tls-creds");
+        if id.is_empty() {
+            return Ok(None);
+        }
+        let creds = self.objects.tls_creds(id, tls::Endpoint::Server)?;
+        let authz = match params.str("tls-authz") {
+            "" => None,
+            az => Some(self.objects.authz(az)?),
+        };
+        tls::ServerSetup::new(&creds, authz)
+            .map(Some)
+            .map_err(|e| e.0)
     }
 
     pub fn vmm(&self) -> &Arc<dyn Vmm> {
@@ -466,6 +527,18 @@ impl Migrator {
     }
 
     fn outgoing_thread(&self, addr: Address, early: Option<transport::Channel>) {
+        let tls = match self.outgoing_tls(&addr) {
+            Ok(t) => t,
+            Err(msg) => {
+                self.shared.fail(msg);
+                return;
+            }
+        };
+        {
+            let mut st = self.shared.lock();
+            st.tls_client = tls.clone();
+            st.tls_relays.clear();
+        }
         let channel = match early {
             Some(ch) => Ok(ch),
             None => transport::connect_outgoing(&addr),
@@ -477,6 +550,18 @@ impl Migrator {
                 return;
             }
         };
+        if let Some(setup) = &tls {
+            let cancel = self.shared.cancel_flag();
+            if let Err(e) = tls::secure_outgoing(&mut channel, setup, &cancel, "main") {
+                channel.finish_with_close();
+                if cancel.load(Ordering::Relaxed) {
+                    self.finish_cancelled();
+                } else {
+                    self.shared.fail(e.0);
+                }
+                return;
+            }
+        }
         {
             let mut st = self.shared.lock();
             if channel.is_socket {
@@ -488,13 +573,31 @@ impl Migrator {
                 return;
             }
         }
-        let result = save::run(&self.shared, self.vmm.as_ref(), &channel, &addr);
+        let state_before = self.vmm.control().run_state();
+        let mut result = save::run(&self.shared, self.vmm.as_ref(), &channel, &addr);
         if channel.is_socket {
             transport::shutdown_socket(channel.fd.as_raw_fd());
         }
         self.shared.lock().cancel_fds.clear();
         drop(channel.fd.try_clone());
+        let main_relay = channel.tls_relay.take();
         channel.finish_with_close();
+        // With TLS, the stream is sent once its relays have handed everything to the
+        // network and the peer raised no alert.
+        let mut relays = std::mem::take(&mut self.shared.lock().tls_relays);
+        relays.extend(main_relay);
+        for r in relays {
+            let outcome = r.wait(transport::TLS_FLUSH_TIMEOUT);
+            if let (Ok(()), Some(Err(e))) = (&result, outcome) {
+                result = Err(SaveError::Write(crate::io::WriteError::Tls(e)));
+                let control = self.vmm.control();
+                if state_before.is_running() {
+                    control.vm_start();
+                } else if !control.run_state().is_running() {
+                    control.set_run_state(state_before);
+                }
+            }
+        }
         let stats = self.shared.stats();
         stats
             .total_time_ms
@@ -615,6 +718,7 @@ impl Migrator {
     fn accept_channels(
         &self,
         incoming: &Incoming,
+        tls: Option<&tls::ServerSetup>,
     ) -> Result<(transport::Channel, Option<MultifdChannels>), String> {
         let params = self.shared.params_snapshot();
         let n = params.u64("multifd-channels") as usize;
@@ -656,11 +760,19 @@ impl Migrator {
                     }
                 }
             }
-            let ch = incoming.accept_more(deadline).map_err(|e| e.0)?;
+            let mut ch = incoming.accept_more(deadline).map_err(|e| e.0)?;
             let tx = tx.clone();
+            let tls = tls.cloned();
             pending += 1;
             std::thread::spawn(move || {
-                let _ = tx.send(classify(ch, uuid, n));
+                let classified = match &tls {
+                    Some(setup) => match tls::secure_incoming(&mut ch, setup, "in") {
+                        Ok(()) => classify(ch, uuid, n),
+                        Err(e) => Ok(Classified::Rejected(e.0)),
+                    },
+                    None => classify(ch, uuid, n),
+                };
+                let _ = tx.send(classified);
             });
         }
         let fds = channels
@@ -686,11 +798,13 @@ impl Migrator {
         let mapped_ram = caps.get("mapped-ram");
         // A mapped-ram file has no channel connections: its readers use the file itself.
         let multifd = caps.get("multifd") && !mapped_ram;
-        let accepted = if multifd {
-            self.accept_channels(&incoming)
-        } else {
-            incoming.accept().map(|ch| (ch, None)).map_err(|e| e.0)
-        };
+        let accepted = self.incoming_tls().and_then(|tls| {
+            if multifd {
+                self.accept_channels(&incoming, tls.as_ref())
+            } else {
+                accept_main(incoming, tls.as_ref()).map(|ch| (ch, None))
+            }
+        });
         let result = accepted.and_then(|(mut ch, channels)| {
             self.shared.set_status(MigrationStatus::Active);
             let fd = ch.fd.try_clone().map_err(|e| e.to_string())?;
@@ -815,10 +929,35 @@ impl Migrator {
     }
 }
 
+/// Accepts the one connection of a migration without multifd. With TLS, a connection
+/// whose handshake fails is reported and the next one awaited, as QEMU does.
+fn accept_main(
+    incoming: Incoming,
+    tls: Option<&tls::ServerSetup>,
+) -> Result<transport::Channel, String> {
+    let Some(setup) = tls else {
+        return incoming.accept().map_err(|e| e.0);
+    };
+    if let Incoming::Ready(mut ch) = incoming {
+        tls::secure_incoming(&mut ch, setup, "main").map_err(|e| e.0)?;
+        return Ok(ch);
+    }
+    let forever = Instant::now() + std::time::Duration::from_secs(100 * 365 * 86400);
+    loop {
+        let mut ch = incoming.accept_more(forever).map_err(|e| e.0)?;
+        match tls::secure_incoming(&mut ch, setup, "main") {
+            Ok(()) => return Ok(ch),
+            Err(e) => eprintln!("vmigrate: {e}"),
+        }
+    }
+}
+
 /// A new incoming connection, told apart by its first bytes.
 enum Classified {
     Main(transport::Channel),
     Multifd(u8, std::os::fd::OwnedFd),
+    /// Its TLS handshake failed: reported, and the connection dropped.
+    Rejected(String),
 }
 
 fn classify(ch: transport::Channel, uuid: [u8; 16], channels: usize) -> Result<Classified, String> {
@@ -845,6 +984,7 @@ fn place(
             }
             *main = Some(ch);
         }
+        Classified::Rejected(msg) => eprintln!("vmigrate: {msg}"),
         Classified::Multifd(id, fd) => {
             let slot = &mut channels[usize::from(id)];
             if slot.is_some() {

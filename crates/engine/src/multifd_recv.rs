@@ -49,6 +49,9 @@ struct SyncState {
     generation: u64,
     finished: usize,
     failed: Option<String>,
+    /// The channels are being shut down after the last sync point: how their threads
+    /// end no longer matters.
+    closing: bool,
 }
 
 /// Shared by the channel threads and the main loader.
@@ -95,7 +98,7 @@ impl MultifdReceiver {
                     let result = receive_channel(&r, fd, &cfg);
                     let mut st = r.lock();
                     st.finished += 1;
-                    if let Err(e) = result {
+                    if let (Err(e), false) = (result, st.closing) {
                         st.failed
                             .get_or_insert_with(|| format!("multifd channel {id}: {e}"));
                     }
@@ -151,6 +154,34 @@ impl MultifdReceiver {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
+    }
+
+    /// After the main stream, when the source keeps its channels open until the return
+    /// path's SHUT (QEMU closes them only once the migration is over): every page
+    /// arrived before the last sync point, so the channels are shut down here rather
+    /// than waited for. A failure seen before is still reported.
+    pub fn close_after_last_sync(&self) -> Result<(), String> {
+        let failed = {
+            let mut st = self.lock();
+            if st.failed.is_none() {
+                st.closing = true;
+            }
+            st.failed.clone()
+        };
+        let sockets = std::mem::take(&mut *self.sockets.lock().unwrap_or_else(|e| e.into_inner()));
+        for s in &sockets {
+            let _ = rustix::net::shutdown(s.as_fd(), rustix::net::Shutdown::Both);
+        }
+        self.changed.notify_all();
+        for t in self
+            .threads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            let _ = t.join();
+        }
+        failed.map_or(Ok(()), Err)
     }
 
     /// After the main stream: waits for every channel to end cleanly.

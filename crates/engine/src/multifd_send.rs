@@ -80,7 +80,36 @@ impl std::fmt::Debug for MultifdSender {
 }
 
 impl MultifdSender {
-    /// Starts one thread per connection; each sends its init packet at once.
+    /// Sends a new channel's init packet, before the next channel connects: a
+    /// destination may read it before it accepts another connection (QEMU does, when
+    /// TLS hides the first bytes from a peek).
+    pub fn send_init(
+        fd: &OwnedFd,
+        uuid: [u8; 16],
+        id: u8,
+        stats: &Stats,
+    ) -> Result<(), WriteError> {
+        let init = ChannelInit { uuid, id }.encode();
+        let mut done = 0;
+        while done < init.len() {
+            match rustix::net::send(fd, &init[done..], rustix::net::SendFlags::NOSIGNAL) {
+                Ok(0) => return Err(WriteError::Io("write returned 0".into())),
+                Ok(n) => done += n,
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => {
+                    return Err(WriteError::Io(crate::transport::errno_text(
+                        &std::io::Error::from(e),
+                    )))
+                }
+            }
+        }
+        stats
+            .transferred
+            .fetch_add(init.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Starts one thread per connection (each has sent its init packet).
     pub fn start(
         connections: Vec<OwnedFd>,
         blocks: Vec<Arc<RamBlock>>,
@@ -99,7 +128,6 @@ impl MultifdSender {
                 StreamWriter::new(fd, stats.transferred.clone(), limit.clone(), cancel.clone());
             writer.set_bandwidth_share(n);
             let worker = ChannelWorker {
-                id: id as u8,
                 writer,
                 blocks: blocks.clone(),
                 compressor: Compressor::new(config.method, config.level)
@@ -227,7 +255,6 @@ impl MultifdSender {
 }
 
 struct ChannelWorker {
-    id: u8,
     writer: StreamWriter,
     blocks: Vec<Arc<RamBlock>>,
     compressor: Compressor,
@@ -238,18 +265,6 @@ struct ChannelWorker {
 
 impl ChannelWorker {
     fn run(mut self, jobs: Receiver<Job>, events: mpsc::Sender<ChannelEvent>) {
-        let init = ChannelInit {
-            uuid: self.config.uuid,
-            id: self.id,
-        };
-        if let Err(e) = self
-            .writer
-            .put(&init.encode())
-            .and_then(|_| self.writer.flush())
-        {
-            let _ = events.send(ChannelEvent::Failed(e));
-            return;
-        }
         for job in jobs {
             let result = match job {
                 Job::Pages {

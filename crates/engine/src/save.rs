@@ -64,17 +64,25 @@ impl From<RamSaveError> for SaveError {
 /// How long the source waits for the destination's SHUT after the last byte.
 const RETURN_PATH_CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// Resumes the VM when dropped, unless disarmed: whatever fails after switchover
-/// started, a VM that was running keeps running.
+/// Puts the VM back as it was when dropped, unless disarmed: whatever fails after
+/// the migration stopped the VM, a VM that was running runs again, and one that was
+/// paused goes back from `finish-migrate` to its old run state (as QEMU does).
 struct ResumeGuard<'a> {
     vmm: &'a dyn Vmm,
+    before: RunState,
     armed: bool,
 }
 
 impl Drop for ResumeGuard<'_> {
     fn drop(&mut self) {
-        if self.armed {
-            self.vmm.control().vm_start();
+        if !self.armed {
+            return;
+        }
+        let control = self.vmm.control();
+        if self.before.is_running() {
+            control.vm_start();
+        } else if control.run_state() == RunState::FinishMigrate {
+            control.set_run_state(self.before);
         }
     }
 }
@@ -112,7 +120,8 @@ pub(crate) fn run(
     });
     let mut early_guard = ResumeGuard {
         vmm,
-        armed: early_stop.is_some_and(|e| e.before.is_running()),
+        before: early_stop.map_or(RunState::Running, |e| e.before),
+        armed: early_stop.is_some(),
     };
     let tracker = vmm.dirty_tracker();
     let zero_pages = if params.str("zero-page-detection") == "none" {
@@ -238,9 +247,24 @@ fn start_multifd(
 ) -> Result<MultifdSender, SaveError> {
     let n = params.u64("multifd-channels");
     let mut conns = Vec::new();
-    for _ in 0..n {
-        let ch = transport::connect_outgoing(addr).map_err(|e| WriteError::Io(e.0))?;
+    let tls = shared.tls_client();
+    for i in 0..n {
+        let mut ch = transport::connect_outgoing(addr).map_err(|e| WriteError::Io(e.0))?;
+        if let Some(setup) = &tls {
+            let cancel = shared.cancel_flag();
+            crate::tls::secure_outgoing(&mut ch, setup, &cancel, &format!("multifd{i}"))
+                .map_err(|e| WriteError::Tls(e.0))?;
+            if let Some(relay) = ch.tls_relay.take() {
+                shared.add_tls_relay(relay);
+            }
+        }
         shared.register_cancel_fd(ch.fd.as_raw_fd());
+        MultifdSender::send_init(
+            &ch.fd,
+            vmm.uuid().unwrap_or([0; 16]),
+            i as u8,
+            &shared.stats(),
+        )?;
         conns.push(ch.fd);
     }
     let method = Method::from_name(params.str("multifd-compression")).ok_or_else(|| {
@@ -648,7 +672,8 @@ fn complete(
     }
     let mut guard = ResumeGuard {
         vmm,
-        armed: was_running && session.early_stop.is_none(),
+        before: runstate_at_switchover,
+        armed: session.early_stop.is_none(),
     };
     if shared.caps_snapshot().get("pause-before-switchover") {
         shared.set_status(MigrationStatus::PreSwitchover);

@@ -255,6 +255,10 @@ impl FdStore {
     }
 }
 
+/// How long closing a TLS channel waits for its relay to hand the last bytes to the
+/// network.
+pub const TLS_FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// An open migration channel: a descriptor, plus the child of an `exec:` transport.
 #[derive(Debug)]
 pub struct Channel {
@@ -264,6 +268,8 @@ pub struct Channel {
     pub is_socket: bool,
     /// Offset in the file where the stream starts (file: transport).
     pub base_offset: u64,
+    /// With TLS, the relay thread that carries `fd`'s plaintext to the network.
+    pub tls_relay: Option<crate::tls::RelayDone>,
 }
 
 impl Channel {
@@ -273,13 +279,18 @@ impl Channel {
             child: None,
             is_socket,
             base_offset: 0,
+            tls_relay: None,
         }
     }
 
-    /// Waits for an `exec:` child to exit.
+    /// Waits for an `exec:` child to exit, and for a TLS relay to send what it holds
+    /// (at most [`TLS_FLUSH_TIMEOUT`]).
     pub fn finish(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.wait();
+        }
+        if let Some(r) = self.tls_relay.take() {
+            let _ = r.wait(TLS_FLUSH_TIMEOUT);
         }
     }
 }
@@ -407,6 +418,7 @@ fn spawn_exec(args: &[String], end: ExecEnd) -> Result<Channel, TransportError> 
         child: Some(child),
         is_socket: false,
         base_offset: 0,
+        tls_relay: None,
     })
 }
 

@@ -364,6 +364,14 @@ static COMMANDS: &[Command] = &[
         &EMPTY,
     ),
     command("getfd", &[req("fdname", &STR)], &EMPTY),
+    // Members depend on qom-type; the object store checks them.
+    Command {
+        name: "object-add",
+        args: Ty::Struct("object-add", &[]),
+        ret: &EMPTY,
+        oob: false,
+    },
+    command("object-del", &[req("id", &STR)], &EMPTY),
     command("query-workload", &[], &ANY),
     command(
         "calc-dirty-rate",
@@ -605,7 +613,7 @@ impl Dispatcher {
                 "The command {name} has not been found"
             )));
         };
-        if name != "migrate-set-parameters" {
+        if name != "migrate-set-parameters" && name != "object-add" {
             check_members(args, &command.args, "").map_err(QmpError::generic)?;
         }
         if name == "human-monitor-command" {
@@ -799,6 +807,16 @@ impl Dispatcher {
             "query-workload" => self.backend.query_workload().ok_or_else(|| {
                 QmpError::generic("This machine runs no workload")
             }),
+            "object-add" => {
+                m.objects().add(args, true).map_err(QmpError::generic)?;
+                empty()
+            }
+            "object-del" => {
+                m.objects()
+                    .delete(s("id").unwrap_or(""))
+                    .map_err(QmpError::generic)?;
+                empty()
+            }
             "closefd" => {
                 let fdname = s("fdname").unwrap_or("");
                 match m.fd_store().remove(fdname) {

@@ -1,0 +1,651 @@
+//! TLS for migration channels, with x509 credentials as QEMU's `tls-creds-x509` object
+//! reads them from a directory.
+//!
+//! A channel is secured in two steps:
+//!
+//! 1. [`handshake`] runs the TLS handshake on the connected socket, in the calling
+//!    thread, with a deadline and a cancel flag. The source checks the destination's
+//!    certificate against the CA and the host name (`tls-hostname`, else the URI's
+//!    host); the destination, with `verify-peer`, requires a client certificate from
+//!    the same CA, and checks its subject against `tls-authz`.
+//! 2. [`relay`] hands the session to a thread that moves plaintext between the TLS
+//!    socket and one end of a socket pair, and returns the other end. Everything the
+//!    engine does with a socket (gathering writes, `readv` into guest pages, peeking at a
+//!    new connection's first bytes, shutdown on cancel, a return path on a second
+//!    descriptor) works on that end unchanged, so TLS is one step at connect and accept
+//!    time, and the stream inside is exactly the plaintext one.
+//!
+//! Closing the engine's end sends the peer a `close_notify` (QEMU's destination
+//! expects one on its multifd channels).
+
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{
+    CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName, UnixTime,
+};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{
+    CertificateError, ClientConfig, ClientConnection, Connection, DigitallySignedStruct,
+    DistinguishedName, RootCertStore, ServerConfig, ServerConnection, SignatureScheme,
+};
+
+use crate::objects::Authz;
+use crate::x509_name;
+
+/// How long a handshake may take before the channel is given up.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Which side of the handshake a credentials object is for (QEMU's `endpoint`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Client,
+    Server,
+}
+
+impl Endpoint {
+    pub fn name(self) -> &'static str {
+        match self {
+            Endpoint::Client => "client",
+            Endpoint::Server => "server",
+        }
+    }
+}
+
+/// A loaded `tls-creds-x509` object: the files of its directory, parsed.
+#[derive(Debug)]
+pub struct X509Creds {
+    pub endpoint: Endpoint,
+    pub verify_peer: bool,
+    pub dir: PathBuf,
+    ca: Vec<CertificateDer<'static>>,
+    crls: Vec<CertificateRevocationListDer<'static>>,
+    /// This end's certificate chain and key: required for a server, optional for a
+    /// client (without one, no client certificate is offered).
+    identity: Option<(Vec<CertificateDer<'static>>, Arc<PrivateKeyDer<'static>>)>,
+}
+
+/// A TLS failure, with QEMU's wording where QEMU has one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct TlsError(pub String);
+
+fn cred_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(name)
+}
+
+fn access_error(path: &Path, e: &io::Error) -> TlsError {
+    TlsError(format!(
+        "Unable to access credentials {}: {}",
+        path.display(),
+        crate::transport::errno_text(e)
+    ))
+}
+
+fn load_certs(path: &Path, required: bool) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    match std::fs::metadata(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound && !required => return Ok(Vec::new()),
+        Err(e) => return Err(access_error(path, &e)),
+        Ok(_) => {}
+    }
+    let certs: Result<Vec<_>, _> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| {
+            TlsError(format!(
+                "Unable to load certificate {}: {e}",
+                path.display()
+            ))
+        })?
+        .collect();
+    let certs = certs.map_err(|e| {
+        TlsError(format!(
+            "Unable to load certificate {}: {e}",
+            path.display()
+        ))
+    })?;
+    if certs.is_empty() {
+        return Err(TlsError(format!(
+            "Unable to load certificate {}: no certificate in the file",
+            path.display()
+        )));
+    }
+    Ok(certs)
+}
+
+impl X509Creds {
+    /// Reads DIR/ca-cert.pem, the optional DIR/ca-crl.pem, and this end's certificate
+    /// and key (server-cert.pem and server-key.pem, or client-cert.pem and
+    /// client-key.pem), as QEMU does when the object is created.
+    pub fn load(dir: &Path, endpoint: Endpoint, verify_peer: bool) -> Result<Self, TlsError> {
+        let ca = load_certs(&cred_path(dir, "ca-cert.pem"), true)?;
+        let crl_path = cred_path(dir, "ca-crl.pem");
+        let crls = match std::fs::metadata(&crl_path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(access_error(&crl_path, &e)),
+            Ok(_) => CertificateRevocationListDer::pem_file_iter(&crl_path)
+                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| {
+                    TlsError(format!(
+                        "Unable to load revocation list {}: {e}",
+                        crl_path.display()
+                    ))
+                })?,
+        };
+        let (cert_name, key_name, required) = match endpoint {
+            Endpoint::Server => ("server-cert.pem", "server-key.pem", true),
+            Endpoint::Client => ("client-cert.pem", "client-key.pem", false),
+        };
+        let cert_path = cred_path(dir, cert_name);
+        let key_path = cred_path(dir, key_name);
+        let chain = load_certs(&cert_path, required)?;
+        let identity = if chain.is_empty() {
+            None
+        } else {
+            if let Err(e) = std::fs::metadata(&key_path) {
+                return Err(access_error(&key_path, &e));
+            }
+            let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|e| {
+                TlsError(format!(
+                    "Unable to load private key {}: {e}",
+                    key_path.display()
+                ))
+            })?;
+            Some((chain, Arc::new(key)))
+        };
+        let creds = Self {
+            endpoint,
+            verify_peer,
+            dir: dir.to_path_buf(),
+            ca,
+            crls,
+            identity,
+        };
+        // Building the configuration checks the key against the certificate and the
+        // CA list now, rather than at the first connection.
+        match endpoint {
+            Endpoint::Server => {
+                creds.server_config(None)?;
+            }
+            Endpoint::Client => {
+                creds.client_config()?;
+            }
+        }
+        Ok(creds)
+    }
+
+    fn roots(&self) -> Result<Arc<RootCertStore>, TlsError> {
+        let mut roots = RootCertStore::empty();
+        for c in &self.ca {
+            roots.add(c.clone()).map_err(|e| {
+                TlsError(format!(
+                    "Unable to import CA certificate list {}: {e}",
+                    cred_path(&self.dir, "ca-cert.pem").display()
+                ))
+            })?;
+        }
+        Ok(Arc::new(roots))
+    }
+
+    /// The configuration of a source's handshake.
+    pub fn client_config(&self) -> Result<Arc<ClientConfig>, TlsError> {
+        let provider = provider();
+        let builder = ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError(e.to_string()))?;
+        let builder = if self.verify_peer {
+            let verifier = WebPkiServerVerifier::builder_with_provider(self.roots()?, provider)
+                .with_crls(self.crls.clone())
+                .build()
+                .map_err(|e| TlsError(format!("Unable to set up certificate checks: {e}")))?;
+            builder.with_webpki_verifier(verifier)
+        } else {
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(NoPeerCheck(provider)))
+        };
+        let mut config = match &self.identity {
+            Some((chain, key)) => builder
+                .with_client_auth_cert(chain.clone(), key.clone_key())
+                .map_err(|e| TlsError(format!("Unable to use the client certificate: {e}")))?,
+            None => builder.with_no_client_auth(),
+        };
+        config.enable_sni = false;
+        Ok(Arc::new(config))
+    }
+
+    /// The configuration of a destination's handshake. With `authz`, the client's
+    /// subject is checked inside the handshake, so a refused client gets an alert.
+    pub fn server_config(&self, authz: Option<Arc<Authz>>) -> Result<Arc<ServerConfig>, TlsError> {
+        let provider = provider();
+        let builder = ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError(e.to_string()))?;
+        let builder = if self.verify_peer {
+            let verifier = WebPkiClientVerifier::builder_with_provider(self.roots()?, provider)
+                .with_crls(self.crls.clone())
+                .build()
+                .map_err(|e| TlsError(format!("Unable to set up certificate checks: {e}")))?;
+            match authz {
+                Some(authz) => builder.with_client_cert_verifier(Arc::new(AuthzVerifier {
+                    inner: verifier,
+                    authz,
+                })),
+                None => builder.with_client_cert_verifier(verifier),
+            }
+        } else {
+            builder.with_no_client_auth()
+        };
+        let (chain, key) = self.identity.as_ref().ok_or_else(|| {
+            TlsError(format!(
+                "Unable to access credentials {}: No such file or directory",
+                cred_path(&self.dir, "server-cert.pem").display()
+            ))
+        })?;
+        let mut config = builder
+            .with_single_cert(chain.clone(), key.clone_key())
+            .map_err(|e| TlsError(format!("Unable to use the server certificate: {e}")))?;
+        config.send_tls13_tickets = 0;
+        Ok(Arc::new(config))
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// `verify-peer=off` on a client: any certificate is taken, but the handshake's
+/// signatures are still checked against it.
+#[derive(Debug)]
+struct NoPeerCheck(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for NoPeerCheck {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// What a source needs to secure each of its channels.
+#[derive(Debug, Clone)]
+pub struct ClientSetup {
+    config: Arc<ClientConfig>,
+    hostname: ServerName<'static>,
+}
+
+impl ClientSetup {
+    /// `hostname`: `tls-hostname`, else the host of a `tcp:` URI. Without one, a
+    /// client that checks its peer cannot go on (QEMU's text).
+    pub fn new(creds: &X509Creds, hostname: Option<&str>) -> Result<Self, TlsError> {
+        let hostname = match hostname.filter(|h| !h.is_empty()) {
+            Some(h) => ServerName::try_from(h.to_string())
+                .map_err(|_| TlsError(format!("Certificate does not match the hostname {h}")))?,
+            None if creds.verify_peer => {
+                return Err(TlsError("No hostname for certificate validation".into()))
+            }
+            // Never checked, since the peer's certificate is not.
+            None => ServerName::try_from("migration").expect("a valid DNS name"),
+        };
+        Ok(Self {
+            config: creds.client_config()?,
+            hostname,
+        })
+    }
+
+    fn shown_hostname(&self) -> String {
+        self.hostname.to_str().into_owned()
+    }
+}
+
+/// What a destination needs to secure each incoming channel.
+#[derive(Debug, Clone)]
+pub struct ServerSetup {
+    config: Arc<ServerConfig>,
+    authz: Option<Arc<Authz>>,
+}
+
+impl ServerSetup {
+    pub fn new(creds: &X509Creds, authz: Option<Arc<Authz>>) -> Result<Self, TlsError> {
+        Ok(Self {
+            config: creds.server_config(authz.clone())?,
+            authz,
+        })
+    }
+}
+
+/// A client certificate refused by `tls-authz`, carried through rustls's error.
+#[derive(Debug)]
+struct AuthzDenied(String);
+
+impl std::fmt::Display for AuthzDenied {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TLS x509 authz check for {} is denied", self.0)
+    }
+}
+
+impl std::error::Error for AuthzDenied {}
+
+/// The CA's checks, then the `tls-authz` check of the certificate's subject.
+#[derive(Debug)]
+struct AuthzVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    authz: Arc<Authz>,
+}
+
+impl ClientCertVerifier for AuthzVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let dn = x509_name::subject_dn(end_entity).unwrap_or_default();
+        if self.authz.is_allowed(&dn) {
+            Ok(verified)
+        } else {
+            Err(rustls::Error::InvalidCertificate(CertificateError::Other(
+                rustls::OtherError(Arc::new(AuthzDenied(dn))),
+            )))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// A finished handshake, ready for [`relay`].
+#[derive(Debug)]
+pub struct Session {
+    pub(crate) conn: Connection,
+    pub(crate) socket: OwnedFd,
+}
+
+/// Runs a source's handshake on `socket`.
+pub fn handshake_client(
+    socket: OwnedFd,
+    setup: &ClientSetup,
+    cancel: &AtomicBool,
+) -> Result<Session, TlsError> {
+    let conn = ClientConnection::new(setup.config.clone(), setup.hostname.clone())
+        .map_err(|e| TlsError(format!("TLS handshake failed: {e}")))?;
+    let mut conn = Connection::from(conn);
+    run_handshake(&mut conn, &socket, cancel).map_err(|e| describe(e, &setup.shown_hostname()))?;
+    Ok(Session { conn, socket })
+}
+
+/// Runs a destination's handshake on `socket`, then its `tls-authz` check.
+pub fn handshake_server(
+    socket: OwnedFd,
+    setup: &ServerSetup,
+    cancel: &AtomicBool,
+) -> Result<Session, TlsError> {
+    let conn = ServerConnection::new(setup.config.clone())
+        .map_err(|e| TlsError(format!("TLS handshake failed: {e}")))?;
+    let mut conn = Connection::from(conn);
+    run_handshake(&mut conn, &socket, cancel).map_err(|e| describe(e, ""))?;
+    if let Some(authz) = &setup.authz {
+        let dn = conn
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(|c| x509_name::subject_dn(c));
+        let Some(dn) = dn else {
+            return Err(TlsError(
+                "TLS x509 authz check needs a client certificate, and the peer sent none".into(),
+            ));
+        };
+        if !authz.is_allowed(&dn) {
+            return Err(TlsError(format!("TLS x509 authz check for {dn} is denied")));
+        }
+    }
+    Ok(Session { conn, socket })
+}
+
+enum HandshakeFailure {
+    Tls(rustls::Error),
+    Io(io::Error),
+    Closed,
+    TimedOut,
+    Cancelled,
+}
+
+fn run_handshake(
+    conn: &mut Connection,
+    socket: &OwnedFd,
+    cancel: &AtomicBool,
+) -> Result<(), HandshakeFailure> {
+    let slice = Some(Duration::from_millis(200));
+    let set_timeouts = |t: Option<Duration>| {
+        use rustix::net::sockopt::{set_socket_timeout, Timeout};
+        let _ = set_socket_timeout(socket, Timeout::Recv, t);
+        let _ = set_socket_timeout(socket, Timeout::Send, t);
+    };
+    set_timeouts(slice);
+    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+    let mut io = SocketIo(socket.as_fd());
+    let result = loop {
+        if !conn.is_handshaking() && !conn.wants_write() {
+            break Ok(());
+        }
+        if cancel.load(Ordering::Relaxed) {
+            break Err(HandshakeFailure::Cancelled);
+        }
+        match conn.complete_io(&mut io) {
+            Ok((0, 0)) if conn.is_handshaking() => break Err(HandshakeFailure::Closed),
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                if Instant::now() >= deadline {
+                    break Err(HandshakeFailure::TimedOut);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                let tls = e
+                    .get_ref()
+                    .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+                    .cloned();
+                break Err(match tls {
+                    Some(t) => HandshakeFailure::Tls(t),
+                    None if e.kind() == io::ErrorKind::UnexpectedEof => HandshakeFailure::Closed,
+                    None => HandshakeFailure::Io(e),
+                });
+            }
+        }
+    };
+    set_timeouts(None);
+    result
+}
+
+/// The message for a failed handshake, in QEMU's words where GnuTLS has some.
+fn describe(f: HandshakeFailure, hostname: &str) -> TlsError {
+    let text = match f {
+        HandshakeFailure::Tls(rustls::Error::InvalidCertificate(c)) => match c {
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
+                format!("Certificate does not match the hostname {hostname}")
+            }
+            CertificateError::UnknownIssuer => "The certificate hasn't got a known issuer".into(),
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+                "The certificate has expired".into()
+            }
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                "The certificate is not yet activated".into()
+            }
+            CertificateError::Revoked => "The certificate has been revoked".into(),
+            CertificateError::Other(other) => match other.0.downcast_ref::<AuthzDenied>() {
+                Some(denied) => denied.to_string(),
+                None => format!("The certificate is not trusted: {other}"),
+            },
+            other => format!("The certificate is not trusted: {other:?}"),
+        },
+        HandshakeFailure::Tls(rustls::Error::NoCertificatesPresented) => {
+            "Verify failed: No certificate was found.".into()
+        }
+        HandshakeFailure::Tls(e) => format!("TLS handshake failed: {e}"),
+        HandshakeFailure::Closed => {
+            "TLS handshake failed: The TLS connection was non-properly terminated.".into()
+        }
+        HandshakeFailure::Io(e) => {
+            format!("TLS handshake failed: {}", crate::transport::errno_text(&e))
+        }
+        HandshakeFailure::TimedOut => format!(
+            "TLS handshake failed: the peer did not answer within {} s",
+            HANDSHAKE_TIMEOUT.as_secs()
+        ),
+        HandshakeFailure::Cancelled => "TLS handshake cancelled".into(),
+    };
+    TlsError(text)
+}
+
+/// Reads and writes a socket with `recv`/`send` (no SIGPIPE).
+pub(crate) struct SocketIo<'a>(pub(crate) std::os::fd::BorrowedFd<'a>);
+
+impl Read for SocketIo<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        rustix::net::recv(self.0, buf, rustix::net::RecvFlags::empty())
+            .map(|(n, _)| n)
+            .map_err(io::Error::from)
+    }
+}
+
+impl Write for SocketIo<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        rustix::net::send(self.0, buf, rustix::net::SendFlags::NOSIGNAL).map_err(io::Error::from)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+pub use crate::tls_relay::{relay, RelayDone};
+
+fn not_a_socket() -> TlsError {
+    TlsError("TLS needs a socket transport (tcp:, unix: or a socket fd:)".into())
+}
+
+/// Secures an outgoing channel: handshake, then a relay in front of it. `ch.fd`
+/// becomes the plaintext end.
+pub fn secure_outgoing(
+    ch: &mut crate::transport::Channel,
+    setup: &ClientSetup,
+    cancel: &AtomicBool,
+    name: &str,
+) -> Result<(), TlsError> {
+    if !ch.is_socket {
+        return Err(not_a_socket());
+    }
+    let socket = ch
+        .fd
+        .try_clone()
+        .map_err(|e| TlsError(format!("TLS handshake failed: {e}")))?;
+    let session = handshake_client(socket, setup, cancel)?;
+    let (fd, done) =
+        relay(session, name).map_err(|e| TlsError(format!("cannot start the TLS relay: {e}")))?;
+    ch.fd = fd;
+    ch.tls_relay = Some(done);
+    Ok(())
+}
+
+/// Secures an incoming channel, as [`secure_outgoing`] does an outgoing one.
+pub fn secure_incoming(
+    ch: &mut crate::transport::Channel,
+    setup: &ServerSetup,
+    name: &str,
+) -> Result<(), TlsError> {
+    if !ch.is_socket {
+        return Err(not_a_socket());
+    }
+    let socket = ch
+        .fd
+        .try_clone()
+        .map_err(|e| TlsError(format!("TLS handshake failed: {e}")))?;
+    let session = handshake_server(socket, setup, &AtomicBool::new(false))?;
+    let (fd, done) =
+        relay(session, name).map_err(|e| TlsError(format!("cannot start the TLS relay: {e}")))?;
+    ch.fd = fd;
+    ch.tls_relay = Some(done);
+    Ok(())
+}

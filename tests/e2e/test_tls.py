@@ -1,0 +1,242 @@
+"""TLS with x509 credentials between QEMU 10.0.2 and vmigrate, both directions:
+`tls-creds-x509` objects from the command line and QMP, the host name check, a client
+certificate checked against `tls-authz`, multifd channels and the return path inside
+TLS; the bytes on the wire are checked to be ciphertext. Failures (missing or wrong
+credentials, a name that does not match, an unknown CA, a refused client, a silent
+peer) end with the same message QEMU gives, the destination keeps listening, and the
+source keeps its guest."""
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+import harness
+import tls_certs
+from conftest import require
+
+MIB = 32
+PAIRS = [
+    pytest.param("vmigrate", "vmigrate", marks=pytest.mark.vmigrate, id="vmigrate-to-vmigrate"),
+    pytest.param("qemu", "vmigrate", marks=pytest.mark.vmigrate, id="qemu-to-vmigrate"),
+    pytest.param("vmigrate", "qemu", marks=pytest.mark.vmigrate, id="vmigrate-to-qemu"),
+]
+SOURCES = [
+    pytest.param("qemu", marks=pytest.mark.harness_check, id="qemu"),
+    pytest.param("vmigrate", marks=pytest.mark.vmigrate, id="vmigrate"),
+]
+DESTINATIONS = SOURCES
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    try:
+        return tls_certs.make_pki(str(tmp_path_factory.mktemp("pki")))
+    except (OSError, RuntimeError) as e:
+        pytest.skip(f"cannot make test certificates with openssl: {e}")
+
+
+@pytest.fixture(scope="module")
+def tls_image():
+    return harness.make_image(MIB << 20, 23)[0]
+
+
+def creds(pki, endpoint, which=None, verify_peer=True, ident="tls0"):
+    which = which or endpoint
+    return (f"tls-creds-x509,id={ident},dir={os.path.join(pki, which)},endpoint={endpoint},"
+            f"verify-peer={'on' if verify_peer else 'off'}")
+
+
+def esc(text):
+    """A value inside -object / --object: commas doubled."""
+    return text.replace(",", ",,")
+
+
+AUTHZ_OK = f"authz-simple,id=az0,identity={esc(tls_certs.CLIENT_DN)}"
+
+
+class Recorder:
+    """A TCP relay that keeps every byte the source sends, for checking that what
+    crosses the wire is not the plaintext stream."""
+
+    def __init__(self, target_port):
+        self.target = target_port
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.port = self.listener.getsockname()[1]
+        self.sent = []
+        self.connections = 0
+        self._stop = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while not self._stop:
+            try:
+                c, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            u = socket.create_connection(("127.0.0.1", self.target))
+            buf = bytearray()
+            self.sent.append(buf)
+            threading.Thread(target=self._pump, args=(c, u, buf), daemon=True).start()
+            threading.Thread(target=self._pump, args=(u, c, None), daemon=True).start()
+
+    @staticmethod
+    def _pump(a, b, keep):
+        try:
+            while True:
+                d = a.recv(1 << 16)
+                if not d:
+                    break
+                if keep is not None:
+                    keep += d
+                b.sendall(d)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                try:
+                    s.shutdown(socket.SHUT_WR if s is b else socket.SHUT_RD)
+                except OSError:
+                    pass
+
+    def close(self):
+        self._stop = True
+        self.listener.close()
+
+
+def start_pair(ws, pki, src_impl, dst_impl, data, dst_objects=None, src_objects=None):
+    src = ws.vm(src_impl, "src", mem_mib=MIB,
+                objects=src_objects if src_objects is not None else [creds(pki, "client")])
+    src.start()
+    src.write_ram(data)
+    src.cmd("stop")
+    dst = ws.vm(dst_impl, "dst", mem_mib=MIB, incoming="defer",
+                objects=dst_objects if dst_objects is not None
+                else [creds(pki, "server"), AUTHZ_OK]).start()
+    return src, dst
+
+
+@pytest.mark.parametrize("multifd", [False, True], ids=["main", "multifd3"])
+@pytest.mark.parametrize("src_impl,dst_impl", PAIRS)
+def test_tls_migration(ws, pki, tls_image, src_impl, dst_impl, multifd):
+    """Migrate over TLS through a recording relay: completed both sides, RAM equal, the
+    client certificate accepted by tls-authz, and no 4 KiB page of guest RAM, nor the
+    stream's magic, visible in what crossed the wire."""
+    require("qemu")
+    src, dst = start_pair(ws, pki, src_impl, dst_impl, tls_image)
+    for m in (src, dst):
+        m.set_caps(events=True, **({"multifd": True, "return_path": True} if multifd else {}))
+        m.set_params(tls_creds="tls0", **({"multifd_channels": 3} if multifd else {}))
+    dst.set_params(tls_authz="az0")
+    src.set_params(max_bandwidth=0, tls_hostname="localhost")
+    dst.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
+    rec = Recorder(harness.socket_port(dst.query_migrate()))
+    try:
+        src.cmd("migrate", uri=f"tcp:127.0.0.1:{rec.port}")
+        si = src.wait_migration(timeout=120)
+        di = dst.wait_migration(("completed", "failed"), timeout=60)
+    finally:
+        rec.close()
+    assert si.get("status") == "completed", f"source: {si}\n{ws.diagnostics()}"
+    assert di.get("status") == "completed", f"destination: {di}\n{ws.diagnostics()}"
+    assert dst.ram() == tls_image, "destination RAM differs from the source"
+    assert rec.connections == (4 if multifd else 1)
+    wire = b"".join(bytes(b) for b in rec.sent)
+    assert len(wire) > 0
+    assert b"QEVM" not in wire, "the stream header crossed the wire in clear"
+    page = harness.PAGE
+    pages = [tls_image[i:i + page] for i in range(0, len(tls_image), page * 97)]
+    distinct = [p for p in pages if len(set(p)) > 16]
+    assert distinct, "the image has no distinctive pages to look for"
+    for p in distinct:
+        assert p[:64] not in wire, "guest RAM crossed the wire in clear"
+
+
+def fail_source(ws, pki, src_impl, dst_impl, src_params, uri=None, dst_objects=None,
+                src_objects=None, dst_params=None):
+    """A migration that must fail at the source; returns (source info, dst)."""
+    src, dst = start_pair(ws, pki, src_impl, dst_impl, bytes(MIB << 20),
+                          dst_objects=dst_objects, src_objects=src_objects)
+    dst.set_params(tls_creds="tls0", **(dst_params or {}))
+    if uri is None:
+        dst.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
+        uri = f"tcp:127.0.0.1:{harness.socket_port(dst.query_migrate())}"
+    else:
+        dst.cmd("migrate-incoming", uri=uri)
+    src.set_params(**src_params)
+    src.cmd("migrate", uri=uri)
+    si = src.wait_migration(("completed", "failed"), timeout=60)
+    assert si["status"] == "failed", f"source: {si}\n{ws.diagnostics()}"
+    assert src.runstate() == "paused", "the source's run state changed"
+    return si, src, dst
+
+
+SOURCE_ERRORS = [
+    ("missing", {"tls_creds": "nosuch"}, None, "No TLS credentials with id 'nosuch'"),
+    ("not-creds", {"tls_creds": "az0"}, None, "Object with id 'az0' is not TLS credentials"),
+    ("wrong-endpoint", {"tls_creds": "srv0"}, None,
+     "Expected TLS credentials for a client endpoint"),
+    ("hostname", {"tls_creds": "tls0", "tls_hostname": "other.example"}, None,
+     "Certificate does not match the hostname other.example"),
+    ("unknown-ca", {"tls_creds": "tls0", "tls_hostname": "localhost"}, "rogue",
+     "The certificate hasn't got a known issuer"),
+    ("unix-no-hostname", {"tls_creds": "tls0"}, "unix",
+     "No hostname for certificate validation"),
+]
+
+
+@pytest.mark.parametrize("case,params,variant,message", SOURCE_ERRORS,
+                         ids=[c[0] for c in SOURCE_ERRORS])
+@pytest.mark.parametrize("src_impl", SOURCES)
+def test_source_errors_match_qemu(ws, pki, src_impl, case, params, variant, message):
+    """Each source-side failure ends `failed` with QEMU's text, the guest unchanged."""
+    require("qemu")
+    src_objects = [creds(pki, "client"), creds(pki, "server", ident="srv0"),
+                   "authz-simple,id=az0,identity=x"]
+    dst_objects = [creds(pki, "server", which="rogue" if variant == "rogue" else "server")]
+    uri = f"unix:{ws.path('tls.sock')}" if variant == "unix" else None
+    si, src, dst = fail_source(ws, pki, src_impl, "qemu", params, uri=uri,
+                               dst_objects=dst_objects, src_objects=src_objects)
+    assert si.get("error-desc") == message, si
+
+
+@pytest.mark.parametrize("dst_impl", DESTINATIONS)
+def test_refused_client_leaves_destination_listening(ws, pki, dst_impl):
+    """tls-authz refuses the client: the source fails, the destination reports the
+    certificate's subject in QEMU's words and keeps waiting in `setup`, monitor up."""
+    require("qemu")
+    objs = [creds(pki, "server"), "authz-simple,id=az0,identity=CN=someone-else"]
+    si, src, dst = fail_source(ws, pki, "vmigrate", dst_impl,
+                               {"tls_creds": "tls0", "tls_hostname": "localhost"},
+                               dst_objects=objs, dst_params={"tls_authz": "az0"})
+    deadline = time.time() + 10
+    want = f"TLS x509 authz check for {tls_certs.CLIENT_DN} is denied"
+    while want not in dst.stderr_text() and time.time() < deadline:
+        time.sleep(0.1)
+    assert want in dst.stderr_text(), dst.stderr_text()
+    assert dst.alive() and dst.query_migrate()["status"] == "setup"
+
+
+@pytest.mark.parametrize("dst_impl", DESTINATIONS)
+def test_client_without_certificate_is_refused(ws, pki, dst_impl):
+    """verify-peer on the destination: a source with only the CA offers no certificate
+    and is refused; the destination keeps listening."""
+    require("qemu")
+    ca_only = os.path.join(pki, "ca-only")
+    os.makedirs(ca_only, exist_ok=True)
+    if not os.path.exists(os.path.join(ca_only, "ca-cert.pem")):
+        os.link(os.path.join(pki, "server", "ca-cert.pem"), os.path.join(ca_only, "ca-cert.pem"))
+    si, src, dst = fail_source(ws, pki, "vmigrate", dst_impl,
+                               {"tls_creds": "tls0", "tls_hostname": "localhost"},
+                               src_objects=[creds(pki, "client", which="ca-only")],
+                               dst_objects=[creds(pki, "server")])
+    deadline = time.time() + 10
+    while "Verify failed: No certificate was found." not in dst.stderr_text() \
+            and time.time() < deadline:
+        time.sleep(0.1)
+    assert "Verify failed: No certificate was found." in dst.stderr_text()
+    assert dst.alive() and dst.query_migrate()["status"] == "setup"
