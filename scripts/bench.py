@@ -473,7 +473,7 @@ class Engine:
         self.binary = binary
         self.unavailable = None  # reason, if this engine cannot be run at all
 
-    def argv(self, size, ram_path, qmp_sock, incoming):
+    def argv(self, size, ram_path, qmp_sock, incoming, objects=()):
         raise NotImplementedError
 
     def live_argv(self, live, qmp_sock, serial, incoming):
@@ -482,11 +482,13 @@ class Engine:
 
 
 class QemuEngine(Engine):
-    def argv(self, size, ram_path, qmp_sock, incoming):
+    def argv(self, size, ram_path, qmp_sock, incoming, objects=()):
         a = [self.binary, "-nodefaults", "-display", "none",
              "-object", f"memory-backend-file,id={RAM_ID},size={size_arg(size)},mem-path={ram_path},share=on",
              "-machine", f"none,memory-backend={RAM_ID}",
              "-qmp", f"unix:{qmp_sock},server=on,wait=off"]
+        for o in objects:
+            a += ["-object", o]
         if incoming:
             a += ["-incoming", incoming]
         return a
@@ -503,9 +505,11 @@ class QemuEngine(Engine):
 
 
 class VmigrateEngine(Engine):
-    def argv(self, size, ram_path, qmp_sock, incoming):
+    def argv(self, size, ram_path, qmp_sock, incoming, objects=()):
         a = [self.binary, "vm", "--machine", "none", "--memory", size_arg(size),
              "--mem-path", ram_path, "--share", "--ram-id", RAM_ID, "--qmp", f"unix:{qmp_sock}"]
+        for o in objects:
+            a += ["--object", o]
         if incoming:
             a += ["--incoming", incoming]
         return a
@@ -530,6 +534,7 @@ class VM:
         self.proc = None
         self.qmp = None
         self.events = None
+        self.objects = ()
 
     def fail(self, msg):
         extra = tail(self.log)
@@ -542,7 +547,7 @@ class VM:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.sock)
         if argv is None:
-            argv = self.engine.argv(self.ctx.size, ram_path, self.sock, incoming)
+            argv = self.engine.argv(self.ctx.size, ram_path, self.sock, incoming, self.objects)
         with open(self.log, "w") as logf:
             logf.write("$ " + " ".join(argv) + "\n")
             logf.flush()
@@ -690,6 +695,10 @@ async def tcp_migration(ctx, pair, rep, caps=None, params=None):
     rec = {}
     src = VM(src_engine, "src", ctx)
     dst = VM(dst_engine, "dst", ctx)
+    if params.get("tls-creds"):
+        pki = tls_pki(ctx)
+        src.objects = [f"tls-creds-x509,id={params['tls-creds']},dir={pki}/client,endpoint=client"]
+        dst.objects = [f"tls-creds-x509,id={params['tls-creds']},dir={pki}/server,endpoint=server"]
     port = ctx.args.port or free_port()
     uri = f"tcp:127.0.0.1:{port}"
     dst_ram = ctx.fresh_ram_file()
@@ -773,6 +782,20 @@ async def tcp_migration(ctx, pair, rep, caps=None, params=None):
     finally:
         await asyncio.gather(src.stop(), dst.stop())
         ctx.remove_ram_file(dst_ram)
+
+
+def tls_pki(ctx):
+    """x509 credentials for the TLS scenarios (a CA, a server certificate for
+    localhost, a client certificate), made once per invocation with openssl."""
+    pki = os.path.join(ctx.tmpdir, "pki")
+    if not os.path.exists(os.path.join(pki, "server", "server-cert.pem")):
+        sys.path.insert(0, os.path.join(HERE, "..", "tests", "e2e"))
+        import tls_certs
+        tls_certs.make_pki(pki)
+    return pki
+
+
+TLS = {"tls-creds": "tls0", "tls-hostname": "localhost"}
 
 
 def _tcp(caps=None, params=None, doc=""):
@@ -1331,6 +1354,9 @@ SCENARIOS = {
     "tcp-multifd4-zlib": _tcp({"multifd": True}, {"multifd-channels": 4, "multifd-compression": "zlib",
                                                   "multifd-zlib-level": 1},
                               "stopped VM, loopback TCP, multifd 4 channels, zlib level 1"),
+    "tcp-tls": _tcp(None, TLS, "stopped VM, loopback TCP, TLS (x509, verify-peer), one channel"),
+    "tcp-tls-multifd2": _tcp({"multifd": True}, dict(TLS, **{"multifd-channels": 2}),
+                             "stopped VM, loopback TCP, TLS (x509, verify-peer), multifd 2 channels"),
     "live": live_migration,
     "file-plain": _file(doc="stopped VM saved to / restored from a file, plain sequential stream"),
     "file-mr": _file(MAPPED_RAM, None, "stopped VM saved to / restored from a file, mapped-ram, no multifd"),

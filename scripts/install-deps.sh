@@ -27,9 +27,9 @@ fi
 echo "QEMU: $(qemu_version)"
 
 # Libraries the build links: the system zlib and zstd, the same QEMU uses, so both
-# compress alike.
-if ! dpkg -s zlib1g-dev libzstd-dev pkg-config >/dev/null 2>&1; then
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q zlib1g-dev libzstd-dev pkg-config
+# compress alike. openssl makes the TLS tests' certificates.
+if ! dpkg -s zlib1g-dev libzstd-dev pkg-config openssl >/dev/null 2>&1; then
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q zlib1g-dev libzstd-dev pkg-config openssl
 fi
 
 python3 -m pip install -q --disable-pip-version-check qemu.qmp pytest zstandard

@@ -8,7 +8,7 @@ step() { printf '\n== %s ==\n' "$*"; }
 
 if [ "$(qemu-system-x86_64 --version 2>/dev/null | sed -n 's/^QEMU emulator version \([0-9.]*\).*/\1/p')" != "10.0.2" ] \
    || ! python3 -c 'import pytest, qemu.qmp' 2>/dev/null \
-   || ! dpkg -s zlib1g-dev libzstd-dev pkg-config >/dev/null 2>&1; then
+   || ! dpkg -s zlib1g-dev libzstd-dev pkg-config openssl >/dev/null 2>&1; then
   step "installing test dependencies"
   scripts/install-deps.sh
 fi

@@ -240,3 +240,151 @@ def test_client_without_certificate_is_refused(ws, pki, dst_impl):
         time.sleep(0.1)
     assert "Verify failed: No certificate was found." in dst.stderr_text()
     assert dst.alive() and dst.query_migrate()["status"] == "setup"
+
+
+def object_cases(pki):
+    client = os.path.join(pki, "client")
+    return [
+        {"qom-type": "tls-creds-x509", "id": "t1", "dir": "/nonexistent", "endpoint": "server"},
+        {"qom-type": "tls-creds-x509", "id": "t2", "dir": client, "endpoint": "client"},
+        {"qom-type": "tls-creds-x509", "id": "t2", "dir": client, "endpoint": "client"},
+        {"qom-type": "tls-creds-x509", "id": "t3", "dir": client, "endpoint": "server"},
+        {"qom-type": "tls-creds-x509", "id": "t4", "endpoint": "server"},
+        {"qom-type": "tls-creds-x509", "id": "t5", "dir": client, "endpoint": "sideways"},
+        {"qom-type": "tls-creds-x509", "id": "t6", "dir": client, "verify-peer": "on"},
+        {"qom-type": "tls-creds-x509", "id": "t7", "dir": client, "bogus": 1},
+        {"qom-type": "nosuch", "id": "x"},
+        {"qom-type": "authz-simple"},
+        {"qom-type": "authz-simple", "id": "1a", "identity": "x"},
+        {"qom-type": "authz-simple", "id": "a"},
+        {"qom-type": "authz-simple", "id": "a", "identity": "CN=x"},
+        {"qom-type": "authz-list", "id": "l1", "rules": [{"match": "x"}]},
+        {"qom-type": "authz-list", "id": "l2", "policy": "maybe"},
+        {"qom-type": "authz-list", "id": "l3", "policy": "deny",
+         "rules": [{"match": "CN=*", "policy": "allow", "format": "glob"}]},
+        {"id": "x"},
+    ]
+
+
+def test_object_add_and_del_answer_as_qemu(ws, pki):
+    """object-add and object-del over QMP: every reply, success or error, equal to
+    QEMU's, for TLS credentials, authz objects and bad arguments."""
+    require("qemu")
+    replies = {}
+    for impl in ("qemu", "vmigrate"):
+        m = ws.vm(impl, impl, mem_mib=16).start()
+        out = [m.raw("object-add", **c) for c in object_cases(pki)]
+        out += [m.raw("object-del", id=i) for i in ("nosuch", "t2", "t2", "l3")]
+        replies[impl] = out
+    for case, q, v in zip(object_cases(pki) + ["del"] * 4, replies["qemu"], replies["vmigrate"]):
+        assert q == v, f"{case}: QEMU {q}, vmigrate {v}"
+
+
+def test_command_line_object_errors_name_the_object(ws, pki):
+    """A bad --object stops vmigrate at startup with the reason and the object."""
+    m = ws.vm("vmigrate", "bad", mem_mib=16,
+              objects=[f"tls-creds-x509,id=tls0,dir={pki}/nonexistent,endpoint=server"])
+    m.start(connect=False)
+    rc = m.wait_exit(20)
+    assert rc != 0
+    err = m.stderr_text()
+    assert "Unable to access credentials" in err and "ca-cert.pem" in err, err
+    assert "--object tls-creds-x509,id=tls0" in err, err
+
+
+@pytest.mark.parametrize("src_impl", SOURCES)
+def test_tls_source_to_plain_destination(ws, pki, src_impl):
+    """A TLS source meets a destination without TLS: the handshake fails with QEMU's
+    text at the source, whose guest is unchanged."""
+    require("qemu")
+    src, dst = start_pair(ws, pki, src_impl, "vmigrate", bytes(MIB << 20), dst_objects=[])
+    dst.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
+    port = harness.socket_port(dst.query_migrate())
+    src.set_params(tls_creds="tls0", tls_hostname="localhost")
+    src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+    si = src.wait_migration(("completed", "failed"), timeout=30)
+    assert si["status"] == "failed"
+    assert si["error-desc"] == \
+        "TLS handshake failed: The TLS connection was non-properly terminated.", si
+    assert src.runstate() == "paused"
+
+
+@pytest.mark.parametrize("dst_impl", DESTINATIONS)
+def test_destination_outlives_a_plain_source_then_takes_a_tls_one(ws, pki, tls_image,
+                                                                   dst_impl):
+    """A source without TLS fails against a TLS destination, which reports the failed
+    handshake and keeps listening: a TLS source then migrates into it."""
+    require("qemu")
+    plain = ws.vm("vmigrate", "plain", mem_mib=MIB).start()
+    plain.cmd("stop")
+    src, dst = start_pair(ws, pki, "vmigrate", dst_impl, tls_image)
+    dst.set_params(tls_creds="tls0", tls_authz="az0")
+    dst.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
+    port = harness.socket_port(dst.query_migrate())
+    plain.set_params(max_bandwidth=0)
+    plain.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+    pi = plain.wait_migration(("completed", "failed"), timeout=30)
+    assert pi["status"] == "failed", pi
+    assert dst.alive() and dst.query_migrate()["status"] == "setup"
+    src.set_params(tls_creds="tls0", tls_hostname="localhost", max_bandwidth=0)
+    src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+    si = src.wait_migration(timeout=60)
+    di = dst.wait_migration(("completed", "failed"), timeout=60)
+    assert si["status"] == "completed" and di["status"] == "completed", ws.diagnostics()
+    assert dst.ram() == tls_image
+
+
+@pytest.mark.parametrize("uri", ["file", "exec"])
+def test_tls_needs_a_socket(ws, pki, uri):
+    """tls-creds with a file: or exec: URI fails at once with a clear reason."""
+    src = ws.vm("vmigrate", "src", mem_mib=16, objects=[creds(pki, "client")]).start()
+    src.set_params(tls_creds="tls0", tls_hostname="localhost")
+    out = ws.path("out.bin")
+    src.cmd("migrate", uri=f"file:{out}" if uri == "file" else f"exec:cat > {out}")
+    si = src.wait_migration(("completed", "failed"), timeout=30)
+    assert si["status"] == "failed"
+    assert si["error-desc"] == "TLS needs a socket transport (tcp:, unix: or a socket fd:)"
+    assert src.runstate() == "running"
+
+
+def silent_listener():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(4)
+    return s
+
+
+def test_silent_peer_can_be_cancelled(ws, pki):
+    """A peer that accepts and never answers the handshake: the monitor keeps
+    answering (QEMU's freezes) and migrate_cancel ends the migration at once."""
+    src = ws.vm("vmigrate", "src", mem_mib=16, objects=[creds(pki, "client")]).start()
+    src.set_params(tls_creds="tls0", tls_hostname="localhost")
+    peer = silent_listener()
+    try:
+        src.cmd("migrate", uri=f"tcp:127.0.0.1:{peer.getsockname()[1]}")
+        time.sleep(0.5)
+        assert src.query_migrate()["status"] == "setup"
+        t0 = time.time()
+        src.cmd("migrate_cancel")
+        si = src.wait_migration(("cancelled", "failed", "completed"), timeout=10)
+        assert si["status"] == "cancelled", si
+        assert time.time() - t0 < 3
+        assert src.runstate() == "running"
+    finally:
+        peer.close()
+
+
+def test_silent_peer_times_out(ws, pki):
+    """Left alone, a handshake with a silent peer fails after its deadline with a
+    message that says so."""
+    src = ws.vm("vmigrate", "src", mem_mib=16, objects=[creds(pki, "client")]).start()
+    src.set_params(tls_creds="tls0", tls_hostname="localhost")
+    peer = silent_listener()
+    try:
+        src.cmd("migrate", uri=f"tcp:127.0.0.1:{peer.getsockname()[1]}")
+        si = src.wait_migration(("cancelled", "failed", "completed"), timeout=30)
+        assert si["status"] == "failed", si
+        assert si["error-desc"] == "TLS handshake failed: the peer did not answer within 10 s"
+        assert src.runstate() == "running"
+    finally:
+        peer.close()

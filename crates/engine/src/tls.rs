@@ -649,3 +649,226 @@ pub fn secure_incoming(
     ch.tls_relay = Some(done);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::Channel;
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+        KeyUsagePurpose,
+    };
+    use std::net::{TcpListener, TcpStream};
+    use std::os::fd::AsRawFd;
+
+    /// A CA, a server certificate for localhost and a client certificate, written in
+    /// the layout tls-creds-x509 reads; returns (server dir, client dir).
+    fn pki(tag: &str) -> (PathBuf, PathBuf) {
+        let root = std::env::temp_dir().join(format!("vmigrate-tls-{tag}-{}", std::process::id()));
+        let (srv, cli) = (root.join("server"), root.join("client"));
+        std::fs::create_dir_all(&srv).unwrap();
+        std::fs::create_dir_all(&cli).unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        ca.distinguished_name
+            .push(DnType::CommonName, format!("test CA {tag}"));
+        let ca_key = KeyPair::generate().unwrap();
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let issue = |names: Vec<String>, usage, dn: &[(DnType, &str)]| {
+            let mut p = CertificateParams::new(names).unwrap();
+            p.extended_key_usages = vec![usage];
+            p.distinguished_name = rcgen::DistinguishedName::new();
+            for (t, v) in dn {
+                p.distinguished_name.push(t.clone(), *v);
+            }
+            let key = KeyPair::generate().unwrap();
+            let cert = p.signed_by(&key, &ca_cert, &ca_key).unwrap();
+            (cert.pem(), key.serialize_pem())
+        };
+        let (server_cert, server_key) = issue(
+            vec!["localhost".into()],
+            ExtendedKeyUsagePurpose::ServerAuth,
+            &[(DnType::CommonName, "localhost")],
+        );
+        let (client_cert, client_key) = issue(
+            Vec::new(),
+            ExtendedKeyUsagePurpose::ClientAuth,
+            &[
+                (DnType::CountryName, "GB"),
+                (DnType::OrganizationName, "vmigrate, tests"),
+                (DnType::CommonName, "client"),
+            ],
+        );
+        for dir in [&srv, &cli] {
+            std::fs::write(dir.join("ca-cert.pem"), ca_cert.pem()).unwrap();
+        }
+        std::fs::write(srv.join("server-cert.pem"), server_cert).unwrap();
+        std::fs::write(srv.join("server-key.pem"), server_key).unwrap();
+        std::fs::write(cli.join("client-cert.pem"), client_cert).unwrap();
+        std::fs::write(cli.join("client-key.pem"), client_key).unwrap();
+        (srv, cli)
+    }
+
+    fn channel(fd: OwnedFd) -> Channel {
+        Channel {
+            fd,
+            child: None,
+            is_socket: true,
+            base_offset: 0,
+            tls_relay: None,
+        }
+    }
+
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 7 + i / 4096) as u8).collect()
+    }
+
+    /// Starts a server that secures one connection and returns what it read, or the
+    /// handshake's error.
+    fn serve(setup: ServerSetup) -> (u16, std::thread::JoinHandle<Result<Vec<u8>, TlsError>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let t = std::thread::spawn(move || {
+            let (s, _) = listener.accept().unwrap();
+            let mut ch = channel(OwnedFd::from(s));
+            secure_incoming(&mut ch, &setup, "test")?;
+            let mut got = Vec::new();
+            std::fs::File::from(ch.fd).read_to_end(&mut got).unwrap();
+            Ok(got)
+        });
+        (port, t)
+    }
+
+    fn connect(port: u16, setup: &ClientSetup) -> Result<Channel, TlsError> {
+        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let mut ch = channel(OwnedFd::from(s));
+        secure_outgoing(&mut ch, setup, &AtomicBool::new(false), "test")?;
+        Ok(ch)
+    }
+
+    #[test]
+    fn a_stream_crosses_intact_and_the_relay_reports_success() {
+        let (srv, cli) = pki("ok");
+        let server = X509Creds::load(&srv, Endpoint::Server, true).unwrap();
+        let client = X509Creds::load(&cli, Endpoint::Client, true).unwrap();
+        let allowed = Arc::new(Authz::Simple {
+            identity: "C=GB,O=vmigrate\\, tests,CN=client".into(),
+        });
+        let (port, t) = serve(ServerSetup::new(&server, Some(allowed)).unwrap());
+        let mut ch = connect(port, &ClientSetup::new(&client, Some("localhost")).unwrap()).unwrap();
+        let data = pattern(8 << 20);
+        let mut f = std::fs::File::from(ch.fd.try_clone().unwrap());
+        f.write_all(&data).unwrap();
+        drop(f);
+        rustix::net::shutdown(&ch.fd, rustix::net::Shutdown::Both).unwrap();
+        let relay = ch.tls_relay.take().unwrap();
+        drop(ch);
+        assert_eq!(relay.wait(Duration::from_secs(20)), Some(Ok(())));
+        let got = t.join().unwrap().unwrap();
+        assert_eq!(got.len(), data.len());
+        assert!(got == data, "the stream changed on the way");
+    }
+
+    #[test]
+    fn a_refused_client_fails_on_both_sides_with_the_subject_named() {
+        let (srv, cli) = pki("authz");
+        let server = X509Creds::load(&srv, Endpoint::Server, true).unwrap();
+        let client = X509Creds::load(&cli, Endpoint::Client, true).unwrap();
+        let other = Arc::new(Authz::Simple {
+            identity: "CN=someone-else".into(),
+        });
+        let (port, t) = serve(ServerSetup::new(&server, Some(other)).unwrap());
+        let setup = ClientSetup::new(&client, Some("localhost")).unwrap();
+        // TLS 1.3: the client is done before the server has checked its certificate,
+        // so the refusal reaches it as an alert, through the relay's outcome.
+        let outcome = match connect(port, &setup) {
+            Err(e) => Err(e.0),
+            Ok(mut ch) => {
+                let _ = std::fs::File::from(ch.fd.try_clone().unwrap()).write_all(b"QEVM");
+                rustix::net::shutdown(&ch.fd, rustix::net::Shutdown::Both).unwrap();
+                let relay = ch.tls_relay.take().unwrap();
+                relay.wait(Duration::from_secs(20)).unwrap()
+            }
+        };
+        let err = outcome.unwrap_err();
+        assert!(err.contains("alert"), "{err}");
+        assert_eq!(
+            t.join().unwrap().unwrap_err().0,
+            "TLS x509 authz check for C=GB,O=vmigrate\\, tests,CN=client is denied"
+        );
+    }
+
+    #[test]
+    fn certificate_checks_fail_with_qemus_texts() {
+        let (srv, cli) = pki("names");
+        let server = X509Creds::load(&srv, Endpoint::Server, true).unwrap();
+        let client = X509Creds::load(&cli, Endpoint::Client, true).unwrap();
+        let (port, t) = serve(ServerSetup::new(&server, None).unwrap());
+        let wrong = ClientSetup::new(&client, Some("other.example")).unwrap();
+        assert_eq!(
+            connect(port, &wrong).unwrap_err().0,
+            "Certificate does not match the hostname other.example"
+        );
+        assert!(t.join().unwrap().is_err());
+        assert_eq!(
+            ClientSetup::new(&client, None).unwrap_err().0,
+            "No hostname for certificate validation"
+        );
+        // A server whose CA the client does not know.
+        let (other_srv, _) = pki("names-other");
+        let stranger = X509Creds::load(&other_srv, Endpoint::Server, true).unwrap();
+        let (port, t) = serve(ServerSetup::new(&stranger, None).unwrap());
+        let setup = ClientSetup::new(&client, Some("localhost")).unwrap();
+        assert_eq!(
+            connect(port, &setup).unwrap_err().0,
+            "The certificate hasn't got a known issuer"
+        );
+        assert!(t.join().unwrap().is_err());
+    }
+
+    #[test]
+    fn a_cancelled_handshake_returns_at_once() {
+        let (_, cli) = pki("cancel");
+        let client = X509Creds::load(&cli, Endpoint::Client, true).unwrap();
+        let setup = ClientSetup::new(&client, Some("localhost")).unwrap();
+        let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+        let s = TcpStream::connect(silent.local_addr().unwrap()).unwrap();
+        let cancel = Arc::new(AtomicBool::new(false));
+        let c = cancel.clone();
+        let t0 = Instant::now();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            c.store(true, Ordering::Relaxed);
+        });
+        let fd = OwnedFd::from(s);
+        let raw = fd.as_raw_fd();
+        let err = handshake_client(fd, &setup, &cancel).unwrap_err();
+        assert_eq!(err.0, "TLS handshake cancelled", "fd {raw}");
+        assert!(t0.elapsed() < Duration::from_secs(2));
+    }
+
+    #[test]
+    fn missing_files_are_named() {
+        let (srv, _) = pki("missing");
+        std::fs::remove_file(srv.join("server-key.pem")).unwrap();
+        let e = X509Creds::load(&srv, Endpoint::Server, true).unwrap_err();
+        assert_eq!(
+            e.0,
+            format!(
+                "Unable to access credentials {}: No such file or directory",
+                srv.join("server-key.pem").display()
+            )
+        );
+        // a client's certificate and key are optional
+        let dir = srv.parent().unwrap().join("ca-only");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(srv.join("ca-cert.pem"), dir.join("ca-cert.pem")).unwrap();
+        assert!(X509Creds::load(&dir, Endpoint::Client, true).is_ok());
+        std::fs::write(dir.join("ca-cert.pem"), "not a certificate").unwrap();
+        assert!(X509Creds::load(&dir, Endpoint::Client, true)
+            .unwrap_err()
+            .0
+            .contains("ca-cert.pem"));
+    }
+}
