@@ -388,3 +388,66 @@ def test_silent_peer_times_out(ws, pki):
         assert src.runstate() == "running"
     finally:
         peer.close()
+
+
+@pytest.mark.parametrize("dst_impl", DESTINATIONS)
+def test_cancel_during_a_tls_migration(ws, pki, tls_image, dst_impl):
+    """migrate_cancel while pages flow over TLS (multifd, slowed by max-bandwidth):
+    the source is `cancelled` within moments and running with its RAM, and a second
+    TLS migration from it to a new destination completes."""
+    require("qemu")
+    src = ws.vm("vmigrate", "src", mem_mib=MIB, objects=[creds(pki, "client")]).start()
+    src.write_ram(tls_image)
+    dst = ws.vm(dst_impl, "dst", mem_mib=MIB, incoming="defer",
+                objects=[creds(pki, "server")]).start()
+    for m in (src, dst):
+        m.set_caps(multifd=True)
+        m.set_params(tls_creds="tls0", multifd_channels=2)
+    src.set_params(tls_hostname="localhost", max_bandwidth=2 << 20)
+    dst.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
+    src.cmd("migrate", uri=f"tcp:127.0.0.1:{harness.socket_port(dst.query_migrate())}")
+    deadline = time.time() + 20
+    while src.query_migrate().get("ram", {}).get("transferred", 0) < (1 << 20):
+        assert time.time() < deadline, src.query_migrate()
+        time.sleep(0.05)
+    t0 = time.time()
+    src.cmd("migrate_cancel")
+    si = src.wait_migration(("cancelled", "failed", "completed"), timeout=20)
+    assert si["status"] == "cancelled", si
+    assert time.time() - t0 < 3, f"cancel took {time.time() - t0:.1f} s"
+    assert src.runstate() == "running"
+    assert src.ram() == tls_image
+    dst2 = ws.vm(dst_impl, "dst2", mem_mib=MIB, incoming="defer",
+                 objects=[creds(pki, "server")]).start()
+    dst2.set_caps(multifd=True)
+    dst2.set_params(tls_creds="tls0", multifd_channels=2)
+    dst2.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
+    src.cmd("stop")
+    src.set_params(max_bandwidth=0)
+    src.cmd("migrate", uri=f"tcp:127.0.0.1:{harness.socket_port(dst2.query_migrate())}")
+    si = src.wait_migration(timeout=60)
+    di = dst2.wait_migration(("completed", "failed"), timeout=60)
+    assert si["status"] == "completed" and di["status"] == "completed", ws.diagnostics()
+    assert dst2.ram() == tls_image
+
+
+@pytest.mark.parametrize("dst_impl", DESTINATIONS)
+def test_tls_over_a_getfd_socket(ws, pki, tls_image, dst_impl):
+    """TLS on an `fd:` socket handed over with getfd: no URI host, so tls-hostname
+    names the peer."""
+    require("qemu")
+    src, dst = start_pair(ws, pki, "vmigrate", dst_impl, tls_image)
+    dst.set_params(tls_creds="tls0", tls_authz="az0")
+    dst.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
+    conn = socket.create_connection(("127.0.0.1", harness.socket_port(dst.query_migrate())))
+    try:
+        src.qmp.send_fd_scm(conn.fileno())
+        assert "return" in src.raw("getfd", fdname="mig")
+    finally:
+        conn.close()
+    src.set_params(tls_creds="tls0", tls_hostname="localhost", max_bandwidth=0)
+    src.cmd("migrate", uri="fd:mig")
+    si = src.wait_migration(timeout=60)
+    di = dst.wait_migration(("completed", "failed"), timeout=60)
+    assert si["status"] == "completed" and di["status"] == "completed", ws.diagnostics()
+    assert dst.ram() == tls_image

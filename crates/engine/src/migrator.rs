@@ -581,11 +581,18 @@ impl Migrator {
         self.shared.lock().cancel_fds.clear();
         drop(channel.fd.try_clone());
         let main_relay = channel.tls_relay.take();
+        let mut relays = std::mem::take(&mut self.shared.lock().tls_relays);
+        relays.extend(main_relay);
+        if result.is_err() {
+            // Nothing more is owed to the peer: end the sessions now.
+            for r in &relays {
+                r.abort();
+            }
+            relays.clear();
+        }
         channel.finish_with_close();
         // With TLS, the stream is sent once its relays have handed everything to the
         // network and the peer raised no alert.
-        let mut relays = std::mem::take(&mut self.shared.lock().tls_relays);
-        relays.extend(main_relay);
         for r in relays {
             let outcome = r.wait(transport::TLS_FLUSH_TIMEOUT);
             if let (Ok(()), Some(Err(e))) = (&result, outcome) {
@@ -831,6 +838,11 @@ impl Migrator {
                 load::load_stream_with(&mut src, self.vmm.as_ref(), &caps, rp, channels, file_load)
                     .map_err(|e| format!("load of migration failed: {e}"));
             drop(src);
+            if r.is_err() {
+                if let Some(relay) = ch.tls_relay.take() {
+                    relay.abort();
+                }
+            }
             ch.finish_with_close();
             r
         });

@@ -40,17 +40,30 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// the peer raised no TLS alert; else what went wrong.
 pub type RelayOutcome = Result<(), String>;
 
-/// Tells when a relay thread has ended, and how.
+/// Tells when a relay thread has ended, and how; can also make it end now.
 #[derive(Debug)]
-pub struct RelayDone(mpsc::Receiver<RelayOutcome>);
+pub struct RelayDone {
+    outcome: mpsc::Receiver<RelayOutcome>,
+    /// A duplicate of the network socket, for [`RelayDone::abort`].
+    network: Option<OwnedFd>,
+}
 
 impl RelayDone {
     /// Waits for the relay to end, at most `timeout`: `None` if it has not.
     pub fn wait(&self, timeout: Duration) -> Option<RelayOutcome> {
-        match self.0.recv_timeout(timeout) {
+        match self.outcome.recv_timeout(timeout) {
             Ok(outcome) => Some(outcome),
             Err(mpsc::RecvTimeoutError::Disconnected) => Some(Ok(())),
             Err(mpsc::RecvTimeoutError::Timeout) => None,
+        }
+    }
+
+    /// Ends the session without flushing (a cancelled or failed migration): the
+    /// network socket is shut down, so a relay blocked on a peer that does not read
+    /// returns at once.
+    pub fn abort(&self) {
+        if let Some(net) = &self.network {
+            let _ = shutdown(net, Shutdown::Both);
         }
     }
 }
@@ -65,6 +78,7 @@ pub fn relay(session: Session, name: &str) -> io::Result<(OwnedFd, RelayDone)> {
         None,
     )?;
     let (done_tx, done_rx) = mpsc::channel();
+    let network = session.socket.try_clone().ok();
     std::thread::Builder::new()
         .name(format!("mig/tls/{name}"))
         .spawn(move || {
@@ -72,7 +86,13 @@ pub fn relay(session: Session, name: &str) -> io::Result<(OwnedFd, RelayDone)> {
             relay.run();
             let _ = done_tx.send(relay.failure.take().map_or(Ok(()), Err));
         })?;
-    Ok((engine_end, RelayDone(done_rx)))
+    Ok((
+        engine_end,
+        RelayDone {
+            outcome: done_rx,
+            network,
+        },
+    ))
 }
 
 struct Relay {
