@@ -597,12 +597,7 @@ impl Migrator {
             let outcome = r.wait(transport::TLS_FLUSH_TIMEOUT);
             if let (Ok(()), Some(Err(e))) = (&result, outcome) {
                 result = Err(SaveError::Write(crate::io::WriteError::Tls(e)));
-                let control = self.vmm.control();
-                if state_before.is_running() {
-                    control.vm_start();
-                } else if !control.run_state().is_running() {
-                    control.set_run_state(state_before);
-                }
+                save::restore_run_state(self.vmm.as_ref(), state_before);
             }
         }
         let stats = self.shared.stats();

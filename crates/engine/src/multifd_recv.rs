@@ -168,19 +168,9 @@ impl MultifdReceiver {
             }
             st.failed.clone()
         };
-        let sockets = std::mem::take(&mut *self.sockets.lock().unwrap_or_else(|e| e.into_inner()));
-        for s in &sockets {
-            let _ = rustix::net::shutdown(s.as_fd(), rustix::net::Shutdown::Both);
-        }
+        self.shut_down_sockets();
         self.changed.notify_all();
-        for t in self
-            .threads
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain(..)
-        {
-            let _ = t.join();
-        }
+        self.join_threads();
         failed.map_or(Ok(()), Err)
     }
 
@@ -203,14 +193,7 @@ impl MultifdReceiver {
         }
         let failed = st.failed.clone();
         drop(st);
-        for t in self
-            .threads
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain(..)
-        {
-            let _ = t.join();
-        }
+        self.join_threads();
         failed.map_or(Ok(()), Err)
     }
 
@@ -223,13 +206,24 @@ impl MultifdReceiver {
     /// copies of their sockets: once the channel threads have let go of theirs too, a
     /// source still writing gets a reset instead of a connection that stalls.
     pub fn abort(&self) {
+        self.shut_down_sockets();
+        self.lock().failed.get_or_insert_with(|| ABORTED.into());
+        self.changed.notify_all();
+    }
+
+    /// Shuts down and closes this receiver's copies of the channel sockets.
+    fn shut_down_sockets(&self) {
         let sockets = std::mem::take(&mut *self.sockets.lock().unwrap_or_else(|e| e.into_inner()));
         for s in &sockets {
             let _ = rustix::net::shutdown(s.as_fd(), rustix::net::Shutdown::Both);
         }
-        self.lock().failed.get_or_insert_with(|| ABORTED.into());
-        self.changed.notify_all();
-        drop(sockets);
+    }
+
+    fn join_threads(&self) {
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        for t in threads {
+            let _ = t.join();
+        }
     }
 
     /// A channel reached a SYNC: waits to be released by the main loader, for at most

@@ -9,7 +9,7 @@
 //!         stream gets the marker (MULTIFD_FLUSH, or per section the RAM EOS).
 //! ```
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
@@ -90,19 +90,8 @@ impl MultifdSender {
         stats: &Stats,
     ) -> Result<(), WriteError> {
         let init = ChannelInit { uuid, id }.encode();
-        let mut done = 0;
-        while done < init.len() {
-            match rustix::net::send(fd, &init[done..], rustix::net::SendFlags::NOSIGNAL) {
-                Ok(0) => return Err(WriteError::Io("write returned 0".into())),
-                Ok(n) => done += n,
-                Err(rustix::io::Errno::INTR) => {}
-                Err(e) => {
-                    return Err(WriteError::Io(crate::transport::errno_text(
-                        &std::io::Error::from(e),
-                    )))
-                }
-            }
-        }
+        std::io::Write::write_all(&mut crate::tls::SocketIo(fd.as_fd()), &init)
+            .map_err(|e| WriteError::Io(crate::transport::errno_text(&e)))?;
         stats
             .transferred
             .fetch_add(init.len() as u64, std::sync::atomic::Ordering::Relaxed);

@@ -78,12 +78,19 @@ impl Drop for ResumeGuard<'_> {
         if !self.armed {
             return;
         }
-        let control = self.vmm.control();
-        if self.before.is_running() {
-            control.vm_start();
-        } else if control.run_state() == RunState::FinishMigrate {
-            control.set_run_state(self.before);
-        }
+        restore_run_state(self.vmm, self.before);
+    }
+}
+
+/// After a migration that failed with the VM stopped (`finish-migrate`, or
+/// `postmigrate` when the failure showed only at the end): a VM that was running runs
+/// again; one that was not goes back to `before`.
+pub(crate) fn restore_run_state(vmm: &dyn Vmm, before: RunState) {
+    let control = vmm.control();
+    if before.is_running() {
+        control.vm_start();
+    } else if !control.run_state().is_running() {
+        control.set_run_state(before);
     }
 }
 

@@ -346,14 +346,17 @@ impl ClientSetup {
 #[derive(Debug, Clone)]
 pub struct ServerSetup {
     config: Arc<ServerConfig>,
-    authz: Option<Arc<Authz>>,
+    /// `tls-authz` without `verify-peer`: no client certificate is asked for, so the
+    /// check, made after the handshake, finds none to allow. (With `verify-peer` the
+    /// handshake itself checks.)
+    authz_without_certificate: bool,
 }
 
 impl ServerSetup {
     pub fn new(creds: &X509Creds, authz: Option<Arc<Authz>>) -> Result<Self, TlsError> {
         Ok(Self {
-            config: creds.server_config(authz.clone())?,
-            authz,
+            authz_without_certificate: authz.is_some() && !creds.verify_peer,
+            config: creds.server_config(authz)?,
         })
     }
 }
@@ -462,19 +465,10 @@ pub fn handshake_server(
         .map_err(|e| TlsError(format!("TLS handshake failed: {e}")))?;
     let mut conn = Connection::from(conn);
     run_handshake(&mut conn, &socket, cancel).map_err(|e| describe(e, ""))?;
-    if let Some(authz) = &setup.authz {
-        let dn = conn
-            .peer_certificates()
-            .and_then(|c| c.first())
-            .and_then(|c| x509_name::subject_dn(c));
-        let Some(dn) = dn else {
-            return Err(TlsError(
-                "TLS x509 authz check needs a client certificate, and the peer sent none".into(),
-            ));
-        };
-        if !authz.is_allowed(&dn) {
-            return Err(TlsError(format!("TLS x509 authz check for {dn} is denied")));
-        }
+    if setup.authz_without_certificate {
+        return Err(TlsError(
+            "TLS x509 authz check needs a client certificate, and the peer sent none".into(),
+        ));
     }
     Ok(Session { conn, socket })
 }
@@ -602,10 +596,6 @@ impl Write for SocketIo<'_> {
 
 pub use crate::tls_relay::{relay, RelayDone};
 
-fn not_a_socket() -> TlsError {
-    TlsError("TLS needs a socket transport (tcp:, unix: or a socket fd:)".into())
-}
-
 /// Secures an outgoing channel: handshake, then a relay in front of it. `ch.fd`
 /// becomes the plaintext end.
 pub fn secure_outgoing(
@@ -614,19 +604,7 @@ pub fn secure_outgoing(
     cancel: &AtomicBool,
     name: &str,
 ) -> Result<(), TlsError> {
-    if !ch.is_socket {
-        return Err(not_a_socket());
-    }
-    let socket = ch
-        .fd
-        .try_clone()
-        .map_err(|e| TlsError(format!("TLS handshake failed: {e}")))?;
-    let session = handshake_client(socket, setup, cancel)?;
-    let (fd, done) =
-        relay(session, name).map_err(|e| TlsError(format!("cannot start the TLS relay: {e}")))?;
-    ch.fd = fd;
-    ch.tls_relay = Some(done);
-    Ok(())
+    secure(ch, name, |socket| handshake_client(socket, setup, cancel))
 }
 
 /// Secures an incoming channel, as [`secure_outgoing`] does an outgoing one.
@@ -635,14 +613,26 @@ pub fn secure_incoming(
     setup: &ServerSetup,
     name: &str,
 ) -> Result<(), TlsError> {
+    secure(ch, name, |socket| {
+        handshake_server(socket, setup, &AtomicBool::new(false))
+    })
+}
+
+fn secure(
+    ch: &mut crate::transport::Channel,
+    name: &str,
+    handshake: impl FnOnce(OwnedFd) -> Result<Session, TlsError>,
+) -> Result<(), TlsError> {
     if !ch.is_socket {
-        return Err(not_a_socket());
+        return Err(TlsError(
+            "TLS needs a socket transport (tcp:, unix: or a socket fd:)".into(),
+        ));
     }
     let socket = ch
         .fd
         .try_clone()
         .map_err(|e| TlsError(format!("TLS handshake failed: {e}")))?;
-    let session = handshake_server(socket, setup, &AtomicBool::new(false))?;
+    let session = handshake(socket)?;
     let (fd, done) =
         relay(session, name).map_err(|e| TlsError(format!("cannot start the TLS relay: {e}")))?;
     ch.fd = fd;
