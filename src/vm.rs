@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use vmigrate_engine::transport::Address;
+use vmigrate_engine::channels::Address;
 use vmigrate_engine::{EventBus, IncomingMode, MigrationProperties, Migrator, RunState};
 use vmigrate_qmp::{Dispatcher, MonitorAddress, VmBackend};
 use vmigrate_vm::kvm::DirtyTracking as KvmDirtyTracking;
@@ -93,7 +93,7 @@ pub fn parse_memory(s: &str) -> Option<u64> {
     if s.chars().all(|c| c.is_ascii_digit()) {
         return s.parse::<u64>().ok()?.checked_mul(1 << 20);
     }
-    vmigrate_engine::transport::parse_size(s)
+    vmigrate_engine::channels::parse_size(s)
 }
 
 /// A `--dirty-tracking` mode, of one accelerator or the other.
@@ -227,7 +227,7 @@ pub fn run(args: VmArgs) -> anyhow::Result<()> {
     let migrator = Migrator::new(machine.clone(), events.clone(), mode);
     migrator.set_properties(properties);
     for spec in &args.objects {
-        vmigrate_engine::objects::parse_object_option(spec)
+        vmigrate_engine::channels::parse_object_option(spec)
             .and_then(|props| migrator.objects().add(&props, false))
             .map_err(|e| anyhow::anyhow!("--object {spec}: {e}"))?;
     }

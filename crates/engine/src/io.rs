@@ -439,7 +439,7 @@ impl StreamWriter {
                         return Err(WriteError::Cancelled);
                     }
                     let io: std::io::Error = e.into();
-                    return Err(WriteError::Io(crate::transport::errno_text(&io)));
+                    return Err(WriteError::Io(crate::errno::errno_text(&io)));
                 }
             }
         }
@@ -468,7 +468,7 @@ impl StreamWriter {
     pub fn seek_to(&mut self, pos: u64) -> Result<(), WriteError> {
         self.flush()?;
         rustix::fs::seek(&self.fd, rustix::fs::SeekFrom::Start(pos))
-            .map_err(|e| WriteError::Io(crate::transport::errno_text(&std::io::Error::from(e))))?;
+            .map_err(|e| WriteError::Io(crate::errno::errno_text(&std::io::Error::from(e))))?;
         self.position = pos;
         Ok(())
     }

@@ -1,46 +1,48 @@
 //! The vmigrate migration engine.
 //!
+//! ```text
+//! migrator (the facade a monitor drives) ── shared (state the session threads report to)
+//!    │
+//!    ├── outgoing/   save (precopy session) ─ ram_save ─ multifd_send ─ throttle
+//!    ├── incoming/   accept ─ load (stream) ─ ram_load ─ multifd_recv ─ pages
+//!    └── channels/   transport ─ tls ─ tls_relay ─ objects ─ authz ─ x509_name ─ return_path
+//!
+//! used by all: options, properties, status, stats, events, io, compress, mapped_ram,
+//!              memory (guest RAM), vmm (the traits a VMM implements), errno
+//! ```
+//!
 //! - [`migrator`]: the facade a monitor drives (`migrate`, `migrate-incoming`, ...).
-//! - [`save`] and [`ram_save`]: the outgoing precopy session and the RAM saver.
-//! - [`load`] and [`ram_load`]: the incoming stream and the RAM loader.
+//! - [`outgoing`] and [`incoming`]: the two sides of a migration; [`channels`]: what
+//!   they run over.
 //! - [`options`]: capabilities and parameters with QEMU's rules; [`properties`]: the
 //!   migration object's command-line properties (`-global migration.*`).
-//! - [`transport`]: URIs, channels, listeners; [`tls`]: TLS on those channels, with
-//!   the credentials and authorization [`objects`] it names.
 //! - [`io`]: buffered reading and gathering writes, rate limiting.
 //! - [`vmm`]: the traits a VMM implements; [`memory`]: guest RAM blocks.
 //! - [`stats`], [`status`], [`events`].
 
+pub mod channels;
 pub mod compress;
 pub mod dirtyrate;
+pub mod errno;
 pub mod events;
+pub mod incoming;
 pub mod io;
-pub mod load;
-pub mod mapped_ram;
+pub(crate) mod mapped_ram;
 pub mod memory;
 pub mod migrator;
-pub mod multifd_recv;
-pub mod multifd_send;
-pub mod objects;
 pub mod options;
+pub mod outgoing;
 pub mod properties;
-pub mod ram_load;
-pub mod ram_save;
-pub mod return_path;
-pub mod save;
+pub(crate) mod shared;
 pub mod stats;
 pub mod status;
-pub mod throttle;
-pub mod tls;
-mod tls_relay;
-pub mod transport;
 pub mod vmm;
-pub mod x509_name;
 
 pub use events::EventBus;
 pub use memory::RamBlock;
-pub use migrator::{IncomingMode, MigrateError, Migrator};
+pub use migrator::{MigrateError, Migrator};
 pub use options::MigMode;
 pub use properties::{MigrationProperties, MultifdSync};
+pub use shared::IncomingMode;
 pub use status::{MigrationStatus, RunState};
 pub use vmm::{DeviceState, DirtyBitmap, DirtyTracker, VmControl, Vmm, VmmError};

@@ -20,10 +20,10 @@ use std::thread::JoinHandle;
 
 use vmigrate_stream::ram::{MappedRamHeader, MAPPED_RAM_HEADER_LEN};
 
+use crate::errno::errno_text;
 use crate::io::{RateLimiter, WriteError};
 use crate::memory::RamBlock;
 use crate::stats::Stats;
-use crate::transport::errno_text;
 use crate::vmm::AtomicBitmap;
 
 /// The page area of every block starts on a multiple of this absolute file offset.

@@ -33,7 +33,7 @@ pub enum MemoryError {
 }
 
 fn io_text(e: &std::io::Error) -> String {
-    crate::transport::errno_text(e)
+    crate::errno::errno_text(e)
 }
 
 fn errno_text(e: &rustix::io::Errno) -> String {

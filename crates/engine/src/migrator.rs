@@ -6,26 +6,24 @@
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 
 use serde_json::{json, Map, Value};
 
 use crate::events::EventBus;
-use std::time::Instant;
+use crate::shared::{IncomingMode, Role, Shared, State};
 
-use crate::compress::Method;
+use crate::channels::objects::ObjectStore;
+use crate::channels::tls;
+use crate::channels::transport::{self, Address, FdStore, Incoming};
+use crate::incoming::accept::{accept_channels, accept_main};
+use crate::incoming::load::{self, LoadOutcome};
 use crate::io::FdSource;
-use crate::load::MultifdChannels;
-use crate::load::{self, LoadOutcome};
-use crate::multifd_recv::{read_init, HANDSHAKE_TIMEOUT};
-use crate::objects::ObjectStore;
 use crate::options::{cpr_conflict, Capabilities, MigMode, Parameters};
+use crate::outgoing::save::{self, SaveError};
 use crate::properties::MigrationProperties;
-use crate::save::{self, SaveError};
 use crate::stats::Stats;
 use crate::status::{MigrationStatus, RunState};
-use crate::tls;
-use crate::transport::{self, Address, FdStore, Incoming};
 use crate::vmm::Vmm;
 
 /// A command error, with QEMU's text (class `GenericError`).
@@ -37,162 +35,7 @@ fn merr<T>(msg: impl Into<String>) -> Result<T, MigrateError> {
     Err(MigrateError(msg.into()))
 }
 
-/// Which way this process's migration goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Role {
-    None,
-    Outgoing,
-    Incoming,
-}
-
-/// How the destination was configured on the command line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum IncomingMode {
-    /// No `--incoming`.
-    Disabled,
-    /// `--incoming defer`: waits for `migrate-incoming`.
-    Deferred,
-    /// `--incoming URI` was given and started.
-    Started,
-}
-
-/// Section ids the saver uses: VMM devices first, in registration order, then `ram`,
-/// then `globalstate` (one id in between is reserved, as QEMU's `none` machine
-/// registers `dirty-bitmap` there).
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct SectionIds {
-    pub ram: u32,
-    pub globalstate: u32,
-}
-
-impl SectionIds {
-    pub fn new(devices: usize) -> Self {
-        let ram = devices as u32;
-        Self {
-            ram,
-            globalstate: ram + 2,
-        }
-    }
-}
-
 type FailureHandler = Box<dyn Fn(&str) + Send + Sync>;
-
-struct State {
-    caps: Capabilities,
-    params: Parameters,
-    /// Fixed at startup (`--global migration.*`).
-    properties: MigrationProperties,
-    status: MigrationStatus,
-    role: Role,
-    error: Option<String>,
-    stats: Arc<Stats>,
-    cancel: Arc<AtomicBool>,
-    /// Raw descriptors of the outgoing sockets, for shutdown on cancel.
-    cancel_fds: Vec<i32>,
-    incoming_mode: IncomingMode,
-    incoming_started: bool,
-    socket_address: Option<Value>,
-    continue_requested: bool,
-    /// The outgoing migration's TLS setup, for its multifd channels.
-    tls_client: Option<tls::ClientSetup>,
-    /// Relays of outgoing multifd channels, waited for before `completed`.
-    tls_relays: Vec<tls::RelayDone>,
-}
-
-/// State shared between the facade and the session threads.
-pub(crate) struct Shared {
-    state: Mutex<State>,
-    continue_cv: Condvar,
-    events: Arc<EventBus>,
-    max_bandwidth: Arc<AtomicU64>,
-}
-
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    pub fn params_snapshot(&self) -> Parameters {
-        self.lock().params.clone()
-    }
-
-    pub fn caps_snapshot(&self) -> Capabilities {
-        self.lock().caps.clone()
-    }
-
-    pub fn properties(&self) -> MigrationProperties {
-        self.lock().properties
-    }
-
-    pub fn stats(&self) -> Arc<Stats> {
-        self.lock().stats.clone()
-    }
-
-    pub fn cancel_flag(&self) -> Arc<AtomicBool> {
-        self.lock().cancel.clone()
-    }
-
-    pub fn max_bandwidth(&self) -> Arc<AtomicU64> {
-        self.max_bandwidth.clone()
-    }
-
-    pub fn set_status(&self, status: MigrationStatus) {
-        let events = {
-            let mut st = self.lock();
-            if st.status == status {
-                return;
-            }
-            st.status = status;
-            st.caps.get("events")
-        };
-        if events {
-            self.events
-                .emit("MIGRATION", Some(json!({"status": status.name()})));
-        }
-    }
-
-    fn fail(&self, msg: String) {
-        self.lock().error = Some(msg);
-        self.set_status(MigrationStatus::Failed);
-    }
-
-    /// Adds a socket that cancel shuts down (multifd channels).
-    pub fn register_cancel_fd(&self, fd: i32) {
-        self.lock().cancel_fds.push(fd);
-    }
-
-    /// The outgoing migration's TLS setup, when `tls-creds` is set.
-    pub fn tls_client(&self) -> Option<tls::ClientSetup> {
-        self.lock().tls_client.clone()
-    }
-
-    /// Keeps a multifd channel's relay, so completion waits for its last bytes.
-    pub fn add_tls_relay(&self, relay: tls::RelayDone) {
-        self.lock().tls_relays.push(relay);
-    }
-
-    pub fn emit_pass(&self, pass: u64) {
-        if self.lock().caps.get("events") {
-            self.events
-                .emit("MIGRATION_PASS", Some(json!({"pass": pass})));
-        }
-    }
-
-    /// Waits in `pre-switchover` for `migrate-continue` or a cancel. True to go on.
-    pub fn wait_continue(&self) -> bool {
-        let mut st = self.lock();
-        loop {
-            if st.cancel.load(Ordering::Relaxed) {
-                return false;
-            }
-            if st.continue_requested {
-                st.continue_requested = false;
-                return true;
-            }
-            st = self.continue_cv.wait(st).unwrap_or_else(|e| e.into_inner());
-        }
-    }
-}
 
 /// The migration controller of one VM.
 pub struct Migrator {
@@ -715,82 +558,6 @@ impl Migrator {
         Ok(())
     }
 
-    /// With multifd, accepts the main connection and every channel (in any order),
-    /// classifying them by their first bytes as QEMU does.
-    fn accept_channels(
-        &self,
-        incoming: &Incoming,
-        tls: Option<&tls::ServerSetup>,
-    ) -> Result<(transport::Channel, Option<MultifdChannels>), String> {
-        let params = self.shared.params_snapshot();
-        let n = params.u64("multifd-channels") as usize;
-        let method = Method::from_name(params.str("multifd-compression")).ok_or_else(|| {
-            format!(
-                "multifd-compression '{}' is not supported by vmigrate yet",
-                params.str("multifd-compression")
-            )
-        })?;
-        let deadline = Instant::now() + HANDSHAKE_TIMEOUT * 3;
-        let mut main = None;
-        let mut channels: Vec<Option<std::os::fd::OwnedFd>> = (0..n).map(|_| None).collect();
-        let uuid = self.vmm.uuid().unwrap_or([0; 16]);
-        // Each new connection is classified on its own thread, so one that stays silent
-        // cannot hold up the others.
-        let (tx, rx) = std::sync::mpsc::channel::<Result<Classified, String>>();
-        let mut pending = 0usize;
-        while main.is_none() || channels.iter().any(Option::is_none) {
-            while let Ok(c) = rx.try_recv() {
-                pending -= 1;
-                place(c?, &mut main, &mut channels)?;
-            }
-            if main.is_some() && channels.iter().all(Option::is_some) {
-                break;
-            }
-            if pending > 0
-                && pending + usize::from(main.is_some()) + channels.iter().flatten().count() > n
-            {
-                // Enough connections are being classified; wait for one to finish.
-                let left = deadline.saturating_duration_since(Instant::now());
-                match rx.recv_timeout(left) {
-                    Ok(c) => {
-                        pending -= 1;
-                        place(c?, &mut main, &mut channels)?;
-                        continue;
-                    }
-                    Err(_) => {
-                        return Err("timed out waiting for the multifd channels' handshakes".into())
-                    }
-                }
-            }
-            let mut ch = incoming.accept_more(deadline).map_err(|e| e.0)?;
-            let tx = tx.clone();
-            let tls = tls.cloned();
-            pending += 1;
-            std::thread::spawn(move || {
-                let classified = match &tls {
-                    Some(setup) => match tls::secure_incoming(&mut ch, setup, "in") {
-                        Ok(()) => classify(ch, uuid, n),
-                        Err(e) => Ok(Classified::Rejected(e.0)),
-                    },
-                    None => classify(ch, uuid, n),
-                };
-                let _ = tx.send(classified);
-            });
-        }
-        let fds = channels
-            .into_iter()
-            .map(|c| c.expect("all channels present"))
-            .collect();
-        Ok((
-            main.expect("main channel present"),
-            Some(MultifdChannels {
-                fds,
-                method,
-                sync: self.shared.properties().multifd_sync(),
-            }),
-        ))
-    }
-
     fn incoming_thread(&self, incoming: Incoming, exit_on_error: bool) {
         self.incoming_thread_inner(incoming, exit_on_error)
     }
@@ -802,7 +569,13 @@ impl Migrator {
         let multifd = caps.get("multifd") && !mapped_ram;
         let accepted = self.incoming_tls().and_then(|tls| {
             if multifd {
-                self.accept_channels(&incoming, tls.as_ref())
+                accept_channels(
+                    &incoming,
+                    tls.as_ref(),
+                    &self.shared.params_snapshot(),
+                    self.shared.properties().multifd_sync(),
+                    self.vmm.uuid().unwrap_or([0; 16]),
+                )
             } else {
                 accept_main(incoming, tls.as_ref()).map(|ch| (ch, None))
             }
@@ -814,14 +587,14 @@ impl Migrator {
             let caps = self.shared.caps_snapshot();
             let rp = if ch.is_socket {
                 let back = ch.fd.try_clone().map_err(|e| e.to_string())?;
-                Some(crate::return_path::ReturnPathWriter::new(Box::new(
-                    std::fs::File::from(back),
-                )))
+                Some(crate::channels::return_path::ReturnPathWriter::new(
+                    Box::new(std::fs::File::from(back)),
+                ))
             } else {
                 None
             };
             let params = self.shared.params_snapshot();
-            let file_load = load::MappedRamLoad {
+            let file_load = crate::incoming::ram_load::MappedRamLoad {
                 threads: if caps.get("multifd") {
                     params.u64("multifd-channels") as usize
                 } else {
@@ -933,84 +706,5 @@ impl Migrator {
             }
         }
         Value::Object(out)
-    }
-}
-
-/// Accepts the one connection of a migration without multifd. With TLS, a connection
-/// whose handshake fails is reported and the next one awaited, as QEMU does.
-fn accept_main(
-    incoming: Incoming,
-    tls: Option<&tls::ServerSetup>,
-) -> Result<transport::Channel, String> {
-    let Some(setup) = tls else {
-        return incoming.accept().map_err(|e| e.0);
-    };
-    if let Incoming::Ready(mut ch) = incoming {
-        tls::secure_incoming(&mut ch, setup, "main").map_err(|e| e.0)?;
-        return Ok(ch);
-    }
-    let forever = Instant::now() + std::time::Duration::from_secs(100 * 365 * 86400);
-    loop {
-        let mut ch = incoming.accept_more(forever).map_err(|e| e.0)?;
-        match tls::secure_incoming(&mut ch, setup, "main") {
-            Ok(()) => return Ok(ch),
-            Err(e) => eprintln!("vmigrate: {e}"),
-        }
-    }
-}
-
-/// A new incoming connection, told apart by its first bytes.
-enum Classified {
-    Main(transport::Channel),
-    Multifd(u8, std::os::fd::OwnedFd),
-    /// Its TLS handshake failed: reported, and the connection dropped.
-    Rejected(String),
-}
-
-fn classify(ch: transport::Channel, uuid: [u8; 16], channels: usize) -> Result<Classified, String> {
-    transport::set_read_timeout(&ch.fd, Some(HANDSHAKE_TIMEOUT));
-    let head = transport::peek4(&ch.fd).map_err(|e| e.0)?;
-    if head == vmigrate_stream::header::MAGIC.to_be_bytes() {
-        transport::set_read_timeout(&ch.fd, None);
-        return Ok(Classified::Main(ch));
-    }
-    let id = read_init(&ch.fd, uuid, channels)?;
-    transport::set_read_timeout(&ch.fd, None);
-    Ok(Classified::Multifd(id, ch.fd))
-}
-
-fn place(
-    c: Classified,
-    main: &mut Option<transport::Channel>,
-    channels: &mut [Option<std::os::fd::OwnedFd>],
-) -> Result<(), String> {
-    match c {
-        Classified::Main(ch) => {
-            if main.is_some() {
-                return Err("a second main migration channel connected".into());
-            }
-            *main = Some(ch);
-        }
-        Classified::Rejected(msg) => eprintln!("vmigrate: {msg}"),
-        Classified::Multifd(id, fd) => {
-            let slot = &mut channels[usize::from(id)];
-            if slot.is_some() {
-                return Err(format!("multifd: channel {id} connected twice"));
-            }
-            *slot = Some(fd);
-        }
-    }
-    Ok(())
-}
-
-impl transport::Channel {
-    /// Closes the descriptor and reaps an `exec:` child.
-    pub fn finish_with_close(&mut self) {
-        let placeholder = match std::fs::File::open("/dev/null") {
-            Ok(f) => std::os::fd::OwnedFd::from(f),
-            Err(_) => return self.finish(),
-        };
-        drop(std::mem::replace(&mut self.fd, placeholder));
-        self.finish();
     }
 }

@@ -836,7 +836,7 @@ impl Dispatcher {
         let mut file = std::fs::File::create(filename).map_err(|e| {
             QmpError::generic(format!(
                 "Could not open '{filename}': {}",
-                vmigrate_engine::transport::errno_text(&e)
+                vmigrate_engine::errno::errno_text(&e)
             ))
         })?;
         let mut buf = vec![0u8; 1 << 20];
@@ -849,7 +849,7 @@ impl Dispatcher {
             file.write_all(&buf[..n]).map_err(|e| {
                 QmpError::generic(format!(
                     "writing memory to '{filename}': {}",
-                    vmigrate_engine::transport::errno_text(&e)
+                    vmigrate_engine::errno::errno_text(&e)
                 ))
             })?;
             done += n as u64;

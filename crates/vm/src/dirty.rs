@@ -101,7 +101,7 @@ mod tests {
         use std::sync::atomic::{AtomicBool, AtomicU64};
         use std::sync::Arc;
         use vmigrate_engine::io::StreamWriter;
-        use vmigrate_engine::ram_save::{RamSaver, ZeroPages};
+        use vmigrate_engine::outgoing::{RamSaver, ZeroPages};
         use vmigrate_engine::RamBlock;
 
         let pages = 64;

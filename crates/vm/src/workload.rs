@@ -116,7 +116,7 @@ fn parse_size(key: &'static str, v: &str) -> Result<u64, WorkloadSpecError> {
     let n = if v.chars().all(|c| c.is_ascii_digit()) {
         v.parse::<u64>().map_err(|_| bad())?
     } else {
-        vmigrate_engine::transport::parse_size(v).ok_or_else(bad)?
+        vmigrate_engine::channels::parse_size(v).ok_or_else(bad)?
     };
     if n == 0 {
         return Err(WorkloadSpecError::Zero(key));

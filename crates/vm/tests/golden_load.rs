@@ -7,10 +7,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use serde_json::json;
+use vmigrate_engine::channels::ReturnPathWriter;
+use vmigrate_engine::incoming::{load_stream, LoadError};
 use vmigrate_engine::io::FdSource;
-use vmigrate_engine::load::{load_stream, LoadError};
 use vmigrate_engine::options::Capabilities;
-use vmigrate_engine::return_path::ReturnPathWriter;
 use vmigrate_engine::{EventBus, MultifdSync, RunState, Vmm};
 use vmigrate_vm::{LabConfig, Machine, MachineConfig, MachineKind};
 
@@ -74,7 +74,7 @@ fn load(
     name: &str,
     caps: &Capabilities,
     rp: Option<Collect>,
-) -> Result<vmigrate_engine::load::LoadOutcome, LoadError> {
+) -> Result<vmigrate_engine::incoming::LoadOutcome, LoadError> {
     let file = std::fs::File::open(capture(name)).unwrap();
     let mut src = FdSource::new(file.into(), 0);
     load_stream(
@@ -211,10 +211,10 @@ fn load_multifd_into(
     method: vmigrate_engine::compress::Method,
     uuid: [u8; 16],
     sync: MultifdSync,
-) -> Result<vmigrate_engine::load::LoadOutcome, LoadError> {
+) -> Result<vmigrate_engine::incoming::LoadOutcome, LoadError> {
     use std::os::fd::OwnedFd;
-    use vmigrate_engine::load::MultifdChannels;
-    use vmigrate_engine::multifd_recv::read_init;
+    use vmigrate_engine::incoming::read_init;
+    use vmigrate_engine::incoming::MultifdChannels;
     let mut fds: Vec<Option<OwnedFd>> = (0..channels).map(|_| None).collect();
     for conn in 1..=channels {
         let f = std::fs::File::open(capture(&format!("{dir}/conn{conn}.c2s"))).unwrap();
@@ -292,7 +292,7 @@ fn per_round_capture_fails_fast_when_loaded_per_section() {
 #[test]
 fn multifd_handshake_checks_uuid_and_id() {
     use std::os::fd::OwnedFd;
-    use vmigrate_engine::multifd_recv::read_init;
+    use vmigrate_engine::incoming::read_init;
     let open = |p: &str| OwnedFd::from(std::fs::File::open(capture(p)).unwrap());
     let e = read_init(&open("cap_mf_uuid/conn1.c2s"), [0; 16], 3).unwrap_err();
     assert!(e.contains("uuid"), "{e}");

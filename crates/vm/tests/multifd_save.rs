@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use vmigrate_engine::transport::Address;
+use vmigrate_engine::channels::Address;
 use vmigrate_engine::{
     EventBus, IncomingMode, MigrationProperties, MigrationStatus, Migrator, RunState,
 };

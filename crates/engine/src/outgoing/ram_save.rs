@@ -9,7 +9,7 @@ use vmigrate_stream::ram::{self, BlockEntry};
 use crate::io::{StreamWriter, WriteError};
 use crate::mapped_ram::{MappedRamWriter, Region};
 use crate::memory::RamBlock;
-use crate::multifd_send::{MultifdSender, ZeroDetection};
+use crate::outgoing::multifd_send::{MultifdSender, ZeroDetection};
 use crate::properties::MultifdSync;
 use crate::vmm::{DirtyBitmap, DirtyTracker, VmmError};
 

@@ -14,11 +14,11 @@ use vmigrate_stream::ram::{RAM_IDSTR, RAM_SECTION_VERSION};
 use vmigrate_stream::section::{decode_footer, Record, SectionId};
 use vmigrate_stream::{header, vmdesc, DecodeError, DecodeErrorKind, Source};
 
+use crate::channels::return_path::ReturnPathWriter;
+use crate::incoming::multifd_recv::{channel_error, MultifdReceiver, ReceiveConfig};
+use crate::incoming::ram_load::{MappedRamLoad, RamLoader};
 use crate::io::FdSource;
-use crate::multifd_recv::{channel_error, MultifdReceiver, ReceiveConfig};
 use crate::options::Capabilities;
-use crate::ram_load::RamLoader;
-use crate::return_path::ReturnPathWriter;
 use crate::vmm::{DeviceLoadError, DeviceState, Vmm};
 use vmigrate_stream::return_path::RpMessage;
 
@@ -70,24 +70,6 @@ pub fn load_stream(
         multifd,
         MappedRamLoad::default(),
     )
-}
-
-/// How a mapped-ram file's page area is read.
-#[derive(Debug, Clone, Copy)]
-pub struct MappedRamLoad {
-    /// Parallel readers (the multifd channel count with multifd, else 1).
-    pub threads: usize,
-    /// Read the page area with O_DIRECT.
-    pub direct_io: bool,
-}
-
-impl Default for MappedRamLoad {
-    fn default() -> Self {
-        Self {
-            threads: 1,
-            direct_io: false,
-        }
-    }
 }
 
 /// [`load_stream`], with the settings a mapped-ram file is read with.

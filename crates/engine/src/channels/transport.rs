@@ -8,13 +8,15 @@ use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::io::Seek;
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 
 use serde_json::{json, Value};
+
+use crate::errno::errno_text;
 
 /// A migration address, parsed from a URI or a `MigrationChannel`'s `addr`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -269,7 +271,7 @@ pub struct Channel {
     /// Offset in the file where the stream starts (file: transport).
     pub base_offset: u64,
     /// With TLS, the relay thread that carries `fd`'s plaintext to the network.
-    pub tls_relay: Option<crate::tls::RelayDone>,
+    pub tls_relay: Option<crate::channels::tls_relay::RelayDone>,
 }
 
 impl Channel {
@@ -591,15 +593,6 @@ impl Incoming {
     }
 }
 
-/// The strerror-like text of an I/O error, without Rust's " (os error N)" suffix.
-pub fn errno_text(e: &std::io::Error) -> String {
-    let s = e.to_string();
-    match s.find(" (os error ") {
-        Some(i) => s[..i].to_string(),
-        None => s,
-    }
-}
-
 fn gai_text(e: &std::io::Error) -> String {
     let s = e.to_string();
     s.split(": ").last().unwrap_or(&s).to_string()
@@ -639,8 +632,16 @@ pub fn set_read_timeout(fd: &OwnedFd, timeout: Option<std::time::Duration>) {
         rustix::net::sockopt::set_socket_timeout(fd, rustix::net::sockopt::Timeout::Recv, timeout);
 }
 
-pub fn raw(fd: &OwnedFd) -> RawFd {
-    fd.as_raw_fd()
+impl Channel {
+    /// Closes the descriptor and reaps an `exec:` child.
+    pub fn finish_with_close(&mut self) {
+        let placeholder = match std::fs::File::open("/dev/null") {
+            Ok(f) => std::os::fd::OwnedFd::from(f),
+            Err(_) => return self.finish(),
+        };
+        drop(std::mem::replace(&mut self.fd, placeholder));
+        self.finish();
+    }
 }
 
 #[cfg(test)]

@@ -26,17 +26,17 @@ use vmigrate_stream::{header, vmdesc};
 
 use std::os::fd::AsRawFd;
 
+use crate::channels::return_path::ReturnPath;
+use crate::channels::transport::Channel;
+use crate::channels::transport::{self, Address};
 use crate::compress::Method;
 use crate::io::{StreamWriter, WriteError};
-use crate::migrator::{SectionIds, Shared};
-use crate::multifd_send::{ChannelConfig, MultifdSender, ZeroDetection};
 use crate::options::MigMode;
-use crate::ram_save::{RamSaveError, RamSaver, ZeroPages, ITERATION_SLICE};
-use crate::return_path::ReturnPath;
+use crate::outgoing::multifd_send::{ChannelConfig, MultifdSender, ZeroDetection};
+use crate::outgoing::ram_save::{RamSaveError, RamSaver, ZeroPages, ITERATION_SLICE};
+use crate::outgoing::throttle::{AutoConverge, SyncPeriod};
+use crate::shared::{SectionIds, Shared};
 use crate::status::{MigrationStatus, RunState};
-use crate::throttle::{AutoConverge, SyncPeriod};
-use crate::transport::Channel;
-use crate::transport::{self, Address};
 use crate::vmm::{Vmm, VmmError};
 
 /// Why an outgoing migration ended without completing.
@@ -259,7 +259,7 @@ fn start_multifd(
         let mut ch = transport::connect_outgoing(addr).map_err(|e| WriteError::Io(e.0))?;
         if let Some(setup) = &tls {
             let cancel = shared.cancel_flag();
-            crate::tls::secure_outgoing(&mut ch, setup, &cancel, &format!("multifd{i}"))
+            crate::channels::tls::secure_outgoing(&mut ch, setup, &cancel, &format!("multifd{i}"))
                 .map_err(|e| WriteError::Tls(e.0))?;
             if let Some(relay) = ch.tls_relay.take() {
                 shared.add_tls_relay(relay);
@@ -589,7 +589,7 @@ fn send_ram_body(
     saver: &mut RamSaver,
     ram_id: Option<u32>,
     iteration: Option<(Instant, &dyn crate::vmm::DirtyTracker)>,
-) -> Result<(crate::ram_save::SentPages, bool), SaveError> {
+) -> Result<(crate::outgoing::ram_save::SentPages, bool), SaveError> {
     let deadline = iteration.map(|(d, _)| d);
     let (sent, pass_done) = saver.send_dirty(w, deadline, iteration.map(|(_, t)| t))?;
     saver.sync_before_eos(w, pass_done)?;

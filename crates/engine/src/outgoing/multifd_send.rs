@@ -90,8 +90,8 @@ impl MultifdSender {
         stats: &Stats,
     ) -> Result<(), WriteError> {
         let init = ChannelInit { uuid, id }.encode();
-        std::io::Write::write_all(&mut crate::tls::SocketIo(fd.as_fd()), &init)
-            .map_err(|e| WriteError::Io(crate::transport::errno_text(&e)))?;
+        std::io::Write::write_all(&mut crate::channels::tls_relay::SocketIo(fd.as_fd()), &init)
+            .map_err(|e| WriteError::Io(crate::errno::errno_text(&e)))?;
         stats
             .transferred
             .fetch_add(init.len() as u64, std::sync::atomic::Ordering::Relaxed);

@@ -5,66 +5,28 @@ use std::sync::Arc;
 use vmigrate_stream::ram::{self, BlockEntry, RamRecordHeader, RamRecordKind};
 use vmigrate_stream::{DecodeError, DecodeErrorKind, Source};
 
+use crate::incoming::multifd_recv::MultifdReceiver;
+use crate::incoming::pages::{load_zero_page, ReceivedPages};
 use crate::io::FdSource;
-use crate::load::MappedRamLoad;
 use crate::mapped_ram::{self, Region};
 use crate::memory::RamBlock;
-use crate::multifd_recv::MultifdReceiver;
 use crate::properties::MultifdSync;
-use crate::vmm::AtomicBitmap;
 
-/// Pages a load has written, per block, shared by the main loader and the multifd
-/// channel threads.
-#[derive(Debug)]
-pub struct ReceivedPages {
-    blocks: Vec<AtomicBitmap>,
+/// How a mapped-ram file's page area is read.
+#[derive(Debug, Clone, Copy)]
+pub struct MappedRamLoad {
+    /// Parallel readers (the multifd channel count with multifd, else 1).
+    pub threads: usize,
+    /// Read the page area with O_DIRECT.
+    pub direct_io: bool,
 }
 
-impl ReceivedPages {
-    pub fn new(blocks: &[Arc<RamBlock>]) -> Self {
+impl Default for MappedRamLoad {
+    fn default() -> Self {
         Self {
-            blocks: blocks
-                .iter()
-                .map(|b| AtomicBitmap::new(b.pages()))
-                .collect(),
+            threads: 1,
+            direct_io: false,
         }
-    }
-
-    pub fn set(&self, block: usize, page: usize) {
-        self.blocks[block].put(page, true);
-    }
-
-    /// Clears the bit and says whether it was set.
-    pub fn take(&self, block: usize, page: usize) -> bool {
-        self.blocks[block].put(page, false)
-    }
-
-    fn any(&self, block: usize) -> bool {
-        self.blocks[block].any()
-    }
-}
-
-/// Handles a zero page: nothing to do for a page of a pristine block that no one wrote
-/// during this load; otherwise the page is cleared (only if it is not zero already).
-pub fn load_zero_page(
-    block: &RamBlock,
-    pristine: bool,
-    received: &ReceivedPages,
-    bi: usize,
-    page: usize,
-) {
-    let was_written = received.take(bi, page);
-    if pristine && !was_written {
-        return;
-    }
-    let ps = block.page_size() as usize;
-    let offset = page as u64 * ps as u64;
-    if !block.is_zero(offset, ps) {
-        // Through the raw pointer: the load tracks its own writes, so this must not end
-        // the block's pristine state for the rest of the load.
-        let p = block.ptr_at(offset, ps);
-        // SAFETY: the page is inside the block's live mapping (checked by ptr_at).
-        unsafe { std::ptr::write_bytes(p, 0, ps) };
     }
 }
 
@@ -172,7 +134,7 @@ impl RamLoader {
         match &self.multifd {
             Some(m) => m
                 .wait_sync()
-                .map_err(|e| crate::multifd_recv::channel_error(at, e)),
+                .map_err(|e| crate::incoming::multifd_recv::channel_error(at, e)),
             None => Ok(()),
         }
     }

@@ -27,9 +27,37 @@ use std::time::Duration;
 use rustix::event::{poll, PollFd, PollFlags};
 use rustix::net::{recv, send, shutdown, RecvFlags, SendFlags, Shutdown};
 
-use crate::tls::{Session, SocketIo};
+use rustls::Connection;
 
 /// How much plaintext moves in one step, each way.
+/// A finished handshake, ready for [`relay`]; made by the handshakes in `tls`.
+#[derive(Debug)]
+pub struct Session {
+    pub(crate) conn: Connection,
+    pub(crate) socket: OwnedFd,
+}
+
+/// Reads and writes a socket with `recv`/`send` (no SIGPIPE).
+pub(crate) struct SocketIo<'a>(pub(crate) std::os::fd::BorrowedFd<'a>);
+
+impl Read for SocketIo<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        rustix::net::recv(self.0, buf, rustix::net::RecvFlags::empty())
+            .map(|(n, _)| n)
+            .map_err(io::Error::from)
+    }
+}
+
+impl Write for SocketIo<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        rustix::net::send(self.0, buf, rustix::net::SendFlags::NOSIGNAL).map_err(io::Error::from)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 const CHUNK: usize = 64 * 1024;
 /// How much decrypted plaintext may wait for the engine before reading stops.
 const MAX_PENDING: usize = 4 * CHUNK;
@@ -245,7 +273,7 @@ impl Relay {
                 Err(e) => {
                     self.fail(format!(
                         "Unable to write to socket: {}",
-                        crate::transport::errno_text(&e)
+                        crate::errno::errno_text(&e)
                     ));
                     return Err(());
                 }
@@ -289,7 +317,7 @@ impl Relay {
                 Ok(())
             }
             Err(e) => {
-                self.read_error = Some(crate::transport::errno_text(&e));
+                self.read_error = Some(crate::errno::errno_text(&e));
                 Err(())
             }
         }

@@ -18,7 +18,7 @@
 //! Closing the engine's end sends the peer a `close_notify` (QEMU's destination
 //! expects one on its multifd channels).
 
-use std::io::{self, Read, Write};
+use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -39,8 +39,8 @@ use rustls::{
     DistinguishedName, RootCertStore, ServerConfig, ServerConnection, SignatureScheme,
 };
 
-use crate::objects::Authz;
-use crate::x509_name;
+use crate::channels::authz::Authz;
+use crate::channels::x509_name;
 
 /// How long a handshake may take before the channel is given up.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -87,7 +87,7 @@ fn access_error(path: &Path, e: &io::Error) -> TlsError {
     TlsError(format!(
         "Unable to access credentials {}: {}",
         path.display(),
-        crate::transport::errno_text(e)
+        crate::errno::errno_text(e)
     ))
 }
 
@@ -435,13 +435,6 @@ impl ClientCertVerifier for AuthzVerifier {
     }
 }
 
-/// A finished handshake, ready for [`relay`].
-#[derive(Debug)]
-pub struct Session {
-    pub(crate) conn: Connection,
-    pub(crate) socket: OwnedFd,
-}
-
 /// Runs a source's handshake on `socket`.
 pub fn handshake_client(
     socket: OwnedFd,
@@ -562,7 +555,7 @@ fn describe(f: HandshakeFailure, hostname: &str) -> TlsError {
             "TLS handshake failed: The TLS connection was non-properly terminated.".into()
         }
         HandshakeFailure::Io(e) => {
-            format!("TLS handshake failed: {}", crate::transport::errno_text(&e))
+            format!("TLS handshake failed: {}", crate::errno::errno_text(&e))
         }
         HandshakeFailure::TimedOut => format!(
             "TLS handshake failed: the peer did not answer within {} s",
@@ -573,33 +566,13 @@ fn describe(f: HandshakeFailure, hostname: &str) -> TlsError {
     TlsError(text)
 }
 
-/// Reads and writes a socket with `recv`/`send` (no SIGPIPE).
-pub(crate) struct SocketIo<'a>(pub(crate) std::os::fd::BorrowedFd<'a>);
-
-impl Read for SocketIo<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        rustix::net::recv(self.0, buf, rustix::net::RecvFlags::empty())
-            .map(|(n, _)| n)
-            .map_err(io::Error::from)
-    }
-}
-
-impl Write for SocketIo<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        rustix::net::send(self.0, buf, rustix::net::SendFlags::NOSIGNAL).map_err(io::Error::from)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-pub use crate::tls_relay::{relay, RelayDone};
+pub(crate) use crate::channels::tls_relay::SocketIo;
+pub use crate::channels::tls_relay::{relay, RelayDone, Session};
 
 /// Secures an outgoing channel: handshake, then a relay in front of it. `ch.fd`
 /// becomes the plaintext end.
 pub fn secure_outgoing(
-    ch: &mut crate::transport::Channel,
+    ch: &mut crate::channels::transport::Channel,
     setup: &ClientSetup,
     cancel: &AtomicBool,
     name: &str,
@@ -609,7 +582,7 @@ pub fn secure_outgoing(
 
 /// Secures an incoming channel, as [`secure_outgoing`] does an outgoing one.
 pub fn secure_incoming(
-    ch: &mut crate::transport::Channel,
+    ch: &mut crate::channels::transport::Channel,
     setup: &ServerSetup,
     name: &str,
 ) -> Result<(), TlsError> {
@@ -619,7 +592,7 @@ pub fn secure_incoming(
 }
 
 fn secure(
-    ch: &mut crate::transport::Channel,
+    ch: &mut crate::channels::transport::Channel,
     name: &str,
     handshake: impl FnOnce(OwnedFd) -> Result<Session, TlsError>,
 ) -> Result<(), TlsError> {
@@ -643,11 +616,12 @@ fn secure(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::transport::Channel;
+    use crate::channels::transport::Channel;
     use rcgen::{
         BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
         KeyUsagePurpose,
     };
+    use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
     use std::os::fd::AsRawFd;
 

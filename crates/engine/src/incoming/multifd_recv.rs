@@ -11,9 +11,9 @@ use vmigrate_stream::multifd::{packet_len, ChannelInit, PacketHeader, INIT_LEN};
 use vmigrate_stream::Source;
 
 use crate::compress::{Decompressor, Method};
+use crate::incoming::pages::{load_zero_page, ReceivedPages};
 use crate::io::FdSource;
 use crate::memory::RamBlock;
-use crate::ram_load::{load_zero_page, ReceivedPages};
 
 /// How long a connected channel may take to send its init packet.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

@@ -1,0 +1,151 @@
+//! Accepting an incoming migration's connections: the main channel and, with
+//! multifd, every channel, told apart by their first bytes; TLS handshakes on each.
+
+use std::time::Instant;
+
+use crate::channels::tls;
+use crate::channels::transport::{self, Incoming};
+use crate::compress::Method;
+use crate::incoming::load::MultifdChannels;
+use crate::incoming::multifd_recv::{read_init, HANDSHAKE_TIMEOUT};
+use crate::options::Parameters;
+use crate::properties::MultifdSync;
+
+/// With multifd, accepts the main connection and every channel (in any order),
+/// classifying them by their first bytes as QEMU does.
+pub(crate) fn accept_channels(
+    incoming: &Incoming,
+    tls: Option<&tls::ServerSetup>,
+    params: &Parameters,
+    sync: MultifdSync,
+    uuid: [u8; 16],
+) -> Result<(transport::Channel, Option<MultifdChannels>), String> {
+    let n = params.u64("multifd-channels") as usize;
+    let method = Method::from_name(params.str("multifd-compression")).ok_or_else(|| {
+        format!(
+            "multifd-compression '{}' is not supported by vmigrate yet",
+            params.str("multifd-compression")
+        )
+    })?;
+    let deadline = Instant::now() + HANDSHAKE_TIMEOUT * 3;
+    let mut main = None;
+    let mut channels: Vec<Option<std::os::fd::OwnedFd>> = (0..n).map(|_| None).collect();
+    // Each new connection is classified on its own thread, so one that stays silent
+    // cannot hold up the others.
+    let (tx, rx) = std::sync::mpsc::channel::<Result<Classified, String>>();
+    let mut pending = 0usize;
+    while main.is_none() || channels.iter().any(Option::is_none) {
+        while let Ok(c) = rx.try_recv() {
+            pending -= 1;
+            place(c?, &mut main, &mut channels)?;
+        }
+        if main.is_some() && channels.iter().all(Option::is_some) {
+            break;
+        }
+        if pending > 0
+            && pending + usize::from(main.is_some()) + channels.iter().flatten().count() > n
+        {
+            // Enough connections are being classified; wait for one to finish.
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(c) => {
+                    pending -= 1;
+                    place(c?, &mut main, &mut channels)?;
+                    continue;
+                }
+                Err(_) => {
+                    return Err("timed out waiting for the multifd channels' handshakes".into())
+                }
+            }
+        }
+        let mut ch = incoming.accept_more(deadline).map_err(|e| e.0)?;
+        let tx = tx.clone();
+        let tls = tls.cloned();
+        pending += 1;
+        std::thread::spawn(move || {
+            let classified = match &tls {
+                Some(setup) => match tls::secure_incoming(&mut ch, setup, "in") {
+                    Ok(()) => classify(ch, uuid, n),
+                    Err(e) => Ok(Classified::Rejected(e.0)),
+                },
+                None => classify(ch, uuid, n),
+            };
+            let _ = tx.send(classified);
+        });
+    }
+    let fds = channels
+        .into_iter()
+        .map(|c| c.expect("all channels present"))
+        .collect();
+    Ok((
+        main.expect("main channel present"),
+        Some(MultifdChannels { fds, method, sync }),
+    ))
+}
+
+/// Accepts the one connection of a migration without multifd. With TLS, a connection
+/// whose handshake fails is reported and the next one awaited, as QEMU does.
+pub(crate) fn accept_main(
+    incoming: Incoming,
+    tls: Option<&tls::ServerSetup>,
+) -> Result<transport::Channel, String> {
+    let Some(setup) = tls else {
+        return incoming.accept().map_err(|e| e.0);
+    };
+    if let Incoming::Ready(mut ch) = incoming {
+        tls::secure_incoming(&mut ch, setup, "main").map_err(|e| e.0)?;
+        return Ok(ch);
+    }
+    let forever = Instant::now() + std::time::Duration::from_secs(100 * 365 * 86400);
+    loop {
+        let mut ch = incoming.accept_more(forever).map_err(|e| e.0)?;
+        match tls::secure_incoming(&mut ch, setup, "main") {
+            Ok(()) => return Ok(ch),
+            Err(e) => eprintln!("vmigrate: {e}"),
+        }
+    }
+}
+
+/// A new incoming connection, told apart by its first bytes.
+enum Classified {
+    Main(transport::Channel),
+    Multifd(u8, std::os::fd::OwnedFd),
+    /// Its TLS handshake failed: reported, and the connection dropped.
+    Rejected(String),
+}
+
+fn classify(ch: transport::Channel, uuid: [u8; 16], channels: usize) -> Result<Classified, String> {
+    transport::set_read_timeout(&ch.fd, Some(HANDSHAKE_TIMEOUT));
+    let head = transport::peek4(&ch.fd).map_err(|e| e.0)?;
+    if head == vmigrate_stream::header::MAGIC.to_be_bytes() {
+        transport::set_read_timeout(&ch.fd, None);
+        return Ok(Classified::Main(ch));
+    }
+    let id = read_init(&ch.fd, uuid, channels)?;
+    transport::set_read_timeout(&ch.fd, None);
+    Ok(Classified::Multifd(id, ch.fd))
+}
+
+fn place(
+    c: Classified,
+    main: &mut Option<transport::Channel>,
+    channels: &mut [Option<std::os::fd::OwnedFd>],
+) -> Result<(), String> {
+    match c {
+        Classified::Main(ch) => {
+            if main.is_some() {
+                return Err("a second main migration channel connected".into());
+            }
+            *main = Some(ch);
+        }
+        Classified::Rejected(msg) => eprintln!("vmigrate: {msg}"),
+        Classified::Multifd(id, fd) => {
+            let slot = &mut channels[usize::from(id)];
+            if slot.is_some() {
+                return Err(format!("multifd: channel {id} connected twice"));
+            }
+            *slot = Some(fd);
+        }
+    }
+    Ok(())
+}

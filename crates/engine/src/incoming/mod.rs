@@ -1,0 +1,13 @@
+//! The incoming side: accepting connections ([`accept`]), the stream loader
+//! ([`load`]), the RAM loader ([`ram_load`]), multifd channels ([`multifd_recv`]) and
+//! the pages a load has written ([`pages`]).
+
+pub(crate) mod accept;
+pub(crate) mod load;
+pub(crate) mod multifd_recv;
+pub(crate) mod pages;
+pub(crate) mod ram_load;
+
+pub use load::{load_stream, load_stream_with, LoadError, LoadOutcome, MultifdChannels};
+pub use multifd_recv::read_init;
+pub use ram_load::MappedRamLoad;

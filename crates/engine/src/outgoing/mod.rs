@@ -1,0 +1,10 @@
+//! The outgoing side: the precopy session ([`save`]), the RAM saver ([`ram_save`]),
+//! multifd channels ([`multifd_send`]) and auto-converge ([`throttle`]).
+
+pub(crate) mod multifd_send;
+pub(crate) mod ram_save;
+pub(crate) mod save;
+pub(crate) mod throttle;
+
+pub use ram_save::{RamSaver, ZeroPages};
+pub use save::SaveError;
