@@ -194,6 +194,7 @@ pub fn run(args: VmArgs) -> anyhow::Result<()> {
         RunState::Running
     };
     let events = EventBus::new();
+    events.on_warning(|msg| eprintln!("vmigrate: {msg}"));
     let machine = Arc::new(Machine::new(
         &MachineConfig {
             kind,

@@ -188,7 +188,9 @@ impl Migrator {
             .merged(list, st.incoming_started, &st.params)
             .map_err(|e| MigrateError(e.0))?;
         if next.get("zero-blocks") {
-            eprintln!("warning: zero-blocks capability is deprecated");
+            self.shared
+                .events
+                .warn("warning: zero-blocks capability is deprecated");
         }
         st.caps = next;
         Ok(())
@@ -575,9 +577,10 @@ impl Migrator {
                     &self.shared.params_snapshot(),
                     self.shared.properties().multifd_sync(),
                     self.vmm.uuid().unwrap_or([0; 16]),
+                    &self.shared.events,
                 )
             } else {
-                accept_main(incoming, tls.as_ref()).map(|ch| (ch, None))
+                accept_main(incoming, tls.as_ref(), &self.shared.events).map(|ch| (ch, None))
             }
         });
         let result = accepted.and_then(|(mut ch, channels)| {
@@ -634,7 +637,7 @@ impl Migrator {
 
     fn incoming_done(&self, outcome: LoadOutcome) {
         if let Some(note) = &outcome.vmdesc_note {
-            eprintln!("vmigrate: {note}");
+            self.shared.events.warn(note);
         }
         let control = self.vmm.control();
         match outcome.runstate.as_deref() {

@@ -6,6 +6,7 @@ use std::time::Instant;
 use crate::channels::tls;
 use crate::channels::transport::{self, Incoming};
 use crate::compress::Method;
+use crate::events::EventBus;
 use crate::incoming::load::MultifdChannels;
 use crate::incoming::multifd_recv::{read_init, HANDSHAKE_TIMEOUT};
 use crate::options::Parameters;
@@ -19,6 +20,7 @@ pub(crate) fn accept_channels(
     params: &Parameters,
     sync: MultifdSync,
     uuid: [u8; 16],
+    events: &EventBus,
 ) -> Result<(transport::Channel, Option<MultifdChannels>), String> {
     let n = params.u64("multifd-channels") as usize;
     let method = Method::from_name(params.str("multifd-compression")).ok_or_else(|| {
@@ -37,7 +39,7 @@ pub(crate) fn accept_channels(
     while main.is_none() || channels.iter().any(Option::is_none) {
         while let Ok(c) = rx.try_recv() {
             pending -= 1;
-            place(c?, &mut main, &mut channels)?;
+            place(c?, &mut main, &mut channels, events)?;
         }
         if main.is_some() && channels.iter().all(Option::is_some) {
             break;
@@ -50,7 +52,7 @@ pub(crate) fn accept_channels(
             match rx.recv_timeout(left) {
                 Ok(c) => {
                     pending -= 1;
-                    place(c?, &mut main, &mut channels)?;
+                    place(c?, &mut main, &mut channels, events)?;
                     continue;
                 }
                 Err(_) => {
@@ -88,6 +90,7 @@ pub(crate) fn accept_channels(
 pub(crate) fn accept_main(
     incoming: Incoming,
     tls: Option<&tls::ServerSetup>,
+    events: &EventBus,
 ) -> Result<transport::Channel, String> {
     let Some(setup) = tls else {
         return incoming.accept().map_err(|e| e.0);
@@ -101,7 +104,7 @@ pub(crate) fn accept_main(
         let mut ch = incoming.accept_more(forever).map_err(|e| e.0)?;
         match tls::secure_incoming(&mut ch, setup, "main") {
             Ok(()) => return Ok(ch),
-            Err(e) => eprintln!("vmigrate: {e}"),
+            Err(e) => events.warn(&e.0),
         }
     }
 }
@@ -130,6 +133,7 @@ fn place(
     c: Classified,
     main: &mut Option<transport::Channel>,
     channels: &mut [Option<std::os::fd::OwnedFd>],
+    events: &EventBus,
 ) -> Result<(), String> {
     match c {
         Classified::Main(ch) => {
@@ -138,7 +142,7 @@ fn place(
             }
             *main = Some(ch);
         }
-        Classified::Rejected(msg) => eprintln!("vmigrate: {msg}"),
+        Classified::Rejected(msg) => events.warn(&msg),
         Classified::Multifd(id, fd) => {
             let slot = &mut channels[usize::from(id)];
             if slot.is_some() {
