@@ -36,6 +36,8 @@ pub mod properties;
 pub(crate) mod shared;
 pub mod stats;
 pub mod status;
+#[cfg(test)]
+pub(crate) mod test_support;
 pub mod vmm;
 
 pub use events::EventBus;

@@ -11,7 +11,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use serde_json::{json, Map, Value};
 
 use crate::events::EventBus;
-use crate::shared::{IncomingMode, Role, Shared, State};
+use crate::shared::{Ending, IncomingMode, Role, Shared, State};
 
 use crate::channels::objects::ObjectStore;
 use crate::channels::tls;
@@ -80,6 +80,7 @@ impl Migrator {
                     tls_relays: Vec::new(),
                 }),
                 continue_cv: Condvar::new(),
+                event_order: Mutex::new(()),
                 events,
                 max_bandwidth,
             }),
@@ -334,17 +335,9 @@ impl Migrator {
         let stats = Stats::new();
         stats.start_clock();
         let cancel = Arc::new(AtomicBool::new(false));
-        {
-            let mut st = self.shared.lock();
-            st.role = Role::Outgoing;
-            st.error = None;
-            st.stats = stats;
-            st.cancel = cancel;
-            st.cancel_fds.clear();
-            st.continue_requested = false;
-            st.status = MigrationStatus::None;
-        }
-        self.shared.set_status(MigrationStatus::Setup);
+        self.shared
+            .begin(Role::Outgoing, |st| st.reset_outgoing(stats, cancel))
+            .map_err(|_| MigrateError("There's a migration process in progress".into()))?;
         let me = self.clone();
         std::thread::Builder::new()
             .name("mig/src/main".into())
@@ -356,18 +349,12 @@ impl Migrator {
     /// An outgoing migration that fails right after its setup: it is reported as a
     /// migration that went `setup` then `failed`, with `msg` as its error.
     fn fail_outgoing_setup(&self, msg: &str) -> MigrateError {
-        {
-            let mut st = self.shared.lock();
-            st.role = Role::Outgoing;
-            st.error = None;
-            st.stats = Stats::new();
-            st.cancel = Arc::new(AtomicBool::new(false));
-            st.cancel_fds.clear();
-            st.continue_requested = false;
-            st.status = MigrationStatus::None;
+        let started = self.shared.begin(Role::Outgoing, |st| {
+            st.reset_outgoing(Stats::new(), Arc::new(AtomicBool::new(false)))
+        });
+        if started.is_ok() {
+            self.end_session(Ending::Failed(msg.to_string()));
         }
-        self.shared.set_status(MigrationStatus::Setup);
-        self.shared.fail(msg.to_string());
         MigrateError(msg.to_string())
     }
 
@@ -375,7 +362,7 @@ impl Migrator {
         let tls = match self.outgoing_tls(&addr) {
             Ok(t) => t,
             Err(msg) => {
-                self.shared.fail(msg);
+                self.end_session(Ending::Failed(msg));
                 return;
             }
         };
@@ -391,7 +378,7 @@ impl Migrator {
         let mut channel = match channel {
             Ok(ch) => ch,
             Err(e) => {
-                self.shared.fail(e.0);
+                self.end_session(Ending::Failed(e.0));
                 return;
             }
         };
@@ -399,11 +386,8 @@ impl Migrator {
             let cancel = self.shared.cancel_flag();
             if let Err(e) = tls::secure_outgoing(&mut channel, setup, &cancel, "main") {
                 channel.finish_with_close();
-                if cancel.load(Ordering::Relaxed) {
-                    self.finish_cancelled();
-                } else {
-                    self.shared.fail(e.0);
-                }
+                // (Failed while cancelling ends `cancelled`: see Shared::end.)
+                self.end_session(Ending::Failed(e.0));
                 return;
             }
         }
@@ -414,7 +398,7 @@ impl Migrator {
             }
             if st.cancel.load(Ordering::Relaxed) {
                 drop(st);
-                self.finish_cancelled();
+                self.end_session(Ending::Cancelled);
                 return;
             }
         }
@@ -449,39 +433,28 @@ impl Migrator {
         stats
             .total_time_ms
             .store(stats.elapsed_ms(), Ordering::Relaxed);
-        match result {
-            Ok(()) => self.shared.set_status(MigrationStatus::Completed),
-            Err(SaveError::Cancelled) => self.finish_cancelled(),
-            Err(e) => {
-                if self.shared.cancel_flag().load(Ordering::Relaxed) {
-                    self.finish_cancelled();
-                } else {
-                    self.shared.fail(e.to_string());
-                }
-            }
-        }
+        self.end_session(match result {
+            Ok(()) => Ending::Completed,
+            Err(SaveError::Cancelled) => Ending::Cancelled,
+            // While cancelling, this ends `cancelled`: the cancel caused the error.
+            Err(e) => Ending::Failed(e.to_string()),
+        });
     }
 
-    fn finish_cancelled(&self) {
-        self.shared.set_status(MigrationStatus::Cancelled);
+    /// Ends the session in its final status. An ending the state machine refuses is a
+    /// bug; it is reported as a warning and the status stays as it was.
+    fn end_session(&self, ending: Ending) {
+        if let Err(e) = self.shared.end(ending) {
+            self.shared.events.warn(&format!("internal error: {e}"));
+        }
     }
 
     /// `migrate_cancel`.
     pub fn cancel(&self) -> Result<(), MigrateError> {
-        let st = self.shared.lock();
-        if st.status.is_postcopy() {
+        if self.shared.status().is_postcopy() {
             return merr("Postcopy migration in progress, cannot cancel.");
         }
-        if st.role != Role::Outgoing || !st.status.is_running() {
-            return Ok(());
-        }
-        st.cancel.store(true, Ordering::Relaxed);
-        for fd in &st.cancel_fds {
-            transport::shutdown_socket(*fd);
-        }
-        drop(st);
-        self.shared.continue_cv.notify_all();
-        self.shared.set_status(MigrationStatus::Cancelling);
+        self.shared.cancel_outgoing();
         Ok(())
     }
 
@@ -538,14 +511,14 @@ impl Migrator {
     ) -> Result<(), MigrateError> {
         self.incoming_precheck()?;
         self.check_transport(&addr)?;
-        {
-            let mut st = self.shared.lock();
-            st.role = Role::Incoming;
-            st.incoming_started = true;
-            st.error = None;
-            st.status = MigrationStatus::None;
-        }
-        self.shared.set_status(MigrationStatus::Setup);
+        self.shared
+            .begin(Role::Incoming, |st| st.incoming_started = true)
+            .map_err(|e| {
+                MigrateError(format!(
+                    "Illegal migration incoming state: {}",
+                    e.current.name()
+                ))
+            })?;
         let incoming = Incoming::start(&addr, &self.fds).map_err(|e| MigrateError(e.0))?;
         {
             let mut st = self.shared.lock();
@@ -584,7 +557,9 @@ impl Migrator {
             }
         });
         let result = accepted.and_then(|(mut ch, channels)| {
-            self.shared.set_status(MigrationStatus::Active);
+            self.shared
+                .transition(MigrationStatus::Setup, MigrationStatus::Active)
+                .map_err(|e| e.to_string())?;
             let fd = ch.fd.try_clone().map_err(|e| e.to_string())?;
             let mut src = FdSource::new(fd, ch.base_offset);
             let caps = self.shared.caps_snapshot();
@@ -620,7 +595,7 @@ impl Migrator {
         match result {
             Ok(outcome) => self.incoming_done(outcome),
             Err(msg) => {
-                self.shared.fail(msg.clone());
+                self.end_session(Ending::Failed(msg.clone()));
                 if exit_on_error {
                     if let Some(h) = self
                         .on_incoming_failure
@@ -652,7 +627,12 @@ impl Migrator {
                 control.set_run_state(RunState::from_name(other).unwrap_or(RunState::Paused))
             }
         }
-        self.shared.set_status(MigrationStatus::Completed);
+        if let Err(e) = self
+            .shared
+            .transition(MigrationStatus::Active, MigrationStatus::Completed)
+        {
+            self.shared.events.warn(&format!("internal error: {e}"));
+        }
     }
 
     /// `query-migrate`.
@@ -709,5 +689,266 @@ impl Migrator {
             }
         }
         Value::Object(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::test_support::{recorded_migrator, temp_path, wait_for_end, FakeVmm};
+    use crate::vmm::{DirtyBitmap, DirtyTracker, VmControl};
+    use MigrationStatus as S;
+
+    const LIMIT: Duration = Duration::from_secs(20);
+
+    fn file_addr(path: &std::path::Path) -> Address {
+        Address::parse_uri(&format!("file:{}", path.display())).unwrap()
+    }
+
+    fn unlimited(m: &Migrator) {
+        m.set_parameters(json!({"max-bandwidth": 0}).as_object().unwrap())
+            .unwrap();
+    }
+
+    fn events_of(seen: &Mutex<Vec<String>>) -> Vec<String> {
+        seen.lock().unwrap().clone()
+    }
+
+    #[test]
+    fn a_session_saves_to_a_file_and_another_loads_it() {
+        let src = FakeVmm::new(64, RunState::Running);
+        for p in [0, 3, 17, 63] {
+            src.write_page(p, p as u8 + 1);
+        }
+        let (m, seen) = recorded_migrator(src.clone(), IncomingMode::Disabled);
+        unlimited(&m);
+        let path = temp_path("save");
+        m.migrate(file_addr(&path), false, None).unwrap();
+        assert_eq!(
+            wait_for_end(&m, LIMIT),
+            S::Completed,
+            "{}",
+            m.query_migrate()
+        );
+        assert_eq!(events_of(&seen), ["setup", "active", "device", "completed"]);
+        assert_eq!(src.control.run_state(), RunState::PostMigrate);
+
+        let dst = FakeVmm::new(64, RunState::InMigrate);
+        let (d, dseen) = recorded_migrator(dst.clone(), IncomingMode::Deferred);
+        d.migrate_incoming(file_addr(&path), false).unwrap();
+        assert_eq!(
+            wait_for_end(&d, LIMIT),
+            S::Completed,
+            "{}",
+            d.query_migrate()
+        );
+        assert_eq!(events_of(&dseen), ["setup", "active", "completed"]);
+        assert!(dst.ram() == src.ram(), "destination RAM differs");
+        assert_eq!(dst.control.run_state(), RunState::Running);
+        let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn an_out_of_order_transition_is_refused_and_changes_nothing() {
+        let (m, seen) =
+            recorded_migrator(FakeVmm::new(4, RunState::Running), IncomingMode::Disabled);
+        let e = m.shared.transition(S::None, S::Active).unwrap_err();
+        assert_eq!((e.current, e.next), (S::None, S::Active));
+        assert_eq!(m.status(), S::None);
+        m.shared.begin(Role::Outgoing, |_| {}).unwrap();
+        // Not where the caller thinks it is.
+        let e = m.shared.transition(S::Active, S::Device).unwrap_err();
+        assert_eq!(e.current, S::Setup);
+        // No such edge, even from where it is.
+        assert!(m.shared.transition(S::Setup, S::Device).is_err());
+        assert!(m.shared.begin(Role::Outgoing, |_| {}).is_err());
+        m.shared.transition(S::Setup, S::Active).unwrap();
+        m.shared.transition(S::Active, S::Device).unwrap();
+        assert_eq!(m.shared.end(Ending::Completed).unwrap(), S::Completed);
+        assert!(m.shared.transition(S::Completed, S::Active).is_err());
+        assert!(m.shared.end(Ending::Cancelled).is_err());
+        assert_eq!(m.status(), S::Completed);
+        assert_eq!(events_of(&seen), ["setup", "active", "device", "completed"]);
+        assert!(e.to_string().contains("from setup to device"), "{e}");
+    }
+
+    /// One migration of a small running VM to a file, cancelled after `delay` (or not
+    /// at all): (its end, its events).
+    fn migrate_and_cancel_after(delay: Option<Duration>) -> (S, Vec<String>, Arc<FakeVmm>) {
+        let src = FakeVmm::new(32, RunState::Running);
+        src.write_page(1, 7);
+        src.write_page(30, 9);
+        let (m, seen) = recorded_migrator(src.clone(), IncomingMode::Disabled);
+        unlimited(&m);
+        let path = temp_path("race");
+        m.migrate(file_addr(&path), false, None).unwrap();
+        if let Some(delay) = delay {
+            let t0 = Instant::now();
+            while t0.elapsed() < delay {
+                std::hint::spin_loop();
+            }
+            m.cancel().unwrap();
+        }
+        let end = wait_for_end(&m, LIMIT);
+        let _ = std::fs::remove_file(path);
+        (end, events_of(&seen), src)
+    }
+
+    #[test]
+    fn cancel_racing_the_end_of_a_session_never_stays_cancelling() {
+        // How long a whole migration takes here, so the cancels land from before its
+        // start to after its end.
+        let t0 = Instant::now();
+        let (end, _, _) = migrate_and_cancel_after(None);
+        assert_eq!(end, S::Completed);
+        let whole = t0.elapsed().max(Duration::from_micros(200));
+        let rounds = 200u32;
+        let (mut completed, mut cancelled) = (0, 0);
+        for round in 0..rounds {
+            let delay = whole * 3 / 2 * round / rounds;
+            let (end, events, vm) = migrate_and_cancel_after(Some(delay));
+            let last = events.last().cloned().unwrap_or_default();
+            assert!(
+                matches!(end, S::Completed | S::Cancelled),
+                "round {round}: ended {end}, events {events:?}"
+            );
+            assert_eq!(last, end.name(), "round {round}: events {events:?}");
+            if let Some(i) = events.iter().position(|e| e == "cancelling") {
+                assert_eq!(events.len(), i + 2, "round {round}: events {events:?}");
+            }
+            let run_state = vm.control.run_state();
+            match end {
+                S::Completed => {
+                    completed += 1;
+                    assert_eq!(run_state, RunState::PostMigrate, "round {round}");
+                }
+                _ => {
+                    cancelled += 1;
+                    assert_eq!(run_state, RunState::Running, "round {round}");
+                }
+            }
+        }
+        // Both outcomes happened: the cancels really raced the sessions' ends.
+        assert!(
+            completed > 0 && cancelled > 0,
+            "completed {completed}, cancelled {cancelled} (a whole migration took {whole:?})"
+        );
+    }
+
+    #[test]
+    fn cancel_while_pages_are_being_sent_resumes_the_vm_and_keeps_its_pages_dirty() {
+        let pages = 4096;
+        let src = FakeVmm::new(pages, RunState::Running);
+        for p in 0..pages {
+            src.write_page(p, (p % 251) as u8 + 1);
+        }
+        // A destination that accepts and never reads: the session blocks in `active`.
+        let path = temp_path("sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let (m, seen) = recorded_migrator(src.clone(), IncomingMode::Disabled);
+        unlimited(&m);
+        let addr = Address::parse_uri(&format!("unix:{}", path.display())).unwrap();
+        m.migrate(addr, false, None).unwrap();
+        let (_conn, _) = listener.accept().unwrap();
+        let t0 = Instant::now();
+        while m.status() != S::Active {
+            assert!(t0.elapsed() < LIMIT, "{}", m.query_migrate());
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        let cancelled_at = Instant::now();
+        m.cancel().unwrap();
+        assert_eq!(wait_for_end(&m, LIMIT), S::Cancelled);
+        assert!(cancelled_at.elapsed() < Duration::from_secs(3));
+        assert_eq!(
+            events_of(&seen),
+            ["setup", "active", "cancelling", "cancelled"]
+        );
+        assert_eq!(src.control.run_state(), RunState::Running);
+        // Pages fetched but not sent went back to the tracker.
+        let mut dirty = DirtyBitmap::new(pages);
+        src.dirty.sync(0, &mut dirty).unwrap();
+        assert!(dirty.count() > 0, "no page was handed back");
+        let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn pre_switchover_waits_and_cancel_or_continue_decide() {
+        for go_on in [false, true] {
+            let src = FakeVmm::new(16, RunState::Running);
+            src.write_page(2, 5);
+            let (m, seen) = recorded_migrator(src.clone(), IncomingMode::Disabled);
+            unlimited(&m);
+            m.set_capabilities(&json!([{"capability": "pause-before-switchover", "state": true}]))
+                .unwrap();
+            let path = temp_path("pre");
+            m.migrate(file_addr(&path), false, None).unwrap();
+            let t0 = Instant::now();
+            while m.status() != S::PreSwitchover {
+                assert!(t0.elapsed() < LIMIT, "{}", m.query_migrate());
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            assert_eq!(src.control.run_state(), RunState::FinishMigrate);
+            assert!(m.migrate_continue("active").is_err());
+            if go_on {
+                m.migrate_continue("pre-switchover").unwrap();
+            } else {
+                m.cancel().unwrap();
+            }
+            let end = wait_for_end(&m, LIMIT);
+            let (want_end, want_events, want_state) = if go_on {
+                (
+                    S::Completed,
+                    vec!["setup", "active", "pre-switchover", "device", "completed"],
+                    RunState::PostMigrate,
+                )
+            } else {
+                (
+                    S::Cancelled,
+                    vec![
+                        "setup",
+                        "active",
+                        "pre-switchover",
+                        "cancelling",
+                        "cancelled",
+                    ],
+                    RunState::Running,
+                )
+            };
+            assert_eq!(end, want_end);
+            assert_eq!(events_of(&seen), want_events);
+            assert_eq!(src.control.run_state(), want_state);
+            // Stopped for the switchover, then either handed over or running again.
+            let history = src.control.history();
+            assert_eq!(
+                history[history.len() - 2],
+                RunState::FinishMigrate,
+                "{history:?}"
+            );
+            let _ = std::fs::remove_file(path);
+        }
+    }
+
+    #[test]
+    fn a_failed_destination_reports_and_stays_queryable() {
+        let path = temp_path("bad");
+        std::fs::write(&path, b"QEVM\x00\x00\x00\x03garbage").unwrap();
+        let dst = FakeVmm::new(8, RunState::InMigrate);
+        let (d, seen) = recorded_migrator(dst, IncomingMode::Deferred);
+        d.migrate_incoming(file_addr(&path), false).unwrap();
+        assert_eq!(wait_for_end(&d, LIMIT), S::Failed);
+        assert_eq!(events_of(&seen), ["setup", "active", "failed"]);
+        let q = d.query_migrate();
+        assert!(
+            q["error-desc"]
+                .as_str()
+                .is_some_and(|e| e.starts_with("load of migration failed")),
+            "{q}"
+        );
+        // A destination that failed does not take a second incoming migration.
+        assert!(d.migrate_incoming(file_addr(&path), false).is_err());
+        let _ = std::fs::remove_file(path);
     }
 }

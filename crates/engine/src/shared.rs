@@ -12,7 +12,7 @@ use crate::events::EventBus;
 use crate::options::{Capabilities, Parameters};
 use crate::properties::MigrationProperties;
 use crate::stats::Stats;
-use crate::status::MigrationStatus;
+use crate::status::{MigrationStatus, StatusError};
 
 /// Which way this process's migration goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,10 +74,30 @@ pub(crate) struct State {
     pub(crate) tls_relays: Vec<tls::RelayDone>,
 }
 
+/// How a session ended, as its thread saw it (see [`Shared::end`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Ending {
+    Completed,
+    Cancelled,
+    Failed(String),
+}
+
+impl State {
+    /// A new outgoing migration's fresh counters, cancel flag and requests.
+    pub(crate) fn reset_outgoing(&mut self, stats: Arc<Stats>, cancel: Arc<AtomicBool>) {
+        self.stats = stats;
+        self.cancel = cancel;
+        self.cancel_fds.clear();
+        self.continue_requested = false;
+    }
+}
+
 /// State shared between the facade and the session threads.
 pub(crate) struct Shared {
     pub(crate) state: Mutex<State>,
     pub(crate) continue_cv: Condvar,
+    /// See [`Shared::event_order`].
+    pub(crate) event_order: Mutex<()>,
     pub(crate) events: Arc<EventBus>,
     pub(crate) max_bandwidth: Arc<AtomicU64>,
 }
@@ -111,24 +131,132 @@ impl Shared {
         self.max_bandwidth.clone()
     }
 
-    pub fn set_status(&self, status: MigrationStatus) {
-        let events = {
-            let mut st = self.lock();
-            if st.status == status {
-                return;
-            }
-            st.status = status;
-            st.caps.get("events")
-        };
+    /// Serialises status changes with their `MIGRATION` events, so events leave in the
+    /// order the changes were made. Taken before the state lock, never after it.
+    fn event_order(&self) -> MutexGuard<'_, ()> {
+        self.event_order.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn emit_status(&self, events: bool, status: MigrationStatus) {
         if events {
             self.events
                 .emit("MIGRATION", Some(json!({"status": status.name()})));
         }
     }
 
-    pub(crate) fn fail(&self, msg: String) {
-        self.lock().error = Some(msg);
-        self.set_status(MigrationStatus::Failed);
+    /// The current status.
+    pub fn status(&self) -> MigrationStatus {
+        self.lock().status
+    }
+
+    /// Moves the status from `expected` to `next`, as one compare-and-set, and emits
+    /// `MIGRATION`. Fails, changing nothing, when the migration is not in `expected`
+    /// (a cancel got there first) or the edge is not in the state machine.
+    pub(crate) fn transition(
+        &self,
+        expected: MigrationStatus,
+        next: MigrationStatus,
+    ) -> Result<(), StatusError> {
+        let _order = self.event_order();
+        let events = {
+            let mut st = self.lock();
+            if st.status != expected || !expected.may_become(next) {
+                return Err(StatusError {
+                    expected,
+                    current: st.status,
+                    next,
+                });
+            }
+            st.status = next;
+            st.caps.get("events")
+        };
+        self.emit_status(events, next);
+        Ok(())
+    }
+
+    /// Starts a new migration in `role`: from rest (none, or a migration that ended) to
+    /// `setup`, after `reset` prepared the state, all under the lock.
+    pub(crate) fn begin(
+        &self,
+        role: Role,
+        reset: impl FnOnce(&mut State),
+    ) -> Result<(), StatusError> {
+        let _order = self.event_order();
+        let events = {
+            let mut st = self.lock();
+            let current = st.status;
+            if !current.may_become(MigrationStatus::Setup) {
+                return Err(StatusError {
+                    expected: MigrationStatus::None,
+                    current,
+                    next: MigrationStatus::Setup,
+                });
+            }
+            reset(&mut st);
+            st.role = role;
+            st.error = None;
+            st.status = MigrationStatus::Setup;
+            st.caps.get("events")
+        };
+        self.emit_status(events, MigrationStatus::Setup);
+        Ok(())
+    }
+
+    /// Ends the running migration from whatever state it is in. A failure while a
+    /// cancel is under way ends it `cancelled` (the cancel caused it); a stream that
+    /// was already whole when the cancel came ends `completed`. Returns the final
+    /// status, or an error (and no change) when the machine has no such edge.
+    pub(crate) fn end(&self, ending: Ending) -> Result<MigrationStatus, StatusError> {
+        let _order = self.event_order();
+        let (events, next) = {
+            let mut st = self.lock();
+            let current = st.status;
+            let next = match (&ending, current) {
+                (Ending::Failed(_), MigrationStatus::Cancelling) => MigrationStatus::Cancelled,
+                (Ending::Failed(_), _) => MigrationStatus::Failed,
+                (Ending::Completed, _) => MigrationStatus::Completed,
+                (Ending::Cancelled, _) => MigrationStatus::Cancelled,
+            };
+            if !current.may_become(next) {
+                return Err(StatusError {
+                    expected: current,
+                    current,
+                    next,
+                });
+            }
+            if let (Ending::Failed(msg), MigrationStatus::Failed) = (ending, next) {
+                st.error = Some(msg);
+            }
+            st.status = next;
+            (st.caps.get("events"), next)
+        };
+        self.emit_status(events, next);
+        Ok(next)
+    }
+
+    /// `migrate_cancel` on the outgoing side, as one step under the lock: the cancel
+    /// flag, the sockets shut down, and the status moved to `cancelling` from the
+    /// running state it was in. Nothing happens when no outgoing migration runs.
+    pub(crate) fn cancel_outgoing(&self) {
+        let _order = self.event_order();
+        let events = {
+            let mut st = self.lock();
+            let current = st.status;
+            if st.role != Role::Outgoing
+                || !current.is_running()
+                || !current.may_become(MigrationStatus::Cancelling)
+            {
+                return;
+            }
+            st.cancel.store(true, Ordering::Relaxed);
+            for fd in &st.cancel_fds {
+                crate::channels::transport::shutdown_socket(*fd);
+            }
+            st.status = MigrationStatus::Cancelling;
+            st.caps.get("events")
+        };
+        self.continue_cv.notify_all();
+        self.emit_status(events, MigrationStatus::Cancelling);
     }
 
     /// Adds a socket that cancel shuts down (multifd channels).

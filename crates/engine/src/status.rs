@@ -4,16 +4,23 @@ use std::fmt;
 
 /// `MigrationStatus`, as QEMU names it.
 ///
-/// Source transitions:
+/// Every change is a compare-and-set from the state its writer expects
+/// ([`MigrationStatus::may_become`] lists the edges; `Shared::transition` applies them),
+/// so a session thread and `migrate_cancel` racing each other cannot overwrite one
+/// another's outcome.
+///
+/// Source:
 ///
 /// ```text
-/// none ──migrate──▶ setup ──▶ active ──(converged)──▶ [pre-switchover ─▶] device ──▶ completed
-///                     │          │                                          └──▶ failed
-///                     └─(error)──┴──▶ failed
+/// none|completed|failed|cancelled ──migrate──▶ setup ──▶ active ──(converged)──▶ [pre-switchover ─▶] device ──▶ completed
+///                                                │         │                          │                 │
+///                                                └─────────┴──────(error)─────────────┴─────────────────┴──▶ failed
 /// setup|active|pre-switchover|device ──migrate_cancel──▶ cancelling ──▶ cancelled
+///                                                                   └─(the stream was already whole)──▶ completed
 /// ```
 ///
-/// Destination: `none ──migrate-incoming──▶ setup ──(stream starts)──▶ active ──▶ completed | failed`.
+/// Destination: `none ──migrate-incoming──▶ setup ──(stream starts)──▶ active ──▶ completed | failed`
+/// (and `setup ──▶ failed` when no connection could be accepted).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MigrationStatus {
     None,
@@ -85,6 +92,29 @@ impl MigrationStatus {
         )
     }
 
+    /// Whether a migration may go from `self` to `next`: the edges of the diagrams
+    /// above. Anything else is a bug in the caller and is refused.
+    pub fn may_become(self, next: MigrationStatus) -> bool {
+        use MigrationStatus::*;
+        match (self, next) {
+            // A new migration starts from rest.
+            (None | Completed | Failed | Cancelled, Setup) => true,
+            (Setup, Active | Failed | Cancelling) => true,
+            // Completed directly from active: a destination.
+            (Active, PreSwitchover | Device | Completed | Failed | Cancelling) => true,
+            (PreSwitchover, Device | Failed | Cancelling) => true,
+            (Device, Completed | Failed | Cancelling) => true,
+            // A cancel that came after the whole stream was out does not undo it.
+            (Cancelling, Cancelled | Completed) => true,
+            _ => false,
+        }
+    }
+
+    /// Whether a migration in this state has ended (or never started).
+    pub fn is_terminal(self) -> bool {
+        !self.is_running()
+    }
+
     pub fn is_postcopy(self) -> bool {
         matches!(
             self,
@@ -100,6 +130,16 @@ impl fmt::Display for MigrationStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
     }
+}
+
+/// A status change that the state machine does not allow from where the migration
+/// really is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("migration status cannot go from {current} to {next} (expected to be in {expected})")]
+pub struct StatusError {
+    pub expected: MigrationStatus,
+    pub current: MigrationStatus,
+    pub next: MigrationStatus,
 }
 
 /// The VM run state (`RunState` in QEMU's schema), for the states vmigrate reaches.
@@ -164,5 +204,49 @@ impl RunState {
 impl fmt::Display for RunState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn edges_follow_the_diagram() {
+        use MigrationStatus::*;
+        let ok = [
+            (None, Setup),
+            (Setup, Active),
+            (Active, PreSwitchover),
+            (PreSwitchover, Device),
+            (Device, Completed),
+            (Active, Cancelling),
+            (Cancelling, Cancelled),
+            (Cancelling, Completed),
+            (Device, Failed),
+            (Failed, Setup),
+        ];
+        for (a, b) in ok {
+            assert!(a.may_become(b), "{a} -> {b}");
+        }
+        let refused = [
+            (Completed, Active),
+            (Cancelled, Cancelling),
+            (Cancelling, Active),
+            (Cancelling, Failed),
+            (Device, Active),
+            (None, Completed),
+            (Setup, Setup),
+            (Active, Setup),
+        ];
+        for (a, b) in refused {
+            assert!(!a.may_become(b), "{a} -> {b}");
+        }
+        // No edge leaves a terminal state except to start again.
+        for from in MigrationStatus::ALL.into_iter().filter(|s| s.is_terminal()) {
+            for to in MigrationStatus::ALL {
+                assert_eq!(from.may_become(to), to == Setup, "{from} -> {to}");
+            }
+        }
     }
 }

@@ -95,6 +95,10 @@ pub enum DecodeErrorKind {
     },
     #[error("Command {0} is not supported in a precopy stream")]
     UnsupportedCommand(&'static str),
+    /// A command that the destination's phase does not allow (QEMU counts the phases
+    /// of its `PostcopyState`: 0 none, 1 advise, 2 discard, 3 listening, 4 running, 5 end).
+    #[error("CMD_{command} in wrong postcopy state ({phase})")]
+    CommandInWrongPhase { command: &'static str, phase: u8 },
     #[error("Unknown combination of migration flags: 0x{0:x}")]
     UnknownRamFlags(u64),
     #[error("Unknown ramblock \"{0}\", cannot accept migration")]

@@ -137,6 +137,121 @@ pub fn load_stream_with(
     result
 }
 
+/// Where the destination is in a migration, as QEMU's `PostcopyState` counts it. Each
+/// command that arrives is checked against it: one out of order ends the load with
+/// QEMU's text (`CMD_POSTCOPY_RUN in wrong postcopy state (0)`).
+///
+/// ```text
+/// precopy(0) ──ADVISE──▶ advised(1) ──RAM_DISCARD──▶ discarding(2) ──LISTEN──▶ listening(3) ──RUN──▶ running(4)
+///                            └────────────────────LISTEN─────────────────────────▲
+/// ```
+///
+/// Postcopy is not built yet: a command that would leave `precopy` is refused as
+/// unsupported once its phase check passed, so the phases past it are not entered yet.
+/// (QEMU's phase 5, end, follows running.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum IncomingPhase {
+    Precopy,
+    Advised,
+    Discarding,
+    Listening,
+    Running,
+}
+
+impl IncomingPhase {
+    /// QEMU's number for the phase, as its messages print it.
+    pub(crate) fn number(self) -> u8 {
+        match self {
+            Self::Precopy => 0,
+            Self::Advised => 1,
+            Self::Discarding => 2,
+            Self::Listening => 3,
+            Self::Running => 4,
+        }
+    }
+
+    /// The phases in which `command` may arrive; `None` when any phase will do.
+    fn allowed_for(command: &Command) -> Option<&'static [IncomingPhase]> {
+        use IncomingPhase::*;
+        match command {
+            Command::PostcopyAdvise(_) => Some(&[Precopy]),
+            Command::PostcopyRamDiscard(_) | Command::PostcopyListen => {
+                Some(&[Advised, Discarding])
+            }
+            Command::PostcopyRun => Some(&[Listening]),
+            Command::PostcopyResume | Command::RecvBitmap(_) => Some(&[Running]),
+            _ => None,
+        }
+    }
+}
+
+/// The commands of the main stream, one handler each, and what they change: the
+/// return path and the destination's phase.
+struct Commands<'a> {
+    rp: &'a mut ReturnPathState,
+    switchover_ack: bool,
+    phase: IncomingPhase,
+}
+
+impl Commands<'_> {
+    fn handle(&mut self, cmd: Command, at: u64) -> Result<(), LoadError> {
+        if let Some(allowed) = IncomingPhase::allowed_for(&cmd) {
+            if !allowed.contains(&self.phase) {
+                return Err(DecodeError::new(
+                    at,
+                    DecodeErrorKind::CommandInWrongPhase {
+                        command: cmd.name(),
+                        phase: self.phase.number(),
+                    },
+                )
+                .into());
+            }
+        }
+        match cmd {
+            Command::OpenReturnPath => self.open_return_path(at),
+            Command::Ping(v) => self.ping(v, at),
+            Command::SwitchoverStart => self.switchover_start(),
+            other => Err(unsupported(&other, at)),
+        }
+    }
+
+    /// OPEN_RETURN_PATH: from now on the destination answers on the way back; with
+    /// `switchover-ack` its ACK goes out at once (vmigrate has nothing to hold it for).
+    fn open_return_path(&mut self, at: u64) -> Result<(), LoadError> {
+        if self.rp.writer.is_none() {
+            return Err(DecodeError::new(
+                at,
+                DecodeErrorKind::Invalid {
+                    what: "OPEN_RETURN_PATH",
+                    detail: "Unable to open return-path: the transport has no way back".into(),
+                },
+            )
+            .into());
+        }
+        if !self.rp.open {
+            self.rp.open = true;
+            if self.switchover_ack {
+                self.rp.send(&RpMessage::SwitchoverAck, at)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// PING: answered with a PONG of the same value.
+    fn ping(&mut self, value: u32, at: u64) -> Result<(), LoadError> {
+        Ok(self.rp.send(&RpMessage::Pong(value), at)?)
+    }
+
+    /// SWITCHOVER_START: the source stopped its VM; nothing to prepare here.
+    fn switchover_start(&mut self) -> Result<(), LoadError> {
+        Ok(())
+    }
+}
+
+fn unsupported(cmd: &Command, at: u64) -> LoadError {
+    DecodeError::new(at, DecodeErrorKind::UnsupportedCommand(cmd.name())).into()
+}
+
 /// The destination's end of the return path.
 struct ReturnPathState {
     writer: Option<ReturnPathWriter>,
@@ -189,6 +304,11 @@ fn load_records(
     check_configuration(&config, at, vmm, caps)?;
 
     let devices = vmm.devices();
+    let mut commands = Commands {
+        rp,
+        switchover_ack: caps.get("switchover-ack"),
+        phase: IncomingPhase::Precopy,
+    };
     let mut sections: HashMap<u32, (String, u32)> = HashMap::new();
     let mut runstate = None;
     loop {
@@ -254,36 +374,7 @@ fn load_records(
                 }
                 decode_footer(src, s.section_id, &s.idstr)?;
             }
-            Record::Command(cmd) => match cmd {
-                Command::SwitchoverStart => {}
-                Command::OpenReturnPath => {
-                    if rp.writer.is_none() {
-                        return Err(DecodeError::new(
-                            at,
-                            DecodeErrorKind::Invalid {
-                                what: "OPEN_RETURN_PATH",
-                                detail: "Unable to open return-path: the transport has no way back"
-                                    .into(),
-                            },
-                        )
-                        .into());
-                    }
-                    if !rp.open {
-                        rp.open = true;
-                        if caps.get("switchover-ack") {
-                            rp.send(&RpMessage::SwitchoverAck, at)?;
-                        }
-                    }
-                }
-                Command::Ping(v) => rp.send(&RpMessage::Pong(v), at)?,
-                other => {
-                    return Err(DecodeError::new(
-                        at,
-                        DecodeErrorKind::UnsupportedCommand(other.name()),
-                    )
-                    .into())
-                }
-            },
+            Record::Command(cmd) => commands.handle(cmd, at)?,
         }
     }
     let vmdesc_note = match vmdesc::decode(src) {
@@ -389,4 +480,96 @@ fn check_configuration(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::OwnedFd;
+
+    use vmigrate_stream::config::Configuration;
+
+    use super::*;
+    use crate::status::RunState;
+    use crate::test_support::{temp_path, FakeVmm};
+
+    /// Loads a stream of the header, a `none` configuration and `commands`.
+    fn load_commands(commands: &[Command]) -> Result<LoadOutcome, LoadError> {
+        let mut bytes = Vec::new();
+        header::encode_header(&mut bytes);
+        Configuration {
+            machine: "none".into(),
+            target_page_bits: None,
+            capabilities: vec![],
+            uuid: None,
+        }
+        .encode(&mut bytes);
+        for c in commands {
+            c.encode(&mut bytes);
+        }
+        Record::Eof.encode(&mut bytes);
+        let path = temp_path("cmds");
+        std::fs::write(&path, &bytes).unwrap();
+        let fd = OwnedFd::from(std::fs::File::open(&path).unwrap());
+        let _ = std::fs::remove_file(&path);
+        let mut src = FdSource::new(fd, 0);
+        let vmm = FakeVmm::new(4, RunState::InMigrate);
+        load_stream(&mut src, vmm.as_ref(), &Capabilities::default(), None, None)
+    }
+
+    #[test]
+    fn each_command_is_checked_against_the_phase() {
+        let text = |cmds: &[Command]| load_commands(cmds).unwrap_err().to_string();
+        assert!(load_commands(&[Command::SwitchoverStart]).is_ok());
+        for (cmds, want) in [
+            (
+                vec![Command::PostcopyRun],
+                "CMD_POSTCOPY_RUN in wrong postcopy state (0)",
+            ),
+            (
+                vec![Command::PostcopyListen],
+                "CMD_POSTCOPY_LISTEN in wrong postcopy state (0)",
+            ),
+            (
+                vec![Command::PostcopyRamDiscard(vec![0, 0])],
+                "CMD_POSTCOPY_RAM_DISCARD in wrong postcopy state (0)",
+            ),
+            (
+                vec![Command::PostcopyResume],
+                "CMD_POSTCOPY_RESUME in wrong postcopy state (0)",
+            ),
+            // In its phase, but postcopy is not built: refused as unsupported.
+            (
+                vec![Command::PostcopyAdvise(vec![0; 16])],
+                "Command POSTCOPY_ADVISE is not supported in a precopy stream",
+            ),
+            (
+                vec![Command::Packaged(0)],
+                "Command PACKAGED is not supported",
+            ),
+            // PING needs an open return path.
+            (vec![Command::Ping(3)], "the return path is not open"),
+            (
+                vec![Command::OpenReturnPath],
+                "the transport has no way back",
+            ),
+        ] {
+            let got = text(&cmds);
+            assert!(got.contains(want), "{cmds:?}: {got}");
+            assert!(got.contains("byte offset"), "{got}");
+        }
+    }
+
+    #[test]
+    fn phases_number_as_qemu_prints_them() {
+        use IncomingPhase::*;
+        let all = [Precopy, Advised, Discarding, Listening, Running];
+        for (i, p) in all.into_iter().enumerate() {
+            assert_eq!(usize::from(p.number()), i);
+        }
+        assert_eq!(
+            IncomingPhase::allowed_for(&Command::PostcopyRun),
+            Some(&[Listening][..])
+        );
+        assert_eq!(IncomingPhase::allowed_for(&Command::Ping(1)), None);
+    }
 }

@@ -36,7 +36,7 @@ use crate::outgoing::multifd_send::{ChannelConfig, MultifdSender, ZeroDetection}
 use crate::outgoing::ram_save::{RamSaveError, RamSaver, ZeroPages, ITERATION_SLICE};
 use crate::outgoing::throttle::{AutoConverge, SyncPeriod};
 use crate::shared::{SectionIds, Shared};
-use crate::status::{MigrationStatus, RunState};
+use crate::status::{MigrationStatus, RunState, StatusError};
 use crate::vmm::{Vmm, VmmError};
 
 /// Why an outgoing migration ended without completing.
@@ -50,6 +50,8 @@ pub enum SaveError {
     Cancelled,
     #[error("{0}")]
     ReturnPath(String),
+    #[error(transparent)]
+    Status(#[from] StatusError),
 }
 
 impl From<RamSaveError> for SaveError {
@@ -444,7 +446,7 @@ fn iterate_inner(
     stats
         .setup_time_ms
         .store(stats.elapsed_ms(), Ordering::Relaxed);
-    shared.set_status(MigrationStatus::Active);
+    advance(shared, MigrationStatus::Setup, MigrationStatus::Active)?;
     let params = shared.params_snapshot();
     stats
         .expected_downtime_ms
@@ -682,13 +684,19 @@ fn complete(
         before: runstate_at_switchover,
         armed: session.early_stop.is_none(),
     };
+    let mut before_device = MigrationStatus::Active;
     if shared.caps_snapshot().get("pause-before-switchover") {
-        shared.set_status(MigrationStatus::PreSwitchover);
+        advance(
+            shared,
+            MigrationStatus::Active,
+            MigrationStatus::PreSwitchover,
+        )?;
+        before_device = MigrationStatus::PreSwitchover;
         if !shared.wait_continue() {
             return Err(SaveError::Cancelled);
         }
     }
-    shared.set_status(MigrationStatus::Device);
+    advance(shared, before_device, MigrationStatus::Device)?;
     dirty_sync(shared, vmm, saver, sync_tracker)?;
     w.with_buf(|out| {
         Command::SwitchoverStart.encode(out);
@@ -751,6 +759,17 @@ fn complete(
     guard.armed = false;
     control.set_run_state(RunState::PostMigrate);
     Ok(())
+}
+
+/// Moves the session's status on; a cancel that got there first ends the session.
+fn advance(shared: &Shared, from: MigrationStatus, to: MigrationStatus) -> Result<(), SaveError> {
+    shared.transition(from, to).map_err(|e| {
+        if e.current == MigrationStatus::Cancelling {
+            SaveError::Cancelled
+        } else {
+            SaveError::Status(e)
+        }
+    })
 }
 
 /// The run state a stopped source reports in `globalstate`: QEMU stores the state the
