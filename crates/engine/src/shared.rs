@@ -118,7 +118,7 @@ impl Shared {
                 return;
             }
             st.status = status;
-            st.caps.get("events")
+            st.caps.events()
         };
         if events {
             self.events
@@ -147,7 +147,7 @@ impl Shared {
     }
 
     pub fn emit_pass(&self, pass: u64) {
-        if self.lock().caps.get("events") {
+        if self.lock().caps.events() {
             self.events
                 .emit("MIGRATION_PASS", Some(json!({"pass": pass})));
         }

@@ -86,7 +86,7 @@ pub fn load_stream_with(
         open: false,
     };
     let mut ram = RamLoader::new(vmm.ram_blocks().to_vec());
-    if caps.get("mapped-ram") {
+    if caps.mapped_ram() {
         ram.use_mapped_ram(mapped_ram);
     }
     let receiver = multifd.map(|m| {
@@ -270,7 +270,7 @@ fn load_records(
                     }
                     if !rp.open {
                         rp.open = true;
-                        if caps.get("switchover-ack") {
+                        if caps.switchover_ack() {
                             rp.send(&RpMessage::SwitchoverAck, at)?;
                         }
                     }
@@ -349,7 +349,7 @@ fn check_configuration(
     }
     for name in VALIDATED_CAPABILITIES {
         let received = config.has_capability(name);
-        let local_state = caps.get(name);
+        let local_state = crate::options::Cap::from_name(name).is_some_and(|c| caps.has(c));
         if received != local_state {
             return Err(DecodeError::new(
                 at,
