@@ -4,6 +4,8 @@
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 use zstd::stream::raw::{Decoder, Encoder, InBuffer, Operation, OutBuffer};
 
+use crate::options::MultifdCompression;
+
 /// The `multifd-compression` methods vmigrate implements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Method {
@@ -12,16 +14,17 @@ pub enum Method {
     Zstd,
 }
 
-impl Method {
-    pub fn from_name(name: &str) -> Option<Self> {
-        match name {
-            "none" => Some(Method::None),
-            "zlib" => Some(Method::Zlib),
-            "zstd" => Some(Method::Zstd),
-            _ => None,
+impl From<MultifdCompression> for Method {
+    fn from(compression: MultifdCompression) -> Self {
+        match compression {
+            MultifdCompression::None => Method::None,
+            MultifdCompression::Zlib => Method::Zlib,
+            MultifdCompression::Zstd => Method::Zstd,
         }
     }
+}
 
+impl Method {
     /// The packet-header flag bits for this method.
     pub fn flag(self) -> u32 {
         use vmigrate_stream::multifd::{FLAG_ZLIB, FLAG_ZSTD};

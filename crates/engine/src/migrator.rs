@@ -58,7 +58,7 @@ impl std::fmt::Debug for Migrator {
 impl Migrator {
     pub fn new(vmm: Arc<dyn Vmm>, events: Arc<EventBus>, incoming_mode: IncomingMode) -> Arc<Self> {
         let params = Parameters::default();
-        let max_bandwidth = Arc::new(AtomicU64::new(params.u64("max-bandwidth")));
+        let max_bandwidth = Arc::new(AtomicU64::new(params.max_bandwidth()));
         Arc::new(Self {
             vmm,
             shared: Arc::new(Shared {
@@ -105,12 +105,12 @@ impl Migrator {
     /// host), or `None` without TLS.
     fn outgoing_tls(&self, addr: &Address) -> Result<Option<tls::ClientSetup>, String> {
         let params = self.shared.params_snapshot();
-        let id = params.str("tls-creds");
+        let id = params.tls_creds();
         if id.is_empty() {
             return Ok(None);
         }
         let creds = self.objects.tls_creds(id, tls::Endpoint::Client)?;
-        let hostname = match (params.str("tls-hostname"), addr) {
+        let hostname = match (params.tls_hostname(), addr) {
             ("", Address::Tcp { host, .. }) => Some(host.as_str()),
             ("", _) => None,
             (h, _) => Some(h),
@@ -123,12 +123,12 @@ impl Migrator {
     /// The destination's TLS setup from `tls-creds` and `tls-authz`.
     fn incoming_tls(&self) -> Result<Option<tls::ServerSetup>, String> {
         let params = self.shared.params_snapshot();
-        let id = params.str("tls-creds");
+        let id = params.tls_creds();
         if id.is_empty() {
             return Ok(None);
         }
         let creds = self.objects.tls_creds(id, tls::Endpoint::Server)?;
-        let authz = match params.str("tls-authz") {
+        let authz = match params.tls_authz() {
             "" => None,
             az => Some(self.objects.authz(az)?),
         };
@@ -188,7 +188,7 @@ impl Migrator {
             .caps
             .merged(list, st.incoming_started, &st.params)
             .map_err(|e| MigrateError(e.0))?;
-        if next.get("zero-blocks") {
+        if next.zero_blocks() {
             self.shared
                 .events
                 .warn("warning: zero-blocks capability is deprecated");
@@ -208,7 +208,7 @@ impl Migrator {
             .map_err(|e| MigrateError(e.0))?;
         self.shared
             .max_bandwidth
-            .store(next.u64("max-bandwidth"), Ordering::Relaxed);
+            .store(next.max_bandwidth(), Ordering::Relaxed);
         st.params = next;
         Ok(())
     }
@@ -256,19 +256,19 @@ impl Migrator {
     /// QEMU's checks of the main channel against the capabilities and the mode.
     pub fn check_transport(&self, addr: &Address) -> Result<(), MigrateError> {
         let caps = self.shared.caps_snapshot();
-        if caps.get("mapped-ram") && !matches!(addr, Address::File { .. }) {
+        if caps.mapped_ram() && !matches!(addr, Address::File { .. }) {
             return merr("Migration requires seekable transport (e.g. file)");
         }
         let file = matches!(addr, Address::File { .. });
-        let multi_channel = addr.is_socket() || (file && caps.get("mapped-ram"));
-        if (caps.get("multifd") || caps.get("postcopy-preempt")) && !multi_channel {
+        let multi_channel = addr.is_socket() || (file && caps.mapped_ram());
+        if (caps.multifd() || caps.postcopy_preempt()) && !multi_channel {
             return merr("Migration requires multi-channel URIs (e.g. tcp)");
         }
         let params = self.shared.params_snapshot();
-        if caps.get("multifd") && caps.get("mapped-ram") && params.bool("direct-io") && !file {
+        if caps.multifd() && caps.mapped_ram() && params.direct_io() && !file {
             return merr("Migration requires a transport that allows for extra fds (e.g. file)");
         }
-        let cpr_transfer = params.str("mode") == "cpr-transfer";
+        let cpr_transfer = params.mode() == MigMode::CprTransfer;
         if cpr_transfer && matches!(addr, Address::File { .. }) {
             return merr("Migration requires streamable transport (eg unix)");
         }
@@ -305,12 +305,12 @@ impl Migrator {
             return merr(reason);
         }
         let caps = self.shared.caps_snapshot();
-        if caps.get("mapped-ram") {
+        if caps.mapped_ram() {
             let params = self.shared.params_snapshot();
-            if !params.str("tls-creds").is_empty() {
+            if !params.tls_creds().is_empty() {
                 return merr("Cannot use TLS with mapped-ram");
             }
-            if params.str("multifd-compression") != "none" {
+            if params.multifd_compression() != crate::options::MultifdCompression::None {
                 return merr("Cannot use compression with mapped-ram");
             }
         }
@@ -539,9 +539,9 @@ impl Migrator {
 
     fn incoming_thread_inner(&self, incoming: Incoming, exit_on_error: bool) {
         let caps = self.shared.caps_snapshot();
-        let mapped_ram = caps.get("mapped-ram");
+        let mapped_ram = caps.mapped_ram();
         // A mapped-ram file has no channel connections: its readers use the file itself.
-        let multifd = caps.get("multifd") && !mapped_ram;
+        let multifd = caps.multifd() && !mapped_ram;
         let accepted = self.incoming_tls().and_then(|tls| {
             if multifd {
                 accept_channels(
@@ -573,12 +573,12 @@ impl Migrator {
             };
             let params = self.shared.params_snapshot();
             let file_load = crate::incoming::ram_load::MappedRamLoad {
-                threads: if caps.get("multifd") {
-                    params.u64("multifd-channels") as usize
+                threads: if caps.multifd() {
+                    usize::from(params.multifd_channels())
                 } else {
                     1
                 },
-                direct_io: params.bool("direct-io"),
+                direct_io: params.direct_io(),
             };
             let r =
                 load::load_stream_with(&mut src, self.vmm.as_ref(), &caps, rp, channels, file_load)

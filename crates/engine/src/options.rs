@@ -1,47 +1,119 @@
 //! Migration capabilities and parameters: QEMU 10.0's full lists, defaults, the JSON
 //! argument checks of its input visitor, and its validation rules and error texts.
+//!
+//! Each list is written once, in a table (`capabilities!` and `parameters!` below),
+//! and the table generates both the QMP names and the typed accessors the engine uses:
+//! `caps.multifd()` or `caps.has(Cap::Multifd)`, `params.max_bandwidth()`,
+//! `params.multifd_compression()`. Only the QMP parsing looks options up by name.
 
 use serde_json::{json, Map, Value};
 
-/// Every capability QEMU 10.0 has, in its enum order (the order queries list them in).
-pub const CAPABILITIES: [&str; 22] = [
-    "xbzrle",
-    "rdma-pin-all",
-    "auto-converge",
-    "zero-blocks",
-    "events",
-    "postcopy-ram",
-    "x-colo",
-    "release-ram",
-    "return-path",
-    "pause-before-switchover",
-    "multifd",
-    "dirty-bitmaps",
-    "postcopy-blocktime",
-    "late-block-activate",
-    "x-ignore-shared",
-    "validate-uuid",
-    "background-snapshot",
-    "zero-copy-send",
-    "postcopy-preempt",
-    "switchover-ack",
-    "dirty-limit",
-    "mapped-ram",
-];
+/// Defines one of QEMU's QAPI enums: its variants, each with its QEMU name, in QEMU's
+/// enum order, with `ALL`, `NAMES`, `name`, `from_name` and `Display`.
+macro_rules! qapi_enum {
+    (
+        $(#[$meta:meta])*
+        $vis:vis enum $ty:ident {
+            $($(#[$variant_meta:meta])* $variant:ident = $name:literal,)*
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        $vis enum $ty {
+            $($(#[$variant_meta])* $variant,)*
+        }
+
+        impl $ty {
+            /// Every value, in QEMU's enum order.
+            pub const ALL: [$ty; [$($name),*].len()] = [$($ty::$variant),*];
+            /// Their QEMU names, in the same order.
+            pub const NAMES: [&'static str; [$($name),*].len()] = [$($name),*];
+
+            /// The QEMU name.
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $($ty::$variant => $name,)*
+                }
+            }
+
+            /// The value with this QEMU name.
+            pub fn from_name(name: &str) -> Option<Self> {
+                Self::ALL.into_iter().find(|v| v.name() == name)
+            }
+        }
+
+        impl std::fmt::Display for $ty {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.name())
+            }
+        }
+    };
+}
+
+/// The capability table: each capability's variant, accessor and QEMU name. Generates
+/// [`Cap`], [`CAPABILITIES`] and one `Capabilities` accessor per capability.
+macro_rules! capabilities {
+    ($($variant:ident $method:ident = $name:literal,)*) => {
+        qapi_enum! {
+            /// A migration capability (QEMU's `MigrationCapability`).
+            pub enum Cap {
+                $($variant = $name,)*
+            }
+        }
+
+        /// Every capability QEMU 10.0 has, in its enum order (the order queries list
+        /// them in).
+        pub const CAPABILITIES: [&str; Cap::ALL.len()] = Cap::NAMES;
+
+        impl Capabilities {
+            $(
+                #[doc = concat!("Whether `", $name, "` is on.")]
+                pub fn $method(&self) -> bool {
+                    self.has(Cap::$variant)
+                }
+            )*
+        }
+    };
+}
+
+capabilities! {
+    Xbzrle xbzrle = "xbzrle",
+    RdmaPinAll rdma_pin_all = "rdma-pin-all",
+    AutoConverge auto_converge = "auto-converge",
+    ZeroBlocks zero_blocks = "zero-blocks",
+    Events events = "events",
+    PostcopyRam postcopy_ram = "postcopy-ram",
+    XColo x_colo = "x-colo",
+    ReleaseRam release_ram = "release-ram",
+    ReturnPath return_path = "return-path",
+    PauseBeforeSwitchover pause_before_switchover = "pause-before-switchover",
+    Multifd multifd = "multifd",
+    DirtyBitmaps dirty_bitmaps = "dirty-bitmaps",
+    PostcopyBlocktime postcopy_blocktime = "postcopy-blocktime",
+    LateBlockActivate late_block_activate = "late-block-activate",
+    XIgnoreShared x_ignore_shared = "x-ignore-shared",
+    ValidateUuid validate_uuid = "validate-uuid",
+    BackgroundSnapshot background_snapshot = "background-snapshot",
+    ZeroCopySend zero_copy_send = "zero-copy-send",
+    PostcopyPreempt postcopy_preempt = "postcopy-preempt",
+    SwitchoverAck switchover_ack = "switchover-ack",
+    DirtyLimit dirty_limit = "dirty-limit",
+    MappedRam mapped_ram = "mapped-ram",
+}
 
 /// Capabilities vmigrate implements. `zero-blocks` and `late-block-activate` have no
 /// effect in QEMU 10.0 either, so accepting them is faithful.
-const SUPPORTED_CAPABILITIES: [&str; 10] = [
-    "events",
-    "mapped-ram",
-    "auto-converge",
-    "multifd",
-    "return-path",
-    "switchover-ack",
-    "zero-blocks",
-    "late-block-activate",
-    "validate-uuid",
-    "pause-before-switchover",
+const SUPPORTED_CAPABILITIES: [Cap; 10] = [
+    Cap::Events,
+    Cap::MappedRam,
+    Cap::AutoConverge,
+    Cap::Multifd,
+    Cap::ReturnPath,
+    Cap::SwitchoverAck,
+    Cap::ZeroBlocks,
+    Cap::LateBlockActivate,
+    Cap::ValidateUuid,
+    Cap::PauseBeforeSwitchover,
 ];
 
 /// An option error, with the QMP error text. All of them are `GenericError`.
@@ -56,30 +128,26 @@ fn err<T>(msg: impl Into<String>) -> Result<T, OptionsError> {
 /// The capability set.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Capabilities {
-    on: [bool; CAPABILITIES.len()],
+    on: [bool; Cap::ALL.len()],
 }
 
 impl Capabilities {
-    pub fn get(&self, name: &str) -> bool {
-        CAPABILITIES
-            .iter()
-            .position(|c| *c == name)
-            .is_some_and(|i| self.on[i])
+    /// Whether `cap` is on.
+    pub fn has(&self, cap: Cap) -> bool {
+        self.on[cap as usize]
     }
 
-    fn set(&mut self, name: &str, state: bool) {
-        if let Some(i) = CAPABILITIES.iter().position(|c| *c == name) {
-            self.on[i] = state;
-        }
+    fn set(&mut self, cap: Cap, state: bool) {
+        self.on[cap as usize] = state;
     }
 
     /// `query-migrate-capabilities`.
     pub fn to_json(&self) -> Value {
         Value::Array(
-            CAPABILITIES
+            Cap::ALL
                 .iter()
                 .zip(self.on)
-                .map(|(name, state)| json!({"capability": name, "state": state}))
+                .map(|(cap, state)| json!({"capability": cap.name(), "state": state}))
                 .collect(),
         )
     }
@@ -103,19 +171,21 @@ impl Capabilities {
             let obj = item
                 .as_object()
                 .ok_or_else(|| invalid_type(&format!("capabilities[{i}]"), "object"))?;
-            let name = match obj.get("capability") {
+            let cap = match obj.get("capability") {
                 None => {
                     return err(format!(
                         "Parameter 'capabilities[{i}].capability' is missing"
                     ))
                 }
-                Some(Value::String(s)) if CAPABILITIES.contains(&s.as_str()) => s.as_str(),
-                // QEMU's enum visitor names the member alone, without its path.
-                Some(Value::String(s)) => {
-                    return err(format!(
-                        "Parameter 'capability' does not accept value '{s}'"
-                    ))
-                }
+                Some(Value::String(s)) => match Cap::from_name(s) {
+                    Some(cap) => cap,
+                    // QEMU's enum visitor names the member alone, without its path.
+                    None => {
+                        return err(format!(
+                            "Parameter 'capability' does not accept value '{s}'"
+                        ))
+                    }
+                },
                 Some(_) => {
                     return Err(invalid_type(
                         &format!("capabilities[{i}].capability"),
@@ -133,16 +203,16 @@ impl Capabilities {
             if let Some(key) = obj.keys().find(|k| *k != "capability" && *k != "state") {
                 return err(format!("Parameter 'capabilities[{i}].{key}' is unexpected"));
             }
-            if state && !self.get(name) && !turned_on.contains(&name) {
-                turned_on.push(name);
+            if state && !self.has(cap) && !turned_on.contains(&cap) {
+                turned_on.push(cap);
             }
-            next.set(name, state);
+            next.set(cap, state);
         }
         next.validate(self, incoming_started, params)?;
-        for name in turned_on {
-            if next.get(name) && !SUPPORTED_CAPABILITIES.contains(&name) {
+        for cap in turned_on {
+            if next.has(cap) && !SUPPORTED_CAPABILITIES.contains(&cap) {
                 return err(format!(
-                    "Capability '{name}' is not supported by vmigrate yet"
+                    "Capability '{cap}' is not supported by vmigrate yet"
                 ));
             }
         }
@@ -156,74 +226,73 @@ impl Capabilities {
         incoming_started: bool,
         params: &Parameters,
     ) -> Result<(), OptionsError> {
-        let on = |c: &str| self.get(c);
-        if on("postcopy-ram") {
-            if on("x-ignore-shared") {
+        if self.postcopy_ram() {
+            if self.x_ignore_shared() {
                 return err("Postcopy is not compatible with ignore-shared");
             }
-            if on("multifd") {
+            if self.multifd() {
                 return err("Postcopy is not yet compatible with multifd");
             }
         }
-        if on("background-snapshot") {
-            const CONFLICTS: [&str; 14] = [
-                "postcopy-ram",
-                "dirty-bitmaps",
-                "postcopy-blocktime",
-                "late-block-activate",
-                "return-path",
-                "multifd",
-                "pause-before-switchover",
-                "auto-converge",
-                "release-ram",
-                "rdma-pin-all",
-                "xbzrle",
-                "x-colo",
-                "validate-uuid",
-                "zero-copy-send",
+        if self.background_snapshot() {
+            const CONFLICTS: [Cap; 14] = [
+                Cap::PostcopyRam,
+                Cap::DirtyBitmaps,
+                Cap::PostcopyBlocktime,
+                Cap::LateBlockActivate,
+                Cap::ReturnPath,
+                Cap::Multifd,
+                Cap::PauseBeforeSwitchover,
+                Cap::AutoConverge,
+                Cap::ReleaseRam,
+                Cap::RdmaPinAll,
+                Cap::Xbzrle,
+                Cap::XColo,
+                Cap::ValidateUuid,
+                Cap::ZeroCopySend,
             ];
-            if let Some(c) = CONFLICTS.iter().find(|c| on(c)) {
+            if let Some(c) = CONFLICTS.iter().find(|c| self.has(**c)) {
                 return err(format!("Background-snapshot is not compatible with {c}"));
             }
         }
-        if on("zero-copy-send")
-            && (!on("multifd")
-                || on("xbzrle")
-                || params.str("multifd-compression") != "none"
-                || !params.str("tls-creds").is_empty())
+        if self.zero_copy_send()
+            && (!self.multifd()
+                || self.xbzrle()
+                || params.multifd_compression() != MultifdCompression::None
+                || !params.tls_creds().is_empty())
         {
             return err("Zero copy only available for non-compressed non-TLS multifd migration");
         }
-        if on("postcopy-preempt") {
-            if !on("postcopy-ram") {
+        if self.postcopy_preempt() {
+            if !self.postcopy_ram() {
                 return err("Postcopy preempt requires postcopy-ram");
             }
-            if incoming_started && !old.get("postcopy-preempt") {
+            if incoming_started && !old.postcopy_preempt() {
                 return err("Postcopy preempt must be set before incoming starts");
             }
         }
-        if on("multifd") && incoming_started && !old.get("multifd") {
+        if self.multifd() && incoming_started && !old.multifd() {
             return err("Multifd must be set before incoming starts");
         }
-        if on("switchover-ack") && !on("return-path") {
+        if self.switchover_ack() && !self.return_path() {
             return err("Capability 'switchover-ack' requires capability 'return-path'");
         }
-        if on("dirty-limit") {
-            if on("auto-converge") {
+        if self.dirty_limit() {
+            if self.auto_converge() {
                 return err(
                     "dirty-limit conflicts with auto-converge either of then available currently",
                 );
             }
             return err("dirty-limit requires KVM with accelerator property 'dirty-ring-size' set");
         }
-        if on("multifd") && on("xbzrle") {
+        if self.multifd() && self.xbzrle() {
             return err("Multifd is not compatible with xbzrle");
         }
-        if on("mapped-ram") {
-            if on("xbzrle") {
+        if self.mapped_ram() {
+            if self.xbzrle() {
                 return err("Mapped-ram migration is incompatible with xbzrle");
             }
-            if on("postcopy-ram") {
+            if self.postcopy_ram() {
                 return err("Mapped-ram migration is incompatible with postcopy");
             }
         }
@@ -231,49 +300,50 @@ impl Capabilities {
     }
 }
 
-/// The migration `mode` parameter (QEMU's `MigMode`).
-///
-/// - `normal`: live migration.
-/// - `cpr-reboot`: the VM is stopped when the migration starts and saved (normally to a
-///   `file:`), for a restart of the same VM on a new host process or after a reboot.
-/// - `cpr-transfer`: guest RAM stays in place and is handed to a new process over a
-///   `cpr` channel; it needs RAM that can be shared.
-///
-/// Migration blockers are registered per mode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum MigMode {
-    Normal,
-    CprReboot,
-    CprTransfer,
+qapi_enum! {
+    /// The migration `mode` parameter (QEMU's `MigMode`).
+    ///
+    /// - `normal`: live migration.
+    /// - `cpr-reboot`: the VM is stopped when the migration starts and saved (normally to a
+    ///   `file:`), for a restart of the same VM on a new host process or after a reboot.
+    /// - `cpr-transfer`: guest RAM stays in place and is handed to a new process over a
+    ///   `cpr` channel; it needs RAM that can be shared.
+    ///
+    /// Migration blockers are registered per mode.
+    pub enum MigMode {
+        Normal = "normal",
+        CprReboot = "cpr-reboot",
+        CprTransfer = "cpr-transfer",
+    }
 }
 
 impl MigMode {
-    /// Every mode, in QEMU's enum order.
-    pub const ALL: [MigMode; 3] = [MigMode::Normal, MigMode::CprReboot, MigMode::CprTransfer];
-    /// Their names, in the same order.
-    pub const NAMES: [&'static str; 3] = ["normal", "cpr-reboot", "cpr-transfer"];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            MigMode::Normal => Self::NAMES[0],
-            MigMode::CprReboot => Self::NAMES[1],
-            MigMode::CprTransfer => Self::NAMES[2],
-        }
-    }
-
-    pub fn from_name(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|m| m.name() == name)
-    }
-
     /// Whether this is one of the checkpoint/restart modes.
     pub fn is_cpr(self) -> bool {
         self != MigMode::Normal
     }
 }
 
-impl std::fmt::Display for MigMode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
+qapi_enum! {
+    /// The `multifd-compression` parameter (QEMU's `MultiFDCompression`, as built
+    /// without QPL, UADK or QATzip).
+    pub enum MultifdCompression {
+        None = "none",
+        Zlib = "zlib",
+        Zstd = "zstd",
+    }
+}
+
+qapi_enum! {
+    /// The `zero-page-detection` parameter (QEMU's `ZeroPageDetection`).
+    pub enum ZeroPageDetection {
+        /// Zero pages are sent as data.
+        None = "none",
+        /// The migration thread looks for zero pages.
+        Legacy = "legacy",
+        /// The multifd threads look for zero pages (the migration thread without
+        /// multifd).
+        Multifd = "multifd",
     }
 }
 
@@ -283,13 +353,13 @@ pub fn cpr_conflict(mode: MigMode, caps: &Capabilities) -> Option<&'static str> 
     if !mode.is_cpr() {
         return None;
     }
-    if caps.get("postcopy-ram") || caps.get("dirty-bitmaps") {
+    if caps.postcopy_ram() || caps.dirty_bitmaps() {
         return Some("Cannot use postcopy with CPR");
     }
-    if caps.get("background-snapshot") {
+    if caps.background_snapshot() {
         return Some("Cannot use background snapshot with CPR");
     }
-    if caps.get("x-colo") {
+    if caps.x_colo() {
         return Some("Cannot use COLO with CPR");
     }
     None
@@ -308,95 +378,231 @@ enum Kind {
     Enum(&'static [&'static str]),
 }
 
-const COMPRESSION: &[&str] = &["none", "zlib", "zstd"];
-const MODES: &[&str] = &MigMode::NAMES;
-const ZERO_PAGE_DETECTION: &[&str] = &["none", "legacy", "multifd"];
+/// A parameter kind's [`Kind`].
+macro_rules! param_kind {
+    (U64) => {
+        Kind::U64
+    };
+    (U32) => {
+        Kind::U32
+    };
+    (U8) => {
+        Kind::U8
+    };
+    (Bool) => {
+        Kind::Bool
+    };
+    (StrOrNull) => {
+        Kind::StrOrNull
+    };
+    (Enum($ty:ident)) => {
+        Kind::Enum(&$ty::NAMES)
+    };
+}
 
-/// Every parameter, in the order `query-migrate-parameters` lists them, with its default.
-const PARAMETERS: [(&str, Kind, DefaultValue); 28] = [
-    ("announce-initial", Kind::U64, DefaultValue::U(50)),
-    ("announce-max", Kind::U64, DefaultValue::U(550)),
-    ("announce-rounds", Kind::U64, DefaultValue::U(5)),
-    ("announce-step", Kind::U64, DefaultValue::U(100)),
-    ("throttle-trigger-threshold", Kind::U8, DefaultValue::U(50)),
-    ("cpu-throttle-initial", Kind::U8, DefaultValue::U(20)),
-    ("cpu-throttle-increment", Kind::U8, DefaultValue::U(10)),
-    ("cpu-throttle-tailslow", Kind::Bool, DefaultValue::B(false)),
-    ("max-cpu-throttle", Kind::U8, DefaultValue::U(99)),
-    ("tls-creds", Kind::StrOrNull, DefaultValue::S("")),
-    ("tls-hostname", Kind::StrOrNull, DefaultValue::S("")),
-    ("tls-authz", Kind::StrOrNull, DefaultValue::S("")),
-    ("max-bandwidth", Kind::U64, DefaultValue::U(134_217_728)),
-    ("avail-switchover-bandwidth", Kind::U64, DefaultValue::U(0)),
-    ("downtime-limit", Kind::U64, DefaultValue::U(300)),
-    ("x-checkpoint-delay", Kind::U32, DefaultValue::U(20000)),
-    ("multifd-channels", Kind::U8, DefaultValue::U(2)),
-    (
-        "multifd-compression",
-        Kind::Enum(COMPRESSION),
-        DefaultValue::S("none"),
-    ),
-    ("multifd-zlib-level", Kind::U8, DefaultValue::U(1)),
-    ("multifd-qatzip-level", Kind::U8, DefaultValue::U(1)),
-    ("multifd-zstd-level", Kind::U8, DefaultValue::U(1)),
-    ("xbzrle-cache-size", Kind::U64, DefaultValue::U(67_108_864)),
-    ("max-postcopy-bandwidth", Kind::U64, DefaultValue::U(0)),
-    (
-        "x-vcpu-dirty-limit-period",
-        Kind::U64,
-        DefaultValue::U(1000),
-    ),
-    ("vcpu-dirty-limit", Kind::U64, DefaultValue::U(1)),
-    ("mode", Kind::Enum(MODES), DefaultValue::S("normal")),
-    (
-        "zero-page-detection",
-        Kind::Enum(ZERO_PAGE_DETECTION),
-        DefaultValue::S("multifd"),
-    ),
-    ("direct-io", Kind::Bool, DefaultValue::B(false)),
-];
+/// The Rust type a parameter kind's accessor returns.
+macro_rules! param_type {
+    (U64) => {
+        u64
+    };
+    (U32) => {
+        u32
+    };
+    (U8) => {
+        u8
+    };
+    (Bool) => {
+        bool
+    };
+    (StrOrNull) => {
+        &str
+    };
+    (Enum($ty:ident)) => {
+        $ty
+    };
+}
+
+/// A parameter kind's default, as the JSON value queries show.
+macro_rules! param_default {
+    (U64, $d:tt) => {{
+        let d: u64 = $d;
+        Value::from(d)
+    }};
+    (U32, $d:tt) => {
+        param_default!(U64, $d)
+    };
+    (U8, $d:tt) => {
+        param_default!(U64, $d)
+    };
+    (Bool, $d:tt) => {
+        Value::Bool($d)
+    };
+    (StrOrNull, $d:tt) => {
+        Value::from($d)
+    };
+    (Enum($ty:ident), $d:tt) => {
+        Value::from($ty::$d.name())
+    };
+}
+
+/// Reads a stored JSON value (always one that passed [`check_type`]) as its kind's type.
+macro_rules! param_read {
+    ($v:expr, U64) => {
+        $v.and_then(Value::as_u64).unwrap_or(0)
+    };
+    ($v:expr, U32) => {
+        $v.and_then(Value::as_u64)
+            .and_then(|n| u32::try_from(n).ok())
+            .unwrap_or(0)
+    };
+    ($v:expr, U8) => {
+        $v.and_then(Value::as_u64)
+            .and_then(|n| u8::try_from(n).ok())
+            .unwrap_or(0)
+    };
+    ($v:expr, Bool) => {
+        $v.and_then(Value::as_bool).unwrap_or(false)
+    };
+    ($v:expr, StrOrNull) => {
+        $v.and_then(Value::as_str).unwrap_or("")
+    };
+    ($v:expr, Enum($ty:ident)) => {
+        $v.and_then(Value::as_str)
+            .and_then($ty::from_name)
+            .unwrap_or($ty::ALL[0])
+    };
+}
+
+/// The parameter table: each parameter's variant, accessor, QEMU name, kind and
+/// default, in the order `query-migrate-parameters` lists them. Generates [`Param`] and
+/// one `Parameters` accessor per parameter.
+macro_rules! parameters {
+    ($(
+        $variant:ident $method:ident = $name:literal : $kind:ident $(($ty:ident))? = $default:tt,
+    )*) => {
+        qapi_enum! {
+            /// A migration parameter (a member of QEMU's `MigrationParameters`), in the
+            /// order `query-migrate-parameters` lists them.
+            pub enum Param {
+                $($variant = $name,)*
+            }
+        }
+
+        impl Param {
+            /// How its JSON value is typed and checked.
+            fn kind(self) -> Kind {
+                match self {
+                    $(Param::$variant => param_kind!($kind $(($ty))?),)*
+                }
+            }
+
+            /// Its default, as `query-migrate-parameters` shows it.
+            fn default_value(self) -> Value {
+                match self {
+                    $(Param::$variant => param_default!($kind $(($ty))?, $default),)*
+                }
+            }
+        }
+
+        impl Parameters {
+            $(
+                #[doc = concat!("The `", $name, "` parameter.")]
+                pub fn $method(&self) -> param_type!($kind $(($ty))?) {
+                    param_read!(self.value(Param::$variant), $kind $(($ty))?)
+                }
+            )*
+        }
+    };
+}
+
+parameters! {
+    AnnounceInitial announce_initial = "announce-initial": U64 = 50,
+    AnnounceMax announce_max = "announce-max": U64 = 550,
+    AnnounceRounds announce_rounds = "announce-rounds": U64 = 5,
+    AnnounceStep announce_step = "announce-step": U64 = 100,
+    ThrottleTriggerThreshold throttle_trigger_threshold = "throttle-trigger-threshold": U8 = 50,
+    CpuThrottleInitial cpu_throttle_initial = "cpu-throttle-initial": U8 = 20,
+    CpuThrottleIncrement cpu_throttle_increment = "cpu-throttle-increment": U8 = 10,
+    CpuThrottleTailslow cpu_throttle_tailslow = "cpu-throttle-tailslow": Bool = false,
+    MaxCpuThrottle max_cpu_throttle = "max-cpu-throttle": U8 = 99,
+    TlsCreds tls_creds = "tls-creds": StrOrNull = "",
+    TlsHostname tls_hostname = "tls-hostname": StrOrNull = "",
+    TlsAuthz tls_authz = "tls-authz": StrOrNull = "",
+    MaxBandwidth max_bandwidth = "max-bandwidth": U64 = 134_217_728,
+    AvailSwitchoverBandwidth avail_switchover_bandwidth = "avail-switchover-bandwidth": U64 = 0,
+    DowntimeLimit downtime_limit = "downtime-limit": U64 = 300,
+    XCheckpointDelay x_checkpoint_delay = "x-checkpoint-delay": U32 = 20000,
+    MultifdChannels multifd_channels = "multifd-channels": U8 = 2,
+    MultifdCompression multifd_compression = "multifd-compression":
+        Enum(MultifdCompression) = None,
+    MultifdZlibLevel multifd_zlib_level = "multifd-zlib-level": U8 = 1,
+    MultifdQatzipLevel multifd_qatzip_level = "multifd-qatzip-level": U8 = 1,
+    MultifdZstdLevel multifd_zstd_level = "multifd-zstd-level": U8 = 1,
+    XbzrleCacheSize xbzrle_cache_size = "xbzrle-cache-size": U64 = 67_108_864,
+    MaxPostcopyBandwidth max_postcopy_bandwidth = "max-postcopy-bandwidth": U64 = 0,
+    XVcpuDirtyLimitPeriod x_vcpu_dirty_limit_period = "x-vcpu-dirty-limit-period": U64 = 1000,
+    VcpuDirtyLimit vcpu_dirty_limit = "vcpu-dirty-limit": U64 = 1,
+    Mode mode = "mode": Enum(MigMode) = Normal,
+    ZeroPageDetection zero_page_detection = "zero-page-detection":
+        Enum(ZeroPageDetection) = Multifd,
+    DirectIo direct_io = "direct-io": Bool = false,
+}
+
 const BLOCK_BITMAP_MAPPING: &str = "block-bitmap-mapping";
+
+/// A member of `migrate-set-parameters`: a parameter, or `block-bitmap-mapping`, which
+/// has no default and is only listed by queries once set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SetMember {
+    Param(Param),
+    BlockBitmapMapping,
+}
+
+impl SetMember {
+    fn name(self) -> &'static str {
+        match self {
+            SetMember::Param(p) => p.name(),
+            SetMember::BlockBitmapMapping => BLOCK_BITMAP_MAPPING,
+        }
+    }
+}
 
 /// The members of `migrate-set-parameters` in the order of QEMU's schema, which is the
 /// order its input visitor checks them in.
-const SET_ORDER: [&str; 29] = [
-    "announce-initial",
-    "announce-max",
-    "announce-rounds",
-    "announce-step",
-    "throttle-trigger-threshold",
-    "cpu-throttle-initial",
-    "cpu-throttle-increment",
-    "cpu-throttle-tailslow",
-    "tls-creds",
-    "tls-hostname",
-    "tls-authz",
-    "max-bandwidth",
-    "avail-switchover-bandwidth",
-    "downtime-limit",
-    "x-checkpoint-delay",
-    "multifd-channels",
-    "xbzrle-cache-size",
-    "max-postcopy-bandwidth",
-    "max-cpu-throttle",
-    "multifd-compression",
-    "multifd-zlib-level",
-    "multifd-qatzip-level",
-    "multifd-zstd-level",
-    BLOCK_BITMAP_MAPPING,
-    "x-vcpu-dirty-limit-period",
-    "vcpu-dirty-limit",
-    "mode",
-    "zero-page-detection",
-    "direct-io",
-];
-
-#[derive(Debug, Clone, Copy)]
-enum DefaultValue {
-    U(u64),
-    B(bool),
-    S(&'static str),
-}
+const SET_ORDER: [SetMember; Param::ALL.len() + 1] = {
+    use SetMember::{BlockBitmapMapping, Param as P};
+    [
+        P(Param::AnnounceInitial),
+        P(Param::AnnounceMax),
+        P(Param::AnnounceRounds),
+        P(Param::AnnounceStep),
+        P(Param::ThrottleTriggerThreshold),
+        P(Param::CpuThrottleInitial),
+        P(Param::CpuThrottleIncrement),
+        P(Param::CpuThrottleTailslow),
+        P(Param::TlsCreds),
+        P(Param::TlsHostname),
+        P(Param::TlsAuthz),
+        P(Param::MaxBandwidth),
+        P(Param::AvailSwitchoverBandwidth),
+        P(Param::DowntimeLimit),
+        P(Param::XCheckpointDelay),
+        P(Param::MultifdChannels),
+        P(Param::XbzrleCacheSize),
+        P(Param::MaxPostcopyBandwidth),
+        P(Param::MaxCpuThrottle),
+        P(Param::MultifdCompression),
+        P(Param::MultifdZlibLevel),
+        P(Param::MultifdQatzipLevel),
+        P(Param::MultifdZstdLevel),
+        BlockBitmapMapping,
+        P(Param::XVcpuDirtyLimitPeriod),
+        P(Param::VcpuDirtyLimit),
+        P(Param::Mode),
+        P(Param::ZeroPageDetection),
+        P(Param::DirectIo),
+    ]
+};
 
 /// The parameter set, kept as the JSON values `query-migrate-parameters` returns.
 #[derive(Debug, Clone, PartialEq)]
@@ -406,16 +612,9 @@ pub struct Parameters {
 
 impl Default for Parameters {
     fn default() -> Self {
-        let values = PARAMETERS
+        let values = Param::ALL
             .iter()
-            .map(|(name, _, d)| {
-                let v = match d {
-                    DefaultValue::U(u) => json!(u),
-                    DefaultValue::B(b) => json!(b),
-                    DefaultValue::S(s) => json!(s),
-                };
-                (name.to_string(), v)
-            })
+            .map(|p| (p.name().to_string(), p.default_value()))
             .collect();
         Self { values }
     }
@@ -426,24 +625,8 @@ impl Parameters {
         Value::Object(self.values.clone())
     }
 
-    pub fn u64(&self, name: &str) -> u64 {
-        self.values.get(name).and_then(Value::as_u64).unwrap_or(0)
-    }
-
-    pub fn bool(&self, name: &str) -> bool {
-        self.values
-            .get(name)
-            .and_then(Value::as_bool)
-            .unwrap_or(false)
-    }
-
-    pub fn str(&self, name: &str) -> &str {
-        self.values.get(name).and_then(Value::as_str).unwrap_or("")
-    }
-
-    /// The `mode` parameter (only the enum's names are ever stored).
-    pub fn mode(&self) -> MigMode {
-        MigMode::from_name(self.str("mode")).unwrap_or(MigMode::Normal)
+    fn value(&self, param: Param) -> Option<&Value> {
+        self.values.get(param.name())
     }
 
     /// `migrate-set-parameters`: type-checks every member in the schema's order (then
@@ -451,20 +634,21 @@ impl Parameters {
     /// QEMU's checks on the merged set, and returns it. Nothing changes on error.
     pub fn merged(&self, args: &Map<String, Value>) -> Result<Parameters, OptionsError> {
         let mut next = self.clone();
-        for key in SET_ORDER {
-            let Some(value) = args.get(key) else { continue };
-            if key == BLOCK_BITMAP_MAPPING {
-                next.values
-                    .insert(key.to_string(), check_bitmap_mapping_shape(value)?);
-                continue;
-            }
-            let Some((name, kind, _)) = PARAMETERS.iter().find(|(n, _, _)| *n == key) else {
+        for member in SET_ORDER {
+            let name = member.name();
+            let Some(value) = args.get(name) else {
                 continue;
             };
-            next.values
-                .insert(name.to_string(), check_type(name, *kind, value)?);
+            let checked = match member {
+                SetMember::BlockBitmapMapping => check_bitmap_mapping_shape(value)?,
+                SetMember::Param(p) => check_type(name, p.kind(), value)?,
+            };
+            next.values.insert(name.to_string(), checked);
         }
-        if let Some(key) = args.keys().find(|k| !SET_ORDER.contains(&k.as_str())) {
+        if let Some(key) = args
+            .keys()
+            .find(|k| !SET_ORDER.iter().any(|m| m.name() == k.as_str()))
+        {
             return err(format!("Parameter '{key}' is unexpected"));
         }
         next.validate()?;
@@ -473,9 +657,8 @@ impl Parameters {
 
     /// QEMU's parameter checks, in its order.
     fn validate(&self) -> Result<(), OptionsError> {
-        let u = |n: &str| self.u64(n);
-        let between = |n: &str, c: &str, lo: u64, hi: u64| {
-            if (lo..=hi).contains(&u(n)) {
+        let between = |value: u8, c: &str, lo: u8, hi: u8| {
+            if (lo..=hi).contains(&value) {
                 Ok(())
             } else {
                 err(format!(
@@ -484,48 +667,53 @@ impl Parameters {
             }
         };
         between(
-            "throttle-trigger-threshold",
+            self.throttle_trigger_threshold(),
             "throttle_trigger_threshold",
             1,
             100,
         )?;
-        between("cpu-throttle-initial", "cpu_throttle_initial", 1, 99)?;
-        between("cpu-throttle-increment", "cpu_throttle_increment", 1, 99)?;
-        if u("downtime-limit") > 2_000_000 {
+        between(self.cpu_throttle_initial(), "cpu_throttle_initial", 1, 99)?;
+        between(
+            self.cpu_throttle_increment(),
+            "cpu_throttle_increment",
+            1,
+            99,
+        )?;
+        if self.downtime_limit() > 2_000_000 {
             return err("Parameter 'downtime_limit' expects an integer in the range of 0 to (2000 * 1000) ms");
         }
-        if u("multifd-channels") < 1 {
+        if self.multifd_channels() < 1 {
             return err("Parameter 'multifd_channels' expects a value between 1 and 255");
         }
-        if u("multifd-zlib-level") > 9 {
+        if self.multifd_zlib_level() > 9 {
             return err("Parameter 'multifd_zlib_level' expects a value between 0 and 9");
         }
-        if !(1..=9).contains(&u("multifd-qatzip-level")) {
+        if !(1..=9).contains(&self.multifd_qatzip_level()) {
             return err("Parameter 'multifd_qatzip_level' expects a value between 1 and 9");
         }
-        if u("multifd-zstd-level") > 20 {
+        if self.multifd_zstd_level() > 20 {
             return err("Parameter 'multifd_zstd_level' expects a value between 0 and 20");
         }
-        let cache = u("xbzrle-cache-size");
+        let cache = self.xbzrle_cache_size();
         if !cache.is_power_of_two() || cache < 4096 {
             return err("Parameter 'xbzrle_cache_size' expects a power of two no less than the target page size");
         }
-        let max_throttle = u("max-cpu-throttle");
-        if max_throttle < u("cpu-throttle-initial") || max_throttle > 99 {
+        let max_throttle = self.max_cpu_throttle();
+        if max_throttle < self.cpu_throttle_initial() || max_throttle > 99 {
             return err("Parameter 'max_cpu_throttle' expects an integer in the range of cpu_throttle_initial to 99");
         }
-        for (n, c, hi) in [
-            ("announce-initial", "announce_initial", 100_000),
-            ("announce-max", "announce_max", 100_000),
-            ("announce-rounds", "announce_rounds", 1000),
+        for (value, c, hi) in [
+            (self.announce_initial(), "announce_initial", 100_000),
+            (self.announce_max(), "announce_max", 100_000),
+            (self.announce_rounds(), "announce_rounds", 1000),
         ] {
-            if u(n) > hi {
+            if value > hi {
                 return err(format!(
                     "Parameter '{c}' expects a value between 0 and {hi}"
                 ));
             }
         }
-        if !(1..=10_000).contains(&u("announce-step")) {
+        if !(1..=10_000).contains(&self.announce_step()) {
             return err("Parameter 'announce_step' expects a value between 0 and 10000");
         }
         if let Some(mapping) = self.values.get(BLOCK_BITMAP_MAPPING) {
@@ -536,10 +724,10 @@ impl Parameters {
                 ))
             })?;
         }
-        if !(1..=1000).contains(&u("x-vcpu-dirty-limit-period")) {
+        if !(1..=1000).contains(&self.x_vcpu_dirty_limit_period()) {
             return err("Parameter 'x-vcpu-dirty-limit-period' expects a value between 1 and 1000");
         }
-        if u("vcpu-dirty-limit") < 1 {
+        if self.vcpu_dirty_limit() < 1 {
             return err("Parameter 'vcpu_dirty_limit' must be greater than 1 MB/s");
         }
         Ok(())
@@ -551,14 +739,13 @@ impl Parameters {
         stored: &Parameters,
         caps: &Capabilities,
     ) -> Result<(), OptionsError> {
-        if caps.get("zero-copy-send")
-            && (self.str("multifd-compression") != "none" || !self.str("tls-creds").is_empty())
-        {
+        let plain = |p: &Parameters| {
+            p.multifd_compression() == MultifdCompression::None && p.tls_creds().is_empty()
+        };
+        if caps.zero_copy_send() && !plain(self) {
             return err("Zero copy only available for non-compressed non-TLS multifd migration");
         }
-        if caps.get("mapped-ram")
-            && (stored.str("multifd-compression") != "none" || !stored.str("tls-creds").is_empty())
-        {
+        if caps.mapped_ram() && !plain(stored) {
             return err("Mapped-ram only available for non-compressed non-TLS multifd migration");
         }
         Ok(())
@@ -744,10 +931,103 @@ mod tests {
     #[test]
     fn defaults_match_qemu() {
         let p = Parameters::default();
-        assert_eq!(p.u64("max-bandwidth"), 134_217_728);
-        assert_eq!(p.u64("downtime-limit"), 300);
-        assert_eq!(p.str("zero-page-detection"), "multifd");
+        assert_eq!(p.max_bandwidth(), 134_217_728);
+        assert_eq!(p.downtime_limit(), 300);
+        assert_eq!(p.zero_page_detection(), ZeroPageDetection::Multifd);
         assert_eq!(p.to_json().as_object().unwrap().len(), 28);
+        // `query-migrate-parameters` on a fresh process, byte for byte
+        let expected = [
+            "{",
+            "\"announce-initial\":50,\"announce-max\":550,\"announce-rounds\":5,",
+            "\"announce-step\":100,\"throttle-trigger-threshold\":50,",
+            "\"cpu-throttle-initial\":20,\"cpu-throttle-increment\":10,",
+            "\"cpu-throttle-tailslow\":false,\"max-cpu-throttle\":99,\"tls-creds\":\"\",",
+            "\"tls-hostname\":\"\",\"tls-authz\":\"\",\"max-bandwidth\":134217728,",
+            "\"avail-switchover-bandwidth\":0,\"downtime-limit\":300,",
+            "\"x-checkpoint-delay\":20000,\"multifd-channels\":2,",
+            "\"multifd-compression\":\"none\",\"multifd-zlib-level\":1,",
+            "\"multifd-qatzip-level\":1,\"multifd-zstd-level\":1,",
+            "\"xbzrle-cache-size\":67108864,\"max-postcopy-bandwidth\":0,",
+            "\"x-vcpu-dirty-limit-period\":1000,\"vcpu-dirty-limit\":1,\"mode\":\"normal\",",
+            "\"zero-page-detection\":\"multifd\",\"direct-io\":false",
+            "}",
+        ]
+        .concat();
+        assert_eq!(p.to_json().to_string(), expected);
+    }
+
+    #[test]
+    fn typed_tables_agree_with_the_qmp_names() {
+        for cap in Cap::ALL {
+            assert_eq!(Cap::from_name(cap.name()), Some(cap));
+            assert_eq!(CAPABILITIES[cap as usize], cap.name());
+        }
+        assert_eq!(Cap::from_name("multi-fd"), None);
+        let listed = Capabilities::default().to_json();
+        let listed = listed.as_array().unwrap();
+        assert_eq!(listed.len(), Cap::ALL.len());
+        assert_eq!(CAPABILITIES.len(), Cap::ALL.len());
+        for (entry, cap) in listed.iter().zip(Cap::ALL) {
+            assert_eq!(entry["capability"], cap.name());
+        }
+        // setting one capability turns on that one alone, and it shows in the query
+        // under its own name
+        let on = |cap: Cap| {
+            let mut c = Capabilities::default();
+            c.set(cap, true);
+            c
+        };
+        for cap in Cap::ALL {
+            let c = on(cap);
+            assert!(Cap::ALL
+                .iter()
+                .all(|other| c.has(*other) == (*other == cap)));
+            let listed = c.to_json();
+            let shown_on: Vec<_> = listed
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|e| e["state"] == true)
+                .map(|e| e["capability"].clone())
+                .collect();
+            assert_eq!(shown_on, [json!(cap.name())]);
+        }
+        assert!(on(Cap::Multifd).multifd() && !on(Cap::Multifd).mapped_ram());
+        assert!(on(Cap::MappedRam).mapped_ram() && !on(Cap::MappedRam).multifd());
+        assert!(on(Cap::SwitchoverAck).switchover_ack());
+
+        for param in Param::ALL {
+            assert_eq!(Param::from_name(param.name()), Some(param));
+        }
+        assert_eq!(Param::from_name("block-bitmap-mapping"), None);
+        let query = Parameters::default().to_json();
+        let query = query.as_object().unwrap();
+        assert_eq!(query.len(), Param::ALL.len());
+        assert!(query.keys().map(String::as_str).eq(Param::NAMES));
+        // every parameter can be set under its name, and every member of the set
+        // command is a parameter except block-bitmap-mapping
+        assert_eq!(SET_ORDER.len(), Param::ALL.len() + 1);
+        for param in Param::ALL {
+            assert!(SET_ORDER.contains(&SetMember::Param(param)));
+        }
+        let p = Parameters::default()
+            .merged(
+                json!({"max-bandwidth": 7, "multifd-channels": 9, "tls-creds": "tls0",
+                       "direct-io": true, "multifd-compression": "zstd",
+                       "zero-page-detection": "legacy", "mode": "cpr-transfer",
+                       "x-checkpoint-delay": 4_000_000_000_u64})
+                .as_object()
+                .unwrap(),
+            )
+            .unwrap();
+        assert_eq!(p.max_bandwidth(), 7);
+        assert_eq!(p.multifd_channels(), 9);
+        assert_eq!(p.tls_creds(), "tls0");
+        assert!(p.direct_io());
+        assert_eq!(p.multifd_compression(), MultifdCompression::Zstd);
+        assert_eq!(p.zero_page_detection(), ZeroPageDetection::Legacy);
+        assert_eq!(p.mode(), MigMode::CprTransfer);
+        assert_eq!(p.x_checkpoint_delay(), 4_000_000_000);
     }
 
     #[test]
@@ -778,11 +1058,11 @@ mod tests {
         let q = p
             .merged(json!({"max-bandwidth": -1}).as_object().unwrap())
             .unwrap();
-        assert_eq!(q.u64("max-bandwidth"), u64::MAX);
+        assert_eq!(q.max_bandwidth(), u64::MAX);
         let q = p
             .merged(json!({"tls-authz": null}).as_object().unwrap())
             .unwrap();
-        assert_eq!(q.str("tls-authz"), "");
+        assert_eq!(q.tls_authz(), "");
     }
 
     #[test]
@@ -852,34 +1132,37 @@ mod tests {
             .merged(json!({"mode": "cpr-reboot"}).as_object().unwrap())
             .unwrap();
         assert_eq!(q.mode(), MigMode::CprReboot);
-        let with = |names: &[&str]| {
+        let with = |caps: &[Cap]| {
             let mut c = Capabilities::default();
-            for n in names {
-                c.set(n, true);
+            for cap in caps {
+                c.set(*cap, true);
             }
             c
         };
         let none = with(&[]);
         assert_eq!(cpr_conflict(MigMode::CprReboot, &none), None);
-        let all = with(&["x-colo", "background-snapshot", "postcopy-ram"]);
+        let all = with(&[Cap::XColo, Cap::BackgroundSnapshot, Cap::PostcopyRam]);
         assert_eq!(cpr_conflict(MigMode::Normal, &all), None);
         assert_eq!(
             cpr_conflict(MigMode::CprReboot, &all),
             Some("Cannot use postcopy with CPR")
         );
         assert_eq!(
-            cpr_conflict(MigMode::CprTransfer, &with(&["dirty-bitmaps"])),
+            cpr_conflict(MigMode::CprTransfer, &with(&[Cap::DirtyBitmaps])),
             Some("Cannot use postcopy with CPR")
         );
         assert_eq!(
             cpr_conflict(
                 MigMode::CprReboot,
-                &with(&["x-colo", "background-snapshot"])
+                &with(&[Cap::XColo, Cap::BackgroundSnapshot])
             ),
             Some("Cannot use background snapshot with CPR")
         );
         assert_eq!(
-            cpr_conflict(MigMode::CprReboot, &with(&["x-colo", "postcopy-blocktime"])),
+            cpr_conflict(
+                MigMode::CprReboot,
+                &with(&[Cap::XColo, Cap::PostcopyBlocktime])
+            ),
             Some("Cannot use COLO with CPR")
         );
     }
@@ -907,6 +1190,7 @@ mod tests {
         let on = c
             .merged(&json!([{"capability": "events", "state": true}]), false, &p)
             .unwrap();
-        assert!(on.get("events"));
+        assert!(on.events());
+        assert!(on.has(Cap::Events));
     }
 }

@@ -168,7 +168,7 @@ impl Shared {
                 });
             }
             st.status = next;
-            st.caps.get("events")
+            st.caps.events()
         };
         self.emit_status(events, next);
         Ok(())
@@ -196,7 +196,7 @@ impl Shared {
             st.role = role;
             st.error = None;
             st.status = MigrationStatus::Setup;
-            st.caps.get("events")
+            st.caps.events()
         };
         self.emit_status(events, MigrationStatus::Setup);
         Ok(())
@@ -228,7 +228,7 @@ impl Shared {
                 st.error = Some(msg);
             }
             st.status = next;
-            (st.caps.get("events"), next)
+            (st.caps.events(), next)
         };
         self.emit_status(events, next);
         Ok(next)
@@ -253,7 +253,7 @@ impl Shared {
                 crate::channels::transport::shutdown_socket(*fd);
             }
             st.status = MigrationStatus::Cancelling;
-            st.caps.get("events")
+            st.caps.events()
         };
         self.continue_cv.notify_all();
         self.emit_status(events, MigrationStatus::Cancelling);
@@ -275,7 +275,7 @@ impl Shared {
     }
 
     pub fn emit_pass(&self, pass: u64) {
-        if self.lock().caps.get("events") {
+        if self.lock().caps.events() {
             self.events
                 .emit("MIGRATION_PASS", Some(json!({"pass": pass})));
         }

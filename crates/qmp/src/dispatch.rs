@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Map, Value};
 use vmigrate_engine::migrator::MigrateError;
-use vmigrate_engine::options::CAPABILITIES;
+use vmigrate_engine::options::{MigMode, MultifdCompression, ZeroPageDetection, CAPABILITIES};
 use vmigrate_engine::{Migrator, RunState};
 
 use crate::jobs::{stop_if_running, JobType, JobVerb, Jobs, SnapshotRequest, NO_VMSTATE_DEVICE};
@@ -156,9 +156,9 @@ static CHANNEL: Ty = Ty::Struct(
 );
 static CHANNEL_LIST: Ty = Ty::Array(&CHANNEL);
 
-static MODE: Ty = Ty::Enum("MigMode", &["normal", "cpr-reboot", "cpr-transfer"]);
-static COMPRESSION: Ty = Ty::Enum("MultiFDCompression", &["none", "zlib", "zstd"]);
-static ZERO_PAGE: Ty = Ty::Enum("ZeroPageDetection", &["none", "legacy", "multifd"]);
+static MODE: Ty = Ty::Enum("MigMode", &MigMode::NAMES);
+static COMPRESSION: Ty = Ty::Enum("MultiFDCompression", &MultifdCompression::NAMES);
+static ZERO_PAGE: Ty = Ty::Enum("ZeroPageDetection", &ZeroPageDetection::NAMES);
 static BITMAP_MAPPING: Ty = Ty::Array(&ANY);
 /// `migrate-set-parameters` (checked by the engine's options; listed for the schema).
 static SET_PARAMETERS: Ty = Ty::Struct(

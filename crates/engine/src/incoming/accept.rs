@@ -22,13 +22,8 @@ pub(crate) fn accept_channels(
     uuid: [u8; 16],
     events: &EventBus,
 ) -> Result<(transport::Channel, Option<MultifdChannels>), String> {
-    let n = params.u64("multifd-channels") as usize;
-    let method = Method::from_name(params.str("multifd-compression")).ok_or_else(|| {
-        format!(
-            "multifd-compression '{}' is not supported by vmigrate yet",
-            params.str("multifd-compression")
-        )
-    })?;
+    let n = usize::from(params.multifd_channels());
+    let method = Method::from(params.multifd_compression());
     let deadline = Instant::now() + HANDSHAKE_TIMEOUT * 3;
     let mut main = None;
     let mut channels: Vec<Option<std::os::fd::OwnedFd>> = (0..n).map(|_| None).collect();

@@ -86,7 +86,7 @@ pub fn load_stream_with(
         open: false,
     };
     let mut ram = RamLoader::new(vmm.ram_blocks().to_vec());
-    if caps.get("mapped-ram") {
+    if caps.mapped_ram() {
         ram.use_mapped_ram(mapped_ram);
     }
     let receiver = multifd.map(|m| {
@@ -306,7 +306,7 @@ fn load_records(
     let devices = vmm.devices();
     let mut commands = Commands {
         rp,
-        switchover_ack: caps.get("switchover-ack"),
+        switchover_ack: caps.switchover_ack(),
         phase: IncomingPhase::Precopy,
     };
     let mut sections: HashMap<u32, (String, u32)> = HashMap::new();
@@ -440,7 +440,7 @@ fn check_configuration(
     }
     for name in VALIDATED_CAPABILITIES {
         let received = config.has_capability(name);
-        let local_state = caps.get(name);
+        let local_state = crate::options::Cap::from_name(name).is_some_and(|c| caps.has(c));
         if received != local_state {
             return Err(DecodeError::new(
                 at,

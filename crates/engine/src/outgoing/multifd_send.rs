@@ -20,6 +20,7 @@ use vmigrate_stream::multifd::{page_slots, ChannelInit, PacketHeader};
 use crate::compress::{Compressor, Method};
 use crate::io::{StreamWriter, WriteError};
 use crate::memory::{buffer_is_zero, RamBlock};
+use crate::options::ZeroPageDetection;
 use crate::stats::Stats;
 
 /// How multifd treats zero pages (`zero-page-detection`).
@@ -31,6 +32,16 @@ pub enum ZeroDetection {
     Legacy,
     /// The channel threads detect zero pages and list them in the packet.
     InChannels,
+}
+
+impl From<ZeroPageDetection> for ZeroDetection {
+    fn from(detection: ZeroPageDetection) -> Self {
+        match detection {
+            ZeroPageDetection::None => ZeroDetection::None,
+            ZeroPageDetection::Legacy => ZeroDetection::Legacy,
+            ZeroPageDetection::Multifd => ZeroDetection::InChannels,
+        }
+    }
 }
 
 /// Settings shared by every channel.

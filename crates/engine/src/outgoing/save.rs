@@ -133,7 +133,7 @@ pub(crate) fn run(
         armed: early_stop.is_some(),
     };
     let tracker = vmm.dirty_tracker();
-    let zero_pages = if params.str("zero-page-detection") == "none" {
+    let zero_pages = if params.zero_page_detection() == crate::options::ZeroPageDetection::None {
         ZeroPages::SendAsData
     } else {
         ZeroPages::Detect
@@ -150,11 +150,11 @@ pub(crate) fn run(
         .store(saver.total_bytes(), Ordering::Relaxed);
     let devices = vmm.devices();
     let ids = SectionIds::new(devices.len());
-    let mapped_ram = caps.get("mapped-ram");
+    let mapped_ram = caps.mapped_ram();
     w.set_position(channel.base_offset);
     if mapped_ram {
         saver.use_mapped_layout();
-    } else if caps.get("multifd") {
+    } else if caps.multifd() {
         let sender = start_multifd(shared, vmm, addr, &params, ps)?;
         saver.use_multifd(sender, shared.properties().multifd_sync());
     }
@@ -168,13 +168,13 @@ pub(crate) fn run(
         } else {
             vec![]
         },
-        uuid: if caps.get("validate-uuid") {
+        uuid: if caps.validate_uuid() {
             vmm.uuid()
         } else {
             None
         },
     };
-    let return_path = if caps.get("return-path") {
+    let return_path = if caps.return_path() {
         if !channel.is_socket {
             return Err(SaveError::ReturnPath(
                 "Unable to open return-path for postcopy".into(),
@@ -207,15 +207,15 @@ pub(crate) fn run(
     w.with_buf(|out| encode_footer(out, ids.ram))?;
     w.flush()?;
     if mapped_ram {
-        let threads = if caps.get("multifd") {
-            params.u64("multifd-channels") as usize
+        let threads = if caps.multifd() {
+            usize::from(params.multifd_channels())
         } else {
             0
         };
         let config = crate::mapped_ram::WriterConfig {
             threads,
-            direct_io: params.bool("direct-io"),
-            detect_zero: params.str("zero-page-detection") != "none",
+            direct_io: params.direct_io(),
+            detect_zero: params.zero_page_detection() != crate::options::ZeroPageDetection::None,
             limit: shared.max_bandwidth(),
         };
         saver.use_mapped_ram(crate::mapped_ram::MappedRamWriter::start(
@@ -233,7 +233,7 @@ pub(crate) fn run(
         config,
         devices,
         return_path,
-        switchover_ack: caps.get("switchover-ack"),
+        switchover_ack: caps.switchover_ack(),
         early_stop,
     };
     let result = iterate_and_complete(shared, vmm, &mut w, &mut saver, &session);
@@ -254,7 +254,7 @@ fn start_multifd(
     params: &crate::options::Parameters,
     page_size: u64,
 ) -> Result<MultifdSender, SaveError> {
-    let n = params.u64("multifd-channels");
+    let n = u64::from(params.multifd_channels());
     let mut conns = Vec::new();
     let tls = shared.tls_client();
     for i in 0..n {
@@ -276,22 +276,13 @@ fn start_multifd(
         )?;
         conns.push(ch.fd);
     }
-    let method = Method::from_name(params.str("multifd-compression")).ok_or_else(|| {
-        SaveError::ReturnPath(format!(
-            "multifd-compression '{}' is not supported by vmigrate yet",
-            params.str("multifd-compression")
-        ))
-    })?;
+    let method = Method::from(params.multifd_compression());
     let level = match method {
-        Method::Zlib => params.u64("multifd-zlib-level"),
-        Method::Zstd => params.u64("multifd-zstd-level"),
+        Method::Zlib => params.multifd_zlib_level(),
+        Method::Zstd => params.multifd_zstd_level(),
         Method::None => 0,
     } as u32;
-    let zero = match params.str("zero-page-detection") {
-        "none" => ZeroDetection::None,
-        "legacy" => ZeroDetection::Legacy,
-        _ => ZeroDetection::InChannels,
-    };
+    let zero = ZeroDetection::from(params.zero_page_detection());
     let config = ChannelConfig {
         method,
         level,
@@ -383,7 +374,7 @@ fn dirty_sync(
             .dirty_pages_rate
             .store((fresh as f64 / secs) as u64, Ordering::Relaxed);
         let params = shared.params_snapshot();
-        if shared.caps_snapshot().get("auto-converge") {
+        if shared.caps_snapshot().auto_converge() {
             let period = SyncPeriod {
                 dirtied: fresh * saver.page_size(),
                 sent: sent_now - tracker.sent_at_last,
@@ -450,7 +441,7 @@ fn iterate_inner(
     let params = shared.params_snapshot();
     stats
         .expected_downtime_ms
-        .store(params.u64("downtime-limit"), Ordering::Relaxed);
+        .store(params.downtime_limit(), Ordering::Relaxed);
     let mut window = RateWindow {
         start: Instant::now(),
         bytes_at_start: stats.transferred.load(Ordering::Relaxed),
@@ -554,7 +545,7 @@ impl ExtraPasses {
         let dirtying = stats.dirty_pages_rate.load(Ordering::Relaxed) as f64
             * stats.page_size.load(Ordering::Relaxed) as f64
             / 1000.0;
-        let limit_ms = params.u64("downtime-limit") as f64;
+        let limit_ms = params.downtime_limit() as f64;
         let worth = another_pass_pays(pending, bandwidth, dirtying, limit_ms);
         self.taken += u32::from(worth);
         worth
@@ -616,13 +607,13 @@ const RATE_PERIOD: std::time::Duration = std::time::Duration::from_millis(100);
 /// Bytes that may remain for switchover: bandwidth (bytes/ms) × downtime-limit (ms),
 /// using `avail-switchover-bandwidth` instead of the estimate when it is set.
 fn switchover_threshold(params: &crate::options::Parameters, bandwidth: f64) -> f64 {
-    let avail = params.u64("avail-switchover-bandwidth");
+    let avail = params.avail_switchover_bandwidth();
     let bw = if avail > 0 {
         avail as f64 / 1000.0
     } else {
         bandwidth
     };
-    bw * params.u64("downtime-limit") as f64
+    bw * params.downtime_limit() as f64
 }
 
 fn update_rates(shared: &Shared, window: &mut RateWindow, pages_total: u64) {
@@ -685,7 +676,7 @@ fn complete(
         armed: session.early_stop.is_none(),
     };
     let mut before_device = MigrationStatus::Active;
-    if shared.caps_snapshot().get("pause-before-switchover") {
+    if shared.caps_snapshot().pause_before_switchover() {
         advance(
             shared,
             MigrationStatus::Active,

@@ -29,8 +29,7 @@ impl AutoConverge {
     /// throttles: first to `cpu-throttle-initial`, then up by `cpu-throttle-increment`
     /// (or less with `cpu-throttle-tailslow`), never above `max-cpu-throttle`.
     pub fn on_sync(&mut self, params: &Parameters, period: SyncPeriod) -> Option<u8> {
-        let threshold =
-            period.sent as f64 * params.u64("throttle-trigger-threshold") as f64 / 100.0;
+        let threshold = period.sent as f64 * f64::from(params.throttle_trigger_threshold()) / 100.0;
         if (period.dirtied as f64) <= threshold {
             return None;
         }
@@ -39,12 +38,12 @@ impl AutoConverge {
             return None;
         }
         self.high_periods = 0;
-        let initial = params.u64("cpu-throttle-initial") as u8;
-        let increment = params.u64("cpu-throttle-increment") as f64;
-        let max = params.u64("max-cpu-throttle") as u8;
+        let initial = params.cpu_throttle_initial();
+        let increment = f64::from(params.cpu_throttle_increment());
+        let max = params.max_cpu_throttle();
         let next = if self.percentage == 0 {
             initial
-        } else if !params.bool("cpu-throttle-tailslow") {
+        } else if !params.cpu_throttle_tailslow() {
             (f64::from(self.percentage) + increment).min(f64::from(max)) as u8
         } else {
             // Only as much more as the ratio of what could be sent to what was dirtied
