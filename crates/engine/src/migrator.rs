@@ -13,10 +13,10 @@ use serde_json::{json, Map, Value};
 use crate::events::EventBus;
 use crate::shared::{IncomingMode, Role, Shared, State};
 
-use crate::channels::objects::ObjectStore;
+use crate::channels::objects::{ObjectStore, TlsSetupError};
 use crate::channels::tls;
 use crate::channels::transport::{self, Address, FdStore, Incoming};
-use crate::incoming::accept::{accept_channels, accept_main};
+use crate::incoming::accept::{accept_channels, accept_main, AcceptError};
 use crate::incoming::load::{self, LoadOutcome};
 use crate::io::FdSource;
 use crate::options::{cpr_conflict, Capabilities, MigMode, Parameters};
@@ -102,7 +102,7 @@ impl Migrator {
 
     /// The source's TLS setup from `tls-creds` and `tls-hostname` (else the URI's
     /// host), or `None` without TLS.
-    fn outgoing_tls(&self, addr: &Address) -> Result<Option<tls::ClientSetup>, String> {
+    fn outgoing_tls(&self, addr: &Address) -> Result<Option<tls::ClientSetup>, TlsSetupError> {
         let params = self.shared.params_snapshot();
         let id = params.str("tls-creds");
         if id.is_empty() {
@@ -116,11 +116,11 @@ impl Migrator {
         };
         tls::ClientSetup::new(&creds, hostname)
             .map(Some)
-            .map_err(|e| e.0)
+            .map_err(TlsSetupError::from)
     }
 
     /// The destination's TLS setup from `tls-creds` and `tls-authz`.
-    fn incoming_tls(&self) -> Result<Option<tls::ServerSetup>, String> {
+    fn incoming_tls(&self) -> Result<Option<tls::ServerSetup>, TlsSetupError> {
         let params = self.shared.params_snapshot();
         let id = params.str("tls-creds");
         if id.is_empty() {
@@ -133,7 +133,7 @@ impl Migrator {
         };
         tls::ServerSetup::new(&creds, authz)
             .map(Some)
-            .map_err(|e| e.0)
+            .map_err(TlsSetupError::from)
     }
 
     pub fn vmm(&self) -> &Arc<dyn Vmm> {
@@ -374,8 +374,8 @@ impl Migrator {
     fn outgoing_thread(&self, addr: Address, early: Option<transport::Channel>) {
         let tls = match self.outgoing_tls(&addr) {
             Ok(t) => t,
-            Err(msg) => {
-                self.shared.fail(msg);
+            Err(e) => {
+                self.shared.fail(e.to_string());
                 return;
             }
         };
@@ -441,7 +441,7 @@ impl Migrator {
         for r in relays {
             let outcome = r.wait(transport::TLS_FLUSH_TIMEOUT);
             if let (Ok(()), Some(Err(e))) = (&result, outcome) {
-                result = Err(SaveError::Write(crate::io::WriteError::Tls(e)));
+                result = Err(SaveError::Write(crate::io::WriteError::Tls(e.to_string())));
                 save::restore_run_state(self.vmm.as_ref(), state_before);
             }
         }
@@ -569,7 +569,8 @@ impl Migrator {
         let mapped_ram = caps.get("mapped-ram");
         // A mapped-ram file has no channel connections: its readers use the file itself.
         let multifd = caps.get("multifd") && !mapped_ram;
-        let accepted = self.incoming_tls().and_then(|tls| {
+        let tls = self.incoming_tls().map_err(AcceptError::from);
+        let accepted = tls.and_then(|tls| {
             if multifd {
                 accept_channels(
                     &incoming,
@@ -583,6 +584,7 @@ impl Migrator {
                 accept_main(incoming, tls.as_ref(), &self.shared.events).map(|ch| (ch, None))
             }
         });
+        let accepted = accepted.map_err(|e| e.to_string());
         let result = accepted.and_then(|(mut ch, channels)| {
             self.shared.set_status(MigrationStatus::Active);
             let fd = ch.fd.try_clone().map_err(|e| e.to_string())?;
