@@ -228,8 +228,11 @@ pub fn run(args: VmArgs) -> anyhow::Result<()> {
     let migrator = Migrator::new(machine.clone(), events.clone(), mode);
     migrator.set_properties(properties);
     for spec in &args.objects {
-        vmigrate_engine::channels::parse_object_option(spec)
-            .and_then(|props| migrator.objects().add(&props, false))
+        let props = vmigrate_engine::channels::parse_object_option(spec)
+            .map_err(|e| anyhow::anyhow!("--object {spec}: {e}"))?;
+        migrator
+            .objects()
+            .add(&props, false)
             .map_err(|e| anyhow::anyhow!("--object {spec}: {e}"))?;
     }
     migrator.set_autostart(!args.paused);

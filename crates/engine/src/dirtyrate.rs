@@ -32,6 +32,26 @@ impl Default for Measurement {
     }
 }
 
+/// Why `calc-dirty-rate` refused to start, with QEMU's texts.
+#[derive(Debug, thiserror::Error)]
+pub enum DirtyRateError {
+    #[error("the dirty rate is already being measured.")]
+    AlreadyMeasuring,
+    #[error("Calculation time is out of range [50ms, 60000ms].")]
+    CalcTimeOutOfRange,
+    #[error("sample-pages is used only in page-sampling mode")]
+    SamplePagesWithoutSampling,
+    #[error("sample-pages is out of range[128, 16384].")]
+    SamplePagesOutOfRange,
+    #[error("mode dirty-ring is not enabled, use other method instead.")]
+    DirtyRingDisabled,
+    #[error("mode {0} is not supported by vmigrate yet, use page-sampling instead.")]
+    UnsupportedMode(String),
+    /// The measuring thread could not be started.
+    #[error("cannot start the measurement: {0}")]
+    SpawnThread(std::io::Error),
+}
+
 /// One measurement at a time, run on its own thread.
 #[derive(Debug, Default)]
 pub struct DirtyRateMeter {
@@ -50,10 +70,14 @@ pub struct CalcRequest {
 impl DirtyRateMeter {
     /// Checks the request as QEMU does, in its order (a running measurement first, then
     /// the time, the sample count, the mode), and starts the measurement.
-    pub fn start(&self, blocks: Vec<Arc<RamBlock>>, req: &CalcRequest) -> Result<(), String> {
+    pub fn start(
+        &self,
+        blocks: Vec<Arc<RamBlock>>,
+        req: &CalcRequest,
+    ) -> Result<(), DirtyRateError> {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if st.status == "measuring" {
-            return Err("the dirty rate is already being measured.".into());
+            return Err(DirtyRateError::AlreadyMeasuring);
         }
         let ms = if req.millis {
             req.calc_time
@@ -61,27 +85,20 @@ impl DirtyRateMeter {
             req.calc_time.saturating_mul(1000)
         };
         if !(50..=60_000).contains(&ms) {
-            return Err("Calculation time is out of range [50ms, 60000ms].".into());
+            return Err(DirtyRateError::CalcTimeOutOfRange);
         }
         let sample_pages = match req.sample_pages {
             None => DEFAULT_SAMPLE_PAGES,
             Some(_) if req.mode != "page-sampling" => {
-                return Err("sample-pages is used only in page-sampling mode".into())
+                return Err(DirtyRateError::SamplePagesWithoutSampling)
             }
             Some(n) if (128..=16384).contains(&n) => n as u64,
-            Some(_) => return Err("sample-pages is out of range[128, 16384].".into()),
+            Some(_) => return Err(DirtyRateError::SamplePagesOutOfRange),
         };
         match req.mode.as_str() {
             "page-sampling" => {}
-            "dirty-ring" => {
-                return Err("mode dirty-ring is not enabled, use other method instead.".into())
-            }
-            _ => {
-                return Err(format!(
-                    "mode {} is not supported by vmigrate yet, use page-sampling instead.",
-                    req.mode
-                ));
-            }
+            "dirty-ring" => return Err(DirtyRateError::DirtyRingDisabled),
+            _ => return Err(DirtyRateError::UnsupportedMode(req.mode.clone())),
         }
         {
             *st = Measurement {
@@ -105,7 +122,7 @@ impl DirtyRateMeter {
                 st.dirty_rate = Some(rate);
                 st.status = "measured";
             })
-            .map_err(|e| format!("cannot start the measurement: {e}"))?;
+            .map_err(DirtyRateError::SpawnThread)?;
         Ok(())
     }
 
@@ -191,7 +208,7 @@ mod tests {
     fn errors_match_qemu() {
         let m = DirtyRateMeter::default();
         let b = vec![Arc::new(RamBlock::anonymous("ram", 1 << 20, 0).unwrap())];
-        let e = |r| m.start(b.clone(), &r).unwrap_err();
+        let e = |r| m.start(b.clone(), &r).unwrap_err().to_string();
         assert_eq!(
             e(req(0, false, None, "page-sampling")),
             "Calculation time is out of range [50ms, 60000ms]."

@@ -13,10 +13,10 @@ use serde_json::{json, Map, Value};
 use crate::events::EventBus;
 use crate::shared::{Ending, IncomingMode, Role, Shared, State};
 
-use crate::channels::objects::ObjectStore;
+use crate::channels::objects::{ObjectStore, TlsSetupError};
 use crate::channels::tls;
 use crate::channels::transport::{self, Address, FdStore, Incoming};
-use crate::incoming::accept::{accept_channels, accept_main};
+use crate::incoming::accept::{accept_channels, accept_main, AcceptError};
 use crate::incoming::load::{self, LoadOutcome};
 use crate::io::FdSource;
 use crate::options::{cpr_conflict, Capabilities, MigMode, Parameters};
@@ -103,7 +103,7 @@ impl Migrator {
 
     /// The source's TLS setup from `tls-creds` and `tls-hostname` (else the URI's
     /// host), or `None` without TLS.
-    fn outgoing_tls(&self, addr: &Address) -> Result<Option<tls::ClientSetup>, String> {
+    fn outgoing_tls(&self, addr: &Address) -> Result<Option<tls::ClientSetup>, TlsSetupError> {
         let params = self.shared.params_snapshot();
         let id = params.tls_creds();
         if id.is_empty() {
@@ -117,11 +117,11 @@ impl Migrator {
         };
         tls::ClientSetup::new(&creds, hostname)
             .map(Some)
-            .map_err(|e| e.0)
+            .map_err(TlsSetupError::from)
     }
 
     /// The destination's TLS setup from `tls-creds` and `tls-authz`.
-    fn incoming_tls(&self) -> Result<Option<tls::ServerSetup>, String> {
+    fn incoming_tls(&self) -> Result<Option<tls::ServerSetup>, TlsSetupError> {
         let params = self.shared.params_snapshot();
         let id = params.tls_creds();
         if id.is_empty() {
@@ -134,7 +134,7 @@ impl Migrator {
         };
         tls::ServerSetup::new(&creds, authz)
             .map(Some)
-            .map_err(|e| e.0)
+            .map_err(TlsSetupError::from)
     }
 
     pub fn vmm(&self) -> &Arc<dyn Vmm> {
@@ -361,8 +361,8 @@ impl Migrator {
     fn outgoing_thread(&self, addr: Address, early: Option<transport::Channel>) {
         let tls = match self.outgoing_tls(&addr) {
             Ok(t) => t,
-            Err(msg) => {
-                self.end_session(Ending::Failed(msg));
+            Err(e) => {
+                self.end_session(Ending::Failed(e.to_string()));
                 return;
             }
         };
@@ -425,7 +425,7 @@ impl Migrator {
         for r in relays {
             let outcome = r.wait(transport::TLS_FLUSH_TIMEOUT);
             if let (Ok(()), Some(Err(e))) = (&result, outcome) {
-                result = Err(SaveError::Write(crate::io::WriteError::Tls(e)));
+                result = Err(SaveError::Write(crate::io::WriteError::Tls(e.to_string())));
                 save::restore_run_state(self.vmm.as_ref(), state_before);
             }
         }
@@ -542,7 +542,8 @@ impl Migrator {
         let mapped_ram = caps.mapped_ram();
         // A mapped-ram file has no channel connections: its readers use the file itself.
         let multifd = caps.multifd() && !mapped_ram;
-        let accepted = self.incoming_tls().and_then(|tls| {
+        let tls = self.incoming_tls().map_err(AcceptError::from);
+        let accepted = tls.and_then(|tls| {
             if multifd {
                 accept_channels(
                     &incoming,
@@ -556,6 +557,7 @@ impl Migrator {
                 accept_main(incoming, tls.as_ref(), &self.shared.events).map(|ch| (ch, None))
             }
         });
+        let accepted = accepted.map_err(|e| e.to_string());
         let result = accepted.and_then(|(mut ch, channels)| {
             self.shared
                 .transition(MigrationStatus::Setup, MigrationStatus::Active)

@@ -760,7 +760,7 @@ impl Dispatcher {
                 };
                 self.dirty_rate
                     .start(m.vmm().ram_blocks().to_vec(), &request)
-                    .map_err(QmpError::generic)?;
+                    .map_err(|e| QmpError::generic(e.to_string()))?;
                 empty()
             }
             "query-dirty-rate" => Ok(self
@@ -808,13 +808,15 @@ impl Dispatcher {
                 QmpError::generic("This machine runs no workload")
             }),
             "object-add" => {
-                m.objects().add(args, true).map_err(QmpError::generic)?;
+                m.objects()
+                    .add(args, true)
+                    .map_err(|e| QmpError::generic(e.to_string()))?;
                 empty()
             }
             "object-del" => {
                 m.objects()
                     .delete(s("id").unwrap_or(""))
-                    .map_err(QmpError::generic)?;
+                    .map_err(|e| QmpError::generic(e.to_string()))?;
                 empty()
             }
             "closefd" => {

@@ -11,6 +11,10 @@ pub(crate) mod tls_relay;
 pub(crate) mod transport;
 pub(crate) mod x509_name;
 
-pub use objects::{parse_object_option, ObjectStore};
+pub use objects::{
+    parse_object_option, ObjectAddError, ObjectLookupError, ObjectNotFound, ObjectOptionError,
+    ObjectStore, TlsSetupError,
+};
 pub use return_path::ReturnPathWriter;
+pub use tls::TlsError;
 pub use transport::{parse_size, Address, FdStore, TransportError};

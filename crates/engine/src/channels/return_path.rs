@@ -10,8 +10,27 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use vmigrate_stream::return_path::RpMessage;
+use vmigrate_stream::DecodeError;
 
 use crate::io::FdSource;
+
+/// What went wrong on the return path, as the source sees it.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ReturnPathError {
+    /// A message that has no place in precopy.
+    #[error("Received return-path message type {0} that precopy does not use")]
+    UnexpectedMessage(u16),
+    /// Reading or decoding the next message failed before `SHUT`.
+    #[error("return path: {0}")]
+    Read(Arc<DecodeError>),
+    #[error("Timed out waiting for the destination to close the return path")]
+    CloseTimeout,
+    /// The destination's `SHUT` carried a failure.
+    #[error("Sibling indicated error {0}")]
+    SiblingFailed(u32),
+    #[error("return path closed without SHUT")]
+    ClosedWithoutShut,
+}
 
 /// What the source has heard from the destination.
 #[derive(Debug, Default)]
@@ -21,7 +40,7 @@ struct Heard {
     shut: Option<u32>,
     /// The return path ended: SHUT, end of stream or an error.
     closed: bool,
-    error: Option<String>,
+    error: Option<ReturnPathError>,
 }
 
 /// The source's view of the return path, filled by its reader thread.
@@ -55,14 +74,12 @@ impl ReturnPath {
                     h.closed = true;
                 }
                 Ok(RpMessage::Other { kind, .. }) => {
-                    h.error = Some(format!(
-                        "Received return-path message type {kind} that precopy does not use"
-                    ));
+                    h.error = Some(ReturnPathError::UnexpectedMessage(kind));
                     h.closed = true;
                 }
                 Err(e) => {
                     if h.shut.is_none() {
-                        h.error = Some(format!("return path: {e}"));
+                        h.error = Some(ReturnPathError::Read(Arc::new(e)));
                     }
                     h.closed = true;
                 }
@@ -84,7 +101,7 @@ impl ReturnPath {
     }
 
     /// An error the return path reported, if any.
-    pub fn error(&self) -> Option<String> {
+    pub fn error(&self) -> Option<ReturnPathError> {
         self.heard
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -93,16 +110,14 @@ impl ReturnPath {
     }
 
     /// Waits until the destination closes the return path (or `timeout`), and returns
-    /// an error text unless it said it loaded everything.
-    pub fn await_close(&self, timeout: Duration) -> Result<(), String> {
+    /// an error unless it said it loaded everything.
+    pub fn await_close(&self, timeout: Duration) -> Result<(), ReturnPathError> {
         let deadline = Instant::now() + timeout;
         let mut h = self.heard.lock().unwrap_or_else(|e| e.into_inner());
         while !h.closed {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(
-                    "Timed out waiting for the destination to close the return path".into(),
-                );
+                return Err(ReturnPathError::CloseTimeout);
             }
             h = self
                 .changed
@@ -112,9 +127,9 @@ impl ReturnPath {
         }
         match (h.shut, &h.error) {
             (Some(0), _) => Ok(()),
-            (Some(v), _) => Err(format!("Sibling indicated error {v}")),
+            (Some(v), _) => Err(ReturnPathError::SiblingFailed(v)),
             (None, Some(e)) => Err(e.clone()),
-            (None, None) => Err("return path closed without SHUT".into()),
+            (None, None) => Err(ReturnPathError::ClosedWithoutShut),
         }
     }
 }

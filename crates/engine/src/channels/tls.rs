@@ -747,12 +747,15 @@ mod tests {
         // TLS 1.3: the client is done before the server has checked its certificate,
         // so the refusal reaches it as an alert, through the relay's outcome.
         let outcome = match connect(port, &setup) {
-            Err(e) => Err(e.0),
+            Err(e) => Err(e.to_string()),
             Ok(mut ch) => {
                 let _ = std::fs::File::from(ch.fd.try_clone().unwrap()).write_all(b"QEVM");
                 rustix::net::shutdown(&ch.fd, rustix::net::Shutdown::Both).unwrap();
                 let relay = ch.tls_relay.take().unwrap();
-                relay.wait(Duration::from_secs(20)).unwrap()
+                relay
+                    .wait(Duration::from_secs(20))
+                    .unwrap()
+                    .map_err(|e| e.to_string())
             }
         };
         let err = outcome.unwrap_err();

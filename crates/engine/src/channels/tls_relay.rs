@@ -64,9 +64,25 @@ const MAX_PENDING: usize = 4 * CHUNK;
 /// How long a finished relay waits for the peer to close before it closes.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Why a relay ended before it had carried the whole session.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RelayError {
+    /// Reading records from the network socket failed (errno text).
+    #[error("Unable to read from socket: {0}")]
+    ReadNetwork(String),
+    /// Writing records to the network socket failed (errno text).
+    #[error("Unable to write to socket: {0}")]
+    WriteNetwork(String),
+    #[error("TLS peer sent alert {0:?}")]
+    PeerAlert(rustls::AlertDescription),
+    /// A record did not decrypt or broke the protocol.
+    #[error("TLS error: {0}")]
+    Session(rustls::Error),
+}
+
 /// How a relay ended: `Ok` when everything the engine wrote went to the network and
 /// the peer raised no TLS alert; else what went wrong.
-pub type RelayOutcome = Result<(), String>;
+pub type RelayOutcome = Result<(), RelayError>;
 
 /// Tells when a relay thread has ended, and how; can also make it end now.
 #[derive(Debug)]
@@ -135,9 +151,9 @@ struct Relay {
     net_eof: bool,
     app_write_shut: bool,
     /// The first failure of the network or of the TLS session.
-    failure: Option<String>,
+    failure: Option<RelayError>,
     /// The last error reading the network, for the failure it may become.
-    read_error: Option<String>,
+    read_error: Option<RelayError>,
 }
 
 impl Relay {
@@ -212,7 +228,7 @@ impl Relay {
             let app_ready = !app_flags.is_empty() && ready.next().unwrap_or(false);
             if net_ready && net_in && self.read_network().is_err() {
                 if let Some(e) = self.read_error.take() {
-                    self.fail(format!("Unable to read from socket: {e}"));
+                    self.fail(e);
                 }
                 return self.break_app();
             }
@@ -271,10 +287,7 @@ impl Relay {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    self.fail(format!(
-                        "Unable to write to socket: {}",
-                        crate::errno::errno_text(&e)
-                    ));
+                    self.fail(RelayError::WriteNetwork(crate::errno::errno_text(&e)));
                     return Err(());
                 }
             }
@@ -282,8 +295,8 @@ impl Relay {
         Ok(())
     }
 
-    fn fail(&mut self, msg: String) {
-        self.failure.get_or_insert(msg);
+    fn fail(&mut self, e: RelayError) {
+        self.failure.get_or_insert(e);
     }
 
     /// Reads records from the network and processes them; a TLS error (an alert from
@@ -298,10 +311,8 @@ impl Relay {
                 Ok(_) => Ok(()),
                 Err(e) => {
                     self.fail(match e {
-                        rustls::Error::AlertReceived(alert) => {
-                            format!("TLS peer sent alert {alert:?}")
-                        }
-                        other => format!("TLS error: {other}"),
+                        rustls::Error::AlertReceived(alert) => RelayError::PeerAlert(alert),
+                        other => RelayError::Session(other),
                     });
                     // The alert rustls queued is sent on the way out.
                     let _ = self.conn.write_tls(&mut SocketIo(self.net.as_fd()));
@@ -317,7 +328,7 @@ impl Relay {
                 Ok(())
             }
             Err(e) => {
-                self.read_error = Some(crate::errno::errno_text(&e));
+                self.read_error = Some(RelayError::ReadNetwork(crate::errno::errno_text(&e)));
                 Err(())
             }
         }

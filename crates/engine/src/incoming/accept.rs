@@ -3,14 +3,38 @@
 
 use std::time::Instant;
 
-use crate::channels::tls;
-use crate::channels::transport::{self, Incoming};
+use crate::channels::objects::TlsSetupError;
+use crate::channels::tls::{self, TlsError};
+use crate::channels::transport::{self, Incoming, TransportError};
 use crate::compress::Method;
 use crate::events::EventBus;
 use crate::incoming::load::MultifdChannels;
 use crate::incoming::multifd_recv::{read_init, HANDSHAKE_TIMEOUT};
 use crate::options::Parameters;
 use crate::properties::MultifdSync;
+
+/// Why an incoming migration's connections could not be accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AcceptError {
+    /// `tls-creds` or `tls-authz` does not make a TLS setup.
+    #[error(transparent)]
+    TlsSetup(#[from] TlsSetupError),
+    /// Accepting a connection, or reading its first bytes, failed.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// The main connection's TLS handshake failed.
+    #[error(transparent)]
+    TlsHandshake(#[from] TlsError),
+    /// A multifd channel's initial packet is wrong.
+    #[error("{0}")]
+    MultifdInit(String),
+    #[error("timed out waiting for the multifd channels' handshakes")]
+    HandshakeTimeout,
+    #[error("a second main migration channel connected")]
+    SecondMain,
+    #[error("multifd: channel {0} connected twice")]
+    ChannelTwice(u8),
+}
 
 /// With multifd, accepts the main connection and every channel (in any order),
 /// classifying them by their first bytes as QEMU does.
@@ -21,7 +45,7 @@ pub(crate) fn accept_channels(
     sync: MultifdSync,
     uuid: [u8; 16],
     events: &EventBus,
-) -> Result<(transport::Channel, Option<MultifdChannels>), String> {
+) -> Result<(transport::Channel, Option<MultifdChannels>), AcceptError> {
     let n = usize::from(params.multifd_channels());
     let method = Method::from(params.multifd_compression());
     let deadline = Instant::now() + HANDSHAKE_TIMEOUT * 3;
@@ -29,7 +53,7 @@ pub(crate) fn accept_channels(
     let mut channels: Vec<Option<std::os::fd::OwnedFd>> = (0..n).map(|_| None).collect();
     // Each new connection is classified on its own thread, so one that stays silent
     // cannot hold up the others.
-    let (tx, rx) = std::sync::mpsc::channel::<Result<Classified, String>>();
+    let (tx, rx) = std::sync::mpsc::channel::<Result<Classified, AcceptError>>();
     let mut pending = 0usize;
     while main.is_none() || channels.iter().any(Option::is_none) {
         while let Ok(c) = rx.try_recv() {
@@ -50,12 +74,10 @@ pub(crate) fn accept_channels(
                     place(c?, &mut main, &mut channels, events)?;
                     continue;
                 }
-                Err(_) => {
-                    return Err("timed out waiting for the multifd channels' handshakes".into())
-                }
+                Err(_) => return Err(AcceptError::HandshakeTimeout),
             }
         }
-        let mut ch = incoming.accept_more(deadline).map_err(|e| e.0)?;
+        let mut ch = incoming.accept_more(deadline)?;
         let tx = tx.clone();
         let tls = tls.cloned();
         pending += 1;
@@ -63,7 +85,7 @@ pub(crate) fn accept_channels(
             let classified = match &tls {
                 Some(setup) => match tls::secure_incoming(&mut ch, setup, "in") {
                     Ok(()) => classify(ch, uuid, n),
-                    Err(e) => Ok(Classified::Rejected(e.0)),
+                    Err(e) => Ok(Classified::Rejected(e)),
                 },
                 None => classify(ch, uuid, n),
             };
@@ -86,20 +108,20 @@ pub(crate) fn accept_main(
     incoming: Incoming,
     tls: Option<&tls::ServerSetup>,
     events: &EventBus,
-) -> Result<transport::Channel, String> {
+) -> Result<transport::Channel, AcceptError> {
     let Some(setup) = tls else {
-        return incoming.accept().map_err(|e| e.0);
+        return Ok(incoming.accept()?);
     };
     if let Incoming::Ready(mut ch) = incoming {
-        tls::secure_incoming(&mut ch, setup, "main").map_err(|e| e.0)?;
+        tls::secure_incoming(&mut ch, setup, "main")?;
         return Ok(ch);
     }
     let forever = Instant::now() + std::time::Duration::from_secs(100 * 365 * 86400);
     loop {
-        let mut ch = incoming.accept_more(forever).map_err(|e| e.0)?;
+        let mut ch = incoming.accept_more(forever)?;
         match tls::secure_incoming(&mut ch, setup, "main") {
             Ok(()) => return Ok(ch),
-            Err(e) => events.warn(&e.0),
+            Err(e) => events.warn(&e.to_string()),
         }
     }
 }
@@ -109,17 +131,21 @@ enum Classified {
     Main(transport::Channel),
     Multifd(u8, std::os::fd::OwnedFd),
     /// Its TLS handshake failed: reported, and the connection dropped.
-    Rejected(String),
+    Rejected(TlsError),
 }
 
-fn classify(ch: transport::Channel, uuid: [u8; 16], channels: usize) -> Result<Classified, String> {
+fn classify(
+    ch: transport::Channel,
+    uuid: [u8; 16],
+    channels: usize,
+) -> Result<Classified, AcceptError> {
     transport::set_read_timeout(&ch.fd, Some(HANDSHAKE_TIMEOUT));
-    let head = transport::peek4(&ch.fd).map_err(|e| e.0)?;
+    let head = transport::peek4(&ch.fd)?;
     if head == vmigrate_stream::header::MAGIC.to_be_bytes() {
         transport::set_read_timeout(&ch.fd, None);
         return Ok(Classified::Main(ch));
     }
-    let id = read_init(&ch.fd, uuid, channels)?;
+    let id = read_init(&ch.fd, uuid, channels).map_err(AcceptError::MultifdInit)?;
     transport::set_read_timeout(&ch.fd, None);
     Ok(Classified::Multifd(id, ch.fd))
 }
@@ -129,19 +155,19 @@ fn place(
     main: &mut Option<transport::Channel>,
     channels: &mut [Option<std::os::fd::OwnedFd>],
     events: &EventBus,
-) -> Result<(), String> {
+) -> Result<(), AcceptError> {
     match c {
         Classified::Main(ch) => {
             if main.is_some() {
-                return Err("a second main migration channel connected".into());
+                return Err(AcceptError::SecondMain);
             }
             *main = Some(ch);
         }
-        Classified::Rejected(msg) => events.warn(&msg),
+        Classified::Rejected(e) => events.warn(&e.to_string()),
         Classified::Multifd(id, fd) => {
             let slot = &mut channels[usize::from(id)];
             if slot.is_some() {
-                return Err(format!("multifd: channel {id} connected twice"));
+                return Err(AcceptError::ChannelTwice(id));
             }
             *slot = Some(fd);
         }

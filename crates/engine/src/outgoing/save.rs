@@ -330,7 +330,7 @@ impl Session {
 
     fn return_path_error(&self) -> Result<(), SaveError> {
         match self.return_path.as_ref().and_then(|rp| rp.error()) {
-            Some(e) => Err(SaveError::ReturnPath(e)),
+            Some(e) => Err(SaveError::ReturnPath(e.to_string())),
             None => Ok(()),
         }
     }
@@ -737,7 +737,7 @@ fn complete(
     saver.finish_multifd()?;
     if let Some(rp) = &session.return_path {
         rp.await_close(RETURN_PATH_CLOSE_TIMEOUT)
-            .map_err(SaveError::ReturnPath)?;
+            .map_err(|e| SaveError::ReturnPath(e.to_string()))?;
     }
     let total = stats.transferred.load(Ordering::Relaxed);
     stats
