@@ -168,6 +168,12 @@ fn measure(blocks: &[Arc<RamBlock>], per_gib: u64, period: Duration) -> u64 {
         seed
     };
     let mut samples = Vec::new();
+    let mut page = Vec::new();
+    let mut sample_hash = |b: &RamBlock, off: u64| {
+        page.resize(b.page_size() as usize, 0);
+        b.read(off, &mut page);
+        page_hash(&page)
+    };
     let mut total_bytes = 0u64;
     for (bi, b) in blocks.iter().enumerate() {
         total_bytes += b.len();
@@ -175,16 +181,13 @@ fn measure(blocks: &[Arc<RamBlock>], per_gib: u64, period: Duration) -> u64 {
         for _ in 0..n {
             let page = next() % b.pages() as u64;
             let off = page * b.page_size();
-            samples.push((bi, off, page_hash(b.slice(off, b.page_size() as usize))));
+            samples.push((bi, off, sample_hash(b, off)));
         }
     }
     std::thread::sleep(period);
     let changed = samples
         .iter()
-        .filter(|(bi, off, h)| {
-            let b = &blocks[*bi];
-            page_hash(b.slice(*off, b.page_size() as usize)) != *h
-        })
+        .filter(|(bi, off, h)| sample_hash(&blocks[*bi], *off) != *h)
         .count() as f64;
     let share = changed / samples.len().max(1) as f64;
     let mib = total_bytes as f64 / f64::from(1u32 << 20);

@@ -1,13 +1,14 @@
 //! Byte I/O around the codecs: a buffered [`Source`] over a descriptor for the loader,
 //! and a gathering writer for the saver that sends guest pages without copying them.
 
-use std::io::IoSlice;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vmigrate_stream::{DecodeError, DecodeErrorKind, Source};
+
+use crate::memory::{write_gathered, GatherPart, RamBlock};
 
 /// Reads a migration stream from a descriptor, counting offsets from the stream start.
 #[derive(Debug)]
@@ -70,37 +71,27 @@ impl FdSource {
         }
     }
 
-    /// Reads `len` bytes straight into `dst` (guest memory), bypassing the buffer for
-    /// the bulk of large reads.
-    ///
-    /// # Safety
-    ///
-    /// `dst..dst+len` must be valid for writes for the duration of the call.
-    pub unsafe fn fill_raw(
+    /// Fills `dst`: what is buffered is copied, and the bulk of a large read goes
+    /// straight from the descriptor into `dst`, bypassing the buffer.
+    fn fill_into(
         &mut self,
-        dst: *mut u8,
-        len: usize,
+        dst: &mut impl FillTarget,
         what: &'static str,
     ) -> Result<(), DecodeError> {
         let at = self.offset;
+        let len = dst.len();
         let mut done = 0;
         while done < len {
             if self.start < self.end {
                 let n = (self.end - self.start).min(len - done);
-                // SAFETY: the caller guarantees dst..dst+len is writable; the buffer range
-                // is inside `buf`, which cannot overlap guest memory.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(self.buf[self.start..].as_ptr(), dst.add(done), n)
-                };
+                dst.copy_in(done, &self.buf[self.start..self.start + n]);
                 self.start += n;
                 self.offset += n as u64;
                 done += n;
                 continue;
             }
             if len - done >= self.buf.len() / 4 && !self.eof {
-                // SAFETY: as above; the slice covers the part not yet filled.
-                let out = unsafe { std::slice::from_raw_parts_mut(dst.add(done), len - done) };
-                match rustix::io::read(&self.fd, out) {
+                match dst.read_from(self.fd.as_fd(), done) {
                     Ok(0) => self.eof = true,
                     Ok(n) => {
                         done += n;
@@ -121,44 +112,47 @@ impl FdSource {
         Ok(())
     }
 
-    /// Fills several destinations in order: what is buffered is copied, the rest is read
-    /// straight into them with `readv` (multifd pages land in guest memory without a copy).
-    ///
-    /// # Safety
-    ///
-    /// Every `(ptr, len)` range must be valid for writes for the duration of the call and
-    /// must not overlap this source's buffer.
-    pub unsafe fn fill_scattered(
+    /// Reads `len` bytes into guest memory at `offset` of `block` (a RAM page).
+    pub fn fill_guest(
         &mut self,
-        dsts: &[(*mut u8, usize)],
+        block: &RamBlock,
+        offset: u64,
+        len: usize,
+        what: &'static str,
+    ) -> Result<(), DecodeError> {
+        self.fill_into(&mut GuestRange { block, offset, len }, what)
+    }
+
+    /// Fills the pages of `page_len` bytes at `offsets` of `block`, in order: what is
+    /// buffered is copied, the rest is read straight into them with one `readv` per
+    /// batch (multifd pages land in guest memory without a copy).
+    pub fn fill_guest_pages(
+        &mut self,
+        block: &RamBlock,
+        offsets: &[u64],
+        page_len: usize,
         what: &'static str,
     ) -> Result<(), DecodeError> {
         let at = self.offset;
-        let total: usize = dsts.iter().map(|d| d.1).sum();
+        let total = offsets.len() * page_len;
         let mut idx = 0;
         let mut done_in_first = 0;
         // Drain the buffer first.
-        while idx < dsts.len() && self.start < self.end {
-            let (ptr, len) = dsts[idx];
-            let n = (self.end - self.start).min(len - done_in_first);
-            // SAFETY: the caller guarantees the destination range; the buffer range is
-            // inside `buf`.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    self.buf[self.start..].as_ptr(),
-                    ptr.add(done_in_first),
-                    n,
-                )
-            };
+        while idx < offsets.len() && self.start < self.end {
+            let n = (self.end - self.start).min(page_len - done_in_first);
+            block.load(
+                offsets[idx] + done_in_first as u64,
+                &self.buf[self.start..self.start + n],
+            );
             self.start += n;
             self.offset += n as u64;
             done_in_first += n;
-            if done_in_first == len {
+            if done_in_first == page_len {
                 idx += 1;
                 done_in_first = 0;
             }
         }
-        while idx < dsts.len() {
+        while idx < offsets.len() {
             if self.eof {
                 return Err(DecodeError::new(
                     at,
@@ -168,16 +162,12 @@ impl FdSource {
                     },
                 ));
             }
-            let mut iov: Vec<std::io::IoSliceMut<'_>> = Vec::with_capacity(dsts.len() - idx);
-            for (k, (ptr, len)) in dsts[idx..].iter().enumerate() {
-                let skip = if k == 0 { done_in_first } else { 0 };
-                // SAFETY: the caller guarantees each range is writable and unaliased for
-                // this call.
-                iov.push(std::io::IoSliceMut::new(unsafe {
-                    std::slice::from_raw_parts_mut(ptr.add(skip), len - skip)
-                }));
-            }
-            let n = match rustix::io::readv(&self.fd, &mut iov) {
+            let n = match block.load_pages_from_fd(
+                self.fd.as_fd(),
+                &offsets[idx..],
+                page_len,
+                done_in_first,
+            ) {
                 Ok(0) => {
                     self.eof = true;
                     continue;
@@ -186,11 +176,10 @@ impl FdSource {
                 Err(rustix::io::Errno::INTR) => continue,
                 Err(e) => return Err(self.read_error(what, e)),
             };
-            drop(iov);
             self.offset += n as u64;
             let mut left = n;
             while left > 0 {
-                let room = dsts[idx].1 - done_in_first;
+                let room = page_len - done_in_first;
                 if left >= room {
                     left -= room;
                     idx += 1;
@@ -239,8 +228,7 @@ impl FdSource {
 
 impl Source for FdSource {
     fn fill(&mut self, buf: &mut [u8], what: &'static str) -> Result<(), DecodeError> {
-        // SAFETY: `buf` is a valid, exclusively borrowed Rust buffer.
-        unsafe { self.fill_raw(buf.as_mut_ptr(), buf.len(), what) }
+        self.fill_into(&mut &mut *buf, what)
     }
 
     fn offset(&self) -> u64 {
@@ -252,6 +240,47 @@ impl Source for FdSource {
             return Ok(None);
         }
         Ok(Some(self.buf[self.start]))
+    }
+}
+
+/// Where [`FdSource::fill_into`] puts bytes: a buffer of the VMM's, or guest memory.
+trait FillTarget {
+    fn len(&self) -> usize;
+    /// Copies `bytes` in at `at`.
+    fn copy_in(&mut self, at: usize, bytes: &[u8]);
+    /// One read from `fd` into the target from `at` to its end.
+    fn read_from(&mut self, fd: BorrowedFd<'_>, at: usize) -> rustix::io::Result<usize>;
+}
+
+impl FillTarget for &mut [u8] {
+    fn len(&self) -> usize {
+        <[u8]>::len(self)
+    }
+    fn copy_in(&mut self, at: usize, bytes: &[u8]) {
+        self[at..at + bytes.len()].copy_from_slice(bytes);
+    }
+    fn read_from(&mut self, fd: BorrowedFd<'_>, at: usize) -> rustix::io::Result<usize> {
+        rustix::io::read(fd, &mut self[at..])
+    }
+}
+
+/// A range of guest memory being filled.
+struct GuestRange<'a> {
+    block: &'a RamBlock,
+    offset: u64,
+    len: usize,
+}
+
+impl FillTarget for GuestRange<'_> {
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn copy_in(&mut self, at: usize, bytes: &[u8]) {
+        self.block.load(self.offset + at as u64, bytes);
+    }
+    fn read_from(&mut self, fd: BorrowedFd<'_>, at: usize) -> rustix::io::Result<usize> {
+        self.block
+            .load_from_fd(fd, self.offset + at as u64, self.len - at)
     }
 }
 
@@ -312,9 +341,11 @@ impl RateLimiter {
 /// place, and everything leaves in `writev` batches.
 #[derive(Debug)]
 pub struct StreamWriter {
-    fd: OwnedFd,
+    /// Shared only with the cancel list, which holds it weakly (see
+    /// `Shared::register_cancel_fd`): dropping the writer closes the descriptor.
+    fd: Arc<OwnedFd>,
     buf: Vec<u8>,
-    /// Segments in order: either a range of `buf` or a guest pointer.
+    /// Segments in order: either a range of `buf` or a run of guest memory.
     segs: Vec<Segment>,
     pending: usize,
     /// File position of the first pending byte (seekable targets; otherwise a count).
@@ -325,15 +356,18 @@ pub struct StreamWriter {
     cancel: Arc<AtomicBool>,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 enum Segment {
-    Buf { start: usize, len: usize },
-    Guest { ptr: *const u8, len: usize },
+    Buf {
+        start: usize,
+        len: usize,
+    },
+    Guest {
+        block: Arc<RamBlock>,
+        offset: u64,
+        len: usize,
+    },
 }
-
-// SAFETY: guest pointers in pending segments refer to RAM blocks that outlive the writer
-// (the engine holds Arc<RamBlock> for the whole migration).
-unsafe impl Send for StreamWriter {}
 
 const MAX_SEGMENTS: usize = 512;
 const FLUSH_BYTES: usize = 1 << 20;
@@ -355,13 +389,13 @@ pub enum WriteError {
 
 impl StreamWriter {
     pub fn new(
-        fd: OwnedFd,
+        fd: impl Into<Arc<OwnedFd>>,
         written: Arc<AtomicU64>,
         limit: Arc<AtomicU64>,
         cancel: Arc<AtomicBool>,
     ) -> Self {
         Self {
-            fd,
+            fd: fd.into(),
             buf: Vec::with_capacity(256 << 10),
             segs: Vec::with_capacity(MAX_SEGMENTS),
             pending: 0,
@@ -393,13 +427,19 @@ impl StreamWriter {
         self.maybe_flush()
     }
 
-    /// Appends `len` bytes of guest memory without copying them.
-    ///
-    /// # Safety
-    ///
-    /// `ptr..ptr+len` must stay mapped until the next flush.
-    pub unsafe fn put_guest(&mut self, ptr: *const u8, len: usize) -> Result<(), WriteError> {
-        self.segs.push(Segment::Guest { ptr, len });
+    /// Appends `len` bytes of guest memory at `offset` of `block` without copying them:
+    /// they are read when the batch is written.
+    pub fn put_guest(
+        &mut self,
+        block: &Arc<RamBlock>,
+        offset: u64,
+        len: usize,
+    ) -> Result<(), WriteError> {
+        self.segs.push(Segment::Guest {
+            block: block.clone(),
+            offset,
+            len,
+        });
         self.pending += len;
         self.maybe_flush()
     }
@@ -412,27 +452,27 @@ impl StreamWriter {
     }
 
     pub fn flush(&mut self) -> Result<(), WriteError> {
-        let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(self.segs.len());
-        for s in &self.segs {
-            match *s {
-                Segment::Buf { start, len } => {
-                    iov.push(IoSlice::new(&self.buf[start..start + len]))
-                }
-                // SAFETY: put_guest's contract keeps the range mapped until this flush.
-                Segment::Guest { ptr, len } => iov.push(IoSlice::new(unsafe {
-                    std::slice::from_raw_parts(ptr, len)
-                })),
-            }
-        }
-        let mut slices: &mut [IoSlice<'_>] = &mut iov;
+        let parts: Vec<GatherPart<'_>> = self
+            .segs
+            .iter()
+            .map(|s| match s {
+                Segment::Buf { start, len } => GatherPart::Bytes(&self.buf[*start..*start + *len]),
+                Segment::Guest { block, offset, len } => GatherPart::Guest {
+                    block,
+                    offset: *offset,
+                    len: *len,
+                },
+            })
+            .collect();
         let total = self.pending;
-        while !slices.is_empty() {
+        let mut done = 0;
+        while done < total {
             if self.cancel.load(Ordering::Relaxed) {
                 return Err(WriteError::Cancelled);
             }
-            match rustix::io::writev(self.fd.as_fd(), slices) {
+            match write_gathered(self.fd.as_fd(), &parts, done) {
                 Ok(0) => return Err(WriteError::Io("write returned 0".into())),
-                Ok(n) => IoSlice::advance_slices(&mut slices, n),
+                Ok(n) => done += n,
                 Err(rustix::io::Errno::INTR) => {}
                 Err(e) => {
                     if self.cancel.load(Ordering::Relaxed) {
@@ -443,7 +483,7 @@ impl StreamWriter {
                 }
             }
         }
-        drop(iov);
+        drop(parts);
         self.written.fetch_add(total as u64, Ordering::Relaxed);
         self.position += total as u64;
         self.buf.clear();
@@ -486,10 +526,6 @@ impl StreamWriter {
     pub fn fd(&self) -> &OwnedFd {
         &self.fd
     }
-
-    pub fn into_fd(self) -> OwnedFd {
-        self.fd
-    }
 }
 
 #[cfg(test)]
@@ -513,7 +549,15 @@ mod tests {
     }
 
     fn pages() -> Vec<Vec<u8>> {
-        (0..3u8).map(|i| vec![i + 1; 4096]).collect()
+        let ps = crate::memory::host_page_size() as usize;
+        (0..3u8).map(|i| vec![i + 1; ps]).collect()
+    }
+
+    /// A block of four pages and the offsets of three of them, out of order.
+    fn block_and_offsets() -> (RamBlock, Vec<u64>) {
+        let ps = crate::memory::host_page_size();
+        let block = RamBlock::anonymous("ram", 4 * ps, 0).unwrap();
+        (block, vec![3 * ps, 0, 2 * ps])
     }
 
     #[test]
@@ -526,13 +570,58 @@ mod tests {
         src.fill(&mut got_header, "header").unwrap();
         assert_eq!(got_header, header);
         assert_eq!(src.end - src.start, 0, "page bytes were buffered");
-        let mut got: Vec<Vec<u8>> = vec![vec![0u8; 4096]; 3];
-        let dsts: Vec<(*mut u8, usize)> = got.iter_mut().map(|p| (p.as_mut_ptr(), 4096)).collect();
-        // SAFETY: three live, separate 4096-byte buffers.
-        unsafe { src.fill_scattered(&dsts, "pages") }.unwrap();
+        let (block, offsets) = block_and_offsets();
+        let ps = block.page_size() as usize;
+        src.fill_guest_pages(&block, &offsets, ps, "pages").unwrap();
+        let got: Vec<Vec<u8>> = offsets
+            .iter()
+            .map(|o| {
+                let mut page = vec![0u8; ps];
+                block.read(*o, &mut page);
+                page
+            })
+            .collect();
         assert_eq!(got, want);
-        assert_eq!(src.offset(), 100 + 3 * 4096);
+        assert!(
+            block.is_zero(ps as u64, ps),
+            "a page not listed was written"
+        );
+        assert_eq!(src.offset(), 100 + 3 * ps as u64);
         assert_eq!(src.peek_u8().unwrap(), None);
+    }
+
+    #[test]
+    fn guest_pages_written_in_place_are_read_back_in_place() {
+        let ps = crate::memory::host_page_size();
+        let src = Arc::new(RamBlock::anonymous("ram", 2 * ps, 0).unwrap());
+        src.fill_u64(ps, ps as usize, 0xabcd);
+        let (w, r) = UnixStream::pair().unwrap();
+        let mut writer = StreamWriter::new(
+            OwnedFd::from(w),
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        writer.put(b"page:").unwrap();
+        writer.put_guest(&src, ps, ps as usize).unwrap();
+        writer.put(b"end").unwrap();
+        writer.flush().unwrap();
+        assert_eq!(writer.written.load(Ordering::Relaxed), 8 + ps);
+        drop(writer);
+        let dst = RamBlock::anonymous("ram", 2 * ps, 0).unwrap();
+        let mut src_in = FdSource::with_buffer(OwnedFd::from(r), 0, 5);
+        let mut head = [0u8; 5];
+        src_in.fill(&mut head, "head").unwrap();
+        assert_eq!(&head, b"page:");
+        src_in.fill_guest(&dst, 0, ps as usize, "page").unwrap();
+        let mut tail = [0u8; 3];
+        src_in.fill(&mut tail, "tail").unwrap();
+        assert_eq!(&tail, b"end");
+        let (mut a, mut b) = (vec![0u8; ps as usize], vec![0u8; ps as usize]);
+        src.read(ps, &mut a);
+        dst.read(0, &mut b);
+        assert_eq!(a, b);
+        assert!(dst.pristine(), "a loader's write ended pristine");
     }
 
     #[test]
@@ -541,13 +630,14 @@ mod tests {
         let mut src = stream(&header, &pages(), 10);
         let mut h = vec![0u8; 100];
         src.fill(&mut h, "header").unwrap();
-        let mut got: Vec<Vec<u8>> = vec![vec![0u8; 4096]; 3];
-        let dsts: Vec<(*mut u8, usize)> = got.iter_mut().map(|p| (p.as_mut_ptr(), 4096)).collect();
-        // SAFETY: three live, separate 4096-byte buffers.
-        let e = unsafe { src.fill_scattered(&dsts, "pages") }.unwrap_err();
+        let (block, offsets) = block_and_offsets();
+        let ps = block.page_size() as usize;
+        let e = src
+            .fill_guest_pages(&block, &offsets, ps, "pages")
+            .unwrap_err();
         assert_eq!(e.offset, 100);
         assert!(
-            matches!(e.kind, DecodeErrorKind::Truncated { what: "pages", needed } if needed == 3 * 4096),
+            matches!(e.kind, DecodeErrorKind::Truncated { what: "pages", needed } if needed == 3 * ps),
             "{e:?}"
         );
     }

@@ -12,7 +12,7 @@
 //! memory straight from the file with positional reads, split across as many threads
 //! (again, at most one per core).
 
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, SyncSender};
 use std::sync::{Arc, Condvar, Mutex};
@@ -216,14 +216,17 @@ pub fn reopen_direct(fd: &OwnedFd, write: bool) -> Result<OwnedFd, String> {
     })
 }
 
-fn write_all_at(fd: &OwnedFd, mut data: &[u8], mut offset: u64) -> Result<(), String> {
-    while !data.is_empty() {
-        match rustix::io::pwrite(fd.as_fd(), data, offset) {
+/// Repeats a positional write until `len` bytes are written: `pwrite(done)` writes
+/// what is left from byte `done` on.
+fn write_all_at(
+    len: usize,
+    mut pwrite: impl FnMut(usize) -> rustix::io::Result<usize>,
+) -> Result<(), String> {
+    let mut done = 0;
+    while done < len {
+        match pwrite(done) {
             Ok(0) => return Err("write returned 0".into()),
-            Ok(n) => {
-                data = &data[n..];
-                offset += n as u64;
-            }
+            Ok(n) => done += n,
             Err(rustix::io::Errno::INTR) => {}
             Err(e) => return Err(errno_text(&std::io::Error::from(e))),
         }
@@ -278,16 +281,21 @@ impl WriterShared {
         let flush = |run: (usize, usize), written: &mut u64| -> Result<(), String> {
             let (first, n) = run;
             let len = n * ps;
-            let ptr = block.ptr_at(first as u64 * ps as u64, len);
-            // SAFETY: ptr..ptr+len is inside the block's mapping (checked by ptr_at),
-            // which this writer keeps alive through its Arc; guest writes racing with
-            // the copy are caught by dirty tracking and the page is written again.
-            let data = unsafe { std::slice::from_raw_parts(ptr, len) };
+            let (offset, file_offset) = (first as u64 * ps as u64, region.page_at(first));
             let _turn = self
                 .turn
                 .as_ref()
                 .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()));
-            write_all_at(&self.pages_fd, data, region.page_at(first))?;
+            // Guest writes racing with the write are caught by dirty tracking and the
+            // page is written again.
+            write_all_at(len, |done| {
+                block.save_to_file_at(
+                    &self.pages_fd,
+                    offset + done as u64,
+                    len - done,
+                    file_offset + done as u64,
+                )
+            })?;
             *written += len as u64;
             Ok(())
         };
@@ -515,11 +523,14 @@ impl MappedRamWriter {
     pub fn write_bitmaps(&mut self) -> Result<(), WriteError> {
         self.drain()?;
         for (bitmap, region) in self.shared.bitmaps.iter().zip(&self.shared.regions) {
-            write_all_at(
-                &self.shared.meta_fd,
-                &bitmap.to_le_bytes(),
-                region.bitmap_offset,
-            )
+            let bytes = bitmap.to_le_bytes();
+            write_all_at(bytes.len(), |done| {
+                rustix::io::pwrite(
+                    &self.shared.meta_fd,
+                    &bytes[done..],
+                    region.bitmap_offset + done as u64,
+                )
+            })
             .map_err(|e| WriteError::File(format!("Unable to write to file: {e}")))?;
         }
         Ok(())
@@ -546,7 +557,15 @@ pub fn load_block(
     threads: usize,
 ) -> Result<u64, String> {
     let mut bitmap = vec![0u8; region.bitmap_len() as usize];
-    read_all_at(meta_fd, &mut bitmap, region.bitmap_offset).map_err(|e| match e {
+    let bitmap_len = bitmap.len();
+    read_all_at(bitmap_len, |done| {
+        rustix::io::pread(
+            meta_fd,
+            &mut bitmap[done..],
+            region.bitmap_offset + done as u64,
+        )
+    })
+    .map_err(|e| match e {
         ReadFail::Eof => "the bitmap is truncated".to_string(),
         ReadFail::Io(e) => format!("cannot read the bitmap: {e}"),
     })?;
@@ -567,12 +586,17 @@ pub fn load_block(
                 return;
             };
             let len = n * ps as usize;
-            let ptr = block.ptr_at(first as u64 * ps, len);
-            // SAFETY: ptr..ptr+len is inside the block's mapping (checked by ptr_at); runs
-            // are disjoint, so no two readers write the same bytes, and no Rust reference
-            // to guest memory is alive.
-            let dst = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
-            if let Err(e) = read_all_at(pages_fd, dst, region.page_at(first)) {
+            let (offset, file_offset) = (first as u64 * ps, region.page_at(first));
+            // Runs are disjoint, so no two readers write the same bytes.
+            let read = read_all_at(len, |done| {
+                block.load_from_file_at(
+                    pages_fd,
+                    offset + done as u64,
+                    len - done,
+                    file_offset + done as u64,
+                )
+            });
+            if let Err(e) = read {
                 let text = match e {
                     ReadFail::Eof => format!(
                         "the page area is truncated: page {first} of block '{}' at file \
@@ -628,14 +652,17 @@ enum ReadFail {
     Io(String),
 }
 
-fn read_all_at(fd: &OwnedFd, mut buf: &mut [u8], mut offset: u64) -> Result<(), ReadFail> {
-    while !buf.is_empty() {
-        match rustix::io::pread(fd.as_fd(), &mut *buf, offset) {
+/// Repeats a positional read until `len` bytes are read: `pread(done)` reads what is
+/// left from byte `done` on.
+fn read_all_at(
+    len: usize,
+    mut pread: impl FnMut(usize) -> rustix::io::Result<usize>,
+) -> Result<(), ReadFail> {
+    let mut done = 0;
+    while done < len {
+        match pread(done) {
             Ok(0) => return Err(ReadFail::Eof),
-            Ok(n) => {
-                buf = &mut buf[n..];
-                offset += n as u64;
-            }
+            Ok(n) => done += n,
             Err(rustix::io::Errno::INTR) => {}
             Err(e) => return Err(ReadFail::Io(errno_text(&std::io::Error::from(e)))),
         }

@@ -1,14 +1,31 @@
 //! Guest RAM blocks: a host mapping made once (anonymous, or a file), shared between the
 //! guest, the VMM and the migration threads.
 //!
-//! The mappings are made and unmapped only here; other modules reach guest pages through
-//! pointers this module hands out after checking the range. The mapping is valid for the
-//! life of the block; its contents may change at any time (the guest writes while it runs), which is
-//! why callers only get short-lived byte views and copies, and why a page read while the
-//! guest writes it is simply sent again once the dirty log reports it.
+//! The mappings are made and unmapped only here, and only here is guest memory read or
+//! written: other modules name a range (block, offset, length) and say what to do with
+//! it, and the methods below check the range and do it.
+//!
+//! - copy out or scan: [`RamBlock::read`], [`RamBlock::is_zero`];
+//! - copy in or clear: [`RamBlock::write`], [`RamBlock::fill_zero`],
+//!   [`RamBlock::fill_u64`], and for a loader, which tracks its own writes,
+//!   [`RamBlock::load`] and [`RamBlock::load_zero`];
+//! - move pages between guest memory and a descriptor with one syscall each, with no
+//!   copy through a buffer: [`RamBlock::load_from_fd`] (`read`),
+//!   [`RamBlock::load_pages_from_fd`] (`readv` into scattered pages),
+//!   [`RamBlock::load_from_file_at`] (`pread`), [`RamBlock::save_to_file_at`] (`pwrite`)
+//!   and [`write_gathered`] (`writev` of buffers and guest pages);
+//! - hand pages to a compressor or decompressor in place: [`RamBlock::with_pages`] and
+//!   [`RamBlock::with_pages_mut`], `unsafe` because they make Rust references into guest
+//!   memory, as does [`RamBlock::with_bytes`].
+//!
+//! The mapping is valid for the life of the block; its contents may change at any time
+//! (the guest writes while it runs). The safe methods therefore never make a Rust
+//! reference into guest memory: they copy with raw pointers or let the kernel do the
+//! access, and a page read while the guest writes it is simply sent again once the dirty
+//! log reports it.
 
 use std::fs::OpenOptions;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::Path;
 use std::ptr::NonNull;
 
@@ -60,10 +77,12 @@ pub struct RamBlock {
 }
 
 // SAFETY: the block owns a plain memory mapping that lives until drop; access goes
-// through methods that copy in or out with raw pointers, and concurrent writers (guest,
-// migration threads) write disjoint pages or tolerate racing contents by design.
+// through methods that copy in or out with raw pointers or hand the range to the kernel,
+// and concurrent writers (guest, migration threads) write disjoint pages or tolerate
+// racing contents by design.
 unsafe impl Send for RamBlock {}
-// SAFETY: as above; no method hands out a long-lived reference.
+// SAFETY: as above; the only methods that make references into the mapping are `unsafe`
+// and bound them to a closure call.
 unsafe impl Sync for RamBlock {}
 
 impl RamBlock {
@@ -193,8 +212,9 @@ impl RamBlock {
         self.pristine.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Records that something outside this type (a guest's vCPUs, a device model
-    /// writing through [`RamBlock::ptr_at`]) may have written the block.
+    /// Records that something outside this type (a guest's vCPUs, a device model) may
+    /// have written the block, or that a loader has filled pages with the `load_*`
+    /// methods, which leave this to the loader.
     pub fn note_external_writes(&self) {
         self.pristine
             .store(false, std::sync::atomic::Ordering::Relaxed);
@@ -209,50 +229,39 @@ impl RamBlock {
         );
     }
 
-    /// A raw pointer to `offset`, for I/O syscalls that read or write guest memory
-    /// directly. The range `offset..offset+len` is checked.
-    pub fn ptr_at(&self, offset: u64, len: usize) -> *mut u8 {
+    /// The host address of `offset`, after checking `offset..offset+len`. Only this
+    /// module turns it into accesses.
+    fn ptr_at(&self, offset: u64, len: usize) -> *mut u8 {
         self.check(offset, len);
         // SAFETY: offset + len is inside the mapping (checked above).
         unsafe { self.host.as_ptr().add(offset as usize) }
     }
 
-    /// Calls `f` with a view of `len` bytes at `offset`. The bytes may change under the
-    /// view while the guest runs; callers only copy or scan them.
-    pub fn with_bytes<R>(&self, offset: u64, len: usize, f: impl FnOnce(&[u8]) -> R) -> R {
-        let p = self.ptr_at(offset, len);
-        // SAFETY: the range is inside the live mapping; the view does not outlive `f`.
-        f(unsafe { std::slice::from_raw_parts(p, len) })
+    /// The mapping's host address, for kernel interfaces that take guest memory as an
+    /// address range (KVM memory slots, userfaultfd). The kernel accesses the memory;
+    /// this process does so only through the methods of this type.
+    pub fn host_addr(&self) -> u64 {
+        self.host.as_ptr() as u64
     }
 
-    /// A view of guest memory that lives as long as the block borrow. The bytes may
-    /// change under it while the guest runs; callers only copy or compress them, and a
-    /// page changed meanwhile is dirty again and sent again.
-    pub fn slice(&self, offset: u64, len: usize) -> &[u8] {
-        let p = self.ptr_at(offset, len);
-        // SAFETY: the range is inside the mapping, which lives as long as `self`.
-        unsafe { std::slice::from_raw_parts(p, len) }
-    }
-
+    /// Copies `out.len()` bytes at `offset` out of guest memory.
     pub fn read(&self, offset: u64, out: &mut [u8]) {
         let p = self.ptr_at(offset, out.len());
         // SAFETY: the source range is inside the mapping and cannot overlap `out`, which
-        // is a Rust buffer.
+        // is a Rust buffer; no reference to guest memory is made.
         unsafe { std::ptr::copy_nonoverlapping(p, out.as_mut_ptr(), out.len()) }
     }
 
+    /// Copies `data` into guest memory at `offset`; the block is no longer pristine.
     pub fn write(&self, offset: u64, data: &[u8]) {
         self.note_external_writes();
-        let p = self.ptr_at(offset, data.len());
-        // SAFETY: the destination range is inside the mapping and cannot overlap `data`.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len()) }
+        self.load(offset, data);
     }
 
+    /// Zeroes `len` bytes at `offset`; the block is no longer pristine.
     pub fn fill_zero(&self, offset: u64, len: usize) {
         self.note_external_writes();
-        let p = self.ptr_at(offset, len);
-        // SAFETY: the range is inside the mapping.
-        unsafe { std::ptr::write_bytes(p, 0, len) }
+        self.load_zero(offset, len);
     }
 
     /// Fills `len` bytes at `offset` with copies of `word` (native byte order): one
@@ -272,8 +281,26 @@ impl RamBlock {
         }
     }
 
+    /// Whether `len` bytes at `offset` are all zero. Scans in wide words through the
+    /// pointer (no reference is made), so the compiler vectorises it as it does
+    /// [`buffer_is_zero`].
     pub fn is_zero(&self, offset: u64, len: usize) -> bool {
-        self.with_bytes(offset, len, buffer_is_zero)
+        let p = self.ptr_at(offset, len);
+        let mut at = 0;
+        while at + 64 <= len {
+            let mut acc = 0u64;
+            for w in 0..8 {
+                // SAFETY: `at + 8 * w + 8 <= len`, inside the range checked by ptr_at;
+                // unaligned reads, so any offset works.
+                acc |= unsafe { p.add(at + 8 * w).cast::<u64>().read_unaligned() };
+            }
+            if acc != 0 {
+                return false;
+            }
+            at += 64;
+        }
+        // SAFETY: `at..len` is inside the checked range.
+        (at..len).all(|i| unsafe { p.add(i).read() } == 0)
     }
 
     /// Pre-faults a range for writing (`MADV_POPULATE_WRITE`); best effort.
@@ -282,6 +309,263 @@ impl RamBlock {
         // SAFETY: advice on a range inside our own mapping; it does not change contents.
         let _ =
             unsafe { rustix::mm::madvise(p.cast(), len, rustix::mm::Advice::LinuxPopulateWrite) };
+    }
+
+    /// Asks for base pages only (`MADV_NOHUGEPAGE`), so that write tracking reports
+    /// single pages rather than a huge page; best effort.
+    pub fn no_huge_pages(&self) {
+        let p = self.ptr_at(0, self.len as usize);
+        // SAFETY: advice on our own whole mapping; it does not change contents.
+        let _ = unsafe {
+            rustix::mm::madvise(
+                p.cast(),
+                self.len as usize,
+                rustix::mm::Advice::LinuxNoHugepage,
+            )
+        };
+    }
+
+    /// Calls `f` with a view of `len` bytes at `offset`.
+    ///
+    /// # Safety
+    ///
+    /// Nothing may write the range while `f` runs: a guest's vCPUs must be stopped, or
+    /// the caller must be the only writer of these pages (a vCPU thread of the `lab`
+    /// workload reading back its own pages).
+    pub unsafe fn with_bytes<R>(&self, offset: u64, len: usize, f: impl FnOnce(&[u8]) -> R) -> R {
+        let p = self.ptr_at(offset, len);
+        // SAFETY: the range is inside the live mapping; the view does not outlive `f`,
+        // and the caller guarantees that no one writes it meanwhile.
+        f(unsafe { std::slice::from_raw_parts(p, len) })
+    }
+
+    /// Calls `f` with views of the pages of `page_len` bytes at `offsets`, in order, to
+    /// compress them in place.
+    ///
+    /// # Safety
+    ///
+    /// The guest may write these pages while the views live; the race is accepted
+    /// because a page changed meanwhile is dirty again and sent again. `f` must
+    /// therefore only read the views once through (copy, hash or compress them) and never
+    /// rely on two reads of the same bytes agreeing.
+    pub unsafe fn with_pages<R>(
+        &self,
+        offsets: &[u64],
+        page_len: usize,
+        f: impl FnOnce(&[&[u8]]) -> R,
+    ) -> R {
+        let pages: Vec<&[u8]> = offsets
+            .iter()
+            .map(|&o| {
+                let p = self.ptr_at(o, page_len);
+                // SAFETY: inside the live mapping; the views live only for `f`, under the
+                // caller's contract.
+                unsafe { std::slice::from_raw_parts(p, page_len) }
+            })
+            .collect();
+        f(&pages)
+    }
+
+    // Loading. These methods fill pages without ending the block's pristine state: a
+    // loader tracks the pages it filled (a zero page need only be cleared if the load
+    // wrote it) and calls `note_external_writes` once it is done.
+
+    /// Copies `data` into guest memory at `offset`.
+    pub fn load(&self, offset: u64, data: &[u8]) {
+        let p = self.ptr_at(offset, data.len());
+        // SAFETY: the destination range is inside the mapping and cannot overlap `data`,
+        // a Rust buffer; no reference to guest memory is made.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len()) }
+    }
+
+    /// Zeroes `len` bytes at `offset`.
+    pub fn load_zero(&self, offset: u64, len: usize) {
+        let p = self.ptr_at(offset, len);
+        // SAFETY: the range is inside the mapping; no reference to guest memory is made.
+        unsafe { std::ptr::write_bytes(p, 0, len) }
+    }
+
+    /// One `read(2)` from `fd` into `len` bytes at `offset`: the bytes read.
+    pub fn load_from_fd(
+        &self,
+        fd: impl AsFd,
+        offset: u64,
+        len: usize,
+    ) -> rustix::io::Result<usize> {
+        let p = self.ptr_at(offset, len);
+        // SAFETY: the kernel writes at most `len` bytes at `p`, inside the mapping.
+        let n = unsafe { libc::read(fd.as_fd().as_raw_fd(), p.cast(), len) };
+        syscall_result(n)
+    }
+
+    /// One `readv(2)` from `fd` into the pages of `page_len` bytes at `offsets`, in
+    /// order, the first from byte `skip` on: the bytes read. This is how multifd pages
+    /// go from the socket into guest memory without a copy.
+    pub fn load_pages_from_fd(
+        &self,
+        fd: impl AsFd,
+        offsets: &[u64],
+        page_len: usize,
+        skip: usize,
+    ) -> rustix::io::Result<usize> {
+        assert!(
+            skip < page_len || offsets.is_empty(),
+            "skip past the first page"
+        );
+        let iov: Vec<libc::iovec> = offsets
+            .iter()
+            .enumerate()
+            .map(|(i, &o)| {
+                let skip = if i == 0 { skip } else { 0 };
+                libc::iovec {
+                    // SAFETY: `skip < page_len`, so the address is inside the page.
+                    iov_base: unsafe { self.ptr_at(o, page_len).add(skip) }.cast(),
+                    iov_len: page_len - skip,
+                }
+            })
+            .collect();
+        // SAFETY: every iovec is a range inside the mapping; the kernel writes only
+        // there. Pages listed twice are written twice, harmlessly: no Rust reference to
+        // them exists.
+        let n = unsafe { libc::readv(fd.as_fd().as_raw_fd(), iov.as_ptr(), iov.len() as i32) };
+        syscall_result(n)
+    }
+
+    /// One `pread(2)` from `fd` at `file_offset` into `len` bytes at `offset`: the bytes
+    /// read (mapped-ram).
+    pub fn load_from_file_at(
+        &self,
+        fd: impl AsFd,
+        offset: u64,
+        len: usize,
+        file_offset: u64,
+    ) -> rustix::io::Result<usize> {
+        let p = self.ptr_at(offset, len);
+        // SAFETY: the kernel writes at most `len` bytes at `p`, inside the mapping.
+        let n = unsafe {
+            libc::pread(
+                fd.as_fd().as_raw_fd(),
+                p.cast(),
+                len,
+                file_offset as libc::off_t,
+            )
+        };
+        syscall_result(n)
+    }
+
+    /// Calls `f` with writable views of the pages of `page_len` bytes at `offsets`, in
+    /// order, to decompress into them in place.
+    ///
+    /// # Safety
+    ///
+    /// `offsets` must be distinct, and nothing else may read or write these pages while
+    /// `f` runs (a destination's guest is not running while it loads them).
+    pub unsafe fn with_pages_mut<R>(
+        &self,
+        offsets: &[u64],
+        page_len: usize,
+        f: impl FnOnce(&mut [&mut [u8]]) -> R,
+    ) -> R {
+        let mut pages: Vec<&mut [u8]> = offsets
+            .iter()
+            .map(|&o| {
+                let p = self.ptr_at(o, page_len);
+                // SAFETY: inside the live mapping; the pages are distinct and not accessed
+                // elsewhere during `f` (the caller's contract), so the views do not alias.
+                unsafe { std::slice::from_raw_parts_mut(p, page_len) }
+            })
+            .collect();
+        f(&mut pages)
+    }
+
+    // Saving straight from guest memory.
+
+    /// One `pwrite(2)` of `len` bytes at `offset` to `fd` at `file_offset`: the bytes
+    /// written (mapped-ram).
+    pub fn save_to_file_at(
+        &self,
+        fd: impl AsFd,
+        offset: u64,
+        len: usize,
+        file_offset: u64,
+    ) -> rustix::io::Result<usize> {
+        let p = self.ptr_at(offset, len);
+        // SAFETY: the kernel reads at most `len` bytes at `p`, inside the mapping.
+        let n = unsafe {
+            libc::pwrite(
+                fd.as_fd().as_raw_fd(),
+                p.cast(),
+                len,
+                file_offset as libc::off_t,
+            )
+        };
+        syscall_result(n)
+    }
+}
+
+/// A piece of a gathered write: bytes of the VMM's own, or a run of guest memory.
+#[derive(Debug, Clone, Copy)]
+pub enum GatherPart<'a> {
+    Bytes(&'a [u8]),
+    Guest {
+        block: &'a RamBlock,
+        offset: u64,
+        len: usize,
+    },
+}
+
+impl GatherPart<'_> {
+    fn len(&self) -> usize {
+        match self {
+            GatherPart::Bytes(b) => b.len(),
+            GatherPart::Guest { len, .. } => *len,
+        }
+    }
+}
+
+/// One `writev(2)` of `parts` to `fd`, leaving out their first `skip` bytes (what
+/// earlier calls wrote): the bytes written. Guest pages go to the socket without a copy.
+pub fn write_gathered(
+    fd: impl AsFd,
+    parts: &[GatherPart<'_>],
+    mut skip: usize,
+) -> rustix::io::Result<usize> {
+    let mut iov: Vec<libc::iovec> = Vec::with_capacity(parts.len());
+    for part in parts {
+        let len = part.len();
+        if skip >= len {
+            skip -= len;
+            continue;
+        }
+        let base: *const u8 = match *part {
+            GatherPart::Bytes(b) => b.as_ptr(),
+            GatherPart::Guest { block, offset, len } => block.ptr_at(offset, len),
+        };
+        iov.push(libc::iovec {
+            // SAFETY: `skip < len`, so the address is inside the part.
+            iov_base: unsafe { base.add(skip) }.cast_mut().cast(),
+            iov_len: len - skip,
+        });
+        skip = 0;
+    }
+    if iov.is_empty() {
+        return Ok(0);
+    }
+    // SAFETY: every iovec is a live Rust buffer borrowed for this call or a range inside
+    // a guest mapping (checked by ptr_at); the kernel only reads them.
+    let n = unsafe { libc::writev(fd.as_fd().as_raw_fd(), iov.as_ptr(), iov.len() as i32) };
+    syscall_result(n)
+}
+
+/// A byte count from a `read`/`write` family call, or its errno.
+fn syscall_result(n: isize) -> rustix::io::Result<usize> {
+    if n < 0 {
+        Err(
+            rustix::io::Errno::from_io_error(&std::io::Error::last_os_error())
+                .unwrap_or(rustix::io::Errno::IO),
+        )
+    } else {
+        Ok(n as usize)
     }
 }
 
@@ -398,13 +682,76 @@ mod tests {
         b.fill_zero(ps, ps as usize);
         assert!(b.is_zero(ps, ps as usize));
         b.fill_u64(2 * ps, ps as usize, 0x0102_0304_0506_0708);
-        b.with_bytes(2 * ps, ps as usize, |v| {
-            assert!(v
-                .chunks(8)
-                .all(|w| w == 0x0102_0304_0506_0708u64.to_ne_bytes()))
-        });
+        let mut page = vec![0u8; ps as usize];
+        b.read(2 * ps, &mut page);
+        assert!(page
+            .chunks(8)
+            .all(|w| w == 0x0102_0304_0506_0708u64.to_ne_bytes()));
         assert!(b.is_zero(3 * ps, ps as usize));
         assert!(RamBlock::anonymous("ram", ps + 1, 0).is_err());
+    }
+
+    #[test]
+    fn runs_go_to_a_file_and_back_without_ending_pristine() {
+        let ps = host_page_size();
+        let src = RamBlock::anonymous("ram", 2 * ps, 0).unwrap();
+        src.fill_u64(ps, ps as usize, 0x1122_3344_5566_7788);
+        let path = std::env::temp_dir().join(format!("vmigrate-mem-io-{}", std::process::id()));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(
+            src.save_to_file_at(&file, ps, ps as usize, 100).unwrap(),
+            ps as usize
+        );
+        let dst = RamBlock::anonymous("ram", 2 * ps, 0).unwrap();
+        assert_eq!(
+            dst.load_from_file_at(&file, 0, ps as usize, 100).unwrap(),
+            ps as usize
+        );
+        assert!(dst.pristine(), "a loader's write ended pristine");
+        let (mut a, mut b) = (vec![0u8; ps as usize], vec![0u8; ps as usize]);
+        src.read(ps, &mut a);
+        dst.read(0, &mut b);
+        assert_eq!(a, b);
+        assert!(dst.is_zero(ps, ps as usize));
+    }
+
+    #[test]
+    fn gathered_writes_and_scattered_reads_resume_where_they_stopped() {
+        let ps = host_page_size() as usize;
+        let src = RamBlock::anonymous("ram", 2 * ps as u64, 0).unwrap();
+        src.write(ps as u64, &vec![7u8; ps]);
+        let (w, r) = std::os::unix::net::UnixStream::pair().unwrap();
+        let parts = [
+            GatherPart::Bytes(b"xy"),
+            GatherPart::Guest {
+                block: &src,
+                offset: ps as u64,
+                len: ps,
+            },
+            GatherPart::Bytes(&[9u8; 8]),
+        ];
+        // The first two bytes count as written by an earlier call.
+        assert_eq!(write_gathered(&w, &parts, 2).unwrap(), ps + 8);
+        let dst = RamBlock::anonymous("ram", 4 * ps as u64, 0).unwrap();
+        let offsets = [3 * ps as u64, 0];
+        let mut got = 0;
+        while got < ps + 8 {
+            got += dst
+                .load_pages_from_fd(&r, &offsets[got / ps..], ps, got % ps)
+                .unwrap();
+        }
+        let mut page = vec![0u8; ps];
+        dst.read(3 * ps as u64, &mut page);
+        assert_eq!(page, vec![7u8; ps]);
+        dst.read(0, &mut page);
+        assert_eq!(&page[..9], &[9, 9, 9, 9, 9, 9, 9, 9, 0]);
+        assert!(dst.is_zero(ps as u64, 2 * ps));
     }
 
     #[test]

@@ -4,7 +4,6 @@
 //! One [`Migrator`] per VM. It owns the options and the state shared with the session
 //! threads; each session thread reports back through [`Shared`].
 
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
@@ -391,10 +390,16 @@ impl Migrator {
                 return;
             }
         }
+        // The main socket for cancel to shut down: a duplicate held here until the end,
+        // and weakly by the cancel list.
+        let cancel_socket = channel
+            .is_socket
+            .then(|| channel.fd.try_clone().ok().map(Arc::new))
+            .flatten();
         {
             let mut st = self.shared.lock();
-            if channel.is_socket {
-                st.cancel_fds.push(channel.fd.as_raw_fd());
+            if let Some(fd) = &cancel_socket {
+                st.cancel_fds.push(Arc::downgrade(fd));
             }
             if st.cancel.load(Ordering::Relaxed) {
                 drop(st);
@@ -405,9 +410,10 @@ impl Migrator {
         let state_before = self.vmm.control().run_state();
         let mut result = save::run(&self.shared, self.vmm.as_ref(), &channel, &addr);
         if channel.is_socket {
-            transport::shutdown_socket(channel.fd.as_raw_fd());
+            transport::shutdown_socket(&channel.fd);
         }
         self.shared.lock().cancel_fds.clear();
+        drop(cancel_socket);
         drop(channel.fd.try_clone());
         let main_relay = channel.tls_relay.take();
         let mut relays = std::mem::take(&mut self.shared.lock().tls_relays);

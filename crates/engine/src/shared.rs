@@ -2,8 +2,9 @@
 //! threads it starts: options, status, stats, the cancel flag and the sockets that
 //! cancel shuts down.
 
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 
 use serde_json::{json, Value};
 
@@ -62,8 +63,9 @@ pub(crate) struct State {
     pub(crate) error: Option<String>,
     pub(crate) stats: Arc<Stats>,
     pub(crate) cancel: Arc<AtomicBool>,
-    /// Raw descriptors of the outgoing sockets, for shutdown on cancel.
-    pub(crate) cancel_fds: Vec<i32>,
+    /// The outgoing sockets, for shutdown on cancel. Held weakly: a socket its owner
+    /// has closed is left alone, and none is kept open by this list.
+    pub(crate) cancel_fds: Vec<Weak<OwnedFd>>,
     pub(crate) incoming_mode: IncomingMode,
     pub(crate) incoming_started: bool,
     pub(crate) socket_address: Option<Value>,
@@ -249,8 +251,8 @@ impl Shared {
                 return;
             }
             st.cancel.store(true, Ordering::Relaxed);
-            for fd in &st.cancel_fds {
-                crate::channels::transport::shutdown_socket(*fd);
+            for fd in st.cancel_fds.iter().filter_map(|fd| fd.upgrade()) {
+                crate::channels::transport::shutdown_socket(fd);
             }
             st.status = MigrationStatus::Cancelling;
             st.caps.events()
@@ -259,9 +261,9 @@ impl Shared {
         self.emit_status(events, MigrationStatus::Cancelling);
     }
 
-    /// Adds a socket that cancel shuts down (multifd channels).
-    pub fn register_cancel_fd(&self, fd: i32) {
-        self.lock().cancel_fds.push(fd);
+    /// Adds a socket that cancel shuts down (multifd channels) while `fd` is open.
+    pub fn register_cancel_fd(&self, fd: &Arc<OwnedFd>) {
+        self.lock().cancel_fds.push(Arc::downgrade(fd));
     }
 
     /// The outgoing migration's TLS setup, when `tls-creds` is set.

@@ -119,7 +119,7 @@ mod tests {
         log.mark(0, 40, 1);
         let sink = std::fs::File::create("/dev/null").unwrap();
         let mut w = StreamWriter::new(
-            sink.into(),
+            std::os::fd::OwnedFd::from(sink),
             Arc::new(AtomicU64::new(0)),
             Arc::new(AtomicU64::new(0)),
             Arc::new(AtomicBool::new(false)),

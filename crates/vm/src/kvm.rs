@@ -259,7 +259,7 @@ impl KvmGuest {
             flags,
             guest_phys_addr: self.ram.gpa(),
             memory_size: self.ram.len(),
-            userspace_addr: self.ram.ptr_at(0, self.ram.len() as usize) as u64,
+            userspace_addr: self.ram.host_addr(),
         };
         // SAFETY: the region is the whole of `ram`, a live mapping that this guest keeps
         // alive (it holds an Arc) for as long as the VM exists.

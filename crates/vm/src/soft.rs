@@ -218,9 +218,13 @@ impl SoftWorkload {
             let offset = page * ps;
             if self.spec.verify {
                 let want = page_tag(pass - 1, page);
-                let found = self
-                    .ram
-                    .with_bytes(offset, ps as usize, |b| first_mismatch(b, want));
+                // SAFETY: while vCPUs run, this vCPU thread is the only writer of the
+                // pages of its slice: a destination loads them before the vCPUs start,
+                // and the migration threads only read them.
+                let found = unsafe {
+                    self.ram
+                        .with_bytes(offset, ps as usize, |b| first_mismatch(b, want))
+                };
                 if let Some((word, value)) = found {
                     self.report_violation(index, page, pass - 1, word, value);
                 }

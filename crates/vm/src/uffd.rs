@@ -455,7 +455,7 @@ impl UffdWpTracker {
     /// Guest RAM's host address and length.
     fn range(&self) -> (u64, u64) {
         let len = self.ram.len();
-        (self.ram.ptr_at(0, len as usize) as u64, len)
+        (self.ram.host_addr(), len)
     }
 
     fn lock_state(&self) -> MutexGuard<'_, ScanState> {
@@ -537,15 +537,7 @@ mod tests {
         let ram = Arc::new(RamBlock::anonymous("ram", pages as u64 * ps, 0).unwrap());
         // Base pages only: a write to a transparent huge page that was never protected
         // (the tests write before arming too) would be reported as the whole huge page.
-        let p = ram.ptr_at(0, ram.len() as usize);
-        // SAFETY: advice on the block's own mapping; it does not change contents.
-        let _ = unsafe {
-            rustix::mm::madvise(
-                p.cast(),
-                ram.len() as usize,
-                rustix::mm::Advice::LinuxNoHugepage,
-            )
-        };
+        ram.no_huge_pages();
         let dirty = Arc::new(AtomicDirtyLog::new(&[pages]));
         let t = UffdWpTracker::new(ram.clone(), dirty, false)?;
         Ok((ram, t))
@@ -563,13 +555,11 @@ mod tests {
         };
     }
 
-    /// Writes one word into each of `pages` through a raw pointer: no marking API.
+    /// Writes one word into each of `pages`, as the workload does: no marking API.
     fn poke(ram: &RamBlock, pages: &[usize], value: u64) {
         let ps = ram.page_size() as usize;
         for &p in pages {
-            let word = ram.ptr_at((p * ps + 8) as u64, 8).cast::<u64>();
-            // SAFETY: the word is inside the block's mapping and 8-byte aligned.
-            unsafe { word.write_volatile(value) };
+            ram.fill_u64((p * ps + 8) as u64, 8, value);
         }
     }
 
@@ -607,7 +597,9 @@ mod tests {
         poke(&ram, &[5, 512, 1023], 7);
         assert_eq!(synced(&t, 1024), [5, 512, 1023]);
         // A read fault maps the page protected: still not written.
-        assert_eq!(ram.with_bytes(600 * ram.page_size(), 8, |b| b[0]), 0);
+        let mut word = [0u8; 8];
+        ram.read(600 * ram.page_size(), &mut word);
+        assert_eq!(word, [0; 8]);
         assert_eq!(synced(&t, 1024), Vec::<usize>::new());
         poke(&ram, &[600], 1);
         assert_eq!(synced(&t, 1024), [600]);

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::io::Seek;
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::process::{Child, Command, Stdio};
@@ -599,10 +599,7 @@ fn gai_text(e: &std::io::Error) -> String {
 }
 
 /// Shuts a socket down so a blocked reader or writer returns (used by cancel).
-pub fn shutdown_socket(fd: RawFd) {
-    // SAFETY: the descriptor is borrowed only for the call; shutting down a socket that
-    // another thread uses is exactly the point.
-    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+pub fn shutdown_socket(fd: impl AsFd) {
     let _ = rustix::net::shutdown(fd, rustix::net::Shutdown::Both);
 }
 

@@ -344,22 +344,13 @@ fn receive_channel(r: &MultifdReceiver, fd: OwnedFd, cfg: &ReceiveConfig) -> Res
             if cfg.method == Method::None && repeats {
                 // A page listed twice: one page at a time, so no two buffers alias.
                 for o in &h.offsets[..normal] {
-                    let ptr = block.ptr_at(*o, ps as usize);
-                    // SAFETY: the page is inside the block's mapping, which the config's
-                    // Arc keeps alive.
-                    unsafe { src.fill_raw(ptr, ps as usize, "multifd page") }
+                    src.fill_guest(block, *o, ps as usize, "multifd page")
                         .map_err(|e| e.to_string())?;
                     cfg.received.set(bi, (*o / ps) as usize);
                 }
             } else if cfg.method == Method::None {
-                let dsts: Vec<(*mut u8, usize)> = h.offsets[..normal]
-                    .iter()
-                    .map(|o| (block.ptr_at(*o, ps as usize), ps as usize))
-                    .collect();
-                // SAFETY: each page is inside the block's mapping, which the config's Arc
-                // keeps alive; the offsets were checked above, no page is listed twice, and
-                // guest pages do not overlap the source's own buffer.
-                unsafe { src.fill_scattered(&dsts, "multifd pages") }.map_err(|e| e.to_string())?;
+                src.fill_guest_pages(block, &h.offsets[..normal], ps as usize, "multifd pages")
+                    .map_err(|e| e.to_string())?;
                 for o in &h.offsets[..normal] {
                     cfg.received.set(bi, (*o / ps) as usize);
                 }
@@ -374,31 +365,21 @@ fn receive_channel(r: &MultifdReceiver, fd: OwnedFd, cfg: &ReceiveConfig) -> Res
                         .decompress_packet(&payload, &mut scratch)
                         .map_err(|e| format!("{e} (packet at byte offset {at})"))?;
                     for (i, o) in h.offsets[..normal].iter().enumerate() {
-                        let ptr = block.ptr_at(*o, ps as usize);
-                        let page = &scratch[i * ps as usize..(i + 1) * ps as usize];
-                        // SAFETY: destination page inside the live mapping; the source is
-                        // our own buffer, so they cannot overlap.
-                        unsafe { std::ptr::copy_nonoverlapping(page.as_ptr(), ptr, ps as usize) };
+                        block.load(*o, &scratch[i * ps as usize..(i + 1) * ps as usize]);
                     }
                 } else {
-                    let mut pages: Vec<&mut [u8]> = h.offsets[..normal]
-                        .iter()
-                        .map(|o| {
-                            let ptr = block.ptr_at(*o, ps as usize);
-                            // SAFETY: the page is inside the block's mapping, which the
-                            // config's Arc keeps alive; no page is listed twice in this
-                            // packet (checked above), so these slices are disjoint and
-                            // live only for the decode. Another channel writes the same
-                            // page only in a stream that lies, and then, as with the raw
-                            // copies of the other paths, the page just holds garbage:
-                            // guest memory is plain bytes that writers may race on (see
-                            // `RamBlock`).
-                            unsafe { std::slice::from_raw_parts_mut(ptr, ps as usize) }
+                    // SAFETY: no page is listed twice in this packet (checked above), and
+                    // the destination's guest does not run during the load. Another
+                    // channel writes the same page only in a stream that lies, and then,
+                    // as with the copies of the other paths, the page just holds garbage:
+                    // guest memory is plain bytes that writers may race on (see
+                    // `RamBlock`).
+                    unsafe {
+                        block.with_pages_mut(&h.offsets[..normal], ps as usize, |pages| {
+                            decompressor.decompress_pages(&payload, pages)
                         })
-                        .collect();
-                    decompressor
-                        .decompress_pages(&payload, &mut pages)
-                        .map_err(|e| format!("{e} (packet at byte offset {at})"))?;
+                    }
+                    .map_err(|e| format!("{e} (packet at byte offset {at})"))?;
                 }
                 for o in &h.offsets[..normal] {
                     cfg.received.set(bi, (*o / ps) as usize);

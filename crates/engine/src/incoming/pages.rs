@@ -53,10 +53,8 @@ pub fn load_zero_page(
     let ps = block.page_size() as usize;
     let offset = page as u64 * ps as u64;
     if !block.is_zero(offset, ps) {
-        // Through the raw pointer: the load tracks its own writes, so this must not end
-        // the block's pristine state for the rest of the load.
-        let p = block.ptr_at(offset, ps);
-        // SAFETY: the page is inside the block's live mapping (checked by ptr_at).
-        unsafe { std::ptr::write_bytes(p, 0, ps) };
+        // A loader's write: the load tracks its own writes, so this must not end the
+        // block's pristine state for the rest of the load.
+        block.load_zero(offset, ps);
     }
 }

@@ -305,10 +305,7 @@ impl RamLoader {
     fn load_page(&mut self, src: &mut FdSource, bi: usize, page: usize) -> Result<(), DecodeError> {
         let block = &self.blocks[bi];
         let ps = block.page_size() as usize;
-        let ptr = block.ptr_at(page as u64 * ps as u64, ps);
-        // SAFETY: ptr..ptr+ps is inside the block's mapping (checked by ptr_at), which
-        // this loader keeps alive through its Arc.
-        unsafe { src.fill_raw(ptr, ps, "RAM page")? };
+        src.fill_guest(block, page as u64 * ps as u64, ps, "RAM page")?;
         self.received.set(bi, page);
         self.normal_pages += 1;
         Ok(())

@@ -19,7 +19,7 @@ use vmigrate_stream::multifd::{page_slots, ChannelInit, PacketHeader};
 
 use crate::compress::{Compressor, Method};
 use crate::io::{StreamWriter, WriteError};
-use crate::memory::{buffer_is_zero, RamBlock};
+use crate::memory::RamBlock;
 use crate::options::ZeroPageDetection;
 use crate::stats::Stats;
 
@@ -111,7 +111,7 @@ impl MultifdSender {
 
     /// Starts one thread per connection (each has sent its init packet).
     pub fn start(
-        connections: Vec<OwnedFd>,
+        connections: Vec<Arc<OwnedFd>>,
         blocks: Vec<Arc<RamBlock>>,
         config: ChannelConfig,
         stats: Arc<Stats>,
@@ -314,7 +314,7 @@ impl ChannelWorker {
             // Normal pages first, zero pages after, partitioned in place.
             let mut i = 0;
             while i < normal {
-                if buffer_is_zero(block.slice(offsets[i], ps as usize)) {
+                if block.is_zero(offsets[i], ps as usize) {
                     normal -= 1;
                     offsets.swap(i, normal);
                 } else {
@@ -323,15 +323,17 @@ impl ChannelWorker {
             }
         }
         let zero = offsets.len() - normal;
-        let pages: Vec<&[u8]> = offsets[..normal]
-            .iter()
-            .map(|o| block.slice(*o, ps as usize))
-            .collect();
         let compressed = self.config.method != Method::None;
         if compressed && normal > 0 {
-            self.compressor
-                .compress_packet(&pages, &mut self.payload)
-                .map_err(|e| WriteError::Io(e.to_string()))?;
+            let (compressor, payload) = (&mut self.compressor, &mut self.payload);
+            // SAFETY: the compressor reads each page once; a page the guest writes
+            // meanwhile is dirty again and sent again.
+            unsafe {
+                block.with_pages(&offsets[..normal], ps as usize, |pages| {
+                    compressor.compress_packet(pages, payload)
+                })
+            }
+            .map_err(|e| WriteError::Io(e.to_string()))?;
         }
         let payload_len = if compressed {
             if normal > 0 {
@@ -361,10 +363,7 @@ impl ChannelWorker {
             }
         } else {
             for o in &header.offsets[..normal] {
-                let ptr = block.ptr_at(*o, ps as usize);
-                // SAFETY: the block is held (Arc) by this worker until after the flush
-                // below that writes the queued segments.
-                unsafe { self.writer.put_guest(ptr, ps as usize)? };
+                self.writer.put_guest(&block, *o, ps as usize)?;
             }
         }
         self.writer.flush()?;

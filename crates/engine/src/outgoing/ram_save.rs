@@ -301,10 +301,7 @@ impl RamSaver {
             sent.zero += 1;
         } else {
             w.with_buf(|out| ram::put_page_header(out, offset, ram::FLAG_PAGE, name))?;
-            let ptr = block.ptr_at(offset, ps as usize);
-            // SAFETY: the block is held by this saver (Arc) until the migration ends,
-            // which is after the writer's last flush.
-            unsafe { w.put_guest(ptr, ps as usize)? };
+            w.put_guest(block, offset, ps as usize)?;
             sent.normal += 1;
         }
         self.last_block = Some(bi);

@@ -24,8 +24,6 @@ use vmigrate_stream::ram::{RAM_IDSTR, RAM_SECTION_VERSION};
 use vmigrate_stream::section::{encode_footer, Record, SectionId};
 use vmigrate_stream::{header, vmdesc};
 
-use std::os::fd::AsRawFd;
-
 use crate::channels::return_path::ReturnPath;
 use crate::channels::transport::Channel;
 use crate::channels::transport::{self, Address};
@@ -267,14 +265,15 @@ fn start_multifd(
                 shared.add_tls_relay(relay);
             }
         }
-        shared.register_cancel_fd(ch.fd.as_raw_fd());
+        let channel_fd = Arc::new(ch.fd);
+        shared.register_cancel_fd(&channel_fd);
         MultifdSender::send_init(
-            &ch.fd,
+            &channel_fd,
             vmm.uuid().unwrap_or([0; 16]),
             i as u8,
             &shared.stats(),
         )?;
-        conns.push(ch.fd);
+        conns.push(channel_fd);
     }
     let method = Method::from(params.multifd_compression());
     let level = match method {
