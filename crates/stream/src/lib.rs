@@ -9,6 +9,7 @@
 //! - [`config`]: the configuration record and its subsections.
 //! - [`section`]: section headers (START/PART/END/FULL), footers, EOF.
 //! - [`command`]: `QEMU_VM_COMMAND` records.
+//! - [`postcopy`]: the payloads of POSTCOPY_ADVISE and POSTCOPY_RAM_DISCARD.
 //! - [`ram`]: the `ram` section's records (MEM_SIZE, ZERO, PAGE, EOS, MULTIFD_FLUSH).
 //! - [`vmstate`]: field encoding for device bodies, and the device descriptions.
 //! - [`devices`]: the bodies of the `timer` and `globalstate` sections.
@@ -23,6 +24,7 @@ pub mod devices;
 pub mod error;
 pub mod header;
 pub mod multifd;
+pub mod postcopy;
 pub mod ram;
 pub mod return_path;
 pub mod section;

@@ -21,7 +21,18 @@ pub enum RpMessage {
     Shut(u32),
     Pong(u32),
     SwitchoverAck,
-    /// Postcopy and recovery messages, kept raw.
+    /// A page the destination needs, in the block of the last [`RpMessage::ReqPagesId`].
+    ReqPages {
+        start: u64,
+        len: u32,
+    },
+    /// A page the destination needs, naming its block.
+    ReqPagesId {
+        start: u64,
+        len: u32,
+        block: String,
+    },
+    /// Recovery messages, kept raw.
     Other {
         kind: u16,
         payload: Vec<u8>,
@@ -29,11 +40,34 @@ pub enum RpMessage {
 }
 
 impl RpMessage {
+    /// The message's type number on the wire.
+    pub fn kind(&self) -> u16 {
+        match self {
+            RpMessage::Shut(_) => RP_SHUT,
+            RpMessage::Pong(_) => RP_PONG,
+            RpMessage::SwitchoverAck => RP_SWITCHOVER_ACK,
+            RpMessage::ReqPages { .. } => RP_REQ_PAGES,
+            RpMessage::ReqPagesId { .. } => RP_REQ_PAGES_ID,
+            RpMessage::Other { kind, .. } => *kind,
+        }
+    }
+
     pub fn encode(&self, out: &mut Vec<u8>) {
         let (kind, payload): (u16, Vec<u8>) = match self {
             RpMessage::Shut(v) => (RP_SHUT, v.to_be_bytes().to_vec()),
             RpMessage::Pong(v) => (RP_PONG, v.to_be_bytes().to_vec()),
             RpMessage::SwitchoverAck => (RP_SWITCHOVER_ACK, vec![]),
+            RpMessage::ReqPages { start, len } => {
+                let mut p = start.to_be_bytes().to_vec();
+                p.extend_from_slice(&len.to_be_bytes());
+                (RP_REQ_PAGES, p)
+            }
+            RpMessage::ReqPagesId { start, len, block } => {
+                let mut p = start.to_be_bytes().to_vec();
+                p.extend_from_slice(&len.to_be_bytes());
+                crate::put_counted(&mut p, block);
+                (RP_REQ_PAGES_ID, p)
+            }
             RpMessage::Other { kind, payload } => (*kind, payload.clone()),
         };
         out.extend_from_slice(&kind.to_be_bytes());
@@ -78,6 +112,35 @@ impl RpMessage {
             RP_SHUT => RpMessage::Shut(word()),
             RP_PONG => RpMessage::Pong(word()),
             RP_SWITCHOVER_ACK => RpMessage::SwitchoverAck,
+            RP_REQ_PAGES | RP_REQ_PAGES_ID => {
+                if payload.len() < 12 {
+                    return bad(format!("page request of {len} bytes"));
+                }
+                let start = u64::from_be_bytes(payload[..8].try_into().expect("8 bytes"));
+                let plen = u32::from_be_bytes(payload[8..12].try_into().expect("4 bytes"));
+                if kind == RP_REQ_PAGES {
+                    RpMessage::ReqPages { start, len: plen }
+                } else {
+                    let n = payload.get(12).copied().map(usize::from);
+                    let name = n.and_then(|n| payload.get(13..13 + n));
+                    let block = match (name, n) {
+                        (Some(b), Some(n)) if 13 + n == payload.len() && n > 0 => {
+                            match std::str::from_utf8(b) {
+                                Ok(s) => s.to_string(),
+                                Err(_) => return bad("block name is not UTF-8".into()),
+                            }
+                        }
+                        _ => {
+                            return bad(format!("page request with a bad block name ({len} bytes)"))
+                        }
+                    };
+                    RpMessage::ReqPagesId {
+                        start,
+                        len: plen,
+                        block,
+                    }
+                }
+            }
             _ => RpMessage::Other { kind, payload },
         })
     }
@@ -109,6 +172,42 @@ mod tests {
             m.encode(&mut out);
         }
         assert_eq!(out, bytes);
+    }
+
+    #[test]
+    fn captured_page_requests() {
+        // cap_pcp's return path: REQ_PAGES_ID 0x1c0000 of `m0`, then REQ_PAGES 0x1c1000.
+        let bytes = [
+            0, 3, 0, 15, 0, 0, 0, 0, 0, 0x1c, 0, 0, 0, 0, 0x10, 0, 2, b'm', b'0', 0, 4, 0, 12, 0,
+            0, 0, 0, 0, 0x1c, 0x10, 0, 0, 0, 0x10, 0,
+        ];
+        let mut src = SliceSource::new(&bytes);
+        let a = RpMessage::decode(&mut src).unwrap();
+        let b = RpMessage::decode(&mut src).unwrap();
+        assert_eq!(
+            a,
+            RpMessage::ReqPagesId {
+                start: 0x1c0000,
+                len: 4096,
+                block: "m0".into()
+            }
+        );
+        assert_eq!(
+            b,
+            RpMessage::ReqPages {
+                start: 0x1c1000,
+                len: 4096
+            }
+        );
+        let mut out = Vec::new();
+        a.encode(&mut out);
+        b.encode(&mut out);
+        assert_eq!(out, bytes);
+        // A name that runs past the message, or none at all.
+        let lying = [0, 3, 0, 13, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10, 0, 5];
+        assert!(RpMessage::decode(&mut SliceSource::new(&lying)).is_err());
+        let short = [0, 3, 0, 4, 0, 0, 0, 0];
+        assert!(RpMessage::decode(&mut SliceSource::new(&short)).is_err());
     }
 
     #[test]

@@ -73,6 +73,11 @@ impl ReturnPath {
                     h.shut = Some(v);
                     h.closed = true;
                 }
+                Ok(m @ (RpMessage::ReqPages { .. } | RpMessage::ReqPagesId { .. })) => {
+                    // Page requests belong to postcopy, which this session is not in.
+                    h.error = Some(ReturnPathError::UnexpectedMessage(m.kind()));
+                    h.closed = true;
+                }
                 Ok(RpMessage::Other { kind, .. }) => {
                     h.error = Some(ReturnPathError::UnexpectedMessage(kind));
                     h.closed = true;
