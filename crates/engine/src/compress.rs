@@ -37,7 +37,7 @@ impl Method {
 }
 
 /// A compression failure.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[error("{0}")]
 pub struct CompressError(pub String);
 

@@ -12,6 +12,7 @@
 //! memory straight from the file with positional reads, split across as many threads
 //! (again, at most one per core).
 
+use std::ops::Range;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, SyncSender};
@@ -20,7 +21,7 @@ use std::thread::JoinHandle;
 
 use vmigrate_stream::ram::{MappedRamHeader, MAPPED_RAM_HEADER_LEN};
 
-use crate::errno::errno_text;
+use crate::errno::{errno_code_text, errno_text};
 use crate::io::{RateLimiter, WriteError};
 use crate::memory::RamBlock;
 use crate::stats::Stats;
@@ -34,6 +35,114 @@ const IO_CHUNK_PAGES: usize = 256;
 
 /// Pages handed to a writer thread at once.
 const BATCH_PAGES: usize = 512;
+
+/// Why a block's mapped-ram region could not be loaded: its header does not fit the
+/// block or the file, its bitmap is wrong, or reading the file failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum MappedRamError {
+    #[error("cannot size the file: {0}")]
+    FileSize(rustix::io::Errno),
+    #[error(
+        "mapped-ram version {version} is not supported (at most {})",
+        MappedRamHeader::VERSION
+    )]
+    UnsupportedVersion { version: u32 },
+    #[error("page size {file} differs from the block's {block}")]
+    PageSizeMismatch { file: u64, block: u64 },
+    #[error("pages offset 0x{pages_offset:x} is not aligned to the page size {page_size}")]
+    UnalignedPages { pages_offset: u64, page_size: u64 },
+    #[error(
+        "bitmap of {len} bytes at 0x{offset:x} runs past the end of the file (0x{file_len:x} bytes)"
+    )]
+    BitmapPastEnd {
+        len: u64,
+        offset: u64,
+        file_len: u64,
+    },
+    #[error("pages offset 0x{pages_offset:x} is past the end of the file (0x{file_len:x} bytes)")]
+    PagesPastEnd { pages_offset: u64, file_len: u64 },
+    #[error(
+        "bitmap 0x{:x}..0x{:x} overlaps the page area 0x{:x}..0x{:x}",
+        bitmap.start,
+        bitmap.end,
+        pages.start,
+        pages.end
+    )]
+    Overlap {
+        bitmap: Range<u64>,
+        pages: Range<u64>,
+    },
+    #[error("the bitmap marks page {page}, past the block's {pages} pages")]
+    BitmapPastBlock { page: usize, pages: usize },
+    #[error("the bitmap is truncated")]
+    BitmapTruncated,
+    #[error("cannot read the bitmap: {}", errno_code_text(*.0))]
+    BitmapRead(rustix::io::Errno),
+    #[error(
+        "the page area is truncated: page {page} of block '{block}' at file offset 0x{offset:x} \
+         is past the end of the file"
+    )]
+    PagesTruncated {
+        page: usize,
+        block: String,
+        offset: u64,
+    },
+    #[error(
+        "cannot read page {page} of block '{block}' at file offset 0x{offset:x}: {}",
+        errno_code_text(*.errno)
+    )]
+    PageRead {
+        page: usize,
+        block: String,
+        offset: u64,
+        errno: rustix::io::Errno,
+    },
+    #[error(transparent)]
+    DirectIo(#[from] DirectIoError),
+}
+
+/// Why the migration file could not be opened a second time with O_DIRECT.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DirectIoError {
+    #[error(
+        "direct-io: the file system of the migration file does not support O_DIRECT \
+         (Invalid argument)"
+    )]
+    Unsupported,
+    #[error(
+        "direct-io: cannot open the migration file with O_DIRECT: {}",
+        errno_code_text(*.0)
+    )]
+    Open(rustix::io::Errno),
+}
+
+/// Why writing pages or bitmaps to the migration file failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MappedRamWriteError {
+    #[error("write returned 0")]
+    WroteNothing,
+    #[error("{}", errno_code_text(*.0))]
+    Write(rustix::io::Errno),
+    /// A writer thread found the migration cancelled before its batch.
+    #[error("migration was cancelled")]
+    Cancelled,
+    #[error("a file writer thread stopped")]
+    WriterStopped,
+}
+
+/// A mapped-ram write failure as the stream writer reports it: [`WriteError`] belongs
+/// to the lower `io` layer, which does not know mapped-ram, so it carries the text.
+impl From<MappedRamWriteError> for WriteError {
+    fn from(e: MappedRamWriteError) -> Self {
+        WriteError::File(format!("Unable to write to file: {e}"))
+    }
+}
+
+impl From<DirectIoError> for WriteError {
+    fn from(e: DirectIoError) -> Self {
+        WriteError::File(e.to_string())
+    }
+}
 
 /// Where one block's bitmap and pages live in the file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,20 +172,15 @@ impl Region {
         h: &MappedRamHeader,
         block: &RamBlock,
         file_len: u64,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, MappedRamError> {
         if h.version > MappedRamHeader::VERSION {
-            return Err(format!(
-                "mapped-ram version {} is not supported (at most {})",
-                h.version,
-                MappedRamHeader::VERSION
-            ));
+            return Err(MappedRamError::UnsupportedVersion { version: h.version });
         }
         if h.page_size != block.page_size() {
-            return Err(format!(
-                "page size {} differs from the block's {}",
-                h.page_size,
-                block.page_size()
-            ));
+            return Err(MappedRamError::PageSizeMismatch {
+                file: h.page_size,
+                block: block.page_size(),
+            });
         }
         let region = Self {
             bitmap_offset: h.bitmap_offset,
@@ -85,33 +189,29 @@ impl Region {
             used_length: block.len(),
         };
         if !h.pages_offset.is_multiple_of(h.page_size) {
-            return Err(format!(
-                "pages offset 0x{:x} is not aligned to the page size {}",
-                h.pages_offset, h.page_size
-            ));
+            return Err(MappedRamError::UnalignedPages {
+                pages_offset: h.pages_offset,
+                page_size: h.page_size,
+            });
         }
         let bitmap_end = h.bitmap_offset.checked_add(region.bitmap_len());
         if bitmap_end.is_none_or(|end| end > file_len) {
-            return Err(format!(
-                "bitmap of {} bytes at 0x{:x} runs past the end of the file (0x{:x} bytes)",
-                region.bitmap_len(),
-                h.bitmap_offset,
-                file_len
-            ));
+            return Err(MappedRamError::BitmapPastEnd {
+                len: region.bitmap_len(),
+                offset: h.bitmap_offset,
+                file_len,
+            });
         }
         if h.pages_offset.checked_add(block.len()).is_none() || h.pages_offset >= file_len {
-            return Err(format!(
-                "pages offset 0x{:x} is past the end of the file (0x{:x} bytes)",
-                h.pages_offset, file_len
-            ));
+            return Err(MappedRamError::PagesPastEnd {
+                pages_offset: h.pages_offset,
+                file_len,
+            });
         }
         let pages = h.pages_offset..h.pages_offset + block.len();
         let bitmap = h.bitmap_offset..h.bitmap_offset + region.bitmap_len();
         if bitmap.start < pages.end && pages.start < bitmap.end {
-            return Err(format!(
-                "bitmap 0x{:x}..0x{:x} overlaps the page area 0x{:x}..0x{:x}",
-                bitmap.start, bitmap.end, pages.start, pages.end
-            ));
+            return Err(MappedRamError::Overlap { bitmap, pages });
         }
         Ok(region)
     }
@@ -154,7 +254,7 @@ pub fn bitmap_runs(
     bytes: &[u8],
     pages: usize,
     max_run: usize,
-) -> Result<Vec<(usize, usize)>, String> {
+) -> Result<Vec<(usize, usize)>, MappedRamError> {
     let mut runs = Vec::new();
     let mut open: Option<(usize, usize)> = None;
     for (wi, chunk) in bytes.chunks_exact(8).enumerate() {
@@ -169,9 +269,7 @@ pub fn bitmap_runs(
             let bit = word.trailing_zeros() as usize;
             let page = wi * 64 + bit;
             if page >= pages {
-                return Err(format!(
-                    "the bitmap marks page {page}, past the block's {pages} pages"
-                ));
+                return Err(MappedRamError::BitmapPastBlock { page, pages });
             }
             word &= word - 1;
             match &mut open {
@@ -189,7 +287,7 @@ pub fn bitmap_runs(
 }
 
 /// Opens the file behind `fd` a second time with O_DIRECT, for the page area.
-pub fn reopen_direct(fd: &OwnedFd, write: bool) -> Result<OwnedFd, String> {
+pub fn reopen_direct(fd: &OwnedFd, write: bool) -> Result<OwnedFd, DirectIoError> {
     let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
     let mode = if write {
         rustix::fs::OFlags::WRONLY
@@ -202,16 +300,10 @@ pub fn reopen_direct(fd: &OwnedFd, write: bool) -> Result<OwnedFd, String> {
         rustix::fs::Mode::empty(),
     )
     .map_err(|e| {
-        let io = std::io::Error::from(e);
         if e == rustix::io::Errno::INVAL {
-            "direct-io: the file system of the migration file does not support O_DIRECT \
-             (Invalid argument)"
-                .to_string()
+            DirectIoError::Unsupported
         } else {
-            format!(
-                "direct-io: cannot open the migration file with O_DIRECT: {}",
-                errno_text(&io)
-            )
+            DirectIoError::Open(e)
         }
     })
 }
@@ -221,14 +313,14 @@ pub fn reopen_direct(fd: &OwnedFd, write: bool) -> Result<OwnedFd, String> {
 fn write_all_at(
     len: usize,
     mut pwrite: impl FnMut(usize) -> rustix::io::Result<usize>,
-) -> Result<(), String> {
+) -> Result<(), MappedRamWriteError> {
     let mut done = 0;
     while done < len {
         match pwrite(done) {
-            Ok(0) => return Err("write returned 0".into()),
+            Ok(0) => return Err(MappedRamWriteError::WroteNothing),
             Ok(n) => done += n,
             Err(rustix::io::Errno::INTR) => {}
-            Err(e) => return Err(errno_text(&std::io::Error::from(e))),
+            Err(e) => return Err(MappedRamWriteError::Write(e)),
         }
     }
     Ok(())
@@ -259,7 +351,7 @@ struct WriterShared {
     /// zero detection. O_DIRECT writes do not need it.
     turn: Option<Mutex<()>>,
     /// Batches handed out and not finished, and the first error.
-    inflight: Mutex<(usize, Option<String>)>,
+    inflight: Mutex<(usize, Option<MappedRamWriteError>)>,
     idle: Condvar,
 }
 
@@ -271,14 +363,14 @@ impl WriterShared {
         bi: usize,
         pages: &[usize],
         limiter: &mut RateLimiter,
-    ) -> Result<(), String> {
+    ) -> Result<(), MappedRamWriteError> {
         let block = &self.blocks[bi];
         let region = &self.regions[bi];
         let ps = block.page_size() as usize;
         let (mut zero, mut normal) = (0u64, 0u64);
         let mut run: Option<(usize, usize)> = None;
         let mut written = 0u64;
-        let flush = |run: (usize, usize), written: &mut u64| -> Result<(), String> {
+        let flush = |run: (usize, usize), written: &mut u64| -> Result<(), MappedRamWriteError> {
             let (first, n) = run;
             let len = n * ps;
             let (offset, file_offset) = (first as u64 * ps as u64, region.page_at(first));
@@ -331,7 +423,7 @@ impl WriterShared {
         Ok(())
     }
 
-    fn finish_batch(&self, result: Result<(), String>) {
+    fn finish_batch(&self, result: Result<(), MappedRamWriteError>) {
         let mut g = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
         g.0 -= 1;
         if let Err(e) = result {
@@ -390,7 +482,7 @@ impl MappedRamWriter {
         };
         let meta_fd = fd.try_clone().map_err(dup_error)?;
         let pages_fd = if config.direct_io {
-            reopen_direct(fd, true).map_err(WriteError::File)?
+            reopen_direct(fd, true)?
         } else {
             fd.try_clone().map_err(dup_error)?
         };
@@ -425,7 +517,7 @@ impl MappedRamWriter {
                 .spawn(move || {
                     for (bi, pages) in rx {
                         let r = if sh.cancel.load(Ordering::Relaxed) {
-                            Err("migration was cancelled".to_string())
+                            Err(MappedRamWriteError::Cancelled)
                         } else {
                             sh.write_batch(bi, &pages, &mut limiter)
                         };
@@ -471,7 +563,7 @@ impl MappedRamWriter {
             return self
                 .shared
                 .write_batch(bi, &pages, &mut self.limiter)
-                .map_err(|e| WriteError::File(format!("Unable to write to file: {e}")));
+                .map_err(WriteError::from);
         }
         self.shared
             .inflight
@@ -483,7 +575,7 @@ impl MappedRamWriter {
         self.next = self.next.wrapping_add(1);
         if tx.send((bi, pages)).is_err() {
             self.shared
-                .finish_batch(Err("a file writer thread stopped".into()));
+                .finish_batch(Err(MappedRamWriteError::WriterStopped));
         }
         Ok(())
     }
@@ -498,7 +590,7 @@ impl MappedRamWriter {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         match &g.1 {
-            Some(e) => Err(WriteError::File(format!("Unable to write to file: {e}"))),
+            Some(e) => Err(e.clone().into()),
             None => Ok(()),
         }
     }
@@ -531,7 +623,7 @@ impl MappedRamWriter {
                     region.bitmap_offset + done as u64,
                 )
             })
-            .map_err(|e| WriteError::File(format!("Unable to write to file: {e}")))?;
+            .map_err(WriteError::from)?;
         }
         Ok(())
     }
@@ -555,7 +647,7 @@ pub fn load_block(
     block: &RamBlock,
     region: &Region,
     threads: usize,
-) -> Result<u64, String> {
+) -> Result<u64, MappedRamError> {
     let mut bitmap = vec![0u8; region.bitmap_len() as usize];
     let bitmap_len = bitmap.len();
     read_all_at(bitmap_len, |done| {
@@ -566,15 +658,15 @@ pub fn load_block(
         )
     })
     .map_err(|e| match e {
-        ReadFail::Eof => "the bitmap is truncated".to_string(),
-        ReadFail::Io(e) => format!("cannot read the bitmap: {e}"),
+        ReadFail::Eof => MappedRamError::BitmapTruncated,
+        ReadFail::Io(e) => MappedRamError::BitmapRead(e),
     })?;
     let runs = bitmap_runs(&bitmap, region.pages(), IO_CHUNK_PAGES)?;
     if !block.pristine() {
         clear_absent_pages(block, &bitmap, region.pages());
     }
     let next = AtomicUsize::new(0);
-    let failed: Mutex<Option<String>> = Mutex::new(None);
+    let failed: Mutex<Option<MappedRamError>> = Mutex::new(None);
     let ps = region.page_size;
     let read_runs = || {
         loop {
@@ -597,23 +689,24 @@ pub fn load_block(
                 )
             });
             if let Err(e) = read {
-                let text = match e {
-                    ReadFail::Eof => format!(
-                        "the page area is truncated: page {first} of block '{}' at file \
-                         offset 0x{:x} is past the end of the file",
-                        block.idstr(),
-                        region.page_at(first)
-                    ),
-                    ReadFail::Io(e) => format!(
-                        "cannot read page {first} of block '{}' at file offset 0x{:x}: {e}",
-                        block.idstr(),
-                        region.page_at(first)
-                    ),
+                let (block, offset) = (block.idstr().to_string(), region.page_at(first));
+                let error = match e {
+                    ReadFail::Eof => MappedRamError::PagesTruncated {
+                        page: first,
+                        block,
+                        offset,
+                    },
+                    ReadFail::Io(errno) => MappedRamError::PageRead {
+                        page: first,
+                        block,
+                        offset,
+                        errno,
+                    },
                 };
                 failed
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .get_or_insert(text);
+                    .get_or_insert(error);
                 return;
             }
         }
@@ -649,7 +742,7 @@ fn clear_absent_pages(block: &RamBlock, bitmap: &[u8], pages: usize) {
 
 enum ReadFail {
     Eof,
-    Io(String),
+    Io(rustix::io::Errno),
 }
 
 /// Repeats a positional read until `len` bytes are read: `pread(done)` reads what is
@@ -664,7 +757,7 @@ fn read_all_at(
             Ok(0) => return Err(ReadFail::Eof),
             Ok(n) => done += n,
             Err(rustix::io::Errno::INTR) => {}
-            Err(e) => return Err(ReadFail::Io(errno_text(&std::io::Error::from(e)))),
+            Err(e) => return Err(ReadFail::Io(e)),
         }
     }
     Ok(())
@@ -715,8 +808,53 @@ mod tests {
         // A bit past the block's last page is refused.
         let mut bytes = AtomicBitmap::new(100).to_le_bytes();
         bytes[12] |= 0x20; // page 101
-        assert!(bitmap_runs(&bytes, 100, 256)
-            .unwrap_err()
-            .contains("page 101"));
+        let e = bitmap_runs(&bytes, 100, 256).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                MappedRamError::BitmapPastBlock {
+                    page: 101,
+                    pages: 100
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("page 101"), "{e}");
+    }
+
+    #[test]
+    fn messages_keep_their_texts() {
+        assert_eq!(
+            DirectIoError::Unsupported.to_string(),
+            "direct-io: the file system of the migration file does not support O_DIRECT \
+             (Invalid argument)"
+        );
+        assert_eq!(
+            DirectIoError::Open(rustix::io::Errno::ACCESS).to_string(),
+            "direct-io: cannot open the migration file with O_DIRECT: Permission denied"
+        );
+        let write = WriteError::from(MappedRamWriteError::Write(rustix::io::Errno::NOSPC));
+        assert_eq!(
+            write.to_string(),
+            "Unable to write to file: No space left on device"
+        );
+        let truncated = MappedRamError::PagesTruncated {
+            page: 7,
+            block: "pc.ram".into(),
+            offset: 0x107000,
+        };
+        assert_eq!(
+            truncated.to_string(),
+            "the page area is truncated: page 7 of block 'pc.ram' at file offset 0x107000 is \
+             past the end of the file"
+        );
+        let overlap = MappedRamError::Overlap {
+            bitmap: 0x80..0x880,
+            pages: 0x0..0x4000,
+        };
+        assert_eq!(
+            overlap.to_string(),
+            "bitmap 0x80..0x880 overlaps the page area 0x0..0x4000"
+        );
     }
 }

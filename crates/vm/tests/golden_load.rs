@@ -292,11 +292,22 @@ fn per_round_capture_fails_fast_when_loaded_per_section() {
 #[test]
 fn multifd_handshake_checks_uuid_and_id() {
     use std::os::fd::OwnedFd;
-    use vmigrate_engine::incoming::read_init;
+    use vmigrate_engine::incoming::{read_init, MultifdHandshakeError};
     let open = |p: &str| OwnedFd::from(std::fs::File::open(capture(p)).unwrap());
     let e = read_init(&open("cap_mf_uuid/conn1.c2s"), [0; 16], 3).unwrap_err();
-    assert!(e.contains("uuid"), "{e}");
+    assert!(
+        matches!(e, MultifdHandshakeError::UuidMismatch { .. }),
+        "{e}"
+    );
+    assert!(e.to_string().contains("uuid"), "{e}");
     // Channel id 1 with only one channel configured.
     let e = read_init(&open("cap_mf/conn2.c2s"), [0; 16], 1).unwrap_err();
-    assert!(e.contains("channel id"), "{e}");
+    assert!(
+        matches!(
+            e,
+            MultifdHandshakeError::ChannelIdOutOfRange { id: 1, channels: 1 }
+        ),
+        "{e}"
+    );
+    assert!(e.to_string().contains("channel id"), "{e}");
 }

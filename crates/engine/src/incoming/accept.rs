@@ -9,12 +9,12 @@ use crate::channels::transport::{self, Incoming, TransportError};
 use crate::compress::Method;
 use crate::events::EventBus;
 use crate::incoming::load::MultifdChannels;
-use crate::incoming::multifd_recv::{read_init, HANDSHAKE_TIMEOUT};
+use crate::incoming::multifd_recv::{read_init, MultifdHandshakeError, HANDSHAKE_TIMEOUT};
 use crate::options::Parameters;
 use crate::properties::MultifdSync;
 
 /// Why an incoming migration's connections could not be accepted.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum AcceptError {
     /// `tls-creds` or `tls-authz` does not make a TLS setup.
     #[error(transparent)]
@@ -26,8 +26,8 @@ pub enum AcceptError {
     #[error(transparent)]
     TlsHandshake(#[from] TlsError),
     /// A multifd channel's initial packet is wrong.
-    #[error("{0}")]
-    MultifdInit(String),
+    #[error(transparent)]
+    MultifdInit(#[from] MultifdHandshakeError),
     #[error("timed out waiting for the multifd channels' handshakes")]
     HandshakeTimeout,
     #[error("a second main migration channel connected")]
@@ -145,7 +145,7 @@ fn classify(
         transport::set_read_timeout(&ch.fd, None);
         return Ok(Classified::Main(ch));
     }
-    let id = read_init(&ch.fd, uuid, channels).map_err(AcceptError::MultifdInit)?;
+    let id = read_init(&ch.fd, uuid, channels)?;
     transport::set_read_timeout(&ch.fd, None);
     Ok(Classified::Multifd(id, ch.fd))
 }

@@ -9,5 +9,5 @@ pub(crate) mod pages;
 pub(crate) mod ram_load;
 
 pub use load::{load_stream, load_stream_with, LoadError, LoadOutcome, MultifdChannels};
-pub use multifd_recv::read_init;
+pub use multifd_recv::{read_init, MultifdHandshakeError, MultifdRecvError};
 pub use ram_load::MappedRamLoad;

@@ -8,9 +8,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use vmigrate_stream::multifd::{packet_len, ChannelInit, PacketHeader, INIT_LEN};
-use vmigrate_stream::Source;
+use vmigrate_stream::{DecodeError, DecodeErrorKind, Source};
 
-use crate::compress::{Decompressor, Method};
+use crate::compress::{CompressError, Decompressor, Method};
 use crate::incoming::pages::{load_zero_page, ReceivedPages};
 use crate::io::FdSource;
 use crate::memory::RamBlock;
@@ -26,12 +26,12 @@ const FINISH_TIMEOUT: Duration = Duration::from_secs(30);
 pub const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A multifd channel's failure, reported at main-stream offset `at`.
-pub fn channel_error(at: u64, detail: String) -> vmigrate_stream::DecodeError {
-    vmigrate_stream::DecodeError::new(
+pub fn channel_error(at: u64, error: MultifdRecvError) -> DecodeError {
+    DecodeError::new(
         at,
-        vmigrate_stream::DecodeErrorKind::Invalid {
+        DecodeErrorKind::Invalid {
             what: "multifd channel",
-            detail,
+            detail: error.to_string(),
         },
     )
 }
@@ -39,8 +39,90 @@ pub fn channel_error(at: u64, detail: String) -> vmigrate_stream::DecodeError {
 /// The likely cause of sync points that never match.
 const SYNC_MISMATCH_HINT: &str = "do both sides set multifd-flush-after-each-section alike?";
 
-/// The failure [`MultifdReceiver::abort`] records when nothing failed before.
-const ABORTED: &str = "aborted";
+/// Why a connection could not be taken as a multifd channel: its init packet.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum MultifdHandshakeError {
+    #[error("multifd channel closed before its handshake")]
+    Closed,
+    #[error("multifd channel sent no handshake within {} s", HANDSHAKE_TIMEOUT.as_secs())]
+    Timeout,
+    #[error("multifd handshake: {0}")]
+    Read(rustix::io::Errno),
+    /// The init packet's magic or version is wrong.
+    #[error(transparent)]
+    Decode(Arc<DecodeErrorKind>),
+    #[error(
+        "multifd: received uuid '{}' and expected uuid '{}' for channel {id}",
+        vmigrate_stream::config::format_uuid(received),
+        vmigrate_stream::config::format_uuid(expected)
+    )]
+    UuidMismatch {
+        received: [u8; 16],
+        expected: [u8; 16],
+        id: u8,
+    },
+    #[error("multifd: received channel id {id} is greater than number of channels {channels}")]
+    ChannelIdOutOfRange { id: u8, channels: usize },
+}
+
+/// Why receiving over the multifd channels failed, on a channel or at a sync point.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum MultifdRecvError {
+    /// Setting up the channel's decompressor failed.
+    #[error(transparent)]
+    DecompressorSetup(CompressError),
+    /// Reading the channel failed or it ended inside a packet.
+    #[error(transparent)]
+    Read(Arc<DecodeError>),
+    /// A packet header is malformed; `at` is its offset in the channel.
+    #[error("{} (at byte offset {at} of the channel)", .error.kind)]
+    Packet { at: u64, error: Arc<DecodeError> },
+    #[error("unknown ramblock \"{block}\" (at byte offset {at})")]
+    UnknownRamBlock { block: String, at: u64 },
+    #[error(
+        "multifd: server offset 0x{offset:x} is out of range for block {block} of 0x{len:x} bytes (at byte offset {at})"
+    )]
+    Offset {
+        offset: u64,
+        block: String,
+        len: u64,
+        at: u64,
+    },
+    #[error("{error} (packet at byte offset {at})")]
+    Decompress { at: u64, error: CompressError },
+    #[error("packet without pages carries {0} payload bytes")]
+    PayloadWithoutPages(u32),
+    /// Every channel ended while the main stream waited at a sync point.
+    #[error("multifd channels ended before a sync point ({})", SYNC_MISMATCH_HINT)]
+    ChannelsEnded,
+    /// The main stream waited too long at a sync point.
+    #[error(
+        "only {arrived} of {channels} multifd channels reached the sync point within {} s \
+         ({})",
+        SYNC_TIMEOUT.as_secs(),
+        SYNC_MISMATCH_HINT
+    )]
+    SyncTimeout { arrived: usize, channels: usize },
+    /// A channel waited too long at its SYNC packet.
+    #[error(
+        "a channel waited {} s at a SYNC packet for the main stream to reach its sync point \
+         ({})",
+        SYNC_TIMEOUT.as_secs(),
+        SYNC_MISMATCH_HINT
+    )]
+    ChannelSyncTimeout,
+    #[error("multifd channels did not end after the main stream")]
+    FinishTimeout,
+    /// What ended channel `id`.
+    #[error("multifd channel {id}: {error}")]
+    Channel {
+        id: usize,
+        error: Box<MultifdRecvError>,
+    },
+    /// [`MultifdReceiver::abort`] was called with nothing failed before.
+    #[error("aborted")]
+    Aborted,
+}
 
 #[derive(Debug, Default)]
 struct SyncState {
@@ -48,7 +130,7 @@ struct SyncState {
     arrived: usize,
     generation: u64,
     finished: usize,
-    failed: Option<String>,
+    failed: Option<MultifdRecvError>,
     /// The channels are being shut down after the last sync point: how their threads
     /// end no longer matters.
     closing: bool,
@@ -99,8 +181,10 @@ impl MultifdReceiver {
                     let mut st = r.lock();
                     st.finished += 1;
                     if let (Err(e), false) = (result, st.closing) {
-                        st.failed
-                            .get_or_insert_with(|| format!("multifd channel {id}: {e}"));
+                        st.failed.get_or_insert_with(|| MultifdRecvError::Channel {
+                            id,
+                            error: Box::new(e),
+                        });
                     }
                     drop(st);
                     r.changed.notify_all();
@@ -117,7 +201,7 @@ impl MultifdReceiver {
     }
 
     /// Waits until every channel reached its next SYNC, then lets them go on.
-    pub fn wait_sync(&self) -> Result<(), String> {
+    pub fn wait_sync(&self) -> Result<(), MultifdRecvError> {
         let deadline = Instant::now() + SYNC_TIMEOUT;
         let mut st = self.lock();
         loop {
@@ -132,21 +216,17 @@ impl MultifdReceiver {
                 return Ok(());
             }
             if st.finished == self.channels {
-                return Err(format!(
-                    "multifd channels ended before a sync point ({SYNC_MISMATCH_HINT})"
-                ));
+                return Err(MultifdRecvError::ChannelsEnded);
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 let arrived = st.arrived;
                 drop(st);
                 self.abort();
-                return Err(format!(
-                    "only {arrived} of {} multifd channels reached the sync point within {} s \
-                     ({SYNC_MISMATCH_HINT})",
-                    self.channels,
-                    SYNC_TIMEOUT.as_secs()
-                ));
+                return Err(MultifdRecvError::SyncTimeout {
+                    arrived,
+                    channels: self.channels,
+                });
             }
             st = self
                 .changed
@@ -160,7 +240,7 @@ impl MultifdReceiver {
     /// path's SHUT (QEMU closes them only once the migration is over): every page
     /// arrived before the last sync point, so the channels are shut down here rather
     /// than waited for. A failure seen before is still reported.
-    pub fn close_after_last_sync(&self) -> Result<(), String> {
+    pub fn close_after_last_sync(&self) -> Result<(), MultifdRecvError> {
         let failed = {
             let mut st = self.lock();
             if st.failed.is_none() {
@@ -175,7 +255,7 @@ impl MultifdReceiver {
     }
 
     /// After the main stream: waits for every channel to end cleanly.
-    pub fn finish(&self) -> Result<(), String> {
+    pub fn finish(&self) -> Result<(), MultifdRecvError> {
         let deadline = Instant::now() + FINISH_TIMEOUT;
         let mut st = self.lock();
         while st.finished < self.channels && st.failed.is_none() {
@@ -183,7 +263,7 @@ impl MultifdReceiver {
             if left.is_zero() {
                 drop(st);
                 self.abort();
-                return Err("multifd channels did not end after the main stream".into());
+                return Err(MultifdRecvError::FinishTimeout);
             }
             st = self
                 .changed
@@ -198,8 +278,11 @@ impl MultifdReceiver {
     }
 
     /// Why the channels stopped, if one failed (not counting [`abort`](Self::abort)).
-    pub fn failure(&self) -> Option<String> {
-        self.lock().failed.clone().filter(|e| e.as_str() != ABORTED)
+    pub fn failure(&self) -> Option<MultifdRecvError> {
+        self.lock()
+            .failed
+            .clone()
+            .filter(|e| !matches!(e, MultifdRecvError::Aborted))
     }
 
     /// Unblocks every channel (the load failed elsewhere) and closes this receiver's
@@ -207,7 +290,7 @@ impl MultifdReceiver {
     /// source still writing gets a reset instead of a connection that stalls.
     pub fn abort(&self) {
         self.shut_down_sockets();
-        self.lock().failed.get_or_insert_with(|| ABORTED.into());
+        self.lock().failed.get_or_insert(MultifdRecvError::Aborted);
         self.changed.notify_all();
     }
 
@@ -228,7 +311,7 @@ impl MultifdReceiver {
 
     /// A channel reached a SYNC: waits to be released by the main loader, for at most
     /// [`SYNC_TIMEOUT`]; then the whole load fails, and every channel is shut down.
-    fn arrive_and_wait(&self) -> Result<(), String> {
+    fn arrive_and_wait(&self) -> Result<(), MultifdRecvError> {
         let deadline = Instant::now() + SYNC_TIMEOUT;
         let mut st = self.lock();
         st.arrived += 1;
@@ -240,11 +323,7 @@ impl MultifdReceiver {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                let e = format!(
-                    "a channel waited {} s at a SYNC packet for the main stream to reach its sync point \
-                     ({SYNC_MISMATCH_HINT})",
-                    SYNC_TIMEOUT.as_secs()
-                );
+                let e = MultifdRecvError::ChannelSyncTimeout;
                 st.failed.get_or_insert_with(|| e.clone());
                 drop(st);
                 self.abort();
@@ -262,58 +341,65 @@ impl MultifdReceiver {
 
 /// Reads and checks a channel's init packet. `uuid` is the destination's own (zero if
 /// none was given), `channels` the configured count.
-pub fn read_init(fd: &OwnedFd, uuid: [u8; 16], channels: usize) -> Result<u8, String> {
+pub fn read_init(
+    fd: &OwnedFd,
+    uuid: [u8; 16],
+    channels: usize,
+) -> Result<u8, MultifdHandshakeError> {
     let mut buf = [0u8; INIT_LEN];
     let mut got = 0;
     while got < INIT_LEN {
         match rustix::io::read(fd, &mut buf[got..]) {
-            Ok(0) => return Err("multifd channel closed before its handshake".into()),
+            Ok(0) => return Err(MultifdHandshakeError::Closed),
             Ok(n) => got += n,
             Err(rustix::io::Errno::INTR) => {}
-            Err(rustix::io::Errno::AGAIN) => {
-                return Err(format!(
-                    "multifd channel sent no handshake within {} s",
-                    HANDSHAKE_TIMEOUT.as_secs()
-                ))
-            }
-            Err(e) => return Err(format!("multifd handshake: {e}")),
+            Err(rustix::io::Errno::AGAIN) => return Err(MultifdHandshakeError::Timeout),
+            Err(e) => return Err(MultifdHandshakeError::Read(e)),
         }
     }
-    let init = ChannelInit::decode(&buf).map_err(|e| e.to_string())?;
+    let init = ChannelInit::decode(&buf).map_err(|e| MultifdHandshakeError::Decode(Arc::new(e)))?;
     if init.uuid != uuid {
-        return Err(format!(
-            "multifd: received uuid '{}' and expected uuid '{}' for channel {}",
-            vmigrate_stream::config::format_uuid(&init.uuid),
-            vmigrate_stream::config::format_uuid(&uuid),
-            init.id
-        ));
+        return Err(MultifdHandshakeError::UuidMismatch {
+            received: init.uuid,
+            expected: uuid,
+            id: init.id,
+        });
     }
     if usize::from(init.id) >= channels {
-        return Err(format!(
-            "multifd: received channel id {} is greater than number of channels {channels}",
-            init.id
-        ));
+        return Err(MultifdHandshakeError::ChannelIdOutOfRange {
+            id: init.id,
+            channels,
+        });
     }
     Ok(init.id)
 }
 
-fn receive_channel(r: &MultifdReceiver, fd: OwnedFd, cfg: &ReceiveConfig) -> Result<(), String> {
+fn receive_channel(
+    r: &MultifdReceiver,
+    fd: OwnedFd,
+    cfg: &ReceiveConfig,
+) -> Result<(), MultifdRecvError> {
     let ps = cfg.page_size;
     let mut src = FdSource::with_buffer(fd, 0, packet_len(ps));
     let mut header = vec![0u8; packet_len(ps)];
-    let mut decompressor = Decompressor::new(cfg.method).map_err(|e| e.to_string())?;
+    let mut decompressor =
+        Decompressor::new(cfg.method).map_err(MultifdRecvError::DecompressorSetup)?;
     let mut payload = Vec::new();
     let mut scratch = Vec::new();
     let mut last_block: Option<usize> = None;
     loop {
-        if src.peek_u8().map_err(|e| e.to_string())?.is_none() {
+        if src.peek_u8().map_err(read_error)?.is_none() {
             return Ok(());
         }
         let at = src.offset();
         src.fill(&mut header, "multifd packet header")
-            .map_err(|e| e.to_string())?;
-        let h = PacketHeader::decode(&header, ps, cfg.method.flag())
-            .map_err(|e| format!("{} (at byte offset {at} of the channel)", e.kind))?;
+            .map_err(read_error)?;
+        let h = PacketHeader::decode(&header, ps, cfg.method.flag()).map_err(|e| {
+            MultifdRecvError::Packet {
+                at,
+                error: Arc::new(e),
+            }
+        })?;
         let count = h.offsets.len();
         if count > 0 {
             let bi = match last_block {
@@ -322,19 +408,21 @@ fn receive_channel(r: &MultifdReceiver, fd: OwnedFd, cfg: &ReceiveConfig) -> Res
                     .blocks
                     .iter()
                     .position(|b| b.idstr() == h.block)
-                    .ok_or_else(|| {
-                        format!("unknown ramblock \"{}\" (at byte offset {at})", h.block)
+                    .ok_or_else(|| MultifdRecvError::UnknownRamBlock {
+                        block: h.block.clone(),
+                        at,
                     })?,
             };
             last_block = Some(bi);
             let block = &cfg.blocks[bi];
             for o in &h.offsets {
                 if o % ps != 0 || *o > block.len() - ps {
-                    return Err(format!(
-                        "multifd: server offset 0x{o:x} is out of range for block {} of 0x{:x} bytes (at byte offset {at})",
-                        block.idstr(),
-                        block.len()
-                    ));
+                    return Err(MultifdRecvError::Offset {
+                        offset: *o,
+                        block: block.idstr().to_string(),
+                        len: block.len(),
+                        at,
+                    });
                 }
             }
             let normal = h.normal_pages as usize;
@@ -345,25 +433,25 @@ fn receive_channel(r: &MultifdReceiver, fd: OwnedFd, cfg: &ReceiveConfig) -> Res
                 // A page listed twice: one page at a time, so no two buffers alias.
                 for o in &h.offsets[..normal] {
                     src.fill_guest(block, *o, ps as usize, "multifd page")
-                        .map_err(|e| e.to_string())?;
+                        .map_err(read_error)?;
                     cfg.received.set(bi, (*o / ps) as usize);
                 }
             } else if cfg.method == Method::None {
                 src.fill_guest_pages(block, &h.offsets[..normal], ps as usize, "multifd pages")
-                    .map_err(|e| e.to_string())?;
+                    .map_err(read_error)?;
                 for o in &h.offsets[..normal] {
                     cfg.received.set(bi, (*o / ps) as usize);
                 }
             } else if normal > 0 {
                 payload.resize(h.next_packet_size as usize, 0);
                 src.fill(&mut payload, "multifd payload")
-                    .map_err(|e| e.to_string())?;
+                    .map_err(read_error)?;
                 if repeats {
                     // A page listed twice: decoded into a buffer, then copied page by page.
                     scratch.resize(normal * ps as usize, 0);
                     decompressor
                         .decompress_packet(&payload, &mut scratch)
-                        .map_err(|e| format!("{e} (packet at byte offset {at})"))?;
+                        .map_err(|error| MultifdRecvError::Decompress { at, error })?;
                     for (i, o) in h.offsets[..normal].iter().enumerate() {
                         block.load(*o, &scratch[i * ps as usize..(i + 1) * ps as usize]);
                     }
@@ -379,7 +467,7 @@ fn receive_channel(r: &MultifdReceiver, fd: OwnedFd, cfg: &ReceiveConfig) -> Res
                             decompressor.decompress_pages(&payload, pages)
                         })
                     }
-                    .map_err(|e| format!("{e} (packet at byte offset {at})"))?;
+                    .map_err(|error| MultifdRecvError::Decompress { at, error })?;
                 }
                 for o in &h.offsets[..normal] {
                     cfg.received.set(bi, (*o / ps) as usize);
@@ -395,13 +483,107 @@ fn receive_channel(r: &MultifdReceiver, fd: OwnedFd, cfg: &ReceiveConfig) -> Res
                 );
             }
         } else if h.next_packet_size > 0 && !h.is_sync() {
-            return Err(format!(
-                "packet without pages carries {} payload bytes",
-                h.next_packet_size
-            ));
+            return Err(MultifdRecvError::PayloadWithoutPages(h.next_packet_size));
         }
         if h.is_sync() {
             r.arrive_and_wait()?;
         }
+    }
+}
+
+/// A channel read that failed or ended early.
+fn read_error(e: DecodeError) -> MultifdRecvError {
+    MultifdRecvError::Read(Arc::new(e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_keep_their_texts() {
+        let uuid = MultifdHandshakeError::UuidMismatch {
+            received: [0x11; 16],
+            expected: [0; 16],
+            id: 2,
+        };
+        assert_eq!(
+            uuid.to_string(),
+            "multifd: received uuid '11111111-1111-1111-1111-111111111111' and expected uuid \
+             '00000000-0000-0000-0000-000000000000' for channel 2"
+        );
+        let id = MultifdHandshakeError::ChannelIdOutOfRange { id: 1, channels: 1 };
+        assert_eq!(
+            id.to_string(),
+            "multifd: received channel id 1 is greater than number of channels 1"
+        );
+        assert_eq!(
+            MultifdHandshakeError::Timeout.to_string(),
+            "multifd channel sent no handshake within 10 s"
+        );
+        let offset = MultifdRecvError::Offset {
+            offset: 0x5000,
+            block: "pc.ram".into(),
+            len: 0x4000,
+            at: 8,
+        };
+        assert_eq!(
+            offset.to_string(),
+            "multifd: server offset 0x5000 is out of range for block pc.ram of 0x4000 bytes \
+             (at byte offset 8)"
+        );
+        let unknown = MultifdRecvError::UnknownRamBlock {
+            block: "x".into(),
+            at: 0,
+        };
+        assert_eq!(
+            unknown.to_string(),
+            "unknown ramblock \"x\" (at byte offset 0)"
+        );
+        let sync = MultifdRecvError::SyncTimeout {
+            arrived: 1,
+            channels: 2,
+        };
+        assert_eq!(
+            sync.to_string(),
+            "only 1 of 2 multifd channels reached the sync point within 30 s (do both sides \
+             set multifd-flush-after-each-section alike?)"
+        );
+        assert_eq!(
+            MultifdRecvError::ChannelSyncTimeout.to_string(),
+            "a channel waited 30 s at a SYNC packet for the main stream to reach its sync \
+             point (do both sides set multifd-flush-after-each-section alike?)"
+        );
+        assert_eq!(
+            MultifdRecvError::ChannelsEnded.to_string(),
+            "multifd channels ended before a sync point (do both sides set \
+             multifd-flush-after-each-section alike?)"
+        );
+        let channel = MultifdRecvError::Channel {
+            id: 3,
+            error: Box::new(MultifdRecvError::PayloadWithoutPages(16)),
+        };
+        assert_eq!(
+            channel_error(100, channel).to_string(),
+            "Invalid multifd channel: multifd channel 3: packet without pages carries 16 \
+             payload bytes (at byte offset 100)"
+        );
+    }
+
+    #[test]
+    fn abort_is_not_a_failure() {
+        let r = MultifdReceiver::start(
+            Vec::new(),
+            ReceiveConfig {
+                blocks: Vec::new(),
+                pristine: Vec::new(),
+                received: Arc::new(ReceivedPages::new(&[])),
+                method: Method::None,
+                page_size: rustix::param::page_size() as u64,
+            },
+        );
+        r.abort();
+        assert!(r.failure().is_none());
+        assert!(matches!(r.finish(), Err(MultifdRecvError::Aborted)));
     }
 }

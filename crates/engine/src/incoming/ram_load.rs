@@ -8,7 +8,7 @@ use vmigrate_stream::{DecodeError, DecodeErrorKind, Source};
 use crate::incoming::multifd_recv::MultifdReceiver;
 use crate::incoming::pages::{load_zero_page, ReceivedPages};
 use crate::io::FdSource;
-use crate::mapped_ram::{self, Region};
+use crate::mapped_ram::{self, MappedRamError, Region};
 use crate::memory::RamBlock;
 use crate::properties::MultifdSync;
 
@@ -99,21 +99,22 @@ impl RamLoader {
         let at = src.offset();
         let header = ram::MappedRamHeader::decode(src)?;
         let block = self.blocks[bi].clone();
-        let invalid = |detail: String| {
+        let invalid = |e: MappedRamError| {
             DecodeError::new(
                 at,
                 DecodeErrorKind::Invalid {
                     what: "mapped-ram region",
-                    detail: format!("block '{}': {detail}", block.idstr()),
+                    detail: format!("block '{}': {e}", block.idstr()),
                 },
             )
         };
         let file_len = rustix::fs::fstat(src.fd())
-            .map_err(|e| invalid(format!("cannot size the file: {e}")))?
+            .map_err(|e| invalid(MappedRamError::FileSize(e)))?
             .st_size as u64;
         let region = Region::from_header(&header, &block, file_len).map_err(invalid)?;
         if how.direct_io && self.direct_fd.is_none() {
-            self.direct_fd = Some(mapped_ram::reopen_direct(src.fd(), false).map_err(invalid)?);
+            self.direct_fd =
+                Some(mapped_ram::reopen_direct(src.fd(), false).map_err(|e| invalid(e.into()))?);
         }
         let pages_fd = self.direct_fd.as_ref().unwrap_or(src.fd());
         let read = mapped_ram::load_block(src.fd(), pages_fd, &block, &region, how.threads)

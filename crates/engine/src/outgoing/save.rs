@@ -24,7 +24,7 @@ use vmigrate_stream::ram::{RAM_IDSTR, RAM_SECTION_VERSION};
 use vmigrate_stream::section::{encode_footer, Record, SectionId};
 use vmigrate_stream::{header, vmdesc};
 
-use crate::channels::return_path::ReturnPath;
+use crate::channels::return_path::{ReturnPath, ReturnPathError};
 use crate::channels::transport::Channel;
 use crate::channels::transport::{self, Address};
 use crate::compress::Method;
@@ -46,8 +46,11 @@ pub enum SaveError {
     Vmm(#[from] VmmError),
     #[error("migration was cancelled")]
     Cancelled,
-    #[error("{0}")]
-    ReturnPath(String),
+    /// `return-path` is on, but the channel cannot carry one (not a socket).
+    #[error("Unable to open return-path for postcopy")]
+    ReturnPathUnavailable,
+    #[error(transparent)]
+    ReturnPath(#[from] ReturnPathError),
     #[error(transparent)]
     Status(#[from] StatusError),
 }
@@ -174,9 +177,7 @@ pub(crate) fn run(
     };
     let return_path = if caps.return_path() {
         if !channel.is_socket {
-            return Err(SaveError::ReturnPath(
-                "Unable to open return-path for postcopy".into(),
-            ));
+            return Err(SaveError::ReturnPathUnavailable);
         }
         let back = channel
             .fd
@@ -329,7 +330,7 @@ impl Session {
 
     fn return_path_error(&self) -> Result<(), SaveError> {
         match self.return_path.as_ref().and_then(|rp| rp.error()) {
-            Some(e) => Err(SaveError::ReturnPath(e.to_string())),
+            Some(e) => Err(e.into()),
             None => Ok(()),
         }
     }
@@ -735,8 +736,7 @@ fn complete(
     w.flush()?;
     saver.finish_multifd()?;
     if let Some(rp) = &session.return_path {
-        rp.await_close(RETURN_PATH_CLOSE_TIMEOUT)
-            .map_err(|e| SaveError::ReturnPath(e.to_string()))?;
+        rp.await_close(RETURN_PATH_CLOSE_TIMEOUT)?;
     }
     let total = stats.transferred.load(Ordering::Relaxed);
     stats
