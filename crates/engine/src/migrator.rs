@@ -959,4 +959,46 @@ mod tests {
         assert!(d.migrate_incoming(file_addr(&path), false).is_err());
         let _ = std::fs::remove_file(path);
     }
+
+    #[test]
+    fn multifd_sessions_between_two_vms_carry_every_page() {
+        for (compression, channels) in [("none", 2), ("zlib", 3), ("zstd", 1)] {
+            let src = FakeVmm::new(512, RunState::Running);
+            for p in (0..512).step_by(3) {
+                src.write_page(p, (p % 200) as u8 + 1);
+            }
+            let dst = FakeVmm::new(512, RunState::InMigrate);
+            let caps = json!([{"capability": "multifd", "state": true}]);
+            let params = json!({"multifd-channels": channels, "multifd-compression": compression,
+                                "max-bandwidth": 0});
+            let (d, dseen) = recorded_migrator(dst.clone(), IncomingMode::Deferred);
+            let (m, seen) = recorded_migrator(src.clone(), IncomingMode::Disabled);
+            for x in [&d, &m] {
+                x.set_capabilities(&caps).unwrap();
+                x.set_parameters(params.as_object().unwrap()).unwrap();
+            }
+            let path = temp_path("mf.sock");
+            let addr = Address::parse_uri(&format!("unix:{}", path.display())).unwrap();
+            d.migrate_incoming(addr.clone(), false).unwrap();
+            m.migrate(addr, false, None).unwrap();
+            assert_eq!(
+                wait_for_end(&m, LIMIT),
+                S::Completed,
+                "{}",
+                m.query_migrate()
+            );
+            assert_eq!(
+                wait_for_end(&d, LIMIT),
+                S::Completed,
+                "{}",
+                d.query_migrate()
+            );
+            assert!(dst.ram() == src.ram(), "{compression}: RAM differs");
+            assert_eq!(events_of(&seen), ["setup", "active", "device", "completed"]);
+            assert_eq!(events_of(&dseen), ["setup", "active", "completed"]);
+            let q = m.query_migrate();
+            assert!(q["ram"]["multifd-bytes"].as_u64().unwrap_or(0) > 0, "{q}");
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }

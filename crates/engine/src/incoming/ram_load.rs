@@ -322,3 +322,84 @@ impl Drop for RamLoader {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::OwnedFd;
+    use std::sync::atomic::{AtomicBool, AtomicU64};
+
+    use super::*;
+    use crate::io::StreamWriter;
+    use crate::outgoing::ram_save::{RamSaver, ZeroPages};
+    use crate::status::RunState;
+    use crate::test_support::{temp_path, FakeVmm};
+    use crate::vmm::Vmm;
+
+    /// The setup body and one pass of `vm`'s RAM, as the saver writes them, in a file.
+    fn saved_pass(vm: &FakeVmm) -> std::path::PathBuf {
+        let path = temp_path("ram");
+        let file = std::fs::File::create(&path).unwrap();
+        let mut w = StreamWriter::new(
+            OwnedFd::from(file),
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let mut saver = RamSaver::new(vm.ram_blocks().to_vec(), ZeroPages::Detect);
+        saver.write_setup(&mut w).unwrap();
+        let (sent, done) = saver.send_dirty(&mut w, None, None).unwrap();
+        assert!(done);
+        assert_eq!(sent.total(), vm.ram_blocks()[0].pages() as u64);
+        w.with_buf(ram::put_eos).unwrap();
+        w.flush().unwrap();
+        path
+    }
+
+    fn source_of(path: &std::path::Path) -> FdSource {
+        FdSource::new(OwnedFd::from(std::fs::File::open(path).unwrap()), 0)
+    }
+
+    #[test]
+    fn what_the_saver_writes_the_loader_reads_back() {
+        let vm = FakeVmm::new(64, RunState::Paused);
+        for p in [0, 1, 33, 63] {
+            vm.write_page(p, 0x40 + p as u8);
+        }
+        let path = saved_pass(&vm);
+        let dst = FakeVmm::new(64, RunState::InMigrate);
+        // A page the destination holds that the stream says is zero must be cleared.
+        dst.write_page(2, 0xee);
+        let mut loader = RamLoader::new(dst.ram_blocks().to_vec());
+        let mut src = source_of(&path);
+        loader.load_setup(&mut src).unwrap();
+        loader.load_records(&mut src).unwrap();
+        assert_eq!((loader.normal_pages, loader.zero_pages), (4, 60));
+        drop(loader);
+        assert!(dst.ram() == vm.ram(), "RAM differs after the load");
+        let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn a_block_of_another_size_or_name_is_refused_with_its_offset() {
+        let vm = FakeVmm::new(16, RunState::Paused);
+        let path = saved_pass(&vm);
+        let dst = FakeVmm::new(32, RunState::InMigrate);
+        let mut loader = RamLoader::new(dst.ram_blocks().to_vec());
+        let e = loader.load_setup(&mut source_of(&path)).unwrap_err();
+        assert!(
+            matches!(e.kind, DecodeErrorKind::BlockSizeMismatch { .. }),
+            "{e}"
+        );
+        // The first block entry follows the 8-byte MEM_SIZE record.
+        assert_eq!(e.offset, 8);
+        // Cut inside the pages: the error says where the stream ended.
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() - 100]).unwrap();
+        let dst = FakeVmm::new(16, RunState::InMigrate);
+        let mut loader = RamLoader::new(dst.ram_blocks().to_vec());
+        let mut src = source_of(&path);
+        loader.load_setup(&mut src).unwrap();
+        assert!(loader.load_records(&mut src).is_err());
+        let _ = std::fs::remove_file(path);
+    }
+}
