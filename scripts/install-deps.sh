@@ -26,8 +26,10 @@ if [ "$(qemu_version)" != "10.0.2" ]; then
 fi
 echo "QEMU: $(qemu_version)"
 
-# Libraries the build links: the system zlib and zstd, the same QEMU uses, so both
-# compress alike. openssl makes the TLS tests' certificates.
+# The build needs none of these: zstd is compiled from source, and zlib too when the
+# system has no headers. With them, zlib is the system's (the library QEMU uses) and
+# the engine's `system-zstd` feature can link the system's libzstd. openssl makes the
+# TLS tests' certificates.
 if ! dpkg -s zlib1g-dev libzstd-dev pkg-config openssl >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q zlib1g-dev libzstd-dev pkg-config openssl
 fi
