@@ -146,10 +146,17 @@ pub fn run(args: VmArgs) -> anyhow::Result<()> {
     };
     let workload = WorkloadSpec::parse(&args.workload)
         .with_context(|| format!("invalid --workload '{}'", args.workload))?;
-    if kind == MachineKind::None
-        && (args.accel.is_some() || !args.workload.is_empty() || args.cpus != 1)
-    {
-        bail!("--accel, --cpus and --workload need --machine lab");
+    if kind == MachineKind::None && args.accel.is_some() {
+        bail!("--accel needs --machine lab");
+    }
+    // A `none` machine runs a workload on writer threads whose state does not migrate,
+    // so it cannot check itself after a migration.
+    let none_writers = kind == MachineKind::None && !args.workload.is_empty() && workload.enabled;
+    if kind == MachineKind::None && workload.verify {
+        bail!("--workload verify needs --machine lab (the check's state migrates with the guest)");
+    }
+    if kind == MachineKind::None && args.cpus != 1 && !none_writers {
+        bail!("--cpus needs --machine lab or a --workload");
     }
     let (dirty_tracking, soft_dirty_tracking) = match (args.dirty_tracking, accel) {
         (None, _) => (KvmDirtyTracking::Auto, SoftDirtyTracking::Bitmap),
@@ -211,6 +218,7 @@ pub fn run(args: VmArgs) -> anyhow::Result<()> {
                 serial: args.serial.clone(),
                 dirty_tracking,
                 soft_dirty_tracking,
+                none_writers,
             },
         },
         events.clone(),

@@ -83,6 +83,10 @@ pub struct LabConfig {
     pub dirty_tracking: crate::kvm::DirtyTracking,
     /// How a `soft` guest's dirty pages are tracked.
     pub soft_dirty_tracking: crate::soft::DirtyTracking,
+    /// A `none` machine runs `workload` on writer threads: their writes are dirty-tracked,
+    /// they have no state that migrates (no device section), so the machine still
+    /// migrates to and from QEMU's `-M none`, live.
+    pub none_writers: bool,
 }
 
 impl Default for LabConfig {
@@ -94,6 +98,7 @@ impl Default for LabConfig {
             serial: "none".into(),
             dirty_tracking: crate::kvm::DirtyTracking::Auto,
             soft_dirty_tracking: crate::soft::DirtyTracking::Bitmap,
+            none_writers: false,
         }
     }
 }
@@ -218,10 +223,10 @@ impl Machine {
             cpus: 0,
             blockers,
         };
-        if config.kind == MachineKind::None {
+        let lab = &config.lab;
+        if config.kind == MachineKind::None && !lab.none_writers {
             return Ok(machine);
         }
-        let lab = &config.lab;
         let sink =
             Arc::new(
                 SerialSink::open(&lab.serial).map_err(|source| MachineError::Serial {
@@ -255,7 +260,9 @@ impl Machine {
                 ));
                 let threads = workload.spawn().map_err(MachineError::Thread)?;
                 *machine.threads.get_mut().unwrap_or_else(|e| e.into_inner()) = threads;
-                machine.devices.push(workload.clone());
+                if config.kind == MachineKind::Lab {
+                    machine.devices.push(workload.clone());
+                }
                 machine.accel = Accelerator::Soft { workload, tracking };
             }
             Accel::Kvm => {
