@@ -2,6 +2,7 @@
 //! multifd channels ([`multifd_send`]) and auto-converge ([`throttle`]).
 
 pub(crate) mod multifd_send;
+pub(crate) mod postcopy;
 pub(crate) mod ram_save;
 pub(crate) mod save;
 pub(crate) mod throttle;
