@@ -552,8 +552,9 @@ fn run_postcopy(
     let control = vmm.control();
     let before = control.run_state();
     let stop_time = Instant::now();
-    let precopy_bytes = stats.transferred.load(Ordering::Relaxed);
-    stats.precopy_bytes.store(precopy_bytes, Ordering::Relaxed);
+    stats
+        .precopy_bytes
+        .store(stats.transferred.load(Ordering::Relaxed), Ordering::Relaxed);
     control.vm_stop(RunState::FinishMigrate);
     let mut guard = ResumeGuard {
         vmm,
@@ -575,10 +576,9 @@ fn run_postcopy(
     w.flush()?;
     guard.armed = false;
     control.set_run_state(RunState::PostMigrate);
+    // `downtime-bytes` counts RAM sent while neither side ran the guest: none in
+    // postcopy (the switch carries commands and device state only), 0 as in QEMU.
     let downtime_end = stats.transferred.load(Ordering::Relaxed);
-    stats
-        .downtime_bytes
-        .store(downtime_end - precopy_bytes, Ordering::Relaxed);
     stats
         .downtime_ms
         .store(stop_time.elapsed().as_millis() as u64, Ordering::Relaxed);
