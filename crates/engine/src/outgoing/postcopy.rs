@@ -15,6 +15,10 @@
 //!          ram END (EOS), EOF (no vmdesc); wait for SHUT(0)       ─▶ completed
 //! ```
 //!
+//! Stopping the VM, the status changes and the bandwidth switch are in
+//! `save.rs` (`run_postcopy`); this module writes the switch's commands and runs the
+//! push.
+//!
 //! Failures: until the package is out the destination has not started the guest, so
 //! a failure is an ordinary precopy failure and the source VM runs again. Once
 //! POSTCOPY_RUN was sent the guest runs on the destination and the source holds pages
@@ -600,6 +604,21 @@ mod tests {
             run.seen.lock().unwrap().last().map(String::as_str),
             Some("failed")
         );
+    }
+
+    #[test]
+    fn a_network_failure_in_postcopy_fails_without_resuming_the_source() {
+        let (run, _) = Run::start(&[]);
+        run.rp.shutdown(std::net::Shutdown::Both).unwrap();
+        assert_eq!(wait_for_end(&run.m, LIMIT), MigrationStatus::Failed);
+        let history = run.vmm.control.history();
+        let stop = history
+            .iter()
+            .position(|s| *s == RunState::FinishMigrate)
+            .unwrap();
+        assert!(!history[stop..].contains(&RunState::Running), "{history:?}");
+        assert_eq!(history.last(), Some(&RunState::PostMigrate));
+        assert!(run.m.query_migrate()["error-desc"].is_string());
     }
 
     #[test]
