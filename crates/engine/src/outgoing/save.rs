@@ -594,6 +594,11 @@ fn run_postcopy(
     rp.await_close(RETURN_PATH_CLOSE_TIMEOUT)
         .map_err(|e| SaveError::ReturnPath(e.to_string()))?;
     stats.remaining.store(0, Ordering::Relaxed);
+    // Once completed, QEMU's `downtime` runs from the stop to the end: the source VM
+    // was stopped all through postcopy.
+    stats
+        .downtime_ms
+        .store(stop_time.elapsed().as_millis() as u64, Ordering::Relaxed);
     Ok(())
 }
 
