@@ -42,7 +42,7 @@ CAPABILITIES = [
 # (QEMU's own compatibility rules are applied before, so pairs QEMU refuses get QEMU's
 # error from vmigrate too).
 UNSUPPORTED_CAPABILITIES = [
-    "xbzrle", "rdma-pin-all", "auto-converge", "postcopy-ram", "x-colo", "release-ram",
+    "xbzrle", "rdma-pin-all", "auto-converge", "x-colo", "release-ram",
     "return-path", "multifd", "dirty-bitmaps", "postcopy-blocktime", "x-ignore-shared",
     "background-snapshot", "zero-copy-send", "postcopy-preempt", "switchover-ack",
     "dirty-limit", "mapped-ram",

@@ -75,6 +75,7 @@ impl Migrator {
                     incoming_started: false,
                     socket_address: None,
                     continue_requested: false,
+                    postcopy_requested: false,
                     tls_client: None,
                     tls_relays: Vec::new(),
                 }),
@@ -205,10 +206,31 @@ impl Migrator {
         let next = st.params.merged(args).map_err(|e| MigrateError(e.0))?;
         next.cross_check(&st.params, &st.caps)
             .map_err(|e| MigrateError(e.0))?;
-        self.shared
-            .max_bandwidth
-            .store(next.max_bandwidth(), Ordering::Relaxed);
+        // In postcopy the stream runs at `max-postcopy-bandwidth` (0: unlimited).
+        let limit = if st.role == Role::Outgoing && st.status.is_postcopy() {
+            next.max_postcopy_bandwidth()
+        } else {
+            next.max_bandwidth()
+        };
+        self.shared.max_bandwidth.store(limit, Ordering::Relaxed);
         st.params = next;
+        Ok(())
+    }
+
+    /// `migrate-start-postcopy`: asks the running (or next) outgoing migration to switch
+    /// to postcopy at its next decision point. As in QEMU it only sets a flag, and is
+    /// accepted in any state once a migration was started.
+    pub fn start_postcopy(&self) -> Result<(), MigrateError> {
+        let mut st = self.shared.lock();
+        if !st.caps.postcopy_ram() && !st.caps.dirty_bitmaps() {
+            return merr(
+                "Enable postcopy with migrate_set_capability before the start of migration",
+            );
+        }
+        if st.role != Role::Outgoing || st.status == MigrationStatus::None {
+            return merr("Postcopy must be started after migration has been started");
+        }
+        st.postcopy_requested = true;
         Ok(())
     }
 
@@ -333,6 +355,11 @@ impl Migrator {
             transport::open_outgoing_sync(&addr, &self.fds).map_err(|e| MigrateError(e.0))?;
         let stats = Stats::new();
         stats.start_clock();
+        // (A postcopy before this one ran at max-postcopy-bandwidth.)
+        self.shared.max_bandwidth.store(
+            self.shared.params_snapshot().max_bandwidth(),
+            Ordering::Relaxed,
+        );
         let cancel = Arc::new(AtomicBool::new(false));
         self.shared
             .begin(Role::Outgoing, |st| st.reset_outgoing(stats, cancel))
@@ -432,7 +459,10 @@ impl Migrator {
             let outcome = r.wait(transport::TLS_FLUSH_TIMEOUT);
             if let (Ok(()), Some(Err(e))) = (&result, outcome) {
                 result = Err(SaveError::Write(crate::io::WriteError::Tls(e.to_string())));
-                save::restore_run_state(self.vmm.as_ref(), state_before);
+                // After postcopy started the guest runs on the destination.
+                if !self.shared.status().is_postcopy() {
+                    save::restore_run_state(self.vmm.as_ref(), state_before);
+                }
             }
         }
         let stats = self.shared.stats();
@@ -679,6 +709,12 @@ impl Migrator {
                         if throttle > 0 {
                             out.insert("cpu-throttle-percentage".into(), json!(throttle));
                         }
+                        out.insert("ram".into(), s.ram_json(false));
+                    }
+                    MigrationStatus::PostcopyActive => {
+                        out.insert("setup-time".into(), json!(live(&s.setup_time_ms)));
+                        out.insert("total-time".into(), json!(s.elapsed_ms()));
+                        out.insert("downtime".into(), json!(live(&s.downtime_ms)));
                         out.insert("ram".into(), s.ram_json(false));
                     }
                     MigrationStatus::Completed => {

@@ -70,6 +70,9 @@ pub(crate) struct State {
     pub(crate) incoming_started: bool,
     pub(crate) socket_address: Option<Value>,
     pub(crate) continue_requested: bool,
+    /// `migrate-start-postcopy` was given: the session switches to postcopy at its next
+    /// decision point. Cleared when a new outgoing migration starts.
+    pub(crate) postcopy_requested: bool,
     /// The outgoing migration's TLS setup, for its multifd channels.
     pub(crate) tls_client: Option<tls::ClientSetup>,
     /// Relays of outgoing multifd channels, waited for before `completed`.
@@ -91,6 +94,7 @@ impl State {
         self.cancel = cancel;
         self.cancel_fds.clear();
         self.continue_requested = false;
+        self.postcopy_requested = false;
     }
 }
 
@@ -281,6 +285,11 @@ impl Shared {
             self.events
                 .emit("MIGRATION_PASS", Some(json!({"pass": pass})));
         }
+    }
+
+    /// Whether `migrate-start-postcopy` asked for the switch to postcopy.
+    pub fn postcopy_requested(&self) -> bool {
+        self.lock().postcopy_requested
     }
 
     /// Waits in `pre-switchover` for `migrate-continue` or a cancel. True to go on.

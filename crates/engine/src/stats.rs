@@ -26,6 +26,10 @@ pub struct Stats {
     pub multifd_bytes: AtomicU64,
     pub precopy_bytes: AtomicU64,
     pub downtime_bytes: AtomicU64,
+    /// Bytes sent after the destination started running (postcopy).
+    pub postcopy_bytes: AtomicU64,
+    /// Page requests the destination sent in postcopy (one per message).
+    pub postcopy_requests: AtomicU64,
     pub expected_downtime_ms: AtomicU64,
     /// auto-converge's current throttle, 0 when not throttling.
     pub cpu_throttle_percentage: AtomicU64,
@@ -74,13 +78,13 @@ impl Stats {
             "dirty-pages-rate": if completed { 0 } else { Self::get(&self.dirty_pages_rate) },
             "mbps": number(self.mbps()),
             "dirty-sync-count": Self::get(&self.dirty_sync_count),
-            "postcopy-requests": 0,
+            "postcopy-requests": Self::get(&self.postcopy_requests),
             "page-size": ps,
             "multifd-bytes": Self::get(&self.multifd_bytes),
             "pages-per-second": Self::get(&self.pages_per_second),
             "precopy-bytes": Self::get(&self.precopy_bytes),
             "downtime-bytes": Self::get(&self.downtime_bytes),
-            "postcopy-bytes": 0,
+            "postcopy-bytes": Self::get(&self.postcopy_bytes),
             "dirty-sync-missed-zero-copy": 0,
         })
     }

@@ -17,7 +17,11 @@ use std::fmt;
 ///                                                └─────────┴──────(error)─────────────┴─────────────────┴──▶ failed
 /// setup|active|pre-switchover|device ──migrate_cancel──▶ cancelling ──▶ cancelled
 ///                                                                   └─(the stream was already whole)──▶ completed
+///
+/// active ──(migrate-start-postcopy)──▶ device ──(package sent)──▶ postcopy-active ──▶ completed | failed
 /// ```
+///
+/// `postcopy-active` cannot be cancelled: the guest runs on the destination.
 ///
 /// Destination: `none ──migrate-incoming──▶ setup ──(stream starts)──▶ active ──▶ completed | failed`
 /// (and `setup ──▶ failed` when no connection could be accepted).
@@ -103,7 +107,8 @@ impl MigrationStatus {
             // Completed directly from active: a destination.
             (Active, PreSwitchover | Device | Completed | Failed | Cancelling) => true,
             (PreSwitchover, Device | Failed | Cancelling) => true,
-            (Device, Completed | Failed | Cancelling) => true,
+            (Device, Completed | Failed | Cancelling | PostcopyActive) => true,
+            (PostcopyActive, Completed | Failed) => true,
             // A cancel that came after the whole stream was out does not undo it.
             (Cancelling, Cancelled | Completed) => true,
             _ => false,
@@ -225,6 +230,9 @@ mod tests {
             (Cancelling, Completed),
             (Device, Failed),
             (Failed, Setup),
+            (Device, PostcopyActive),
+            (PostcopyActive, Completed),
+            (PostcopyActive, Failed),
         ];
         for (a, b) in ok {
             assert!(a.may_become(b), "{a} -> {b}");
@@ -238,6 +246,9 @@ mod tests {
             (None, Completed),
             (Setup, Setup),
             (Active, Setup),
+            (Active, PostcopyActive),
+            (PostcopyActive, Cancelling),
+            (PostcopyActive, Active),
         ];
         for (a, b) in refused {
             assert!(!a.may_become(b), "{a} -> {b}");

@@ -720,9 +720,10 @@ impl Dispatcher {
             "migrate-recover" => Err(QmpError::generic(
                 "Migrate recover can only be run when postcopy is paused.",
             )),
-            "migrate-start-postcopy" => Err(QmpError::generic(
-                "Enable postcopy with migrate_set_capability before the start of migration",
-            )),
+            "migrate-start-postcopy" => {
+                m.start_postcopy()?;
+                empty()
+            }
             "migrate-set-capabilities" => {
                 m.set_capabilities(&args["capabilities"])?;
                 empty()

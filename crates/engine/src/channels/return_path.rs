@@ -3,7 +3,13 @@
 //! The source opens it with `OPEN_RETURN_PATH` (capability `return-path`), checks it with
 //! `PING`, and at the end waits for the destination's `SHUT`; with `switchover-ack` it
 //! does not switch over before `SWITCHOVER_ACK` arrived.
+//!
+//! In postcopy (`postcopy-ram`) the destination also asks for pages it faulted on
+//! (`REQ_PAGES_ID`, `REQ_PAGES`); the reader queues them, with the block name resolved,
+//! for the postcopy session to serve ([`ReturnPath::next_page_request`]). The queue is
+//! bounded: a destination that floods it fails the migration.
 
+use std::collections::VecDeque;
 use std::io::Write;
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Condvar, Mutex};
@@ -30,6 +36,25 @@ pub enum ReturnPathError {
     SiblingFailed(u32),
     #[error("return path closed without SHUT")]
     ClosedWithoutShut,
+    /// `REQ_PAGES` came before any `REQ_PAGES_ID` named a block.
+    #[error("Page request at offset {0:#x} names no block (no REQ_PAGES_ID before it)")]
+    RequestWithoutBlock(u64),
+    /// More page requests waited than [`MAX_QUEUED_PAGE_REQUESTS`].
+    #[error("The destination has more than {MAX_QUEUED_PAGE_REQUESTS} page requests outstanding")]
+    TooManyRequests,
+}
+
+/// Page requests that may wait for the postcopy session; a destination with one
+/// outstanding fault per vCPU needs far fewer.
+pub const MAX_QUEUED_PAGE_REQUESTS: usize = 4096;
+
+/// A range of a block that the destination asked for, as received (not yet checked
+/// against the block).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageRequest {
+    pub block: Arc<str>,
+    pub start: u64,
+    pub len: u32,
 }
 
 /// What the source has heard from the destination.
@@ -41,6 +66,10 @@ struct Heard {
     /// The return path ended: SHUT, end of stream or an error.
     closed: bool,
     error: Option<ReturnPathError>,
+    /// Page requests not yet taken by the session (postcopy only).
+    page_requests: VecDeque<PageRequest>,
+    /// The block of the last `REQ_PAGES_ID`, for `REQ_PAGES`.
+    last_block: Option<Arc<str>>,
 }
 
 /// The source's view of the return path, filled by its reader thread.
@@ -48,12 +77,18 @@ struct Heard {
 pub struct ReturnPath {
     heard: Mutex<Heard>,
     changed: Condvar,
+    /// Page requests are expected (postcopy); otherwise they are a protocol error.
+    postcopy: bool,
 }
 
 impl ReturnPath {
-    /// Starts the reader thread on `fd` (a duplicate of the migration socket).
-    pub fn spawn(fd: OwnedFd) -> Arc<Self> {
-        let rp = Arc::new(Self::default());
+    /// Starts the reader thread on `fd` (a duplicate of the migration socket); page
+    /// requests are queued when `postcopy`, and are an error otherwise.
+    pub fn spawn(fd: OwnedFd, postcopy: bool) -> Arc<Self> {
+        let rp = Arc::new(Self {
+            postcopy,
+            ..Self::default()
+        });
         let me = rp.clone();
         let _ = std::thread::Builder::new()
             .name("mig/src/rp".into())
@@ -72,6 +107,20 @@ impl ReturnPath {
                 Ok(RpMessage::Shut(v)) => {
                     h.shut = Some(v);
                     h.closed = true;
+                }
+                Ok(RpMessage::ReqPagesId { start, len, block }) if self.postcopy => {
+                    let block: Arc<str> = block.into();
+                    h.last_block = Some(block.clone());
+                    queue_request(&mut h, PageRequest { block, start, len });
+                }
+                Ok(RpMessage::ReqPages { start, len }) if self.postcopy => {
+                    match h.last_block.clone() {
+                        Some(block) => queue_request(&mut h, PageRequest { block, start, len }),
+                        None => {
+                            h.error = Some(ReturnPathError::RequestWithoutBlock(start));
+                            h.closed = true;
+                        }
+                    }
                 }
                 Ok(m @ (RpMessage::ReqPages { .. } | RpMessage::ReqPagesId { .. })) => {
                     // Page requests belong to postcopy, which this session is not in.
@@ -96,6 +145,15 @@ impl ReturnPath {
                 return;
             }
         }
+    }
+
+    /// The oldest page request not yet served, if any.
+    pub fn next_page_request(&self) -> Option<PageRequest> {
+        self.heard
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .page_requests
+            .pop_front()
     }
 
     pub fn switchover_acked(&self) -> bool {
@@ -136,6 +194,16 @@ impl ReturnPath {
             (None, Some(e)) => Err(e.clone()),
             (None, None) => Err(ReturnPathError::ClosedWithoutShut),
         }
+    }
+}
+
+/// Queues `req`, or fails the return path when the queue is full.
+fn queue_request(h: &mut Heard, req: PageRequest) {
+    if h.page_requests.len() >= MAX_QUEUED_PAGE_REQUESTS {
+        h.error = Some(ReturnPathError::TooManyRequests);
+        h.closed = true;
+    } else {
+        h.page_requests.push_back(req);
     }
 }
 

@@ -1,7 +1,9 @@
 //! The outgoing side: the precopy session ([`save`]), the RAM saver ([`ram_save`]),
-//! multifd channels ([`multifd_send`]) and auto-converge ([`throttle`]).
+//! multifd channels ([`multifd_send`]), auto-converge ([`throttle`]) and the source
+//! side of postcopy ([`postcopy`]).
 
 pub(crate) mod multifd_send;
+pub(crate) mod postcopy;
 pub(crate) mod ram_save;
 pub(crate) mod save;
 pub(crate) mod throttle;

@@ -202,6 +202,94 @@ impl RamSaver {
             .sum()
     }
 
+    /// Index of the block called `name`.
+    pub fn block_index(&self, name: &str) -> Option<usize> {
+        self.blocks.iter().position(|b| b.idstr() == name)
+    }
+
+    pub fn block(&self, index: usize) -> &Arc<RamBlock> {
+        &self.blocks[index]
+    }
+
+    pub fn block_count(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// The runs of pages of block `index` still marked dirty, as byte ranges
+    /// (start, length): what a postcopy destination must discard.
+    pub fn dirty_runs(&self, index: usize) -> Vec<(u64, u64)> {
+        let ps = self.blocks[index].page_size();
+        let bitmap = &self.dirty[index];
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for page in bitmap.iter_set() {
+            let start = page as u64 * ps;
+            match runs.last_mut() {
+                Some((s, len)) if *s + *len == start => *len += ps,
+                _ => runs.push((start, ps)),
+            }
+        }
+        runs
+    }
+
+    /// Postcopy: sends page `page` of block `index` now, naming its block, if it is
+    /// still to be sent (a page already sent is never sent twice), and moves the scan
+    /// to just after it. Returns whether a record was written.
+    pub fn send_requested(
+        &mut self,
+        w: &mut StreamWriter,
+        index: usize,
+        page: usize,
+        sent: &mut SentPages,
+    ) -> Result<bool, WriteError> {
+        if !self.dirty[index].test_and_clear(page) {
+            return Ok(false);
+        }
+        self.last_block = None;
+        if let Err(e) = self.send_page(w, index, page, sent) {
+            self.dirty[index].set(page);
+            return Err(e);
+        }
+        self.cursor = (index, page + 1);
+        Ok(true)
+    }
+
+    /// Postcopy: sends the next page still to be sent from the scan position, wrapping
+    /// around to the start of RAM once. Returns false when no page is left.
+    pub fn send_next(
+        &mut self,
+        w: &mut StreamWriter,
+        sent: &mut SentPages,
+    ) -> Result<bool, WriteError> {
+        let mut wrapped = false;
+        loop {
+            let (bi, from) = self.cursor;
+            if bi >= self.blocks.len() {
+                if wrapped {
+                    return Ok(false);
+                }
+                wrapped = true;
+                self.cursor = (0, 0);
+                continue;
+            }
+            let Some(page) = self.dirty[bi].next_set(from) else {
+                self.cursor = (bi + 1, 0);
+                continue;
+            };
+            self.dirty[bi].test_and_clear(page);
+            self.cursor = (bi, page + 1);
+            if let Err(e) = self.send_page(w, bi, page, sent) {
+                self.dirty[bi].set(page);
+                return Err(e);
+            }
+            return Ok(true);
+        }
+    }
+
+    /// The next page record names its block (a new phase of the stream starts).
+    pub fn forget_last_block(&mut self) {
+        self.last_block = None;
+    }
+
     /// Fetches the pages dirtied since the last sync into the saver's bitmaps and
     /// returns how many pages that added.
     pub fn sync(&mut self, tracker: &dyn DirtyTracker) -> Result<u64, VmmError> {

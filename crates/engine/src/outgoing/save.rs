@@ -8,6 +8,10 @@
 //!         ─▶ completed │ failed │ cancelled
 //! ```
 //!
+//! With `postcopy-ram` the return path is always opened and POSTCOPY_ADVISE follows
+//! PING(1); after `migrate-start-postcopy` the next decision point hands the session to
+//! [`crate::outgoing::postcopy`] instead of completing it here.
+//!
 //! In mode `cpr-reboot` the VM is stopped before the header is written, so every pass
 //! runs on a stopped VM.
 //!
@@ -31,6 +35,7 @@ use crate::compress::Method;
 use crate::io::{StreamWriter, WriteError};
 use crate::options::MigMode;
 use crate::outgoing::multifd_send::{ChannelConfig, MultifdSender, ZeroDetection};
+use crate::outgoing::postcopy;
 use crate::outgoing::ram_save::{RamSaveError, RamSaver, ZeroPages, ITERATION_SLICE};
 use crate::outgoing::throttle::{AutoConverge, SyncPeriod};
 use crate::shared::{SectionIds, Shared};
@@ -53,6 +58,8 @@ pub enum SaveError {
     ReturnPath(#[from] ReturnPathError),
     #[error(transparent)]
     Status(#[from] StatusError),
+    #[error(transparent)]
+    Postcopy(#[from] postcopy::PostcopyError),
 }
 
 impl From<RamSaveError> for SaveError {
@@ -175,7 +182,9 @@ pub(crate) fn run(
             None
         },
     };
-    let return_path = if caps.return_path() {
+    // Postcopy always needs the return path: page requests come back on it.
+    let postcopy = caps.postcopy_ram();
+    let return_path = if caps.return_path() || postcopy {
         if !channel.is_socket {
             return Err(SaveError::ReturnPathUnavailable);
         }
@@ -183,7 +192,7 @@ pub(crate) fn run(
             .fd
             .try_clone()
             .map_err(|e| WriteError::Io(e.to_string()))?;
-        Some(ReturnPath::spawn(back))
+        Some(ReturnPath::spawn(back, postcopy))
     } else {
         None
     };
@@ -193,6 +202,9 @@ pub(crate) fn run(
         if return_path.is_some() {
             Command::OpenReturnPath.encode(out);
             Command::Ping(1).encode(out);
+        }
+        if postcopy {
+            postcopy::advise(&saver).encode(out);
         }
         Record::Start(SectionId {
             section_id: ids.ram,
@@ -234,6 +246,7 @@ pub(crate) fn run(
         return_path,
         switchover_ack: caps.switchover_ack(),
         early_stop,
+        postcopy,
     };
     let result = iterate_and_complete(shared, vmm, &mut w, &mut saver, &session);
     tracker.stop();
@@ -309,6 +322,8 @@ struct Session {
     switchover_ack: bool,
     /// Set when the VM was stopped at the start (cpr-reboot).
     early_stop: Option<EarlyStop>,
+    /// `postcopy-ram`: POSTCOPY_ADVISE was sent; `migrate-start-postcopy` may switch.
+    postcopy: bool,
 }
 
 /// The VM was stopped when the migration started: its run state before, and when.
@@ -475,6 +490,9 @@ fn iterate_inner(
             .remaining
             .store(saver.remaining_bytes(), Ordering::Relaxed);
         update_rates(shared, &mut window, pages_total);
+        if session.postcopy && shared.postcopy_requested() && session.may_switch_over() {
+            return run_postcopy(shared, vmm, w, saver, session, sync_tracker);
+        }
         if pass_done {
             // As QEMU decides it: the estimate (what is still marked dirty) is checked
             // against the threshold; only when it is below does an exact dirty sync
@@ -513,6 +531,76 @@ fn iterate_inner(
         }
     }
     complete(shared, vmm, w, saver, session, sync_tracker)
+}
+
+/// Switches the session to postcopy (status `active`, the VM running or paused) and
+/// runs it to its end; see [`crate::outgoing::postcopy`] for the stream. Until the
+/// package is out a failure resumes the VM; after it the guest runs on the destination
+/// and the source VM stays stopped (`postmigrate`) whatever happens.
+fn run_postcopy(
+    shared: &Shared,
+    vmm: &dyn Vmm,
+    w: &mut StreamWriter,
+    saver: &mut RamSaver,
+    session: &Session,
+    sync_tracker: &mut SyncTracker,
+) -> Result<(), SaveError> {
+    let rp = session
+        .return_path
+        .clone()
+        .ok_or(postcopy::PostcopyError::NoReturnPath)?;
+    let stats = shared.stats();
+    let control = vmm.control();
+    let before = control.run_state();
+    let stop_time = Instant::now();
+    stats
+        .precopy_bytes
+        .store(stats.transferred.load(Ordering::Relaxed), Ordering::Relaxed);
+    control.vm_stop(RunState::FinishMigrate);
+    let mut guard = ResumeGuard {
+        vmm,
+        before,
+        armed: true,
+    };
+    advance(shared, MigrationStatus::Active, MigrationStatus::Device)?;
+    dirty_sync(shared, vmm, saver, sync_tracker)?;
+    let mut sections = Vec::new();
+    encode_device_sections(&mut sections, &session.devices, &session.ids, before)?;
+    postcopy::write_switchover(w, saver, &sections)?;
+    // From `postcopy-active` on nothing cancels the migration; a package that does not
+    // get out still fails it with the VM resumed (POSTCOPY_RUN is its last command).
+    advance(
+        shared,
+        MigrationStatus::Device,
+        MigrationStatus::PostcopyActive,
+    )?;
+    w.flush()?;
+    guard.armed = false;
+    control.set_run_state(RunState::PostMigrate);
+    // `downtime-bytes` counts RAM sent while neither side ran the guest: none in
+    // postcopy (the switch carries commands and device state only), 0 as in QEMU.
+    let downtime_end = stats.transferred.load(Ordering::Relaxed);
+    stats
+        .downtime_ms
+        .store(stop_time.elapsed().as_millis() as u64, Ordering::Relaxed);
+    // The background push runs at `max-postcopy-bandwidth` (see also set_parameters).
+    let bandwidth = shared.max_bandwidth();
+    bandwidth.store(
+        shared.params_snapshot().max_postcopy_bandwidth(),
+        Ordering::Relaxed,
+    );
+    let pushed = postcopy::push_pages(&stats, w, saver, session.ids.ram, &rp, downtime_end);
+    bandwidth.store(shared.params_snapshot().max_bandwidth(), Ordering::Relaxed);
+    pushed?;
+    rp.await_close(RETURN_PATH_CLOSE_TIMEOUT)
+        .map_err(|e| SaveError::ReturnPath(e.to_string()))?;
+    stats.remaining.store(0, Ordering::Relaxed);
+    // Once completed, QEMU's `downtime` runs from the stop to the end: the source VM
+    // was stopped all through postcopy.
+    stats
+        .downtime_ms
+        .store(stop_time.elapsed().as_millis() as u64, Ordering::Relaxed);
+    Ok(())
 }
 
 /// Passes run after the remaining data already fits `downtime-limit`, while the link
@@ -659,7 +747,6 @@ fn complete(
         Some(stop) => stop.before,
         None => control.run_state(),
     };
-    let was_running = runstate_at_switchover.is_running();
     // With the VM stopped from the start, everything after setup was sent in downtime.
     let stop_time = session.early_stop.map_or_else(Instant::now, |stop| stop.at);
     let precopy_bytes = match session.early_stop {
@@ -694,42 +781,11 @@ fn complete(
         Record::End(ids.ram).encode(out);
     })?;
     send_ram_body(shared, w, saver, Some(ids.ram), None)?;
-    let mut descriptions = Vec::new();
-    for (i, dev) in devices.iter().enumerate() {
-        let body = dev.save()?;
-        w.with_buf(|out| {
-            Record::Full(SectionId {
-                section_id: i as u32,
-                idstr: dev.idstr().to_string(),
-                instance_id: dev.instance_id(),
-                version_id: dev.version(),
-            })
-            .encode(out);
-            out.extend_from_slice(&body);
-            encode_footer(out, i as u32);
-        })?;
-        descriptions.push(dev.describe());
-    }
-    let global = GlobalState {
-        runstate: if was_running {
-            "running".into()
-        } else {
-            runstate_name_for_stream(runstate_at_switchover)
-        },
-        vm_was_suspended: false,
-    };
-    w.with_buf(|out| {
-        Record::Full(SectionId {
-            section_id: ids.globalstate,
-            idstr: GLOBALSTATE_IDSTR.into(),
-            instance_id: 0,
-            version_id: GLOBALSTATE_VERSION,
-        })
-        .encode(out);
-        out.extend_from_slice(&global.encode());
-        encode_footer(out, ids.globalstate);
-        Record::Eof.encode(out);
-    })?;
+    let mut sections = Vec::new();
+    let mut descriptions =
+        encode_device_sections(&mut sections, devices, ids, runstate_at_switchover)?;
+    w.put(&sections)?;
+    w.with_buf(|out| Record::Eof.encode(out))?;
     descriptions.push(GlobalState::describe());
     let desc = vmdesc::build(Some(config.describe()), saver_page_size(vmm), descriptions);
     w.with_buf(|out| vmdesc::encode(out, &desc))?;
@@ -749,6 +805,49 @@ fn complete(
     guard.armed = false;
     control.set_run_state(RunState::PostMigrate);
     Ok(())
+}
+
+/// Appends every device's FULL section, then `globalstate` with the run state the VM
+/// had at switchover (`running` makes the destination start the guest), to `out`.
+/// Returns the devices' vmdesc entries.
+pub(super) fn encode_device_sections(
+    out: &mut Vec<u8>,
+    devices: &[Arc<dyn crate::vmm::DeviceState>],
+    ids: &SectionIds,
+    runstate_at_switchover: RunState,
+) -> Result<Vec<serde_json::Value>, VmmError> {
+    let mut descriptions = Vec::new();
+    for (i, dev) in devices.iter().enumerate() {
+        let body = dev.save()?;
+        Record::Full(SectionId {
+            section_id: i as u32,
+            idstr: dev.idstr().to_string(),
+            instance_id: dev.instance_id(),
+            version_id: dev.version(),
+        })
+        .encode(out);
+        out.extend_from_slice(&body);
+        encode_footer(out, i as u32);
+        descriptions.push(dev.describe());
+    }
+    let global = GlobalState {
+        runstate: if runstate_at_switchover.is_running() {
+            "running".into()
+        } else {
+            runstate_name_for_stream(runstate_at_switchover)
+        },
+        vm_was_suspended: false,
+    };
+    Record::Full(SectionId {
+        section_id: ids.globalstate,
+        idstr: GLOBALSTATE_IDSTR.into(),
+        instance_id: 0,
+        version_id: GLOBALSTATE_VERSION,
+    })
+    .encode(out);
+    out.extend_from_slice(&global.encode());
+    encode_footer(out, ids.globalstate);
+    Ok(descriptions)
 }
 
 /// Moves the session's status on; a cancel that got there first ends the session.

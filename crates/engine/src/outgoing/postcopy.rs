@@ -1,0 +1,683 @@
+//! The source side of postcopy (`postcopy-ram`): the switch from precopy, and the
+//! postcopy phase that pushes the rest of RAM while serving the destination's page
+//! requests first.
+//!
+//! ```text
+//! setup:   ... OPEN_RETURN_PATH, PING(1), POSTCOPY_ADVISE                (save.rs)
+//! active:  ram PART sections, as precopy, until migrate-start-postcopy
+//! device:  stop the VM, SWITCHOVER_START, final dirty sync,
+//!          POSTCOPY_RAM_DISCARD per block (runs still dirty, ≤ 12 per command),
+//!          PING(2), PACKAGED(len) { POSTCOPY_LISTEN, device FULL sections,
+//!          globalstate, PING(3), POSTCOPY_RUN }, PING(4)
+//! postcopy-active:
+//!          ram PART sections: requested pages first (each naming its block, the
+//!          background going on just after it), then the background push;
+//!          ram END (EOS), EOF (no vmdesc); wait for SHUT(0)       ─▶ completed
+//! ```
+//!
+//! Stopping the VM, the status changes and the bandwidth switch are in
+//! `save.rs` (`run_postcopy`); this module writes the switch's commands and runs the
+//! push.
+//!
+//! Failures: until the package is out the destination has not started the guest, so
+//! a failure is an ordinary precopy failure and the source VM runs again. Once
+//! POSTCOPY_RUN was sent the guest runs on the destination and the source holds pages
+//! it does not have: a failure then (network, a bad page request) ends the migration
+//! `failed` with the source VM left stopped in `postmigrate`, never resumed. QEMU goes
+//! to `postcopy-paused` instead, waiting for a recovery; vmigrate does not do recovery
+//! yet.
+//!
+//! Every page goes once: a page is taken off the dirty bitmap when it is sent, and a
+//! request for a page already sent (in precopy and not dirtied since, or earlier in
+//! postcopy) is skipped, as QEMU skips it.
+
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use vmigrate_stream::command::Command;
+use vmigrate_stream::postcopy::{PostcopyAdvise, RamDiscard};
+use vmigrate_stream::section::{encode_footer, Record};
+
+use crate::channels::return_path::{PageRequest, ReturnPath, ReturnPathError};
+use crate::io::{StreamWriter, WriteError};
+use crate::outgoing::ram_save::{RamSaver, SentPages, ITERATION_SLICE};
+use crate::stats::Stats;
+
+/// Why the postcopy phase failed: a page request the source refuses (not whole pages
+/// of a block it has), or the stream or the return path broke.
+#[derive(Debug, thiserror::Error)]
+pub enum PostcopyError {
+    #[error("Page request for unknown RAM block '{0}'")]
+    UnknownBlock(String),
+    #[error(
+        "Page request {start:#x}+{len:#x} is not whole pages inside RAM block '{block}' \
+         ({block_len:#x} bytes, pages of {page_size:#x})"
+    )]
+    BadRange {
+        block: String,
+        start: u64,
+        len: u64,
+        block_len: u64,
+        page_size: u64,
+    },
+    #[error("Postcopy needs the return path")]
+    NoReturnPath,
+    #[error(transparent)]
+    Write(#[from] WriteError),
+    #[error(transparent)]
+    ReturnPath(#[from] ReturnPathError),
+}
+
+/// POSTCOPY_ADVISE for `saver`'s blocks: their page sizes ORed together, and the
+/// target page size (the blocks' smallest page, which vmigrate sends pages of).
+pub(crate) fn advise(saver: &RamSaver) -> Command {
+    let summary = (0..saver.block_count()).fold(0, |acc, i| acc | saver.block(i).page_size());
+    Command::PostcopyAdvise(
+        PostcopyAdvise {
+            ram_pagesize_summary: summary,
+            target_page_size: saver.page_size(),
+        }
+        .encode(),
+    )
+}
+
+/// A checked page request: block index and the pages it covers.
+fn check_request(
+    saver: &RamSaver,
+    req: &PageRequest,
+) -> Result<(usize, std::ops::Range<usize>), PostcopyError> {
+    let index = saver
+        .block_index(&req.block)
+        .ok_or_else(|| PostcopyError::UnknownBlock(req.block.to_string()))?;
+    let block = saver.block(index);
+    let (ps, block_len, len) = (block.page_size(), block.len(), u64::from(req.len));
+    let fits = req
+        .start
+        .checked_add(len)
+        .is_some_and(|end| end <= block_len);
+    if len == 0 || !req.start.is_multiple_of(ps) || !len.is_multiple_of(ps) || !fits {
+        return Err(PostcopyError::BadRange {
+            block: req.block.to_string(),
+            start: req.start,
+            len,
+            block_len,
+            page_size: ps,
+        });
+    }
+    let first = (req.start / ps) as usize;
+    Ok((index, first..first + (len / ps) as usize))
+}
+
+/// The switch's commands, in QEMU's order, once the VM is stopped and the last dirty
+/// sync ran: SWITCHOVER_START, POSTCOPY_RAM_DISCARD for every run still to be sent
+/// (per block, at most 12 ranges per command), PING(2), PACKAGED with POSTCOPY_LISTEN,
+/// `device_sections` (every FULL section, globalstate last), PING(3) and POSTCOPY_RUN,
+/// then PING(4). The caller flushes.
+pub(crate) fn write_switchover(
+    w: &mut StreamWriter,
+    saver: &RamSaver,
+    device_sections: &[u8],
+) -> Result<(), PostcopyError> {
+    w.with_buf(|out| Command::SwitchoverStart.encode(out))?;
+    for index in 0..saver.block_count() {
+        let runs = saver.dirty_runs(index);
+        for batch in RamDiscard::batches(saver.block(index).idstr(), &runs) {
+            w.with_buf(|out| Command::PostcopyRamDiscard(batch.encode()).encode(out))?;
+        }
+    }
+    let mut package = Vec::new();
+    Command::PostcopyListen.encode(&mut package);
+    package.extend_from_slice(device_sections);
+    Command::Ping(3).encode(&mut package);
+    Command::PostcopyRun.encode(&mut package);
+    w.with_buf(|out| {
+        Command::Ping(2).encode(out);
+        Command::Packaged(package.len() as u32).encode(out);
+        out.extend_from_slice(&package);
+        Command::Ping(4).encode(out);
+    })?;
+    Ok(())
+}
+
+/// The postcopy phase: PART sections of section `ram_id` until every page went,
+/// serving requests first, then END and EOF. `postcopy_start` is the byte count when
+/// the destination started (for `postcopy-bytes`).
+pub(crate) fn push_pages(
+    stats: &Stats,
+    w: &mut StreamWriter,
+    saver: &mut RamSaver,
+    ram_id: u32,
+    rp: &ReturnPath,
+    postcopy_start: u64,
+) -> Result<(), PostcopyError> {
+    saver.forget_last_block();
+    let mut done = false;
+    while !done {
+        if let Some(e) = rp.error() {
+            return Err(e.into());
+        }
+        w.with_buf(|out| Record::Part(ram_id).encode(out))?;
+        let mut sent = SentPages::default();
+        let deadline = Instant::now() + ITERATION_SLICE;
+        let mut n = 0u32;
+        loop {
+            if let Some(req) = rp.next_page_request() {
+                stats.postcopy_requests.fetch_add(1, Ordering::Relaxed);
+                let (index, pages) = check_request(saver, &req)?;
+                let mut any = false;
+                for page in pages {
+                    any |= saver.send_requested(w, index, page, &mut sent)?;
+                }
+                if any {
+                    w.flush()?;
+                }
+                continue;
+            }
+            if !saver.send_next(w, &mut sent)? {
+                done = true;
+                break;
+            }
+            n += 1;
+            if n.is_multiple_of(64) && Instant::now() >= deadline {
+                break;
+            }
+        }
+        w.with_buf(|out| {
+            vmigrate_stream::ram::put_eos(out);
+            encode_footer(out, ram_id);
+        })?;
+        w.flush()?;
+        stats.duplicate.fetch_add(sent.zero, Ordering::Relaxed);
+        stats.normal.fetch_add(sent.normal, Ordering::Relaxed);
+        stats
+            .remaining
+            .store(saver.remaining_bytes(), Ordering::Relaxed);
+        stats.postcopy_bytes.store(
+            stats.transferred.load(Ordering::Relaxed) - postcopy_start,
+            Ordering::Relaxed,
+        );
+    }
+    w.with_buf(|out| {
+        Record::End(ram_id).encode(out);
+        vmigrate_stream::ram::put_eos(out);
+        encode_footer(out, ram_id);
+        Record::Eof.encode(out);
+    })?;
+    w.flush()?;
+    stats.postcopy_bytes.store(
+        stats.transferred.load(Ordering::Relaxed) - postcopy_start,
+        Ordering::Relaxed,
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::os::fd::OwnedFd;
+    use std::os::unix::net::{UnixListener, UnixStream};
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use serde_json::json;
+    use vmigrate_stream::command::Command;
+    use vmigrate_stream::ram::{RamRecordHeader, RamRecordKind};
+    use vmigrate_stream::return_path::RpMessage;
+    use vmigrate_stream::section::Record;
+    use vmigrate_stream::Source;
+
+    use crate::channels::transport::Address;
+    use crate::io::FdSource;
+    use crate::memory::host_page_size;
+    use crate::migrator::Migrator;
+    use crate::shared::IncomingMode;
+    use crate::status::{MigrationStatus, RunState};
+    use crate::test_support::{recorded_migrator, temp_path, wait_for_end, FakeVmm};
+
+    const LIMIT: Duration = Duration::from_secs(30);
+    const PAGES: usize = 2048;
+
+    /// What the test's destination saw, in stream order.
+    #[derive(Debug, Clone, PartialEq)]
+    enum Seen {
+        Command(Command),
+        /// The blob of a PACKAGED command.
+        Package(Vec<u8>),
+        Part,
+        End,
+        /// A page record: page index, whether it named its block, its first byte
+        /// (`None` for ZERO).
+        Page {
+            page: usize,
+            named: bool,
+            first: Option<u8>,
+        },
+        Eof,
+    }
+
+    /// Reads the stream from `fd` and reports every record, until EOF or an error.
+    fn read_stream(fd: OwnedFd, tx: mpsc::Sender<Seen>) {
+        let ps = host_page_size();
+        let mut src = FdSource::new(fd, 0);
+        vmigrate_stream::header::decode_header(&mut src).unwrap();
+        vmigrate_stream::config::Configuration::decode(&mut src).unwrap();
+        loop {
+            let Ok(rec) = Record::decode(&mut src) else {
+                return;
+            };
+            match rec {
+                Record::Eof => {
+                    let _ = tx.send(Seen::Eof);
+                    return;
+                }
+                Record::Command(Command::Packaged(len)) => {
+                    let mut blob = vec![0; len as usize];
+                    src.fill(&mut blob, "package").unwrap();
+                    let _ = tx.send(Seen::Package(blob));
+                }
+                Record::Command(c) => {
+                    let _ = tx.send(Seen::Command(c));
+                }
+                Record::Start(_) | Record::Part(_) | Record::End(_) => {
+                    let _ = tx.send(match rec {
+                        Record::End(_) => Seen::End,
+                        _ => Seen::Part,
+                    });
+                    loop {
+                        let h = RamRecordHeader::decode(&mut src, ps).unwrap();
+                        let named = h.names_block();
+                        if named {
+                            assert_eq!(src.counted("block").unwrap(), "ram");
+                        }
+                        let page = (h.addr / ps) as usize;
+                        match h.kind {
+                            RamRecordKind::MemSize => {
+                                src.counted("block").unwrap();
+                                src.be64("used length").unwrap();
+                            }
+                            RamRecordKind::Zero => {
+                                assert_eq!(src.u8("fill").unwrap(), 0);
+                                let _ = tx.send(Seen::Page {
+                                    page,
+                                    named,
+                                    first: None,
+                                });
+                            }
+                            RamRecordKind::Page => {
+                                let mut data = vec![0; ps as usize];
+                                src.fill(&mut data, "page").unwrap();
+                                let _ = tx.send(Seen::Page {
+                                    page,
+                                    named,
+                                    first: Some(data[0]),
+                                });
+                            }
+                            RamRecordKind::Eos => break,
+                            other => panic!("unexpected RAM record {other:?}"),
+                        }
+                    }
+                    src.u8("footer").unwrap();
+                    src.be32("footer id").unwrap();
+                }
+                Record::Full(_) => panic!("FULL section outside the package"),
+            }
+        }
+    }
+
+    /// A postcopy migration of a guest whose every page is non-zero, to a unix socket
+    /// whose other end the test holds.
+    struct Run {
+        vmm: std::sync::Arc<FakeVmm>,
+        m: std::sync::Arc<Migrator>,
+        seen: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+        rp: UnixStream,
+        rx: mpsc::Receiver<Seen>,
+        /// Pages received before the switch, in order.
+        precopy: Vec<usize>,
+    }
+
+    impl Run {
+        /// Starts the migration, lets precopy stall on a full socket, asks for
+        /// postcopy and writes `redirty` meanwhile; returns once POSTCOPY_RUN's package
+        /// and PING(4) were read.
+        fn start(redirty: &[usize]) -> (Run, Vec<Seen>) {
+            let vmm = FakeVmm::new(PAGES, RunState::Running);
+            for p in 0..PAGES {
+                vmm.write_page(p, (p % 251) as u8 + 1);
+            }
+            let (m, seen) = recorded_migrator(vmm.clone(), IncomingMode::Disabled);
+            m.set_capabilities(&json!([{"capability": "postcopy-ram", "state": true}]))
+                .unwrap();
+            m.set_parameters(
+                json!({"max-bandwidth": 4 << 20, "max-postcopy-bandwidth": 8 << 20})
+                    .as_object()
+                    .unwrap(),
+            )
+            .unwrap();
+            let path = temp_path("postcopy.sock");
+            let listener = UnixListener::bind(&path).unwrap();
+            let addr = Address::parse_uri(&format!("unix:{}", path.display())).unwrap();
+            m.migrate(addr, false, None).unwrap();
+            let (conn, _) = listener.accept().unwrap();
+            let _ = std::fs::remove_file(&path);
+            // Nothing is read yet: precopy blocks on the full socket; the request
+            // and the guest's writes happen while it is stuck in its first pass.
+            wait_until(|| m.status() == MigrationStatus::Active);
+            for &p in redirty {
+                vmm.write_page(p, 0xee);
+            }
+            m.start_postcopy().unwrap();
+            let rp = conn.try_clone().unwrap();
+            let (tx, rx) = mpsc::channel();
+            std::thread::spawn(move || read_stream(OwnedFd::from(conn), tx));
+            let mut head = Vec::new();
+            let mut precopy = Vec::new();
+            loop {
+                let s = rx.recv_timeout(LIMIT).expect("the stream goes on");
+                if let Seen::Page { page, .. } = s {
+                    precopy.push(page);
+                }
+                let done = s == Seen::Command(Command::Ping(4));
+                head.push(s);
+                if done {
+                    break;
+                }
+            }
+            (
+                Run {
+                    vmm,
+                    m,
+                    seen,
+                    rp,
+                    rx,
+                    precopy,
+                },
+                head,
+            )
+        }
+
+        fn send(&mut self, msg: RpMessage) {
+            let mut buf = Vec::new();
+            msg.encode(&mut buf);
+            self.rp.write_all(&buf).unwrap();
+        }
+
+        /// Everything up to EOF.
+        fn rest(&self) -> Vec<Seen> {
+            let mut out = Vec::new();
+            loop {
+                let s = self.rx.recv_timeout(LIMIT).expect("the stream goes on");
+                if s == Seen::Eof {
+                    return out;
+                }
+                out.push(s);
+            }
+        }
+    }
+
+    fn wait_until(f: impl Fn() -> bool) {
+        let t0 = std::time::Instant::now();
+        while !f() {
+            assert!(t0.elapsed() < LIMIT, "timed out");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn pages_of(seen: &[Seen]) -> Vec<usize> {
+        seen.iter()
+            .filter_map(|s| match s {
+                Seen::Page { page, .. } => Some(*page),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn switch_sends_discards_package_and_every_page_once() {
+        let (mut run, head) = Run::start(&[0, 1, 5]);
+        // OPEN_RETURN_PATH, PING(1), ADVISE first.
+        let ps = host_page_size();
+        let advise = vmigrate_stream::postcopy::PostcopyAdvise {
+            ram_pagesize_summary: ps,
+            target_page_size: ps,
+        };
+        assert_eq!(
+            head[..3],
+            [
+                Seen::Command(Command::OpenReturnPath),
+                Seen::Command(Command::Ping(1)),
+                Seen::Command(Command::PostcopyAdvise(advise.encode())),
+            ]
+        );
+        // Then: switchover start, discards, PING(2), the package, PING(4).
+        let at = head
+            .iter()
+            .position(|s| *s == Seen::Command(Command::SwitchoverStart))
+            .expect("SWITCHOVER_START");
+        let tail = &head[at + 1..];
+        let n = tail.len();
+        assert_eq!(tail[n - 3], Seen::Command(Command::Ping(2)));
+        assert_eq!(tail[n - 1], Seen::Command(Command::Ping(4)));
+        let mut discarded = vec![false; PAGES];
+        for s in &tail[..n - 3] {
+            let Seen::Command(Command::PostcopyRamDiscard(p)) = s else {
+                panic!("expected only discards, got {s:?}");
+            };
+            let d = vmigrate_stream::postcopy::RamDiscard::decode(p, 0).unwrap();
+            assert_eq!(d.block, "ram");
+            assert!(!d.ranges.is_empty() && d.ranges.len() <= 12);
+            for (start, len) in d.ranges {
+                for page in start / ps..(start + len) / ps {
+                    discarded[page as usize] = true;
+                }
+            }
+        }
+        // Discarded: exactly what precopy did not send, and the pages written again.
+        let mut expected = vec![true; PAGES];
+        for &p in &run.precopy {
+            expected[p] = false;
+        }
+        for p in [0, 1, 5] {
+            expected[p] = true;
+        }
+        assert_eq!(discarded, expected);
+        assert!(run.precopy.len() < PAGES / 2, "precopy was to be stalled");
+        // The package: LISTEN, globalstate `running`, PING(3), RUN.
+        let mut package = Vec::new();
+        Command::PostcopyListen.encode(&mut package);
+        let ids = crate::shared::SectionIds::new(0);
+        crate::outgoing::save::encode_device_sections(&mut package, &[], &ids, RunState::Running)
+            .unwrap();
+        Command::Ping(3).encode(&mut package);
+        Command::PostcopyRun.encode(&mut package);
+        assert_eq!(tail[n - 2], Seen::Package(package));
+        assert_eq!(run.m.status(), MigrationStatus::PostcopyActive);
+        assert_eq!(
+            run.m.cancel().unwrap_err().0,
+            "Postcopy migration in progress, cannot cancel."
+        );
+        let q = run.m.query_migrate();
+        assert!(q.get("downtime").is_some() && q.get("expected-downtime").is_none());
+        // Postcopy: every discarded page exactly once, the first one naming its block.
+        let rest = run.rest();
+        assert!(matches!(rest[0], Seen::Part));
+        assert!(matches!(rest[1], Seen::Page { named: true, .. }));
+        assert_eq!(rest.iter().filter(|s| **s == Seen::End).count(), 1);
+        let mut sent = pages_of(&rest);
+        sent.sort_unstable();
+        let want: Vec<usize> = (0..PAGES).filter(|&p| expected[p]).collect();
+        assert_eq!(sent, want);
+        // Re-dirtied pages carry the guest's last write.
+        assert!(
+            rest.contains(&Seen::Page {
+                page: 5,
+                named: false,
+                first: Some(0xee)
+            }) || rest.contains(&Seen::Page {
+                page: 5,
+                named: true,
+                first: Some(0xee)
+            })
+        );
+        run.send(RpMessage::Shut(0));
+        assert_eq!(wait_for_end(&run.m, LIMIT), MigrationStatus::Completed);
+        let events = run.seen.lock().unwrap().clone();
+        assert_eq!(
+            events,
+            ["setup", "active", "device", "postcopy-active", "completed"]
+        );
+        let q = run.m.query_migrate();
+        let ram = &q["ram"];
+        assert!(ram["postcopy-bytes"].as_u64().unwrap() > 0);
+        assert!(ram["precopy-bytes"].as_u64().unwrap() > 0);
+        assert_eq!(ram["downtime-bytes"], json!(0));
+        // The source never runs the guest again.
+        let history = run.vmm.control.history();
+        let stop = history
+            .iter()
+            .position(|s| *s == RunState::FinishMigrate)
+            .unwrap();
+        assert!(!history[stop..].contains(&RunState::Running));
+        assert_eq!(history.last(), Some(&RunState::PostMigrate));
+    }
+
+    #[test]
+    fn a_requested_page_is_sent_next_and_the_push_goes_on_after_it() {
+        let (mut run, _) = Run::start(&[]);
+        let sent_before: std::collections::HashSet<usize> = run.precopy.iter().copied().collect();
+        // Far from where the push is, and not sent yet.
+        let wanted = PAGES - 100;
+        assert!(!sent_before.contains(&wanted));
+        let ps = host_page_size();
+        run.send(RpMessage::ReqPagesId {
+            start: wanted as u64 * ps,
+            len: ps as u32,
+            block: "ram".into(),
+        });
+        // The same page again, and one precopy sent: neither is sent twice.
+        run.send(RpMessage::ReqPages {
+            start: wanted as u64 * ps,
+            len: ps as u32,
+        });
+        run.send(RpMessage::ReqPages {
+            start: run.precopy[0] as u64 * ps,
+            len: ps as u32,
+        });
+        let rest = run.rest();
+        let pages = pages_of(&rest);
+        let at = pages.iter().position(|&p| p == wanted).unwrap();
+        assert_eq!(pages.iter().filter(|&&p| p == wanted).count(), 1);
+        assert!(rest.contains(&Seen::Page {
+            page: wanted,
+            named: true,
+            first: Some((wanted % 251) as u8 + 1)
+        }));
+        // It jumped the queue: the push was before it, then goes on just after it.
+        assert!(pages[..at].iter().all(|&p| p < wanted));
+        assert!(at + 1 < pages.len());
+        assert_eq!(pages[at + 1], wanted + 1);
+        let mut sorted = pages.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), pages.len(), "a page went twice");
+        assert!(!pages.contains(&run.precopy[0]));
+        run.send(RpMessage::Shut(0));
+        assert_eq!(wait_for_end(&run.m, LIMIT), MigrationStatus::Completed);
+        assert_eq!(run.m.query_migrate()["ram"]["postcopy-requests"], json!(3));
+    }
+
+    fn bad_request_fails(msg: RpMessage, text: &str) {
+        let (mut run, _) = Run::start(&[]);
+        run.send(msg);
+        assert_eq!(wait_for_end(&run.m, LIMIT), MigrationStatus::Failed);
+        let q = run.m.query_migrate();
+        let desc = q["error-desc"].as_str().unwrap();
+        assert!(desc.contains(text), "{desc}");
+        // The guest runs on the destination now: the source stays stopped.
+        let history = run.vmm.control.history();
+        let stop = history
+            .iter()
+            .position(|s| *s == RunState::FinishMigrate)
+            .unwrap();
+        assert!(!history[stop..].contains(&RunState::Running));
+        assert_eq!(
+            run.seen.lock().unwrap().last().map(String::as_str),
+            Some("failed")
+        );
+    }
+
+    #[test]
+    fn a_network_failure_in_postcopy_fails_without_resuming_the_source() {
+        let (run, _) = Run::start(&[]);
+        run.rp.shutdown(std::net::Shutdown::Both).unwrap();
+        assert_eq!(wait_for_end(&run.m, LIMIT), MigrationStatus::Failed);
+        let history = run.vmm.control.history();
+        let stop = history
+            .iter()
+            .position(|s| *s == RunState::FinishMigrate)
+            .unwrap();
+        assert!(!history[stop..].contains(&RunState::Running), "{history:?}");
+        assert_eq!(history.last(), Some(&RunState::PostMigrate));
+        assert!(run.m.query_migrate()["error-desc"].is_string());
+    }
+
+    #[test]
+    fn a_request_for_an_unknown_block_fails_the_migration() {
+        bad_request_fails(
+            RpMessage::ReqPagesId {
+                start: 0,
+                len: host_page_size() as u32,
+                block: "nope".into(),
+            },
+            "unknown RAM block 'nope'",
+        );
+    }
+
+    #[test]
+    fn a_misaligned_or_overlong_request_fails_the_migration() {
+        let ps = host_page_size();
+        bad_request_fails(
+            RpMessage::ReqPagesId {
+                start: 1,
+                len: ps as u32,
+                block: "ram".into(),
+            },
+            "is not whole pages inside RAM block 'ram'",
+        );
+        bad_request_fails(
+            RpMessage::ReqPagesId {
+                start: (PAGES as u64 - 1) * ps,
+                len: 2 * ps as u32,
+                block: "ram".into(),
+            },
+            "is not whole pages inside RAM block 'ram'",
+        );
+    }
+
+    #[test]
+    fn req_pages_without_a_block_fails_the_migration() {
+        bad_request_fails(
+            RpMessage::ReqPages {
+                start: 0,
+                len: host_page_size() as u32,
+            },
+            "names no block",
+        );
+    }
+
+    #[test]
+    fn start_postcopy_needs_the_capability_and_a_migration() {
+        let vmm = FakeVmm::new(4, RunState::Running);
+        let (m, _) = recorded_migrator(vmm, IncomingMode::Disabled);
+        assert_eq!(
+            m.start_postcopy().unwrap_err().0,
+            "Enable postcopy with migrate_set_capability before the start of migration"
+        );
+        m.set_capabilities(&json!([{"capability": "postcopy-ram", "state": true}]))
+            .unwrap();
+        assert_eq!(
+            m.start_postcopy().unwrap_err().0,
+            "Postcopy must be started after migration has been started"
+        );
+    }
+}
