@@ -852,8 +852,10 @@ def hmp_script():
           "calc_dirty_rate 'a'", "calc_dirty_rate ~0", "calc_dirty_rate 1 x",
           "help calc_dirty_rate", "calc_dirty_rate 1",
           # (a second `calc_dirty_rate 1` at once races in QEMU: its measuring thread
-          # may not have claimed the state yet, and then it also prints "Starting")
-          "calc_dirty_rate 61", "WAIT_DIRTY_RATE", "calc_dirty_rate -b 1"]
+          # may not have claimed the state yet, and then it also prints "Starting"; the
+          # same race lets QEMU check the range first, so wait for "measuring")
+          "WAIT_MEASURING", "calc_dirty_rate 61", "WAIT_DIRTY_RATE",
+          "calc_dirty_rate -b 1"]
     return s
 
 
@@ -863,6 +865,13 @@ def test_hmp_conformance(ws):
     unsupported = probe_unsupported(v)
     diffs = []
     for line in hmp_script():
+        if line == "WAIT_MEASURING":
+            for c in (q, v):
+                t0 = time.time()
+                while c.ok("query-dirty-rate")["status"] != "measuring" \
+                        and time.time() - t0 < 0.5:
+                    time.sleep(0.005)
+            continue
         if line == "WAIT_DIRTY_RATE":
             for c in (q, v):
                 t0 = time.time()

@@ -593,7 +593,7 @@ fn run_postcopy(
     bandwidth.store(shared.params_snapshot().max_bandwidth(), Ordering::Relaxed);
     pushed?;
     rp.await_close(RETURN_PATH_CLOSE_TIMEOUT)
-        .map_err(|e| SaveError::ReturnPath(e.to_string()))?;
+        .map_err(SaveError::ReturnPath)?;
     stats.remaining.store(0, Ordering::Relaxed);
     // Once completed, QEMU's `downtime` runs from the stop to the end: the source VM
     // was stopped all through postcopy.
