@@ -20,7 +20,9 @@ use std::fmt;
 /// ```
 ///
 /// Destination: `none ──migrate-incoming──▶ setup ──(stream starts)──▶ active ──▶ completed | failed`
-/// (and `setup ──▶ failed` when no connection could be accepted).
+/// (and `setup ──▶ failed` when no connection could be accepted); with postcopy,
+/// `active ──POSTCOPY_RUN──▶ postcopy-active ──▶ completed | failed` (no pause and
+/// recovery yet: a postcopy failure is final).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MigrationStatus {
     None,
@@ -102,6 +104,9 @@ impl MigrationStatus {
             (Setup, Active | Failed | Cancelling) => true,
             // Completed directly from active: a destination.
             (Active, PreSwitchover | Device | Completed | Failed | Cancelling) => true,
+            // A postcopy destination: from POSTCOPY_RUN until the stream's end.
+            (Active, PostcopyActive) => true,
+            (PostcopyActive, Completed | Failed) => true,
             (PreSwitchover, Device | Failed | Cancelling) => true,
             (Device, Completed | Failed | Cancelling) => true,
             // A cancel that came after the whole stream was out does not undo it.
@@ -225,6 +230,9 @@ mod tests {
             (Cancelling, Completed),
             (Device, Failed),
             (Failed, Setup),
+            (Active, PostcopyActive),
+            (PostcopyActive, Completed),
+            (PostcopyActive, Failed),
         ];
         for (a, b) in ok {
             assert!(a.may_become(b), "{a} -> {b}");
@@ -238,6 +246,8 @@ mod tests {
             (None, Completed),
             (Setup, Setup),
             (Active, Setup),
+            (PostcopyActive, Active),
+            (PostcopyActive, Cancelling),
         ];
         for (a, b) in refused {
             assert!(!a.may_become(b), "{a} -> {b}");

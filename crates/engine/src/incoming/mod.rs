@@ -6,8 +6,13 @@ pub(crate) mod accept;
 pub(crate) mod load;
 pub(crate) mod multifd_recv;
 pub(crate) mod pages;
+pub(crate) mod postcopy;
 pub(crate) mod ram_load;
 
-pub use load::{load_stream, load_stream_with, LoadError, LoadOutcome, MultifdChannels};
+pub use load::{
+    load_stream, load_stream_postcopy, load_stream_with, LoadError, LoadOutcome, MultifdChannels,
+    PostcopyHooks, PostcopyOutcome, MAX_PACKAGE_LEN,
+};
 pub use multifd_recv::read_init;
+pub use postcopy::{LatencySummary, PostcopyError, PostcopyIncoming};
 pub use ram_load::MappedRamLoad;
