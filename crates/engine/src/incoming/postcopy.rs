@@ -264,14 +264,17 @@ impl PostcopyIncoming {
         let mut last_block: Option<usize> = None;
         while !self.stop.load(Ordering::Acquire) {
             faults.clear();
-            let r = uffd.read_faults(FAULT_POLL, &mut faults).and_then(|()| {
-                for &addr in &faults {
-                    self.resolve_fault(&uffd, addr, &mut last_block)?;
-                }
-                Ok(())
-            });
+            let r = uffd
+                .read_faults(FAULT_POLL, &mut faults)
+                .map_err(|e| e.to_string())
+                .and_then(|()| {
+                    for &addr in &faults {
+                        self.resolve_fault(&uffd, addr, &mut last_block)?;
+                    }
+                    Ok(())
+                });
             if let Err(e) = r {
-                *self.fault_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
+                *self.fault_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
                 self.unregister_all();
                 return;
             }
@@ -283,7 +286,7 @@ impl PostcopyIncoming {
         uffd: &Userfaultfd,
         addr: u64,
         last_block: &mut Option<usize>,
-    ) -> Result<(), UffdError> {
+    ) -> Result<(), String> {
         let Some((bi, b)) = self
             .blocks
             .iter()
@@ -298,12 +301,15 @@ impl PostcopyIncoming {
         if self.placed.get(bi, page) {
             // Placed between the fault and this read: the placement woke it already,
             // a wake more is harmless.
-            return b.wake_page(uffd, offset);
+            return b.wake_page(uffd, offset).map_err(|e| e.to_string());
         }
         if self.delivered.get(bi, page) {
             // A zero page precopy delivered and the loader left absent.
             let t = Instant::now();
-            if b.place_zero_page(uffd, offset)? == Placement::Placed {
+            let placed = b.place_zero_page(uffd, offset).map_err(|e| {
+                format!("cannot place zero page {offset:#x} of '{}': {e}", b.idstr())
+            })?;
+            if placed == Placement::Placed {
                 let mut l = self.latencies_us.lock().unwrap_or_else(|e| e.into_inner());
                 if l.len() < MAX_LATENCIES {
                     l.push(t.elapsed().as_micros() as u64);
@@ -337,7 +343,7 @@ impl PostcopyIncoming {
             w.lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .send(&msg)
-                .map_err(UffdError::Read)?;
+                .map_err(|e| format!("cannot ask the source for a page: {e}"))?;
         }
         Ok(())
     }
