@@ -85,8 +85,11 @@ def test_qemu_to_vmigrate_postcopy(ws, image64, shared):
     requests = si["ram"].get("postcopy-requests", 0)
     assert requests > 0, f"QEMU counted no postcopy requests: {si}"
     print(f"\npostcopy ({'shm' if shared else 'anonymous'}): QEMU postcopy-requests "
-          f"{requests}, vmigrate requests {di.get('x-vmigrate-postcopy-requests')}, fault "
-          f"latency {di.get('x-vmigrate-fault-latency-us')}")
+          f"{requests}, vmigrate requests {di.get('x-vmigrate-postcopy-requests')}, zero "
+          f"faults {di.get('x-vmigrate-postcopy-zero-faults')}, requested-fault latency "
+          f"{di.get('x-vmigrate-fault-latency-us')}")
+    assert di.get("x-vmigrate-postcopy-requests") == requests, di
+    assert di["x-vmigrate-fault-latency-us"]["count"] > 0, di
 
     # Events and run states: the destination went through postcopy-active and runs.
     assert dst.wait_event("MIGRATION:completed")
@@ -99,3 +102,29 @@ def test_qemu_to_vmigrate_postcopy(ws, image64, shared):
     if shared:
         assert dst.check_ram(image64) is None
     assert dst.check_ram_pmemsave(image64) is None
+
+
+def test_postcopy_host_check_matches_qemu(ws):
+    """A destination whose RAM is a file outside tmpfs/hugetlbfs refuses postcopy-ram
+    with QEMU's text; on /dev/shm both accept it."""
+    require("qemu", "vmigrate")
+    if os.statvfs("/tmp").f_fsid == os.statvfs("/dev/shm").f_fsid:
+        pytest.skip("/tmp is the same filesystem as /dev/shm")
+    replies = {}
+    for where in ("tmp", "shm"):
+        for impl in ("qemu", "vmigrate"):
+            name = f"{impl}-{where}"
+            path = ws.path(f"{name}.ram") if where == "tmp" else ws.shm_path(f"{name}.ram")
+            m = ws.vm(impl, name, mem_mib=16, mem_file=path, incoming="defer").start()
+            replies[(impl, where)] = m.raw(
+                "migrate-set-capabilities",
+                capabilities=[{"capability": "postcopy-ram", "state": True},
+                              {"capability": "multifd", "state": True}])
+            m.quit()
+    want = {"error": {"class": "GenericError", "desc": "Postcopy is not supported: Host "
+                      "backend files need to be TMPFS or HUGETLBFS only"}}
+    assert replies[("qemu", "tmp")] == want, replies
+    assert replies[("vmigrate", "tmp")] == want, replies
+    # On tmpfs the host check passes and QEMU's next rule speaks, on both.
+    assert replies[("vmigrate", "shm")] == replies[("qemu", "shm")], replies
+    assert "multifd" in replies[("qemu", "shm")]["error"]["desc"], replies

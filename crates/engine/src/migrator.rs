@@ -725,6 +725,10 @@ impl Migrator {
                     let l = pc.latency();
                     out.insert("x-vmigrate-postcopy-requests".into(), json!(pc.requests()));
                     out.insert(
+                        "x-vmigrate-postcopy-zero-faults".into(),
+                        json!(pc.zero_faults()),
+                    );
+                    out.insert(
                         "x-vmigrate-fault-latency-us".into(),
                         json!({"count": l.count, "p50": l.p50_us, "p99": l.p99_us, "max": l.max_us}),
                     );

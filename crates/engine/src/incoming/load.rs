@@ -44,6 +44,8 @@ pub struct LoadOutcome {
 pub struct PostcopyOutcome {
     /// Pages asked of the source.
     pub requests: u64,
+    /// Faults resolved with a zero page without asking.
+    pub zero_faults: u64,
     /// Fault to placement, per fault.
     pub fault_latency: LatencySummary,
 }
@@ -616,6 +618,7 @@ fn postcopy_outcome(
         vmdesc_note: None,
         postcopy: Some(PostcopyOutcome {
             requests: pc.requests(),
+            zero_faults: pc.zero_faults(),
             fault_latency: pc.latency(),
         }),
     }
@@ -1291,7 +1294,11 @@ mod tests {
         let outcome = result.unwrap();
         let pc = outcome.postcopy.expect("a postcopy outcome");
         assert_eq!(pc.requests, 1);
-        assert!(pc.fault_latency.count >= 1);
+        assert_eq!(pc.fault_latency.count, 1);
+        assert_eq!(
+            pc.zero_faults, 1,
+            "page 5 was placed as zero without asking"
+        );
         assert_eq!(outcome.vmdesc_note, None);
         assert_eq!(heard.last(), Some(&RpMessage::Shut(0)));
     }

@@ -75,7 +75,8 @@ pub enum PostcopyError {
     Thread(std::io::Error),
 }
 
-/// Fault latencies (fault read to page placed), in microseconds.
+/// Latencies of faults whose page was asked of the source (fault message read to
+/// page placed), in microseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct LatencySummary {
     pub count: usize,
@@ -99,6 +100,8 @@ pub struct PostcopyIncoming {
     requested: Mutex<HashMap<(usize, usize), Instant>>,
     latencies_us: Mutex<Vec<u64>>,
     requests: AtomicU64,
+    /// Faults resolved at once with a zero page, without asking the source.
+    zero_faults: AtomicU64,
     stop: AtomicBool,
     fault_thread: Mutex<Option<JoinHandle<()>>>,
     fault_error: Mutex<Option<String>>,
@@ -117,6 +120,7 @@ impl PostcopyIncoming {
             requested: Mutex::new(HashMap::new()),
             latencies_us: Mutex::new(Vec::new()),
             requests: AtomicU64::new(0),
+            zero_faults: AtomicU64::new(0),
             stop: AtomicBool::new(false),
             fault_thread: Mutex::new(None),
             fault_error: Mutex::new(None),
@@ -305,15 +309,11 @@ impl PostcopyIncoming {
         }
         if self.delivered.get(bi, page) {
             // A zero page precopy delivered and the loader left absent.
-            let t = Instant::now();
             let placed = b.place_zero_page(uffd, offset).map_err(|e| {
                 format!("cannot place zero page {offset:#x} of '{}': {e}", b.idstr())
             })?;
             if placed == Placement::Placed {
-                let mut l = self.latencies_us.lock().unwrap_or_else(|e| e.into_inner());
-                if l.len() < MAX_LATENCIES {
-                    l.push(t.elapsed().as_micros() as u64);
-                }
+                self.zero_faults.fetch_add(1, Ordering::Relaxed);
             }
             self.placed.set(bi, page);
             return Ok(());
@@ -396,7 +396,12 @@ impl PostcopyIncoming {
         self.requests.load(Ordering::Relaxed)
     }
 
-    /// Fault latencies so far.
+    /// Faults resolved with a zero page at once (precopy had sent the page as zero).
+    pub fn zero_faults(&self) -> u64 {
+        self.zero_faults.load(Ordering::Relaxed)
+    }
+
+    /// Latencies of the faults whose page was asked of the source, so far.
     pub fn latency(&self) -> LatencySummary {
         let mut l = self
             .latencies_us
