@@ -128,3 +128,39 @@ def test_postcopy_host_check_matches_qemu(ws):
     # On tmpfs the host check passes and QEMU's next rule speaks, on both.
     assert replies[("vmigrate", "shm")] == replies[("qemu", "shm")], replies
     assert "multifd" in replies[("qemu", "shm")]["error"]["desc"], replies
+
+
+def test_source_lost_during_postcopy_fails_the_destination(ws, image64):
+    """The source dies while postcopy runs: the destination cannot save the guest (its
+    pages are split between two hosts), so it ends `failed` with the guest stopped, and
+    nothing stays blocked on a page that will never come (pmemsave still answers)."""
+    require("qemu", "vmigrate")
+    src = ws.vm("qemu", "src", mem_mib=MEM_MIB, ram_id="ram").start()
+    src.write_ram(image64.data)
+    dst = ws.vm("vmigrate", "dst", mem_mib=MEM_MIB, ram_id="ram", shared=False,
+                incoming="defer").start()
+    r = dst.raw("migrate-set-capabilities",
+                capabilities=[{"capability": "postcopy-ram", "state": True}])
+    if "error" in r and "userfaultfd" in r["error"]["desc"]:
+        pytest.skip(f"no userfaultfd for this user: {r['error']['desc']}")
+    dst.raw("migrate-incoming", uri="tcp:127.0.0.1:0", **{"exit-on-error": False})
+    for m in (src, dst):
+        m.set_caps(events=True, postcopy_ram=True)
+    # Slow enough that postcopy is far from done when the source dies.
+    src.set_params(max_bandwidth=4 * harness.MiB, max_postcopy_bandwidth=1 * harness.MiB)
+    port = harness.socket_port(dst.query_migrate())
+    src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+    wait_status(src, "active")
+    src.cmd("migrate-start-postcopy")
+    wait_status(dst, "postcopy-active")
+    src.kill9()
+
+    di = dst.wait_migration(("completed", "failed"), timeout=30)
+    assert di["status"] == "failed", di
+    assert "load of migration failed" in di.get("error-desc", ""), di
+    assert dst.runstate() == "internal-error"
+    assert dst.wait_event("MIGRATION:failed")
+    # Guest RAM no longer waits on anything.
+    t0 = time.time()
+    assert len(dst.ram_pmemsave()) == image64.size
+    assert time.time() - t0 < 10

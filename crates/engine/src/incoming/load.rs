@@ -1317,6 +1317,181 @@ mod tests {
         assert_eq!(heard.last(), Some(&RpMessage::Shut(1)));
     }
 
+    /// The source vanishes while a reader waits for a page: the load fails, RAM is
+    /// unregistered, and the reader is released instead of waiting forever.
+    #[test]
+    fn a_reader_waiting_when_the_stream_dies_is_released() {
+        use std::io::Write;
+        use std::os::unix::net::UnixStream;
+        if let Err(e) = crate::uffd::available() {
+            eprintln!("skipped: {e}");
+            return;
+        }
+        let ps = crate::memory::host_page_size();
+        let vmm = FakeVmm::new(16, RunState::InMigrate);
+        let (dst, mut source) = UnixStream::pair().unwrap();
+        let caps = postcopy_caps();
+        let on_listen = |_: &Arc<PostcopyIncoming>| -> Result<(), String> { Ok(()) };
+        let on_run = |_: Option<&str>| {};
+        let hooks = PostcopyHooks {
+            on_listen: &on_listen,
+            on_run: &on_run,
+        };
+        let block = vmm.ram_blocks()[0].clone();
+        std::thread::scope(|scope| {
+            let loader = scope.spawn(|| {
+                let mut src = FdSource::new(OwnedFd::from(dst.try_clone().unwrap()), 0);
+                let rp = ReturnPathWriter::new(Box::new(dst.try_clone().unwrap()));
+                load_stream_postcopy(
+                    &mut src,
+                    vmm.as_ref(),
+                    &caps,
+                    Some(rp),
+                    None,
+                    MappedRamLoad::default(),
+                    Some(&hooks),
+                )
+            });
+            source
+                .write_all(&postcopy_source::precopy_and_package(16))
+                .unwrap();
+            let mut rp_in = FdSource::new(OwnedFd::from(source.try_clone().unwrap()), 0);
+            assert_eq!(RpMessage::decode(&mut rp_in).unwrap(), RpMessage::Pong(3));
+            let reader = {
+                let b = block.clone();
+                scope.spawn(move || {
+                    let mut page = vec![7u8; ps as usize];
+                    b.read(9 * ps, &mut page);
+                    page
+                })
+            };
+            assert!(matches!(
+                RpMessage::decode(&mut rp_in).unwrap(),
+                RpMessage::ReqPagesId { start, .. } if start == 9 * ps
+            ));
+            source.shutdown(std::net::Shutdown::Write).unwrap();
+            let err = loader.join().unwrap().unwrap_err().to_string();
+            assert!(err.contains("byte offset"), "{err}");
+            // Released: the page reads as the empty memory it now is.
+            assert_eq!(reader.join().unwrap(), vec![0u8; ps as usize]);
+            assert_eq!(RpMessage::decode(&mut rp_in).unwrap(), RpMessage::Shut(1));
+        });
+    }
+
+    /// Discards and packages that lie are refused with what was wrong.
+    #[test]
+    fn hostile_postcopy_commands_are_refused() {
+        let ps = crate::memory::host_page_size();
+        let advise = Command::PostcopyAdvise(
+            PostcopyAdvise {
+                ram_pagesize_summary: ps,
+                target_page_size: ps,
+            }
+            .encode(),
+        );
+        let discard = |block: &str, ranges: Vec<(u64, u64)>| {
+            Command::PostcopyRamDiscard(
+                RamDiscard {
+                    block: block.into(),
+                    ranges,
+                }
+                .encode(),
+            )
+        };
+        let load = |cmds: &[Command], tail: &[u8]| {
+            let mut bytes = Vec::new();
+            header::encode_header(&mut bytes);
+            Configuration {
+                machine: "none".into(),
+                target_page_bits: None,
+                capabilities: vec![],
+                uuid: None,
+            }
+            .encode(&mut bytes);
+            for c in cmds {
+                c.encode(&mut bytes);
+            }
+            bytes.extend_from_slice(tail);
+            Record::Eof.encode(&mut bytes);
+            let path = temp_path("pc-cmds");
+            std::fs::write(&path, &bytes).unwrap();
+            let fd = OwnedFd::from(std::fs::File::open(&path).unwrap());
+            let _ = std::fs::remove_file(&path);
+            let mut src = FdSource::new(fd, 0);
+            let vmm = FakeVmm::new(4, RunState::InMigrate);
+            load_stream(&mut src, vmm.as_ref(), &postcopy_caps(), None, None)
+                .unwrap_err()
+                .to_string()
+        };
+        let cases: Vec<(Vec<Command>, Vec<u8>, String)> = vec![
+            (
+                vec![advise.clone(), discard("nosuch", vec![(0, ps)])],
+                vec![],
+                "Failed to find block 'nosuch'".into(),
+            ),
+            (
+                vec![advise.clone(), discard("ram", vec![(3 * ps, 2 * ps)])],
+                vec![],
+                "Overrun block 'ram'".into(),
+            ),
+            (
+                vec![advise.clone(), discard("ram", vec![(u64::MAX - 1, 4)])],
+                vec![],
+                "Overrun block 'ram'".into(),
+            ),
+            (
+                vec![advise.clone(), discard("ram", vec![(1, ps)])],
+                vec![],
+                "unaligned range".into(),
+            ),
+            (
+                vec![Command::PostcopyAdvise(
+                    PostcopyAdvise {
+                        ram_pagesize_summary: ps * 2,
+                        target_page_size: ps,
+                    }
+                    .encode(),
+                )],
+                vec![],
+                format!(
+                    "Postcopy needs matching RAM page sizes (s={:x} d={ps:x})",
+                    ps * 2
+                ),
+            ),
+            // A package whose RUN comes before LISTEN, in the package's own stream.
+            (
+                vec![advise.clone(), Command::Packaged(5)],
+                {
+                    let mut b = Vec::new();
+                    Command::PostcopyRun.encode(&mut b);
+                    b
+                },
+                "CMD_POSTCOPY_RUN in wrong postcopy state (1)".into(),
+            ),
+            // A package holding a RAM section.
+            (
+                vec![advise.clone(), Command::Packaged(5)],
+                {
+                    let mut b = Vec::new();
+                    Record::Part(2).encode(&mut b);
+                    b
+                },
+                "RAM sections do not occur inside a package".into(),
+            ),
+            // PACKAGED with a length longer than the stream.
+            (
+                vec![advise, Command::Packaged(1000)],
+                vec![],
+                "packaged stream".into(),
+            ),
+        ];
+        for (cmds, tail, want) in cases {
+            let got = load(&cmds, &tail);
+            assert!(got.contains(&want), "{cmds:?}: {got}");
+            assert!(got.contains("byte offset"), "{got}");
+        }
+    }
+
     #[test]
     fn phases_number_as_qemu_prints_them() {
         use IncomingPhase::*;
