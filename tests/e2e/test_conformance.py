@@ -65,7 +65,6 @@ QEMU_SKIP = {
 # Commands sent to QEMU only, with the error QEMU must give: states vmigrate cannot
 # reach because it refuses the capability involved (the texts are vmigrate's too).
 CPR_CONFLICTS = {
-    "postcopy-ram": "Cannot use postcopy with CPR",
     "dirty-bitmaps": "Cannot use postcopy with CPR",
     "background-snapshot": "Cannot use background snapshot with CPR",
     "x-colo": "Cannot use COLO with CPR",
@@ -459,6 +458,8 @@ def state_script(cpr_file, missing_dir):
     ]
     for cap in CPR_CONFLICTS:
         s += [caps(cap), cmd("migrate", uri=f"file:{cpr_file}-{cap}"), ALL_CAPS_OFF]
+    # postcopy-ram is supported: both must refuse it with CPR, side by side.
+    s += [caps("postcopy-ram"), cmd("migrate", uri=f"file:{cpr_file}-postcopy"), ALL_CAPS_OFF]
     s += [
         # cpr-reboot saves the stopped VM
         cmd("migrate", uri=f"file:{cpr_file}-reboot"),

@@ -38,6 +38,7 @@ pub mod stats;
 pub mod status;
 #[cfg(test)]
 pub(crate) mod test_support;
+pub mod uffd;
 pub mod vmm;
 
 pub use events::EventBus;

@@ -29,6 +29,8 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::path::Path;
 use std::ptr::NonNull;
 
+use crate::uffd::{Placement, UffdError, Userfaultfd};
+
 /// Errors creating a RAM block.
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
@@ -74,7 +76,26 @@ pub struct RamBlock {
     /// anonymous mapping, or a file with no data) and nothing has written it since. A
     /// loader then need not touch pages that stay zero.
     pristine: std::sync::atomic::AtomicBool,
+    /// What the mapping is made of.
+    backing: Backing,
 }
+
+/// What backs a RAM block's mapping.
+#[derive(Debug)]
+pub enum Backing {
+    Anonymous,
+    File {
+        /// Kept open so that discarded ranges can be punched out of it.
+        file: std::fs::File,
+        shared: bool,
+        /// The filesystem's magic number (`statfs.f_type`).
+        fs_type: u64,
+    },
+}
+
+/// `TMPFS_MAGIC` and `HUGETLBFS_MAGIC` of `<linux/magic.h>`.
+const TMPFS_MAGIC: u64 = 0x0102_1994;
+const HUGETLBFS_MAGIC: u64 = 0x9584_58f6;
 
 // SAFETY: the block owns a plain memory mapping that lives until drop; access goes
 // through methods that copy in or out with raw pointers or hand the range to the kernel,
@@ -100,7 +121,15 @@ impl RamBlock {
             )
         }
         .map_err(|source| MemoryError::Map { len, source })?;
-        Ok(Self::from_raw(idstr, ptr, len, page_size, gpa, true))
+        Ok(Self::from_raw(
+            idstr,
+            ptr,
+            len,
+            page_size,
+            gpa,
+            true,
+            Backing::Anonymous,
+        ))
     }
 
     /// Memory backed by a file, shared (`MAP_SHARED`, other processes see the writes)
@@ -161,6 +190,9 @@ impl RamBlock {
             )
         }
         .map_err(|source| MemoryError::Map { len, source })?;
+        let fs_type = rustix::fs::fstatfs(&file)
+            .map(|s| s.f_type as u64)
+            .unwrap_or(0);
         Ok(Self::from_raw(
             idstr,
             ptr,
@@ -168,6 +200,11 @@ impl RamBlock {
             page_size,
             gpa,
             created_zero,
+            Backing::File {
+                file,
+                shared,
+                fs_type,
+            },
         ))
     }
 
@@ -178,6 +215,7 @@ impl RamBlock {
         page_size: u64,
         gpa: u64,
         created_zero: bool,
+        backing: Backing,
     ) -> Self {
         Self {
             idstr: idstr.to_string(),
@@ -186,6 +224,29 @@ impl RamBlock {
             page_size,
             gpa,
             pristine: std::sync::atomic::AtomicBool::new(created_zero),
+            backing,
+        }
+    }
+
+    /// What backs the mapping.
+    pub fn backing(&self) -> &Backing {
+        &self.backing
+    }
+
+    /// QEMU's host check for a postcopy destination: a file-backed block must live on
+    /// tmpfs or hugetlbfs, whose pages userfaultfd can place. The error is QEMU's text
+    /// (after its `Postcopy is not supported: ` prefix).
+    pub fn postcopy_host_check(&self) -> Result<(), String> {
+        match &self.backing {
+            Backing::Anonymous => Ok(()),
+            Backing::File { fs_type, .. }
+                if *fs_type == TMPFS_MAGIC || *fs_type == HUGETLBFS_MAGIC =>
+            {
+                Ok(())
+            }
+            Backing::File { .. } => {
+                Err("Host backend files need to be TMPFS or HUGETLBFS only".into())
+            }
         }
     }
 
@@ -476,6 +537,85 @@ impl RamBlock {
             })
             .collect();
         f(&mut pages)
+    }
+
+    // Postcopy: pages are dropped, then placed atomically through a userfaultfd.
+
+    /// Drops `len` bytes at `offset` (whole pages) so that they read as missing: the
+    /// next access faults (`MADV_DONTNEED`, and for a shared file a punched hole).
+    pub fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        let p = self.ptr_at(offset, len as usize);
+        if !offset.is_multiple_of(self.page_size) || !len.is_multiple_of(self.page_size) {
+            return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        if let Backing::File {
+            file, shared: true, ..
+        } = &self.backing
+        {
+            rustix::fs::fallocate(
+                file,
+                rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+                offset,
+                len,
+            )?;
+        }
+        // SAFETY: advice on a range inside our own mapping; dropping pages changes
+        // contents only as a discard means to (they read as missing or zero).
+        unsafe { rustix::mm::madvise(p.cast(), len as usize, rustix::mm::Advice::LinuxDontNeed) }?;
+        self.note_external_writes();
+        Ok(())
+    }
+
+    /// Registers the whole block with `uffd` for MISSING faults.
+    pub fn register_missing(&self, uffd: &Userfaultfd) -> Result<(), UffdError> {
+        uffd.register_missing(self.host_addr(), self.len)
+    }
+
+    /// Unregisters the whole block from `uffd`, waking any thread waiting on it.
+    pub fn unregister_missing(&self, uffd: &Userfaultfd) -> Result<(), UffdError> {
+        uffd.unregister(self.host_addr(), self.len)
+    }
+
+    /// Wakes threads waiting on the page at `offset` (placed meanwhile).
+    pub fn wake_page(&self, uffd: &Userfaultfd, offset: u64) -> Result<(), UffdError> {
+        let p = self.ptr_at(offset, self.page_size as usize);
+        uffd.wake(p as u64, self.page_size)
+    }
+
+    /// Places `data` (one page) at `offset` atomically: a thread waiting on the page
+    /// sees all of it or none. `AlreadyPresent` when the page was there already.
+    pub fn place_page(
+        &self,
+        uffd: &Userfaultfd,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<Placement, UffdError> {
+        assert_eq!(
+            data.len() as u64,
+            self.page_size,
+            "place_page takes one page"
+        );
+        assert!(offset.is_multiple_of(self.page_size), "unaligned page");
+        let p = self.ptr_at(offset, data.len());
+        // SAFETY: `p..p+len` is one page inside this block's live mapping (checked
+        // above), registered with `uffd` by `register_missing`; `data` is a Rust buffer
+        // of that length. The kernel writes the page only if it is missing.
+        unsafe { uffd.copy(p as u64, data.as_ptr(), self.page_size) }
+    }
+
+    /// Places a zero page at `offset` atomically (`UFFDIO_ZEROPAGE`, or a copy of
+    /// zeroes where the memory kind has no zero page).
+    pub fn place_zero_page(&self, uffd: &Userfaultfd, offset: u64) -> Result<Placement, UffdError> {
+        assert!(offset.is_multiple_of(self.page_size), "unaligned page");
+        let p = self.ptr_at(offset, self.page_size as usize);
+        // SAFETY: as in `place_page`, for the one page at `p`.
+        match unsafe { uffd.zeropage(p as u64, self.page_size) } {
+            Err(UffdError::Ioctl { source, .. }) if source.raw_os_error() == Some(libc::EINVAL) => {
+                let zeroes = vec![0u8; self.page_size as usize];
+                self.place_page(uffd, offset, &zeroes)
+            }
+            other => other,
+        }
     }
 
     // Saving straight from guest memory.

@@ -46,6 +46,9 @@ pub struct Migrator {
     /// Whether a destination starts the guest after a stream that says `running`
     /// (QEMU's autostart: off with `-S`, or after `stop` while waiting).
     autostart: AtomicBool,
+    /// The postcopy session of the incoming migration, from POSTCOPY_LISTEN on (for
+    /// its figures in `query-migrate`).
+    postcopy: Mutex<Option<Arc<crate::incoming::PostcopyIncoming>>>,
 }
 
 impl std::fmt::Debug for Migrator {
@@ -88,6 +91,7 @@ impl Migrator {
             objects: Arc::new(ObjectStore::default()),
             on_incoming_failure: Mutex::new(None),
             autostart: AtomicBool::new(true),
+            postcopy: Mutex::new(None),
         })
     }
 
@@ -184,9 +188,23 @@ impl Migrator {
         if st.role == Role::Outgoing && st.status.is_running() {
             return merr("There's a migration process in progress");
         }
+        // A destination waiting for its stream checks that it can do postcopy.
+        let host_check = || -> Result<(), String> {
+            self.vmm
+                .ram_blocks()
+                .iter()
+                .try_for_each(|b| b.postcopy_host_check())?;
+            crate::uffd::available().map_err(|e| e.to_string())
+        };
+        let inmigrate = self.vmm.control().run_state() == RunState::InMigrate;
         let next = st
             .caps
-            .merged(list, st.incoming_started, &st.params)
+            .merged_checking_host(
+                list,
+                st.incoming_started,
+                &st.params,
+                inmigrate.then_some(&host_check as &dyn Fn() -> Result<(), String>),
+            )
             .map_err(|e| MigrateError(e.0))?;
         if next.zero_blocks() {
             self.shared
@@ -574,6 +592,7 @@ impl Migrator {
     }
 
     fn incoming_thread_inner(&self, incoming: Incoming, exit_on_error: bool) {
+        *self.postcopy.lock().unwrap_or_else(|e| e.into_inner()) = None;
         let caps = self.shared.caps_snapshot();
         let mapped_ram = caps.mapped_ram();
         // A mapped-ram file has no channel connections: its readers use the file itself.
@@ -618,9 +637,27 @@ impl Migrator {
                 },
                 direct_io: params.direct_io(),
             };
-            let r =
-                load::load_stream_with(&mut src, self.vmm.as_ref(), &caps, rp, channels, file_load)
-                    .map_err(|e| format!("load of migration failed: {e}"));
+            let on_listen = |pc: &Arc<crate::incoming::PostcopyIncoming>| -> Result<(), String> {
+                *self.postcopy.lock().unwrap_or_else(|e| e.into_inner()) = Some(pc.clone());
+                self.shared
+                    .transition(MigrationStatus::Active, MigrationStatus::PostcopyActive)
+                    .map_err(|e| e.to_string())
+            };
+            let on_run = |runstate: Option<&str>| self.apply_incoming_runstate(runstate);
+            let hooks = load::PostcopyHooks {
+                on_listen: &on_listen,
+                on_run: &on_run,
+            };
+            let r = load::load_stream_postcopy(
+                &mut src,
+                self.vmm.as_ref(),
+                &caps,
+                rp,
+                channels,
+                file_load,
+                Some(&hooks),
+            )
+            .map_err(|e| format!("load of migration failed: {e}"));
             drop(src);
             if r.is_err() {
                 if let Some(relay) = ch.tls_relay.take() {
@@ -633,6 +670,10 @@ impl Migrator {
         match result {
             Ok(outcome) => self.incoming_done(outcome),
             Err(msg) => {
+                if self.shared.status() == MigrationStatus::PostcopyActive {
+                    // Its pages are split between two hosts: the guest cannot go on.
+                    self.vmm.control().vm_stop(RunState::InternalError);
+                }
                 self.end_session(Ending::Failed(msg.clone()));
                 if exit_on_error {
                     if let Some(h) = self
@@ -652,8 +693,30 @@ impl Migrator {
         if let Some(note) = &outcome.vmdesc_note {
             self.shared.events.warn(note);
         }
+        if outcome.postcopy.is_some() {
+            // The guest was started (or not) at POSTCOPY_RUN.
+            if let Err(e) = self
+                .shared
+                .transition(MigrationStatus::PostcopyActive, MigrationStatus::Completed)
+            {
+                self.shared.events.warn(&format!("internal error: {e}"));
+            }
+            return;
+        }
+        self.apply_incoming_runstate(outcome.runstate.as_deref());
+        if let Err(e) = self
+            .shared
+            .transition(MigrationStatus::Active, MigrationStatus::Completed)
+        {
+            self.shared.events.warn(&format!("internal error: {e}"));
+        }
+    }
+
+    /// Starts the guest after an incoming stream that says `running` (unless autostart
+    /// is off), or sets the run state it carried.
+    fn apply_incoming_runstate(&self, runstate: Option<&str>) {
         let control = self.vmm.control();
-        match outcome.runstate.as_deref() {
+        match runstate {
             None | Some("running") => {
                 if self.autostart.load(Ordering::Relaxed) {
                     control.vm_start();
@@ -664,12 +727,6 @@ impl Migrator {
             Some(other) => {
                 control.set_run_state(RunState::from_name(other).unwrap_or(RunState::Paused))
             }
-        }
-        if let Err(e) = self
-            .shared
-            .transition(MigrationStatus::Active, MigrationStatus::Completed)
-        {
-            self.shared.events.warn(&format!("internal error: {e}"));
         }
     }
 
@@ -689,6 +746,19 @@ impl Migrator {
             Role::Incoming => {
                 if let Some(sa) = &st.socket_address {
                     out.insert("socket-address".into(), sa.clone());
+                }
+                // vmigrate's own figures of a postcopy destination (QEMU shows none).
+                if let Some(pc) = &*self.postcopy.lock().unwrap_or_else(|e| e.into_inner()) {
+                    let l = pc.latency();
+                    out.insert("x-vmigrate-postcopy-requests".into(), json!(pc.requests()));
+                    out.insert(
+                        "x-vmigrate-postcopy-zero-faults".into(),
+                        json!(pc.zero_faults()),
+                    );
+                    out.insert(
+                        "x-vmigrate-fault-latency-us".into(),
+                        json!({"count": l.count, "p50": l.p50_us, "p99": l.p99_us, "max": l.max_us}),
+                    );
                 }
             }
             Role::Outgoing | Role::None => {

@@ -163,6 +163,19 @@ impl Capabilities {
         incoming_started: bool,
         params: &Parameters,
     ) -> Result<Capabilities, OptionsError> {
+        self.merged_checking_host(list, incoming_started, params, None)
+    }
+
+    /// [`Capabilities::merged`] on a destination waiting for its migration (run state
+    /// `inmigrate`): turning `postcopy-ram` on first asks `postcopy_host` whether this
+    /// host can be a postcopy destination, as QEMU does, and refuses with its text.
+    pub fn merged_checking_host(
+        &self,
+        list: &Value,
+        incoming_started: bool,
+        params: &Parameters,
+        postcopy_host: Option<&dyn Fn() -> Result<(), String>>,
+    ) -> Result<Capabilities, OptionsError> {
         let items = list
             .as_array()
             .ok_or_else(|| invalid_type("capabilities", "array"))?;
@@ -208,6 +221,11 @@ impl Capabilities {
                 turned_on.push(cap);
             }
             next.set(cap, state);
+        }
+        if next.postcopy_ram() && !self.postcopy_ram() {
+            if let Some(check) = postcopy_host {
+                check().map_err(|e| OptionsError(format!("Postcopy is not supported: {e}")))?;
+            }
         }
         next.validate(self, incoming_started, params)?;
         for cap in turned_on {

@@ -24,7 +24,9 @@ use std::fmt;
 /// `postcopy-active` cannot be cancelled: the guest runs on the destination.
 ///
 /// Destination: `none ──migrate-incoming──▶ setup ──(stream starts)──▶ active ──▶ completed | failed`
-/// (and `setup ──▶ failed` when no connection could be accepted).
+/// (and `setup ──▶ failed` when no connection could be accepted); with postcopy,
+/// `active ──POSTCOPY_LISTEN──▶ postcopy-active ──▶ completed | failed` (no pause and
+/// recovery yet: a postcopy failure is final).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MigrationStatus {
     None,
@@ -106,6 +108,8 @@ impl MigrationStatus {
             (Setup, Active | Failed | Cancelling) => true,
             // Completed directly from active: a destination.
             (Active, PreSwitchover | Device | Completed | Failed | Cancelling) => true,
+            // A postcopy destination: from POSTCOPY_LISTEN until the stream's end.
+            (Active, PostcopyActive) => true,
             (PreSwitchover, Device | Failed | Cancelling) => true,
             (Device, Completed | Failed | Cancelling | PostcopyActive) => true,
             (PostcopyActive, Completed | Failed) => true,
@@ -231,6 +235,7 @@ mod tests {
             (Device, Failed),
             (Failed, Setup),
             (Device, PostcopyActive),
+            (Active, PostcopyActive),
             (PostcopyActive, Completed),
             (PostcopyActive, Failed),
         ];
@@ -246,7 +251,6 @@ mod tests {
             (None, Completed),
             (Setup, Setup),
             (Active, Setup),
-            (Active, PostcopyActive),
             (PostcopyActive, Cancelling),
             (PostcopyActive, Active),
         ];

@@ -37,6 +37,12 @@ impl AtomicBitmap {
         old & bit != 0
     }
 
+    /// Whether the bit of `page` is set.
+    pub fn get(&self, page: usize) -> bool {
+        let bit = 1u64 << (page % 64);
+        self.words[page / 64].load(std::sync::atomic::Ordering::Acquire) & bit != 0
+    }
+
     pub fn any(&self) -> bool {
         self.words
             .iter()

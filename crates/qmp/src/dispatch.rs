@@ -714,6 +714,11 @@ impl Dispatcher {
                 m.migrate_continue(s("state").unwrap_or(""))?;
                 empty()
             }
+            "migrate-pause" if m.status() == vmigrate_engine::MigrationStatus::PostcopyActive => {
+                Err(QmpError::generic(
+                    "Pausing postcopy is not supported by vmigrate yet",
+                ))
+            }
             "migrate-pause" => Err(QmpError::generic(
                 "migrate-pause is currently only supported during postcopy-active or postcopy-recover state",
             )),

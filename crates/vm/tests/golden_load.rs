@@ -311,3 +311,87 @@ fn multifd_handshake_checks_uuid_and_id() {
     );
     assert!(e.to_string().contains("channel id"), "{e}");
 }
+
+/// The postcopy capture's main stream, replayed over a socket into a destination with
+/// postcopy-ram: precopy, DISCARD, the package (LISTEN, devices, PING, RUN), then the
+/// listen thread places the rest. The capture's source pushed every page, so nothing
+/// needs to be asked for; RAM ends as the fill and the return path ends with SHUT 0.
+#[test]
+fn cap_pc_replays_into_a_postcopy_destination() {
+    use std::os::unix::net::UnixStream;
+    use vmigrate_engine::incoming::{load_stream_postcopy, MappedRamLoad, PostcopyHooks};
+    use vmigrate_stream::return_path::RpMessage;
+    use vmigrate_stream::SliceSource;
+
+    if let Err(e) = vmigrate_engine::uffd::available() {
+        eprintln!("skipped: {e}");
+        return;
+    }
+    let m = machine("m0", 8);
+    let caps = Capabilities::default()
+        .merged(
+            &json!([{"capability": "postcopy-ram", "state": true}]),
+            false,
+            &vmigrate_engine::options::Parameters::default(),
+        )
+        .unwrap();
+    let bytes = std::fs::read(capture("cap_pc/conn0.c2s")).unwrap();
+    let (dst, mut source) = UnixStream::pair().unwrap();
+    let feeder = std::thread::spawn(move || {
+        // The socket's far end stays open until the loader is done with it.
+        source.write_all(&bytes).unwrap();
+        source
+    });
+    let rp = Collect::default();
+    let listened = std::sync::atomic::AtomicBool::new(false);
+    let runs = Mutex::new(Vec::new());
+    let on_listen = |_: &Arc<vmigrate_engine::incoming::PostcopyIncoming>| -> Result<(), String> {
+        listened.store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    };
+    let on_run = |r: Option<&str>| runs.lock().unwrap().push(r.map(str::to_string));
+    let hooks = PostcopyHooks {
+        on_listen: &on_listen,
+        on_run: &on_run,
+    };
+    let mut src = FdSource::new(dst.into(), 0);
+    let out = load_stream_postcopy(
+        &mut src,
+        &m,
+        &caps,
+        Some(ReturnPathWriter::new(Box::new(rp.clone()))),
+        None,
+        MappedRamLoad::default(),
+        Some(&hooks),
+    )
+    .unwrap();
+    drop(feeder.join().unwrap());
+    assert!(listened.load(std::sync::atomic::Ordering::SeqCst));
+    assert_eq!(*runs.lock().unwrap(), vec![Some("paused".to_string())]);
+    let pc = out.postcopy.expect("the load ended in postcopy");
+    assert_eq!(
+        pc.requests, 0,
+        "nothing read guest RAM, so nothing was asked for"
+    );
+    assert_ram(&m, 8, &[0..=500]);
+    // PONG 1-4 in some order (PING 3 is in the package), then SHUT 0.
+    let sent = rp.0.lock().unwrap().clone();
+    let mut s = SliceSource::new(&sent);
+    let mut msgs = Vec::new();
+    while msgs.len() < 16 {
+        match RpMessage::decode(&mut s) {
+            Ok(msg) => msgs.push(msg),
+            Err(_) => break,
+        }
+    }
+    let mut pongs: Vec<u32> = msgs
+        .iter()
+        .filter_map(|m| match m {
+            RpMessage::Pong(v) => Some(*v),
+            _ => None,
+        })
+        .collect();
+    pongs.sort_unstable();
+    assert_eq!(pongs, vec![1, 2, 3, 4]);
+    assert_eq!(msgs.last(), Some(&RpMessage::Shut(0)));
+}

@@ -4,19 +4,22 @@
 //! header ─▶ configuration (checked) ─▶ { START/PART/END ram │ FULL device │ COMMAND }* ─▶ EOF ─▶ vmdesc
 //! ```
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex};
 
 use vmigrate_stream::command::Command;
 use vmigrate_stream::config::{format_uuid, Configuration, VALIDATED_CAPABILITIES};
 use vmigrate_stream::devices::{GlobalState, GLOBALSTATE_IDSTR, GLOBALSTATE_VERSION};
+use vmigrate_stream::postcopy::{PostcopyAdvise, RamDiscard};
 use vmigrate_stream::ram::{RAM_IDSTR, RAM_SECTION_VERSION};
 use vmigrate_stream::section::{decode_footer, Record, SectionId};
-use vmigrate_stream::{header, vmdesc, DecodeError, DecodeErrorKind, Source};
+use vmigrate_stream::{header, vmdesc, DecodeError, DecodeErrorKind, SliceSource, Source};
 
 use crate::channels::return_path::ReturnPathWriter;
 use crate::incoming::multifd_recv::{channel_error, MultifdReceiver, ReceiveConfig};
-use crate::incoming::ram_load::{MappedRamLoad, RamLoader};
+use crate::incoming::postcopy::{LatencySummary, PostcopyError, PostcopyIncoming, SharedWriter};
+use crate::incoming::ram_load::{LoadPostcopyError, MappedRamLoad, RamLoader};
 use crate::io::FdSource;
 use crate::options::Capabilities;
 use crate::vmm::{DeviceLoadError, DeviceState, Vmm};
@@ -32,7 +35,37 @@ pub struct LoadOutcome {
     /// A note for the log when the trailer was missing or odd (QEMU prints these and
     /// still succeeds).
     pub vmdesc_note: Option<String>,
+    /// The load ended in postcopy: the guest was started at POSTCOPY_RUN already.
+    pub postcopy: Option<PostcopyOutcome>,
 }
+
+/// What postcopy did on the destination.
+#[derive(Debug, Clone, Copy)]
+pub struct PostcopyOutcome {
+    /// Pages asked of the source.
+    pub requests: u64,
+    /// Faults resolved with a zero page without asking.
+    pub zero_faults: u64,
+    /// Fault to placement, per fault.
+    pub fault_latency: LatencySummary,
+}
+
+/// What a postcopy destination tells the migrator as the stream goes on.
+pub struct PostcopyHooks<'a> {
+    /// POSTCOPY_LISTEN: guest RAM is registered; the status becomes `postcopy-active`.
+    pub on_listen: &'a (dyn Fn(&Arc<PostcopyIncoming>) -> Result<(), String> + Sync),
+    /// POSTCOPY_RUN, with the run state `globalstate` carried (`None`: absent).
+    pub on_run: &'a (dyn Fn(Option<&str>) + Sync),
+}
+
+impl std::fmt::Debug for PostcopyHooks<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PostcopyHooks")
+    }
+}
+
+/// The largest PACKAGED blob accepted (QEMU's limit too: 16 MiB).
+pub const MAX_PACKAGE_LEN: u32 = 1 << 24;
 
 /// Why an incoming migration failed.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +79,23 @@ pub enum LoadError {
         #[source]
         source: DeviceLoadError,
     },
+    #[error("postcopy failed at byte offset {offset}: {source}")]
+    Postcopy {
+        offset: u64,
+        #[source]
+        source: PostcopyError,
+    },
+    #[error("postcopy failed: {0}")]
+    PostcopyFault(String),
+}
+
+impl From<LoadPostcopyError> for LoadError {
+    fn from(e: LoadPostcopyError) -> Self {
+        match e {
+            LoadPostcopyError::Decode(d) => d.into(),
+            LoadPostcopyError::Postcopy(offset, source) => Self::Postcopy { offset, source },
+        }
+    }
 }
 
 enum Entry {
@@ -81,8 +131,22 @@ pub fn load_stream_with(
     multifd: Option<MultifdChannels>,
     mapped_ram: MappedRamLoad,
 ) -> Result<LoadOutcome, LoadError> {
+    load_stream_postcopy(src, vmm, caps, return_path, multifd, mapped_ram, None)
+}
+
+/// [`load_stream_with`], for a destination that can take postcopy: `hooks` hear of
+/// LISTEN and RUN.
+pub fn load_stream_postcopy(
+    src: &mut FdSource,
+    vmm: &dyn Vmm,
+    caps: &Capabilities,
+    return_path: Option<ReturnPathWriter>,
+    multifd: Option<MultifdChannels>,
+    mapped_ram: MappedRamLoad,
+    hooks: Option<&PostcopyHooks<'_>>,
+) -> Result<LoadOutcome, LoadError> {
     let mut rp = ReturnPathState {
-        writer: return_path,
+        writer: return_path.map(|w| Arc::new(Mutex::new(w))),
         open: false,
     };
     let mut ram = RamLoader::new(vmm.ram_blocks().to_vec());
@@ -107,7 +171,7 @@ pub fn load_stream_with(
         ram.use_multifd(r.clone(), m.sync);
         r
     });
-    let mut result = load_records(src, vmm, caps, &mut rp, &mut ram);
+    let mut result = load_records(src, vmm, caps, &mut rp, &mut ram, hooks);
     if let Some(r) = &receiver {
         match &result {
             Ok(_) => {
@@ -129,6 +193,10 @@ pub fn load_stream_with(
                 r.abort();
             }
         }
+    }
+    if let Some(pc) = ram.postcopy() {
+        // Whatever happened, no thread may stay blocked on a page.
+        pc.finish();
     }
     if rp.open {
         let code = u32::from(result.is_err());
@@ -185,16 +253,35 @@ impl IncomingPhase {
     }
 }
 
+/// What the loop that read a command does next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Continue,
+    /// POSTCOPY_ADVISE with RAM postcopy: the RAM loader notes pages from now on.
+    Advised,
+    /// POSTCOPY_LISTEN: RAM is registered; the rest of the main stream belongs to the
+    /// listen thread.
+    Listen,
+    /// POSTCOPY_RUN: the guest may run; the package ends here.
+    Run,
+    /// PACKAGED: a blob of this many bytes follows.
+    Package(u32),
+}
+
 /// The commands of the main stream, one handler each, and what they change: the
 /// return path and the destination's phase.
 struct Commands<'a> {
     rp: &'a mut ReturnPathState,
     switchover_ack: bool,
     phase: IncomingPhase,
+    postcopy_ram: bool,
+    blocks: Vec<Arc<crate::memory::RamBlock>>,
+    postcopy: Option<Arc<PostcopyIncoming>>,
+    hooks: Option<&'a PostcopyHooks<'a>>,
 }
 
 impl Commands<'_> {
-    fn handle(&mut self, cmd: Command, at: u64) -> Result<(), LoadError> {
+    fn handle(&mut self, cmd: Command, at: u64) -> Result<Step, LoadError> {
         if let Some(allowed) = IncomingPhase::allowed_for(&cmd) {
             if !allowed.contains(&self.phase) {
                 return Err(DecodeError::new(
@@ -208,9 +295,17 @@ impl Commands<'_> {
             }
         }
         match cmd {
-            Command::OpenReturnPath => self.open_return_path(at),
-            Command::Ping(v) => self.ping(v, at),
-            Command::SwitchoverStart => self.switchover_start(),
+            Command::OpenReturnPath => self.open_return_path(at).map(|()| Step::Continue),
+            Command::Ping(v) => self.ping(v, at).map(|()| Step::Continue),
+            Command::SwitchoverStart => self.switchover_start().map(|()| Step::Continue),
+            Command::PostcopyAdvise(payload) => self.postcopy_advise(&payload, at),
+            Command::PostcopyRamDiscard(payload) => self.postcopy_ram_discard(&payload, at),
+            Command::PostcopyListen => self.postcopy_listen(at),
+            Command::PostcopyRun => {
+                self.phase = IncomingPhase::Running;
+                Ok(Step::Run)
+            }
+            Command::Packaged(len) => Ok(Step::Package(len)),
             other => Err(unsupported(&other, at)),
         }
     }
@@ -246,21 +341,118 @@ impl Commands<'_> {
     fn switchover_start(&mut self) -> Result<(), LoadError> {
         Ok(())
     }
+
+    /// POSTCOPY_ADVISE: the source may switch to postcopy. A 16-byte payload (RAM
+    /// postcopy) needs `postcopy-ram` here and the same page sizes on both sides.
+    fn postcopy_advise(&mut self, payload: &[u8], at: u64) -> Result<Step, LoadError> {
+        let invalid = |detail: String| -> LoadError {
+            DecodeError::new(
+                at,
+                DecodeErrorKind::Invalid {
+                    what: "POSTCOPY_ADVISE",
+                    detail,
+                },
+            )
+            .into()
+        };
+        self.phase = IncomingPhase::Advised;
+        match payload.len() {
+            0 if self.postcopy_ram => {
+                return Err(invalid(
+                    "RAM postcopy is enabled but have 0 byte advise".into(),
+                ))
+            }
+            0 => return Ok(Step::Continue),
+            16 if !self.postcopy_ram => {
+                return Err(invalid(
+                    "RAM postcopy is disabled but have 16 byte advise".into(),
+                ))
+            }
+            16 => {}
+            n => return Err(invalid(format!("CMD_POSTCOPY_ADVISE invalid length ({n})"))),
+        }
+        let advise = PostcopyAdvise::decode(payload, at)?;
+        let summary = self.blocks.iter().fold(0, |acc, b| acc | b.page_size());
+        if advise.ram_pagesize_summary != summary {
+            return Err(invalid(format!(
+                "Postcopy needs matching RAM page sizes (s={:x} d={:x})",
+                advise.ram_pagesize_summary, summary
+            )));
+        }
+        let target = crate::memory::host_page_size();
+        if advise.target_page_size != target {
+            return Err(invalid(format!(
+                "Postcopy needs matching target page sizes (s={} d={})",
+                advise.target_page_size, target
+            )));
+        }
+        for b in &self.blocks {
+            b.postcopy_host_check()
+                .map_err(|e| invalid(format!("Postcopy is not supported: {e}")))?;
+        }
+        self.postcopy = Some(PostcopyIncoming::new(
+            self.blocks.clone(),
+            self.rp.writer.clone(),
+        ));
+        Ok(Step::Advised)
+    }
+
+    fn postcopy_state(
+        &self,
+        at: u64,
+        what: &'static str,
+    ) -> Result<Arc<PostcopyIncoming>, LoadError> {
+        self.postcopy.clone().ok_or_else(|| {
+            DecodeError::new(
+                at,
+                DecodeErrorKind::Invalid {
+                    what,
+                    detail: "RAM postcopy was not advised".into(),
+                },
+            )
+            .into()
+        })
+    }
+
+    /// POSTCOPY_RAM_DISCARD: ranges of one block that must fault and be fetched.
+    fn postcopy_ram_discard(&mut self, payload: &[u8], at: u64) -> Result<Step, LoadError> {
+        let discard = RamDiscard::decode(payload, at)?;
+        let pc = self.postcopy_state(at, "POSTCOPY_RAM_DISCARD")?;
+        self.phase = IncomingPhase::Discarding;
+        pc.discard(&discard.block, &discard.ranges)
+            .map_err(|source| LoadError::Postcopy { offset: at, source })?;
+        Ok(Step::Continue)
+    }
+
+    /// POSTCOPY_LISTEN: guest RAM is registered with userfaultfd and the fault thread
+    /// starts; the caller hands the rest of the main stream to a listen thread.
+    fn postcopy_listen(&mut self, at: u64) -> Result<Step, LoadError> {
+        let pc = self.postcopy_state(at, "POSTCOPY_LISTEN")?;
+        self.phase = IncomingPhase::Listening;
+        pc.listen()
+            .map_err(|source| LoadError::Postcopy { offset: at, source })?;
+        if let Some(h) = self.hooks {
+            (h.on_listen)(&pc).map_err(LoadError::PostcopyFault)?;
+        }
+        Ok(Step::Listen)
+    }
 }
 
 fn unsupported(cmd: &Command, at: u64) -> LoadError {
     DecodeError::new(at, DecodeErrorKind::UnsupportedCommand(cmd.name())).into()
 }
 
-/// The destination's end of the return path.
+/// The destination's end of the return path. The writer is shared: the listen thread
+/// answers PINGs and the fault thread asks for pages while postcopy runs.
+#[derive(Clone)]
 struct ReturnPathState {
-    writer: Option<ReturnPathWriter>,
+    writer: Option<SharedWriter>,
     open: bool,
 }
 
 impl ReturnPathState {
-    fn send(&mut self, msg: &RpMessage, at: u64) -> Result<(), DecodeError> {
-        let w = self.writer.as_mut().filter(|_| self.open).ok_or_else(|| {
+    fn send(&self, msg: &RpMessage, at: u64) -> Result<(), DecodeError> {
+        let w = self.writer.as_ref().filter(|_| self.open).ok_or_else(|| {
             DecodeError::new(
                 at,
                 DecodeErrorKind::Invalid {
@@ -269,15 +461,18 @@ impl ReturnPathState {
                 },
             )
         })?;
-        w.send(msg).map_err(|e| {
-            DecodeError::new(
-                at,
-                DecodeErrorKind::Io {
-                    what: "return path",
-                    source: e,
-                },
-            )
-        })
+        w.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(msg)
+            .map_err(|e| {
+                DecodeError::new(
+                    at,
+                    DecodeErrorKind::Io {
+                        what: "return path",
+                        source: e,
+                    },
+                )
+            })
     }
 }
 
@@ -297,6 +492,7 @@ fn load_records(
     caps: &Capabilities,
     rp: &mut ReturnPathState,
     ram: &mut RamLoader,
+    hooks: Option<&PostcopyHooks<'_>>,
 ) -> Result<LoadOutcome, LoadError> {
     header::decode_header(src)?;
     let at = src.offset();
@@ -308,6 +504,10 @@ fn load_records(
         rp,
         switchover_ack: caps.switchover_ack(),
         phase: IncomingPhase::Precopy,
+        postcopy_ram: caps.postcopy_ram(),
+        blocks: vmm.ram_blocks().to_vec(),
+        postcopy: None,
+        hooks,
     };
     let mut sections: HashMap<u32, (String, u32)> = HashMap::new();
     let mut runstate = None;
@@ -332,49 +532,63 @@ fn load_records(
                 decode_footer(src, id, RAM_IDSTR)?;
             }
             Record::Start(s) | Record::Full(s) => {
-                let entry = if s.idstr == GLOBALSTATE_IDSTR && s.instance_id == 0 {
-                    Entry::GlobalState
-                } else {
-                    devices
-                        .iter()
-                        .find(|d| {
-                            (d.idstr() == s.idstr || s.idstr.rsplit('/').next() == Some(d.idstr()))
-                                && d.instance_id() == s.instance_id
-                        })
-                        .cloned()
-                        .map(Entry::Device)
-                        .ok_or_else(|| {
-                            DecodeError::new(
-                                at,
-                                DecodeErrorKind::UnknownSection {
-                                    idstr: s.idstr.clone(),
-                                    instance: s.instance_id,
-                                },
-                            )
-                        })?
-                };
-                sections.insert(s.section_id, (s.idstr.clone(), s.instance_id));
-                match entry {
-                    Entry::GlobalState => {
-                        check_version(&s, GLOBALSTATE_VERSION, GLOBALSTATE_VERSION, at)?;
-                        runstate = Some(GlobalState::decode(src)?.runstate);
+                load_device_section(s, src, at, &devices, &mut sections, &mut runstate)?;
+            }
+            Record::Command(cmd) => match commands.handle(cmd, at)? {
+                Step::Continue => {}
+                Step::Advised => {
+                    if ram.loaded_any() {
+                        return Err(DecodeError::new(
+                            at,
+                            DecodeErrorKind::Invalid {
+                                what: "POSTCOPY_ADVISE",
+                                detail: "RAM pages were loaded before postcopy was advised".into(),
+                            },
+                        )
+                        .into());
                     }
-                    Entry::Device(dev) => {
-                        check_version(&s, dev.version(), dev.minimum_version(), at)?;
-                        let body_at = src.offset();
-                        let mut dyn_src: &mut dyn Source = src;
-                        dev.load(&mut dyn_src, s.version_id).map_err(|source| {
-                            LoadError::Device {
-                                idstr: s.idstr.clone(),
-                                offset: body_at,
-                                source,
-                            }
-                        })?;
+                    if let Some(pc) = &commands.postcopy {
+                        ram.track_for_postcopy(pc.clone());
                     }
                 }
-                decode_footer(src, s.section_id, &s.idstr)?;
-            }
-            Record::Command(cmd) => commands.handle(cmd, at)?,
+                Step::Listen => {
+                    // Outside a package nothing else needs this thread: it reads the
+                    // rest of the stream itself.
+                    let pc = commands.postcopy_state(at, "POSTCOPY_LISTEN")?;
+                    let ram_ids = ram_section_ids(&sections);
+                    let rp = commands.rp.clone();
+                    listen_loop(src, ram, &ram_ids, &rp, &pc)?;
+                    return Ok(postcopy_outcome(runstate, ram, &pc));
+                }
+                Step::Run => {
+                    // RUN needs LISTEN, which outside a package never returns here.
+                    return Err(unsupported(&Command::PostcopyRun, at));
+                }
+                Step::Package(len) => {
+                    if len > MAX_PACKAGE_LEN {
+                        return Err(DecodeError::new(
+                            at,
+                            DecodeErrorKind::Invalid {
+                                what: "PACKAGED",
+                                detail: format!("Unreasonably large packaged state: {len}"),
+                            },
+                        )
+                        .into());
+                    }
+                    let base = src.offset();
+                    let mut blob = vec![0u8; len as usize];
+                    src.fill(&mut blob, "packaged stream")?;
+                    let mut package = Package {
+                        commands: &mut commands,
+                        devices: &devices,
+                        sections: &mut sections,
+                        runstate: &mut runstate,
+                    };
+                    if let Some(pc) = package.run(&blob, base, src, ram)? {
+                        return Ok(postcopy_outcome(runstate, ram, &pc));
+                    }
+                }
+            },
         }
     }
     let vmdesc_note = match vmdesc::decode(src) {
@@ -387,7 +601,268 @@ fn load_records(
         zero_pages: ram.zero_pages,
         normal_pages: ram.normal_pages,
         vmdesc_note,
+        postcopy: None,
     })
+}
+
+fn postcopy_outcome(
+    runstate: Option<String>,
+    ram: &RamLoader,
+    pc: &PostcopyIncoming,
+) -> LoadOutcome {
+    LoadOutcome {
+        runstate,
+        zero_pages: ram.zero_pages,
+        normal_pages: ram.normal_pages,
+        // A postcopy stream has no trailer.
+        vmdesc_note: None,
+        postcopy: Some(PostcopyOutcome {
+            requests: pc.requests(),
+            zero_faults: pc.zero_faults(),
+            fault_latency: pc.latency(),
+        }),
+    }
+}
+
+fn ram_section_ids(sections: &HashMap<u32, (String, u32)>) -> HashSet<u32> {
+    sections
+        .iter()
+        .filter(|(_, (idstr, _))| idstr == RAM_IDSTR)
+        .map(|(id, _)| *id)
+        .collect()
+}
+
+/// Loads a device's START/FULL section body (the header at `at` was read).
+fn load_device_section<S: Source>(
+    s: SectionId,
+    src: &mut S,
+    at: u64,
+    devices: &[Arc<dyn DeviceState>],
+    sections: &mut HashMap<u32, (String, u32)>,
+    runstate: &mut Option<String>,
+) -> Result<(), LoadError> {
+    let entry = if s.idstr == GLOBALSTATE_IDSTR && s.instance_id == 0 {
+        Entry::GlobalState
+    } else {
+        devices
+            .iter()
+            .find(|d| {
+                (d.idstr() == s.idstr || s.idstr.rsplit('/').next() == Some(d.idstr()))
+                    && d.instance_id() == s.instance_id
+            })
+            .cloned()
+            .map(Entry::Device)
+            .ok_or_else(|| {
+                DecodeError::new(
+                    at,
+                    DecodeErrorKind::UnknownSection {
+                        idstr: s.idstr.clone(),
+                        instance: s.instance_id,
+                    },
+                )
+            })?
+    };
+    sections.insert(s.section_id, (s.idstr.clone(), s.instance_id));
+    match entry {
+        Entry::GlobalState => {
+            check_version(&s, GLOBALSTATE_VERSION, GLOBALSTATE_VERSION, at)?;
+            *runstate = Some(GlobalState::decode(src)?.runstate);
+        }
+        Entry::Device(dev) => {
+            check_version(&s, dev.version(), dev.minimum_version(), at)?;
+            let body_at = src.offset();
+            let mut dyn_src: &mut dyn Source = src;
+            dev.load(&mut dyn_src, s.version_id)
+                .map_err(|source| LoadError::Device {
+                    idstr: s.idstr.clone(),
+                    offset: body_at,
+                    source,
+                })?;
+        }
+    }
+    decode_footer(src, s.section_id, &s.idstr)?;
+    Ok(())
+}
+
+/// A PACKAGED blob's nested stream: LISTEN, device sections, PING, RUN. From LISTEN on
+/// a listen thread reads the main stream while this one goes on with the blob, which
+/// is in memory already; RUN ends the package.
+struct Package<'p, 'a> {
+    commands: &'p mut Commands<'a>,
+    devices: &'p [Arc<dyn DeviceState>],
+    sections: &'p mut HashMap<u32, (String, u32)>,
+    runstate: &'p mut Option<String>,
+}
+
+impl Package<'_, '_> {
+    /// Loads the blob; `Some` when it started postcopy, whose listen thread has then
+    /// read the main stream to its end.
+    fn run(
+        &mut self,
+        blob: &[u8],
+        base: u64,
+        src: &mut FdSource,
+        ram: &mut RamLoader,
+    ) -> Result<Option<Arc<PostcopyIncoming>>, LoadError> {
+        let mut nested = SliceSource::with_base(blob, base);
+        let mut stream = Some((src, ram));
+        std::thread::scope(|scope| {
+            let mut listener = None;
+            let result = self.load_nested(&mut nested, &mut stream, scope, &mut listener);
+            let Some((handle, shutdown, pc)) = listener else {
+                return result.map(|()| None);
+            };
+            if result.is_err() {
+                // The listen thread must not wait for a stream nobody reads any more.
+                pc.finish();
+                let _ = rustix::net::shutdown(&shutdown, rustix::net::Shutdown::Both);
+            }
+            let listened: Result<(), LoadError> = handle.join().unwrap_or_else(|_| {
+                Err(LoadError::PostcopyFault(
+                    "the listen thread panicked".into(),
+                ))
+            });
+            result?;
+            listened?;
+            Ok(Some(pc))
+        })
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn load_nested<'scope, 'env>(
+        &mut self,
+        nested: &mut SliceSource<'_>,
+        stream: &mut Option<(&'env mut FdSource, &'env mut RamLoader)>,
+        scope: &'scope std::thread::Scope<'scope, 'env>,
+        listener: &mut Option<(
+            std::thread::ScopedJoinHandle<'scope, Result<(), LoadError>>,
+            OwnedFd,
+            Arc<PostcopyIncoming>,
+        )>,
+    ) -> Result<(), LoadError> {
+        loop {
+            let at = nested.offset();
+            if nested.peek_u8()?.is_none() {
+                return Ok(());
+            }
+            match Record::decode(nested)? {
+                Record::Eof => return Ok(()),
+                Record::Start(s) | Record::Full(s) if s.idstr != RAM_IDSTR => {
+                    load_device_section(s, nested, at, self.devices, self.sections, self.runstate)?;
+                }
+                Record::Start(_) | Record::Full(_) | Record::Part(_) | Record::End(_) => {
+                    return Err(DecodeError::new(
+                        at,
+                        DecodeErrorKind::Invalid {
+                            what: "PACKAGED",
+                            detail: "RAM sections do not occur inside a package".into(),
+                        },
+                    )
+                    .into())
+                }
+                Record::Command(cmd) => match self.commands.handle(cmd, at)? {
+                    Step::Continue => {}
+                    Step::Listen => {
+                        let pc = self.commands.postcopy_state(at, "POSTCOPY_LISTEN")?;
+                        let Some((src, ram)) = stream.take() else {
+                            return Err(unsupported(&Command::PostcopyListen, at));
+                        };
+                        let shutdown = src.fd().try_clone().map_err(|e| {
+                            LoadError::PostcopyFault(format!("cannot start the listen thread: {e}"))
+                        })?;
+                        let ram_ids = ram_section_ids(self.sections);
+                        let rp = self.commands.rp.clone();
+                        let thread_pc = pc.clone();
+                        let handle = std::thread::Builder::new()
+                            .name("mig/dst/listen".into())
+                            .spawn_scoped(scope, move || {
+                                let r = listen_loop(src, ram, &ram_ids, &rp, &thread_pc);
+                                // Done or failed, no page will arrive any more.
+                                thread_pc.finish();
+                                r
+                            })
+                            .map_err(|e| {
+                                pc.finish();
+                                LoadError::PostcopyFault(format!(
+                                    "cannot start the listen thread: {e}"
+                                ))
+                            })?;
+                        *listener = Some((handle, shutdown, pc));
+                    }
+                    Step::Run => {
+                        if let Some(h) = self.commands.hooks {
+                            (h.on_run)(self.runstate.as_deref());
+                        }
+                        return Ok(());
+                    }
+                    Step::Advised | Step::Package(_) => {
+                        return Err(DecodeError::new(
+                            at,
+                            DecodeErrorKind::Invalid {
+                                what: "PACKAGED",
+                                detail:
+                                    "POSTCOPY_ADVISE and PACKAGED do not occur inside a package"
+                                        .into(),
+                            },
+                        )
+                        .into())
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// The listen thread's loop: the rest of the main stream once postcopy listens. Only
+/// RAM PART/END sections (ZERO, PAGE, EOS), PING and EOF may come; there is no trailer.
+fn listen_loop(
+    src: &mut FdSource,
+    ram: &mut RamLoader,
+    ram_ids: &HashSet<u32>,
+    rp: &ReturnPathState,
+    pc: &PostcopyIncoming,
+) -> Result<(), LoadError> {
+    let mut page = Vec::new();
+    loop {
+        if let Some(e) = pc.fault_error() {
+            return Err(LoadError::PostcopyFault(e));
+        }
+        let at = src.offset();
+        match Record::decode(src)? {
+            Record::Eof => return Ok(()),
+            Record::Part(id) | Record::End(id) => {
+                if !ram_ids.contains(&id) {
+                    return Err(DecodeError::new(at, DecodeErrorKind::UnknownSectionId(id)).into());
+                }
+                ram.load_records_postcopy(src, &mut page)?;
+                decode_footer(src, id, RAM_IDSTR)?;
+            }
+            Record::Command(Command::Ping(v)) => rp.send(&RpMessage::Pong(v), at)?,
+            Record::Command(cmd) => {
+                return Err(DecodeError::new(
+                    at,
+                    DecodeErrorKind::CommandInWrongPhase {
+                        command: cmd.name(),
+                        phase: IncomingPhase::Running.number(),
+                    },
+                )
+                .into())
+            }
+            Record::Start(s) | Record::Full(s) => {
+                return Err(DecodeError::new(
+                    at,
+                    DecodeErrorKind::Invalid {
+                        what: "section",
+                        detail: format!(
+                            "section '{}' arrived while postcopy runs; only RAM may",
+                            s.idstr
+                        ),
+                    },
+                )
+                .into())
+            }
+        }
+    }
 }
 
 fn check_version(s: &SectionId, local: u32, minimum: u32, at: u64) -> Result<(), DecodeError> {
@@ -489,6 +964,7 @@ mod tests {
     use vmigrate_stream::config::Configuration;
 
     use super::*;
+    use crate::channels::return_path::ReturnPathWriter;
     use crate::status::RunState;
     use crate::test_support::{temp_path, FakeVmm};
 
@@ -537,14 +1013,29 @@ mod tests {
                 vec![Command::PostcopyResume],
                 "CMD_POSTCOPY_RESUME in wrong postcopy state (0)",
             ),
-            // In its phase, but postcopy is not built: refused as unsupported.
+            // In its phase, but this destination has no postcopy-ram.
             (
                 vec![Command::PostcopyAdvise(vec![0; 16])],
-                "Command POSTCOPY_ADVISE is not supported in a precopy stream",
+                "RAM postcopy is disabled but have 16 byte advise",
             ),
             (
-                vec![Command::Packaged(0)],
-                "Command PACKAGED is not supported",
+                vec![Command::PostcopyAdvise(vec![0; 5])],
+                "POSTCOPY_ADVISE received with bad length - expecting 16, got 5",
+            ),
+            // A package that claims more than the stream holds, or more than the cap.
+            (vec![Command::Packaged(64)], "packaged stream"),
+            (
+                vec![Command::Packaged(MAX_PACKAGE_LEN + 1)],
+                "Unreasonably large packaged state: 16777217",
+            ),
+            // A 0-byte advise (no RAM postcopy) still moves the phase on.
+            (
+                vec![Command::PostcopyAdvise(vec![]), Command::PostcopyRun],
+                "CMD_POSTCOPY_RUN in wrong postcopy state (1)",
+            ),
+            (
+                vec![Command::PostcopyAdvise(vec![]), Command::PostcopyListen],
+                "RAM postcopy was not advised",
             ),
             // PING needs an open return path.
             (vec![Command::Ping(3)], "the return path is not open"),
@@ -555,6 +1046,448 @@ mod tests {
         ] {
             let got = text(&cmds);
             assert!(got.contains(want), "{cmds:?}: {got}");
+            assert!(got.contains("byte offset"), "{got}");
+        }
+    }
+
+    /// Plays a postcopy source for a 16-page `ram` block: pages 0-3 as data and 4-7 as
+    /// zero in precopy, pages 2-3 discarded, then the package. Returns the test's end of
+    /// the socket and the loader's thread.
+    mod postcopy_source {
+        use super::*;
+        use crate::memory::host_page_size;
+        use vmigrate_stream::ram;
+
+        pub(super) const RAM_ID: u32 = 2;
+
+        pub(super) fn page_bytes(page: u64, ps: u64) -> Vec<u8> {
+            (0..ps).map(|j| (page * 7 + j) as u8).collect()
+        }
+
+        pub(super) fn precopy_and_package(pages: u64) -> Vec<u8> {
+            let ps = host_page_size();
+            let mut b = Vec::new();
+            header::encode_header(&mut b);
+            Configuration {
+                machine: "none".into(),
+                target_page_bits: None,
+                capabilities: vec![],
+                uuid: None,
+            }
+            .encode(&mut b);
+            Command::OpenReturnPath.encode(&mut b);
+            Command::PostcopyAdvise(
+                PostcopyAdvise {
+                    ram_pagesize_summary: ps,
+                    target_page_size: ps,
+                }
+                .encode(),
+            )
+            .encode(&mut b);
+            Record::Start(SectionId {
+                section_id: RAM_ID,
+                idstr: RAM_IDSTR.into(),
+                instance_id: 0,
+                version_id: RAM_SECTION_VERSION,
+            })
+            .encode(&mut b);
+            ram::put_mem_size(&mut b, pages * ps);
+            ram::BlockEntry {
+                idstr: "ram".into(),
+                used_length: pages * ps,
+                page_size: None,
+                mr_addr: None,
+            }
+            .encode(&mut b);
+            ram::put_eos(&mut b);
+            vmigrate_stream::section::encode_footer(&mut b, RAM_ID);
+            Record::Part(RAM_ID).encode(&mut b);
+            for p in 0..4u64 {
+                ram::put_page_header(&mut b, p * ps, ram::FLAG_PAGE, (p == 0).then_some("ram"));
+                b.extend_from_slice(&page_bytes(p, ps));
+            }
+            for p in 4..8u64 {
+                ram::put_zero_page(&mut b, p * ps, None);
+            }
+            ram::put_eos(&mut b);
+            vmigrate_stream::section::encode_footer(&mut b, RAM_ID);
+            Command::SwitchoverStart.encode(&mut b);
+            Command::PostcopyRamDiscard(
+                RamDiscard {
+                    block: "ram".into(),
+                    ranges: vec![(2 * ps, 2 * ps), (8 * ps, (pages - 8) * ps)],
+                }
+                .encode(),
+            )
+            .encode(&mut b);
+            let mut pkg = Vec::new();
+            Command::PostcopyListen.encode(&mut pkg);
+            Record::Full(SectionId {
+                section_id: 9,
+                idstr: GLOBALSTATE_IDSTR.into(),
+                instance_id: 0,
+                version_id: GLOBALSTATE_VERSION,
+            })
+            .encode(&mut pkg);
+            pkg.extend_from_slice(
+                &GlobalState {
+                    runstate: "running".into(),
+                    vm_was_suspended: false,
+                }
+                .encode(),
+            );
+            vmigrate_stream::section::encode_footer(&mut pkg, 9);
+            Command::Ping(3).encode(&mut pkg);
+            Command::PostcopyRun.encode(&mut pkg);
+            Command::Packaged(pkg.len() as u32).encode(&mut b);
+            b.extend_from_slice(&pkg);
+            b
+        }
+
+        /// A PART (or END) section with `pages` as PAGE records.
+        pub(super) fn pages_section(end: bool, pages: &[u64]) -> Vec<u8> {
+            let ps = host_page_size();
+            let mut b = Vec::new();
+            if end {
+                Record::End(RAM_ID).encode(&mut b);
+            } else {
+                Record::Part(RAM_ID).encode(&mut b);
+            }
+            for &p in pages {
+                ram::put_page_header(&mut b, p * ps, ram::FLAG_PAGE, Some("ram"));
+                b.extend_from_slice(&page_bytes(p, ps));
+            }
+            ram::put_eos(&mut b);
+            vmigrate_stream::section::encode_footer(&mut b, RAM_ID);
+            b
+        }
+    }
+
+    fn postcopy_caps() -> Capabilities {
+        Capabilities::default()
+            .merged(
+                &serde_json::json!([{"capability": "postcopy-ram", "state": true}]),
+                false,
+                &crate::options::Parameters::default(),
+            )
+            .unwrap()
+    }
+
+    /// Runs the synthetic postcopy stream; `hostile` sends the requested page twice.
+    fn run_postcopy(hostile: bool) -> Option<(Result<LoadOutcome, LoadError>, Vec<RpMessage>)> {
+        use std::io::Write;
+        use std::os::unix::net::UnixStream;
+        if let Err(e) = crate::uffd::available() {
+            eprintln!("skipped: {e}");
+            return None;
+        }
+        let ps = crate::memory::host_page_size();
+        let pages = 16u64;
+        let vmm = FakeVmm::new(pages as usize, RunState::InMigrate);
+        let (dst, mut source) = UnixStream::pair().unwrap();
+        source
+            .set_read_timeout(Some(std::time::Duration::from_secs(20)))
+            .unwrap();
+        let caps = postcopy_caps();
+        let runs = Mutex::new(Vec::new());
+        let listened = std::sync::atomic::AtomicBool::new(false);
+        let on_listen = |_: &Arc<PostcopyIncoming>| -> Result<(), String> {
+            listened.store(true, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        };
+        let on_run = |r: Option<&str>| runs.lock().unwrap().push(r.map(str::to_string));
+        let hooks = PostcopyHooks {
+            on_listen: &on_listen,
+            on_run: &on_run,
+        };
+        let block = vmm.ram_blocks()[0].clone();
+        std::thread::scope(|scope| {
+            let loader = scope.spawn(|| {
+                let fd = OwnedFd::from(dst.try_clone().unwrap());
+                let mut src = FdSource::new(fd, 0);
+                let rp = ReturnPathWriter::new(Box::new(dst.try_clone().unwrap()));
+                load_stream_postcopy(
+                    &mut src,
+                    vmm.as_ref(),
+                    &caps,
+                    Some(rp),
+                    None,
+                    MappedRamLoad::default(),
+                    Some(&hooks),
+                )
+            });
+            source
+                .write_all(&postcopy_source::precopy_and_package(pages))
+                .unwrap();
+            let mut rp_in = FdSource::new(OwnedFd::from(source.try_clone().unwrap()), 0);
+            let mut heard = vec![RpMessage::decode(&mut rp_in).unwrap()];
+            assert_eq!(heard[0], RpMessage::Pong(3));
+            // Page 5 came as zero and was never written: placed at once, no request.
+            let zero_reader = {
+                let b = block.clone();
+                scope.spawn(move || {
+                    let mut page = vec![1u8; ps as usize];
+                    b.read(5 * ps, &mut page);
+                    page
+                })
+            };
+            assert!(zero_reader.join().unwrap().iter().all(|&x| x == 0));
+            // Page 2 was discarded: the reader waits until the source sends it.
+            let reader = {
+                let b = block.clone();
+                scope.spawn(move || {
+                    let mut page = vec![0u8; ps as usize];
+                    b.read(2 * ps, &mut page);
+                    page
+                })
+            };
+            let req = RpMessage::decode(&mut rp_in).unwrap();
+            assert_eq!(
+                req,
+                RpMessage::ReqPagesId {
+                    start: 2 * ps,
+                    len: ps as u32,
+                    block: "ram".into()
+                }
+            );
+            heard.push(req);
+            source
+                .write_all(&postcopy_source::pages_section(false, &[2]))
+                .unwrap();
+            assert_eq!(reader.join().unwrap(), postcopy_source::page_bytes(2, ps));
+            let rest: Vec<u64> = if hostile {
+                vec![2]
+            } else {
+                std::iter::once(3).chain(8..pages).collect()
+            };
+            source
+                .write_all(&postcopy_source::pages_section(true, &rest))
+                .unwrap();
+            let mut tail = Vec::new();
+            Record::Eof.encode(&mut tail);
+            let _ = source.write_all(&tail);
+            heard.push(RpMessage::decode(&mut rp_in).unwrap());
+            let result = loader.join().unwrap();
+            assert!(listened.load(std::sync::atomic::Ordering::SeqCst));
+            assert_eq!(*runs.lock().unwrap(), vec![Some("running".to_string())]);
+            if result.is_ok() {
+                let ram = vmm.ram();
+                for p in 0..pages {
+                    let want = if (4..8).contains(&p) {
+                        vec![0; ps as usize]
+                    } else {
+                        postcopy_source::page_bytes(p, ps)
+                    };
+                    let at = (p * ps) as usize;
+                    assert_eq!(&ram[at..at + ps as usize], &want[..], "page {p}");
+                }
+            }
+            Some((result, heard))
+        })
+    }
+
+    #[test]
+    fn postcopy_pages_are_requested_and_placed() {
+        let Some((result, heard)) = run_postcopy(false) else {
+            return;
+        };
+        let outcome = result.unwrap();
+        let pc = outcome.postcopy.expect("a postcopy outcome");
+        assert_eq!(pc.requests, 1);
+        assert_eq!(pc.fault_latency.count, 1);
+        assert_eq!(
+            pc.zero_faults, 1,
+            "page 5 was placed as zero without asking"
+        );
+        assert_eq!(outcome.vmdesc_note, None);
+        assert_eq!(heard.last(), Some(&RpMessage::Shut(0)));
+    }
+
+    #[test]
+    fn a_page_placed_twice_fails_postcopy_cleanly() {
+        let Some((result, heard)) = run_postcopy(true) else {
+            return;
+        };
+        let text = result.unwrap_err().to_string();
+        assert!(
+            text.contains("page 0x2000 of block 'ram' was already placed in postcopy")
+                || text.contains("was already placed"),
+            "{text}"
+        );
+        assert_eq!(heard.last(), Some(&RpMessage::Shut(1)));
+    }
+
+    /// The source vanishes while a reader waits for a page: the load fails, RAM is
+    /// unregistered, and the reader is released instead of waiting forever.
+    #[test]
+    fn a_reader_waiting_when_the_stream_dies_is_released() {
+        use std::io::Write;
+        use std::os::unix::net::UnixStream;
+        if let Err(e) = crate::uffd::available() {
+            eprintln!("skipped: {e}");
+            return;
+        }
+        let ps = crate::memory::host_page_size();
+        let vmm = FakeVmm::new(16, RunState::InMigrate);
+        let (dst, mut source) = UnixStream::pair().unwrap();
+        let caps = postcopy_caps();
+        let on_listen = |_: &Arc<PostcopyIncoming>| -> Result<(), String> { Ok(()) };
+        let on_run = |_: Option<&str>| {};
+        let hooks = PostcopyHooks {
+            on_listen: &on_listen,
+            on_run: &on_run,
+        };
+        let block = vmm.ram_blocks()[0].clone();
+        std::thread::scope(|scope| {
+            let loader = scope.spawn(|| {
+                let mut src = FdSource::new(OwnedFd::from(dst.try_clone().unwrap()), 0);
+                let rp = ReturnPathWriter::new(Box::new(dst.try_clone().unwrap()));
+                load_stream_postcopy(
+                    &mut src,
+                    vmm.as_ref(),
+                    &caps,
+                    Some(rp),
+                    None,
+                    MappedRamLoad::default(),
+                    Some(&hooks),
+                )
+            });
+            source
+                .write_all(&postcopy_source::precopy_and_package(16))
+                .unwrap();
+            let mut rp_in = FdSource::new(OwnedFd::from(source.try_clone().unwrap()), 0);
+            assert_eq!(RpMessage::decode(&mut rp_in).unwrap(), RpMessage::Pong(3));
+            let reader = {
+                let b = block.clone();
+                scope.spawn(move || {
+                    let mut page = vec![7u8; ps as usize];
+                    b.read(9 * ps, &mut page);
+                    page
+                })
+            };
+            assert!(matches!(
+                RpMessage::decode(&mut rp_in).unwrap(),
+                RpMessage::ReqPagesId { start, .. } if start == 9 * ps
+            ));
+            source.shutdown(std::net::Shutdown::Write).unwrap();
+            let err = loader.join().unwrap().unwrap_err().to_string();
+            assert!(err.contains("byte offset"), "{err}");
+            // Released: the page reads as the empty memory it now is.
+            assert_eq!(reader.join().unwrap(), vec![0u8; ps as usize]);
+            assert_eq!(RpMessage::decode(&mut rp_in).unwrap(), RpMessage::Shut(1));
+        });
+    }
+
+    /// Discards and packages that lie are refused with what was wrong.
+    #[test]
+    fn hostile_postcopy_commands_are_refused() {
+        let ps = crate::memory::host_page_size();
+        let advise = Command::PostcopyAdvise(
+            PostcopyAdvise {
+                ram_pagesize_summary: ps,
+                target_page_size: ps,
+            }
+            .encode(),
+        );
+        let discard = |block: &str, ranges: Vec<(u64, u64)>| {
+            Command::PostcopyRamDiscard(
+                RamDiscard {
+                    block: block.into(),
+                    ranges,
+                }
+                .encode(),
+            )
+        };
+        let load = |cmds: &[Command], tail: &[u8]| {
+            let mut bytes = Vec::new();
+            header::encode_header(&mut bytes);
+            Configuration {
+                machine: "none".into(),
+                target_page_bits: None,
+                capabilities: vec![],
+                uuid: None,
+            }
+            .encode(&mut bytes);
+            for c in cmds {
+                c.encode(&mut bytes);
+            }
+            bytes.extend_from_slice(tail);
+            Record::Eof.encode(&mut bytes);
+            let path = temp_path("pc-cmds");
+            std::fs::write(&path, &bytes).unwrap();
+            let fd = OwnedFd::from(std::fs::File::open(&path).unwrap());
+            let _ = std::fs::remove_file(&path);
+            let mut src = FdSource::new(fd, 0);
+            let vmm = FakeVmm::new(4, RunState::InMigrate);
+            load_stream(&mut src, vmm.as_ref(), &postcopy_caps(), None, None)
+                .unwrap_err()
+                .to_string()
+        };
+        let cases: Vec<(Vec<Command>, Vec<u8>, String)> = vec![
+            (
+                vec![advise.clone(), discard("nosuch", vec![(0, ps)])],
+                vec![],
+                "Failed to find block 'nosuch'".into(),
+            ),
+            (
+                vec![advise.clone(), discard("ram", vec![(3 * ps, 2 * ps)])],
+                vec![],
+                "Overrun block 'ram'".into(),
+            ),
+            (
+                vec![advise.clone(), discard("ram", vec![(u64::MAX - 1, 4)])],
+                vec![],
+                "Overrun block 'ram'".into(),
+            ),
+            (
+                vec![advise.clone(), discard("ram", vec![(1, ps)])],
+                vec![],
+                "unaligned range".into(),
+            ),
+            (
+                vec![Command::PostcopyAdvise(
+                    PostcopyAdvise {
+                        ram_pagesize_summary: ps * 2,
+                        target_page_size: ps,
+                    }
+                    .encode(),
+                )],
+                vec![],
+                format!(
+                    "Postcopy needs matching RAM page sizes (s={:x} d={ps:x})",
+                    ps * 2
+                ),
+            ),
+            // A package whose RUN comes before LISTEN, in the package's own stream.
+            (
+                vec![advise.clone(), Command::Packaged(5)],
+                {
+                    let mut b = Vec::new();
+                    Command::PostcopyRun.encode(&mut b);
+                    b
+                },
+                "CMD_POSTCOPY_RUN in wrong postcopy state (1)".into(),
+            ),
+            // A package holding a RAM section.
+            (
+                vec![advise.clone(), Command::Packaged(5)],
+                {
+                    let mut b = Vec::new();
+                    Record::Part(2).encode(&mut b);
+                    b
+                },
+                "RAM sections do not occur inside a package".into(),
+            ),
+            // PACKAGED with a length longer than the stream.
+            (
+                vec![advise, Command::Packaged(1000)],
+                vec![],
+                "packaged stream".into(),
+            ),
+        ];
+        for (cmds, tail, want) in cases {
+            let got = load(&cmds, &tail);
+            assert!(got.contains(&want), "{cmds:?}: {got}");
             assert!(got.contains("byte offset"), "{got}");
         }
     }

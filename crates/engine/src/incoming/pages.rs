@@ -27,6 +27,15 @@ impl ReceivedPages {
         self.blocks[block].put(page, true);
     }
 
+    pub fn get(&self, block: usize, page: usize) -> bool {
+        self.blocks[block].get(page)
+    }
+
+    /// Sets the bit and says whether it was set already.
+    pub fn put_once(&self, block: usize, page: usize) -> bool {
+        self.blocks[block].put(page, true)
+    }
+
     /// Clears the bit and says whether it was set.
     pub fn take(&self, block: usize, page: usize) -> bool {
         self.blocks[block].put(page, false)

@@ -7,10 +7,21 @@ use vmigrate_stream::{DecodeError, DecodeErrorKind, Source};
 
 use crate::incoming::multifd_recv::MultifdReceiver;
 use crate::incoming::pages::{load_zero_page, ReceivedPages};
+use crate::incoming::postcopy::{PostcopyError, PostcopyIncoming};
 use crate::io::FdSource;
 use crate::mapped_ram::{self, MappedRamError, Region};
 use crate::memory::RamBlock;
 use crate::properties::MultifdSync;
+
+/// Why a postcopy page record could not be loaded: the stream, or placing the page
+/// (with the record's offset).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum LoadPostcopyError {
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    #[error("at byte offset {0}: {1}")]
+    Postcopy(u64, #[source] PostcopyError),
+}
 
 /// How a mapped-ram file's page area is read.
 #[derive(Debug, Clone, Copy)]
@@ -49,6 +60,9 @@ pub struct RamLoader {
     mapped: Option<MappedRamLoad>,
     /// The O_DIRECT descriptor for the page area, opened at the first block.
     direct_fd: Option<std::os::fd::OwnedFd>,
+    /// With postcopy advised: pages delivered in precopy are noted there, and pages
+    /// of the postcopy phase are placed through it.
+    postcopy: Option<Arc<PostcopyIncoming>>,
     pub zero_pages: u64,
     pub normal_pages: u64,
 }
@@ -68,6 +82,7 @@ impl RamLoader {
             page_size,
             mapped: None,
             direct_fd: None,
+            postcopy: None,
             zero_pages: 0,
             normal_pages: 0,
         }
@@ -81,6 +96,73 @@ impl RamLoader {
     /// Whether each block was pristine when the load began.
     pub fn pristine(&self) -> Vec<bool> {
         self.pristine.clone()
+    }
+
+    /// Postcopy was advised: notes every page precopy delivers from now on.
+    pub(crate) fn track_for_postcopy(&mut self, pc: Arc<PostcopyIncoming>) {
+        self.postcopy = Some(pc);
+    }
+
+    /// The postcopy session, once advised.
+    pub(crate) fn postcopy(&self) -> Option<&Arc<PostcopyIncoming>> {
+        self.postcopy.as_ref()
+    }
+
+    /// Whether any page record was loaded yet.
+    pub(crate) fn loaded_any(&self) -> bool {
+        self.zero_pages + self.normal_pages > 0
+    }
+
+    /// Reads page records of the postcopy phase up to and including EOS: only ZERO,
+    /// PAGE and EOS may occur, and each page is placed atomically.
+    pub(crate) fn load_records_postcopy(
+        &mut self,
+        src: &mut FdSource,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), LoadPostcopyError> {
+        let pc = self.postcopy.clone().ok_or_else(|| {
+            LoadPostcopyError::Postcopy(src.offset(), PostcopyError::NotListening)
+        })?;
+        loop {
+            let at = src.offset();
+            let h = RamRecordHeader::decode(src, self.page_size)?;
+            match h.kind {
+                RamRecordKind::Eos => return Ok(()),
+                RamRecordKind::Zero | RamRecordKind::Page => {
+                    let (bi, page) = self.resolve(src, &h, at)?;
+                    if h.kind == RamRecordKind::Zero {
+                        let fill_at = src.offset();
+                        let fill = src.u8("zero page fill byte")?;
+                        if fill != 0 {
+                            return Err(
+                                DecodeError::new(fill_at, DecodeErrorKind::NonZeroFill(fill)).into(),
+                            );
+                        }
+                        self.zero_pages += 1;
+                        pc.place(bi, page, None)
+                            .map_err(|e| LoadPostcopyError::Postcopy(at, e))?;
+                    } else {
+                        buf.resize(self.blocks[bi].page_size() as usize, 0);
+                        src.fill(buf, "RAM page")?;
+                        self.normal_pages += 1;
+                        pc.place(bi, page, Some(buf))
+                            .map_err(|e| LoadPostcopyError::Postcopy(at, e))?;
+                    }
+                }
+                other => {
+                    return Err(DecodeError::new(
+                        at,
+                        DecodeErrorKind::Invalid {
+                            what: "RAM record",
+                            detail: format!(
+                                "Unexpected RAM flags in postcopy: {other:?} records may not occur there"
+                            ),
+                        },
+                    )
+                    .into())
+                }
+            }
+        }
     }
 
     /// Reads a mapped-ram file: each block entry is followed by its header and region.
@@ -293,6 +375,9 @@ impl RamLoader {
             return Err(DecodeError::new(at, DecodeErrorKind::NonZeroFill(fill)));
         }
         self.zero_pages += 1;
+        if let Some(pc) = &self.postcopy {
+            pc.note_delivered(bi, page);
+        }
         load_zero_page(
             &self.blocks[bi],
             self.pristine[bi],
@@ -308,6 +393,9 @@ impl RamLoader {
         let ps = block.page_size() as usize;
         src.fill_guest(block, page as u64 * ps as u64, ps, "RAM page")?;
         self.received.set(bi, page);
+        if let Some(pc) = &self.postcopy {
+            pc.note_delivered(bi, page);
+        }
         self.normal_pages += 1;
         Ok(())
     }

@@ -1,0 +1,423 @@
+//! Postcopy on the destination: the pages precopy delivered, the discards, the
+//! userfaultfd that guest RAM is registered with at POSTCOPY_LISTEN, and the fault
+//! thread that asks the source for missing pages.
+//!
+//! ```text
+//! ADVISE ─▶ new (pages precopy delivers are noted) ─▶ DISCARD* (dropped, noted gone)
+//!        ─▶ LISTEN: RAM registered, fault thread started ─▶ pages placed (listen thread)
+//!        ─▶ finish: fault thread stopped, RAM unregistered (success or failure alike)
+//! ```
+//!
+//! A fault on a page that precopy delivered and no discard dropped is a zero page the
+//! loader left untouched (a pristine block's zero pages are never written): it is
+//! placed as zero at once. Any other fault is asked for once with REQ_PAGES_ID (when
+//! the block differs from the last request's) or REQ_PAGES, and its waiters wake when
+//! the listen thread places the page. Failure is final: the guest's pages are split
+//! between two hosts and cannot be saved, so RAM is unregistered and no thread stays
+//! blocked (QEMU pauses instead, for a recovery that vmigrate does not do yet).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use vmigrate_stream::return_path::RpMessage;
+
+use crate::channels::return_path::ReturnPathWriter;
+use crate::incoming::pages::ReceivedPages;
+use crate::memory::RamBlock;
+use crate::uffd::{Placement, UffdError, Userfaultfd};
+
+/// How long the fault thread waits for a message before it looks at its stop flag.
+const FAULT_POLL: Duration = Duration::from_millis(50);
+
+/// At most this many fault latencies are kept (the first ones).
+const MAX_LATENCIES: usize = 1 << 20;
+
+/// The return path's writer, shared by the threads that answer the source.
+pub(crate) type SharedWriter = Arc<Mutex<ReturnPathWriter>>;
+
+/// Why a postcopy step failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PostcopyError {
+    #[error("ram_discard_range: Failed to find block '{0}'")]
+    UnknownBlock(String),
+    #[error("ram_discard_range: Overrun block '{block}' ({start:#x}+{len:#x} of {block_len:#x})")]
+    DiscardOverrun {
+        block: String,
+        start: u64,
+        len: u64,
+        block_len: u64,
+    },
+    #[error("ram_discard_range: unaligned range {start:#x}+{len:#x} in block '{block}'")]
+    DiscardUnaligned { block: String, start: u64, len: u64 },
+    #[error("cannot discard {start:#x}+{len:#x} of block '{block}': {source}")]
+    Discard {
+        block: String,
+        start: u64,
+        len: u64,
+        source: std::io::Error,
+    },
+    #[error("page {offset:#x} of block '{block}' was already placed in postcopy")]
+    PlacedTwice { block: String, offset: u64 },
+    #[error("cannot place page {offset:#x} of block '{block}': {source}")]
+    Place {
+        block: String,
+        offset: u64,
+        source: UffdError,
+    },
+    #[error("a RAM page arrived in postcopy before POSTCOPY_LISTEN")]
+    NotListening,
+    #[error("cannot register guest RAM for postcopy: {0}")]
+    Register(UffdError),
+    #[error("cannot start the postcopy fault thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// Latencies of faults whose page was asked of the source (fault message read to
+/// page placed), in microseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LatencySummary {
+    pub count: usize,
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub max_us: u64,
+}
+
+/// One postcopy destination session.
+#[derive(Debug)]
+pub struct PostcopyIncoming {
+    blocks: Vec<Arc<RamBlock>>,
+    /// Pages precopy delivered (as data or as zero) that no discard dropped since.
+    delivered: ReceivedPages,
+    /// Pages placed through the userfaultfd (from the stream, or as zero on a fault).
+    placed: ReceivedPages,
+    /// Pages the stream placed: the source sends each page once.
+    streamed: ReceivedPages,
+    uffd: OnceLock<Arc<Userfaultfd>>,
+    /// Pages asked for and not placed yet, with when their fault was read.
+    requested: Mutex<HashMap<(usize, usize), Instant>>,
+    latencies_us: Mutex<Vec<u64>>,
+    requests: AtomicU64,
+    /// Faults resolved at once with a zero page, without asking the source.
+    zero_faults: AtomicU64,
+    stop: AtomicBool,
+    fault_thread: Mutex<Option<JoinHandle<()>>>,
+    fault_error: Mutex<Option<String>>,
+    writer: Option<SharedWriter>,
+    finished: AtomicBool,
+}
+
+impl PostcopyIncoming {
+    pub(crate) fn new(blocks: Vec<Arc<RamBlock>>, writer: Option<SharedWriter>) -> Arc<Self> {
+        Arc::new(Self {
+            delivered: ReceivedPages::new(&blocks),
+            placed: ReceivedPages::new(&blocks),
+            streamed: ReceivedPages::new(&blocks),
+            blocks,
+            uffd: OnceLock::new(),
+            requested: Mutex::new(HashMap::new()),
+            latencies_us: Mutex::new(Vec::new()),
+            requests: AtomicU64::new(0),
+            zero_faults: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+            fault_thread: Mutex::new(None),
+            fault_error: Mutex::new(None),
+            writer,
+            finished: AtomicBool::new(false),
+        })
+    }
+
+    /// Precopy delivered page `page` of block `bi` (data or zero).
+    pub(crate) fn note_delivered(&self, bi: usize, page: usize) {
+        self.delivered.set(bi, page);
+    }
+
+    /// POSTCOPY_RAM_DISCARD: drops byte ranges of `block`, each checked first.
+    pub(crate) fn discard(&self, block: &str, ranges: &[(u64, u64)]) -> Result<(), PostcopyError> {
+        let (bi, b) = self
+            .blocks
+            .iter()
+            .enumerate()
+            .find(|(_, b)| b.idstr() == block)
+            .ok_or_else(|| PostcopyError::UnknownBlock(block.to_string()))?;
+        let ps = b.page_size();
+        for &(start, len) in ranges {
+            if start.checked_add(len).is_none_or(|end| end > b.len()) {
+                return Err(PostcopyError::DiscardOverrun {
+                    block: block.to_string(),
+                    start,
+                    len,
+                    block_len: b.len(),
+                });
+            }
+            if !start.is_multiple_of(ps) || !len.is_multiple_of(ps) {
+                return Err(PostcopyError::DiscardUnaligned {
+                    block: block.to_string(),
+                    start,
+                    len,
+                });
+            }
+        }
+        for &(start, len) in ranges {
+            if len == 0 {
+                continue;
+            }
+            b.discard(start, len)
+                .map_err(|source| PostcopyError::Discard {
+                    block: block.to_string(),
+                    start,
+                    len,
+                    source,
+                })?;
+            for page in (start / ps)..((start + len) / ps) {
+                self.delivered.take(bi, page as usize);
+            }
+        }
+        Ok(())
+    }
+
+    /// POSTCOPY_LISTEN: registers every block for MISSING faults and starts the fault
+    /// thread.
+    pub(crate) fn listen(self: &Arc<Self>) -> Result<(), PostcopyError> {
+        use crate::memory::Backing;
+        let shmem = self
+            .blocks
+            .iter()
+            .any(|b| matches!(b.backing(), Backing::File { .. }));
+        let uffd = Arc::new(Userfaultfd::open(shmem, false).map_err(PostcopyError::Register)?);
+        for (i, b) in self.blocks.iter().enumerate() {
+            if let Err(e) = b.register_missing(&uffd) {
+                for done in &self.blocks[..i] {
+                    let _ = done.unregister_missing(&uffd);
+                }
+                return Err(PostcopyError::Register(e));
+            }
+        }
+        let _ = self.uffd.set(uffd);
+        let me = self.clone();
+        let handle = std::thread::Builder::new()
+            .name("mig/dst/fault".into())
+            .spawn(move || me.fault_loop())
+            .map_err(|e| {
+                self.unregister_all();
+                PostcopyError::Thread(e)
+            })?;
+        *self.fault_thread.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
+        Ok(())
+    }
+
+    fn uffd(&self) -> Result<&Arc<Userfaultfd>, PostcopyError> {
+        self.uffd.get().ok_or(PostcopyError::NotListening)
+    }
+
+    /// Places a page the source sent in postcopy: `data`, or zeroes when `None`.
+    pub(crate) fn place(
+        &self,
+        bi: usize,
+        page: usize,
+        data: Option<&[u8]>,
+    ) -> Result<(), PostcopyError> {
+        let uffd = self.uffd()?;
+        let b = &self.blocks[bi];
+        let offset = page as u64 * b.page_size();
+        if self.streamed.put_once(bi, page) {
+            return Err(PostcopyError::PlacedTwice {
+                block: b.idstr().to_string(),
+                offset,
+            });
+        }
+        let placed = match data {
+            Some(d) => b.place_page(uffd, offset, d),
+            None => b.place_zero_page(uffd, offset),
+        }
+        .map_err(|source| PostcopyError::Place {
+            block: b.idstr().to_string(),
+            offset,
+            source,
+        })?;
+        self.placed.set(bi, page);
+        if placed == Placement::Placed {
+            self.note_resolved(bi, page);
+        }
+        Ok(())
+    }
+
+    fn note_resolved(&self, bi: usize, page: usize) {
+        let asked = self
+            .requested
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&(bi, page));
+        if let Some(t) = asked {
+            let mut l = self.latencies_us.lock().unwrap_or_else(|e| e.into_inner());
+            if l.len() < MAX_LATENCIES {
+                l.push(t.elapsed().as_micros() as u64);
+            }
+        }
+    }
+
+    /// Reads fault messages until told to stop; an error ends postcopy (recorded for
+    /// the listen thread, which fails on it) after unregistering RAM.
+    fn fault_loop(&self) {
+        let Some(uffd) = self.uffd.get().cloned() else {
+            return;
+        };
+        let mut faults = Vec::new();
+        let mut last_block: Option<usize> = None;
+        while !self.stop.load(Ordering::Acquire) {
+            faults.clear();
+            let r = uffd
+                .read_faults(FAULT_POLL, &mut faults)
+                .map_err(|e| e.to_string())
+                .and_then(|()| {
+                    for &addr in &faults {
+                        self.resolve_fault(&uffd, addr, &mut last_block)?;
+                    }
+                    Ok(())
+                });
+            if let Err(e) = r {
+                *self.fault_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+                self.unregister_all();
+                return;
+            }
+        }
+    }
+
+    fn resolve_fault(
+        &self,
+        uffd: &Userfaultfd,
+        addr: u64,
+        last_block: &mut Option<usize>,
+    ) -> Result<(), String> {
+        let Some((bi, b)) = self
+            .blocks
+            .iter()
+            .enumerate()
+            .find(|(_, b)| (b.host_addr()..b.host_addr() + b.len()).contains(&addr))
+        else {
+            return Ok(());
+        };
+        let ps = b.page_size();
+        let offset = (addr - b.host_addr()) / ps * ps;
+        let page = (offset / ps) as usize;
+        if self.placed.get(bi, page) {
+            // Placed between the fault and this read: the placement woke it already,
+            // a wake more is harmless.
+            return b.wake_page(uffd, offset).map_err(|e| e.to_string());
+        }
+        if self.delivered.get(bi, page) {
+            // A zero page precopy delivered and the loader left absent.
+            let placed = b.place_zero_page(uffd, offset).map_err(|e| {
+                format!("cannot place zero page {offset:#x} of '{}': {e}", b.idstr())
+            })?;
+            if placed == Placement::Placed {
+                self.zero_faults.fetch_add(1, Ordering::Relaxed);
+            }
+            self.placed.set(bi, page);
+            return Ok(());
+        }
+        {
+            let mut asked = self.requested.lock().unwrap_or_else(|e| e.into_inner());
+            if asked.contains_key(&(bi, page)) {
+                return Ok(());
+            }
+            asked.insert((bi, page), Instant::now());
+        }
+        let msg = if *last_block == Some(bi) {
+            RpMessage::ReqPages {
+                start: offset,
+                len: ps as u32,
+            }
+        } else {
+            RpMessage::ReqPagesId {
+                start: offset,
+                len: ps as u32,
+                block: b.idstr().to_string(),
+            }
+        };
+        *last_block = Some(bi);
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        if let Some(w) = &self.writer {
+            w.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .send(&msg)
+                .map_err(|e| format!("cannot ask the source for a page: {e}"))?;
+        }
+        Ok(())
+    }
+
+    fn unregister_all(&self) {
+        if let Some(uffd) = self.uffd.get() {
+            for b in &self.blocks {
+                let _ = b.unregister_missing(uffd);
+            }
+        }
+    }
+
+    /// Ends postcopy: stops the fault thread and unregisters RAM, waking any thread
+    /// still waiting on a page. Returns the fault thread's error, if it had one.
+    pub(crate) fn finish(&self) -> Option<String> {
+        self.stop.store(true, Ordering::Release);
+        if !self.finished.swap(true, Ordering::AcqRel) {
+            // Unregister first: a waiter must not outlive postcopy even if the fault
+            // thread is slow to notice the flag.
+            self.unregister_all();
+            let handle = self
+                .fault_thread
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+            if let Some(h) = handle {
+                let _ = h.join();
+            }
+            for b in &self.blocks {
+                b.note_external_writes();
+            }
+        }
+        self.fault_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The fault thread's error, while postcopy runs.
+    pub(crate) fn fault_error(&self) -> Option<String> {
+        self.fault_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Pages asked of the source (QEMU's `postcopy-requests`, as the destination counts
+    /// them).
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Faults resolved with a zero page at once (precopy had sent the page as zero).
+    pub fn zero_faults(&self) -> u64 {
+        self.zero_faults.load(Ordering::Relaxed)
+    }
+
+    /// Latencies of the faults whose page was asked of the source, so far.
+    pub fn latency(&self) -> LatencySummary {
+        let mut l = self
+            .latencies_us
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if l.is_empty() {
+            return LatencySummary::default();
+        }
+        l.sort_unstable();
+        let at = |q: f64| l[((l.len() - 1) as f64 * q).round() as usize];
+        LatencySummary {
+            count: l.len(),
+            p50_us: at(0.5),
+            p99_us: at(0.99),
+            max_us: *l.last().expect("not empty"),
+        }
+    }
+}
