@@ -188,9 +188,16 @@ def test_cpr_reboot_refusals(ws):
     # QEMU's transport rules still apply first
     r = c.cmd("migrate", uri="foo:bar")
     assert r["error"]["desc"] == "unknown migration protocol: foo:bar", r
-    # postcopy-ram, dirty-bitmaps, background-snapshot and x-colo would be refused by
-    # the mode ("Cannot use postcopy with CPR", ...), but vmigrate does not offer them
-    for cap in ("postcopy-ram", "dirty-bitmaps", "background-snapshot", "x-colo"):
+    # postcopy-ram is taken, and `migrate` refuses it in this mode, as QEMU does
+    c.ok("migrate-set-capabilities",
+         capabilities=[{"capability": "postcopy-ram", "state": True}])
+    r = c.cmd("migrate", uri=f"file:{ws.path('cpr.bin')}")
+    assert r["error"]["desc"] == "Cannot use postcopy with CPR", r
+    c.ok("migrate-set-capabilities",
+         capabilities=[{"capability": "postcopy-ram", "state": False}])
+    # dirty-bitmaps, background-snapshot and x-colo would be refused by the mode
+    # ("Cannot use postcopy with CPR", ...), but vmigrate does not offer them
+    for cap in ("dirty-bitmaps", "background-snapshot", "x-colo"):
         r = c.cmd("migrate-set-capabilities",
                   capabilities=[{"capability": cap, "state": True}])
         assert r["error"]["desc"] == f"Capability '{cap}' is not supported by vmigrate yet"
