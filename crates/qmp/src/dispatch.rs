@@ -193,6 +193,7 @@ static SET_PARAMETERS: Ty = Ty::Struct(
         opt("mode", &MODE),
         opt("zero-page-detection", &ZERO_PAGE),
         opt("direct-io", &BOOL),
+        opt("x-vmigrate-postcopy-after", &U64),
     ],
 );
 static PARAMETERS: Ty = Ty::Struct("MigrationParameters", &[]);
