@@ -62,3 +62,32 @@ def test_precopy_that_cannot_converge_switches_to_postcopy_by_itself(ws):
     assert si["ram"]["dirty-sync-count"] >= 2, si
     print(f"\nauto-switch after {switched:.2f}s: total={si['total-time']}ms "
           f"postcopy-requests={si['ram']['postcopy-requests']}")
+
+
+def test_destination_reports_postcopy_blocktime(ws):
+    """postcopy-blocktime on the destination: per vCPU, the time from a vCPU's fault
+    to its page being placed; overall, the time all vCPUs were blocked at once."""
+    require("vmigrate")
+    src, dst = pair(ws)
+    for m in (src, dst):
+        m.set_caps(events=True, postcopy_ram=True)
+    dst.set_caps(postcopy_blocktime=True)
+    src.set_params(max_bandwidth=64 * MiB, downtime_limit=300,
+                   x_vmigrate_postcopy_after=1000)
+    src.cmd("migrate", uri=start_incoming(dst))
+    info = src.wait_migration(("postcopy-active", "completed", "failed"), timeout=30)
+    assert info["status"] in ("postcopy-active", "completed"), info
+    t_switch = time.monotonic()
+    si, di = finish_and_verify(src, dst)
+    postcopy_ms = (time.monotonic() - t_switch) * 1000 + 1000
+    assert isinstance(di["postcopy-blocktime"], int), di
+    per_vcpu = di["postcopy-vcpu-blocktime"]
+    assert len(per_vcpu) == 2, di
+    assert all(isinstance(x, int) and 0 <= x <= postcopy_ms for x in per_vcpu), di
+    assert sum(per_vcpu) > 0, di
+    assert di["postcopy-blocktime"] <= min(per_vcpu), di
+    # vmigrate's own per-fault record stays.
+    assert di["x-vmigrate-fault-latency-us"]["count"] > 0, di
+    print(f"\nblocktime: overall={di['postcopy-blocktime']}ms per-vcpu={per_vcpu}ms "
+          f"postcopy-requests={si['ram']['postcopy-requests']} "
+          f"faults={di['x-vmigrate-fault-latency-us']}")
