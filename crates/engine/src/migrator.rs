@@ -749,6 +749,14 @@ impl Migrator {
                 }
                 // vmigrate's own figures of a postcopy destination (QEMU shows none).
                 if let Some(pc) = &*self.postcopy.lock().unwrap_or_else(|e| e.into_inner()) {
+                    // QEMU's, once the migration completed with postcopy-blocktime on.
+                    if let Some((overall, per_vcpu)) = pc
+                        .blocktime()
+                        .filter(|_| st.status == MigrationStatus::Completed)
+                    {
+                        out.insert("postcopy-blocktime".into(), json!(overall));
+                        out.insert("postcopy-vcpu-blocktime".into(), json!(per_vcpu));
+                    }
                     let l = pc.latency();
                     out.insert("x-vmigrate-postcopy-requests".into(), json!(pc.requests()));
                     out.insert(

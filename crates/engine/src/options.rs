@@ -103,9 +103,10 @@ capabilities! {
 
 /// Capabilities vmigrate implements. `zero-blocks` and `late-block-activate` have no
 /// effect in QEMU 10.0 either, so accepting them is faithful.
-const SUPPORTED_CAPABILITIES: [Cap; 11] = [
+const SUPPORTED_CAPABILITIES: [Cap; 12] = [
     Cap::Events,
     Cap::PostcopyRam,
+    Cap::PostcopyBlocktime,
     Cap::MappedRam,
     Cap::AutoConverge,
     Cap::Multifd,
@@ -565,6 +566,7 @@ parameters! {
     ZeroPageDetection zero_page_detection = "zero-page-detection":
         Enum(ZeroPageDetection) = Multifd,
     DirectIo direct_io = "direct-io": Bool = false,
+    XVmigratePostcopyAfter x_vmigrate_postcopy_after = "x-vmigrate-postcopy-after": U64 = 0,
 }
 
 const BLOCK_BITMAP_MAPPING: &str = "block-bitmap-mapping";
@@ -620,6 +622,9 @@ const SET_ORDER: [SetMember; Param::ALL.len() + 1] = {
         P(Param::Mode),
         P(Param::ZeroPageDetection),
         P(Param::DirectIo),
+        // vmigrate's own, after QEMU's members: the `x-vmigrate-` prefix keeps it out of
+        // any name QEMU may take.
+        P(Param::XVmigratePostcopyAfter),
     ]
 };
 
@@ -953,7 +958,8 @@ mod tests {
         assert_eq!(p.max_bandwidth(), 134_217_728);
         assert_eq!(p.downtime_limit(), 300);
         assert_eq!(p.zero_page_detection(), ZeroPageDetection::Multifd);
-        assert_eq!(p.to_json().as_object().unwrap().len(), 28);
+        // QEMU's 28, then vmigrate's own.
+        assert_eq!(p.to_json().as_object().unwrap().len(), 29);
         // `query-migrate-parameters` on a fresh process, byte for byte
         let expected = [
             "{",
@@ -968,7 +974,8 @@ mod tests {
             "\"multifd-qatzip-level\":1,\"multifd-zstd-level\":1,",
             "\"xbzrle-cache-size\":67108864,\"max-postcopy-bandwidth\":0,",
             "\"x-vcpu-dirty-limit-period\":1000,\"vcpu-dirty-limit\":1,\"mode\":\"normal\",",
-            "\"zero-page-detection\":\"multifd\",\"direct-io\":false",
+            "\"zero-page-detection\":\"multifd\",\"direct-io\":false,",
+            "\"x-vmigrate-postcopy-after\":0",
             "}",
         ]
         .concat();

@@ -292,6 +292,12 @@ impl Shared {
         self.lock().postcopy_requested
     }
 
+    /// Asks for the switch to postcopy as `migrate-start-postcopy` does (the automatic
+    /// switch of `x-vmigrate-postcopy-after`).
+    pub(crate) fn request_postcopy(&self) {
+        self.lock().postcopy_requested = true;
+    }
+
     /// Waits in `pre-switchover` for `migrate-continue` or a cancel. True to go on.
     pub fn wait_continue(&self) -> bool {
         let mut st = self.lock();

@@ -93,6 +93,8 @@ pub(crate) struct FakeVmm {
     blocks: Vec<Arc<RamBlock>>,
     pub(crate) dirty: FakeDirtyLog,
     pub(crate) control: FakeControl,
+    /// The host thread ids that play the vCPUs, by index (none by default).
+    pub(crate) vcpu_threads: Mutex<Vec<u32>>,
 }
 
 impl FakeVmm {
@@ -106,6 +108,7 @@ impl FakeVmm {
             control: FakeControl {
                 state: Mutex::new(vec![state]),
             },
+            vcpu_threads: Mutex::new(Vec::new()),
         })
     }
 
@@ -143,6 +146,9 @@ impl Vmm for FakeVmm {
     }
     fn uuid(&self) -> Option<[u8; 16]> {
         None
+    }
+    fn vcpu_thread_ids(&self) -> Vec<u32> {
+        self.vcpu_threads.lock().unwrap().clone()
     }
 }
 

@@ -21,6 +21,8 @@ const UFFD_API: u64 = 0xaa;
 /// `UFFD_FEATURE_MISSING_HUGETLBFS`, `UFFD_FEATURE_MISSING_SHMEM`.
 const UFFD_FEATURE_MISSING_HUGETLBFS: u64 = 1 << 4;
 const UFFD_FEATURE_MISSING_SHMEM: u64 = 1 << 5;
+/// `UFFD_FEATURE_THREAD_ID`: fault messages carry the faulting thread's id.
+const UFFD_FEATURE_THREAD_ID: u64 = 1 << 8;
 /// `UFFDIO_REGISTER_MODE_MISSING`.
 const UFFDIO_REGISTER_MODE_MISSING: u64 = 1 << 0;
 /// `_UFFDIO_COPY`: the bit of `uffdio_register.ioctls` that says pages can be copied in.
@@ -167,6 +169,14 @@ pub enum Placement {
     AlreadyPresent,
 }
 
+/// One page fault read from a userfaultfd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fault {
+    pub address: u64,
+    /// The faulting thread's id (`UFFD_FEATURE_THREAD_ID`), else 0.
+    pub thread_id: u32,
+}
+
 /// A userfaultfd for MISSING faults.
 #[derive(Debug)]
 pub struct Userfaultfd {
@@ -177,8 +187,17 @@ impl Userfaultfd {
     /// Opens a userfaultfd (the system call, else `/dev/userfaultfd`) for MISSING
     /// faults; `shmem` and `hugetlbfs` ask for the features those memory kinds need.
     pub fn open(shmem: bool, hugetlbfs: bool) -> Result<Self, UffdError> {
+        Self::open_with(shmem, hugetlbfs, false)
+    }
+
+    /// [`Userfaultfd::open`], and with `thread_id` fault messages say which thread
+    /// faulted (`UFFD_FEATURE_THREAD_ID`, for postcopy-blocktime).
+    pub fn open_with(shmem: bool, hugetlbfs: bool, thread_id: bool) -> Result<Self, UffdError> {
         let fd = new_userfaultfd()?;
         let mut wanted = 0;
+        if thread_id {
+            wanted |= UFFD_FEATURE_THREAD_ID;
+        }
         if shmem {
             wanted |= UFFD_FEATURE_MISSING_SHMEM;
         }
@@ -325,6 +344,19 @@ impl Userfaultfd {
     /// Waits up to `timeout` for fault messages and appends the faulting addresses to
     /// `out`. Returns with nothing when the time passed, so a caller can stop.
     pub fn read_faults(&self, timeout: Duration, out: &mut Vec<u64>) -> Result<(), UffdError> {
+        let mut faults = Vec::new();
+        self.read_faults_with_thread(timeout, &mut faults)?;
+        out.extend(faults.into_iter().map(|f| f.address));
+        Ok(())
+    }
+
+    /// [`Userfaultfd::read_faults`], each fault with the id of the thread that took it
+    /// (0 unless opened with `thread_id`).
+    pub fn read_faults_with_thread(
+        &self,
+        timeout: Duration,
+        out: &mut Vec<Fault>,
+    ) -> Result<(), UffdError> {
         let mut fds = [rustix::event::PollFd::new(
             &self.fd,
             rustix::event::PollFlags::IN,
@@ -355,7 +387,11 @@ impl Userfaultfd {
             msgs[..count]
                 .iter()
                 .filter(|m| m.event == UFFD_EVENT_PAGEFAULT)
-                .map(|m| m.address),
+                .map(|m| Fault {
+                    address: m.address,
+                    // `feat.ptid`, the first 32 bits after the address.
+                    thread_id: m.rest as u32,
+                }),
         );
         Ok(())
     }

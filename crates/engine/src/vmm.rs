@@ -246,6 +246,12 @@ pub trait Vmm: Send + Sync {
         let _ = mode;
         Vec::new()
     }
+    /// The host thread id of each vCPU's thread, by vCPU index (0 for a thread not
+    /// started yet): postcopy-blocktime tells a vCPU's fault by it, and reports one
+    /// figure per vCPU. The default is a VM without vCPUs.
+    fn vcpu_thread_ids(&self) -> Vec<u32> {
+        Vec::new()
+    }
 }
 
 #[cfg(test)]

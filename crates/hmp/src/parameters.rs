@@ -19,7 +19,7 @@ pub enum ParameterSyntax {
     /// Like [`SizeInBytes`](Self::SizeInBytes), but refused above `i64::MAX` with
     /// `Invalid size` (`xbzrle-cache-size`).
     CacheSize,
-    /// An unsigned integer of the given width in bits (8 or 32).
+    /// An unsigned integer of the given width in bits (8, 32 or 64).
     Unsigned {
         /// The width of the QAPI type, used for the `expects uint<bits>_t` message.
         bits: u32,
@@ -81,6 +81,11 @@ pub const PARAMETERS: &[(&str, ParameterSyntax)] = &[
     ("mode", ParameterSyntax::EnumMember),
     ("zero-page-detection", ParameterSyntax::EnumMember),
     ("direct-io", ParameterSyntax::Bool),
+    // vmigrate's own: milliseconds of precopy before the automatic switch to postcopy.
+    (
+        "x-vmigrate-postcopy-after",
+        ParameterSyntax::Unsigned { bits: 64 },
+    ),
 ];
 
 /// Why a `migrate_set_parameter` value was refused before anything was sent to QMP.
@@ -210,7 +215,8 @@ mod tests {
 
     #[test]
     fn the_table_lists_every_parameter_once() {
-        assert_eq!(PARAMETERS.len(), 29);
+        // QEMU's 29 and vmigrate's x-vmigrate-postcopy-after.
+        assert_eq!(PARAMETERS.len(), 30);
         for (index, (name, _)) in PARAMETERS.iter().enumerate() {
             assert!(
                 PARAMETERS[index + 1..]
@@ -219,6 +225,18 @@ mod tests {
                 "{name} twice"
             );
         }
+    }
+
+    #[test]
+    fn the_automatic_postcopy_switch_takes_plain_milliseconds() {
+        assert_eq!(
+            sent("x-vmigrate-postcopy-after", "5000"),
+            json!({ "x-vmigrate-postcopy-after": 5000 })
+        );
+        assert_eq!(
+            refused("x-vmigrate-postcopy-after", "5s"),
+            "Parameter 'x-vmigrate-postcopy-after' expects uint64"
+        );
     }
 
     #[test]

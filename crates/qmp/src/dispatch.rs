@@ -129,6 +129,7 @@ static SOCKET_ADDRESS: Ty = Ty::Union {
     ],
 };
 static STR_LIST: Ty = Ty::Array(&STR);
+static INT_LIST: Ty = Ty::Array(&INT);
 static EXEC_ADDRESS: Ty = Ty::Struct("MigrationExecCommand", &[req("args", &STR_LIST)]);
 static FILE_ADDRESS: Ty = Ty::Struct(
     "FileMigrationArgs",
@@ -193,6 +194,7 @@ static SET_PARAMETERS: Ty = Ty::Struct(
         opt("mode", &MODE),
         opt("zero-page-detection", &ZERO_PAGE),
         opt("direct-io", &BOOL),
+        opt("x-vmigrate-postcopy-after", &U64),
     ],
 );
 static PARAMETERS: Ty = Ty::Struct("MigrationParameters", &[]);
@@ -208,6 +210,8 @@ static MIGRATION_INFO: Ty = Ty::Struct(
         opt("error-desc", &STR),
         opt("blocked-reasons", &STR_LIST),
         opt("socket-address", &ANY),
+        opt("postcopy-blocktime", &INT),
+        opt("postcopy-vcpu-blocktime", &INT_LIST),
     ],
 );
 static THREAD_INFO: Ty = Ty::Struct(

@@ -150,6 +150,8 @@ pub struct KvmGuest {
     ring_resets: AtomicU64,
     /// `KVM_EXIT_DIRTY_RING_FULL` exits the vCPUs took.
     ring_full_exits: AtomicU64,
+    /// The host thread of each vCPU.
+    threads: crate::vcpu_threads::VcpuThreadIds,
     /// Ring overflows recovered from (each re-armed tracking).
     ring_overflows: AtomicU64,
     /// Pages written counted at boot or arrival (the dirty-rate meter counts from it).
@@ -225,6 +227,7 @@ impl KvmGuest {
             tracking_state: Mutex::default(),
             ring_resets: AtomicU64::new(0),
             ring_full_exits: AtomicU64::new(0),
+            threads: crate::vcpu_threads::VcpuThreadIds::new(cpus as usize),
             ring_overflows: AtomicU64::new(0),
             written_base: AtomicU64::new(0),
             unexpected_exits: AtomicU64::new(0),
@@ -412,7 +415,13 @@ impl KvmGuest {
             .collect()
     }
 
+    /// The host thread of each vCPU.
+    pub fn vcpu_threads(&self) -> &crate::vcpu_threads::VcpuThreadIds {
+        &self.threads
+    }
+
     fn run_vcpu(&self, vcpu: &KvmVcpu) {
+        self.threads.record_current(vcpu.index as usize);
         let mut pacer = Pacer::new(None);
         let mut stopped = false;
         loop {

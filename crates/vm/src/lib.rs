@@ -25,6 +25,7 @@ pub mod serial;
 pub mod soft;
 pub mod timer;
 pub mod uffd;
+pub mod vcpu_threads;
 pub mod workload;
 
 pub use machine::{Accel, LabConfig, Machine, MachineConfig, MachineError, MachineKind};

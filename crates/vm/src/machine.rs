@@ -397,4 +397,18 @@ impl Vmm for Machine {
     fn migration_blockers(&self, mode: MigMode) -> Vec<String> {
         self.blockers.for_mode(mode)
     }
+    fn vcpu_thread_ids(&self) -> Vec<u32> {
+        self.vcpu_threads().map_or_else(Vec::new, |t| t.snapshot())
+    }
+}
+
+impl Machine {
+    /// The host threads of the soft or KVM vCPUs (none on a `none` machine).
+    fn vcpu_threads(&self) -> Option<&crate::vcpu_threads::VcpuThreadIds> {
+        match &self.accel {
+            Accelerator::Idle => None,
+            Accelerator::Soft { workload, .. } => Some(workload.vcpu_threads()),
+            Accelerator::Kvm(guest) => Some(guest.vcpu_threads()),
+        }
+    }
 }

@@ -97,6 +97,8 @@ pub struct SoftWorkload {
     hot_pages: u64,
     page_size: u64,
     vcpus: Vec<SoftVcpu>,
+    /// The host thread of each vCPU.
+    threads: crate::vcpu_threads::VcpuThreadIds,
     ram: Arc<RamBlock>,
     /// Where the vCPUs mark the pages they write; `None` when the kernel tracks their
     /// writes.
@@ -138,6 +140,7 @@ impl SoftWorkload {
             hot_pages,
             page_size,
             vcpus: (0..cpus.max(1)).map(|_| SoftVcpu::default()).collect(),
+            threads: crate::vcpu_threads::VcpuThreadIds::new(cpus.max(1) as usize),
             ram,
             dirty,
             serial,
@@ -193,7 +196,13 @@ impl SoftWorkload {
     }
 
     /// One vCPU's loop: write the next page of its slice, pass after pass.
+    /// The host thread of each vCPU.
+    pub fn vcpu_threads(&self) -> &crate::vcpu_threads::VcpuThreadIds {
+        &self.threads
+    }
+
     fn run_vcpu(&self, index: usize) {
+        self.threads.record_current(index);
         let cpus = self.vcpus.len() as u32;
         let slice = vcpu_slice(self.hot_pages, cpus, index as u32);
         let me = &self.vcpus[index];

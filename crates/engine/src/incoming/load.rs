@@ -276,6 +276,8 @@ struct Commands<'a> {
     phase: IncomingPhase,
     postcopy_ram: bool,
     blocks: Vec<Arc<crate::memory::RamBlock>>,
+    /// With `postcopy-blocktime`: each vCPU's host thread id.
+    vcpu_threads: Option<Vec<u32>>,
     postcopy: Option<Arc<PostcopyIncoming>>,
     hooks: Option<&'a PostcopyHooks<'a>>,
 }
@@ -393,6 +395,7 @@ impl Commands<'_> {
         self.postcopy = Some(PostcopyIncoming::new(
             self.blocks.clone(),
             self.rp.writer.clone(),
+            self.vcpu_threads.clone(),
         ));
         Ok(Step::Advised)
     }
@@ -506,6 +509,7 @@ fn load_records(
         phase: IncomingPhase::Precopy,
         postcopy_ram: caps.postcopy_ram(),
         blocks: vmm.ram_blocks().to_vec(),
+        vcpu_threads: caps.postcopy_blocktime().then(|| vmm.vcpu_thread_ids()),
         postcopy: None,
         hooks,
     };
@@ -1163,18 +1167,33 @@ mod tests {
         }
     }
 
-    fn postcopy_caps() -> Capabilities {
+    fn postcopy_caps(blocktime: bool) -> Capabilities {
         Capabilities::default()
             .merged(
-                &serde_json::json!([{"capability": "postcopy-ram", "state": true}]),
+                &serde_json::json!([{"capability": "postcopy-ram", "state": true},
+                                    {"capability": "postcopy-blocktime", "state": blocktime}]),
                 false,
                 &crate::options::Parameters::default(),
             )
             .unwrap()
     }
 
+    /// What a synthetic postcopy run gives: the load's result, the return path's
+    /// messages, the postcopy session.
+    type PostcopyRun = (
+        Result<LoadOutcome, LoadError>,
+        Vec<RpMessage>,
+        Option<Arc<PostcopyIncoming>>,
+    );
+
     /// Runs the synthetic postcopy stream; `hostile` sends the requested page twice.
-    fn run_postcopy(hostile: bool) -> Option<(Result<LoadOutcome, LoadError>, Vec<RpMessage>)> {
+    /// The thread that reads the discarded page 2 plays vCPU 1 of 2; with `blocktime`
+    /// the capability is on, and the source holds the page back `hold` long.
+    fn run_postcopy_with(
+        hostile: bool,
+        blocktime: bool,
+        hold: std::time::Duration,
+    ) -> Option<PostcopyRun> {
         use std::io::Write;
         use std::os::unix::net::UnixStream;
         if let Err(e) = crate::uffd::available() {
@@ -1188,11 +1207,13 @@ mod tests {
         source
             .set_read_timeout(Some(std::time::Duration::from_secs(20)))
             .unwrap();
-        let caps = postcopy_caps();
+        let caps = postcopy_caps(blocktime);
         let runs = Mutex::new(Vec::new());
         let listened = std::sync::atomic::AtomicBool::new(false);
-        let on_listen = |_: &Arc<PostcopyIncoming>| -> Result<(), String> {
+        let session = Mutex::new(None);
+        let on_listen = |pc: &Arc<PostcopyIncoming>| -> Result<(), String> {
             listened.store(true, std::sync::atomic::Ordering::SeqCst);
+            *session.lock().unwrap() = Some(pc.clone());
             Ok(())
         };
         let on_run = |r: Option<&str>| runs.lock().unwrap().push(r.map(str::to_string));
@@ -1202,6 +1223,22 @@ mod tests {
         };
         let block = vmm.ram_blocks()[0].clone();
         std::thread::scope(|scope| {
+            // Page 2 was discarded: this reader (vCPU 1) waits until the source sends
+            // it.
+            let (go, wait) = std::sync::mpsc::channel::<()>();
+            let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+            let reader = {
+                let b = block.clone();
+                scope.spawn(move || {
+                    // SAFETY: gettid has no preconditions.
+                    let _ = tid_tx.send(unsafe { libc::gettid() } as u32);
+                    wait.recv().unwrap();
+                    let mut page = vec![0u8; ps as usize];
+                    b.read(2 * ps, &mut page);
+                    page
+                })
+            };
+            *vmm.vcpu_threads.lock().unwrap() = vec![1, tid_rx.recv().unwrap()];
             let loader = scope.spawn(|| {
                 let fd = OwnedFd::from(dst.try_clone().unwrap());
                 let mut src = FdSource::new(fd, 0);
@@ -1232,15 +1269,7 @@ mod tests {
                 })
             };
             assert!(zero_reader.join().unwrap().iter().all(|&x| x == 0));
-            // Page 2 was discarded: the reader waits until the source sends it.
-            let reader = {
-                let b = block.clone();
-                scope.spawn(move || {
-                    let mut page = vec![0u8; ps as usize];
-                    b.read(2 * ps, &mut page);
-                    page
-                })
-            };
+            go.send(()).unwrap();
             let req = RpMessage::decode(&mut rp_in).unwrap();
             assert_eq!(
                 req,
@@ -1251,6 +1280,7 @@ mod tests {
                 }
             );
             heard.push(req);
+            std::thread::sleep(hold);
             source
                 .write_all(&postcopy_source::pages_section(false, &[2]))
                 .unwrap();
@@ -1282,8 +1312,37 @@ mod tests {
                     assert_eq!(&ram[at..at + ps as usize], &want[..], "page {p}");
                 }
             }
-            Some((result, heard))
+            let pc = session.lock().unwrap().take();
+            Some((result, heard, pc))
         })
+    }
+
+    fn run_postcopy(hostile: bool) -> Option<(Result<LoadOutcome, LoadError>, Vec<RpMessage>)> {
+        run_postcopy_with(hostile, false, std::time::Duration::ZERO)
+            .map(|(result, heard, _)| (result, heard))
+    }
+
+    #[test]
+    fn postcopy_blocktime_counts_the_vcpu_thread_waits() {
+        let hold = std::time::Duration::from_millis(150);
+        let Some((result, _, pc)) = run_postcopy_with(false, true, hold) else {
+            return;
+        };
+        result.unwrap();
+        let (overall, per_vcpu) = pc.unwrap().blocktime().expect("blocktime on");
+        // vCPU 1 waited for page 2 at least as long as the source held it; vCPU 0
+        // (thread id 1, no such thread) never faulted, so the vCPUs were never all
+        // blocked at once.
+        assert_eq!(per_vcpu.len(), 2);
+        assert_eq!(per_vcpu[0], 0);
+        assert!((150..5000).contains(&per_vcpu[1]), "{per_vcpu:?}");
+        assert_eq!(overall, 0);
+        // Without the capability, nothing is measured.
+        let Some((result, _, pc)) = run_postcopy_with(false, false, hold) else {
+            return;
+        };
+        result.unwrap();
+        assert_eq!(pc.unwrap().blocktime(), None);
     }
 
     #[test]
@@ -1330,7 +1389,7 @@ mod tests {
         let ps = crate::memory::host_page_size();
         let vmm = FakeVmm::new(16, RunState::InMigrate);
         let (dst, mut source) = UnixStream::pair().unwrap();
-        let caps = postcopy_caps();
+        let caps = postcopy_caps(false);
         let on_listen = |_: &Arc<PostcopyIncoming>| -> Result<(), String> { Ok(()) };
         let on_run = |_: Option<&str>| {};
         let hooks = PostcopyHooks {
@@ -1419,7 +1478,7 @@ mod tests {
             let _ = std::fs::remove_file(&path);
             let mut src = FdSource::new(fd, 0);
             let vmm = FakeVmm::new(4, RunState::InMigrate);
-            load_stream(&mut src, vmm.as_ref(), &postcopy_caps(), None, None)
+            load_stream(&mut src, vmm.as_ref(), &postcopy_caps(false), None, None)
                 .unwrap_err()
                 .to_string()
         };

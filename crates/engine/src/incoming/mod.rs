@@ -4,6 +4,7 @@
 //! ([`postcopy`]: userfaultfd, the fault thread and the listen thread).
 
 pub(crate) mod accept;
+pub(crate) mod blocktime;
 pub(crate) mod load;
 pub(crate) mod multifd_recv;
 pub(crate) mod pages;

@@ -25,9 +25,10 @@ use std::time::{Duration, Instant};
 use vmigrate_stream::return_path::RpMessage;
 
 use crate::channels::return_path::ReturnPathWriter;
+use crate::incoming::blocktime::Blocktime;
 use crate::incoming::pages::ReceivedPages;
 use crate::memory::RamBlock;
-use crate::uffd::{Placement, UffdError, Userfaultfd};
+use crate::uffd::{Fault, Placement, UffdError, Userfaultfd};
 
 /// How long the fault thread waits for a message before it looks at its stop flag.
 const FAULT_POLL: Duration = Duration::from_millis(50);
@@ -107,10 +108,19 @@ pub struct PostcopyIncoming {
     fault_error: Mutex<Option<String>>,
     writer: Option<SharedWriter>,
     finished: AtomicBool,
+    /// `postcopy-blocktime`: the vCPUs' waits, and each vCPU's host thread id (by
+    /// index) to tell its faults by. The lock is also held while a fault is checked
+    /// against the pages placed, so a placement never slips between the two.
+    blocktime: Option<(Mutex<Blocktime>, Vec<u32>)>,
 }
 
 impl PostcopyIncoming {
-    pub(crate) fn new(blocks: Vec<Arc<RamBlock>>, writer: Option<SharedWriter>) -> Arc<Self> {
+    /// `vcpu_threads`: with `postcopy-blocktime`, each vCPU's host thread id.
+    pub(crate) fn new(
+        blocks: Vec<Arc<RamBlock>>,
+        writer: Option<SharedWriter>,
+        vcpu_threads: Option<Vec<u32>>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             delivered: ReceivedPages::new(&blocks),
             placed: ReceivedPages::new(&blocks),
@@ -126,6 +136,7 @@ impl PostcopyIncoming {
             fault_error: Mutex::new(None),
             writer,
             finished: AtomicBool::new(false),
+            blocktime: vcpu_threads.map(|t| (Mutex::new(Blocktime::new(t.len())), t)),
         })
     }
 
@@ -186,7 +197,10 @@ impl PostcopyIncoming {
             .blocks
             .iter()
             .any(|b| matches!(b.backing(), Backing::File { .. }));
-        let uffd = Arc::new(Userfaultfd::open(shmem, false).map_err(PostcopyError::Register)?);
+        let uffd = Arc::new(
+            Userfaultfd::open_with(shmem, false, self.blocktime.is_some())
+                .map_err(PostcopyError::Register)?,
+        );
         for (i, b) in self.blocks.iter().enumerate() {
             if let Err(e) = b.register_missing(&uffd) {
                 for done in &self.blocks[..i] {
@@ -238,10 +252,24 @@ impl PostcopyIncoming {
             source,
         })?;
         self.placed.set(bi, page);
+        self.blocktime_placed(b.host_addr() + offset);
         if placed == Placement::Placed {
             self.note_resolved(bi, page);
         }
         Ok(())
+    }
+
+    fn blocktime_lock(&self) -> Option<std::sync::MutexGuard<'_, Blocktime>> {
+        self.blocktime
+            .as_ref()
+            .map(|(b, _)| b.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// The page at `addr` is in place: vCPUs blocked on it run again.
+    fn blocktime_placed(&self, addr: u64) {
+        if let Some(mut b) = self.blocktime_lock() {
+            b.placed(addr, Instant::now());
+        }
     }
 
     fn note_resolved(&self, bi: usize, page: usize) {
@@ -269,11 +297,11 @@ impl PostcopyIncoming {
         while !self.stop.load(Ordering::Acquire) {
             faults.clear();
             let r = uffd
-                .read_faults(FAULT_POLL, &mut faults)
+                .read_faults_with_thread(FAULT_POLL, &mut faults)
                 .map_err(|e| e.to_string())
                 .and_then(|()| {
-                    for &addr in &faults {
-                        self.resolve_fault(&uffd, addr, &mut last_block)?;
+                    for &fault in &faults {
+                        self.resolve_fault(&uffd, fault, &mut last_block)?;
                     }
                     Ok(())
                 });
@@ -288,9 +316,10 @@ impl PostcopyIncoming {
     fn resolve_fault(
         &self,
         uffd: &Userfaultfd,
-        addr: u64,
+        fault: Fault,
         last_block: &mut Option<usize>,
     ) -> Result<(), String> {
+        let addr = fault.address;
         let Some((bi, b)) = self
             .blocks
             .iter()
@@ -302,10 +331,21 @@ impl PostcopyIncoming {
         let ps = b.page_size();
         let offset = (addr - b.host_addr()) / ps * ps;
         let page = (offset / ps) as usize;
-        if self.placed.get(bi, page) {
-            // Placed between the fault and this read: the placement woke it already,
-            // a wake more is harmless.
-            return b.wake_page(uffd, offset).map_err(|e| e.to_string());
+        let page_addr = b.host_addr() + offset;
+        {
+            let mut blocktime = self.blocktime_lock();
+            if self.placed.get(bi, page) {
+                // Placed between the fault and this read: the placement woke it
+                // already, a wake more is harmless.
+                drop(blocktime);
+                return b.wake_page(uffd, offset).map_err(|e| e.to_string());
+            }
+            let vcpu = self.blocktime.as_ref().and_then(|(_, threads)| {
+                threads.iter().position(|&t| t != 0 && t == fault.thread_id)
+            });
+            if let (Some(bt), Some(vcpu)) = (blocktime.as_mut(), vcpu) {
+                bt.fault(vcpu, page_addr, Instant::now());
+            }
         }
         if self.delivered.get(bi, page) {
             // A zero page precopy delivered and the loader left absent.
@@ -316,6 +356,7 @@ impl PostcopyIncoming {
                 self.zero_faults.fetch_add(1, Ordering::Relaxed);
             }
             self.placed.set(bi, page);
+            self.blocktime_placed(page_addr);
             return Ok(());
         }
         {
@@ -399,6 +440,13 @@ impl PostcopyIncoming {
     /// Faults resolved with a zero page at once (precopy had sent the page as zero).
     pub fn zero_faults(&self) -> u64 {
         self.zero_faults.load(Ordering::Relaxed)
+    }
+
+    /// `postcopy-blocktime` and `postcopy-vcpu-blocktime` in milliseconds, when the
+    /// capability was on.
+    pub fn blocktime(&self) -> Option<(u32, Vec<u32>)> {
+        self.blocktime_lock()
+            .map(|b| (b.overall_ms(), b.per_vcpu_ms()))
     }
 
     /// Latencies of the faults whose page was asked of the source, so far.

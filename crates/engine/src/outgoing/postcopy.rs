@@ -341,6 +341,12 @@ mod tests {
         /// postcopy and writes `redirty` meanwhile; returns once POSTCOPY_RUN's package
         /// and PING(4) were read.
         fn start(redirty: &[usize]) -> (Run, Vec<Seen>) {
+            Run::start_with(redirty, None)
+        }
+
+        /// [`Run::start`], the switch asked for by `migrate-start-postcopy`, or (with
+        /// `auto_after_ms`) left to `x-vmigrate-postcopy-after`, the stall lasting past it.
+        fn start_with(redirty: &[usize], auto_after_ms: Option<u64>) -> (Run, Vec<Seen>) {
             let vmm = FakeVmm::new(PAGES, RunState::Running);
             for p in 0..PAGES {
                 vmm.write_page(p, (p % 251) as u8 + 1);
@@ -354,6 +360,14 @@ mod tests {
                     .unwrap(),
             )
             .unwrap();
+            if let Some(ms) = auto_after_ms {
+                m.set_parameters(
+                    json!({ "x-vmigrate-postcopy-after": ms })
+                        .as_object()
+                        .unwrap(),
+                )
+                .unwrap();
+            }
             let path = temp_path("postcopy.sock");
             let listener = UnixListener::bind(&path).unwrap();
             let addr = Address::parse_uri(&format!("unix:{}", path.display())).unwrap();
@@ -366,7 +380,10 @@ mod tests {
             for &p in redirty {
                 vmm.write_page(p, 0xee);
             }
-            m.start_postcopy().unwrap();
+            match auto_after_ms {
+                None => m.start_postcopy().unwrap(),
+                Some(ms) => std::thread::sleep(Duration::from_millis(ms + 50)),
+            }
             let rp = conn.try_clone().unwrap();
             let (tx, rx) = mpsc::channel();
             std::thread::spawn(move || read_stream(OwnedFd::from(conn), tx));
@@ -584,6 +601,56 @@ mod tests {
         run.send(RpMessage::Shut(0));
         assert_eq!(wait_for_end(&run.m, LIMIT), MigrationStatus::Completed);
         assert_eq!(run.m.query_migrate()["ram"]["postcopy-requests"], json!(3));
+    }
+
+    #[test]
+    fn precopy_switches_by_itself_after_x_vmigrate_postcopy_after() {
+        let started = std::time::Instant::now();
+        let (run, head) = Run::start_with(&[], Some(200));
+        assert!(started.elapsed() >= Duration::from_millis(200));
+        assert!(head.contains(&Seen::Command(Command::SwitchoverStart)));
+        assert_eq!(run.m.status(), MigrationStatus::PostcopyActive);
+        assert_eq!(
+            run.m.query_parameters()["x-vmigrate-postcopy-after"],
+            json!(200)
+        );
+        let mut sent = pages_of(&run.rest());
+        sent.extend(&run.precopy);
+        sent.sort_unstable();
+        assert_eq!(sent, (0..PAGES).collect::<Vec<_>>());
+        let mut run = run;
+        run.send(RpMessage::Shut(0));
+        assert_eq!(wait_for_end(&run.m, LIMIT), MigrationStatus::Completed);
+        assert_eq!(
+            run.seen.lock().unwrap().clone(),
+            ["setup", "active", "device", "postcopy-active", "completed"]
+        );
+    }
+
+    #[test]
+    fn no_automatic_switch_without_postcopy_ram() {
+        let vmm = FakeVmm::new(4, RunState::Running);
+        let (m, events) = recorded_migrator(vmm, IncomingMode::Disabled);
+        assert_eq!(m.query_parameters()["x-vmigrate-postcopy-after"], json!(0));
+        m.set_parameters(
+            json!({ "x-vmigrate-postcopy-after": 1 })
+                .as_object()
+                .unwrap(),
+        )
+        .unwrap();
+        let path = temp_path("nopostcopy.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let addr = Address::parse_uri(&format!("unix:{}", path.display())).unwrap();
+        m.migrate(addr, false, None).unwrap();
+        let (conn, _) = listener.accept().unwrap();
+        let _ = std::fs::remove_file(&path);
+        // (Read whole, the precopy stream's end is not this reader's business.)
+        std::thread::spawn(move || std::io::copy(&mut &conn, &mut std::io::sink()));
+        assert_eq!(wait_for_end(&m, LIMIT), MigrationStatus::Completed);
+        assert_eq!(
+            events.lock().unwrap().clone(),
+            ["setup", "active", "device", "completed"]
+        );
     }
 
     fn bad_request_fails(msg: RpMessage, text: &str) {

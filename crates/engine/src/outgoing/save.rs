@@ -19,7 +19,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use vmigrate_stream::command::Command;
 use vmigrate_stream::config::Configuration;
@@ -464,7 +464,8 @@ fn iterate_inner(
         bandwidth: 0.0,
     };
     let mut pages_total = 0u64;
-    let mut pass_started = Instant::now();
+    let precopy_started = Instant::now();
+    let mut pass_started = precopy_started;
     let mut extra_passes = ExtraPasses::default();
     loop {
         if cancel.load(Ordering::Relaxed) {
@@ -490,7 +491,7 @@ fn iterate_inner(
             .remaining
             .store(saver.remaining_bytes(), Ordering::Relaxed);
         update_rates(shared, &mut window, pages_total);
-        if session.postcopy && shared.postcopy_requested() && session.may_switch_over() {
+        if postcopy_due(shared, session, precopy_started) && session.may_switch_over() {
             return run_postcopy(shared, vmm, w, saver, session, sync_tracker);
         }
         if pass_done {
@@ -531,6 +532,25 @@ fn iterate_inner(
         }
     }
     complete(shared, vmm, w, saver, session, sync_tracker)
+}
+
+/// Whether the session switches to postcopy at this decision point: `postcopy-ram` is on
+/// and `migrate-start-postcopy` asked for it, or precopy has been `active` for
+/// `x-vmigrate-postcopy-after` milliseconds (0: never) without converging, which then
+/// asks for it as that command would.
+fn postcopy_due(shared: &Shared, session: &Session, precopy_started: Instant) -> bool {
+    if !session.postcopy {
+        return false;
+    }
+    if shared.postcopy_requested() {
+        return true;
+    }
+    let after_ms = shared.params_snapshot().x_vmigrate_postcopy_after();
+    if after_ms > 0 && precopy_started.elapsed() >= Duration::from_millis(after_ms) {
+        shared.request_postcopy();
+        return true;
+    }
+    false
 }
 
 /// Switches the session to postcopy (status `active`, the VM running or paused) and
