@@ -103,9 +103,10 @@ capabilities! {
 
 /// Capabilities vmigrate implements. `zero-blocks` and `late-block-activate` have no
 /// effect in QEMU 10.0 either, so accepting them is faithful.
-const SUPPORTED_CAPABILITIES: [Cap; 11] = [
+const SUPPORTED_CAPABILITIES: [Cap; 12] = [
     Cap::Events,
     Cap::PostcopyRam,
+    Cap::PostcopyPreempt,
     Cap::MappedRam,
     Cap::AutoConverge,
     Cap::Multifd,

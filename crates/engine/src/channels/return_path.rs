@@ -31,6 +31,9 @@ pub enum ReturnPathError {
     Read(Arc<DecodeError>),
     #[error("Timed out waiting for the destination to close the return path")]
     CloseTimeout,
+    /// No PONG came back before the preempt channel was to be opened.
+    #[error("Timed out waiting for the destination to answer PING on the return path")]
+    PongTimeout,
     /// The destination's `SHUT` carried a failure.
     #[error("Sibling indicated error {0}")]
     SiblingFailed(u32),
@@ -170,6 +173,32 @@ impl ReturnPath {
             .unwrap_or_else(|e| e.into_inner())
             .error
             .clone()
+    }
+
+    /// Waits until at least one PONG came back: the destination accepted the main
+    /// channel and reads it (the postcopy preempt channel is opened only then, so that
+    /// it is the second connection the destination accepts).
+    pub fn await_pong(&self, timeout: Duration) -> Result<(), ReturnPathError> {
+        let deadline = Instant::now() + timeout;
+        let mut h = self.heard.lock().unwrap_or_else(|e| e.into_inner());
+        while h.pongs.is_empty() {
+            if let Some(e) = &h.error {
+                return Err(e.clone());
+            }
+            if h.closed {
+                return Err(ReturnPathError::ClosedWithoutShut);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ReturnPathError::PongTimeout);
+            }
+            h = self
+                .changed
+                .wait_timeout(h, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        Ok(())
     }
 
     /// Waits until the destination closes the return path (or `timeout`), and returns
