@@ -12,6 +12,7 @@
 use std::collections::VecDeque;
 use std::io::Write;
 use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -82,6 +83,9 @@ pub struct ReturnPath {
     changed: Condvar,
     /// Page requests are expected (postcopy); otherwise they are a protocol error.
     postcopy: bool,
+    /// Set while page requests wait: a rate-limited writer stops waiting for its
+    /// budget so that they are served at once (QEMU wakes its rate limit alike).
+    requests_waiting: Arc<AtomicBool>,
 }
 
 impl ReturnPath {
@@ -141,6 +145,8 @@ impl ReturnPath {
                     h.closed = true;
                 }
             }
+            self.requests_waiting
+                .store(!h.page_requests.is_empty(), Ordering::Release);
             let closed = h.closed;
             drop(h);
             self.changed.notify_all();
@@ -152,11 +158,16 @@ impl ReturnPath {
 
     /// The oldest page request not yet served, if any.
     pub fn next_page_request(&self) -> Option<PageRequest> {
-        self.heard
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .page_requests
-            .pop_front()
+        let mut h = self.heard.lock().unwrap_or_else(|e| e.into_inner());
+        let next = h.page_requests.pop_front();
+        self.requests_waiting
+            .store(!h.page_requests.is_empty(), Ordering::Release);
+        next
+    }
+
+    /// The flag that is set while page requests wait to be served.
+    pub fn requests_waiting(&self) -> Arc<AtomicBool> {
+        self.requests_waiting.clone()
     }
 
     pub fn switchover_acked(&self) -> bool {

@@ -633,6 +633,9 @@ fn run_postcopy(
         shared.params_snapshot().max_postcopy_bandwidth(),
         Ordering::Relaxed,
     );
+    // A request waiting cuts the rate limit's wait short, as in QEMU: the pages the
+    // guest waits for do not wait for the background push's budget.
+    w.wake_rate_limit_on(Some(rp.requests_waiting()));
     let pushed = postcopy::push_pages(
         &stats,
         w,
@@ -642,6 +645,7 @@ fn run_postcopy(
         downtime_end,
         preempt.as_mut(),
     );
+    w.wake_rate_limit_on(None);
     // Everything requested went out (each request was flushed): close the channel.
     drop(preempt);
     bandwidth.store(shared.params_snapshot().max_bandwidth(), Ordering::Relaxed);
