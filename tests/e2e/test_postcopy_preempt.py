@@ -13,6 +13,7 @@ import time
 import pytest
 
 import harness
+import tls_certs
 from conftest import require
 
 MiB = harness.MiB
@@ -57,18 +58,29 @@ def enable_postcopy(dst, preempt):
     assert "return" in r, r
 
 
-def migrate_in_postcopy(ws, image, src_impl, dst_impl, preempt, tag):
-    """Runs one postcopy migration of IMAGE from SRC_IMPL to DST_IMPL, reads the whole
-    of the destination's RAM during postcopy and checks everything; returns the source's
-    and the destination's last query-migrate."""
-    src = ws.vm(src_impl, f"src-{tag}", mem_mib=GUEST_MIB, ram_id="ram").start()
+def tls_creds(pki, endpoint):
+    return (f"tls-creds-x509,id=tls0,dir={os.path.join(pki, endpoint)},endpoint={endpoint},"
+            "verify-peer=on")
+
+
+def migrate_in_postcopy(ws, image, src_impl, dst_impl, preempt, tag, pki=None):
+    """Runs one postcopy migration of IMAGE from SRC_IMPL to DST_IMPL (over TLS with the
+    certificates in PKI, when given), reads the whole of the destination's RAM during
+    postcopy and checks everything; returns the source's and the destination's last
+    query-migrate."""
+    src = ws.vm(src_impl, f"src-{tag}", mem_mib=GUEST_MIB, ram_id="ram",
+                objects=[tls_creds(pki, "client")] if pki else ()).start()
     src.write_ram(image.data)
     assert src.runstate() == "running"
     dst = ws.vm(dst_impl, f"dst-{tag}", mem_mib=GUEST_MIB, ram_id="ram",
-                incoming="defer").start()
+                incoming="defer", objects=[tls_creds(pki, "server")] if pki else ()).start()
     enable_postcopy(dst, preempt)
     for m in (src, dst):
         m.set_caps(events=True, postcopy_ram=True, postcopy_preempt=preempt)
+        if pki:
+            m.set_params(tls_creds="tls0")
+    if pki:
+        src.set_params(tls_hostname="localhost")
     # Precopy at 4 MiB/s cannot finish 64 MiB before the switch; the push at 8 MiB/s
     # leaves most of RAM to be faulted on and asked for.
     src.set_params(max_bandwidth=4 * MiB, max_postcopy_bandwidth=8 * MiB)
@@ -151,3 +163,23 @@ def test_postcopy_preempt_needs_a_multi_channel_uri(ws):
     assert replies["vmigrate"] == replies["qemu"], replies
     assert replies["qemu"]["error"]["desc"] == \
         "Migration requires multi-channel URIs (e.g. tcp)", replies
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    try:
+        return tls_certs.make_pki(str(tmp_path_factory.mktemp("pki")))
+    except (OSError, RuntimeError) as e:
+        pytest.skip(f"cannot make test certificates with openssl: {e}")
+
+
+@pytest.mark.vmigrate
+@pytest.mark.parametrize("src_impl,dst_impl", [("vmigrate", "vmigrate"), ("qemu", "vmigrate"),
+                                               ("vmigrate", "qemu")],
+                         ids=["vmigrate-to-vmigrate", "qemu-to-vmigrate", "vmigrate-to-qemu"])
+def test_postcopy_preempt_over_tls(ws, image64, pki, src_impl, dst_impl):
+    """The preempt channel is a TLS session too, like multifd channels."""
+    require(src_impl, dst_impl)
+    si, _ = migrate_in_postcopy(ws, image64, src_impl, dst_impl, True, "tls", pki=pki)
+    print(f"\n{src_impl}->{dst_impl} preempt over TLS: postcopy-requests="
+          f"{si['ram']['postcopy-requests']}")

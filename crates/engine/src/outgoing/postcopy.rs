@@ -717,12 +717,12 @@ mod tests {
         all.extend([wanted, wanted + 1]);
         all.sort_unstable();
         assert_eq!(all, (0..PAGES).collect::<Vec<_>>());
-        // Closed at the end, with no EOS.
-        assert_eq!(preempt::decode_record(&mut psrc, ps).unwrap(), None);
         let mut shut = Vec::new();
         RpMessage::Shut(0).encode(&mut shut);
         conn.write_all(&shut).unwrap();
         assert_eq!(wait_for_end(&m, LIMIT), MigrationStatus::Completed);
+        // Closed once the destination finished, with no EOS.
+        assert_eq!(preempt::decode_record(&mut psrc, ps).unwrap(), None);
         assert_eq!(m.query_migrate()["ram"]["postcopy-requests"], json!(2));
     }
 

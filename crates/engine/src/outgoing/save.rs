@@ -646,12 +646,14 @@ fn run_postcopy(
         preempt.as_mut(),
     );
     w.wake_rate_limit_on(None);
-    // Everything requested went out (each request was flushed): close the channel.
-    drop(preempt);
     bandwidth.store(shared.params_snapshot().max_bandwidth(), Ordering::Relaxed);
     pushed?;
     rp.await_close(RETURN_PATH_CLOSE_TIMEOUT)
         .map_err(SaveError::ReturnPath)?;
+    // The preempt channel closes only once the destination finished (as QEMU's does,
+    // at cleanup): a QEMU destination whose preempt channel ends while it still loads
+    // takes that for a network failure and pauses postcopy.
+    drop(preempt);
     stats.remaining.store(0, Ordering::Relaxed);
     // Once completed, QEMU's `downtime` runs from the stop to the end: the source VM
     // was stopped all through postcopy.
