@@ -63,9 +63,9 @@ def tls_creds(pki, endpoint):
             "verify-peer=on")
 
 
-def migrate_in_postcopy(ws, image, src_impl, dst_impl, preempt, tag, pki=None):
+def migrate_in_postcopy(ws, image, src_impl, dst_impl, preempt, tag, pki=None, unix=False):
     """Runs one postcopy migration of IMAGE from SRC_IMPL to DST_IMPL (over TLS with the
-    certificates in PKI, when given), reads the whole of the destination's RAM during
+    certificates in PKI, when given; over a unix socket with UNIX), reads the whole of the destination's RAM during
     postcopy and checks everything; returns the source's and the destination's last
     query-migrate."""
     src = ws.vm(src_impl, f"src-{tag}", mem_mib=GUEST_MIB, ram_id="ram",
@@ -84,9 +84,13 @@ def migrate_in_postcopy(ws, image, src_impl, dst_impl, preempt, tag, pki=None):
     # Precopy at 4 MiB/s cannot finish 64 MiB before the switch; the push at 8 MiB/s
     # leaves most of RAM to be faulted on and asked for.
     src.set_params(max_bandwidth=4 * MiB, max_postcopy_bandwidth=8 * MiB)
-    dst.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
-    port = harness.socket_port(dst.query_migrate())
-    src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+    if unix:
+        uri = f"unix:{ws.path(f'mig-{tag}.sock')}"
+        dst.cmd("migrate-incoming", uri=uri)
+    else:
+        dst.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
+        uri = f"tcp:127.0.0.1:{harness.socket_port(dst.query_migrate())}"
+    src.cmd("migrate", uri=uri)
     wait_status(src, "active")
     t0 = time.time()
     while src.query_migrate().get("ram", {}).get("transferred", 0) < 2 * MiB:
@@ -183,3 +187,14 @@ def test_postcopy_preempt_over_tls(ws, image64, pki, src_impl, dst_impl):
     si, _ = migrate_in_postcopy(ws, image64, src_impl, dst_impl, True, "tls", pki=pki)
     print(f"\n{src_impl}->{dst_impl} preempt over TLS: postcopy-requests="
           f"{si['ram']['postcopy-requests']}")
+
+
+@pytest.mark.vmigrate
+@pytest.mark.parametrize("src_impl", ["qemu", "vmigrate"],
+                         ids=["qemu-to-vmigrate", "vmigrate-to-vmigrate"])
+def test_postcopy_preempt_over_a_unix_socket(ws, image64, src_impl):
+    """Over a unix socket the destination keeps the socket's path until the preempt
+    channel connected, then removes it."""
+    require(src_impl, "vmigrate")
+    migrate_in_postcopy(ws, image64, src_impl, "vmigrate", True, "unix", unix=True)
+    assert not os.path.exists(ws.path("mig-unix.sock"))
