@@ -1542,12 +1542,22 @@ mod tests {
     /// A bad record on the preempt channel fails the migration with what was wrong.
     fn bad_preempt_record_fails(record: Vec<u8>, text: &str) {
         use std::io::Write;
-        let Some((result, last, _)) = run_preempt(|main, pre, _, _| {
-            pre.write_all(&record).unwrap();
-            std::thread::sleep(std::time::Duration::from_millis(100));
-            let mut tail = Vec::new();
-            Record::Eof.encode(&mut tail);
-            let _ = main.write_all(&tail);
+        let Some((result, last, _)) = run_preempt(|main, pre, rp_in, block| {
+            std::thread::scope(|scope| {
+                // A page is asked for: the end of the main stream waits for it, and
+                // so sees the preempt channel's failure whenever it comes.
+                let reader = read_page_later(scope, block, 2);
+                assert!(matches!(
+                    RpMessage::decode(rp_in).unwrap(),
+                    RpMessage::ReqPagesId { .. }
+                ));
+                pre.write_all(&record).unwrap();
+                let mut tail = Vec::new();
+                Record::Eof.encode(&mut tail);
+                let _ = main.write_all(&tail);
+                // Released when postcopy fails.
+                reader.join().unwrap();
+            });
         }) else {
             return;
         };
