@@ -316,7 +316,19 @@ impl RateLimiter {
     /// Accounts `bytes` and sleeps once the window's budget is spent. A limit below
     /// 10 bytes/s leaves no budget per window and means unlimited, as in QEMU.
     pub fn account(&mut self, bytes: u64, cancel: &AtomicBool) {
+        self.account_until(bytes, cancel, None);
+    }
+
+    /// [`Self::account`], but the sleep also ends as soon as `wake` is set (postcopy
+    /// page requests waiting); the bytes stay accounted, so the next call waits for
+    /// them.
+    pub fn account_until(&mut self, bytes: u64, cancel: &AtomicBool, wake: Option<&AtomicBool>) {
         self.used += bytes;
+        let step = if wake.is_some() {
+            Duration::from_millis(1)
+        } else {
+            Duration::from_millis(20)
+        };
         loop {
             let budget = self.limit.load(Ordering::Relaxed) / 10 / self.share;
             if budget == 0 {
@@ -329,10 +341,13 @@ impl RateLimiter {
                 self.used = self.used.saturating_sub(budget);
                 continue;
             }
-            if self.used < budget || cancel.load(Ordering::Relaxed) {
+            if self.used < budget
+                || cancel.load(Ordering::Relaxed)
+                || wake.is_some_and(|w| w.load(Ordering::Acquire))
+            {
                 return;
             }
-            std::thread::sleep((RATE_WINDOW - elapsed).min(Duration::from_millis(20)));
+            std::thread::sleep((RATE_WINDOW - elapsed).min(step));
         }
     }
 }
@@ -354,6 +369,8 @@ pub struct StreamWriter {
     pub written: Arc<AtomicU64>,
     limiter: RateLimiter,
     cancel: Arc<AtomicBool>,
+    /// Ends the rate limit's wait early while set (postcopy page requests waiting).
+    wake: Option<Arc<AtomicBool>>,
 }
 
 #[derive(Debug, Clone)]
@@ -403,7 +420,14 @@ impl StreamWriter {
             written,
             limiter: RateLimiter::new(limit),
             cancel,
+            wake: None,
         }
+    }
+
+    /// From now on the rate limit's wait ends early while `flag` is set (see
+    /// [`RateLimiter::account_until`]); `None` turns that off.
+    pub fn wake_rate_limit_on(&mut self, flag: Option<Arc<AtomicBool>>) {
+        self.wake = flag;
     }
 
     /// Appends small bytes (record headers, device bodies).
@@ -489,7 +513,8 @@ impl StreamWriter {
         self.buf.clear();
         self.segs.clear();
         self.pending = 0;
-        self.limiter.account(total as u64, &self.cancel);
+        self.limiter
+            .account_until(total as u64, &self.cancel, self.wake.as_deref());
         Ok(())
     }
 

@@ -15,7 +15,9 @@ use crate::shared::{Ending, IncomingMode, Role, Shared, State};
 use crate::channels::objects::{ObjectStore, TlsSetupError};
 use crate::channels::tls;
 use crate::channels::transport::{self, Address, FdStore, Incoming};
-use crate::incoming::accept::{accept_channels, accept_main, AcceptError};
+use crate::incoming::accept::{
+    accept_channels, accept_main, accept_main_keep_listening, spawn_preempt_acceptor, AcceptError,
+};
 use crate::incoming::load::{self, LoadOutcome};
 use crate::io::FdSource;
 use crate::options::{cpr_conflict, Capabilities, MigMode, Parameters};
@@ -598,8 +600,34 @@ impl Migrator {
         // A mapped-ram file has no channel connections: its readers use the file itself.
         let multifd = caps.multifd() && !mapped_ram;
         let tls = self.incoming_tls().map_err(AcceptError::from);
+        // With postcopy-preempt the connection after the main one is the preempt
+        // channel: the listener stays open for it until the migration ends.
+        let preempt =
+            caps.postcopy_preempt() && !multifd && !matches!(incoming, Incoming::Ready(_));
+        let preempt_stop = Arc::new(AtomicBool::new(false));
+        let (preempt_tx, preempt_rx) = std::sync::mpsc::channel();
+        let preempt_rx = Mutex::new(Some(preempt_rx));
+        let mut preempt_acceptor = None;
         let accepted = tls.and_then(|tls| {
-            if multifd {
+            if preempt {
+                let main =
+                    accept_main_keep_listening(&incoming, tls.as_ref(), &self.shared.events)?;
+                preempt_acceptor = Some(
+                    spawn_preempt_acceptor(
+                        incoming,
+                        tls,
+                        self.shared.events.clone(),
+                        preempt_tx,
+                        preempt_stop.clone(),
+                    )
+                    .map_err(|e| {
+                        AcceptError::Transport(crate::channels::transport::TransportError(format!(
+                            "cannot start the preempt channel's acceptor: {e}"
+                        )))
+                    })?,
+                );
+                Ok((main, None))
+            } else if multifd {
                 accept_channels(
                     &incoming,
                     tls.as_ref(),
@@ -639,6 +667,10 @@ impl Migrator {
             };
             let on_listen = |pc: &Arc<crate::incoming::PostcopyIncoming>| -> Result<(), String> {
                 *self.postcopy.lock().unwrap_or_else(|e| e.into_inner()) = Some(pc.clone());
+                let channel = preempt_rx.lock().unwrap_or_else(|e| e.into_inner()).take();
+                if let Some(channel) = channel.filter(|_| preempt) {
+                    pc.start_preempt(channel).map_err(|e| e.to_string())?;
+                }
                 self.shared
                     .transition(MigrationStatus::Active, MigrationStatus::PostcopyActive)
                     .map_err(|e| e.to_string())
@@ -667,6 +699,10 @@ impl Migrator {
             ch.finish_with_close();
             r
         });
+        preempt_stop.store(true, Ordering::Release);
+        if let Some(h) = preempt_acceptor {
+            let _ = h.join();
+        }
         match result {
             Ok(outcome) => self.incoming_done(outcome),
             Err(msg) => {

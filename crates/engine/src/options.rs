@@ -103,10 +103,11 @@ capabilities! {
 
 /// Capabilities vmigrate implements. `zero-blocks` and `late-block-activate` have no
 /// effect in QEMU 10.0 either, so accepting them is faithful.
-const SUPPORTED_CAPABILITIES: [Cap; 12] = [
+const SUPPORTED_CAPABILITIES: [Cap; 13] = [
     Cap::Events,
     Cap::PostcopyRam,
     Cap::PostcopyBlocktime,
+    Cap::PostcopyPreempt,
     Cap::MappedRam,
     Cap::AutoConverge,
     Cap::Multifd,

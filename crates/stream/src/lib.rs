@@ -25,6 +25,7 @@ pub mod error;
 pub mod header;
 pub mod multifd;
 pub mod postcopy;
+pub mod preempt;
 pub mod ram;
 pub mod return_path;
 pub mod section;

@@ -146,3 +146,51 @@ fn vmdesc_configuration_with_subsections_matches_qemu() {
     let qemu: serde_json::Value = serde_json::from_str(&text[at..]).unwrap();
     assert_eq!(qemu["configuration"], cfg.describe());
 }
+
+/// Page `i` of a capture's fill spec: byte `j` is `(i*7 + j) & 0xff`, then the first 4
+/// bytes are `i` as be32 (captures/README.md).
+fn fill_page(i: u64) -> Vec<u8> {
+    let mut p: Vec<u8> = (0..4096u64).map(|j| ((i * 7 + j) & 0xff) as u8).collect();
+    p[..4].copy_from_slice(&(i as u32).to_be_bytes());
+    p
+}
+
+/// cap_pcp's preempt channel (`conn1.c2s`): the 16 pages the destination asked for
+/// (0x1c0000..0x1cf000, fill [0-500]) as bare PAGE records, the block named on the first
+/// only, no EOS; re-encoded to the same bytes.
+#[test]
+fn cap_pcp_preempt_channel_replays_and_reencodes() {
+    use vmigrate_stream::preempt::{self, PreemptPageKind, PreemptRecord};
+    let data = capture("cap_pcp/conn1.c2s");
+    let mut src = SliceSource::new(&data);
+    let mut out = Vec::new();
+    let mut offsets = Vec::new();
+    let mut current: Option<String> = None;
+    while let Some(rec) = preempt::decode_record(&mut src, 4096).unwrap() {
+        let PreemptRecord::Page {
+            block,
+            offset,
+            kind,
+        } = rec
+        else {
+            panic!("QEMU 10.0 writes no EOS on the preempt channel");
+        };
+        assert_eq!(kind, PreemptPageKind::Data);
+        assert_eq!(
+            block.is_some(),
+            offsets.is_empty(),
+            "named on the first only"
+        );
+        if block.is_some() {
+            current = block.clone();
+        }
+        assert_eq!(current.as_deref(), Some("m0"));
+        let page = src.take(4096, "page").unwrap().to_vec();
+        assert_eq!(page, fill_page(offset / 4096), "page {offset:#x}");
+        preempt::put_page(&mut out, offset, block.as_deref(), &page);
+        offsets.push(offset);
+    }
+    let want: Vec<u64> = (0..16).map(|i| 0x1c0000 + i * 0x1000).collect();
+    assert_eq!(offsets, want);
+    assert_eq!(out, data);
+}

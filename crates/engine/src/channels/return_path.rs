@@ -12,6 +12,7 @@
 use std::collections::VecDeque;
 use std::io::Write;
 use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -31,6 +32,9 @@ pub enum ReturnPathError {
     Read(Arc<DecodeError>),
     #[error("Timed out waiting for the destination to close the return path")]
     CloseTimeout,
+    /// No PONG came back before the preempt channel was to be opened.
+    #[error("Timed out waiting for the destination to answer PING on the return path")]
+    PongTimeout,
     /// The destination's `SHUT` carried a failure.
     #[error("Sibling indicated error {0}")]
     SiblingFailed(u32),
@@ -79,6 +83,9 @@ pub struct ReturnPath {
     changed: Condvar,
     /// Page requests are expected (postcopy); otherwise they are a protocol error.
     postcopy: bool,
+    /// Set while page requests wait: a rate-limited writer stops waiting for its
+    /// budget so that they are served at once (QEMU wakes its rate limit alike).
+    requests_waiting: Arc<AtomicBool>,
 }
 
 impl ReturnPath {
@@ -138,6 +145,8 @@ impl ReturnPath {
                     h.closed = true;
                 }
             }
+            self.requests_waiting
+                .store(!h.page_requests.is_empty(), Ordering::Release);
             let closed = h.closed;
             drop(h);
             self.changed.notify_all();
@@ -149,11 +158,16 @@ impl ReturnPath {
 
     /// The oldest page request not yet served, if any.
     pub fn next_page_request(&self) -> Option<PageRequest> {
-        self.heard
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .page_requests
-            .pop_front()
+        let mut h = self.heard.lock().unwrap_or_else(|e| e.into_inner());
+        let next = h.page_requests.pop_front();
+        self.requests_waiting
+            .store(!h.page_requests.is_empty(), Ordering::Release);
+        next
+    }
+
+    /// The flag that is set while page requests wait to be served.
+    pub fn requests_waiting(&self) -> Arc<AtomicBool> {
+        self.requests_waiting.clone()
     }
 
     pub fn switchover_acked(&self) -> bool {
@@ -170,6 +184,32 @@ impl ReturnPath {
             .unwrap_or_else(|e| e.into_inner())
             .error
             .clone()
+    }
+
+    /// Waits until at least one PONG came back: the destination accepted the main
+    /// channel and reads it (the postcopy preempt channel is opened only then, so that
+    /// it is the second connection the destination accepts).
+    pub fn await_pong(&self, timeout: Duration) -> Result<(), ReturnPathError> {
+        let deadline = Instant::now() + timeout;
+        let mut h = self.heard.lock().unwrap_or_else(|e| e.into_inner());
+        while h.pongs.is_empty() {
+            if let Some(e) = &h.error {
+                return Err(e.clone());
+            }
+            if h.closed {
+                return Err(ReturnPathError::ClosedWithoutShut);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ReturnPathError::PongTimeout);
+            }
+            h = self
+                .changed
+                .wait_timeout(h, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        Ok(())
     }
 
     /// Waits until the destination closes the return path (or `timeout`), and returns

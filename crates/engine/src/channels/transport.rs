@@ -275,7 +275,7 @@ pub struct Channel {
 }
 
 impl Channel {
-    fn plain(fd: OwnedFd, is_socket: bool) -> Self {
+    pub(crate) fn plain(fd: OwnedFd, is_socket: bool) -> Self {
         Self {
             fd,
             child: None,

@@ -174,3 +174,61 @@ fn place(
     }
     Ok(())
 }
+
+/// With `postcopy-preempt`: accepts the main connection and keeps listening, for the
+/// preempt channel that [`spawn_preempt_acceptor`] takes later.
+pub(crate) fn accept_main_keep_listening(
+    incoming: &Incoming,
+    tls: Option<&tls::ServerSetup>,
+    events: &EventBus,
+) -> Result<transport::Channel, AcceptError> {
+    let forever = Instant::now() + std::time::Duration::from_secs(100 * 365 * 86400);
+    loop {
+        let mut ch = incoming.accept_more(forever)?;
+        let Some(setup) = tls else {
+            return Ok(ch);
+        };
+        match tls::secure_incoming(&mut ch, setup, "main") {
+            Ok(()) => return Ok(ch),
+            Err(e) => events.warn(&e.to_string()),
+        }
+    }
+}
+
+/// How often the preempt acceptor looks at its stop flag.
+const PREEMPT_ACCEPT_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Accepts the postcopy preempt channel: as in QEMU, the next connection after the main
+/// one (no handshake bytes; TLS when configured, a failed handshake reported and the
+/// next connection awaited). It is sent on `to`; the thread ends then, or when `stop` is
+/// set (the migration ended without postcopy). A unix socket's path is removed at the
+/// end, as a plain accept removes it.
+pub(crate) fn spawn_preempt_acceptor(
+    incoming: Incoming,
+    tls: Option<tls::ServerSetup>,
+    events: std::sync::Arc<EventBus>,
+    to: std::sync::mpsc::Sender<transport::Channel>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    use std::sync::atomic::Ordering;
+    std::thread::Builder::new()
+        .name("mig/dst/preempt-accept".into())
+        .spawn(move || {
+            while !stop.load(Ordering::Acquire) {
+                let Ok(mut ch) = incoming.accept_more(Instant::now() + PREEMPT_ACCEPT_POLL) else {
+                    continue;
+                };
+                if let Some(setup) = &tls {
+                    if let Err(e) = tls::secure_incoming(&mut ch, setup, "preempt") {
+                        events.warn(&e.to_string());
+                        continue;
+                    }
+                }
+                let _ = to.send(ch);
+                break;
+            }
+            if let Incoming::Unix(_, path) = &incoming {
+                let _ = std::fs::remove_file(path);
+            }
+        })
+}

@@ -833,7 +833,15 @@ fn listen_loop(
         }
         let at = src.offset();
         match Record::decode(src)? {
-            Record::Eof => return Ok(()),
+            Record::Eof => {
+                // Requested pages may still be on their way on the preempt channel.
+                pc.await_requested_pages()
+                    .map_err(LoadError::PostcopyFault)?;
+                if let Some(e) = pc.fault_error() {
+                    return Err(LoadError::PostcopyFault(e));
+                }
+                return Ok(());
+            }
             Record::Part(id) | Record::End(id) => {
                 if !ram_ids.contains(&id) {
                     return Err(DecodeError::new(at, DecodeErrorKind::UnknownSectionId(id)).into());
@@ -1435,6 +1443,221 @@ mod tests {
             assert_eq!(reader.join().unwrap(), vec![0u8; ps as usize]);
             assert_eq!(RpMessage::decode(&mut rp_in).unwrap(), RpMessage::Shut(1));
         });
+    }
+
+    /// A postcopy destination with a preempt channel (a second socket pair): runs the
+    /// synthetic stream, with `drive` playing the source once the package is in (given
+    /// the main socket, the preempt socket, the return path and the block); returns the
+    /// load's result and the last return-path message.
+    fn run_preempt(
+        drive: impl FnOnce(
+                &mut std::os::unix::net::UnixStream,
+                &mut std::os::unix::net::UnixStream,
+                &mut FdSource,
+                &Arc<crate::memory::RamBlock>,
+            ) + Send,
+    ) -> Option<(Result<LoadOutcome, LoadError>, RpMessage, Arc<FakeVmm>)> {
+        use std::io::Write;
+        use std::os::unix::net::UnixStream;
+        if let Err(e) = crate::uffd::available() {
+            eprintln!("skipped: {e}");
+            return None;
+        }
+        let vmm = FakeVmm::new(16, RunState::InMigrate);
+        let (dst, mut source) = UnixStream::pair().unwrap();
+        let (preempt_dst, mut preempt_src) = UnixStream::pair().unwrap();
+        source
+            .set_read_timeout(Some(std::time::Duration::from_secs(20)))
+            .unwrap();
+        let caps = postcopy_caps(false);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let rx = Mutex::new(Some(rx));
+        let on_listen = |pc: &Arc<PostcopyIncoming>| -> Result<(), String> {
+            let rx = rx.lock().unwrap().take().unwrap();
+            pc.start_preempt(rx).map_err(|e| e.to_string())
+        };
+        let on_run = |_: Option<&str>| {};
+        let hooks = PostcopyHooks {
+            on_listen: &on_listen,
+            on_run: &on_run,
+        };
+        let block = vmm.ram_blocks()[0].clone();
+        std::thread::scope(|scope| {
+            let loader = scope.spawn(|| {
+                let mut src = FdSource::new(OwnedFd::from(dst.try_clone().unwrap()), 0);
+                let rp = ReturnPathWriter::new(Box::new(dst.try_clone().unwrap()));
+                load_stream_postcopy(
+                    &mut src,
+                    vmm.as_ref(),
+                    &caps,
+                    Some(rp),
+                    None,
+                    MappedRamLoad::default(),
+                    Some(&hooks),
+                )
+            });
+            source
+                .write_all(&postcopy_source::precopy_and_package(16))
+                .unwrap();
+            // The source connects the preempt channel once it heard a PONG.
+            let mut rp_in = FdSource::new(OwnedFd::from(source.try_clone().unwrap()), 0);
+            assert_eq!(RpMessage::decode(&mut rp_in).unwrap(), RpMessage::Pong(3));
+            tx.send(crate::channels::transport::Channel::plain(
+                OwnedFd::from(preempt_dst),
+                true,
+            ))
+            .unwrap();
+            drive(&mut source, &mut preempt_src, &mut rp_in, &block);
+            let last = RpMessage::decode(&mut rp_in).unwrap();
+            Some((loader.join().unwrap(), last, vmm.clone()))
+        })
+    }
+
+    /// Reads page `page` of `block` on a thread (it faults until the page is placed).
+    fn read_page_later<'s>(
+        scope: &'s std::thread::Scope<'s, '_>,
+        block: &Arc<crate::memory::RamBlock>,
+        page: u64,
+    ) -> std::thread::ScopedJoinHandle<'s, Vec<u8>> {
+        let b = block.clone();
+        scope.spawn(move || {
+            let ps = crate::memory::host_page_size();
+            let mut buf = vec![0u8; ps as usize];
+            b.read(page * ps, &mut buf);
+            buf
+        })
+    }
+
+    #[test]
+    fn requested_pages_arrive_on_the_preempt_channel() {
+        use std::io::Write;
+        use vmigrate_stream::preempt;
+        let ps = crate::memory::host_page_size();
+        let Some((result, last, vmm)) = run_preempt(|main, pre, rp_in, block| {
+            std::thread::scope(|scope| {
+                // Page 2 was discarded: asked for, and sent on the preempt channel.
+                let reader = read_page_later(scope, block, 2);
+                assert_eq!(
+                    RpMessage::decode(rp_in).unwrap(),
+                    RpMessage::ReqPagesId {
+                        start: 2 * ps,
+                        len: ps as u32,
+                        block: "ram".into()
+                    }
+                );
+                let mut b = Vec::new();
+                preempt::put_page(
+                    &mut b,
+                    2 * ps,
+                    Some("ram"),
+                    &postcopy_source::page_bytes(2, ps),
+                );
+                // Page 3, not asked for, also comes there first (CONTINUE).
+                preempt::put_page(&mut b, 3 * ps, None, &postcopy_source::page_bytes(3, ps));
+                pre.write_all(&b).unwrap();
+                assert_eq!(reader.join().unwrap(), postcopy_source::page_bytes(2, ps));
+                // Page 9 is asked for; the main stream ends before it arrives on the
+                // preempt channel: the destination waits for it.
+                let reader = read_page_later(scope, block, 9);
+                assert_eq!(
+                    RpMessage::decode(rp_in).unwrap(),
+                    RpMessage::ReqPages {
+                        start: 9 * ps,
+                        len: ps as u32
+                    }
+                );
+                let rest: Vec<u64> = (8..16).filter(|&p| p != 9).collect();
+                main.write_all(&postcopy_source::pages_section(true, &rest))
+                    .unwrap();
+                let mut tail = Vec::new();
+                Record::Eof.encode(&mut tail);
+                main.write_all(&tail).unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                let mut b = Vec::new();
+                preempt::put_page(&mut b, 9 * ps, None, &postcopy_source::page_bytes(9, ps));
+                pre.write_all(&b).unwrap();
+                assert_eq!(reader.join().unwrap(), postcopy_source::page_bytes(9, ps));
+            });
+        }) else {
+            return;
+        };
+        let outcome = result.unwrap();
+        assert_eq!(last, RpMessage::Shut(0));
+        let pc = outcome.postcopy.expect("a postcopy outcome");
+        assert_eq!(pc.requests, 2);
+        assert_eq!(pc.fault_latency.count, 2);
+        let ram = vmm.ram();
+        for p in 0..16u64 {
+            let want = if (4..8).contains(&p) {
+                vec![0; ps as usize]
+            } else {
+                postcopy_source::page_bytes(p, ps)
+            };
+            let at = (p * ps) as usize;
+            assert_eq!(&ram[at..at + ps as usize], &want[..], "page {p}");
+        }
+    }
+
+    /// A bad record on the preempt channel fails the migration with what was wrong.
+    fn bad_preempt_record_fails(record: Vec<u8>, text: &str) {
+        use std::io::Write;
+        let Some((result, last, _)) = run_preempt(|main, pre, rp_in, block| {
+            std::thread::scope(|scope| {
+                // A page is asked for: the end of the main stream waits for it, and
+                // so sees the preempt channel's failure whenever it comes.
+                let reader = read_page_later(scope, block, 2);
+                assert!(matches!(
+                    RpMessage::decode(rp_in).unwrap(),
+                    RpMessage::ReqPagesId { .. }
+                ));
+                pre.write_all(&record).unwrap();
+                let mut tail = Vec::new();
+                Record::Eof.encode(&mut tail);
+                let _ = main.write_all(&tail);
+                // Released when postcopy fails.
+                reader.join().unwrap();
+            });
+        }) else {
+            return;
+        };
+        let err = result.unwrap_err().to_string();
+        assert!(
+            err.contains("preempt channel") && err.contains(text),
+            "{err}"
+        );
+        assert_eq!(last, RpMessage::Shut(1));
+    }
+
+    #[test]
+    fn a_preempt_page_of_an_unknown_block_fails() {
+        let ps = crate::memory::host_page_size();
+        let mut b = Vec::new();
+        vmigrate_stream::preempt::put_page(&mut b, 0, Some("nope"), &vec![1; ps as usize]);
+        bad_preempt_record_fails(b, "Can't find block nope");
+    }
+
+    #[test]
+    fn a_preempt_page_out_of_range_fails() {
+        let ps = crate::memory::host_page_size();
+        let mut b = Vec::new();
+        vmigrate_stream::preempt::put_zero(&mut b, 16 * ps, Some("ram"));
+        bad_preempt_record_fails(b, "Illegal RAM offset");
+    }
+
+    #[test]
+    fn other_records_on_the_preempt_channel_fail() {
+        let ps = crate::memory::host_page_size();
+        let mut b = Vec::new();
+        vmigrate_stream::ram::put_page_header(
+            &mut b,
+            ps,
+            vmigrate_stream::ram::FLAG_XBZRLE,
+            Some("ram"),
+        );
+        bad_preempt_record_fails(b, "only PAGE and ZERO records may occur");
+        let mut b = Vec::new();
+        vmigrate_stream::ram::put_page_header(&mut b, ps, 0x100, Some("ram"));
+        bad_preempt_record_fails(b, "Unknown combination of migration flags: 0x100");
     }
 
     /// Discards and packages that lie are refused with what was wrong.

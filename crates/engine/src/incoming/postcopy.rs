@@ -12,7 +12,16 @@
 //! loader left untouched (a pristine block's zero pages are never written): it is
 //! placed as zero at once. Any other fault is asked for once with REQ_PAGES_ID (when
 //! the block differs from the last request's) or REQ_PAGES, and its waiters wake when
-//! the listen thread places the page. Failure is final: the guest's pages are split
+//! the listen thread places the page.
+//!
+//! With `postcopy-preempt` a preempt thread reads the second connection (the preempt
+//! channel, handed over by the acceptor once the source opens it): bare page records
+//! of requested pages, placed as the listen thread places the main stream's. Either
+//! channel may deliver a page first; each page comes once. When the main stream ends,
+//! the listen thread waits for every requested page still in flight on the preempt
+//! channel before postcopy finishes.
+//!
+//! Failure is final: the guest's pages are split
 //! between two hosts and cannot be saved, so RAM is unregistered and no thread stays
 //! blocked (QEMU pauses instead, for a recovery that vmigrate does not do yet).
 
@@ -22,16 +31,24 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use vmigrate_stream::preempt::{self, PreemptPageKind, PreemptRecord};
 use vmigrate_stream::return_path::RpMessage;
+use vmigrate_stream::{DecodeError, DecodeErrorKind, Source};
 
 use crate::channels::return_path::ReturnPathWriter;
+use crate::channels::transport::Channel;
 use crate::incoming::blocktime::Blocktime;
 use crate::incoming::pages::ReceivedPages;
+use crate::io::FdSource;
 use crate::memory::RamBlock;
 use crate::uffd::{Fault, Placement, UffdError, Userfaultfd};
 
 /// How long the fault thread waits for a message before it looks at its stop flag.
 const FAULT_POLL: Duration = Duration::from_millis(50);
+
+/// How long the end of the main stream waits for requested pages still on their way
+/// on the preempt channel.
+const PREEMPT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// At most this many fault latencies are kept (the first ones).
 const MAX_LATENCIES: usize = 1 << 20;
@@ -112,6 +129,11 @@ pub struct PostcopyIncoming {
     /// index) to tell its faults by. The lock is also held while a fault is checked
     /// against the pages placed, so a placement never slips between the two.
     blocktime: Option<(Mutex<Blocktime>, Vec<u32>)>,
+    /// `postcopy-preempt`: a preempt thread was started.
+    preempt_expected: AtomicBool,
+    preempt_thread: Mutex<Option<JoinHandle<()>>>,
+    /// The preempt channel once it connected, to shut down at the end.
+    preempt_fd: Mutex<Option<std::os::fd::OwnedFd>>,
 }
 
 impl PostcopyIncoming {
@@ -137,6 +159,9 @@ impl PostcopyIncoming {
             writer,
             finished: AtomicBool::new(false),
             blocktime: vcpu_threads.map(|t| (Mutex::new(Blocktime::new(t.len())), t)),
+            preempt_expected: AtomicBool::new(false),
+            preempt_thread: Mutex::new(None),
+            preempt_fd: Mutex::new(None),
         })
     }
 
@@ -286,6 +311,159 @@ impl PostcopyIncoming {
         }
     }
 
+    /// `postcopy-preempt`: starts the preempt thread, which waits for the preempt
+    /// channel on `channel` and places the pages read from it.
+    pub(crate) fn start_preempt(
+        self: &Arc<Self>,
+        channel: std::sync::mpsc::Receiver<Channel>,
+    ) -> Result<(), PostcopyError> {
+        self.preempt_expected.store(true, Ordering::Release);
+        let me = self.clone();
+        let handle = std::thread::Builder::new()
+            .name("mig/dst/preempt".into())
+            .spawn(move || {
+                if let Err(e) = me.preempt_thread(&channel) {
+                    if !me.stop.load(Ordering::Acquire) {
+                        me.fail(format!("postcopy preempt channel: {e}"));
+                    }
+                }
+            })
+            .map_err(PostcopyError::Thread)?;
+        *self
+            .preempt_thread
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(handle);
+        Ok(())
+    }
+
+    /// Records a failure of postcopy (the first one wins) and unregisters RAM; the
+    /// listen thread fails on it.
+    fn fail(&self, msg: String) {
+        self.fault_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert(msg);
+        self.unregister_all();
+    }
+
+    fn preempt_thread(&self, channel: &std::sync::mpsc::Receiver<Channel>) -> Result<(), String> {
+        let ch = loop {
+            if self.stop.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            match channel.recv_timeout(FAULT_POLL) {
+                Ok(ch) => break ch,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
+            }
+        };
+        let fd = ch.fd.try_clone().map_err(|e| e.to_string())?;
+        {
+            let mut slot = self.preempt_fd.lock().unwrap_or_else(|e| e.into_inner());
+            if self.stop.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            *slot = Some(ch.fd.try_clone().map_err(|e| e.to_string())?);
+        }
+        let result = self.read_preempt(&mut FdSource::new(fd, 0));
+        drop(ch);
+        result
+    }
+
+    /// Reads page records from the preempt channel until it ends, placing each page.
+    fn read_preempt(&self, src: &mut FdSource) -> Result<(), String> {
+        let page_size = self
+            .blocks
+            .iter()
+            .map(|b| b.page_size())
+            .min()
+            .ok_or("no RAM blocks")?;
+        let mut current: Option<usize> = None;
+        let mut buf = Vec::new();
+        loop {
+            let at = src.offset();
+            let rec = preempt::decode_record(src, page_size).map_err(|e| e.to_string())?;
+            let (block, offset, kind) = match rec {
+                None => return Ok(()),
+                Some(PreemptRecord::Eos) => continue,
+                Some(PreemptRecord::Page {
+                    block,
+                    offset,
+                    kind,
+                }) => (block, offset, kind),
+            };
+            let bi = match block {
+                Some(name) => self
+                    .blocks
+                    .iter()
+                    .position(|b| b.idstr() == name)
+                    .ok_or_else(|| {
+                        DecodeError::new(at, DecodeErrorKind::UnknownPageBlock(name)).to_string()
+                    })?,
+                None => current.ok_or_else(|| {
+                    DecodeError::new(at, DecodeErrorKind::ContinueWithoutBlock).to_string()
+                })?,
+            };
+            current = Some(bi);
+            let b = &self.blocks[bi];
+            if offset >= b.len() || !offset.is_multiple_of(b.page_size()) {
+                return Err(DecodeError::new(
+                    at,
+                    DecodeErrorKind::IllegalRamOffset {
+                        idstr: b.idstr().to_string(),
+                        offset,
+                        len: b.len(),
+                    },
+                )
+                .to_string());
+            }
+            let page = (offset / b.page_size()) as usize;
+            let data = match kind {
+                PreemptPageKind::Zero => None,
+                PreemptPageKind::Data => {
+                    buf.resize(b.page_size() as usize, 0);
+                    src.fill(&mut buf, "RAM page").map_err(|e| e.to_string())?;
+                    Some(&buf[..])
+                }
+            };
+            self.place(bi, page, data)
+                .map_err(|e| format!("{e} (at byte offset {at})"))?;
+        }
+    }
+
+    /// At the end of the main stream, with a preempt channel: waits until every page
+    /// asked of the source was placed (the last ones may still be on the preempt
+    /// channel).
+    pub(crate) fn await_requested_pages(&self) -> Result<(), String> {
+        if !self.preempt_expected.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let deadline = Instant::now() + PREEMPT_DRAIN_TIMEOUT;
+        loop {
+            let missing = self
+                .requested
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .keys()
+                .filter(|&&(bi, page)| !self.placed.get(bi, page))
+                .count();
+            if missing == 0 {
+                return Ok(());
+            }
+            if let Some(e) = self.fault_error() {
+                return Err(e);
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "postcopy preempt channel: {missing} requested pages had not arrived \
+                     {}s after the main stream ended",
+                    PREEMPT_DRAIN_TIMEOUT.as_secs()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// Reads fault messages until told to stop; an error ends postcopy (recorded for
     /// the listen thread, which fails on it) after unregistering RAM.
     fn fault_loop(&self) {
@@ -411,6 +589,22 @@ impl PostcopyIncoming {
                 .unwrap_or_else(|e| e.into_inner())
                 .take();
             if let Some(h) = handle {
+                let _ = h.join();
+            }
+            if let Some(fd) = self
+                .preempt_fd
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take()
+            {
+                let _ = rustix::net::shutdown(&fd, rustix::net::Shutdown::Both);
+            }
+            let preempt = self
+                .preempt_thread
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+            if let Some(h) = preempt {
                 let _ = h.join();
             }
             for b in &self.blocks {

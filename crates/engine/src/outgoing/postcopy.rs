@@ -15,6 +15,12 @@
 //!          ram END (EOS), EOF (no vmdesc); wait for SHUT(0)       ─▶ completed
 //! ```
 //!
+//! With `postcopy-preempt` the requested pages go on a second connection instead, the
+//! preempt channel (opened by `save.rs` before the switch, once a PONG showed that the
+//! destination accepted the main channel): bare page records, the block named on the
+//! first and whenever it changes, no header, no EOS; the background push stays on the
+//! main channel, so a requested page never waits behind it in the socket buffers.
+//!
 //! Stopping the VM, the status changes and the bandwidth switch are in
 //! `save.rs` (`run_postcopy`); this module writes the switch's commands and runs the
 //! push.
@@ -139,9 +145,26 @@ pub(crate) fn write_switchover(
     Ok(())
 }
 
+/// The source's end of the postcopy preempt channel.
+pub(crate) struct PreemptChannel {
+    writer: StreamWriter,
+    /// The block of the last page record written on this channel (CONTINUE after it).
+    last_block: Option<usize>,
+}
+
+impl PreemptChannel {
+    pub(crate) fn new(writer: StreamWriter) -> Self {
+        Self {
+            writer,
+            last_block: None,
+        }
+    }
+}
+
 /// The postcopy phase: PART sections of section `ram_id` until every page went,
-/// serving requests first, then END and EOF. `postcopy_start` is the byte count when
-/// the destination started (for `postcopy-bytes`).
+/// serving requests first (on `preempt` when there is one), then END and EOF.
+/// `postcopy_start` is the byte count when the destination started (for
+/// `postcopy-bytes`).
 pub(crate) fn push_pages(
     stats: &Stats,
     w: &mut StreamWriter,
@@ -149,6 +172,7 @@ pub(crate) fn push_pages(
     ram_id: u32,
     rp: &ReturnPath,
     postcopy_start: u64,
+    mut preempt: Option<&mut PreemptChannel>,
 ) -> Result<(), PostcopyError> {
     saver.forget_last_block();
     let mut done = false;
@@ -166,10 +190,22 @@ pub(crate) fn push_pages(
                 let (index, pages) = check_request(saver, &req)?;
                 let mut any = false;
                 for page in pages {
-                    any |= saver.send_requested(w, index, page, &mut sent)?;
+                    any |= match preempt.as_deref_mut() {
+                        Some(p) => saver.send_requested_on(
+                            &mut p.writer,
+                            index,
+                            page,
+                            &mut sent,
+                            &mut p.last_block,
+                        )?,
+                        None => saver.send_requested(w, index, page, &mut sent)?,
+                    };
                 }
                 if any {
-                    w.flush()?;
+                    match preempt.as_deref_mut() {
+                        Some(p) => p.writer.flush()?,
+                        None => w.flush()?,
+                    }
                 }
                 continue;
             }
@@ -746,5 +782,112 @@ mod tests {
             m.start_postcopy().unwrap_err().0,
             "Postcopy must be started after migration has been started"
         );
+    }
+
+    #[test]
+    fn with_preempt_requested_pages_go_on_the_preempt_channel() {
+        use vmigrate_stream::preempt::{self, PreemptPageKind, PreemptRecord};
+        let ps = host_page_size();
+        let vmm = FakeVmm::new(PAGES, RunState::Running);
+        for p in 0..PAGES {
+            vmm.write_page(p, (p % 251) as u8 + 1);
+        }
+        let (m, _) = recorded_migrator(vmm.clone(), IncomingMode::Disabled);
+        m.set_capabilities(&json!([
+            {"capability": "postcopy-ram", "state": true},
+            {"capability": "postcopy-preempt", "state": true}
+        ]))
+        .unwrap();
+        m.set_parameters(
+            json!({"max-bandwidth": 4 << 20, "max-postcopy-bandwidth": 8 << 20})
+                .as_object()
+                .unwrap(),
+        )
+        .unwrap();
+        let path = temp_path("preempt.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let addr = Address::parse_uri(&format!("unix:{}", path.display())).unwrap();
+        m.migrate(addr, false, None).unwrap();
+        let (mut conn, _) = listener.accept().unwrap();
+        // The destination reads the main channel: PONG(1).
+        let mut pong = Vec::new();
+        RpMessage::Pong(1).encode(&mut pong);
+        conn.write_all(&pong).unwrap();
+        wait_until(|| m.status() == MigrationStatus::Active);
+        m.start_postcopy().unwrap();
+        let (tx, rx) = mpsc::channel();
+        let reader = conn.try_clone().unwrap();
+        std::thread::spawn(move || read_stream(OwnedFd::from(reader), tx));
+        let mut precopy = Vec::new();
+        loop {
+            let s = rx.recv_timeout(LIMIT).expect("the stream goes on");
+            if let Seen::Page { page, .. } = s {
+                precopy.push(page);
+            }
+            if s == Seen::Command(Command::Ping(4)) {
+                break;
+            }
+        }
+        // The preempt channel connected before the switch; no bytes of its own.
+        let (pre, _) = listener.accept().unwrap();
+        let _ = std::fs::remove_file(&path);
+        // Two pages far from the push and from each other (the push goes on just after
+        // a requested page, so a neighbour could go on the main channel first).
+        let wanted = PAGES - 100;
+        let other = PAGES - 200;
+        assert!(!precopy.contains(&wanted) && !precopy.contains(&other));
+        for msg in [
+            RpMessage::ReqPagesId {
+                start: wanted as u64 * ps,
+                len: ps as u32,
+                block: "ram".into(),
+            },
+            RpMessage::ReqPages {
+                start: other as u64 * ps,
+                len: ps as u32,
+            },
+        ] {
+            let mut b = Vec::new();
+            msg.encode(&mut b);
+            conn.write_all(&b).unwrap();
+        }
+        pre.set_read_timeout(Some(LIMIT)).unwrap();
+        let mut psrc = FdSource::new(OwnedFd::from(pre), 0);
+        for (i, page) in [wanted, other].into_iter().enumerate() {
+            let rec = preempt::decode_record(&mut psrc, ps).unwrap();
+            assert_eq!(
+                rec,
+                Some(PreemptRecord::Page {
+                    block: (i == 0).then(|| "ram".to_string()),
+                    offset: page as u64 * ps,
+                    kind: PreemptPageKind::Data
+                })
+            );
+            let mut data = vec![0; ps as usize];
+            psrc.fill(&mut data, "page").unwrap();
+            assert_eq!(data[0], (page % 251) as u8 + 1);
+        }
+        // The rest on the main channel: every page once, the requested ones not again.
+        let mut rest = Vec::new();
+        loop {
+            let s = rx.recv_timeout(LIMIT).expect("the stream goes on");
+            if s == Seen::Eof {
+                break;
+            }
+            rest.push(s);
+        }
+        let mut all = pages_of(&rest);
+        assert!(!all.contains(&wanted) && !all.contains(&other));
+        all.extend(&precopy);
+        all.extend([wanted, other]);
+        all.sort_unstable();
+        assert_eq!(all, (0..PAGES).collect::<Vec<_>>());
+        let mut shut = Vec::new();
+        RpMessage::Shut(0).encode(&mut shut);
+        conn.write_all(&shut).unwrap();
+        assert_eq!(wait_for_end(&m, LIMIT), MigrationStatus::Completed);
+        // Closed once the destination finished, with no EOS.
+        assert_eq!(preempt::decode_record(&mut psrc, ps).unwrap(), None);
+        assert_eq!(m.query_migrate()["ram"]["postcopy-requests"], json!(2));
     }
 }

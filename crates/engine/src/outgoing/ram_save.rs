@@ -253,6 +253,29 @@ impl RamSaver {
         Ok(true)
     }
 
+    /// Postcopy with a preempt channel: sends page `page` of block `index` on `w` (the
+    /// preempt channel) if it is still to be sent, naming its block unless it is
+    /// `channel_block`, the block of that channel's previous record (updated here). The
+    /// scan moves to just after it, as for [`Self::send_requested`].
+    pub fn send_requested_on(
+        &mut self,
+        w: &mut StreamWriter,
+        index: usize,
+        page: usize,
+        sent: &mut SentPages,
+        channel_block: &mut Option<usize>,
+    ) -> Result<bool, WriteError> {
+        if !self.dirty[index].test_and_clear(page) {
+            return Ok(false);
+        }
+        if let Err(e) = self.send_page_tracking(w, index, page, sent, channel_block) {
+            self.dirty[index].set(page);
+            return Err(e);
+        }
+        self.cursor = (index, page + 1);
+        Ok(true)
+    }
+
     /// Postcopy: sends the next page still to be sent from the scan position, wrapping
     /// around to the start of RAM once. Returns false when no page is left.
     pub fn send_next(
@@ -364,10 +387,26 @@ impl RamSaver {
         page: usize,
         sent: &mut SentPages,
     ) -> Result<(), WriteError> {
+        let mut last = self.last_block;
+        self.send_page_tracking(w, bi, page, sent, &mut last)?;
+        self.last_block = last;
+        Ok(())
+    }
+
+    /// Sends one page on `w`, whose previous page record was of block `last_block`
+    /// (updated once the record is written).
+    fn send_page_tracking(
+        &mut self,
+        w: &mut StreamWriter,
+        bi: usize,
+        page: usize,
+        sent: &mut SentPages,
+        last_block: &mut Option<usize>,
+    ) -> Result<(), WriteError> {
         let block = &self.blocks[bi];
         let ps = block.page_size();
         let offset = page as u64 * ps;
-        let name = if self.last_block == Some(bi) {
+        let name = if *last_block == Some(bi) {
             None
         } else {
             Some(block.idstr())
@@ -392,7 +431,7 @@ impl RamSaver {
             w.put_guest(block, offset, ps as usize)?;
             sent.normal += 1;
         }
-        self.last_block = Some(bi);
+        *last_block = Some(bi);
         Ok(())
     }
 }

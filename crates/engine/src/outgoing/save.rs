@@ -247,6 +247,7 @@ pub(crate) fn run(
         switchover_ack: caps.switchover_ack(),
         early_stop,
         postcopy,
+        preempt_to: (postcopy && caps.postcopy_preempt()).then(|| addr.clone()),
     };
     let result = iterate_and_complete(shared, vmm, &mut w, &mut saver, &session);
     tracker.stop();
@@ -313,6 +314,40 @@ fn start_multifd(
     )?)
 }
 
+/// How long the source waits for the first PONG before it opens the preempt channel.
+const PREEMPT_PONG_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Opens the postcopy preempt channel to `addr` once the destination answered a PING
+/// (so it accepted the main channel and takes this one as the preempt channel): a
+/// plain connection (TLS when configured, as multifd channels), no handshake bytes,
+/// registered for cancel. Its writer has no rate limit: it carries only the pages the
+/// destination waits for.
+fn open_preempt(
+    shared: &Shared,
+    addr: &Address,
+    rp: &ReturnPath,
+) -> Result<postcopy::PreemptChannel, SaveError> {
+    rp.await_pong(PREEMPT_PONG_TIMEOUT)?;
+    let mut ch = transport::connect_outgoing(addr).map_err(|e| WriteError::Io(e.0))?;
+    if let Some(setup) = shared.tls_client() {
+        let cancel = shared.cancel_flag();
+        crate::channels::tls::secure_outgoing(&mut ch, &setup, &cancel, "preempt")
+            .map_err(|e| WriteError::Tls(e.0))?;
+        if let Some(relay) = ch.tls_relay.take() {
+            shared.add_tls_relay(relay);
+        }
+    }
+    let fd = Arc::new(ch.fd);
+    shared.register_cancel_fd(&fd);
+    let unlimited = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    Ok(postcopy::PreemptChannel::new(StreamWriter::new(
+        fd,
+        shared.stats().transferred.clone(),
+        unlimited,
+        shared.cancel_flag(),
+    )))
+}
+
 /// What stays fixed through one outgoing session.
 struct Session {
     ids: SectionIds,
@@ -324,6 +359,9 @@ struct Session {
     early_stop: Option<EarlyStop>,
     /// `postcopy-ram`: POSTCOPY_ADVISE was sent; `migrate-start-postcopy` may switch.
     postcopy: bool,
+    /// `postcopy-ram` with `postcopy-preempt`: the address the preempt channel
+    /// connects to at the switch.
+    preempt_to: Option<Address>,
 }
 
 /// The VM was stopped when the migration started: its run state before, and when.
@@ -569,6 +607,12 @@ fn run_postcopy(
         .return_path
         .clone()
         .ok_or(postcopy::PostcopyError::NoReturnPath)?;
+    // The preempt channel is opened while the VM still runs here: failing to open it
+    // is an ordinary precopy failure.
+    let mut preempt = match &session.preempt_to {
+        Some(addr) => Some(open_preempt(shared, addr, &rp)?),
+        None => None,
+    };
     let stats = shared.stats();
     let control = vmm.control();
     let before = control.run_state();
@@ -609,11 +653,27 @@ fn run_postcopy(
         shared.params_snapshot().max_postcopy_bandwidth(),
         Ordering::Relaxed,
     );
-    let pushed = postcopy::push_pages(&stats, w, saver, session.ids.ram, &rp, downtime_end);
+    // A request waiting cuts the rate limit's wait short, as in QEMU: the pages the
+    // guest waits for do not wait for the background push's budget.
+    w.wake_rate_limit_on(Some(rp.requests_waiting()));
+    let pushed = postcopy::push_pages(
+        &stats,
+        w,
+        saver,
+        session.ids.ram,
+        &rp,
+        downtime_end,
+        preempt.as_mut(),
+    );
+    w.wake_rate_limit_on(None);
     bandwidth.store(shared.params_snapshot().max_bandwidth(), Ordering::Relaxed);
     pushed?;
     rp.await_close(RETURN_PATH_CLOSE_TIMEOUT)
         .map_err(SaveError::ReturnPath)?;
+    // The preempt channel closes only once the destination finished (as QEMU's does,
+    // at cleanup): a QEMU destination whose preempt channel ends while it still loads
+    // takes that for a network failure and pauses postcopy.
+    drop(preempt);
     stats.remaining.store(0, Ordering::Relaxed);
     // Once completed, QEMU's `downtime` runs from the stop to the end: the source VM
     // was stopped all through postcopy.
