@@ -42,8 +42,8 @@ CAPABILITIES = [
 # (QEMU's own compatibility rules are applied before, so pairs QEMU refuses get QEMU's
 # error from vmigrate too).
 UNSUPPORTED_CAPABILITIES = [
-    "xbzrle", "rdma-pin-all", "auto-converge", "x-colo", "release-ram",
-    "return-path", "multifd", "dirty-bitmaps", "postcopy-blocktime", "x-ignore-shared",
+    "xbzrle", "rdma-pin-all", "auto-converge", "x-colo", "return-path", "multifd",
+    "dirty-bitmaps", "postcopy-blocktime", "x-ignore-shared",
     "background-snapshot", "zero-copy-send", "switchover-ack",
     "dirty-limit", "mapped-ram",
 ]

@@ -566,6 +566,14 @@ impl RamBlock {
         Ok(())
     }
 
+    /// The postcopy source with `release-ram`: frees `len` bytes at `offset` (whole
+    /// pages) that were sent and will never be read again, as [`Self::discard`] does
+    /// (`MADV_DONTNEED`; a punched hole, `KEEP_SIZE`, in a shared file). Anonymous RAM
+    /// and a shared file's pages read as zero afterwards.
+    pub fn release(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.discard(offset, len)
+    }
+
     /// Registers the whole block with `uffd` for MISSING faults.
     pub fn register_missing(&self, uffd: &Userfaultfd) -> Result<(), UffdError> {
         uffd.register_missing(self.host_addr(), self.len)

@@ -103,9 +103,10 @@ capabilities! {
 
 /// Capabilities vmigrate implements. `zero-blocks` and `late-block-activate` have no
 /// effect in QEMU 10.0 either, so accepting them is faithful.
-const SUPPORTED_CAPABILITIES: [Cap; 13] = [
+const SUPPORTED_CAPABILITIES: [Cap; 14] = [
     Cap::Events,
     Cap::PostcopyRam,
+    Cap::ReleaseRam,
     Cap::PostcopyBlocktime,
     Cap::PostcopyPreempt,
     Cap::MappedRam,
@@ -1219,5 +1220,22 @@ mod tests {
             .unwrap();
         assert!(on.events());
         assert!(on.has(Cap::Events));
+        // release-ram is accepted alone (postcopy uses it; without postcopy it does
+        // nothing, as in QEMU), and refused with background-snapshot, QEMU's text.
+        let release = c
+            .merged(
+                &json!([{"capability": "release-ram", "state": true}]),
+                false,
+                &p,
+            )
+            .unwrap();
+        assert!(release.release_ram());
+        assert_eq!(
+            set(json!([
+                {"capability": "release-ram", "state": true},
+                {"capability": "background-snapshot", "state": true}
+            ])),
+            "Background-snapshot is not compatible with release-ram"
+        );
     }
 }

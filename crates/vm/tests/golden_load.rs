@@ -324,7 +324,7 @@ fn cap_pc_replays_into_a_postcopy_destination() {
     use vmigrate_stream::SliceSource;
 
     if let Err(e) = vmigrate_engine::uffd::available() {
-        eprintln!("skipped: {e}");
+        eprintln!("SKIP postcopy test: userfaultfd is not usable here: {e}");
         return;
     }
     let m = machine("m0", 8);

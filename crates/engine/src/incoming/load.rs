@@ -1205,7 +1205,7 @@ mod tests {
         use std::io::Write;
         use std::os::unix::net::UnixStream;
         if let Err(e) = crate::uffd::available() {
-            eprintln!("skipped: {e}");
+            eprintln!("SKIP postcopy test: userfaultfd is not usable here: {e}");
             return None;
         }
         let ps = crate::memory::host_page_size();
@@ -1391,7 +1391,7 @@ mod tests {
         use std::io::Write;
         use std::os::unix::net::UnixStream;
         if let Err(e) = crate::uffd::available() {
-            eprintln!("skipped: {e}");
+            eprintln!("SKIP postcopy test: userfaultfd is not usable here: {e}");
             return;
         }
         let ps = crate::memory::host_page_size();
@@ -1460,7 +1460,7 @@ mod tests {
         use std::io::Write;
         use std::os::unix::net::UnixStream;
         if let Err(e) = crate::uffd::available() {
-            eprintln!("skipped: {e}");
+            eprintln!("SKIP postcopy test: userfaultfd is not usable here: {e}");
             return None;
         }
         let vmm = FakeVmm::new(16, RunState::InMigrate);

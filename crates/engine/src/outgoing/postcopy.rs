@@ -33,6 +33,14 @@
 //! to `postcopy-paused` instead, waiting for a recovery; vmigrate does not do recovery
 //! yet.
 //!
+//! With `release-ram` the source frees each page once it is out (the VM never runs
+//! here again): pages sent on a channel are noted in that channel's [`PageRelease`],
+//! merged into contiguous runs, and freed through [`crate::memory::RamBlock::release`]
+//! right after the channel's writer flushed them (the writer gathers guest memory at
+//! flush time, so a page is never freed before its bytes left), at the latest every
+//! [`RELEASE_BATCH`] bytes and at the end. Requested pages and pushed pages alike, zero
+//! or not, as QEMU does. Pages precopy sent are not freed (QEMU does not either).
+//!
 //! Every page goes once: a page is taken off the dirty bitmap when it is sent, and a
 //! request for a page already sent (in precopy and not dirtied since, or earlier in
 //! postcopy) is skipped, as QEMU skips it.
@@ -45,6 +53,7 @@ use vmigrate_stream::postcopy::{PostcopyAdvise, RamDiscard};
 use vmigrate_stream::section::{encode_footer, Record};
 
 use crate::channels::return_path::{PageRequest, ReturnPath, ReturnPathError};
+use crate::events::EventBus;
 use crate::io::{StreamWriter, WriteError};
 use crate::outgoing::ram_save::{RamSaver, SentPages, ITERATION_SLICE};
 use crate::stats::Stats;
@@ -150,6 +159,8 @@ pub(crate) struct PreemptChannel {
     writer: StreamWriter,
     /// The block of the last page record written on this channel (CONTINUE after it).
     last_block: Option<usize>,
+    /// `release-ram`: pages written on this channel, freed after its flushes.
+    release: PageRelease,
 }
 
 impl PreemptChannel {
@@ -157,24 +168,99 @@ impl PreemptChannel {
         Self {
             writer,
             last_block: None,
+            release: PageRelease::default(),
         }
     }
 }
 
-/// The postcopy phase: PART sections of section `ram_id` until every page went,
+/// `release-ram`: the bytes of sent pages a channel holds back before it flushes and
+/// frees them.
+pub(crate) const RELEASE_BATCH: u64 = 4 << 20;
+
+/// `release-ram`: the pages written on one channel and not freed yet, as contiguous
+/// runs (block index, offset, length in bytes).
+#[derive(Debug, Default)]
+pub(crate) struct PageRelease {
+    runs: Vec<(usize, u64, u64)>,
+    pending: u64,
+    /// Set once a release failed: the rest of the migration frees nothing more (the
+    /// pages are on the destination whatever happens here).
+    failed: bool,
+}
+
+impl PageRelease {
+    /// Notes that page `page` of block `index` was written on the channel.
+    fn note(&mut self, saver: &RamSaver, index: usize, page: usize) {
+        let ps = saver.block(index).page_size();
+        let offset = page as u64 * ps;
+        self.pending += ps;
+        if let Some((bi, start, len)) = self.runs.last_mut() {
+            if *bi == index && *start + *len == offset {
+                *len += ps;
+                return;
+            }
+        }
+        self.runs.push((index, offset, ps));
+    }
+
+    /// Bytes noted and not freed yet.
+    fn pending(&self) -> u64 {
+        self.pending
+    }
+
+    /// Frees every run noted; the channel's writer must have flushed them. A failure
+    /// does not fail the migration (QEMU only reports it either): it is reported once
+    /// and releasing stops.
+    fn release(&mut self, saver: &RamSaver, warnings: &EventBus) {
+        for (index, offset, len) in self.runs.drain(..) {
+            if self.failed {
+                break;
+            }
+            let block = saver.block(index);
+            if let Err(e) = block.release(offset, len) {
+                warnings.warn(&format!(
+                    "release-ram: freeing {offset:#x}+{len:#x} of RAM block '{}' failed: {e}",
+                    block.idstr()
+                ));
+                self.failed = true;
+            }
+        }
+        self.runs.clear();
+        self.pending = 0;
+    }
+}
+
+/// What the postcopy phase is told besides its channels.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PushOptions<'a> {
+    /// The `ram` section's id.
+    pub ram_id: u32,
+    /// The byte count when the destination started (for `postcopy-bytes`).
+    pub postcopy_start: u64,
+    /// `release-ram`: free each page once it is out.
+    pub release_ram: bool,
+    /// Where a failure to free pages is reported (it does not fail the migration).
+    pub warnings: &'a EventBus,
+}
+
+/// The postcopy phase: PART sections of the `ram` section until every page went,
 /// serving requests first (on `preempt` when there is one), then END and EOF.
-/// `postcopy_start` is the byte count when the destination started (for
-/// `postcopy-bytes`).
 pub(crate) fn push_pages(
     stats: &Stats,
     w: &mut StreamWriter,
     saver: &mut RamSaver,
-    ram_id: u32,
     rp: &ReturnPath,
-    postcopy_start: u64,
     mut preempt: Option<&mut PreemptChannel>,
+    options: &PushOptions<'_>,
 ) -> Result<(), PostcopyError> {
+    let PushOptions {
+        ram_id,
+        postcopy_start,
+        release_ram,
+        warnings,
+    } = *options;
     saver.forget_last_block();
+    let mut release = PageRelease::default();
     let mut done = false;
     while !done {
         if let Some(e) = rp.error() {
@@ -190,7 +276,7 @@ pub(crate) fn push_pages(
                 let (index, pages) = check_request(saver, &req)?;
                 let mut any = false;
                 for page in pages {
-                    any |= match preempt.as_deref_mut() {
+                    let went = match preempt.as_deref_mut() {
                         Some(p) => saver.send_requested_on(
                             &mut p.writer,
                             index,
@@ -200,18 +286,38 @@ pub(crate) fn push_pages(
                         )?,
                         None => saver.send_requested(w, index, page, &mut sent)?,
                     };
+                    if went && release_ram {
+                        match preempt.as_deref_mut() {
+                            Some(p) => p.release.note(saver, index, page),
+                            None => release.note(saver, index, page),
+                        }
+                    }
+                    any |= went;
                 }
                 if any {
                     match preempt.as_deref_mut() {
-                        Some(p) => p.writer.flush()?,
-                        None => w.flush()?,
+                        Some(p) => {
+                            p.writer.flush()?;
+                            p.release.release(saver, warnings);
+                        }
+                        None => {
+                            w.flush()?;
+                            release.release(saver, warnings);
+                        }
                     }
                 }
                 continue;
             }
-            if !saver.send_next(w, &mut sent)? {
+            let Some((index, page)) = saver.send_next(w, &mut sent)? else {
                 done = true;
                 break;
+            };
+            if release_ram {
+                release.note(saver, index, page);
+                if release.pending() >= RELEASE_BATCH {
+                    w.flush()?;
+                    release.release(saver, warnings);
+                }
             }
             n += 1;
             if n.is_multiple_of(64) && Instant::now() >= deadline {
@@ -223,6 +329,7 @@ pub(crate) fn push_pages(
             encode_footer(out, ram_id);
         })?;
         w.flush()?;
+        release.release(saver, warnings);
         stats.duplicate.fetch_add(sent.zero, Ordering::Relaxed);
         stats.normal.fetch_add(sent.normal, Ordering::Relaxed);
         stats
@@ -377,19 +484,27 @@ mod tests {
         /// postcopy and writes `redirty` meanwhile; returns once POSTCOPY_RUN's package
         /// and PING(4) were read.
         fn start(redirty: &[usize]) -> (Run, Vec<Seen>) {
-            Run::start_with(redirty, None)
+            Run::start_with(redirty, None, false)
         }
 
         /// [`Run::start`], the switch asked for by `migrate-start-postcopy`, or (with
-        /// `auto_after_ms`) left to `x-vmigrate-postcopy-after`, the stall lasting past it.
-        fn start_with(redirty: &[usize], auto_after_ms: Option<u64>) -> (Run, Vec<Seen>) {
+        /// `auto_after_ms`) left to `x-vmigrate-postcopy-after`, the stall lasting past it;
+        /// `release_ram` turns that capability on too.
+        fn start_with(
+            redirty: &[usize],
+            auto_after_ms: Option<u64>,
+            release_ram: bool,
+        ) -> (Run, Vec<Seen>) {
             let vmm = FakeVmm::new(PAGES, RunState::Running);
             for p in 0..PAGES {
                 vmm.write_page(p, (p % 251) as u8 + 1);
             }
             let (m, seen) = recorded_migrator(vmm.clone(), IncomingMode::Disabled);
-            m.set_capabilities(&json!([{"capability": "postcopy-ram", "state": true}]))
-                .unwrap();
+            m.set_capabilities(&json!([
+                {"capability": "postcopy-ram", "state": true},
+                {"capability": "release-ram", "state": release_ram}
+            ]))
+            .unwrap();
             m.set_parameters(
                 json!({"max-bandwidth": 4 << 20, "max-postcopy-bandwidth": 8 << 20})
                     .as_object()
@@ -639,10 +754,66 @@ mod tests {
         assert_eq!(run.m.query_migrate()["ram"]["postcopy-requests"], json!(3));
     }
 
+    /// Runs a postcopy migration (one page requested) with or without `release-ram`
+    /// and checks what the source's RAM holds afterwards.
+    fn release_ram_run(release_ram: bool) {
+        let (mut run, _) = Run::start_with(&[], None, release_ram);
+        let ps = host_page_size();
+        let wanted = PAGES - 100;
+        assert!(!run.precopy.contains(&wanted));
+        run.send(RpMessage::ReqPagesId {
+            start: wanted as u64 * ps,
+            len: ps as u32,
+            block: "ram".into(),
+        });
+        let rest = run.rest();
+        // Every page went once, with the guest's bytes: none was freed before it went.
+        for s in &rest {
+            if let Seen::Page { page, first, .. } = s {
+                assert_eq!(*first, Some((page % 251) as u8 + 1), "page {page}");
+            }
+        }
+        let postcopy = pages_of(&rest);
+        assert!(postcopy.contains(&wanted));
+        let mut all = postcopy.clone();
+        all.extend(&run.precopy);
+        all.sort_unstable();
+        assert_eq!(all, (0..PAGES).collect::<Vec<_>>());
+        run.send(RpMessage::Shut(0));
+        assert_eq!(wait_for_end(&run.m, LIMIT), MigrationStatus::Completed);
+        // With release-ram, what postcopy sent reads as zero on the source now; what
+        // precopy sent (while the VM still ran) is kept, as in QEMU. Without it, all
+        // of RAM is as it was.
+        let ram = run.vmm.ram();
+        let page_bytes = |p: usize| &ram[p * ps as usize..(p + 1) * ps as usize];
+        let original = |p: usize| vec![(p % 251) as u8 + 1; ps as usize];
+        for &p in &postcopy {
+            if release_ram {
+                assert!(page_bytes(p).iter().all(|&b| b == 0), "page {p} kept");
+            } else {
+                assert_eq!(page_bytes(p), original(p), "page {p}");
+            }
+        }
+        for &p in &run.precopy {
+            assert_eq!(page_bytes(p), original(p), "page {p}");
+        }
+        assert!(postcopy.len() > PAGES / 2, "precopy was to be stalled");
+    }
+
+    #[test]
+    fn with_release_ram_pages_sent_in_postcopy_are_freed_on_the_source() {
+        release_ram_run(true);
+    }
+
+    #[test]
+    fn without_release_ram_the_source_keeps_its_pages() {
+        release_ram_run(false);
+    }
+
     #[test]
     fn precopy_switches_by_itself_after_x_vmigrate_postcopy_after() {
         let started = std::time::Instant::now();
-        let (run, head) = Run::start_with(&[], Some(200));
+        let (run, head) = Run::start_with(&[], Some(200), false);
         assert!(started.elapsed() >= Duration::from_millis(200));
         assert!(head.contains(&Seen::Command(Command::SwitchoverStart)));
         assert_eq!(run.m.status(), MigrationStatus::PostcopyActive);

@@ -277,18 +277,19 @@ impl RamSaver {
     }
 
     /// Postcopy: sends the next page still to be sent from the scan position, wrapping
-    /// around to the start of RAM once. Returns false when no page is left.
+    /// around to the start of RAM once. Returns the block index and page it sent, or
+    /// `None` when no page is left.
     pub fn send_next(
         &mut self,
         w: &mut StreamWriter,
         sent: &mut SentPages,
-    ) -> Result<bool, WriteError> {
+    ) -> Result<Option<(usize, usize)>, WriteError> {
         let mut wrapped = false;
         loop {
             let (bi, from) = self.cursor;
             if bi >= self.blocks.len() {
                 if wrapped {
-                    return Ok(false);
+                    return Ok(None);
                 }
                 wrapped = true;
                 self.cursor = (0, 0);
@@ -304,7 +305,7 @@ impl RamSaver {
                 self.dirty[bi].set(page);
                 return Err(e);
             }
-            return Ok(true);
+            return Ok(Some((bi, page)));
         }
     }
 

@@ -248,6 +248,7 @@ pub(crate) fn run(
         early_stop,
         postcopy,
         preempt_to: (postcopy && caps.postcopy_preempt()).then(|| addr.clone()),
+        release_ram: postcopy && caps.release_ram(),
     };
     let result = iterate_and_complete(shared, vmm, &mut w, &mut saver, &session);
     tracker.stop();
@@ -362,6 +363,8 @@ struct Session {
     /// `postcopy-ram` with `postcopy-preempt`: the address the preempt channel
     /// connects to at the switch.
     preempt_to: Option<Address>,
+    /// `postcopy-ram` with `release-ram`: pages sent in postcopy are freed.
+    release_ram: bool,
 }
 
 /// The VM was stopped when the migration started: its run state before, and when.
@@ -660,10 +663,14 @@ fn run_postcopy(
         &stats,
         w,
         saver,
-        session.ids.ram,
         &rp,
-        downtime_end,
         preempt.as_mut(),
+        &postcopy::PushOptions {
+            ram_id: session.ids.ram,
+            postcopy_start: downtime_end,
+            release_ram: session.release_ram,
+            warnings: &shared.events,
+        },
     );
     w.wake_rate_limit_on(None);
     bandwidth.store(shared.params_snapshot().max_bandwidth(), Ordering::Relaxed);
