@@ -29,6 +29,17 @@ both), calc-dirty-rate, total time, downtime, bytes sent, passes (dirty-sync-cou
 ratios vmigrate / QEMU, and says whether vmigrate's downtime and bytes are at most QEMU's at
 an equal or higher dirty rate.
 
+Scenarios `live-postcopy` and `live-postcopy-preempt` (not in the default set): the same
+guests and hot set, but `max-bandwidth` (--postcopy-max-bandwidth, default 64 MiB/s) is well
+below the dirty rate, so precopy cannot converge; both sides have `postcopy-ram` (and
+`postcopy-preempt`), the destination `postcopy-blocktime`, `max-postcopy-bandwidth` is 0, and
+`migrate-start-postcopy` is sent --postcopy-after seconds (default 2) after `migrate`, the
+same for both engines. Per run: total time (migrate -> destination `completed`), downtime
+(source STOP -> destination RESUME event timestamps), the source's `postcopy-requests`, the
+destination's `postcopy-blocktime`, vmigrate's `x-vmigrate-fault-latency-us` (p50/p99/max),
+bytes, CPU and peak RSS; a run counts only if the guest keeps writing pages on the
+destination afterwards.
+
 File scenarios `file-plain`, `file-mr`, `file-mr2`, `file-mr4`, `file-mr-dio`, `file-mr2-dio`,
 `file-mr4-dio` (group `file`; not in the default set): the stopped VM is saved with `migrate
 file:DIR/bench-PID.mig` (plain sequential stream; mapped-ram; mapped-ram + multifd 2 or 4
@@ -50,6 +61,7 @@ Usage:
     scripts/bench.py --list-scenarios
     scripts/bench.py --scenario live        # 256 MiB hot set at 512 MiB/s, 3 reps
     scripts/bench.py --scenario live --live-hot 128M --live-rate 1G -n 2 --live-accel tcg
+    scripts/bench.py --scenario live-postcopy,live-postcopy-preempt -n 2
     scripts/bench.py --size 4G -n 2 --pairs qq,vv --scenario file    # all file scenarios
     scripts/bench.py --scenario file-mr4,file-mr4-dio --file-dir /var/tmp --no-file-cold
 
@@ -57,7 +69,8 @@ Options (see --help): --size, -n/--reps, --pairs (qq,vv,qv,vq or full names), --
 --vmigrate PATH (default: target/release/vmigrate, built with `cargo build --release` if
 missing), --qemu PATH, --json OUT (raw per-run records), --prewarm GIB, --gate SECONDS,
 --timeout SECONDS, --keep-image, --keep-logs, --shm DIR; for `live`: --live-hot, --live-memory,
---live-rate, --live-accel auto|tcg|kvm, --downtime-limit MS, --live-calc-ms; for the file
+--live-rate, --live-accel auto|tcg|kvm, --downtime-limit MS, --live-calc-ms (the postcopy
+scenarios take the guest options too, plus --postcopy-max-bandwidth and --postcopy-after); for the file
 scenarios: --file-dir DIR (default /var/tmp when on the repository's file system, else
 target/; not /dev/shm), --file-cold / --no-file-cold (default on when root and drop_caches is
 writable).
@@ -1152,6 +1165,164 @@ live_migration.live = True
 
 
 # --------------------------------------------------------------------------------------
+# Postcopy scenarios: the live guest, but with max-bandwidth well below its dirty rate so
+# that precopy cannot converge; after a fixed precopy time the source is switched to
+# postcopy (migrate-start-postcopy) and the destination pulls what it still lacks.
+
+def event_time(ev):
+    ts = ev.get("timestamp", {})
+    return ts.get("seconds", 0) + ts.get("microseconds", 0) / 1e6
+
+
+def run_events(vm):
+    """A listener for the run-state events (STOP / RESUME) of vm."""
+    lst = EventListener(("STOP", "RESUME"))
+    vm.qmp.register_listener(lst)
+    return lst
+
+
+async def drain_events(lst, name, t0, wait=0.0):
+    """Timestamps (engine clock, host wall time) of the `name` events queued in lst since t0."""
+    out = []
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            ev = await asyncio.wait_for(lst.get(), max(0.01, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            if out or time.monotonic() >= deadline:
+                return out
+            continue
+        if ev.get("event") == name and event_time(ev) >= t0 - 0.5:
+            out.append(event_time(ev))
+
+
+async def postcopy_migration(ctx, pair, rep, preempt=False):
+    live = ctx.live
+    engine = pair[0]
+    is_qemu = isinstance(engine, QemuEngine)
+    if is_qemu and live.qemu_unavailable:
+        raise RunFailed(f"QEMU live guest unavailable: {live.qemu_unavailable}")
+    pc = ctx.args
+    bw = pc.postcopy_max_bandwidth
+    rec = {"engine": engine.name, "accel": live.qemu_accel if is_qemu else "soft",
+           "hot": live.hot, "memory": live.memory, "preempt": preempt,
+           "guest_rate_set": live.qemu_rate if is_qemu else live.vmigrate_rate,
+           "max_bandwidth": bw, "precopy_s": pc.postcopy_after}
+    src, dst = VM(engine, "src", ctx), VM(engine, "dst", ctx)
+    serial_src = os.path.join(ctx.tmpdir, f"src-{engine.name}.serial") if is_qemu else None
+    serial_dst = os.path.join(ctx.tmpdir, f"dst-{engine.name}.serial") if is_qemu else None
+    for p in (serial_src, serial_dst):
+        if p:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(p)
+    port = ctx.args.port or free_port()
+    uri = f"tcp:127.0.0.1:{port}"
+    caps = {"events": True, "postcopy-ram": True}
+    if preempt:
+        caps["postcopy-preempt"] = True
+    try:
+        await src.start(argv=engine.live_argv(live, src.sock, serial_src, None))
+        await dst.start(argv=engine.live_argv(live, dst.sock, serial_dst, "defer"))
+        await src.set_caps(caps)
+        await dst.set_caps(dict(caps, **{"postcopy-blocktime": True}))
+        await src.set_params({"max-bandwidth": bw, "max-postcopy-bandwidth": 0,
+                              "downtime-limit": live.downtime_limit})
+        await dst.cmd("migrate-incoming", uri=uri)
+        meter = GuestMeter(src, serial_src)
+        await meter.wait_pages(live.hot // LIVE_PAGE, 60)  # the whole hot set written once
+        gw, gl = quiet_gate(ctx.args.gate)
+        pw_gib = ctx.args.prewarm if ctx.args.prewarm_given else live.memory / GiB + 1
+        pw_s, pw_us = prewarm(int(pw_gib * GiB))
+        rec.update(gate_wait_s=gw, gate_load=gl, prewarm_s=pw_s, prewarm_us_per_page=pw_us)
+        rec["dirty_rate_before"] = await meter.rate(1.0)
+        ev_src, ev_dst = run_events(src), run_events(dst)
+
+        samples = []
+        b0, me0 = machine_busy(), self_cpu()
+        cs0, cd0 = src.cpu(), dst.cpu()
+        t0 = time.time()
+        await src.cmd("migrate", uri=uri)
+        sampler = asyncio.ensure_future(sample_migration(src, samples, t0))
+        deadline = time.monotonic() + live.timeout
+        ws = asyncio.ensure_future(wait_migration(src, deadline, t0))
+        wd = asyncio.ensure_future(wait_migration(dst, deadline, t0))
+        try:
+            await asyncio.wait({ws, wd}, timeout=max(0.0, t0 + pc.postcopy_after - time.time()))
+            if ws.done() or wd.done():
+                raise RunFailed("migration ended before migrate-start-postcopy (precopy converged or "
+                                f"failed): source {ws.result()['status'] if ws.done() else 'running'}", rec)
+            q = await src.try_cmd("query-migrate")
+            rec["precopy_transferred"] = (q.get("ram") or {}).get("transferred") if isinstance(q, dict) else None
+            rec["precopy_status"] = q.get("status") if isinstance(q, dict) else None
+            rec["t_start_postcopy_s"] = time.time() - t0
+            await src.cmd("migrate-start-postcopy")
+            pending = {ws, wd}
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                if any(t.result()["status"] != "completed" for t in done):
+                    break
+        finally:
+            for t in (ws, wd, sampler):
+                t.cancel()
+            await asyncio.gather(ws, wd, sampler, return_exceptions=True)
+        cs1, cd1 = src.cpu(), dst.cpu()
+        b1, me1 = machine_busy(), self_cpu()
+        rs = ws.result() if ws.done() and not ws.cancelled() else {"status": "not finished", "t": None}
+        rd = wd.result() if wd.done() and not wd.cancelled() else {"status": "not finished", "t": None}
+        rec["samples"] = samples
+        rec.update(src_status=rs["status"], dst_status=rd["status"])
+        if rs["status"] != "completed" or rd["status"] != "completed":
+            q = await src.try_cmd("query-migrate") if exit_status(src.proc) is None else {}
+            why = f" ({q['error-desc']})" if isinstance(q, dict) and q.get("error-desc") else ""
+            st = {"timeout": f"not completed in {live.timeout:g} s"}
+            raise RunFailed(f"migration did not complete: source {st.get(rs['status'], rs['status'])}{why}, "
+                            f"destination {st.get(rd['status'], rd['status'])}", rec)
+        qs = await src.cmd("query-migrate")
+        qd = await dst.cmd("query-migrate")
+        ram = qs.get("ram", {})
+        stops = await drain_events(ev_src, "STOP", t0, wait=1.0)
+        resumes = await drain_events(ev_dst, "RESUME", t0, wait=1.0)
+        lat = qd.get("x-vmigrate-fault-latency-us") or {}
+        rec.update(
+            total_s=rd["t"] - t0, total_how=rd["how"], postcopy_phase_s=rd["t"] - t0 - rec["t_start_postcopy_s"], src_total_time_ms=qs.get("total-time"),
+            src_downtime_ms=qs.get("downtime"),
+            stop_t=stops[0] if stops else None, resume_t=resumes[0] if resumes else None,
+            downtime_ms=(resumes[0] - stops[0]) * 1000 if stops and resumes else None,
+            transferred=ram.get("transferred"), postcopy_requests=ram.get("postcopy-requests"),
+            dirty_sync_count=ram.get("dirty-sync-count"),
+            postcopy_blocktime_ms=qd.get("postcopy-blocktime"),
+            fault_count=lat.get("count"), fault_p50_us=lat.get("p50"), fault_p99_us=lat.get("p99"),
+            fault_max_us=lat.get("max"),
+            cpu_src_s=(cs1 - cs0) if None not in (cs0, cs1) else None,
+            cpu_dst_s=(cd1 - cd0) if None not in (cd0, cd1) else None,
+            hwm_src_kib=src.status().get("VmHWM"), hwm_dst_kib=dst.status().get("VmHWM"),
+            foreign_cpu_s=(b1 - b0) - ((cs1 or 0) - (cs0 or 0)) - ((cd1 or 0) - (cd0 or 0)) - (me1 - me0),
+            query_migrate_src=qs, query_migrate_dst=qd)
+        if rec["downtime_ms"] is None:
+            rec["downtime_note"] = (f"{'no' if not stops else len(stops)} STOP on the source, "
+                                    f"{'no' if not resumes else len(resumes)} RESUME on the destination")
+        # the guest goes on at the destination: its page count keeps growing
+        dmeter = GuestMeter(dst, serial_dst)
+        d0 = await dmeter.pages()
+        rec["dst_rate_after"] = await dmeter.rate(1.0)
+        rec["dst_guest_runs"] = await dmeter.pages() > d0
+        if not rec["dst_guest_runs"]:
+            raise RunFailed("the guest did not run on the destination after the migration", rec)
+        return rec
+    finally:
+        await asyncio.gather(src.stop(), dst.stop())
+
+
+def _postcopy(preempt, doc):
+    async def scenario(ctx, pair, rep):
+        return await postcopy_migration(ctx, pair, rep, preempt)
+    scenario.__doc__ = doc
+    scenario.live = True
+    scenario.postcopy = True
+    return scenario
+
+
+# --------------------------------------------------------------------------------------
 # File scenarios: a stopped VM is saved with `migrate file:...` and restored into a fresh
 # VM with `migrate-incoming file:...`. The pair's source engine saves, its destination
 # engine restores. Right after the warm restore the same file is read with dd; with
@@ -1358,6 +1529,9 @@ SCENARIOS = {
     "tcp-tls-multifd2": _tcp({"multifd": True}, dict(TLS, **{"multifd-channels": 2}),
                              "stopped VM, loopback TCP, TLS (x509, verify-peer), multifd 2 channels"),
     "live": live_migration,
+    "live-postcopy": _postcopy(False, "running guest dirtying its hot set faster than max-bandwidth, loopback TCP, "
+                                      "precopy then migrate-start-postcopy (qq and vv only)"),
+    "live-postcopy-preempt": _postcopy(True, "as live-postcopy, with postcopy-preempt (qq and vv only)"),
     "file-plain": _file(doc="stopped VM saved to / restored from a file, plain sequential stream"),
     "file-mr": _file(MAPPED_RAM, None, "stopped VM saved to / restored from a file, mapped-ram, no multifd"),
     "file-mr2": _file(MAPPED_RAM_MULTIFD, {"multifd-channels": 2},
@@ -1375,6 +1549,10 @@ SCENARIOS = {
 
 def is_live(scenario):
     return getattr(SCENARIOS[scenario], "live", False)
+
+
+def is_postcopy(scenario):
+    return getattr(SCENARIOS[scenario], "postcopy", False)
 
 
 def is_file(scenario):
@@ -1694,7 +1872,7 @@ def report_file(records, size, scenarios, pairs, cold):
 def report_live(records, live):
     """Tables of the live scenario: per engine, then vmigrate / QEMU and the target."""
     lines = []
-    for sc in [s for s in SCENARIOS if is_live(s)]:
+    for sc in [s for s in SCENARIOS if is_live(s) and not is_postcopy(s)]:
         recs = [r for r in records if r["scenario"] == sc]
         if not recs:
             continue
@@ -1761,6 +1939,81 @@ def report_live(records, live):
                          f"downtime {dv:.0f} vs {dq:.0f} ms, sent {bv / MiB:.0f} vs {bq / MiB:.0f} MiB, dirty rate "
                          f"before {rv[0] / MiB:.0f} vs {rq[0] / MiB:.0f} MiB/s, during {rv[1] / MiB:.0f} vs "
                          f"{rq[1] / MiB:.0f} MiB/s")
+        failed = [r for r in recs if not r["ok"]]
+        if failed:
+            lines.append("\nFAILED runs (not counted):")
+            for r in failed:
+                first = (r.get("error") or "").splitlines()[0] if r.get("error") else "?"
+                lines.append(f"  {pair_label((r['src'], r['dst']))} rep {r['rep']}: {first}")
+    return "\n".join(lines)
+
+
+def report_postcopy(records, live, args):
+    """Tables of the postcopy scenarios: per engine, then vmigrate / QEMU."""
+    lines = []
+    for sc in [s for s in SCENARIOS if is_postcopy(s)]:
+        recs = [r for r in records if r["scenario"] == sc]
+        if not recs:
+            continue
+        mib = lambda vals: [v / MiB for v in vals if v is not None]
+        rows = []
+        for name in ("qemu", "vmigrate"):
+            rs = [r for r in recs if r["src"] == name]
+            ok = [r for r in rs if r["ok"]]
+            if not rs:
+                continue
+            g = lambda k: [r.get(k) for r in ok]
+            accel = ",".join(sorted({r["accel"] for r in ok if r.get("accel")})) or "–"
+            rows.append([pair_label((name, name)), accel, f"{len(ok)}/{len(rs)}",
+                         fmt(mib(g("dirty_rate_before")), 0), fmt(g("total_s")), fmt(g("postcopy_phase_s")),
+                         fmt(g("downtime_ms"), 1), fmt(g("postcopy_requests"), 0), fmt(g("postcopy_blocktime_ms"), 0),
+                         fmt(g("fault_p50_us"), 0), fmt(g("fault_p99_us"), 0), fmt(g("fault_max_us"), 0),
+                         fmt(mib(g("precopy_transferred")), 0), fmt(mib(g("transferred")), 0),
+                         fmt(g("cpu_src_s")), fmt(g("cpu_dst_s")),
+                         fmt([v / 1024 for v in g("hwm_src_kib") if v is not None], 0),
+                         fmt([v / 1024 for v in g("hwm_dst_kib") if v is not None], 0),
+                         fmt(g("foreign_cpu_s"), 1)])
+        probe = ", ".join(f"{a} {r / MiB:.0f} MiB/s" if r else f"{a} –" for a, r in live.probe.items())
+        lines.append(f"\n### {sc}: {SCENARIOS[sc].__doc__}\n")
+        lines.append(f"hot set {human_size(live.hot)} of {human_size(live.memory)} guest RAM dirtied at "
+                     f"{live.rate / MiB:.0f} MiB/s; max-bandwidth {args.postcopy_max_bandwidth / MiB:.0f} MiB/s, "
+                     f"migrate-start-postcopy {args.postcopy_after:g} s after migrate, max-postcopy-bandwidth 0; "
+                     f"postcopy-blocktime on the destination. QEMU guest: pc machine, accelerator "
+                     f"{live.qemu_accel or '–'} ({probe or 'not probed'}); vmigrate: lab machine, soft accelerator.")
+        if live.qemu_unavailable:
+            lines.append(f"QEMU's guest cannot run here, only the vmigrate pair ran: {live.qemu_unavailable}")
+        for n in live.notes:
+            lines.append(f"note: {n}")
+        lines.append("total = migrate → destination MIGRATION completed, 'postcopy s' the part after "
+                     "migrate-start-postcopy; downtime = source STOP → destination "
+                     "RESUME (event timestamps, one host clock); postcopy-requests from the source, "
+                     "postcopy-blocktime from the destination; fault latency = vmigrate destination's "
+                     "x-vmigrate-fault-latency-us (QEMU has none); sent = source ram.transferred, of which "
+                     "'precopy' before migrate-start-postcopy; CPU and peak RSS (VmHWM) of source and "
+                     "destination. Every counted run's guest went on running on the destination. "
+                     "Median [min–max] of completed runs.\n")
+        lines.append(table(["engine (src→dst)", "accel", "ok/runs", "dirty MiB/s", "total s", "postcopy s",
+                            "downtime ms", "postcopy-requests", "blocktime ms", "fault p50 µs", "fault p99 µs",
+                            "fault max µs", "precopy MiB", "sent MiB", "CPU src s", "CPU dst s",
+                            "RSS src MiB", "RSS dst MiB", "foreign CPU s"], rows))
+
+        def m(name, key):
+            return median([r.get(key) for r in recs if r["ok"] and r["src"] == name])
+
+        def ratio(a, b):
+            return f"{a / b:.2f}" if a is not None and b else "–"
+
+        ratios = [[label, ratio(m("vmigrate", key), m("qemu", key))]
+                  for label, key in (("total time", "total_s"), ("postcopy phase", "postcopy_phase_s"),
+                                     ("downtime", "downtime_ms"),
+                                     ("postcopy-requests", "postcopy_requests"),
+                                     ("postcopy-blocktime", "postcopy_blocktime_ms"),
+                                     ("sent bytes", "transferred"), ("CPU source", "cpu_src_s"),
+                                     ("CPU destination", "cpu_dst_s"), ("peak RSS destination", "hwm_dst_kib"),
+                                     ("dirty rate before", "dirty_rate_before"))]
+        lines.append("\nvmigrate / QEMU (medians; < 1 for times, counts, bytes, CPU and RSS: vmigrate better; "
+                     "dirty rate ≥ 1: vmigrate's guest dirtied at least as fast)\n")
+        lines.append(table(["figure", "vmigrate / QEMU"], ratios))
         failed = [r for r in recs if not r["ok"]]
         if failed:
             lines.append("\nFAILED runs (not counted):")
@@ -1862,6 +2115,17 @@ def host_info(qemu_bin, vmigrate_bin):
     return info
 
 
+def postcopy_run_line(sc, rep, p, rec):
+    def s(key, prec=0, scale=1):
+        v = rec.get(key)
+        return f"{v / scale:.{prec}f}" if v is not None else "–"
+    return (f"[{sc} rep {rep}] {pair_label(p):18s} {rec['accel']:4s} total {s('total_s', 2)} s  downtime "
+            f"{s('downtime_ms', 1)} ms  postcopy-requests {s('postcopy_requests')}  blocktime "
+            f"{s('postcopy_blocktime_ms')} ms  faults p50/p99/max {s('fault_p50_us')}/{s('fault_p99_us')}/"
+            f"{s('fault_max_us')} µs  sent {s('transferred', 0, MiB)} MiB  CPU {s('cpu_src_s', 2)}/"
+            f"{s('cpu_dst_s', 2)} s  guest runs on dst ({s('dst_rate_after', 0, MiB)} MiB/s)")
+
+
 def file_run_line(sc, rep, p, rec):
     def s(key):
         v = rec.get(key)
@@ -1907,7 +2171,9 @@ async def run_all(ctx, engines, pairs, scenarios, reps, records, log):
                         ctx.harness_errors += 1
                         traceback.print_exc()
                 records.append(rec)
-                if rec["ok"] and is_live(sc):
+                if rec["ok"] and is_postcopy(sc):
+                    log(postcopy_run_line(sc, rep, p, rec))
+                elif rec["ok"] and is_live(sc):
                     log(f"[{sc} rep {rep}] {pair_label(p):18s} {rec['accel']:4s} dirty "
                         f"{rec['dirty_rate_before'] / MiB:5.0f} MiB/s before, "
                         f"{(rec['dirty_rate_during'] or 0) / MiB:5.0f} during  total {rec['total_time_ms']} ms  "
@@ -1973,6 +2239,12 @@ def main():
     live.add_argument("--downtime-limit", type=int, default=300, help="downtime-limit in ms (default 300)")
     live.add_argument("--live-calc-ms", type=int,
                       help="calc-time of calc-dirty-rate in ms (default half a sweep of the hot set, 50-1000)")
+    pcg = ap.add_argument_group("postcopy scenarios (live-postcopy, live-postcopy-preempt; guest as for live)")
+    pcg.add_argument("--postcopy-max-bandwidth", type=parse_rate, default=parse_rate("64M"),
+                     help="max-bandwidth of the precopy phase in bytes/s (default 64M = 64 MiB/s, well below "
+                          "the guest's dirty rate); max-postcopy-bandwidth is 0")
+    pcg.add_argument("--postcopy-after", type=float, default=2.0,
+                     help="seconds of precopy from migrate to migrate-start-postcopy (default 2)")
     args = ap.parse_args()
 
     if args.list_scenarios:
@@ -2098,6 +2370,7 @@ def main():
             print(report_file(records, args.size, file_scenarios, args.pairs, args.file_cold))
         if ctx.live is not None:
             print(report_live(records, ctx.live))
+            print(report_postcopy(records, ctx.live, args))
         if ctx.harness_errors:
             sys.stderr.write(f"bench.py: {ctx.harness_errors} run(s) hit a harness error (see above)\n")
             return 1
