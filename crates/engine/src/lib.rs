@@ -3,12 +3,14 @@
 //! ```text
 //! migrator (the facade a monitor drives) ── shared (state the session threads report to)
 //!    │
-//!    ├── outgoing/   save (precopy session) ─ ram_save ─ multifd_send ─ throttle
-//!    ├── incoming/   accept ─ load (stream) ─ ram_load ─ multifd_recv ─ pages
+//!    ├── outgoing/   save (session) ─ ram_save ─ multifd_send ─ throttle ─ postcopy
+//!    ├── incoming/   accept ─ load (stream) ─ ram_load ─ multifd_recv ─ pages ─ postcopy
+//!    │               ─ blocktime
 //!    └── channels/   transport ─ tls ─ tls_relay ─ objects ─ authz ─ x509_name ─ return_path
 //!
 //! used by all: options, properties, status, stats, events, io, compress, mapped_ram,
-//!              memory (guest RAM), vmm (the traits a VMM implements), errno
+//!              memory (guest RAM), uffd (userfaultfd), vmm (the traits a VMM
+//!              implements), errno
 //! ```
 //!
 //! - [`migrator`]: the facade a monitor drives (`migrate`, `migrate-incoming`, ...).
