@@ -1,7 +1,7 @@
 //! The channels a migration runs over: URIs, connections and listeners
-//! ([`transport`]), TLS on them ([`tls`], each session relayed on its own thread by
-//! [`tls_relay`]), the credentials and authorization objects TLS names ([`objects`],
-//! [`authz`], [`x509_name`]), and the return path ([`return_path`]).
+//! (`transport`), TLS on them (`tls`, each session relayed on its own thread by
+//! `tls_relay`), the credentials and authorization objects TLS names (`objects`,
+//! `authz`, `x509_name`), and the return path (`return_path`).
 
 pub(crate) mod authz;
 pub(crate) mod objects;

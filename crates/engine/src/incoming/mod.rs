@@ -1,7 +1,7 @@
-//! The incoming side: accepting connections ([`accept`]), the stream loader
-//! ([`load`]), the RAM loader ([`ram_load`]), multifd channels ([`multifd_recv`]) and
-//! the pages a load has written ([`pages`]), and the postcopy destination
-//! ([`postcopy`]: userfaultfd, the fault thread and the listen thread).
+//! The incoming side: accepting connections (`accept`), the stream loader
+//! (`load`), the RAM loader (`ram_load`), multifd channels (`multifd_recv`) and
+//! the pages a load has written (`pages`), and the postcopy destination
+//! (`postcopy`: userfaultfd, the fault thread and the listen thread).
 
 pub(crate) mod accept;
 pub(crate) mod blocktime;

@@ -1,6 +1,6 @@
-//! The outgoing side: the precopy session ([`save`]), the RAM saver ([`ram_save`]),
-//! multifd channels ([`multifd_send`]), auto-converge ([`throttle`]) and the source
-//! side of postcopy ([`postcopy`]).
+//! The outgoing side: the precopy session (`save`), the RAM saver (`ram_save`),
+//! multifd channels (`multifd_send`), auto-converge (`throttle`) and the source
+//! side of postcopy (`postcopy`).
 
 pub(crate) mod multifd_send;
 pub(crate) mod postcopy;
