@@ -2,7 +2,7 @@
 //! `migrate-incoming`, `migrate_cancel`, `migrate-continue` and `query-migrate`.
 //!
 //! One [`Migrator`] per VM. It owns the options and the state shared with the session
-//! threads; each session thread reports back through [`Shared`].
+//! threads; each session thread reports back through `shared::Shared`.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};

@@ -119,7 +119,7 @@ pub enum MultifdRecvError {
         id: usize,
         error: Box<MultifdRecvError>,
     },
-    /// [`MultifdReceiver::abort`] was called with nothing failed before.
+    /// `MultifdReceiver::abort` was called with nothing failed before.
     #[error("aborted")]
     Aborted,
 }
