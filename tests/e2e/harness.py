@@ -671,6 +671,22 @@ def wait_passes(m, n, timeout=20):
     raise HarnessError(f"{m.name}: workload reached only {w} in {timeout}s")
 
 
+def wait_until_status(m, want, timeout=60):
+    """Polls query-migrate until its status is WANT; fails at once on an end state."""
+    t0 = time.time()
+    info = {}
+    while time.time() - t0 < timeout:
+        info = m.query_migrate()
+        st = info.get("status")
+        if st == want:
+            return info
+        if st in ("completed", "failed", "cancelled"):
+            raise AssertionError(f"{m.impl} {m.name}: status {st} while waiting for {want}: "
+                                 f"{info}")
+        time.sleep(0.02)
+    raise AssertionError(f"{m.impl} {m.name}: status still {info} after {timeout}s")
+
+
 def socket_port(info):
     """TCP port from a destination's query-migrate socket-address."""
     addrs = info.get("socket-address") or []

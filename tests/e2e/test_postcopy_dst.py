@@ -10,6 +10,7 @@ import time
 import pytest
 
 import harness
+from harness import wait_until_status as wait_status
 from conftest import require
 
 pytestmark = pytest.mark.vmigrate
@@ -20,22 +21,6 @@ MEM_MIB = 64
 @pytest.fixture(scope="module")
 def image64(session_dir):
     return harness.Image(os.path.join(session_dir, "image64-pc.bin"), MEM_MIB * harness.MiB, 7)
-
-
-def wait_status(m, want, timeout=60):
-    """Polls query-migrate until its status is WANT; fails at once on an end state."""
-    t0 = time.time()
-    info = {}
-    while time.time() - t0 < timeout:
-        info = m.query_migrate()
-        st = info.get("status")
-        if st == want:
-            return info
-        if st in ("completed", "failed", "cancelled"):
-            raise AssertionError(f"{m.impl} {m.name}: status {st} while waiting for {want}: "
-                                 f"{info}")
-        time.sleep(0.02)
-    raise AssertionError(f"{m.impl} {m.name}: status still {info} after {timeout}s")
 
 
 @pytest.mark.parametrize("shared", [False, True], ids=["anonymous", "shm-file"])

@@ -13,6 +13,7 @@ import time
 import pytest
 
 import harness
+from harness import wait_until_status as wait_status
 import tls_certs
 from conftest import require
 
@@ -28,22 +29,6 @@ PAIRS = [
 @pytest.fixture(scope="module")
 def image64(session_dir):
     return harness.Image(os.path.join(session_dir, "image64-preempt.bin"), GUEST_MIB * MiB, 11)
-
-
-def wait_status(m, want, timeout=60):
-    """Polls query-migrate until its status is WANT; fails at once on an end state."""
-    t0 = time.time()
-    info = {}
-    while time.time() - t0 < timeout:
-        info = m.query_migrate()
-        st = info.get("status")
-        if st == want:
-            return info
-        if st in ("completed", "failed", "cancelled"):
-            raise AssertionError(f"{m.impl} {m.name}: status {st} while waiting for {want}: "
-                                 f"{info}")
-        time.sleep(0.02)
-    raise AssertionError(f"{m.impl} {m.name}: status still {info} after {timeout}s")
 
 
 def enable_postcopy(dst, preempt):

@@ -12,12 +12,106 @@
 //! the kernel's `<linux/userfaultfd.h>`. Placing pages writes guest memory: those calls
 //! are `unsafe` and made only by `memory.rs`, guest memory's one door.
 
-use std::fs::File;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::time::Duration;
 
-/// `UFFD_API`: the only userfaultfd API version.
-const UFFD_API: u64 = 0xaa;
+/// The parts of `<linux/userfaultfd.h>` every user of a userfaultfd needs (this
+/// module's MISSING mode, and the write-protect dirty tracking of the reference VM):
+/// the API handshake and register structs, their ioctl numbers, and opening one.
+pub mod abi {
+    use std::fs::File;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+    /// `UFFD_API`: the only userfaultfd API version.
+    pub const UFFD_API: u64 = 0xaa;
+    /// `struct uffdio_api`.
+    #[repr(C)]
+    #[derive(Debug, Default)]
+    pub struct UffdioApi {
+        pub api: u64,
+        pub features: u64,
+        pub ioctls: u64,
+    }
+
+    /// `struct uffdio_range`.
+    #[repr(C)]
+    #[derive(Debug, Default, Clone, Copy)]
+    pub struct UffdioRange {
+        pub start: u64,
+        pub len: u64,
+    }
+
+    /// `struct uffdio_register`.
+    #[repr(C)]
+    #[derive(Debug, Default)]
+    pub struct UffdioRegister {
+        pub range: UffdioRange,
+        pub mode: u64,
+        pub ioctls: u64,
+    }
+
+    /// Encodes an ioctl request number as `<asm-generic/ioctl.h>` does on x86-64.
+    pub const fn ioc(dir: u32, ty: u8, nr: u32, size: usize) -> libc::Ioctl {
+        ((dir << 30) | ((size as u32) << 16) | ((ty as u32) << 8) | nr) as libc::Ioctl
+    }
+    pub const IOC_NONE: u32 = 0;
+    pub const IOC_READ: u32 = 2;
+    pub const IOC_READ_WRITE: u32 = 3;
+    pub const UFFDIO: u8 = 0xaa;
+    /// `_IO(USERFAULTFD_IOC, 0x00)` on `/dev/userfaultfd`: a new userfaultfd.
+    pub const USERFAULTFD_IOC_NEW: libc::Ioctl = ioc(IOC_NONE, UFFDIO, 0x00, 0);
+    pub const UFFDIO_API: libc::Ioctl = ioc(
+        IOC_READ_WRITE,
+        UFFDIO,
+        0x3f,
+        std::mem::size_of::<UffdioApi>(),
+    );
+    pub const UFFDIO_REGISTER: libc::Ioctl = ioc(
+        IOC_READ_WRITE,
+        UFFDIO,
+        0x00,
+        std::mem::size_of::<UffdioRegister>(),
+    );
+    pub const UFFDIO_UNREGISTER: libc::Ioctl =
+        ioc(IOC_READ, UFFDIO, 0x01, std::mem::size_of::<UffdioRange>());
+
+    /// A new userfaultfd (non-blocking, close-on-exec): from the system call, or, where
+    /// that is refused (`vm.unprivileged_userfaultfd`, seccomp), from
+    /// `/dev/userfaultfd`. On failure, why each way was refused: (system call, device).
+    pub fn open() -> Result<OwnedFd, (std::io::Error, std::io::Error)> {
+        use rustix::mm::UserfaultfdFlags;
+        // SAFETY: creating the descriptor touches no memory; what it can do to our
+        // mappings is limited to what its owner registers with it.
+        let syscall = match unsafe {
+            rustix::mm::userfaultfd(UserfaultfdFlags::CLOEXEC | UserfaultfdFlags::NONBLOCK)
+        } {
+            Ok(fd) => return Ok(fd),
+            Err(e) => std::io::Error::from(e),
+        };
+        let device = match File::options()
+            .read(true)
+            .write(true)
+            .open("/dev/userfaultfd")
+        {
+            Ok(dev) => {
+                let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
+                // SAFETY: `dev` is /dev/userfaultfd and this request takes the new
+                // descriptor's flags by value.
+                let fd = unsafe { libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW, flags) };
+                if fd >= 0 {
+                    // SAFETY: the kernel returned a new descriptor that nothing else owns.
+                    return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
+                }
+                std::io::Error::last_os_error()
+            }
+            Err(e) => e,
+        };
+        Err((syscall, device))
+    }
+}
+
+use abi::*;
+
 /// `UFFD_FEATURE_MISSING_HUGETLBFS`, `UFFD_FEATURE_MISSING_SHMEM`.
 const UFFD_FEATURE_MISSING_HUGETLBFS: u64 = 1 << 4;
 const UFFD_FEATURE_MISSING_SHMEM: u64 = 1 << 5;
@@ -31,32 +125,6 @@ const UFFDIO_ZEROPAGE_NR: u32 = 0x04;
 const UFFDIO_WAKE_NR: u32 = 0x02;
 /// `UFFD_EVENT_PAGEFAULT`.
 const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
-
-/// `struct uffdio_api`.
-#[repr(C)]
-#[derive(Debug, Default)]
-struct UffdioApi {
-    api: u64,
-    features: u64,
-    ioctls: u64,
-}
-
-/// `struct uffdio_range`.
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy)]
-struct UffdioRange {
-    start: u64,
-    len: u64,
-}
-
-/// `struct uffdio_register`.
-#[repr(C)]
-#[derive(Debug, Default)]
-struct UffdioRegister {
-    range: UffdioRange,
-    mode: u64,
-    ioctls: u64,
-}
 
 /// `struct uffdio_copy`.
 #[repr(C)]
@@ -93,30 +161,6 @@ struct UffdMsg {
     rest: u64,
 }
 
-/// Encodes an ioctl request number as `<asm-generic/ioctl.h>` does on x86-64.
-const fn ioc(dir: u32, ty: u8, nr: u32, size: usize) -> libc::Ioctl {
-    ((dir << 30) | ((size as u32) << 16) | ((ty as u32) << 8) | nr) as libc::Ioctl
-}
-const IOC_NONE: u32 = 0;
-const IOC_READ: u32 = 2;
-const IOC_READ_WRITE: u32 = 3;
-const UFFDIO: u8 = 0xaa;
-/// `_IO(USERFAULTFD_IOC, 0x00)` on `/dev/userfaultfd`: a new userfaultfd.
-const USERFAULTFD_IOC_NEW: libc::Ioctl = ioc(IOC_NONE, UFFDIO, 0x00, 0);
-const UFFDIO_API: libc::Ioctl = ioc(
-    IOC_READ_WRITE,
-    UFFDIO,
-    0x3f,
-    std::mem::size_of::<UffdioApi>(),
-);
-const UFFDIO_REGISTER: libc::Ioctl = ioc(
-    IOC_READ_WRITE,
-    UFFDIO,
-    0x00,
-    std::mem::size_of::<UffdioRegister>(),
-);
-const UFFDIO_UNREGISTER: libc::Ioctl =
-    ioc(IOC_READ, UFFDIO, 0x01, std::mem::size_of::<UffdioRange>());
 const UFFDIO_WAKE: libc::Ioctl = ioc(
     IOC_READ,
     UFFDIO,
@@ -413,34 +457,7 @@ pub fn available() -> Result<(), UffdError> {
 }
 
 fn new_userfaultfd() -> Result<OwnedFd, UffdError> {
-    use rustix::mm::UserfaultfdFlags;
-    // SAFETY: creating the descriptor touches no memory; what it can do to our
-    // mappings is limited to what is registered with it.
-    let syscall = match unsafe {
-        rustix::mm::userfaultfd(UserfaultfdFlags::CLOEXEC | UserfaultfdFlags::NONBLOCK)
-    } {
-        Ok(fd) => return Ok(fd),
-        Err(e) => std::io::Error::from(e),
-    };
-    let device = match File::options()
-        .read(true)
-        .write(true)
-        .open("/dev/userfaultfd")
-    {
-        Ok(dev) => {
-            let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
-            // SAFETY: `dev` is /dev/userfaultfd and this request takes the new
-            // descriptor's flags by value.
-            let fd = unsafe { libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW, flags) };
-            if fd >= 0 {
-                // SAFETY: the kernel returned a new descriptor that nothing else owns.
-                return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
-            }
-            std::io::Error::last_os_error()
-        }
-        Err(e) => e,
-    };
-    Err(UffdError::Open { syscall, device })
+    abi::open().map_err(|(syscall, device)| UffdError::Open { syscall, device })
 }
 
 #[cfg(test)]

@@ -26,15 +26,16 @@
 //! tracker is in this file.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use vmigrate_engine::uffd::abi::{
+    self, ioc, UffdioApi, UffdioRange, UffdioRegister, IOC_READ_WRITE, UFFDIO, UFFDIO_API,
+    UFFDIO_REGISTER, UFFDIO_UNREGISTER, UFFD_API,
+};
 use vmigrate_engine::{DirtyBitmap, DirtyTracker, RamBlock, VmmError};
 
 use crate::dirty::AtomicDirtyLog;
-
-/// `UFFD_API`: the only userfaultfd API version.
-const UFFD_API: u64 = 0xaa;
 
 /// `UFFD_FEATURE_*` bits of `uffdio_api.features`.
 const UFFD_FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
@@ -64,32 +65,6 @@ const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
 const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
 /// `PAGE_IS_WRITTEN`: written since it was last write-protected.
 const PAGE_IS_WRITTEN: u64 = 1 << 1;
-
-/// `struct uffdio_api`.
-#[repr(C)]
-#[derive(Debug, Default)]
-struct UffdioApi {
-    api: u64,
-    features: u64,
-    ioctls: u64,
-}
-
-/// `struct uffdio_range`.
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy)]
-struct UffdioRange {
-    start: u64,
-    len: u64,
-}
-
-/// `struct uffdio_register`.
-#[repr(C)]
-#[derive(Debug, Default)]
-struct UffdioRegister {
-    range: UffdioRange,
-    mode: u64,
-    ioctls: u64,
-}
 
 /// `struct uffdio_writeprotect`.
 #[repr(C)]
@@ -127,30 +102,6 @@ struct PageRegion {
     categories: u64,
 }
 
-/// Encodes an ioctl request number as `<asm-generic/ioctl.h>` does on x86-64.
-const fn ioc(dir: u32, ty: u8, nr: u32, size: usize) -> libc::Ioctl {
-    ((dir << 30) | ((size as u32) << 16) | ((ty as u32) << 8) | nr) as libc::Ioctl
-}
-const IOC_NONE: u32 = 0;
-const IOC_READ: u32 = 2;
-const IOC_READ_WRITE: u32 = 3;
-const UFFDIO: u8 = 0xaa;
-/// `_IO(USERFAULTFD_IOC, 0x00)` on `/dev/userfaultfd`: a new userfaultfd.
-const USERFAULTFD_IOC_NEW: libc::Ioctl = ioc(IOC_NONE, UFFDIO, 0x00, 0);
-const UFFDIO_API: libc::Ioctl = ioc(
-    IOC_READ_WRITE,
-    UFFDIO,
-    0x3f,
-    std::mem::size_of::<UffdioApi>(),
-);
-const UFFDIO_REGISTER: libc::Ioctl = ioc(
-    IOC_READ_WRITE,
-    UFFDIO,
-    0x00,
-    std::mem::size_of::<UffdioRegister>(),
-);
-const UFFDIO_UNREGISTER: libc::Ioctl =
-    ioc(IOC_READ, UFFDIO, 0x01, std::mem::size_of::<UffdioRange>());
 const UFFDIO_WRITEPROTECT: libc::Ioctl = ioc(
     IOC_READ_WRITE,
     UFFDIO,
@@ -351,34 +302,7 @@ impl AsyncWriteProtect {
 /// A new userfaultfd (non-blocking, close-on-exec): from the system call, or, where
 /// that is refused (`vm.unprivileged_userfaultfd`, seccomp), from `/dev/userfaultfd`.
 fn new_userfaultfd() -> Result<OwnedFd, UffdError> {
-    use rustix::mm::UserfaultfdFlags;
-    // SAFETY: creating the descriptor touches no memory; what it can do to our
-    // mappings is limited to what is registered with it, by the code in this file.
-    let syscall = match unsafe {
-        rustix::mm::userfaultfd(UserfaultfdFlags::CLOEXEC | UserfaultfdFlags::NONBLOCK)
-    } {
-        Ok(fd) => return Ok(fd),
-        Err(e) => std::io::Error::from(e),
-    };
-    let device = match File::options()
-        .read(true)
-        .write(true)
-        .open("/dev/userfaultfd")
-    {
-        Ok(dev) => {
-            let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
-            // SAFETY: `dev` is /dev/userfaultfd and this request takes the new
-            // descriptor's flags by value.
-            let fd = unsafe { libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW, flags) };
-            if fd >= 0 {
-                // SAFETY: the kernel returned a new descriptor that nothing else owns.
-                return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
-            }
-            std::io::Error::last_os_error()
-        }
-        Err(e) => e,
-    };
-    Err(UffdError::Open { syscall, device })
+    abi::open().map_err(|(syscall, device)| UffdError::Open { syscall, device })
 }
 
 /// `UFFDIO_API`: enables `features` and returns those the kernel offers.
@@ -698,7 +622,7 @@ mod tests {
         assert_eq!(UFFDIO_REGISTER, 0xc020_aa00);
         assert_eq!(UFFDIO_UNREGISTER, 0x8010_aa01);
         assert_eq!(UFFDIO_WRITEPROTECT, 0xc018_aa06);
-        assert_eq!(USERFAULTFD_IOC_NEW, 0xaa00);
+        assert_eq!(abi::USERFAULTFD_IOC_NEW, 0xaa00);
         assert_eq!(PAGEMAP_SCAN, 0xc060_6610);
         assert_eq!(std::mem::size_of::<PmScanArg>(), 96);
         assert_eq!(std::mem::size_of::<PageRegion>(), 24);
