@@ -34,6 +34,22 @@ enum Cmd {
     },
     /// Migrate a VM between two local processes and show it arrive intact.
     Demo(demo::DemoArgs),
+    /// Rewrite a migration file of any machine as mapped-ram or as a plain stream.
+    Convert {
+        input: std::path::PathBuf,
+        output: std::path::PathBuf,
+        /// Layout of the output file.
+        #[arg(long, value_enum)]
+        to: ConvertTo,
+    },
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum ConvertTo {
+    /// Pages at fixed offsets of a sparse file (capability mapped-ram).
+    MappedRam,
+    /// Pages as records of the stream.
+    Plain,
 }
 
 fn main() {
@@ -42,6 +58,7 @@ fn main() {
         Cmd::Vm(args) => vm::run(*args),
         Cmd::Inspect { file, json, offset } => inspect(&file, json, offset),
         Cmd::Demo(args) => demo::run(args),
+        Cmd::Convert { input, output, to } => convert(&input, &output, to),
     };
     if let Err(e) = result {
         eprintln!("vmigrate: {e:#}");
@@ -62,5 +79,28 @@ fn inspect(file: &std::path::Path, json: bool, offset: u64) -> anyhow::Result<()
     if let Some(e) = &report.error {
         anyhow::bail!("{}: damaged stream: {e}", file.display());
     }
+    Ok(())
+}
+
+fn convert(input: &std::path::Path, output: &std::path::Path, to: ConvertTo) -> anyhow::Result<()> {
+    use vmigrate_convert::Layout;
+    let layout = match to {
+        ConvertTo::MappedRam => Layout::MappedRam,
+        ConvertTo::Plain => Layout::Plain,
+    };
+    let s = vmigrate_convert::convert_file(input, output, layout)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", input.display()))?;
+    println!(
+        "{} ({}) -> {} ({layout}, {} bytes): {} RAM blocks, {} of {} pages with contents, \
+         {} records copied",
+        input.display(),
+        s.from.map_or("?", Layout::name),
+        output.display(),
+        s.output_len,
+        s.blocks,
+        s.pages_with_contents,
+        s.pages_total,
+        s.records_copied,
+    );
     Ok(())
 }
