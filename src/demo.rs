@@ -30,6 +30,9 @@ pub struct DemoArgs {
     /// Bandwidth cap in bytes/s so the transfer can be watched (0 = unlimited).
     #[arg(long, default_value_t = 512 << 20)]
     max_bandwidth: u64,
+    /// Also write the migration's timeline as an HTML page with charts to this file.
+    #[arg(long, value_name = "FILE")]
+    report: Option<PathBuf>,
 }
 
 /// Processes and files of one demo run, removed on drop.
@@ -195,6 +198,14 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         ram["normal"],
         ram["duplicate"],
     );
+    if let Some(page) = &args.report {
+        let timeline = src.execute(crate::report::TIMELINE_COMMAND, json!({}))?;
+        crate::report::write_page(&timeline, page)?;
+        println!(
+            "migration report (charts of this migration): {}",
+            page.display()
+        );
+    }
     let dst_digest = digest(&dst_ram)?;
     println!("guest RAM at switchover: source {src_digest:016x}, destination {dst_digest:016x}");
     if src_digest != dst_digest {

@@ -3,6 +3,7 @@
 
 mod demo;
 mod qmp_client;
+mod report;
 mod vm;
 
 use clap::{Parser, Subcommand};
@@ -34,6 +35,8 @@ enum Cmd {
     },
     /// Migrate a VM between two local processes and show it arrive intact.
     Demo(demo::DemoArgs),
+    /// Render a migration's timeline as an HTML page with SVG charts.
+    Report(ReportArgs),
     /// Rewrite a migration file of any machine as mapped-ram or as a plain stream.
     Convert {
         input: std::path::PathBuf,
@@ -42,6 +45,19 @@ enum Cmd {
         #[arg(long, value_enum)]
         to: ConvertTo,
     },
+}
+
+#[derive(clap::Args, Debug)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["timeline", "qmp"])))]
+struct ReportArgs {
+    /// A timeline saved from `x-vmigrate-query-migrate-timeline` (JSON; `-` reads stdin).
+    timeline: Option<std::path::PathBuf>,
+    /// Read the timeline of the last outgoing migration from this QMP socket instead.
+    #[arg(long, value_name = "unix:PATH")]
+    qmp: Option<String>,
+    /// Where to write the HTML page.
+    #[arg(short, long)]
+    output: std::path::PathBuf,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -59,6 +75,7 @@ fn main() {
         Cmd::Inspect { file, json, offset } => inspect(&file, json, offset),
         Cmd::Demo(args) => demo::run(args),
         Cmd::Convert { input, output, to } => convert(&input, &output, to),
+        Cmd::Report(args) => report(args),
     };
     if let Err(e) = result {
         eprintln!("vmigrate: {e:#}");
@@ -102,5 +119,16 @@ fn convert(input: &std::path::Path, output: &std::path::Path, to: ConvertTo) -> 
         s.pages_total,
         s.records_copied,
     );
+    Ok(())
+}
+
+fn report(args: ReportArgs) -> anyhow::Result<()> {
+    let timeline = match (&args.timeline, &args.qmp) {
+        (_, Some(qmp)) => report::fetch_timeline(qmp)?,
+        (Some(path), None) => report::read_timeline(path)?,
+        (None, None) => anyhow::bail!("give a timeline file or --qmp"),
+    };
+    report::write_page(&timeline, &args.output)?;
+    println!("migration report written to {}", args.output.display());
     Ok(())
 }

@@ -20,7 +20,7 @@
 //!   migration object's command-line properties (`-global migration.*`).
 //! - [`io`]: buffered reading and gathering writes, rate limiting.
 //! - [`vmm`]: the traits a VMM implements; [`memory`]: guest RAM blocks.
-//! - [`stats`], [`status`], [`events`].
+//! - [`stats`], [`status`], [`events`]; [`timeline`]: a migration's figures over time.
 
 pub mod channels;
 pub mod compress;
@@ -40,6 +40,7 @@ pub mod stats;
 pub mod status;
 #[cfg(test)]
 pub(crate) mod test_support;
+pub mod timeline;
 pub mod uffd;
 pub mod vmm;
 

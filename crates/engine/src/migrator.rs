@@ -381,9 +381,15 @@ impl Migrator {
             Ordering::Relaxed,
         );
         let cancel = Arc::new(AtomicBool::new(false));
+        let sampled = stats.clone();
         self.shared
             .begin(Role::Outgoing, |st| st.reset_outgoing(stats, cancel))
             .map_err(|_| MigrateError("There's a migration process in progress".into()))?;
+        if let Err(e) = sampled.start_timeline_sampler() {
+            self.shared
+                .events
+                .warn(&format!("migration timeline not sampled: {e}"));
+        }
         let me = self.clone();
         std::thread::Builder::new()
             .name("mig/src/main".into())
@@ -767,6 +773,11 @@ impl Migrator {
     }
 
     /// `query-migrate`.
+    /// `x-vmigrate-query-migrate-timeline`: the last outgoing migration's timeline.
+    pub fn query_timeline(&self) -> Value {
+        self.shared.stats().timeline_json()
+    }
+
     pub fn query_migrate(&self) -> Value {
         let st = self.shared.lock();
         let mut out = Map::new();

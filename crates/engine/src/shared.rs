@@ -174,6 +174,7 @@ impl Shared {
                 });
             }
             st.status = next;
+            st.stats.timeline.status_changed(next);
             st.caps.events()
         };
         self.emit_status(events, next);
@@ -202,6 +203,7 @@ impl Shared {
             st.role = role;
             st.error = None;
             st.status = MigrationStatus::Setup;
+            st.stats.timeline.status_changed(MigrationStatus::Setup);
             st.caps.events()
         };
         self.emit_status(events, MigrationStatus::Setup);
@@ -234,6 +236,7 @@ impl Shared {
                 st.error = Some(msg);
             }
             st.status = next;
+            st.stats.timeline.status_changed(next);
             (st.caps.events(), next)
         };
         self.emit_status(events, next);
@@ -259,6 +262,9 @@ impl Shared {
                 crate::channels::transport::shutdown_socket(fd);
             }
             st.status = MigrationStatus::Cancelling;
+            st.stats
+                .timeline
+                .status_changed(MigrationStatus::Cancelling);
             st.caps.events()
         };
         self.continue_cv.notify_all();
@@ -281,7 +287,11 @@ impl Shared {
     }
 
     pub fn emit_pass(&self, pass: u64) {
-        if self.lock().caps.events() {
+        let st = self.lock();
+        st.stats.timeline.pass(pass);
+        let events = st.caps.events();
+        drop(st);
+        if events {
             self.events
                 .emit("MIGRATION_PASS", Some(json!({"pass": pass})));
         }

@@ -7,6 +7,8 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 
+use crate::timeline::{self, Counters};
+
 /// Counters the saver updates while it runs.
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -37,6 +39,8 @@ pub struct Stats {
     pub downtime_ms: AtomicU64,
     pub total_time_ms: AtomicU64,
     pub started: std::sync::Mutex<Option<Instant>>,
+    /// The figures over time, and the moments that matter.
+    pub timeline: timeline::Timeline,
 }
 
 impl Stats {
@@ -62,6 +66,50 @@ impl Stats {
 
     pub fn mbps(&self) -> f64 {
         Self::get(&self.mbps_milli) as f64 / 1000.0
+    }
+
+    /// The counters the timeline reads.
+    pub fn counters(&self) -> Counters {
+        let get = Self::get;
+        Counters {
+            transferred: get(&self.transferred),
+            remaining: get(&self.remaining),
+            dirty_pages_rate: get(&self.dirty_pages_rate),
+            page_size: get(&self.page_size),
+            dirty_sync_count: get(&self.dirty_sync_count),
+            cpu_throttle_percentage: get(&self.cpu_throttle_percentage),
+            total_ram: get(&self.total_ram),
+            normal: get(&self.normal),
+            duplicate: get(&self.duplicate),
+            setup_time_ms: get(&self.setup_time_ms),
+            downtime_ms: get(&self.downtime_ms),
+            total_time_ms: get(&self.total_time_ms),
+            elapsed_ms: self.elapsed_ms(),
+            mbps: self.mbps(),
+        }
+    }
+
+    /// The timeline as JSON (`x-vmigrate-query-migrate-timeline`).
+    pub fn timeline_json(&self) -> Value {
+        self.timeline.to_json(&self.counters())
+    }
+
+    /// Starts the thread that samples the timeline every [`timeline::SAMPLE_PERIOD`]. It
+    /// stops after the sample that follows the end of the migration, or when nothing
+    /// else holds these stats any more.
+    pub fn start_timeline_sampler(self: &Arc<Self>) -> std::io::Result<()> {
+        let stats = self.clone();
+        std::thread::Builder::new()
+            // Not `mig/src/...`: `query-migrationthreads` lists only the threads QEMU has.
+            .name("mig-timeline".into())
+            .spawn(move || loop {
+                stats.timeline.sample(&stats.counters());
+                if timeline::has_ended(stats.timeline.status()) || Arc::strong_count(&stats) == 1 {
+                    break;
+                }
+                std::thread::sleep(timeline::SAMPLE_PERIOD);
+            })
+            .map(|_| ())
     }
 
     /// The `ram` member of `query-migrate`. `completed` zeroes the live-only figures.

@@ -377,6 +377,8 @@ static COMMANDS: &[Command] = &[
     },
     command("object-del", &[req("id", &STR)], &EMPTY),
     command("query-workload", &[], &ANY),
+    // vmigrate's own: the `x-vmigrate-` prefix keeps it out of QEMU's namespace.
+    command("x-vmigrate-query-migrate-timeline", &[], &ANY),
     command(
         "calc-dirty-rate",
         &[
@@ -744,6 +746,7 @@ impl Dispatcher {
             }
             "query-migrate-parameters" => Ok(m.query_parameters()),
             "query-migrate" => Ok(m.query_migrate()),
+            "x-vmigrate-query-migrate-timeline" => Ok(m.query_timeline()),
             "pmemsave" => {
                 let val = args["val"].as_u64().unwrap_or(0);
                 let size = args["size"].as_u64().unwrap_or(0);
