@@ -19,7 +19,8 @@
 //! - [`options`]: capabilities and parameters with QEMU's rules; [`properties`]: the
 //!   migration object's command-line properties (`-global migration.*`).
 //! - [`io`]: buffered reading and gathering writes, rate limiting.
-//! - [`vmm`]: the traits a VMM implements; [`memory`]: guest RAM blocks.
+//! - [`vmm`]: the traits a VMM implements; [`memory`]: guest RAM blocks; `guest_memory`
+//!   (feature `vm-memory`): rust-vmm `vm-memory` regions as RAM blocks.
 //! - [`stats`], [`status`], [`events`]; [`timeline`]: a migration's figures over time.
 
 pub mod channels;
@@ -27,6 +28,8 @@ pub mod compress;
 pub mod dirtyrate;
 pub mod errno;
 pub mod events;
+#[cfg(feature = "vm-memory")]
+pub mod guest_memory;
 pub mod incoming;
 pub mod io;
 pub(crate) mod mapped_ram;

@@ -91,6 +91,18 @@ pub enum Backing {
         /// The filesystem's magic number (`statfs.f_type`).
         fs_type: u64,
     },
+    /// A mapping the VMM made and owns (see [`RamBlock::from_external`]); the block
+    /// keeps the VMM's handle to it alive and never unmaps it.
+    External(ExternalMapping),
+}
+
+/// The VMM's handle that keeps an external mapping alive.
+pub struct ExternalMapping(pub Box<dyn std::any::Any + Send + Sync>);
+
+impl std::fmt::Debug for ExternalMapping {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ExternalMapping")
+    }
 }
 
 /// `TMPFS_MAGIC` and `HUGETLBFS_MAGIC` of `<linux/magic.h>`.
@@ -208,6 +220,38 @@ impl RamBlock {
         ))
     }
 
+    /// A block over memory the VMM mapped itself (rust-vmm `vm-memory` regions, for
+    /// one). `keep` is whatever keeps the mapping alive; the block holds it until it is
+    /// dropped and does not unmap the memory itself.
+    ///
+    /// # Safety
+    ///
+    /// `host` must point to a readable and writable mapping of at least `len` bytes
+    /// that stays mapped as long as `keep` lives, and that nothing else unmaps or
+    /// remaps meanwhile.
+    pub unsafe fn from_external(
+        idstr: &str,
+        host: *mut u8,
+        len: u64,
+        gpa: u64,
+        keep: Box<dyn std::any::Any + Send + Sync>,
+    ) -> Result<Self, MemoryError> {
+        let page_size = host_page_size();
+        check_size(len, page_size)?;
+        if host.is_null() || !(host as u64).is_multiple_of(page_size) {
+            return Err(MemoryError::BadSize { page_size });
+        }
+        Ok(Self::from_raw(
+            idstr,
+            host.cast(),
+            len,
+            page_size,
+            gpa,
+            false,
+            Backing::External(ExternalMapping(keep)),
+        ))
+    }
+
     fn from_raw(
         idstr: &str,
         ptr: *mut std::ffi::c_void,
@@ -246,6 +290,9 @@ impl RamBlock {
             }
             Backing::File { .. } => {
                 Err("Host backend files need to be TMPFS or HUGETLBFS only".into())
+            }
+            Backing::External(_) => {
+                Err("Host memory mapped by the embedding VMM is not known to support it".into())
             }
         }
     }
@@ -719,6 +766,10 @@ fn syscall_result(n: isize) -> rustix::io::Result<usize> {
 
 impl Drop for RamBlock {
     fn drop(&mut self) {
+        if matches!(self.backing, Backing::External(_)) {
+            // The VMM's mapping: its handle, dropped with the block, unmaps it.
+            return;
+        }
         // SAFETY: the mapping was created by this block with this length and nothing
         // borrows it past the block's life.
         let _ = unsafe { rustix::mm::munmap(self.host.as_ptr().cast(), self.len as usize) };
