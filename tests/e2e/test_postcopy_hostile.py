@@ -151,9 +151,25 @@ class HostileSource:
             pass
 
 
-def expect_failed(dst, pattern, t0):
+    def shut(self, timeout=5):
+        """The value of the destination's SHUT message, once it came (None if not)."""
+        deadline = time.time() + timeout
+        while True:
+            b, at = bytes(self.back), 0
+            while at + 4 <= len(b):
+                kind, n = struct.unpack_from(">HH", b, at)
+                if kind == 1 and n == 4 and at + 8 <= len(b):
+                    return struct.unpack_from(">I", b, at + 4)[0]
+                at += 4 + n
+            if time.time() > deadline:
+                return None
+            time.sleep(0.02)
+
+
+def expect_failed(dst, pattern, t0, src=None):
     """The destination ends `failed` within BOUND_S with an error-desc matching PATTERN
-    and a byte offset; no panic; its monitor keeps answering."""
+    and a byte offset; no panic; its monitor keeps answering. With SRC, the destination
+    also told it on the return path (SHUT with a non-zero value)."""
     di = dst.wait_migration(("completed", "failed"), timeout=BOUND_S)
     took = time.time() - t0
     assert di["status"] == "failed", f"hostile stream accepted: {di}\n{dst.describe()}"
@@ -164,6 +180,9 @@ def expect_failed(dst, pattern, t0):
     assert "panicked" not in dst.stderr_text(), dst.stderr_text()
     assert dst.alive(), dst.describe()
     assert dst.runstate() in ("inmigrate", "internal-error", "paused"), dst.runstate()
+    if src is not None:
+        v = src.shut()
+        assert v not in (None, 0), f"return path ended without SHUT(failure): {bytes(src.back)[-64:].hex()}"
     return di
 
 
@@ -181,7 +200,7 @@ def test_page_past_the_end_of_the_block(ws):
     src = start_postcopy(ws, dst)
     t0 = time.time()
     src.send(part(page(BLOCK_LEN, b"\x55" * PAGE)))
-    expect_failed(dst, rf"Illegal RAM offset (0x)?{BLOCK_LEN:x}\b", t0)
+    expect_failed(dst, rf"Illegal RAM offset (0x)?{BLOCK_LEN:x}\b", t0, src)
     # Nothing stays blocked on a page that will never come.
     assert len(dst.ram_pmemsave()) == BLOCK_LEN
 
@@ -194,7 +213,7 @@ def test_same_page_twice(ws):
     src = start_postcopy(ws, dst)
     t0 = time.time()
     src.send(part(page(PAGE, b"\x11" * PAGE) + page(PAGE, b"\x22" * PAGE, block=None)))
-    expect_failed(dst, rf"page (0x)?{PAGE:x} of block 'ram' was already placed", t0)
+    expect_failed(dst, rf"page (0x)?{PAGE:x} of block 'ram' was already placed", t0, src)
 
 
 def test_zero_page_then_same_page_again(ws):
@@ -203,7 +222,7 @@ def test_zero_page_then_same_page_again(ws):
     src = start_postcopy(ws, dst)
     t0 = time.time()
     src.send(part(page(3 * PAGE)) + part(page(3 * PAGE, b"\x33" * PAGE)))
-    expect_failed(dst, rf"page (0x)?{3 * PAGE:x} of block 'ram' was already placed", t0)
+    expect_failed(dst, rf"page (0x)?{3 * PAGE:x} of block 'ram' was already placed", t0, src)
 
 
 @pytest.mark.parametrize("case", ["unknown-block", "past-the-end", "overflowing"])
@@ -218,7 +237,7 @@ def test_discard_that_lies(ws, case):
     }[case]
     t0 = time.time()
     src.send(precopy_head() + bad + listen_and_run())
-    expect_failed(dst, pattern, t0)
+    expect_failed(dst, pattern, t0, src)
     assert dst.runstate() == "inmigrate"
 
 
@@ -229,7 +248,7 @@ def test_recv_bitmap_for_an_unknown_block(ws):
     src = start_postcopy(ws, dst)
     t0 = time.time()
     src.send(command(CMD_RECV_BITMAP, counted("nosuch")))
-    expect_failed(dst, r"RECV_BITMAP.*RAM block 'nosuch' not found", t0)
+    expect_failed(dst, r"RECV_BITMAP.*RAM block 'nosuch' not found", t0, src)
 
 
 def test_resume_outside_recovery(ws):
@@ -241,7 +260,7 @@ def test_resume_outside_recovery(ws):
     src = start_postcopy(ws, dst)
     t0 = time.time()
     src.send(command(CMD_POSTCOPY_RESUME))
-    expect_failed(dst, r"CMD_POSTCOPY_RESUME in wrong postcopy state \(4\)", t0)
+    expect_failed(dst, r"CMD_POSTCOPY_RESUME in wrong postcopy state \(4\)", t0, src)
 
 
 @pytest.mark.parametrize("case", ["longer-than-the-stream", "over-the-cap", "shorter-than-its-commands"])
@@ -262,7 +281,7 @@ def test_package_whose_length_lies(ws, case):
     t0 = time.time()
     src.send(precopy_head() + bad)
     src.close()
-    expect_failed(dst, pattern, t0)
+    expect_failed(dst, pattern, t0, src)
 
 
 def test_stream_closed_in_the_middle_of_a_page(ws):
@@ -273,7 +292,7 @@ def test_stream_closed_in_the_middle_of_a_page(ws):
     whole = part(page(7 * PAGE, b"\x77" * PAGE))
     src.send(whole[:5 + 8 + 4 + 100])  # PART header, record header, name, 100 bytes
     src.close()
-    expect_failed(dst, r"(?i)end of (the )?stream|eof|truncat|short read|ended", t0)
+    expect_failed(dst, r"(?i)end of (the )?stream|eof|truncat|short read|ended", t0, src)
     assert len(dst.ram_pmemsave()) == BLOCK_LEN
 
 

@@ -717,9 +717,10 @@ impl Package<'_, '_> {
                 return result.map(|()| None);
             };
             if result.is_err() {
-                // The listen thread must not wait for a stream nobody reads any more.
+                // The listen thread must not wait for a stream nobody reads any more;
+                // the way back stays open for the SHUT that tells the source.
                 pc.finish();
-                let _ = rustix::net::shutdown(&shutdown, rustix::net::Shutdown::Both);
+                let _ = rustix::net::shutdown(&shutdown, rustix::net::Shutdown::Read);
             }
             let listened: Result<(), LoadError> = handle.join().unwrap_or_else(|_| {
                 Err(LoadError::PostcopyFault(
