@@ -40,6 +40,17 @@ destination's `postcopy-blocktime`, vmigrate's `x-vmigrate-fault-latency-us` (p5
 bytes, CPU and peak RSS; a run counts only if the guest keeps writing pages on the
 destination afterwards.
 
+Scenarios `live-postcopy-tbf` and `live-postcopy-preempt-tbf`: the same over a real
+rate-limited link instead of loopback. The script (as root) creates a network namespace
+`vmigrate-bench-PID` and a veth pair into it (10.213.0.1/30 on the host, 10.213.0.2 inside,
+refused if that /30 is already in use), shapes both ends with `tc qdisc add dev IF root tbf
+rate RATE burst SIZE latency TIME` (--link tbf:RATE[,burst=SIZE][,latency=TIME], default
+tbf:1gbit,burst=256kb,latency=20ms), starts the destination inside the namespace (`ip netns
+exec NS ...`) and migrates to 10.213.0.2; no traffic goes anywhere else. The namespace and
+the pair are deleted at exit, on failure and on interruption too (not after a SIGKILL of the
+script: then `ip netns del vmigrate-bench-PID`). Run them together with the loopback ones
+to compare in one run (same machine load).
+
 File scenarios `file-plain`, `file-mr`, `file-mr2`, `file-mr4`, `file-mr-dio`, `file-mr2-dio`,
 `file-mr4-dio` (group `file`; not in the default set): the stopped VM is saved with `migrate
 file:DIR/bench-PID.mig` (plain sequential stream; mapped-ram; mapped-ram + multifd 2 or 4
@@ -62,6 +73,8 @@ Usage:
     scripts/bench.py --scenario live        # 256 MiB hot set at 512 MiB/s, 3 reps
     scripts/bench.py --scenario live --live-hot 128M --live-rate 1G -n 2 --live-accel tcg
     scripts/bench.py --scenario live-postcopy,live-postcopy-preempt -n 2
+    scripts/bench.py --scenario live-postcopy,live-postcopy-preempt,live-postcopy-tbf,live-postcopy-preempt-tbf -n 3
+    scripts/bench.py --scenario live-postcopy-tbf --link tbf:500mbit,burst=128kb
     scripts/bench.py --size 4G -n 2 --pairs qq,vv --scenario file    # all file scenarios
     scripts/bench.py --scenario file-mr4,file-mr4-dio --file-dir /var/tmp --no-file-cold
 
@@ -70,7 +83,8 @@ Options (see --help): --size, -n/--reps, --pairs (qq,vv,qv,vq or full names), --
 missing), --qemu PATH, --json OUT (raw per-run records), --prewarm GIB, --gate SECONDS,
 --timeout SECONDS, --keep-image, --keep-logs, --shm DIR; for `live`: --live-hot, --live-memory,
 --live-rate, --live-accel auto|tcg|kvm, --downtime-limit MS, --live-calc-ms (the postcopy
-scenarios take the guest options too, plus --postcopy-max-bandwidth and --postcopy-after); for the file
+scenarios take the guest options too, plus --postcopy-max-bandwidth and --postcopy-after, and the
+*-tbf ones --link); for the file
 scenarios: --file-dir DIR (default /var/tmp when on the repository's file system, else
 target/; not /dev/shm), --file-cold / --no-file-cold (default on when root and drop_caches is
 writable).
@@ -1165,6 +1179,107 @@ live_migration.live = True
 
 
 # --------------------------------------------------------------------------------------
+# A real rate-limited link (--link, the `*-tbf` scenarios): a veth pair from the host into a
+# network namespace this script creates, both ends shaped with tc tbf; the destination runs
+# inside the namespace and the source migrates to its address. Nothing leaves the host: the
+# pair is private and its /30 is checked to be unused. Removed at exit, whatever happened.
+
+LINK_HOST_ADDR, LINK_NS_ADDR, LINK_PREFIX = "10.213.0.1", "10.213.0.2", 30
+_links = []         # Link objects set up by this script, torn down at exit
+
+
+def parse_link(s):
+    """`tbf:RATE[,burst=SIZE][,latency=TIME]` (tc's units: 1gbit, 256kb, 20ms)."""
+    kind, _, rest = s.partition(":")
+    parts = [p for p in rest.split(",") if p]
+    if kind != "tbf" or not parts or not re.fullmatch(r"\d+(\.\d+)?[kmgt]?(bit|bps)", parts[0], re.I):
+        raise argparse.ArgumentTypeError(f"bad link {s!r} (use e.g. tbf:1gbit or tbf:1gbit,burst=256kb,latency=20ms)")
+    spec = {"rate": parts[0], "burst": "256kb", "latency": "20ms"}
+    for p in parts[1:]:
+        k, _, v = p.partition("=")
+        if k not in ("burst", "latency") or not re.fullmatch(r"\d+(\.\d+)?[a-z]*", v, re.I):
+            raise argparse.ArgumentTypeError(f"bad link option {p!r} in {s!r} (burst=SIZE, latency=TIME)")
+        spec[k] = v
+    return spec
+
+
+def _run(*argv, ns=None, check=True):
+    """Runs a command (inside network namespace ns if given)."""
+    cmd = (["ip", "netns", "exec", ns] if ns else []) + list(argv)
+    r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=20)
+    if check and r.returncode != 0:
+        raise BenchError(f"link setup: `{' '.join(cmd)}` failed: {(r.stderr or r.stdout).strip()}")
+    return r
+
+
+class Link:
+    """veth pair host <-> namespace, tbf on both ends."""
+
+    def __init__(self, spec):
+        self.spec = spec
+        tag = os.getpid() % 100000
+        self.ns = f"vmigrate-bench-{os.getpid()}"
+        self.host_if, self.ns_if = f"vmb{tag}h", f"vmb{tag}n"
+        self.addr = LINK_NS_ADDR
+        self.created = False
+
+    def describe(self):
+        s = self.spec
+        return (f"veth {self.host_if} ({LINK_HOST_ADDR}/{LINK_PREFIX}) <-> {self.ns_if} ({LINK_NS_ADDR}) in "
+                f"network namespace {self.ns}, tc tbf rate {s['rate']} burst {s['burst']} latency "
+                f"{s['latency']} on both ends")
+
+    def setup(self, log):
+        if os.geteuid() != 0:
+            raise BenchError("--link / the *-tbf scenarios need root (ip netns, tc)")
+        if shutil.which("ip") is None or shutil.which("tc") is None:
+            raise BenchError("--link / the *-tbf scenarios need `ip` and `tc` (iproute2)")
+        used = _run("ip", "-o", "-4", "addr", "show").stdout
+        if re.search(r"\binet 10\.213\.0\.\d+/", used):
+            raise BenchError(f"{LINK_HOST_ADDR}/{LINK_PREFIX} is already in use on this host")
+        if self.ns in _run("ip", "netns", "list").stdout.split():
+            raise BenchError(f"network namespace {self.ns} exists already")
+        _links.append(self)
+        self.created = True
+        s = self.spec
+        tbf = ["root", "tbf", "rate", s["rate"], "burst", s["burst"], "latency", s["latency"]]
+        _run("ip", "netns", "add", self.ns)
+        _run("ip", "link", "add", self.host_if, "type", "veth", "peer", "name", self.ns_if)
+        _run("ip", "link", "set", self.ns_if, "netns", self.ns)
+        _run("ip", "addr", "add", f"{LINK_HOST_ADDR}/{LINK_PREFIX}", "dev", self.host_if)
+        _run("ip", "link", "set", self.host_if, "up")
+        _run("ip", "link", "set", "lo", "up", ns=self.ns)
+        _run("ip", "addr", "add", f"{LINK_NS_ADDR}/{LINK_PREFIX}", "dev", self.ns_if, ns=self.ns)
+        _run("ip", "link", "set", self.ns_if, "up", ns=self.ns)
+        _run("tc", "qdisc", "add", "dev", self.host_if, *tbf)
+        _run("tc", "qdisc", "add", "dev", self.ns_if, *tbf, ns=self.ns)
+        r = _run("ping", "-c", "1", "-W", "2", LINK_NS_ADDR, check=False) if shutil.which("ping") else None
+        if r is not None and r.returncode != 0:
+            raise BenchError(f"link setup: {LINK_NS_ADDR} does not answer ping: {r.stdout.strip()}")
+        log(f"link: {self.describe()}")
+
+    def wrap(self, argv):
+        """argv run inside the namespace."""
+        return ["ip", "netns", "exec", self.ns] + list(argv)
+
+    def teardown(self):
+        if not self.created:
+            return
+        # deleting the namespace (its processes are gone by now) deletes the pair with it
+        _run("ip", "netns", "del", self.ns, check=False)
+        if _run("ip", "link", "show", self.host_if, check=False).returncode == 0:
+            _run("ip", "link", "del", self.host_if, check=False)
+        self.created = False
+
+
+def remove_links():
+    for link in list(_links):
+        with contextlib.suppress(Exception):
+            link.teardown()
+        _links.remove(link)
+
+
+# --------------------------------------------------------------------------------------
 # Postcopy scenarios: the live guest, but with max-bandwidth well below its dirty rate so
 # that precopy cannot converge; after a fixed precopy time the source is switched to
 # postcopy (migrate-start-postcopy) and the destination pulls what it still lacks.
@@ -1196,8 +1311,9 @@ async def drain_events(lst, name, t0, wait=0.0):
             out.append(event_time(ev))
 
 
-async def postcopy_migration(ctx, pair, rep, preempt=False):
+async def postcopy_migration(ctx, pair, rep, preempt=False, link=False):
     live = ctx.live
+    link = ctx.link if link else None
     engine = pair[0]
     is_qemu = isinstance(engine, QemuEngine)
     if is_qemu and live.qemu_unavailable:
@@ -1207,7 +1323,8 @@ async def postcopy_migration(ctx, pair, rep, preempt=False):
     rec = {"engine": engine.name, "accel": live.qemu_accel if is_qemu else "soft",
            "hot": live.hot, "memory": live.memory, "preempt": preempt,
            "guest_rate_set": live.qemu_rate if is_qemu else live.vmigrate_rate,
-           "max_bandwidth": bw, "precopy_s": pc.postcopy_after}
+           "max_bandwidth": bw, "precopy_s": pc.postcopy_after,
+           "link": link.describe() if link else "loopback"}
     src, dst = VM(engine, "src", ctx), VM(engine, "dst", ctx)
     serial_src = os.path.join(ctx.tmpdir, f"src-{engine.name}.serial") if is_qemu else None
     serial_dst = os.path.join(ctx.tmpdir, f"dst-{engine.name}.serial") if is_qemu else None
@@ -1216,13 +1333,16 @@ async def postcopy_migration(ctx, pair, rep, preempt=False):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(p)
     port = ctx.args.port or free_port()
-    uri = f"tcp:127.0.0.1:{port}"
+    uri = f"tcp:{link.addr if link else '127.0.0.1'}:{port}"
+    dst_argv = engine.live_argv(live, dst.sock, serial_dst, "defer")
+    if link:
+        dst_argv = link.wrap(dst_argv)  # the destination listens inside the namespace
     caps = {"events": True, "postcopy-ram": True}
     if preempt:
         caps["postcopy-preempt"] = True
     try:
         await src.start(argv=engine.live_argv(live, src.sock, serial_src, None))
-        await dst.start(argv=engine.live_argv(live, dst.sock, serial_dst, "defer"))
+        await dst.start(argv=dst_argv)
         await src.set_caps(caps)
         await dst.set_caps(dict(caps, **{"postcopy-blocktime": True}))
         await src.set_params({"max-bandwidth": bw, "max-postcopy-bandwidth": 0,
@@ -1313,12 +1433,13 @@ async def postcopy_migration(ctx, pair, rep, preempt=False):
         await asyncio.gather(src.stop(), dst.stop())
 
 
-def _postcopy(preempt, doc):
+def _postcopy(preempt, doc, link=False):
     async def scenario(ctx, pair, rep):
-        return await postcopy_migration(ctx, pair, rep, preempt)
+        return await postcopy_migration(ctx, pair, rep, preempt, link)
     scenario.__doc__ = doc
     scenario.live = True
     scenario.postcopy = True
+    scenario.link = link
     return scenario
 
 
@@ -1532,6 +1653,9 @@ SCENARIOS = {
     "live-postcopy": _postcopy(False, "running guest dirtying its hot set faster than max-bandwidth, loopback TCP, "
                                       "precopy then migrate-start-postcopy (qq and vv only)"),
     "live-postcopy-preempt": _postcopy(True, "as live-postcopy, with postcopy-preempt (qq and vv only)"),
+    "live-postcopy-tbf": _postcopy(False, "as live-postcopy, over a veth pair into a network namespace shaped "
+                                          "with tc tbf (--link, default tbf:1gbit)", link=True),
+    "live-postcopy-preempt-tbf": _postcopy(True, "as live-postcopy-preempt, over the --link veth pair", link=True),
     "file-plain": _file(doc="stopped VM saved to / restored from a file, plain sequential stream"),
     "file-mr": _file(MAPPED_RAM, None, "stopped VM saved to / restored from a file, mapped-ram, no multifd"),
     "file-mr2": _file(MAPPED_RAM_MULTIFD, {"multifd-channels": 2},
@@ -1559,6 +1683,10 @@ def is_file(scenario):
     return getattr(SCENARIOS[scenario], "file", False)
 
 
+def uses_link(scenario):
+    return getattr(SCENARIOS[scenario], "link", False)
+
+
 SCENARIO_GROUPS = {
     "file": [s for s in SCENARIOS if is_file(s)],
     "tcp": [s for s in SCENARIOS if s.startswith("tcp-")],
@@ -1577,6 +1705,7 @@ class Ctx:
         self.tmpdir = tmpdir
         self.timeout = args.timeout or max(120, 60 * args.size / GiB)
         self.live = None  # LiveConfig, when a live scenario runs
+        self.link = None  # Link, when a scenario runs over --link
         self.file_dir = args.file_dir
         self.file_cold = args.file_cold
         self._n = 0
@@ -1982,6 +2111,7 @@ def report_postcopy(records, live, args):
                      f"{live.qemu_accel or '–'} ({probe or 'not probed'}); vmigrate: lab machine, soft accelerator.")
         if live.qemu_unavailable:
             lines.append(f"QEMU's guest cannot run here, only the vmigrate pair ran: {live.qemu_unavailable}")
+        lines.append(f"link: {recs[0].get('link') or 'loopback'}")
         for n in live.notes:
             lines.append(f"note: {n}")
         lines.append("total = migrate → destination MIGRATION completed, 'postcopy s' the part after "
@@ -2245,6 +2375,9 @@ def main():
                           "the guest's dirty rate); max-postcopy-bandwidth is 0")
     pcg.add_argument("--postcopy-after", type=float, default=2.0,
                      help="seconds of precopy from migrate to migrate-start-postcopy (default 2)")
+    pcg.add_argument("--link", type=parse_link, default=parse_link("tbf:1gbit"),
+                     help="the link of the *-tbf scenarios: tbf:RATE[,burst=SIZE][,latency=TIME] in tc's units "
+                          "(default tbf:1gbit,burst=256kb,latency=20ms); needs root")
     args = ap.parse_args()
 
     if args.list_scenarios:
@@ -2334,6 +2467,9 @@ def main():
                 _temp_files.update((image, image + ".json"))
             meta = make_image(image, args.size, args.seed, log)
         ctx = Ctx(args, image, meta, tmpdir)
+        if any(uses_link(s) for s in scenarios):
+            ctx.link = Link(args.link)
+            ctx.link.setup(log)
         if len(stopped) < len(scenarios):
             ctx.live = LiveConfig(args, tmpdir)
             if not any(p[0] == p[1] for p in args.pairs):
@@ -2383,6 +2519,7 @@ def main():
         return 1
     finally:
         kill_children()
+        remove_links()
         remove_temp_files()
         if tmpdir:
             if args.keep_logs:

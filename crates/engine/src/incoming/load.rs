@@ -717,9 +717,10 @@ impl Package<'_, '_> {
                 return result.map(|()| None);
             };
             if result.is_err() {
-                // The listen thread must not wait for a stream nobody reads any more.
+                // The listen thread must not wait for a stream nobody reads any more;
+                // the way back stays open for the SHUT that tells the source.
                 pc.finish();
-                let _ = rustix::net::shutdown(&shutdown, rustix::net::Shutdown::Both);
+                let _ = rustix::net::shutdown(&shutdown, rustix::net::Shutdown::Read);
             }
             let listened: Result<(), LoadError> = handle.join().unwrap_or_else(|_| {
                 Err(LoadError::PostcopyFault(
@@ -746,11 +747,14 @@ impl Package<'_, '_> {
     ) -> Result<(), LoadError> {
         loop {
             let at = nested.offset();
+            // With LISTEN done and no RUN, the listen thread reads the main stream
+            // from here on, where a RUN after the package has no place.
+            let listening = listener.is_some();
             if nested.peek_u8()?.is_none() {
-                return Ok(());
+                return end_of_package(listening, at);
             }
             match Record::decode(nested)? {
-                Record::Eof => return Ok(()),
+                Record::Eof => return end_of_package(listening, at),
                 Record::Start(s) | Record::Full(s) if s.idstr != RAM_IDSTR => {
                     load_device_section(s, nested, at, self.devices, self.sections, self.runstate)?;
                 }
@@ -817,6 +821,22 @@ impl Package<'_, '_> {
     }
 }
 
+/// The end of a package (its last byte, or EOF in it): fine unless it started the
+/// listen thread without running the guest.
+fn end_of_package(listening: bool, at: u64) -> Result<(), LoadError> {
+    if !listening {
+        return Ok(());
+    }
+    Err(DecodeError::new(
+        at,
+        DecodeErrorKind::Invalid {
+            what: "PACKAGED",
+            detail: "the package ends after POSTCOPY_LISTEN without POSTCOPY_RUN".into(),
+        },
+    )
+    .into())
+}
+
 /// The listen thread's loop: the rest of the main stream once postcopy listens. Only
 /// RAM PART/END sections (ZERO, PAGE, EOS), PING and EOF may come; there is no trailer.
 fn listen_loop(
@@ -850,6 +870,18 @@ fn listen_loop(
                 decode_footer(src, id, RAM_IDSTR)?;
             }
             Record::Command(Command::Ping(v)) => rp.send(&RpMessage::Pong(v), at)?,
+            // A bitmap of a block this VM does not have: that is the problem to name
+            // (as QEMU does), whatever the phase.
+            Record::Command(Command::RecvBitmap(block)) if !pc.has_block(&block) => {
+                return Err(DecodeError::new(
+                    at,
+                    DecodeErrorKind::Invalid {
+                        what: "RECV_BITMAP",
+                        detail: format!("RAM block '{block}' not found"),
+                    },
+                )
+                .into())
+            }
             Record::Command(cmd) => {
                 return Err(DecodeError::new(
                     at,

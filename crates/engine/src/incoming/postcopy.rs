@@ -165,6 +165,11 @@ impl PostcopyIncoming {
         })
     }
 
+    /// Whether this VM has a RAM block called `idstr`.
+    pub(crate) fn has_block(&self, idstr: &str) -> bool {
+        self.blocks.iter().any(|b| b.idstr() == idstr)
+    }
+
     /// Precopy delivered page `page` of block `bi` (data or zero).
     pub(crate) fn note_delivered(&self, bi: usize, page: usize) {
         self.delivered.set(bi, page);

@@ -272,6 +272,11 @@ pub(crate) fn push_pages(
         let mut n = 0u32;
         loop {
             if let Some(req) = rp.next_page_request() {
+                // Requests queued before the return path failed (a flood that hit the
+                // cap, a bad message) are not served: the migration fails now.
+                if let Some(e) = rp.error() {
+                    return Err(e.into());
+                }
                 stats.postcopy_requests.fetch_add(1, Ordering::Relaxed);
                 let (index, pages) = check_request(saver, &req)?;
                 let mut any = false;
