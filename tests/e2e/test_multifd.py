@@ -83,7 +83,9 @@ def test_multifd_vmigrate_to_vmigrate_running(ws, mf_image, comp):
 
 @pytest.mark.vmigrate
 def test_compression_ratio_matches_qemu(ws, mf_image):
-    """Same level, same bytes on the wire within 2 %."""
+    """Same level: bytes on the wire within 2 % of QEMU's, or fewer. vmigrate builds
+    zlib and zstd from source by default, which may compress a little better than the
+    system libraries QEMU links (the `system-zstd` feature links the same one)."""
     sent = {}
     for impl in ("qemu", "vmigrate"):
         for comp, level in (("zlib", 1), ("zstd", 1)):
@@ -95,7 +97,7 @@ def test_compression_ratio_matches_qemu(ws, mf_image):
                 w.cleanup()
     for comp in ("zlib", "zstd"):
         q, v = sent[("qemu", comp)], sent[("vmigrate", comp)]
-        assert abs(v - q) / q < 0.02, f"{comp}: vmigrate {v} bytes vs QEMU {q}"
+        assert v <= q * 1.02, f"{comp}: vmigrate {v} bytes vs QEMU {q} (more than 2 % over)"
 
 
 # ---- per-section sync (multifd-flush-after-each-section) -----------------------------
