@@ -20,6 +20,7 @@ use crate::channels::return_path::ReturnPathWriter;
 use crate::incoming::multifd_recv::{channel_error, MultifdReceiver, ReceiveConfig};
 use crate::incoming::postcopy::{LatencySummary, PostcopyError, PostcopyIncoming, SharedWriter};
 use crate::incoming::ram_load::{LoadPostcopyError, MappedRamLoad, RamLoader};
+use crate::incoming::recover::{self, PostcopyRecovery, RecoverError};
 use crate::io::FdSource;
 use crate::options::Capabilities;
 use crate::vmm::{DeviceLoadError, DeviceState, Vmm};
@@ -56,6 +57,9 @@ pub struct PostcopyHooks<'a> {
     pub on_listen: &'a (dyn Fn(&Arc<PostcopyIncoming>) -> Result<(), String> + Sync),
     /// POSTCOPY_RUN, with the run state `globalstate` carried (`None`: absent).
     pub on_run: &'a (dyn Fn(Option<&str>) + Sync),
+    /// Pauses postcopy when a channel breaks and brings the recovery's connection;
+    /// without it a break fails the migration.
+    pub recovery: Option<&'a dyn PostcopyRecovery>,
 }
 
 impl std::fmt::Debug for PostcopyHooks<'_> {
@@ -87,6 +91,8 @@ pub enum LoadError {
     },
     #[error("postcopy failed: {0}")]
     PostcopyFault(String),
+    #[error(transparent)]
+    Recover(#[from] RecoverError),
 }
 
 impl From<LoadPostcopyError> for LoadError {
@@ -561,7 +567,8 @@ fn load_records(
                     let pc = commands.postcopy_state(at, "POSTCOPY_LISTEN")?;
                     let ram_ids = ram_section_ids(&sections);
                     let rp = commands.rp.clone();
-                    listen_loop(src, ram, &ram_ids, &rp, &pc)?;
+                    let recovery = commands.hooks.and_then(|h| h.recovery);
+                    listen_loop(src, ram, &ram_ids, &rp, &pc, recovery)?;
                     return Ok(postcopy_outcome(runstate, ram, &pc));
                 }
                 Step::Run => {
@@ -698,7 +705,7 @@ struct Package<'p, 'a> {
     runstate: &'p mut Option<String>,
 }
 
-impl Package<'_, '_> {
+impl<'a> Package<'_, 'a> {
     /// Loads the blob; `Some` when it started postcopy, whose listen thread has then
     /// read the main stream to its end.
     fn run(
@@ -743,7 +750,10 @@ impl Package<'_, '_> {
             OwnedFd,
             Arc<PostcopyIncoming>,
         )>,
-    ) -> Result<(), LoadError> {
+    ) -> Result<(), LoadError>
+    where
+        'a: 'env,
+    {
         loop {
             let at = nested.offset();
             if nested.peek_u8()?.is_none() {
@@ -777,10 +787,11 @@ impl Package<'_, '_> {
                         let ram_ids = ram_section_ids(self.sections);
                         let rp = self.commands.rp.clone();
                         let thread_pc = pc.clone();
+                        let recovery = self.commands.hooks.and_then(|h| h.recovery);
                         let handle = std::thread::Builder::new()
                             .name("mig/dst/listen".into())
                             .spawn_scoped(scope, move || {
-                                let r = listen_loop(src, ram, &ram_ids, &rp, &thread_pc);
+                                let r = listen_loop(src, ram, &ram_ids, &rp, &thread_pc, recovery);
                                 // Done or failed, no page will arrive any more.
                                 thread_pc.finish();
                                 r
@@ -817,62 +828,149 @@ impl Package<'_, '_> {
     }
 }
 
-/// The listen thread's loop: the rest of the main stream once postcopy listens. Only
-/// RAM PART/END sections (ZERO, PAGE, EOS), PING and EOF may come; there is no trailer.
+/// The listen thread: the rest of the main stream once postcopy listens. A break of
+/// the connection pauses postcopy when `recovery` is given; reading goes on from the
+/// recovery's new connection (see [`crate::incoming::recover`]).
 fn listen_loop(
     src: &mut FdSource,
     ram: &mut RamLoader,
     ram_ids: &HashSet<u32>,
     rp: &ReturnPathState,
     pc: &PostcopyIncoming,
+    recovery: Option<&dyn PostcopyRecovery>,
 ) -> Result<(), LoadError> {
-    let mut page = Vec::new();
+    pc.set_main_channel(src.fd());
+    // The connection of the last recovery, and its reader.
+    let mut reconnected: Option<(crate::channels::transport::Channel, FdSource)> = None;
+    let mut recovering = false;
     loop {
-        if let Some(e) = pc.fault_error() {
-            return Err(LoadError::PostcopyFault(e));
+        let current = match reconnected.as_mut() {
+            Some((_, s)) => s,
+            None => &mut *src,
+        };
+        let listen = ListenState {
+            ram_ids,
+            rp,
+            pc,
+            recovery,
+        };
+        let error = match listen.read(current, ram, &mut recovering) {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        let Some(recovery) = recovery.filter(|_| recover::is_network_failure(&error)) else {
+            return Err(error);
+        };
+        pc.pause();
+        let Some(ch) = recovery.pause_and_accept(&error.to_string()) else {
+            return Err(error);
+        };
+        let (Ok(back), Ok(read)) = (ch.fd.try_clone(), ch.fd.try_clone()) else {
+            return Err(error);
+        };
+        if let Some(w) = &rp.writer {
+            recover::replace_writer(w, back);
         }
-        let at = src.offset();
-        match Record::decode(src)? {
-            Record::Eof => {
-                // Requested pages may still be on their way on the preempt channel.
-                pc.await_requested_pages()
-                    .map_err(LoadError::PostcopyFault)?;
-                if let Some(e) = pc.fault_error() {
-                    return Err(LoadError::PostcopyFault(e));
+        pc.set_main_channel(&ch.fd);
+        reconnected = Some((ch, FdSource::new(read, 0)));
+        recovering = true;
+    }
+}
+
+/// What the listen thread reads the main stream with.
+struct ListenState<'l> {
+    ram_ids: &'l HashSet<u32>,
+    rp: &'l ReturnPathState,
+    pc: &'l PostcopyIncoming,
+    recovery: Option<&'l dyn PostcopyRecovery>,
+}
+
+impl ListenState<'_> {
+    /// Reads one connection. Only RAM PART/END sections (ZERO, PAGE, EOS), PING and
+    /// EOF may come (there is no trailer), and on a recovery's connection RECV_BITMAP
+    /// and POSTCOPY_RESUME; `recovering` is set until the latter.
+    fn read(
+        &self,
+        src: &mut FdSource,
+        ram: &mut RamLoader,
+        recovering: &mut bool,
+    ) -> Result<(), LoadError> {
+        let pc = self.pc;
+        let mut page = Vec::new();
+        loop {
+            if let Some(e) = pc.fault_error() {
+                return Err(LoadError::PostcopyFault(e));
+            }
+            let at = src.offset();
+            match Record::decode(src)? {
+                Record::Eof => {
+                    // Requested pages may still be on their way on the preempt channel.
+                    pc.await_requested_pages()
+                        .map_err(LoadError::PostcopyFault)?;
+                    if let Some(e) = pc.fault_error() {
+                        return Err(LoadError::PostcopyFault(e));
+                    }
+                    return Ok(());
                 }
-                return Ok(());
-            }
-            Record::Part(id) | Record::End(id) => {
-                if !ram_ids.contains(&id) {
-                    return Err(DecodeError::new(at, DecodeErrorKind::UnknownSectionId(id)).into());
+                Record::Part(id) | Record::End(id) => {
+                    if !self.ram_ids.contains(&id) {
+                        return Err(
+                            DecodeError::new(at, DecodeErrorKind::UnknownSectionId(id)).into()
+                        );
+                    }
+                    ram.load_records_postcopy(src, &mut page)?;
+                    decode_footer(src, id, RAM_IDSTR)?;
                 }
-                ram.load_records_postcopy(src, &mut page)?;
-                decode_footer(src, id, RAM_IDSTR)?;
+                Record::Command(Command::Ping(v)) => self.rp.send(&RpMessage::Pong(v), at)?,
+                Record::Command(Command::RecvBitmap(block)) => {
+                    let writer = self.recovery_writer(*recovering, "RECV_BITMAP")?;
+                    recover::answer_recv_bitmap(pc, writer, &block)?;
+                }
+                Record::Command(Command::PostcopyResume) => {
+                    let writer = self.recovery_writer(*recovering, "POSTCOPY_RESUME")?;
+                    let recovery = self
+                        .recovery
+                        .ok_or(RecoverError::NotRecovering("POSTCOPY_RESUME"))?;
+                    recover::answer_resume(pc, writer, recovery)?;
+                    *recovering = false;
+                }
+                Record::Command(cmd) => {
+                    return Err(DecodeError::new(
+                        at,
+                        DecodeErrorKind::CommandInWrongPhase {
+                            command: cmd.name(),
+                            phase: IncomingPhase::Running.number(),
+                        },
+                    )
+                    .into())
+                }
+                Record::Start(s) | Record::Full(s) => {
+                    return Err(DecodeError::new(
+                        at,
+                        DecodeErrorKind::Invalid {
+                            what: "section",
+                            detail: format!(
+                                "section '{}' arrived while postcopy runs; only RAM may",
+                                s.idstr
+                            ),
+                        },
+                    )
+                    .into())
+                }
             }
-            Record::Command(Command::Ping(v)) => rp.send(&RpMessage::Pong(v), at)?,
-            Record::Command(cmd) => {
-                return Err(DecodeError::new(
-                    at,
-                    DecodeErrorKind::CommandInWrongPhase {
-                        command: cmd.name(),
-                        phase: IncomingPhase::Running.number(),
-                    },
-                )
-                .into())
-            }
-            Record::Start(s) | Record::Full(s) => {
-                return Err(DecodeError::new(
-                    at,
-                    DecodeErrorKind::Invalid {
-                        what: "section",
-                        detail: format!(
-                            "section '{}' arrived while postcopy runs; only RAM may",
-                            s.idstr
-                        ),
-                    },
-                )
-                .into())
-            }
+        }
+    }
+
+    /// The return path a recovery command is answered on; the command is refused
+    /// outside a recovery.
+    fn recovery_writer(
+        &self,
+        recovering: bool,
+        command: &'static str,
+    ) -> Result<&SharedWriter, RecoverError> {
+        match &self.rp.writer {
+            Some(w) if recovering && self.rp.open => Ok(w),
+            _ => Err(RecoverError::NotRecovering(command)),
         }
     }
 }
@@ -1228,6 +1326,7 @@ mod tests {
         let hooks = PostcopyHooks {
             on_listen: &on_listen,
             on_run: &on_run,
+            recovery: None,
         };
         let block = vmm.ram_blocks()[0].clone();
         std::thread::scope(|scope| {
@@ -1403,6 +1502,7 @@ mod tests {
         let hooks = PostcopyHooks {
             on_listen: &on_listen,
             on_run: &on_run,
+            recovery: None,
         };
         let block = vmm.ram_blocks()[0].clone();
         std::thread::scope(|scope| {
@@ -1480,6 +1580,7 @@ mod tests {
         let hooks = PostcopyHooks {
             on_listen: &on_listen,
             on_run: &on_run,
+            recovery: None,
         };
         let block = vmm.ram_blocks()[0].clone();
         std::thread::scope(|scope| {

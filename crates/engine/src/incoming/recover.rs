@@ -1,0 +1,198 @@
+//! The destination side of postcopy recovery.
+//!
+//! ```text
+//! postcopy-active|postcopy-recover ──(a channel broke, migrate-pause)──▶ postcopy-paused
+//!     every channel shut down; faults stay pending (postcopy.rs), the guest waits
+//! migrate-recover URI: a new listener (migrator.rs; no status change, as QEMU 10.0)
+//! the source connects ──▶ postcopy-recover; the new main stream has no header:
+//!     RECV_BITMAP(block)  ─▶ RP RECV_BITMAP(block), be64 size, bitmap, end mark
+//!     [postcopy-preempt: the next connection is the new preempt channel]
+//!     POSTCOPY_RESUME     ─▶ RP RESUME_ACK(1) ──▶ postcopy-active, pending pages asked again
+//! ```
+//!
+//! The listen thread (`load.rs`) reads the new main stream as it read the old one;
+//! this module holds what it needs to pause, to accept the new connection and to
+//! answer the handshake.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use vmigrate_stream::return_path::RpMessage;
+
+use crate::channels::return_path::ReturnPathWriter;
+use crate::channels::tls;
+use crate::channels::transport::{Channel, Incoming};
+use crate::events::EventBus;
+use crate::incoming::accept::spawn_preempt_acceptor;
+use crate::incoming::load::LoadError;
+use crate::incoming::postcopy::{PostcopyIncoming, SharedWriter};
+use crate::shared::Shared;
+use crate::status::{MigrationStatus, StatusError};
+use vmigrate_stream::{DecodeError, DecodeErrorKind};
+
+/// How often a wait for the recovery connection looks for a newer `migrate-recover`.
+const ACCEPT_POLL: Duration = Duration::from_millis(100);
+
+/// Why a recovery handshake failed on the destination.
+#[derive(Debug, thiserror::Error)]
+pub enum RecoverError {
+    #[error("RECV_BITMAP for unknown RAM block '{0}'")]
+    UnknownBlock(String),
+    /// A recovery command outside a recovery.
+    #[error("illegal {0} received: postcopy is not being recovered")]
+    NotRecovering(&'static str),
+    #[error(transparent)]
+    Status(#[from] StatusError),
+}
+
+/// What a paused listen thread needs from the migration around it.
+pub trait PostcopyRecovery: Sync {
+    /// A channel broke: postcopy pauses (`reason` becomes the error) and this waits
+    /// for the main connection of a recovery (the status is `postcopy-recover` then).
+    /// `None` when the migration cannot pause (it is not in postcopy any more).
+    fn pause_and_accept(&self, reason: &str) -> Option<Channel>;
+    /// POSTCOPY_RESUME was answered: back to `postcopy-active`.
+    fn resumed(&self) -> Result<(), StatusError>;
+}
+
+/// The migrator's side of a destination's recovery.
+pub(crate) struct DestinationRecovery<'a> {
+    pub shared: &'a Shared,
+    pub tls: Option<tls::ServerSetup>,
+    pub events: Arc<EventBus>,
+    /// `postcopy-preempt`: where the new preempt channel goes, and the flag that stops
+    /// its acceptor when the migration ends.
+    pub preempt: Option<(Mutex<Sender<Channel>>, Arc<AtomicBool>)>,
+}
+
+impl PostcopyRecovery for DestinationRecovery<'_> {
+    fn pause_and_accept(&self, reason: &str) -> Option<Channel> {
+        let from = self.shared.status();
+        self.shared.pause_postcopy(from, reason).ok()?;
+        loop {
+            let listener = self.shared.wait_recovery(|r| r.listener.take());
+            if let Some(ch) = self.accept_on(listener) {
+                self.shared
+                    .transition(
+                        MigrationStatus::PostcopyPaused,
+                        MigrationStatus::PostcopyRecover,
+                    )
+                    .ok()?;
+                return Some(ch);
+            }
+        }
+    }
+
+    fn resumed(&self) -> Result<(), StatusError> {
+        self.shared.transition(
+            MigrationStatus::PostcopyRecover,
+            MigrationStatus::PostcopyActive,
+        )
+    }
+}
+
+impl DestinationRecovery<'_> {
+    /// Accepts the recovery's main connection on `listener`; `None` when a newer
+    /// `migrate-recover` replaced it (or it failed: reported, and the next
+    /// `migrate-recover` awaited). With preempt the listener stays open for the new
+    /// preempt channel.
+    fn accept_on(&self, listener: Incoming) -> Option<Channel> {
+        loop {
+            if self.shared.lock().recovery.listener.is_some() {
+                return None;
+            }
+            let mut ch = match listener.accept_more(Instant::now() + ACCEPT_POLL) {
+                Ok(ch) => ch,
+                Err(_) => continue,
+            };
+            if let Some(setup) = &self.tls {
+                if let Err(e) = tls::secure_incoming(&mut ch, setup, "main") {
+                    self.events.warn(&e.to_string());
+                    continue;
+                }
+            }
+            match &self.preempt {
+                Some((to, stop)) => {
+                    let to = to.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                    if let Err(e) = spawn_preempt_acceptor(
+                        listener,
+                        self.tls.clone(),
+                        self.events.clone(),
+                        to,
+                        stop.clone(),
+                    ) {
+                        self.events
+                            .warn(&format!("cannot start the preempt channel's acceptor: {e}"));
+                    }
+                }
+                None => {
+                    if let Incoming::Unix(_, path) = &listener {
+                        let _ = std::fs::remove_file(path);
+                    }
+                }
+            }
+            return Some(ch);
+        }
+    }
+}
+
+/// Whether a listen thread's error is the connection's (postcopy pauses) rather than
+/// the stream's (it fails).
+pub(crate) fn is_network_failure(e: &LoadError) -> bool {
+    matches!(
+        e,
+        LoadError::Decode(DecodeError {
+            kind: DecodeErrorKind::Io { .. } | DecodeErrorKind::Truncated { .. },
+            ..
+        })
+    )
+}
+
+/// The return path of a recovery's new connection replaces the broken one.
+pub(crate) fn replace_writer(writer: &SharedWriter, fd: std::os::fd::OwnedFd) {
+    *writer.lock().unwrap_or_else(|e| e.into_inner()) =
+        ReturnPathWriter::new(Box::new(std::fs::File::from(fd)));
+}
+
+/// RECV_BITMAP(`block`): sends the pages this side holds of it, as one write.
+pub(crate) fn answer_recv_bitmap(
+    pc: &PostcopyIncoming,
+    writer: &SharedWriter,
+    block: &str,
+) -> Result<(), RecoverError> {
+    let bitmap = pc
+        .received_bitmap(block)
+        .ok_or_else(|| RecoverError::UnknownBlock(block.to_string()))?;
+    let mut out = Vec::with_capacity(bitmap.pages() as usize / 8 + 32);
+    RpMessage::RecvBitmap {
+        block: block.to_string(),
+    }
+    .encode(&mut out);
+    bitmap.encode_body(&mut out);
+    // A write that fails is the network's: the listen thread sees the break next.
+    let _ = writer
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .send_raw(&out);
+    Ok(())
+}
+
+/// POSTCOPY_RESUME: the status back to `postcopy-active`, RESUME_ACK(1), and every
+/// pending page asked for again.
+pub(crate) fn answer_resume(
+    pc: &PostcopyIncoming,
+    writer: &SharedWriter,
+    recovery: &dyn PostcopyRecovery,
+) -> Result<(), RecoverError> {
+    recovery.resumed()?;
+    let _ = writer
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .send(&RpMessage::ResumeAck(
+            vmigrate_stream::recover::RESUME_ACK_VALUE,
+        ));
+    pc.resume();
+    Ok(())
+}
