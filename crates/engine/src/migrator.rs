@@ -752,7 +752,7 @@ impl Migrator {
             // the source connects again).
             let recovery = ch
                 .is_socket
-                .then(|| crate::incoming::recover::DestinationRecovery {
+                .then(|| crate::incoming::accept::RecoveryAcceptor {
                     shared: &self.shared,
                     tls: recovery_tls,
                     events: self.shared.events.clone(),

@@ -95,6 +95,20 @@ pub enum LoadError {
     Recover(#[from] RecoverError),
 }
 
+impl LoadError {
+    /// Whether the error is the connection's (it broke or ended: postcopy pauses)
+    /// rather than the stream's (it fails).
+    pub(crate) fn is_network_failure(&self) -> bool {
+        matches!(
+            self,
+            LoadError::Decode(DecodeError {
+                kind: DecodeErrorKind::Io { .. } | DecodeErrorKind::Truncated { .. },
+                ..
+            })
+        )
+    }
+}
+
 impl From<LoadPostcopyError> for LoadError {
     fn from(e: LoadPostcopyError) -> Self {
         match e {
@@ -858,7 +872,7 @@ fn listen_loop(
             Ok(()) => return Ok(()),
             Err(e) => e,
         };
-        let Some(recovery) = recovery.filter(|_| recover::is_network_failure(&error)) else {
+        let Some(recovery) = recovery.filter(|_| error.is_network_failure()) else {
             return Err(error);
         };
         pc.pause();

@@ -11,29 +11,15 @@
 //! ```
 //!
 //! The listen thread (`load.rs`) reads the new main stream as it read the old one;
-//! this module holds what it needs to pause, to accept the new connection and to
-//! answer the handshake.
-
-use std::sync::atomic::AtomicBool;
-use std::sync::mpsc::Sender;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+//! this module holds what it needs to pause and to answer the handshake; accepting
+//! the new connection is `accept.rs`'s [`crate::incoming::accept::RecoveryAcceptor`].
 
 use vmigrate_stream::return_path::RpMessage;
 
 use crate::channels::return_path::ReturnPathWriter;
-use crate::channels::tls;
-use crate::channels::transport::{Channel, Incoming};
-use crate::events::EventBus;
-use crate::incoming::accept::spawn_preempt_acceptor;
-use crate::incoming::load::LoadError;
+use crate::channels::transport::Channel;
 use crate::incoming::postcopy::{PostcopyIncoming, SharedWriter};
-use crate::shared::Shared;
-use crate::status::{MigrationStatus, StatusError};
-use vmigrate_stream::{DecodeError, DecodeErrorKind};
-
-/// How often a wait for the recovery connection looks for a newer `migrate-recover`.
-const ACCEPT_POLL: Duration = Duration::from_millis(100);
+use crate::status::StatusError;
 
 /// Why a recovery handshake failed on the destination.
 #[derive(Debug, thiserror::Error)]
@@ -55,99 +41,6 @@ pub trait PostcopyRecovery: Sync {
     fn pause_and_accept(&self, reason: &str) -> Option<Channel>;
     /// POSTCOPY_RESUME was answered: back to `postcopy-active`.
     fn resumed(&self) -> Result<(), StatusError>;
-}
-
-/// The migrator's side of a destination's recovery.
-pub(crate) struct DestinationRecovery<'a> {
-    pub shared: &'a Shared,
-    pub tls: Option<tls::ServerSetup>,
-    pub events: Arc<EventBus>,
-    /// `postcopy-preempt`: where the new preempt channel goes, and the flag that stops
-    /// its acceptor when the migration ends.
-    pub preempt: Option<(Mutex<Sender<Channel>>, Arc<AtomicBool>)>,
-}
-
-impl PostcopyRecovery for DestinationRecovery<'_> {
-    fn pause_and_accept(&self, reason: &str) -> Option<Channel> {
-        let from = self.shared.status();
-        self.shared.pause_postcopy(from, reason).ok()?;
-        loop {
-            let listener = self.shared.wait_recovery(|r| r.listener.take());
-            if let Some(ch) = self.accept_on(listener) {
-                self.shared
-                    .transition(
-                        MigrationStatus::PostcopyPaused,
-                        MigrationStatus::PostcopyRecover,
-                    )
-                    .ok()?;
-                return Some(ch);
-            }
-        }
-    }
-
-    fn resumed(&self) -> Result<(), StatusError> {
-        self.shared.transition(
-            MigrationStatus::PostcopyRecover,
-            MigrationStatus::PostcopyActive,
-        )
-    }
-}
-
-impl DestinationRecovery<'_> {
-    /// Accepts the recovery's main connection on `listener`; `None` when a newer
-    /// `migrate-recover` replaced it (or it failed: reported, and the next
-    /// `migrate-recover` awaited). With preempt the listener stays open for the new
-    /// preempt channel.
-    fn accept_on(&self, listener: Incoming) -> Option<Channel> {
-        loop {
-            if self.shared.lock().recovery.listener.is_some() {
-                return None;
-            }
-            let mut ch = match listener.accept_more(Instant::now() + ACCEPT_POLL) {
-                Ok(ch) => ch,
-                Err(_) => continue,
-            };
-            if let Some(setup) = &self.tls {
-                if let Err(e) = tls::secure_incoming(&mut ch, setup, "main") {
-                    self.events.warn(&e.to_string());
-                    continue;
-                }
-            }
-            match &self.preempt {
-                Some((to, stop)) => {
-                    let to = to.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                    if let Err(e) = spawn_preempt_acceptor(
-                        listener,
-                        self.tls.clone(),
-                        self.events.clone(),
-                        to,
-                        stop.clone(),
-                    ) {
-                        self.events
-                            .warn(&format!("cannot start the preempt channel's acceptor: {e}"));
-                    }
-                }
-                None => {
-                    if let Incoming::Unix(_, path) = &listener {
-                        let _ = std::fs::remove_file(path);
-                    }
-                }
-            }
-            return Some(ch);
-        }
-    }
-}
-
-/// Whether a listen thread's error is the connection's (postcopy pauses) rather than
-/// the stream's (it fails).
-pub(crate) fn is_network_failure(e: &LoadError) -> bool {
-    matches!(
-        e,
-        LoadError::Decode(DecodeError {
-            kind: DecodeErrorKind::Io { .. } | DecodeErrorKind::Truncated { .. },
-            ..
-        })
-    )
 }
 
 /// The return path of a recovery's new connection replaces the broken one.

@@ -45,6 +45,7 @@
 //! postcopy) is skipped, as QEMU skips it.
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Instant;
 
 use vmigrate_stream::command::Command;
@@ -52,9 +53,11 @@ use vmigrate_stream::postcopy::{PostcopyAdvise, RamDiscard};
 use vmigrate_stream::section::{encode_footer, Record};
 
 use crate::channels::return_path::{PageRequest, ReturnPath, ReturnPathError};
+use crate::channels::transport::{self, Address};
 use crate::events::EventBus;
 use crate::io::{StreamWriter, WriteError};
 use crate::outgoing::ram_save::{RamSaver, SentPages, ITERATION_SLICE};
+use crate::shared::Shared;
 use crate::stats::Stats;
 
 /// Why the postcopy phase failed: a page request the source refuses (not whole pages
@@ -178,6 +181,34 @@ impl PreemptChannel {
     pub(crate) fn shutdown(mut self) {
         self.writer.shutdown();
     }
+}
+
+/// Connects a postcopy preempt channel to `addr`: a plain connection (TLS when
+/// configured, as multifd channels), no handshake bytes, registered for cancel and
+/// `migrate-pause`. Its writer has no rate limit: it carries only the pages the
+/// destination waits for.
+pub(crate) fn connect_preempt(
+    shared: &Shared,
+    addr: &Address,
+) -> Result<PreemptChannel, PostcopyError> {
+    let mut ch = transport::connect_outgoing(addr).map_err(|e| WriteError::Io(e.0))?;
+    if let Some(setup) = shared.tls_client() {
+        let cancel = shared.cancel_flag();
+        crate::channels::tls::secure_outgoing(&mut ch, &setup, &cancel, "preempt")
+            .map_err(|e| WriteError::Tls(e.0))?;
+        if let Some(relay) = ch.tls_relay.take() {
+            shared.add_tls_relay(relay);
+        }
+    }
+    let fd = Arc::new(ch.fd);
+    shared.register_cancel_fd(&fd);
+    let unlimited = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    Ok(PreemptChannel::new(StreamWriter::new(
+        fd,
+        shared.stats().transferred.clone(),
+        unlimited,
+        shared.cancel_flag(),
+    )))
 }
 
 /// `release-ram`: the bytes of sent pages a channel holds back before it flushes and

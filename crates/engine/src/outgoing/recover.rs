@@ -181,7 +181,7 @@ fn resume(
     handshake(&mut w, saver).map_err(|e| Failure::at(recover, e))?;
     let preempt = if options.preempt {
         Some(
-            crate::outgoing::save::connect_preempt(shared, addr)
+            crate::outgoing::postcopy::connect_preempt(shared, addr)
                 .map_err(|e| Failure::at(recover, e))?,
         )
     } else {

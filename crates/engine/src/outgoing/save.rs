@@ -327,35 +327,7 @@ fn open_preempt(
     rp: &ReturnPath,
 ) -> Result<postcopy::PreemptChannel, SaveError> {
     rp.await_pong(PREEMPT_PONG_TIMEOUT)?;
-    Ok(connect_preempt(shared, addr)?)
-}
-
-/// Connects a postcopy preempt channel to `addr`: a plain connection (TLS when
-/// configured, as multifd channels), no handshake bytes, registered for cancel and
-/// `migrate-pause`. Its writer has no rate limit: it carries only the pages the
-/// destination waits for.
-pub(crate) fn connect_preempt(
-    shared: &Shared,
-    addr: &Address,
-) -> Result<postcopy::PreemptChannel, postcopy::PostcopyError> {
-    let mut ch = transport::connect_outgoing(addr).map_err(|e| WriteError::Io(e.0))?;
-    if let Some(setup) = shared.tls_client() {
-        let cancel = shared.cancel_flag();
-        crate::channels::tls::secure_outgoing(&mut ch, &setup, &cancel, "preempt")
-            .map_err(|e| WriteError::Tls(e.0))?;
-        if let Some(relay) = ch.tls_relay.take() {
-            shared.add_tls_relay(relay);
-        }
-    }
-    let fd = Arc::new(ch.fd);
-    shared.register_cancel_fd(&fd);
-    let unlimited = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    Ok(postcopy::PreemptChannel::new(StreamWriter::new(
-        fd,
-        shared.stats().transferred.clone(),
-        unlimited,
-        shared.cancel_flag(),
-    )))
+    Ok(postcopy::connect_preempt(shared, addr)?)
 }
 
 /// What stays fixed through one outgoing session.
