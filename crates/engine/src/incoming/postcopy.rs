@@ -211,10 +211,6 @@ impl PostcopyIncoming {
     pub(crate) fn set_main_channel(&self, fd: &impl std::os::fd::AsFd) {
         let dup = fd.as_fd().try_clone_to_owned().ok();
         *self.main_fd.lock().unwrap_or_else(|e| e.into_inner()) = dup;
-        if self.paused.load(Ordering::Acquire) {
-            // Paused before the listen thread told of its channel.
-            self.shut_channels();
-        }
     }
 
     /// Pauses postcopy (a channel broke, or `migrate-pause`): shuts every channel down
