@@ -1497,6 +1497,195 @@ mod tests {
         assert_eq!(heard.last(), Some(&RpMessage::Shut(1)));
     }
 
+    /// A recovery that hands the listen thread the socket pairs of `conns`, one per
+    /// pause, and counts what it was told.
+    struct FakeRecovery {
+        conns: Mutex<Vec<std::os::unix::net::UnixStream>>,
+        pauses: Mutex<Vec<String>>,
+        resumes: std::sync::atomic::AtomicUsize,
+    }
+
+    impl PostcopyRecovery for FakeRecovery {
+        fn pause_and_accept(&self, reason: &str) -> Option<crate::channels::transport::Channel> {
+            self.pauses.lock().unwrap().push(reason.to_string());
+            let conn = self.conns.lock().unwrap().pop()?;
+            Some(crate::channels::transport::Channel::plain(
+                OwnedFd::from(conn),
+                true,
+            ))
+        }
+
+        fn resumed(&self) -> Result<(), crate::status::StatusError> {
+            self.resumes
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    /// A postcopy destination whose connection is cut while a reader waits for page
+    /// 2; `recovery` talks to it over the new connection (the first), then the test
+    /// checks the load's result and the return path of the second connection.
+    fn recovery_run(
+        recovery: impl FnOnce(&mut std::os::unix::net::UnixStream, &mut FdSource),
+    ) -> Option<(Result<LoadOutcome, LoadError>, Arc<FakeRecovery>, Vec<u8>)> {
+        use std::io::Write;
+        use std::os::unix::net::UnixStream;
+        if let Err(e) = crate::uffd::available() {
+            eprintln!("SKIP postcopy test: userfaultfd is not usable here: {e}");
+            return None;
+        }
+        let ps = crate::memory::host_page_size();
+        let pages = 16u64;
+        let vmm = FakeVmm::new(pages as usize, RunState::InMigrate);
+        let (dst, mut source) = UnixStream::pair().unwrap();
+        let (dst2, mut source2) = UnixStream::pair().unwrap();
+        source2
+            .set_read_timeout(Some(std::time::Duration::from_secs(20)))
+            .unwrap();
+        let fake = Arc::new(FakeRecovery {
+            conns: Mutex::new(vec![dst2]),
+            pauses: Mutex::new(Vec::new()),
+            resumes: std::sync::atomic::AtomicUsize::new(0),
+        });
+        let caps = postcopy_caps(false);
+        let on_listen = |_: &Arc<PostcopyIncoming>| -> Result<(), String> { Ok(()) };
+        let on_run = |_: Option<&str>| {};
+        let hooks = PostcopyHooks {
+            on_listen: &on_listen,
+            on_run: &on_run,
+            recovery: Some(fake.as_ref()),
+        };
+        let block = vmm.ram_blocks()[0].clone();
+        std::thread::scope(|scope| {
+            let loader = scope.spawn(|| {
+                let mut src = FdSource::new(OwnedFd::from(dst.try_clone().unwrap()), 0);
+                let rp = ReturnPathWriter::new(Box::new(dst.try_clone().unwrap()));
+                load_stream_postcopy(
+                    &mut src,
+                    vmm.as_ref(),
+                    &caps,
+                    Some(rp),
+                    None,
+                    MappedRamLoad::default(),
+                    Some(&hooks),
+                )
+            });
+            source
+                .write_all(&postcopy_source::precopy_and_package(pages))
+                .unwrap();
+            let mut rp_in = FdSource::new(OwnedFd::from(source.try_clone().unwrap()), 0);
+            assert_eq!(RpMessage::decode(&mut rp_in).unwrap(), RpMessage::Pong(3));
+            let reader = {
+                let b = block.clone();
+                scope.spawn(move || {
+                    let mut page = vec![0u8; ps as usize];
+                    b.read(2 * ps, &mut page);
+                    page
+                })
+            };
+            assert!(matches!(
+                RpMessage::decode(&mut rp_in).unwrap(),
+                RpMessage::ReqPagesId { start, .. } if start == 2 * ps
+            ));
+            // The network fails: a record cut short, then nothing.
+            source.write_all(&[2, 0, 0]).unwrap();
+            source.shutdown(std::net::Shutdown::Both).unwrap();
+            let mut rp2 = FdSource::new(OwnedFd::from(source2.try_clone().unwrap()), 0);
+            recovery(&mut source2, &mut rp2);
+            let result = loader.join().unwrap();
+            if result.is_ok() {
+                assert_eq!(reader.join().unwrap(), postcopy_source::page_bytes(2, ps));
+            } else {
+                // Released: RAM was unregistered.
+                let _ = reader.join();
+            }
+            let mut rest = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut source2, &mut rest);
+            Some((result, fake.clone(), rest))
+        })
+    }
+
+    fn send_command(to: &mut std::os::unix::net::UnixStream, cmd: Command) {
+        use std::io::Write;
+        let mut b = Vec::new();
+        cmd.encode(&mut b);
+        to.write_all(&b).unwrap();
+    }
+
+    #[test]
+    fn a_cut_pauses_and_a_recovery_answers_the_bitmap_and_asks_again() {
+        use std::io::Write;
+        let ps = crate::memory::host_page_size();
+        let Some((result, fake, rest)) = recovery_run(|conn, rp| {
+            send_command(conn, Command::RecvBitmap("ram".into()));
+            assert_eq!(
+                RpMessage::decode(rp).unwrap(),
+                RpMessage::RecvBitmap {
+                    block: "ram".into()
+                }
+            );
+            let bitmap = vmigrate_stream::recover::RecvBitmap::decode_body(rp, "ram", 16).unwrap();
+            // Precopy delivered 0..2 and 4..8 (zero); 2, 3 and 8.. were discarded.
+            let held: Vec<u64> = (0..16).filter(|&p| bitmap.received(p)).collect();
+            assert_eq!(held, [0, 1, 4, 5, 6, 7]);
+            send_command(conn, Command::PostcopyResume);
+            assert_eq!(RpMessage::decode(rp).unwrap(), RpMessage::ResumeAck(1));
+            // The page still pending is asked for again, naming its block.
+            assert_eq!(
+                RpMessage::decode(rp).unwrap(),
+                RpMessage::ReqPagesId {
+                    start: 2 * ps,
+                    len: ps as u32,
+                    block: "ram".into()
+                }
+            );
+            let mut b = postcopy_source::pages_section(false, &[2]);
+            let rest: Vec<u64> = std::iter::once(3).chain(8..16).collect();
+            b.extend(postcopy_source::pages_section(true, &rest));
+            Record::Eof.encode(&mut b);
+            conn.write_all(&b).unwrap();
+        }) else {
+            return;
+        };
+        result.unwrap();
+        assert_eq!(fake.pauses.lock().unwrap().len(), 1);
+        assert_eq!(fake.resumes.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // SHUT(0) on the new return path.
+        assert_eq!(rest, [0, 1, 0, 4, 0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn a_recv_bitmap_for_an_unknown_block_fails_the_recovery() {
+        let Some((result, fake, rest)) = recovery_run(|conn, _| {
+            send_command(conn, Command::RecvBitmap("nope".into()));
+        }) else {
+            return;
+        };
+        let text = result.unwrap_err().to_string();
+        assert!(
+            text.contains("RECV_BITMAP for unknown RAM block 'nope'"),
+            "{text}"
+        );
+        assert_eq!(fake.resumes.load(std::sync::atomic::Ordering::SeqCst), 0);
+        assert_eq!(rest, [0, 1, 0, 4, 0, 0, 0, 1]);
+    }
+
+    #[test]
+    fn a_second_resume_is_refused() {
+        let Some((result, _, _)) = recovery_run(|conn, rp| {
+            send_command(conn, Command::PostcopyResume);
+            assert_eq!(RpMessage::decode(rp).unwrap(), RpMessage::ResumeAck(1));
+            send_command(conn, Command::PostcopyResume);
+        }) else {
+            return;
+        };
+        let text = result.unwrap_err().to_string();
+        assert!(
+            text.contains("illegal POSTCOPY_RESUME received: postcopy is not being recovered"),
+            "{text}"
+        );
+    }
+
     /// The source vanishes while a reader waits for a page: the load fails, RAM is
     /// unregistered, and the reader is released instead of waiting forever.
     #[test]
