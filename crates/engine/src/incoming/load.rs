@@ -1522,12 +1522,16 @@ mod tests {
         }
     }
 
+    /// What a recovery run gives: the load's result, the recovery's record, and the
+    /// bytes left on the new return path.
+    type RecoveryRun = (Result<LoadOutcome, LoadError>, Arc<FakeRecovery>, Vec<u8>);
+
     /// A postcopy destination whose connection is cut while a reader waits for page
     /// 2; `recovery` talks to it over the new connection (the first), then the test
     /// checks the load's result and the return path of the second connection.
     fn recovery_run(
         recovery: impl FnOnce(&mut std::os::unix::net::UnixStream, &mut FdSource),
-    ) -> Option<(Result<LoadOutcome, LoadError>, Arc<FakeRecovery>, Vec<u8>)> {
+    ) -> Option<RecoveryRun> {
         use std::io::Write;
         use std::os::unix::net::UnixStream;
         if let Err(e) = crate::uffd::available() {
