@@ -188,6 +188,10 @@ PAIRS = [
                  id="vmigrate-to-qemu"),
     pytest.param("qemu", "vmigrate", 1, False, marks=pytest.mark.vmigrate,
                  id="qemu-to-vmigrate"),
+    pytest.param("vmigrate", "qemu", 1, True, marks=pytest.mark.vmigrate,
+                 id="vmigrate-to-qemu-preempt"),
+    pytest.param("qemu", "vmigrate", 1, True, marks=pytest.mark.vmigrate,
+                 id="qemu-to-vmigrate-preempt"),
     pytest.param("qemu", "qemu", 1, False, marks=pytest.mark.harness_check,
                  id="harness_check-qemu-to-qemu"),
 ]
@@ -260,3 +264,29 @@ def test_recovery_commands_outside_postcopy_fail_as_in_qemu(ws, impl):
            "postcopy-recover state" in errors["pause"], errors
     assert "Migrate recover can only be run when postcopy is paused." in errors["recover"]
     assert "Cannot resume if there is no paused migration" in errors["resume"], errors
+
+
+@pytest.mark.parametrize("impl", [pytest.param("vmigrate", marks=pytest.mark.vmigrate),
+                                  pytest.param("qemu", marks=pytest.mark.harness_check)])
+def test_a_cut_before_the_switch_is_an_ordinary_precopy_failure(ws, image32, impl):
+    """With postcopy-ram on but precopy still running, a broken connection does not
+    pause anything: the source fails and its VM runs on."""
+    require(impl)
+    src = ws.vm(impl, "src", mem_mib=GUEST_MIB).start()
+    src.write_ram(image32.data)
+    dst = ws.vm(impl, "dst", mem_mib=GUEST_MIB, incoming="defer").start()
+    for m in (src, dst):
+        m.set_caps(events=True, postcopy_ram=True)
+    src.set_params(max_bandwidth=2 * MiB)
+    dst.raw("migrate-incoming", uri="tcp:127.0.0.1:0", **{"exit-on-error": False})
+    proxy = Proxy(harness.socket_port(dst.query_migrate()))
+    src.cmd("migrate", uri=f"tcp:127.0.0.1:{proxy.port}")
+    wait_status(src, "active")
+    time.sleep(0.2)
+    proxy.cut()
+    si = src.wait_migration(timeout=30)
+    assert si["status"] == "failed", si
+    assert src.wait_runstate("running") == "running"
+    di = dst.wait_migration(("failed", "completed"), timeout=30)
+    assert di["status"] == "failed", di
+    assert "postcopy-paused" not in migration_events(src)
