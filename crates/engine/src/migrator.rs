@@ -912,7 +912,10 @@ impl Migrator {
                         }
                         out.insert("ram".into(), s.ram_json(false));
                     }
-                    MigrationStatus::PostcopyActive => {
+                    MigrationStatus::PostcopyActive
+                    | MigrationStatus::PostcopyPaused
+                    | MigrationStatus::PostcopyRecoverSetup
+                    | MigrationStatus::PostcopyRecover => {
                         out.insert("setup-time".into(), json!(live(&s.setup_time_ms)));
                         out.insert("total-time".into(), json!(s.elapsed_ms()));
                         out.insert("downtime".into(), json!(live(&s.downtime_ms)));

@@ -162,6 +162,23 @@ mod tests {
     }
 
     #[test]
+    fn the_recovery_commands_encode_as_captured() {
+        // cap_rec/gen2's new main stream starts with RECV_BITMAP("m0") and
+        // POSTCOPY_RESUME, no header.
+        let mut out = Vec::new();
+        crate::command::Command::RecvBitmap("m0".into()).encode(&mut out);
+        crate::command::Command::PostcopyResume.encode(&mut out);
+        assert_eq!(
+            out,
+            [0x08, 0x00, 0x0a, 0x00, 0x03, 0x02, b'm', b'0', 0x08, 0x00, 0x09, 0x00, 0x00]
+        );
+        let path = "/work/shared/qemu-oracle/captures/cap_rec/gen2/conn0.c2s";
+        if let Ok(real) = std::fs::read(path) {
+            assert_eq!(real[..out.len()], out[..]);
+        }
+    }
+
+    #[test]
     fn sizes_are_whole_words() {
         assert_eq!(recv_bitmap_len(0), 0);
         assert_eq!(recv_bitmap_len(1), 8);
