@@ -291,3 +291,41 @@ def test_a_cut_before_the_switch_is_an_ordinary_precopy_failure(ws, image32, imp
     di = dst.wait_migration(("failed", "completed"), timeout=30)
     assert di["status"] == "failed", di
     assert "postcopy-paused" not in migration_events(src)
+
+
+@pytest.mark.vmigrate
+def test_lab_guest_survives_two_cuts_with_its_self_check_clean(ws):
+    """A `lab` guest (soft vCPUs writing and checking their pages) runs on the
+    destination while postcopy is cut twice and recovered: its self-check finds no page
+    lost or stale."""
+    require("vmigrate")
+    from test_lab import lab, wait_passes, workload
+    spec = "hot=16M,verify"
+    src = lab(ws, "src", 64, workload=spec, cpus=2).start()
+    dst = lab(ws, "dst", 64, workload=spec, cpus=2, incoming="defer").start()
+    wait_passes(src, 2)
+    for m in (src, dst):
+        m.set_caps(events=True, postcopy_ram=True)
+    src.set_params(max_bandwidth=4 * MiB, max_postcopy_bandwidth=8 * MiB)
+    dst.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
+    proxy = Proxy(harness.socket_port(dst.query_migrate()))
+    src.cmd("migrate", uri=f"tcp:127.0.0.1:{proxy.port}")
+    wait_status(src, "active")
+    src.cmd("migrate-start-postcopy")
+    wait_status(src, "postcopy-active")
+    wait_status(dst, "postcopy-active")
+    rng = random.Random()
+    for _ in range(2):
+        cut_during_postcopy(src, proxy, rng)
+        check_paused(src, dst)
+        proxy = recover(src, dst)
+    si = src.wait_migration(timeout=120)
+    di = dst.wait_migration(("completed", "failed"), timeout=60)
+    assert si["status"] == "completed", f"source: {si}\n{ws.diagnostics()}"
+    assert di["status"] == "completed", f"destination: {di}\n{ws.diagnostics()}"
+    arrived = workload(dst)
+    after = wait_passes(dst, arrived["passes"] + 3, timeout=30)
+    assert after["violations"] == 0, after
+    assert_recovered(src, RECOVERY_SRC, 2)
+    print(f"\nlab: {after}, postcopy-requests={si['ram']['postcopy-requests']}, "
+          f"total={si['total-time']}ms")
