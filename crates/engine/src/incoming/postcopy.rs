@@ -215,7 +215,7 @@ impl PostcopyIncoming {
 
     /// Pauses postcopy (a channel broke, or `migrate-pause`): shuts every channel down
     /// so that the listen and preempt threads stop reading, and keeps page requests
-    /// pending until [`Self::resume`].
+    /// pending until the recovery resumes it.
     pub fn pause(&self) {
         self.ever_paused.store(true, Ordering::Release);
         self.paused.store(true, Ordering::Release);
