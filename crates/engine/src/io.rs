@@ -551,6 +551,15 @@ impl StreamWriter {
     pub fn fd(&self) -> &OwnedFd {
         &self.fd
     }
+
+    /// Shuts the socket down both ways (what is still queued is dropped): the peer
+    /// sees the connection end.
+    pub fn shutdown(&mut self) {
+        self.buf.clear();
+        self.segs.clear();
+        self.pending = 0;
+        let _ = rustix::net::shutdown(&*self.fd, rustix::net::Shutdown::Both);
+    }
 }
 
 #[cfg(test)]

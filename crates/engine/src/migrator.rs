@@ -83,8 +83,10 @@ impl Migrator {
                     postcopy_requested: false,
                     tls_client: None,
                     tls_relays: Vec::new(),
+                    recovery: Default::default(),
                 }),
                 continue_cv: Condvar::new(),
+                recovery_cv: Condvar::new(),
                 event_order: Mutex::new(()),
                 events,
                 max_bandwidth,
@@ -326,7 +328,7 @@ impl Migrator {
     ) -> Result<(), MigrateError> {
         self.check_transport(&addr)?;
         if resume {
-            return merr("Cannot resume if there is no paused migration");
+            return self.resume_postcopy(addr);
         }
         {
             let st = self.shared.lock();
@@ -396,6 +398,47 @@ impl Migrator {
             .spawn(move || me.outgoing_thread(addr, early))
             .map_err(|e| MigrateError(format!("cannot start migration thread: {e}")))?;
         Ok(())
+    }
+
+    /// `migrate` with `resume`: hands `addr` to the paused postcopy session, which
+    /// connects there and recovers (see [`crate::outgoing::recover`]).
+    fn resume_postcopy(&self, addr: Address) -> Result<(), MigrateError> {
+        {
+            let st = self.shared.lock();
+            if st.role != Role::Outgoing || st.status != MigrationStatus::PostcopyPaused {
+                return merr("Cannot resume if there is no paused migration");
+            }
+            if st.caps.release_ram() {
+                return merr("Postcopy recovery cannot work when release-ram capability is set");
+            }
+        }
+        self.shared
+            .transition(
+                MigrationStatus::PostcopyPaused,
+                MigrationStatus::PostcopyRecoverSetup,
+            )
+            .map_err(|_| MigrateError("Cannot resume if there is no paused migration".into()))?;
+        self.shared.lock().recovery.resume_to = Some(addr);
+        self.shared.recovery_cv.notify_all();
+        Ok(())
+    }
+
+    /// `migrate-pause`: during postcopy, shuts this side's channels down so that both
+    /// sides pause, waiting for a recovery.
+    pub fn migrate_pause(&self) -> Result<(), MigrateError> {
+        match self.shared.request_pause() {
+            Some(Role::Outgoing) => Ok(()),
+            Some(_) => {
+                if let Some(pc) = &*self.postcopy.lock().unwrap_or_else(|e| e.into_inner()) {
+                    pc.pause();
+                }
+                Ok(())
+            }
+            None => merr(
+                "migrate-pause is currently only supported during postcopy-active or \
+                 postcopy-recover state",
+            ),
+        }
     }
 
     /// An outgoing migration that fails right after its setup: it is reported as a
@@ -595,6 +638,31 @@ impl Migrator {
         Ok(())
     }
 
+    /// `migrate-recover`: on a destination whose postcopy is paused, listens on `addr`
+    /// for the source's recovery connection (replacing the listener of an earlier
+    /// `migrate-recover`).
+    pub fn migrate_recover(&self, addr: Address) -> Result<(), MigrateError> {
+        self.recover_precheck()?;
+        let incoming = Incoming::start(&addr, &self.fds).map_err(|e| MigrateError(e.0))?;
+        {
+            let mut st = self.shared.lock();
+            st.socket_address = incoming.socket_address();
+            st.recovery.listener = Some(incoming);
+        }
+        self.shared.recovery_cv.notify_all();
+        Ok(())
+    }
+
+    /// The check `migrate-recover` makes before it looks at its address.
+    pub fn recover_precheck(&self) -> Result<(), MigrateError> {
+        let st = self.shared.lock();
+        if st.role == Role::Incoming && st.status == MigrationStatus::PostcopyPaused {
+            Ok(())
+        } else {
+            merr("Migrate recover can only be run when postcopy is paused.")
+        }
+    }
+
     fn incoming_thread(&self, incoming: Incoming, exit_on_error: bool) {
         self.incoming_thread_inner(incoming, exit_on_error)
     }
@@ -613,6 +681,10 @@ impl Migrator {
         let preempt_stop = Arc::new(AtomicBool::new(false));
         let (preempt_tx, preempt_rx) = std::sync::mpsc::channel();
         let preempt_rx = Mutex::new(Some(preempt_rx));
+        // A postcopy recovery reopens the preempt channel through the same hand-over.
+        let recovery_preempt =
+            preempt.then(|| (Mutex::new(preempt_tx.clone()), preempt_stop.clone()));
+        let recovery_tls = self.incoming_tls().ok().flatten();
         let mut preempt_acceptor = None;
         let accepted = tls.and_then(|tls| {
             if preempt {
@@ -682,9 +754,22 @@ impl Migrator {
                     .map_err(|e| e.to_string())
             };
             let on_run = |runstate: Option<&str>| self.apply_incoming_runstate(runstate);
+            // A postcopy that loses its connection pauses for a recovery (sockets only:
+            // the source connects again).
+            let recovery = ch
+                .is_socket
+                .then(|| crate::incoming::accept::RecoveryAcceptor {
+                    shared: &self.shared,
+                    tls: recovery_tls,
+                    events: self.shared.events.clone(),
+                    preempt: recovery_preempt,
+                });
             let hooks = load::PostcopyHooks {
                 on_listen: &on_listen,
                 on_run: &on_run,
+                recovery: recovery
+                    .as_ref()
+                    .map(|r| r as &dyn crate::incoming::PostcopyRecovery),
             };
             let r = load::load_stream_postcopy(
                 &mut src,
@@ -706,13 +791,15 @@ impl Migrator {
             r
         });
         preempt_stop.store(true, Ordering::Release);
+        // A `migrate-recover` that came too late has nothing to recover any more.
+        self.shared.lock().recovery.listener = None;
         if let Some(h) = preempt_acceptor {
             let _ = h.join();
         }
         match result {
             Ok(outcome) => self.incoming_done(outcome),
             Err(msg) => {
-                if self.shared.status() == MigrationStatus::PostcopyActive {
+                if self.shared.status().is_postcopy() {
                     // Its pages are split between two hosts: the guest cannot go on.
                     self.vmm.control().vm_stop(RunState::InternalError);
                 }
@@ -836,7 +923,10 @@ impl Migrator {
                         }
                         out.insert("ram".into(), s.ram_json(false));
                     }
-                    MigrationStatus::PostcopyActive => {
+                    MigrationStatus::PostcopyActive
+                    | MigrationStatus::PostcopyPaused
+                    | MigrationStatus::PostcopyRecoverSetup
+                    | MigrationStatus::PostcopyRecover => {
                         out.insert("setup-time".into(), json!(live(&s.setup_time_ms)));
                         out.insert("total-time".into(), json!(s.elapsed_ms()));
                         out.insert("downtime".into(), json!(live(&s.downtime_ms)));
@@ -852,7 +942,8 @@ impl Migrator {
                 }
             }
         }
-        if st.status == MigrationStatus::Failed {
+        // (In postcopy the error that paused it stays shown, as QEMU shows it.)
+        if st.status == MigrationStatus::Failed || st.status.is_postcopy() {
             if let Some(e) = &st.error {
                 out.insert("error-desc".into(), json!(e));
             }

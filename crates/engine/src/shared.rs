@@ -77,7 +77,25 @@ pub(crate) struct State {
     pub(crate) tls_client: Option<tls::ClientSetup>,
     /// Relays of outgoing multifd channels, waited for before `completed`.
     pub(crate) tls_relays: Vec<tls::RelayDone>,
+    /// Postcopy recovery's hand-overs between the monitor and the paused session.
+    pub(crate) recovery: Recovery,
 }
+
+/// What the monitor hands a paused postcopy session (see [`crate::outgoing::recover`]
+/// and [`crate::incoming::recover`]), and what `migrate-pause` shuts down.
+#[derive(Default)]
+pub(crate) struct Recovery {
+    /// Source: the address `migrate` with `resume` gave, for the paused session to
+    /// connect to (the status is `postcopy-recover-setup` already).
+    pub(crate) resume_to: Option<crate::channels::transport::Address>,
+    /// Destination: the listener the last `migrate-recover` opened.
+    pub(crate) listener: Option<crate::channels::transport::Incoming>,
+    /// `migrate-pause` caused the coming pause: its text becomes the error.
+    pub(crate) paused_by_user: bool,
+}
+
+/// The `error-desc` of a postcopy migration that `migrate-pause` paused.
+pub(crate) const PAUSED_BY_USER: &str = "Postcopy migration is paused by the user";
 
 /// How a session ended, as its thread saw it (see [`Shared::end`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,6 +120,8 @@ impl State {
 pub(crate) struct Shared {
     pub(crate) state: Mutex<State>,
     pub(crate) continue_cv: Condvar,
+    /// Wakes a paused postcopy session when the monitor handed it something.
+    pub(crate) recovery_cv: Condvar,
     /// See [`Shared::event_order`].
     pub(crate) event_order: Mutex<()>,
     pub(crate) events: Arc<EventBus>,
@@ -306,6 +326,65 @@ impl Shared {
     /// switch of `x-vmigrate-postcopy-after`).
     pub(crate) fn request_postcopy(&self) {
         self.lock().postcopy_requested = true;
+    }
+
+    /// Postcopy failed on a channel: moves the status from `from` to `postcopy-paused`
+    /// and records why (the text of `migrate-pause` when it caused it).
+    pub(crate) fn pause_postcopy(
+        &self,
+        from: MigrationStatus,
+        reason: &str,
+    ) -> Result<(), StatusError> {
+        let _order = self.event_order();
+        let events = {
+            let mut st = self.lock();
+            let next = MigrationStatus::PostcopyPaused;
+            if st.status != from || !from.may_become(next) {
+                return Err(StatusError {
+                    expected: from,
+                    current: st.status,
+                    next,
+                });
+            }
+            let by_user = std::mem::take(&mut st.recovery.paused_by_user);
+            st.error = Some(if by_user { PAUSED_BY_USER } else { reason }.to_string());
+            st.status = next;
+            st.caps.events()
+        };
+        self.emit_status(events, MigrationStatus::PostcopyPaused);
+        Ok(())
+    }
+
+    /// `migrate-pause`: in `postcopy-active` or `postcopy-recover`, notes that the
+    /// coming pause is the user's and, on a source, shuts its channels down so that
+    /// both sides pause (a destination's are shut down by its postcopy session).
+    /// Returns the migration's role, or `None` when not in those states.
+    pub(crate) fn request_pause(&self) -> Option<Role> {
+        let mut st = self.lock();
+        if !matches!(
+            st.status,
+            MigrationStatus::PostcopyActive | MigrationStatus::PostcopyRecover
+        ) {
+            return None;
+        }
+        st.recovery.paused_by_user = true;
+        if st.role == Role::Outgoing {
+            for fd in st.cancel_fds.iter().filter_map(|fd| fd.upgrade()) {
+                crate::channels::transport::shutdown_socket(fd);
+            }
+        }
+        Some(st.role)
+    }
+
+    /// Blocks a paused postcopy session until `take` finds what the monitor handed it.
+    pub(crate) fn wait_recovery<T>(&self, mut take: impl FnMut(&mut Recovery) -> Option<T>) -> T {
+        let mut st = self.lock();
+        loop {
+            if let Some(t) = take(&mut st.recovery) {
+                return t;
+            }
+            st = self.recovery_cv.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
     }
 
     /// Waits in `pre-switchover` for `migrate-continue` or a cancel. True to go on.

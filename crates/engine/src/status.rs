@@ -21,12 +21,23 @@ use std::fmt;
 /// active ──(migrate-start-postcopy)──▶ device ──(package sent)──▶ postcopy-active ──▶ completed | failed
 /// ```
 ///
-/// `postcopy-active` cannot be cancelled: the guest runs on the destination.
+/// `postcopy-active` cannot be cancelled: the guest runs on the destination. A network
+/// failure (or `migrate-pause`) pauses it instead, until a recovery:
+///
+/// ```text
+/// postcopy-active|postcopy-recover ──(channel broke, migrate-pause)──▶ postcopy-paused
+/// postcopy-paused ──migrate resume=true──▶ postcopy-recover-setup ──(connected)──▶ postcopy-recover
+///                  └──(connect failed)──▶ postcopy-paused ◀──┘
+/// postcopy-recover ──(RESUME_ACK)──▶ postcopy-active
+/// ```
 ///
 /// Destination: `none ──migrate-incoming──▶ setup ──(stream starts)──▶ active ──▶ completed | failed`
 /// (and `setup ──▶ failed` when no connection could be accepted); with postcopy,
-/// `active ──POSTCOPY_LISTEN──▶ postcopy-active ──▶ completed | failed` (no pause and
-/// recovery yet: a postcopy failure is final).
+/// `active ──POSTCOPY_LISTEN──▶ postcopy-active ──▶ completed | failed`, and
+/// `postcopy-active|postcopy-recover ──(channel broke, migrate-pause)──▶ postcopy-paused
+/// ──(migrate-recover, then the source connects)──▶ postcopy-recover ──(POSTCOPY_RESUME)──▶
+/// postcopy-active` (as QEMU 10.0's destination, it does not pass through
+/// `postcopy-recover-setup`). A failure that is not the network's stays final.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MigrationStatus {
     None,
@@ -112,7 +123,11 @@ impl MigrationStatus {
             (Active, PostcopyActive) => true,
             (PreSwitchover, Device | Failed | Cancelling) => true,
             (Device, Completed | Failed | Cancelling | PostcopyActive) => true,
-            (PostcopyActive, Completed | Failed) => true,
+            (PostcopyActive, Completed | Failed | PostcopyPaused) => true,
+            // Recovery (see the diagram).
+            (PostcopyPaused, PostcopyRecoverSetup | PostcopyRecover | Failed) => true,
+            (PostcopyRecoverSetup, PostcopyRecover | PostcopyPaused | Failed) => true,
+            (PostcopyRecover, PostcopyActive | PostcopyPaused | Failed) => true,
             // A cancel that came after the whole stream was out does not undo it.
             (Cancelling, Cancelled | Completed) => true,
             _ => false,
@@ -238,6 +253,13 @@ mod tests {
             (Active, PostcopyActive),
             (PostcopyActive, Completed),
             (PostcopyActive, Failed),
+            (PostcopyActive, PostcopyPaused),
+            (PostcopyPaused, PostcopyRecoverSetup),
+            (PostcopyRecoverSetup, PostcopyPaused),
+            (PostcopyRecoverSetup, PostcopyRecover),
+            (PostcopyPaused, PostcopyRecover),
+            (PostcopyRecover, PostcopyActive),
+            (PostcopyRecover, PostcopyPaused),
         ];
         for (a, b) in ok {
             assert!(a.may_become(b), "{a} -> {b}");
@@ -253,6 +275,10 @@ mod tests {
             (Active, Setup),
             (PostcopyActive, Cancelling),
             (PostcopyActive, Active),
+            (PostcopyPaused, PostcopyActive),
+            (PostcopyPaused, Cancelling),
+            (PostcopyRecoverSetup, PostcopyActive),
+            (PostcopyPaused, Completed),
         ];
         for (a, b) in refused {
             assert!(!a.may_become(b), "{a} -> {b}");

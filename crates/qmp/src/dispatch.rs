@@ -720,17 +720,16 @@ impl Dispatcher {
                 m.migrate_continue(s("state").unwrap_or(""))?;
                 empty()
             }
-            "migrate-pause" if m.status() == vmigrate_engine::MigrationStatus::PostcopyActive => {
-                Err(QmpError::generic(
-                    "Pausing postcopy is not supported by vmigrate yet",
-                ))
+            "migrate-pause" => {
+                m.migrate_pause()?;
+                empty()
             }
-            "migrate-pause" => Err(QmpError::generic(
-                "migrate-pause is currently only supported during postcopy-active or postcopy-recover state",
-            )),
-            "migrate-recover" => Err(QmpError::generic(
-                "Migrate recover can only be run when postcopy is paused.",
-            )),
+            "migrate-recover" => {
+                m.recover_precheck()?;
+                let target = Migrator::parse_target(s("uri"), None, true)?;
+                m.migrate_recover(target)?;
+                empty()
+            }
             "migrate-start-postcopy" => {
                 m.start_postcopy()?;
                 empty()

@@ -27,6 +27,7 @@ pub mod multifd;
 pub mod postcopy;
 pub mod preempt;
 pub mod ram;
+pub mod recover;
 pub mod return_path;
 pub mod section;
 pub mod source;

@@ -32,7 +32,14 @@ pub enum RpMessage {
         len: u32,
         block: String,
     },
-    /// Recovery messages, kept raw.
+    /// Postcopy recovery: the received-pages bitmap of `block` follows outside the
+    /// message ([`crate::recover::RecvBitmap::decode_body`]).
+    RecvBitmap {
+        block: String,
+    },
+    /// Postcopy recovery: the destination resumed (value 1).
+    ResumeAck(u32),
+    /// A message kept raw (only built by hand, for tests of hostile input).
     Other {
         kind: u16,
         payload: Vec<u8>,
@@ -48,6 +55,8 @@ impl RpMessage {
             RpMessage::SwitchoverAck => RP_SWITCHOVER_ACK,
             RpMessage::ReqPages { .. } => RP_REQ_PAGES,
             RpMessage::ReqPagesId { .. } => RP_REQ_PAGES_ID,
+            RpMessage::RecvBitmap { .. } => RP_RECV_BITMAP,
+            RpMessage::ResumeAck(_) => RP_RESUME_ACK,
             RpMessage::Other { kind, .. } => *kind,
         }
     }
@@ -68,6 +77,12 @@ impl RpMessage {
                 crate::put_counted(&mut p, block);
                 (RP_REQ_PAGES_ID, p)
             }
+            RpMessage::RecvBitmap { block } => {
+                let mut p = Vec::with_capacity(block.len() + 1);
+                crate::put_counted(&mut p, block);
+                (RP_RECV_BITMAP, p)
+            }
+            RpMessage::ResumeAck(v) => (RP_RESUME_ACK, v.to_be_bytes().to_vec()),
             RpMessage::Other { kind, payload } => (*kind, payload.clone()),
         };
         out.extend_from_slice(&kind.to_be_bytes());
@@ -112,6 +127,21 @@ impl RpMessage {
             RP_SHUT => RpMessage::Shut(word()),
             RP_PONG => RpMessage::Pong(word()),
             RP_SWITCHOVER_ACK => RpMessage::SwitchoverAck,
+            RP_RESUME_ACK => RpMessage::ResumeAck(word()),
+            RP_RECV_BITMAP => {
+                let n = payload.first().copied().map(usize::from);
+                match n {
+                    Some(n) if n > 0 && n + 1 == payload.len() => {
+                        match std::str::from_utf8(&payload[1..]) {
+                            Ok(s) => RpMessage::RecvBitmap {
+                                block: s.to_string(),
+                            },
+                            Err(_) => return bad("block name is not UTF-8".into()),
+                        }
+                    }
+                    _ => return bad(format!("RECV_BITMAP with a bad block name ({len} bytes)")),
+                }
+            }
             RP_REQ_PAGES | RP_REQ_PAGES_ID => {
                 if payload.len() < 12 {
                     return bad(format!("page request of {len} bytes"));

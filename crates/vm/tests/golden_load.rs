@@ -353,6 +353,7 @@ fn cap_pc_replays_into_a_postcopy_destination() {
     let hooks = PostcopyHooks {
         on_listen: &on_listen,
         on_run: &on_run,
+        recovery: None,
     };
     let mut src = FdSource::new(dst.into(), 0);
     let out = load_stream_postcopy(

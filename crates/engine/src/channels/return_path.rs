@@ -8,14 +8,19 @@
 //! (`REQ_PAGES_ID`, `REQ_PAGES`); the reader queues them, with the block name resolved,
 //! for the postcopy session to serve ([`ReturnPath::next_page_request`]). The queue is
 //! bounded: a destination that floods it fails the migration.
+//!
+//! On a postcopy recovery's new connection ([`ReturnPath::spawn_for_recovery`]) the
+//! destination also sends `RECV_BITMAP` (one received-pages bitmap per block the
+//! source asked about) and `RESUME_ACK`.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io::Write;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use vmigrate_stream::recover::{RecvBitmap, RESUME_ACK_VALUE};
 use vmigrate_stream::return_path::RpMessage;
 use vmigrate_stream::DecodeError;
 
@@ -43,6 +48,15 @@ pub enum ReturnPathError {
     /// `REQ_PAGES` came before any `REQ_PAGES_ID` named a block.
     #[error("Page request at offset {0:#x} names no block (no REQ_PAGES_ID before it)")]
     RequestWithoutBlock(u64),
+    /// A received-pages bitmap for a block the source does not have, or did not ask
+    /// about.
+    #[error("RECV_BITMAP for unknown RAM block '{0}'")]
+    RecvBitmapUnknownBlock(String),
+    /// A received-pages bitmap outside a recovery.
+    #[error("RECV_BITMAP received outside a postcopy recovery")]
+    RecvBitmapUnexpected,
+    #[error("RESUME_ACK carried {0}, expected {RESUME_ACK_VALUE}")]
+    BadResumeAck(u32),
     /// More page requests waited than [`MAX_QUEUED_PAGE_REQUESTS`].
     #[error("The destination has more than {MAX_QUEUED_PAGE_REQUESTS} page requests outstanding")]
     TooManyRequests,
@@ -74,6 +88,10 @@ struct Heard {
     page_requests: VecDeque<PageRequest>,
     /// The block of the last `REQ_PAGES_ID`, for `REQ_PAGES`.
     last_block: Option<Arc<str>>,
+    /// Recovery: the received-pages bitmaps that came, by block.
+    bitmaps: HashMap<String, RecvBitmap>,
+    /// Recovery: `RESUME_ACK` came.
+    resume_acked: bool,
 }
 
 /// The source's view of the return path, filled by its reader thread.
@@ -86,16 +104,39 @@ pub struct ReturnPath {
     /// Set while page requests wait: a rate-limited writer stops waiting for its
     /// budget so that they are served at once (QEMU wakes its rate limit alike).
     requests_waiting: Arc<AtomicBool>,
+    /// Recovery: the blocks a `RECV_BITMAP` may name, with their target pages (the
+    /// bitmap's bits). Empty outside a recovery.
+    bitmap_blocks: Vec<(String, u64)>,
 }
 
 impl ReturnPath {
+    /// [`Self::spawn`] for a postcopy recovery's new connection: `RECV_BITMAP` may come
+    /// for `blocks` (name, target pages), and `RESUME_ACK`.
+    pub fn spawn_for_recovery(fd: OwnedFd, blocks: Vec<(String, u64)>) -> Arc<Self> {
+        Self::start(
+            Self {
+                postcopy: true,
+                bitmap_blocks: blocks,
+                ..Self::default()
+            },
+            fd,
+        )
+    }
+
     /// Starts the reader thread on `fd` (a duplicate of the migration socket); page
     /// requests are queued when `postcopy`, and are an error otherwise.
     pub fn spawn(fd: OwnedFd, postcopy: bool) -> Arc<Self> {
-        let rp = Arc::new(Self {
-            postcopy,
-            ..Self::default()
-        });
+        Self::start(
+            Self {
+                postcopy,
+                ..Self::default()
+            },
+            fd,
+        )
+    }
+
+    fn start(rp: Self, fd: OwnedFd) -> Arc<Self> {
+        let rp = Arc::new(rp);
         let me = rp.clone();
         let _ = std::thread::Builder::new()
             .name("mig/src/rp".into())
@@ -131,6 +172,42 @@ impl ReturnPath {
                 }
                 Ok(m @ (RpMessage::ReqPages { .. } | RpMessage::ReqPagesId { .. })) => {
                     // Page requests belong to postcopy, which this session is not in.
+                    h.error = Some(ReturnPathError::UnexpectedMessage(m.kind()));
+                    h.closed = true;
+                }
+                Ok(RpMessage::RecvBitmap { block }) => {
+                    // (The bitmap is read with the lock held: nobody else reads it
+                    // before it is whole.)
+                    match self.bitmap_blocks.iter().find(|(name, _)| *name == block) {
+                        Some((_, pages)) => match RecvBitmap::decode_body(&mut src, &block, *pages)
+                        {
+                            Ok(bitmap) => {
+                                h.bitmaps.insert(block, bitmap);
+                            }
+                            Err(e) => {
+                                h.error = Some(ReturnPathError::Read(Arc::new(e)));
+                                h.closed = true;
+                            }
+                        },
+                        None => {
+                            h.error = Some(if self.bitmap_blocks.is_empty() {
+                                ReturnPathError::RecvBitmapUnexpected
+                            } else {
+                                ReturnPathError::RecvBitmapUnknownBlock(block)
+                            });
+                            h.closed = true;
+                        }
+                    }
+                }
+                Ok(RpMessage::ResumeAck(v)) if !self.bitmap_blocks.is_empty() => {
+                    if v == RESUME_ACK_VALUE {
+                        h.resume_acked = true;
+                    } else {
+                        h.error = Some(ReturnPathError::BadResumeAck(v));
+                        h.closed = true;
+                    }
+                }
+                Ok(m @ RpMessage::ResumeAck(_)) => {
                     h.error = Some(ReturnPathError::UnexpectedMessage(m.kind()));
                     h.closed = true;
                 }
@@ -212,6 +289,38 @@ impl ReturnPath {
         Ok(())
     }
 
+    /// Recovery: waits for the received-pages bitmap of `block`.
+    pub fn await_recv_bitmap(&self, block: &str) -> Result<RecvBitmap, ReturnPathError> {
+        self.wait_for(|h| h.bitmaps.remove(block))
+    }
+
+    /// Recovery: waits for `RESUME_ACK`.
+    pub fn await_resume_ack(&self) -> Result<(), ReturnPathError> {
+        self.wait_for(|h| h.resume_acked.then_some(()))
+    }
+
+    /// Waits (without a time limit: `migrate-pause` or the network ends a wait that
+    /// would never end) until `take` finds what it looks for, or the return path
+    /// failed or closed.
+    fn wait_for<T>(
+        &self,
+        mut take: impl FnMut(&mut Heard) -> Option<T>,
+    ) -> Result<T, ReturnPathError> {
+        let mut h = self.heard.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(t) = take(&mut h) {
+                return Ok(t);
+            }
+            if let Some(e) = &h.error {
+                return Err(e.clone());
+            }
+            if h.closed {
+                return Err(ReturnPathError::ClosedWithoutShut);
+            }
+            h = self.changed.wait(h).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
     /// Waits until the destination closes the return path (or `timeout`), and returns
     /// an error unless it said it loaded everything.
     pub fn await_close(&self, timeout: Duration) -> Result<(), ReturnPathError> {
@@ -261,6 +370,13 @@ impl std::fmt::Debug for ReturnPathWriter {
 impl ReturnPathWriter {
     pub fn new(out: Box<dyn Write + Send>) -> Self {
         Self { out }
+    }
+
+    /// Writes bytes already encoded (a message with what follows it, as the
+    /// received-pages bitmap after RECV_BITMAP).
+    pub fn send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.out.write_all(bytes)?;
+        self.out.flush()
     }
 
     pub fn send(&mut self, msg: &RpMessage) -> std::io::Result<()> {

@@ -1,17 +1,27 @@
 //! Accepting an incoming migration's connections: the main channel and, with
 //! multifd, every channel, told apart by their first bytes; TLS handshakes on each.
 
-use std::time::Instant;
+use std::sync::atomic::AtomicBool;
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::channels::objects::TlsSetupError;
 use crate::channels::tls::{self, TlsError};
+use crate::channels::transport::Channel;
 use crate::channels::transport::{self, Incoming, TransportError};
 use crate::compress::Method;
 use crate::events::EventBus;
 use crate::incoming::load::MultifdChannels;
 use crate::incoming::multifd_recv::{read_init, MultifdHandshakeError, HANDSHAKE_TIMEOUT};
+use crate::incoming::recover::PostcopyRecovery;
 use crate::options::Parameters;
 use crate::properties::MultifdSync;
+use crate::shared::Shared;
+use crate::status::{MigrationStatus, StatusError};
+
+/// How often a wait for a recovery's connection looks for a newer `migrate-recover`.
+const RECOVERY_ACCEPT_POLL: Duration = Duration::from_millis(100);
 
 /// Why an incoming migration's connections could not be accepted.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -231,4 +241,87 @@ pub(crate) fn spawn_preempt_acceptor(
                 let _ = std::fs::remove_file(path);
             }
         })
+}
+
+/// Postcopy recovery's connections on the destination: pauses the migration and
+/// accepts the recovery's main connection on the listener `migrate-recover` opened
+/// (and, with preempt, the new preempt channel after it).
+pub(crate) struct RecoveryAcceptor<'a> {
+    pub shared: &'a Shared,
+    pub tls: Option<tls::ServerSetup>,
+    pub events: Arc<EventBus>,
+    /// `postcopy-preempt`: where the new preempt channel goes, and the flag that stops
+    /// its acceptor when the migration ends.
+    pub preempt: Option<(Mutex<Sender<Channel>>, Arc<AtomicBool>)>,
+}
+
+impl PostcopyRecovery for RecoveryAcceptor<'_> {
+    fn pause_and_accept(&self, reason: &str) -> Option<Channel> {
+        let from = self.shared.status();
+        self.shared.pause_postcopy(from, reason).ok()?;
+        loop {
+            let listener = self.shared.wait_recovery(|r| r.listener.take());
+            if let Some(ch) = self.accept_on(listener) {
+                self.shared
+                    .transition(
+                        MigrationStatus::PostcopyPaused,
+                        MigrationStatus::PostcopyRecover,
+                    )
+                    .ok()?;
+                return Some(ch);
+            }
+        }
+    }
+
+    fn resumed(&self) -> Result<(), StatusError> {
+        self.shared.transition(
+            MigrationStatus::PostcopyRecover,
+            MigrationStatus::PostcopyActive,
+        )
+    }
+}
+
+impl RecoveryAcceptor<'_> {
+    /// Accepts the recovery's main connection on `listener`; `None` when a newer
+    /// `migrate-recover` replaced it (or it failed: reported, and the next
+    /// `migrate-recover` awaited). With preempt the listener stays open for the new
+    /// preempt channel.
+    fn accept_on(&self, listener: Incoming) -> Option<Channel> {
+        loop {
+            if self.shared.lock().recovery.listener.is_some() {
+                return None;
+            }
+            let mut ch = match listener.accept_more(Instant::now() + RECOVERY_ACCEPT_POLL) {
+                Ok(ch) => ch,
+                Err(_) => continue,
+            };
+            if let Some(setup) = &self.tls {
+                if let Err(e) = tls::secure_incoming(&mut ch, setup, "main") {
+                    self.events.warn(&e.to_string());
+                    continue;
+                }
+            }
+            match &self.preempt {
+                Some((to, stop)) => {
+                    let to = to.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                    if let Err(e) = spawn_preempt_acceptor(
+                        listener,
+                        self.tls.clone(),
+                        self.events.clone(),
+                        to,
+                        stop.clone(),
+                    ) {
+                        self.events
+                            .warn(&format!("cannot start the preempt channel's acceptor: {e}"));
+                    }
+                }
+                None => {
+                    if let Incoming::Unix(_, path) = &listener {
+                        let _ = std::fs::remove_file(path);
+                    }
+                }
+            }
+            return Some(ch);
+        }
+    }
 }

@@ -20,6 +20,7 @@ use crate::channels::return_path::ReturnPathWriter;
 use crate::incoming::multifd_recv::{channel_error, MultifdReceiver, ReceiveConfig};
 use crate::incoming::postcopy::{LatencySummary, PostcopyError, PostcopyIncoming, SharedWriter};
 use crate::incoming::ram_load::{LoadPostcopyError, MappedRamLoad, RamLoader};
+use crate::incoming::recover::{self, PostcopyRecovery, RecoverError};
 use crate::io::FdSource;
 use crate::options::Capabilities;
 use crate::vmm::{DeviceLoadError, DeviceState, Vmm};
@@ -56,6 +57,9 @@ pub struct PostcopyHooks<'a> {
     pub on_listen: &'a (dyn Fn(&Arc<PostcopyIncoming>) -> Result<(), String> + Sync),
     /// POSTCOPY_RUN, with the run state `globalstate` carried (`None`: absent).
     pub on_run: &'a (dyn Fn(Option<&str>) + Sync),
+    /// Pauses postcopy when a channel breaks and brings the recovery's connection;
+    /// without it a break fails the migration.
+    pub recovery: Option<&'a dyn PostcopyRecovery>,
 }
 
 impl std::fmt::Debug for PostcopyHooks<'_> {
@@ -87,6 +91,22 @@ pub enum LoadError {
     },
     #[error("postcopy failed: {0}")]
     PostcopyFault(String),
+    #[error(transparent)]
+    Recover(#[from] RecoverError),
+}
+
+impl LoadError {
+    /// Whether the error is the connection's (it broke or ended: postcopy pauses)
+    /// rather than the stream's (it fails).
+    pub(crate) fn is_network_failure(&self) -> bool {
+        matches!(
+            self,
+            LoadError::Decode(DecodeError {
+                kind: DecodeErrorKind::Io { .. } | DecodeErrorKind::Truncated { .. },
+                ..
+            })
+        )
+    }
 }
 
 impl From<LoadPostcopyError> for LoadError {
@@ -561,7 +581,8 @@ fn load_records(
                     let pc = commands.postcopy_state(at, "POSTCOPY_LISTEN")?;
                     let ram_ids = ram_section_ids(&sections);
                     let rp = commands.rp.clone();
-                    listen_loop(src, ram, &ram_ids, &rp, &pc)?;
+                    let recovery = commands.hooks.and_then(|h| h.recovery);
+                    listen_loop(src, ram, &ram_ids, &rp, &pc, recovery)?;
                     return Ok(postcopy_outcome(runstate, ram, &pc));
                 }
                 Step::Run => {
@@ -698,7 +719,7 @@ struct Package<'p, 'a> {
     runstate: &'p mut Option<String>,
 }
 
-impl Package<'_, '_> {
+impl<'a> Package<'_, 'a> {
     /// Loads the blob; `Some` when it started postcopy, whose listen thread has then
     /// read the main stream to its end.
     fn run(
@@ -744,7 +765,10 @@ impl Package<'_, '_> {
             OwnedFd,
             Arc<PostcopyIncoming>,
         )>,
-    ) -> Result<(), LoadError> {
+    ) -> Result<(), LoadError>
+    where
+        'a: 'env,
+    {
         loop {
             let at = nested.offset();
             // With LISTEN done and no RUN, the listen thread reads the main stream
@@ -781,10 +805,11 @@ impl Package<'_, '_> {
                         let ram_ids = ram_section_ids(self.sections);
                         let rp = self.commands.rp.clone();
                         let thread_pc = pc.clone();
+                        let recovery = self.commands.hooks.and_then(|h| h.recovery);
                         let handle = std::thread::Builder::new()
                             .name("mig/dst/listen".into())
                             .spawn_scoped(scope, move || {
-                                let r = listen_loop(src, ram, &ram_ids, &rp, &thread_pc);
+                                let r = listen_loop(src, ram, &ram_ids, &rp, &thread_pc, recovery);
                                 // Done or failed, no page will arrive any more.
                                 thread_pc.finish();
                                 r
@@ -837,74 +862,169 @@ fn end_of_package(listening: bool, at: u64) -> Result<(), LoadError> {
     .into())
 }
 
-/// The listen thread's loop: the rest of the main stream once postcopy listens. Only
-/// RAM PART/END sections (ZERO, PAGE, EOS), PING and EOF may come; there is no trailer.
+/// The listen thread: the rest of the main stream once postcopy listens. A break of
+/// the connection pauses postcopy when `recovery` is given; reading goes on from the
+/// recovery's new connection (see [`crate::incoming::recover`]).
 fn listen_loop(
     src: &mut FdSource,
     ram: &mut RamLoader,
     ram_ids: &HashSet<u32>,
     rp: &ReturnPathState,
     pc: &PostcopyIncoming,
+    recovery: Option<&dyn PostcopyRecovery>,
 ) -> Result<(), LoadError> {
-    let mut page = Vec::new();
+    pc.set_main_channel(src.fd());
+    // The connection of the last recovery, and its reader.
+    let mut reconnected: Option<(crate::channels::transport::Channel, FdSource)> = None;
+    let mut recovering = false;
     loop {
-        if let Some(e) = pc.fault_error() {
-            return Err(LoadError::PostcopyFault(e));
+        let current = match reconnected.as_mut() {
+            Some((_, s)) => s,
+            None => &mut *src,
+        };
+        let listen = ListenState {
+            ram_ids,
+            rp,
+            pc,
+            recovery,
+        };
+        let error = match listen.read(current, ram, &mut recovering) {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        let Some(recovery) = recovery.filter(|_| error.is_network_failure()) else {
+            return Err(error);
+        };
+        pc.pause();
+        let Some(ch) = recovery.pause_and_accept(&error.to_string()) else {
+            return Err(error);
+        };
+        let (Ok(back), Ok(read)) = (ch.fd.try_clone(), ch.fd.try_clone()) else {
+            return Err(error);
+        };
+        if let Some(w) = &rp.writer {
+            recover::replace_writer(w, back);
         }
-        let at = src.offset();
-        match Record::decode(src)? {
-            Record::Eof => {
-                // Requested pages may still be on their way on the preempt channel.
-                pc.await_requested_pages()
-                    .map_err(LoadError::PostcopyFault)?;
-                if let Some(e) = pc.fault_error() {
-                    return Err(LoadError::PostcopyFault(e));
+        pc.set_main_channel(&ch.fd);
+        reconnected = Some((ch, FdSource::new(read, 0)));
+        recovering = true;
+    }
+}
+
+/// What the listen thread reads the main stream with.
+struct ListenState<'l> {
+    ram_ids: &'l HashSet<u32>,
+    rp: &'l ReturnPathState,
+    pc: &'l PostcopyIncoming,
+    recovery: Option<&'l dyn PostcopyRecovery>,
+}
+
+impl ListenState<'_> {
+    /// Reads one connection. Only RAM PART/END sections (ZERO, PAGE, EOS), PING and
+    /// EOF may come (there is no trailer), and on a recovery's connection RECV_BITMAP
+    /// and POSTCOPY_RESUME; `recovering` is set until the latter.
+    fn read(
+        &self,
+        src: &mut FdSource,
+        ram: &mut RamLoader,
+        recovering: &mut bool,
+    ) -> Result<(), LoadError> {
+        let pc = self.pc;
+        let mut page = Vec::new();
+        loop {
+            if let Some(e) = pc.fault_error() {
+                return Err(LoadError::PostcopyFault(e));
+            }
+            let at = src.offset();
+            match Record::decode(src)? {
+                Record::Eof => {
+                    // Requested pages may still be on their way on the preempt channel.
+                    pc.await_requested_pages()
+                        .map_err(LoadError::PostcopyFault)?;
+                    if let Some(e) = pc.fault_error() {
+                        return Err(LoadError::PostcopyFault(e));
+                    }
+                    return Ok(());
                 }
-                return Ok(());
-            }
-            Record::Part(id) | Record::End(id) => {
-                if !ram_ids.contains(&id) {
-                    return Err(DecodeError::new(at, DecodeErrorKind::UnknownSectionId(id)).into());
+                Record::Part(id) | Record::End(id) => {
+                    if !self.ram_ids.contains(&id) {
+                        return Err(
+                            DecodeError::new(at, DecodeErrorKind::UnknownSectionId(id)).into()
+                        );
+                    }
+                    ram.load_records_postcopy(src, &mut page)?;
+                    decode_footer(src, id, RAM_IDSTR)?;
                 }
-                ram.load_records_postcopy(src, &mut page)?;
-                decode_footer(src, id, RAM_IDSTR)?;
+                Record::Command(Command::Ping(v)) => self.rp.send(&RpMessage::Pong(v), at)?,
+                // A bitmap of a block this VM does not have: that is the problem to
+                // name (as QEMU does), whatever the phase.
+                Record::Command(Command::RecvBitmap(block)) if !pc.has_block(&block) => {
+                    return Err(DecodeError::new(
+                        at,
+                        DecodeErrorKind::Invalid {
+                            what: "RECV_BITMAP",
+                            detail: format!("RAM block '{block}' not found"),
+                        },
+                    )
+                    .into())
+                }
+                Record::Command(Command::RecvBitmap(block)) => {
+                    let writer = self.recovery_writer(*recovering, "RECV_BITMAP", at)?;
+                    recover::answer_recv_bitmap(pc, writer, &block)?;
+                }
+                Record::Command(Command::PostcopyResume) => {
+                    let writer = self.recovery_writer(*recovering, "POSTCOPY_RESUME", at)?;
+                    let recovery = self
+                        .recovery
+                        .ok_or(RecoverError::NotRecovering("POSTCOPY_RESUME"))?;
+                    recover::answer_resume(pc, writer, recovery)?;
+                    *recovering = false;
+                }
+                Record::Command(cmd) => {
+                    return Err(DecodeError::new(
+                        at,
+                        DecodeErrorKind::CommandInWrongPhase {
+                            command: cmd.name(),
+                            phase: IncomingPhase::Running.number(),
+                        },
+                    )
+                    .into())
+                }
+                Record::Start(s) | Record::Full(s) => {
+                    return Err(DecodeError::new(
+                        at,
+                        DecodeErrorKind::Invalid {
+                            what: "section",
+                            detail: format!(
+                                "section '{}' arrived while postcopy runs; only RAM may",
+                                s.idstr
+                            ),
+                        },
+                    )
+                    .into())
+                }
             }
-            Record::Command(Command::Ping(v)) => rp.send(&RpMessage::Pong(v), at)?,
-            // A bitmap of a block this VM does not have: that is the problem to name
-            // (as QEMU does), whatever the phase.
-            Record::Command(Command::RecvBitmap(block)) if !pc.has_block(&block) => {
-                return Err(DecodeError::new(
-                    at,
-                    DecodeErrorKind::Invalid {
-                        what: "RECV_BITMAP",
-                        detail: format!("RAM block '{block}' not found"),
-                    },
-                )
-                .into())
-            }
-            Record::Command(cmd) => {
-                return Err(DecodeError::new(
-                    at,
-                    DecodeErrorKind::CommandInWrongPhase {
-                        command: cmd.name(),
-                        phase: IncomingPhase::Running.number(),
-                    },
-                )
-                .into())
-            }
-            Record::Start(s) | Record::Full(s) => {
-                return Err(DecodeError::new(
-                    at,
-                    DecodeErrorKind::Invalid {
-                        what: "section",
-                        detail: format!(
-                            "section '{}' arrived while postcopy runs; only RAM may",
-                            s.idstr
-                        ),
-                    },
-                )
-                .into())
-            }
+        }
+    }
+
+    /// The return path a recovery command is answered on; the command is refused
+    /// outside a recovery.
+    fn recovery_writer(
+        &self,
+        recovering: bool,
+        command: &'static str,
+        at: u64,
+    ) -> Result<&SharedWriter, LoadError> {
+        match &self.rp.writer {
+            Some(w) if recovering && self.rp.open => Ok(w),
+            _ => Err(DecodeError::new(
+                at,
+                DecodeErrorKind::Invalid {
+                    what: command,
+                    detail: RecoverError::NotRecovering(command).to_string(),
+                },
+            )
+            .into()),
         }
     }
 }
@@ -1260,6 +1380,7 @@ mod tests {
         let hooks = PostcopyHooks {
             on_listen: &on_listen,
             on_run: &on_run,
+            recovery: None,
         };
         let block = vmm.ram_blocks()[0].clone();
         std::thread::scope(|scope| {
@@ -1416,6 +1537,199 @@ mod tests {
         assert_eq!(heard.last(), Some(&RpMessage::Shut(1)));
     }
 
+    /// A recovery that hands the listen thread the socket pairs of `conns`, one per
+    /// pause, and counts what it was told.
+    struct FakeRecovery {
+        conns: Mutex<Vec<std::os::unix::net::UnixStream>>,
+        pauses: Mutex<Vec<String>>,
+        resumes: std::sync::atomic::AtomicUsize,
+    }
+
+    impl PostcopyRecovery for FakeRecovery {
+        fn pause_and_accept(&self, reason: &str) -> Option<crate::channels::transport::Channel> {
+            self.pauses.lock().unwrap().push(reason.to_string());
+            let conn = self.conns.lock().unwrap().pop()?;
+            Some(crate::channels::transport::Channel::plain(
+                OwnedFd::from(conn),
+                true,
+            ))
+        }
+
+        fn resumed(&self) -> Result<(), crate::status::StatusError> {
+            self.resumes
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    /// What a recovery run gives: the load's result, the recovery's record, and the
+    /// bytes left on the new return path.
+    type RecoveryRun = (Result<LoadOutcome, LoadError>, Arc<FakeRecovery>, Vec<u8>);
+
+    /// A postcopy destination whose connection is cut while a reader waits for page
+    /// 2; `recovery` talks to it over the new connection (the first), then the test
+    /// checks the load's result and the return path of the second connection.
+    fn recovery_run(
+        recovery: impl FnOnce(&mut std::os::unix::net::UnixStream, &mut FdSource),
+    ) -> Option<RecoveryRun> {
+        use std::io::Write;
+        use std::os::unix::net::UnixStream;
+        if let Err(e) = crate::uffd::available() {
+            eprintln!("SKIP postcopy test: userfaultfd is not usable here: {e}");
+            return None;
+        }
+        let ps = crate::memory::host_page_size();
+        let pages = 16u64;
+        let vmm = FakeVmm::new(pages as usize, RunState::InMigrate);
+        let (dst, mut source) = UnixStream::pair().unwrap();
+        let (dst2, mut source2) = UnixStream::pair().unwrap();
+        source2
+            .set_read_timeout(Some(std::time::Duration::from_secs(20)))
+            .unwrap();
+        let fake = Arc::new(FakeRecovery {
+            conns: Mutex::new(vec![dst2]),
+            pauses: Mutex::new(Vec::new()),
+            resumes: std::sync::atomic::AtomicUsize::new(0),
+        });
+        let caps = postcopy_caps(false);
+        let on_listen = |_: &Arc<PostcopyIncoming>| -> Result<(), String> { Ok(()) };
+        let on_run = |_: Option<&str>| {};
+        let hooks = PostcopyHooks {
+            on_listen: &on_listen,
+            on_run: &on_run,
+            recovery: Some(fake.as_ref()),
+        };
+        let block = vmm.ram_blocks()[0].clone();
+        std::thread::scope(|scope| {
+            let loader = scope.spawn(|| {
+                let mut src = FdSource::new(OwnedFd::from(dst.try_clone().unwrap()), 0);
+                let rp = ReturnPathWriter::new(Box::new(dst.try_clone().unwrap()));
+                load_stream_postcopy(
+                    &mut src,
+                    vmm.as_ref(),
+                    &caps,
+                    Some(rp),
+                    None,
+                    MappedRamLoad::default(),
+                    Some(&hooks),
+                )
+            });
+            source
+                .write_all(&postcopy_source::precopy_and_package(pages))
+                .unwrap();
+            let mut rp_in = FdSource::new(OwnedFd::from(source.try_clone().unwrap()), 0);
+            assert_eq!(RpMessage::decode(&mut rp_in).unwrap(), RpMessage::Pong(3));
+            let reader = {
+                let b = block.clone();
+                scope.spawn(move || {
+                    let mut page = vec![0u8; ps as usize];
+                    b.read(2 * ps, &mut page);
+                    page
+                })
+            };
+            assert!(matches!(
+                RpMessage::decode(&mut rp_in).unwrap(),
+                RpMessage::ReqPagesId { start, .. } if start == 2 * ps
+            ));
+            // The network fails: a record cut short, then nothing.
+            source.write_all(&[2, 0, 0]).unwrap();
+            source.shutdown(std::net::Shutdown::Both).unwrap();
+            let mut rp2 = FdSource::new(OwnedFd::from(source2.try_clone().unwrap()), 0);
+            recovery(&mut source2, &mut rp2);
+            let result = loader.join().unwrap();
+            if result.is_ok() {
+                assert_eq!(reader.join().unwrap(), postcopy_source::page_bytes(2, ps));
+            } else {
+                // Released: RAM was unregistered.
+                let _ = reader.join();
+            }
+            let mut rest = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut source2, &mut rest);
+            Some((result, fake.clone(), rest))
+        })
+    }
+
+    fn send_command(to: &mut std::os::unix::net::UnixStream, cmd: Command) {
+        use std::io::Write;
+        let mut b = Vec::new();
+        cmd.encode(&mut b);
+        to.write_all(&b).unwrap();
+    }
+
+    #[test]
+    fn a_cut_pauses_and_a_recovery_answers_the_bitmap_and_asks_again() {
+        use std::io::Write;
+        let ps = crate::memory::host_page_size();
+        let Some((result, fake, rest)) = recovery_run(|conn, rp| {
+            send_command(conn, Command::RecvBitmap("ram".into()));
+            assert_eq!(
+                RpMessage::decode(rp).unwrap(),
+                RpMessage::RecvBitmap {
+                    block: "ram".into()
+                }
+            );
+            let bitmap = vmigrate_stream::recover::RecvBitmap::decode_body(rp, "ram", 16).unwrap();
+            // Precopy delivered 0..2 and 4..8 (zero); 2, 3 and 8.. were discarded.
+            let held: Vec<u64> = (0..16).filter(|&p| bitmap.received(p)).collect();
+            assert_eq!(held, [0, 1, 4, 5, 6, 7]);
+            send_command(conn, Command::PostcopyResume);
+            assert_eq!(RpMessage::decode(rp).unwrap(), RpMessage::ResumeAck(1));
+            // The page still pending is asked for again, naming its block.
+            assert_eq!(
+                RpMessage::decode(rp).unwrap(),
+                RpMessage::ReqPagesId {
+                    start: 2 * ps,
+                    len: ps as u32,
+                    block: "ram".into()
+                }
+            );
+            let mut b = postcopy_source::pages_section(false, &[2]);
+            let rest: Vec<u64> = std::iter::once(3).chain(8..16).collect();
+            b.extend(postcopy_source::pages_section(true, &rest));
+            Record::Eof.encode(&mut b);
+            conn.write_all(&b).unwrap();
+        }) else {
+            return;
+        };
+        result.unwrap();
+        assert_eq!(fake.pauses.lock().unwrap().len(), 1);
+        assert_eq!(fake.resumes.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // SHUT(0) on the new return path.
+        assert_eq!(rest, [0, 1, 0, 4, 0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn a_recv_bitmap_for_an_unknown_block_fails_the_recovery() {
+        let Some((result, fake, rest)) = recovery_run(|conn, _| {
+            send_command(conn, Command::RecvBitmap("nope".into()));
+        }) else {
+            return;
+        };
+        let text = result.unwrap_err().to_string();
+        assert!(
+            text.contains("RECV_BITMAP for unknown RAM block 'nope'"),
+            "{text}"
+        );
+        assert_eq!(fake.resumes.load(std::sync::atomic::Ordering::SeqCst), 0);
+        assert_eq!(rest, [0, 1, 0, 4, 0, 0, 0, 1]);
+    }
+
+    #[test]
+    fn a_second_resume_is_refused() {
+        let Some((result, _, _)) = recovery_run(|conn, rp| {
+            send_command(conn, Command::PostcopyResume);
+            assert_eq!(RpMessage::decode(rp).unwrap(), RpMessage::ResumeAck(1));
+            send_command(conn, Command::PostcopyResume);
+        }) else {
+            return;
+        };
+        let text = result.unwrap_err().to_string();
+        assert!(
+            text.contains("illegal POSTCOPY_RESUME received: postcopy is not being recovered"),
+            "{text}"
+        );
+    }
+
     /// The source vanishes while a reader waits for a page: the load fails, RAM is
     /// unregistered, and the reader is released instead of waiting forever.
     #[test]
@@ -1435,6 +1749,7 @@ mod tests {
         let hooks = PostcopyHooks {
             on_listen: &on_listen,
             on_run: &on_run,
+            recovery: None,
         };
         let block = vmm.ram_blocks()[0].clone();
         std::thread::scope(|scope| {
@@ -1512,6 +1827,7 @@ mod tests {
         let hooks = PostcopyHooks {
             on_listen: &on_listen,
             on_run: &on_run,
+            recovery: None,
         };
         let block = vmm.ram_blocks()[0].clone();
         std::thread::scope(|scope| {

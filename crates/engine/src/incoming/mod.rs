@@ -1,7 +1,8 @@
 //! The incoming side: accepting connections (`accept`), the stream loader
 //! (`load`), the RAM loader (`ram_load`), multifd channels (`multifd_recv`) and
 //! the pages a load has written (`pages`), and the postcopy destination
-//! (`postcopy`: userfaultfd, the fault thread and the listen thread).
+//! (`postcopy`: userfaultfd, the fault thread and the listen thread) and its recovery
+//! after a network failure (`recover`).
 
 pub(crate) mod accept;
 pub(crate) mod blocktime;
@@ -10,6 +11,7 @@ pub(crate) mod multifd_recv;
 pub(crate) mod pages;
 pub(crate) mod postcopy;
 pub(crate) mod ram_load;
+pub(crate) mod recover;
 
 pub use load::{
     load_stream, load_stream_postcopy, load_stream_with, LoadError, LoadOutcome, MultifdChannels,
@@ -18,3 +20,4 @@ pub use load::{
 pub use multifd_recv::{read_init, MultifdHandshakeError, MultifdRecvError};
 pub use postcopy::{LatencySummary, PostcopyError, PostcopyIncoming};
 pub use ram_load::MappedRamLoad;
+pub use recover::{PostcopyRecovery, RecoverError};

@@ -21,9 +21,16 @@
 //! the listen thread waits for every requested page still in flight on the preempt
 //! channel before postcopy finishes.
 //!
-//! Failure is final: the guest's pages are split
-//! between two hosts and cannot be saved, so RAM is unregistered and no thread stays
-//! blocked (QEMU pauses instead, for a recovery that vmigrate does not do yet).
+//! A channel that breaks (the main stream, the return path or the preempt channel)
+//! pauses postcopy ([`PostcopyIncoming::pause`]): every channel is shut down, the
+//! fault thread goes on reading faults and noting them as pending without asking, and
+//! the vCPUs wait on their pages. A recovery ([`crate::incoming::recover`]) answers
+//! the source's RECV_BITMAP with the pages this side holds, then
+//! [`PostcopyIncoming::resume`] asks again for every page still pending. A page cut
+//! short in flight was never placed, so it is not in the bitmap and comes again.
+//!
+//! Any other failure is final: the guest's pages are split between two hosts and
+//! cannot be saved, so RAM is unregistered and no thread stays blocked.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -93,6 +100,27 @@ pub enum PostcopyError {
     Thread(std::io::Error),
 }
 
+/// How reading a preempt channel failed: the connection's fault (postcopy pauses) or
+/// the stream's (postcopy fails).
+#[derive(Debug)]
+enum PreemptReadError {
+    Network,
+    Protocol(String),
+}
+
+impl From<DecodeError> for PreemptReadError {
+    fn from(e: DecodeError) -> Self {
+        if matches!(
+            e.kind,
+            DecodeErrorKind::Io { .. } | DecodeErrorKind::Truncated { .. }
+        ) {
+            Self::Network
+        } else {
+            Self::Protocol(e.to_string())
+        }
+    }
+}
+
 /// Latencies of faults whose page was asked of the source (fault message read to
 /// page placed), in microseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -134,6 +162,16 @@ pub struct PostcopyIncoming {
     preempt_thread: Mutex<Option<JoinHandle<()>>>,
     /// The preempt channel once it connected, to shut down at the end.
     preempt_fd: Mutex<Option<std::os::fd::OwnedFd>>,
+    /// The main channel the listen thread reads, for a pause to shut down.
+    main_fd: Mutex<Option<std::os::fd::OwnedFd>>,
+    /// Paused: a channel broke; page requests wait for the recovery.
+    paused: AtomicBool,
+    /// A pause happened: a page may come again (it was placed after the bitmap told
+    /// the source it was missing), which is then skipped.
+    ever_paused: AtomicBool,
+    /// The block of the last page request (REQ_PAGES after REQ_PAGES_ID), held while
+    /// a request is sent.
+    last_block: Mutex<Option<usize>>,
 }
 
 impl PostcopyIncoming {
@@ -162,12 +200,113 @@ impl PostcopyIncoming {
             preempt_expected: AtomicBool::new(false),
             preempt_thread: Mutex::new(None),
             preempt_fd: Mutex::new(None),
+            main_fd: Mutex::new(None),
+            paused: AtomicBool::new(false),
+            ever_paused: AtomicBool::new(false),
+            last_block: Mutex::new(None),
         })
     }
 
     /// Whether this VM has a RAM block called `idstr`.
     pub(crate) fn has_block(&self, idstr: &str) -> bool {
         self.blocks.iter().any(|b| b.idstr() == idstr)
+    }
+
+    /// The main channel the listen thread reads now (a pause shuts it down).
+    pub(crate) fn set_main_channel(&self, fd: &impl std::os::fd::AsFd) {
+        let dup = fd.as_fd().try_clone_to_owned().ok();
+        *self.main_fd.lock().unwrap_or_else(|e| e.into_inner()) = dup;
+    }
+
+    /// Pauses postcopy (a channel broke, or `migrate-pause`): shuts every channel down
+    /// so that the listen and preempt threads stop reading, and keeps page requests
+    /// pending until the recovery resumes it.
+    pub fn pause(&self) {
+        self.ever_paused.store(true, Ordering::Release);
+        self.paused.store(true, Ordering::Release);
+        self.shut_channels();
+    }
+
+    fn shut_channels(&self) {
+        for slot in [&self.main_fd, &self.preempt_fd] {
+            if let Some(fd) = slot.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                let _ = rustix::net::shutdown(fd, rustix::net::Shutdown::Both);
+            }
+        }
+    }
+
+    /// Recovery: the pages this side holds of block `name`, one bit per target page;
+    /// `None` for a block it does not have.
+    pub(crate) fn received_bitmap(
+        &self,
+        name: &str,
+    ) -> Option<vmigrate_stream::recover::RecvBitmap> {
+        let target = self.blocks.iter().map(|b| b.page_size()).min()?;
+        let (bi, b) = self
+            .blocks
+            .iter()
+            .enumerate()
+            .find(|(_, b)| b.idstr() == name)?;
+        let per_page = (b.page_size() / target).max(1);
+        Some(vmigrate_stream::recover::RecvBitmap::from_fn(
+            b.len() / target,
+            |t| {
+                let page = (t / per_page) as usize;
+                self.placed.get(bi, page) || self.delivered.get(bi, page)
+            },
+        ))
+    }
+
+    /// Recovery done (RESUME_ACK sent on the new return path): asks again for every
+    /// page still pending, the first naming its block, and lets new faults ask again.
+    pub(crate) fn resume(&self) {
+        let mut last = self.last_block.lock().unwrap_or_else(|e| e.into_inner());
+        *last = None;
+        self.paused.store(false, Ordering::Release);
+        let mut pending: Vec<(usize, usize)> = self
+            .requested
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .copied()
+            .filter(|&(bi, page)| !self.placed.get(bi, page))
+            .collect();
+        pending.sort_unstable();
+        for (bi, page) in pending {
+            self.send_request(&mut last, bi, page);
+        }
+    }
+
+    /// Asks the source for page `page` of block `bi` (`last`: the block of the previous
+    /// request, updated). A return path that broke pauses postcopy; the page stays
+    /// pending.
+    fn send_request(&self, last: &mut Option<usize>, bi: usize, page: usize) {
+        let b = &self.blocks[bi];
+        let ps = b.page_size();
+        let offset = page as u64 * ps;
+        let msg = if *last == Some(bi) {
+            RpMessage::ReqPages {
+                start: offset,
+                len: ps as u32,
+            }
+        } else {
+            RpMessage::ReqPagesId {
+                start: offset,
+                len: ps as u32,
+                block: b.idstr().to_string(),
+            }
+        };
+        if let Some(w) = &self.writer {
+            if w.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .send(&msg)
+                .is_err()
+            {
+                self.pause();
+                return;
+            }
+        }
+        *last = Some(bi);
     }
 
     /// Precopy delivered page `page` of block `bi` (data or zero).
@@ -267,6 +406,10 @@ impl PostcopyIncoming {
         let b = &self.blocks[bi];
         let offset = page as u64 * b.page_size();
         if self.streamed.put_once(bi, page) {
+            if self.ever_paused.load(Ordering::Acquire) {
+                // Sent again after a recovery: this side had it already.
+                return Ok(());
+            }
             return Err(PostcopyError::PlacedTwice {
                 block: b.idstr().to_string(),
                 offset,
@@ -351,43 +494,54 @@ impl PostcopyIncoming {
         self.unregister_all();
     }
 
+    /// Reads each preempt channel it is handed until postcopy ends: a channel that
+    /// breaks (or ends before postcopy does) pauses postcopy, and a recovery hands the
+    /// next one.
     fn preempt_thread(&self, channel: &std::sync::mpsc::Receiver<Channel>) -> Result<(), String> {
-        let ch = loop {
+        loop {
+            let ch = loop {
+                if self.stop.load(Ordering::Acquire) {
+                    return Ok(());
+                }
+                match channel.recv_timeout(FAULT_POLL) {
+                    Ok(ch) => break ch,
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
+                }
+            };
+            let fd = ch.fd.try_clone().map_err(|e| e.to_string())?;
+            {
+                let mut slot = self.preempt_fd.lock().unwrap_or_else(|e| e.into_inner());
+                if self.stop.load(Ordering::Acquire) {
+                    return Ok(());
+                }
+                *slot = Some(ch.fd.try_clone().map_err(|e| e.to_string())?);
+            }
+            let result = self.read_preempt(&mut FdSource::new(fd, 0));
+            drop(ch);
             if self.stop.load(Ordering::Acquire) {
                 return Ok(());
             }
-            match channel.recv_timeout(FAULT_POLL) {
-                Ok(ch) => break ch,
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
-                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
+            match result {
+                Ok(()) | Err(PreemptReadError::Network) => self.pause(),
+                Err(PreemptReadError::Protocol(e)) => return Err(e),
             }
-        };
-        let fd = ch.fd.try_clone().map_err(|e| e.to_string())?;
-        {
-            let mut slot = self.preempt_fd.lock().unwrap_or_else(|e| e.into_inner());
-            if self.stop.load(Ordering::Acquire) {
-                return Ok(());
-            }
-            *slot = Some(ch.fd.try_clone().map_err(|e| e.to_string())?);
         }
-        let result = self.read_preempt(&mut FdSource::new(fd, 0));
-        drop(ch);
-        result
     }
 
     /// Reads page records from the preempt channel until it ends, placing each page.
-    fn read_preempt(&self, src: &mut FdSource) -> Result<(), String> {
+    fn read_preempt(&self, src: &mut FdSource) -> Result<(), PreemptReadError> {
         let page_size = self
             .blocks
             .iter()
             .map(|b| b.page_size())
             .min()
-            .ok_or("no RAM blocks")?;
+            .ok_or_else(|| PreemptReadError::Protocol("no RAM blocks".into()))?;
         let mut current: Option<usize> = None;
         let mut buf = Vec::new();
         loop {
             let at = src.offset();
-            let rec = preempt::decode_record(src, page_size).map_err(|e| e.to_string())?;
+            let rec = preempt::decode_record(src, page_size).map_err(PreemptReadError::from)?;
             let (block, offset, kind) = match rec {
                 None => return Ok(()),
                 Some(PreemptRecord::Eos) => continue,
@@ -403,10 +557,16 @@ impl PostcopyIncoming {
                     .iter()
                     .position(|b| b.idstr() == name)
                     .ok_or_else(|| {
-                        DecodeError::new(at, DecodeErrorKind::UnknownPageBlock(name)).to_string()
+                        PreemptReadError::from(DecodeError::new(
+                            at,
+                            DecodeErrorKind::UnknownPageBlock(name),
+                        ))
                     })?,
                 None => current.ok_or_else(|| {
-                    DecodeError::new(at, DecodeErrorKind::ContinueWithoutBlock).to_string()
+                    PreemptReadError::from(DecodeError::new(
+                        at,
+                        DecodeErrorKind::ContinueWithoutBlock,
+                    ))
                 })?,
             };
             current = Some(bi);
@@ -420,19 +580,20 @@ impl PostcopyIncoming {
                         len: b.len(),
                     },
                 )
-                .to_string());
+                .into());
             }
             let page = (offset / b.page_size()) as usize;
             let data = match kind {
                 PreemptPageKind::Zero => None,
                 PreemptPageKind::Data => {
                     buf.resize(b.page_size() as usize, 0);
-                    src.fill(&mut buf, "RAM page").map_err(|e| e.to_string())?;
+                    src.fill(&mut buf, "RAM page")
+                        .map_err(PreemptReadError::from)?;
                     Some(&buf[..])
                 }
             };
             self.place(bi, page, data)
-                .map_err(|e| format!("{e} (at byte offset {at})"))?;
+                .map_err(|e| PreemptReadError::Protocol(format!("{e} (at byte offset {at})")))?;
         }
     }
 
@@ -476,7 +637,6 @@ impl PostcopyIncoming {
             return;
         };
         let mut faults = Vec::new();
-        let mut last_block: Option<usize> = None;
         while !self.stop.load(Ordering::Acquire) {
             faults.clear();
             let r = uffd
@@ -484,7 +644,7 @@ impl PostcopyIncoming {
                 .map_err(|e| e.to_string())
                 .and_then(|()| {
                     for &fault in &faults {
-                        self.resolve_fault(&uffd, fault, &mut last_block)?;
+                        self.resolve_fault(&uffd, fault)?;
                     }
                     Ok(())
                 });
@@ -496,12 +656,7 @@ impl PostcopyIncoming {
         }
     }
 
-    fn resolve_fault(
-        &self,
-        uffd: &Userfaultfd,
-        fault: Fault,
-        last_block: &mut Option<usize>,
-    ) -> Result<(), String> {
+    fn resolve_fault(&self, uffd: &Userfaultfd, fault: Fault) -> Result<(), String> {
         let addr = fault.address;
         let Some((bi, b)) = self
             .blocks
@@ -549,26 +704,13 @@ impl PostcopyIncoming {
             }
             asked.insert((bi, page), Instant::now());
         }
-        let msg = if *last_block == Some(bi) {
-            RpMessage::ReqPages {
-                start: offset,
-                len: ps as u32,
-            }
-        } else {
-            RpMessage::ReqPagesId {
-                start: offset,
-                len: ps as u32,
-                block: b.idstr().to_string(),
-            }
-        };
-        *last_block = Some(bi);
         self.requests.fetch_add(1, Ordering::Relaxed);
-        if let Some(w) = &self.writer {
-            w.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .send(&msg)
-                .map_err(|e| format!("cannot ask the source for a page: {e}"))?;
+        let mut last = self.last_block.lock().unwrap_or_else(|e| e.into_inner());
+        if self.paused.load(Ordering::Acquire) {
+            // Asked for at the resume.
+            return Ok(());
         }
+        self.send_request(&mut last, bi, page);
         Ok(())
     }
 

@@ -1,10 +1,11 @@
 //! The outgoing side: the precopy session (`save`), the RAM saver (`ram_save`),
 //! multifd channels (`multifd_send`), auto-converge (`throttle`) and the source
-//! side of postcopy (`postcopy`).
+//! side of postcopy (`postcopy`) and its recovery after a network failure (`recover`).
 
 pub(crate) mod multifd_send;
 pub(crate) mod postcopy;
 pub(crate) mod ram_save;
+pub(crate) mod recover;
 pub(crate) mod save;
 pub(crate) mod throttle;
 

@@ -28,10 +28,9 @@
 //! Failures: until the package is out the destination has not started the guest, so
 //! a failure is an ordinary precopy failure and the source VM runs again. Once
 //! POSTCOPY_RUN was sent the guest runs on the destination and the source holds pages
-//! it does not have: a failure then (network, a bad page request) ends the migration
-//! `failed` with the source VM left stopped in `postmigrate`, never resumed. QEMU goes
-//! to `postcopy-paused` instead, waiting for a recovery; vmigrate does not do recovery
-//! yet.
+//! it does not have: the source VM stays stopped in `postmigrate` whatever happens. A
+//! channel that breaks then pauses the migration (`postcopy-paused`) until a recovery
+//! over a new connection ([`crate::outgoing::recover`]); a bad page request fails it.
 //!
 //! With `release-ram` the source frees each page once it is out (the VM never runs
 //! here again): pages sent on a channel are noted in that channel's [`PageRelease`],
@@ -46,6 +45,7 @@
 //! postcopy) is skipped, as QEMU skips it.
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Instant;
 
 use vmigrate_stream::command::Command;
@@ -53,9 +53,11 @@ use vmigrate_stream::postcopy::{PostcopyAdvise, RamDiscard};
 use vmigrate_stream::section::{encode_footer, Record};
 
 use crate::channels::return_path::{PageRequest, ReturnPath, ReturnPathError};
+use crate::channels::transport::{self, Address};
 use crate::events::EventBus;
 use crate::io::{StreamWriter, WriteError};
 use crate::outgoing::ram_save::{RamSaver, SentPages, ITERATION_SLICE};
+use crate::shared::Shared;
 use crate::stats::Stats;
 
 /// Why the postcopy phase failed: a page request the source refuses (not whole pages
@@ -81,6 +83,9 @@ pub enum PostcopyError {
     Write(#[from] WriteError),
     #[error(transparent)]
     ReturnPath(#[from] ReturnPathError),
+    /// The recovery could not go on (the status moved under it).
+    #[error("postcopy recovery: {0}")]
+    Recovery(String),
 }
 
 /// POSTCOPY_ADVISE for `saver`'s blocks: their page sizes ORed together, and the
@@ -171,6 +176,39 @@ impl PreemptChannel {
             release: PageRelease::default(),
         }
     }
+
+    /// Shuts the channel down both ways (a pause: the destination drops it too).
+    pub(crate) fn shutdown(mut self) {
+        self.writer.shutdown();
+    }
+}
+
+/// Connects a postcopy preempt channel to `addr`: a plain connection (TLS when
+/// configured, as multifd channels), no handshake bytes, registered for cancel and
+/// `migrate-pause`. Its writer has no rate limit: it carries only the pages the
+/// destination waits for.
+pub(crate) fn connect_preempt(
+    shared: &Shared,
+    addr: &Address,
+) -> Result<PreemptChannel, PostcopyError> {
+    let mut ch = transport::connect_outgoing(addr).map_err(|e| WriteError::Io(e.0))?;
+    if let Some(setup) = shared.tls_client() {
+        let cancel = shared.cancel_flag();
+        crate::channels::tls::secure_outgoing(&mut ch, &setup, &cancel, "preempt")
+            .map_err(|e| WriteError::Tls(e.0))?;
+        if let Some(relay) = ch.tls_relay.take() {
+            shared.add_tls_relay(relay);
+        }
+    }
+    let fd = Arc::new(ch.fd);
+    shared.register_cancel_fd(&fd);
+    let unlimited = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    Ok(PreemptChannel::new(StreamWriter::new(
+        fd,
+        shared.stats().transferred.clone(),
+        unlimited,
+        shared.cancel_flag(),
+    )))
 }
 
 /// `release-ram`: the bytes of sent pages a channel holds back before it flushes and
@@ -405,10 +443,16 @@ mod tests {
 
     /// Reads the stream from `fd` and reports every record, until EOF or an error.
     fn read_stream(fd: OwnedFd, tx: mpsc::Sender<Seen>) {
-        let ps = host_page_size();
         let mut src = FdSource::new(fd, 0);
         vmigrate_stream::header::decode_header(&mut src).unwrap();
         vmigrate_stream::config::Configuration::decode(&mut src).unwrap();
+        read_records(&mut src, tx);
+    }
+
+    /// Reports every record of `src` (no header: a recovery's stream), until EOF or an
+    /// error.
+    fn read_records(mut src: &mut FdSource, tx: mpsc::Sender<Seen>) {
+        let ps = host_page_size();
         loop {
             let Ok(rec) = Record::decode(&mut src) else {
                 return;
@@ -885,11 +929,8 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_network_failure_in_postcopy_fails_without_resuming_the_source() {
-        let (run, _) = Run::start(&[]);
-        run.rp.shutdown(std::net::Shutdown::Both).unwrap();
-        assert_eq!(wait_for_end(&run.m, LIMIT), MigrationStatus::Failed);
+    /// The source VM never ran again after the switch.
+    fn assert_source_stopped(run: &Run) {
         let history = run.vmm.control.history();
         let stop = history
             .iter()
@@ -897,7 +938,227 @@ mod tests {
             .unwrap();
         assert!(!history[stop..].contains(&RunState::Running), "{history:?}");
         assert_eq!(history.last(), Some(&RunState::PostMigrate));
+    }
+
+    /// A recovery's destination end: the new connection and a reader of it.
+    struct Recovering {
+        conn: UnixStream,
+        src: FdSource,
+    }
+
+    impl Recovering {
+        /// Resumes `run`'s paused migration to a new socket and accepts it.
+        fn start(run: &Run) -> Recovering {
+            let path = temp_path("resume.sock");
+            let listener = UnixListener::bind(&path).unwrap();
+            let addr = Address::parse_uri(&format!("unix:{}", path.display())).unwrap();
+            run.m.migrate(addr, true, None).unwrap();
+            let (conn, _) = listener.accept().unwrap();
+            let _ = std::fs::remove_file(&path);
+            conn.set_read_timeout(Some(LIMIT)).unwrap();
+            let src = FdSource::new(OwnedFd::from(conn.try_clone().unwrap()), 0);
+            Recovering { conn, src }
+        }
+
+        fn next_command(&mut self) -> Command {
+            match Record::decode(&mut self.src).unwrap() {
+                Record::Command(c) => c,
+                other => panic!("expected a command, got {other:?}"),
+            }
+        }
+
+        fn send_bitmap(&mut self, block: &str, pages: u64, received: impl Fn(u64) -> bool) {
+            let mut b = Vec::new();
+            RpMessage::RecvBitmap {
+                block: block.into(),
+            }
+            .encode(&mut b);
+            vmigrate_stream::recover::RecvBitmap::from_fn(pages, received).encode_body(&mut b);
+            self.conn.write_all(&b).unwrap();
+        }
+
+        fn send(&mut self, msg: RpMessage) {
+            let mut b = Vec::new();
+            msg.encode(&mut b);
+            self.conn.write_all(&b).unwrap();
+        }
+    }
+
+    fn pause_by_network(run: &Run) {
+        run.rp.shutdown(std::net::Shutdown::Both).unwrap();
+        wait_until(|| run.m.status() == MigrationStatus::PostcopyPaused);
+        assert_source_stopped(run);
         assert!(run.m.query_migrate()["error-desc"].is_string());
+    }
+
+    #[test]
+    fn a_network_failure_pauses_and_a_resume_sends_what_the_destination_lacks() {
+        let (run, _) = Run::start(&[]);
+        pause_by_network(&run);
+        // Nothing to cancel, and a resume goes through recover-setup.
+        assert_eq!(
+            run.m.cancel().unwrap_err().0,
+            "Postcopy migration in progress, cannot cancel."
+        );
+        let mut rec = Recovering::start(&run);
+        assert_eq!(rec.next_command(), Command::RecvBitmap("ram".into()));
+        wait_until(|| run.m.status() == MigrationStatus::PostcopyRecover);
+        // This destination holds the even pages only.
+        rec.send_bitmap("ram", PAGES as u64, |p| p % 2 == 0);
+        assert_eq!(rec.next_command(), Command::PostcopyResume);
+        rec.send(RpMessage::ResumeAck(1));
+        let (tx, rx) = mpsc::channel();
+        let mut src = std::mem::replace(
+            &mut rec.src,
+            FdSource::new(OwnedFd::from(rec.conn.try_clone().unwrap()), 0),
+        );
+        std::thread::spawn(move || read_records(&mut src, tx));
+        let mut pages = Vec::new();
+        loop {
+            let s = rx.recv_timeout(LIMIT).expect("the stream goes on");
+            match s {
+                Seen::Eof => break,
+                Seen::Page { page, first, .. } => {
+                    assert_eq!(first, Some((page % 251) as u8 + 1), "page {page}");
+                    pages.push(page);
+                }
+                _ => {}
+            }
+        }
+        // Exactly the pages the destination lacked, each once.
+        assert_eq!(pages.len(), PAGES / 2, "{pages:?}");
+        pages.sort_unstable();
+        assert!(pages.iter().enumerate().all(|(i, &p)| p == 2 * i + 1));
+        rec.send(RpMessage::Shut(0));
+        assert_eq!(wait_for_end(&run.m, LIMIT), MigrationStatus::Completed);
+        let events = run.seen.lock().unwrap().clone();
+        assert_eq!(
+            events[events.len() - 6..],
+            [
+                "postcopy-active",
+                "postcopy-paused",
+                "postcopy-recover-setup",
+                "postcopy-recover",
+                "postcopy-active",
+                "completed"
+            ]
+        );
+        assert_source_stopped(&run);
+    }
+
+    #[test]
+    fn a_resume_to_nowhere_pauses_again_and_the_next_one_works() {
+        let (run, _) = Run::start(&[]);
+        pause_by_network(&run);
+        let nowhere = Address::parse_uri(&format!(
+            "unix:{}",
+            temp_path("nobody-listens.sock").display()
+        ))
+        .unwrap();
+        run.m.migrate(nowhere, true, None).unwrap();
+        wait_until(|| {
+            run.seen
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|s| *s == "postcopy-paused")
+                .count()
+                == 2
+        });
+        assert_eq!(run.m.status(), MigrationStatus::PostcopyPaused);
+        let mut rec = Recovering::start(&run);
+        assert_eq!(rec.next_command(), Command::RecvBitmap("ram".into()));
+        rec.send_bitmap("ram", PAGES as u64, |_| true);
+        assert_eq!(rec.next_command(), Command::PostcopyResume);
+        rec.send(RpMessage::ResumeAck(1));
+        // Everything is there: no page, only the end.
+        let (tx, rx) = mpsc::channel();
+        let mut src = std::mem::replace(
+            &mut rec.src,
+            FdSource::new(OwnedFd::from(rec.conn.try_clone().unwrap()), 0),
+        );
+        std::thread::spawn(move || read_records(&mut src, tx));
+        loop {
+            match rx.recv_timeout(LIMIT).expect("the stream goes on") {
+                Seen::Eof => break,
+                Seen::Page { page, .. } => panic!("page {page} sent again"),
+                _ => {}
+            }
+        }
+        rec.send(RpMessage::Shut(0));
+        assert_eq!(wait_for_end(&run.m, LIMIT), MigrationStatus::Completed);
+    }
+
+    fn hostile_recovery_fails(answer: impl FnOnce(&mut Recovering), text: &str) {
+        let (run, _) = Run::start(&[]);
+        pause_by_network(&run);
+        let mut rec = Recovering::start(&run);
+        assert_eq!(rec.next_command(), Command::RecvBitmap("ram".into()));
+        answer(&mut rec);
+        assert_eq!(wait_for_end(&run.m, LIMIT), MigrationStatus::Failed);
+        let q = run.m.query_migrate();
+        let desc = q["error-desc"].as_str().unwrap();
+        assert!(desc.contains(text), "{desc}");
+        assert_source_stopped(&run);
+    }
+
+    #[test]
+    fn a_bitmap_for_an_unknown_block_fails_the_migration() {
+        hostile_recovery_fails(
+            |rec| rec.send_bitmap("nope", PAGES as u64, |_| true),
+            "RECV_BITMAP for unknown RAM block 'nope'",
+        );
+    }
+
+    #[test]
+    fn a_bitmap_of_the_wrong_size_fails_the_migration() {
+        hostile_recovery_fails(
+            |rec| rec.send_bitmap("ram", PAGES as u64 * 2, |_| true),
+            "bitmap size mismatch (0x200 != 0x100)",
+        );
+    }
+
+    #[test]
+    fn a_resume_ack_out_of_place_fails_the_migration() {
+        hostile_recovery_fails(
+            |rec| rec.send(RpMessage::ResumeAck(7)),
+            "RESUME_ACK carried 7, expected 1",
+        );
+    }
+
+    #[test]
+    fn migrate_pause_pauses_with_the_users_reason() {
+        let (run, _) = Run::start(&[]);
+        run.m.migrate_pause().unwrap();
+        wait_until(|| run.m.status() == MigrationStatus::PostcopyPaused);
+        assert_eq!(
+            run.m.query_migrate()["error-desc"],
+            json!("Postcopy migration is paused by the user")
+        );
+        assert_eq!(
+            run.m.migrate_pause().unwrap_err().0,
+            "migrate-pause is currently only supported during postcopy-active or postcopy-recover state"
+        );
+        assert_source_stopped(&run);
+    }
+
+    #[test]
+    fn resume_and_pause_need_a_paused_or_running_postcopy() {
+        let vmm = FakeVmm::new(4, RunState::Running);
+        let (m, _) = recorded_migrator(vmm, IncomingMode::Disabled);
+        let addr = Address::parse_uri("unix:/nonexistent.sock").unwrap();
+        assert_eq!(
+            m.migrate(addr, true, None).unwrap_err().0,
+            "Cannot resume if there is no paused migration"
+        );
+        assert_eq!(
+            m.migrate_pause().unwrap_err().0,
+            "migrate-pause is currently only supported during postcopy-active or postcopy-recover state"
+        );
+        assert_eq!(
+            m.recover_precheck().unwrap_err().0,
+            "Migrate recover can only be run when postcopy is paused."
+        );
     }
 
     #[test]

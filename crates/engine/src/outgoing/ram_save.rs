@@ -309,6 +309,36 @@ impl RamSaver {
         }
     }
 
+    /// Postcopy recovery: block `index` is to send again every page the destination
+    /// did not receive. `received` counts target pages ([`Self::page_size`]); a block
+    /// page is whole on the destination only when every target page in it is. Returns
+    /// the pages now to send.
+    pub fn reload_from_received(
+        &mut self,
+        index: usize,
+        received: &vmigrate_stream::recover::RecvBitmap,
+    ) -> usize {
+        let per_page = (self.blocks[index].page_size() / self.page_size()).max(1);
+        let bitmap = &mut self.dirty[index];
+        let mut pages = DirtyBitmap::new(bitmap.pages());
+        for page in 0..bitmap.pages() {
+            let first = page as u64 * per_page;
+            if !(first..first + per_page).all(|t| received.received(t)) {
+                pages.set(page);
+            }
+        }
+        let count = pages.count();
+        *bitmap = pages;
+        self.cursor = (0, 0);
+        self.last_block = None;
+        count
+    }
+
+    /// The number of target pages of block `index` (the bits of its received bitmap).
+    pub fn target_pages(&self, index: usize) -> u64 {
+        self.blocks[index].len() / self.page_size()
+    }
+
     /// The next page record names its block (a new phase of the stream starts).
     pub fn forget_last_block(&mut self) {
         self.last_block = None;

@@ -37,6 +37,7 @@ use crate::options::MigMode;
 use crate::outgoing::multifd_send::{ChannelConfig, MultifdSender, ZeroDetection};
 use crate::outgoing::postcopy;
 use crate::outgoing::ram_save::{RamSaveError, RamSaver, ZeroPages, ITERATION_SLICE};
+use crate::outgoing::recover;
 use crate::outgoing::throttle::{AutoConverge, SyncPeriod};
 use crate::shared::{SectionIds, Shared};
 use crate::status::{MigrationStatus, RunState, StatusError};
@@ -319,34 +320,14 @@ fn start_multifd(
 const PREEMPT_PONG_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Opens the postcopy preempt channel to `addr` once the destination answered a PING
-/// (so it accepted the main channel and takes this one as the preempt channel): a
-/// plain connection (TLS when configured, as multifd channels), no handshake bytes,
-/// registered for cancel. Its writer has no rate limit: it carries only the pages the
-/// destination waits for.
+/// (so it accepted the main channel and takes this one as the preempt channel).
 fn open_preempt(
     shared: &Shared,
     addr: &Address,
     rp: &ReturnPath,
 ) -> Result<postcopy::PreemptChannel, SaveError> {
     rp.await_pong(PREEMPT_PONG_TIMEOUT)?;
-    let mut ch = transport::connect_outgoing(addr).map_err(|e| WriteError::Io(e.0))?;
-    if let Some(setup) = shared.tls_client() {
-        let cancel = shared.cancel_flag();
-        crate::channels::tls::secure_outgoing(&mut ch, &setup, &cancel, "preempt")
-            .map_err(|e| WriteError::Tls(e.0))?;
-        if let Some(relay) = ch.tls_relay.take() {
-            shared.add_tls_relay(relay);
-        }
-    }
-    let fd = Arc::new(ch.fd);
-    shared.register_cancel_fd(&fd);
-    let unlimited = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    Ok(postcopy::PreemptChannel::new(StreamWriter::new(
-        fd,
-        shared.stats().transferred.clone(),
-        unlimited,
-        shared.cancel_flag(),
-    )))
+    Ok(postcopy::connect_preempt(shared, addr)?)
 }
 
 /// What stays fixed through one outgoing session.
@@ -612,7 +593,7 @@ fn run_postcopy(
         .ok_or(postcopy::PostcopyError::NoReturnPath)?;
     // The preempt channel is opened while the VM still runs here: failing to open it
     // is an ordinary precopy failure.
-    let mut preempt = match &session.preempt_to {
+    let preempt = match &session.preempt_to {
         Some(addr) => Some(open_preempt(shared, addr, &rp)?),
         None => None,
     };
@@ -656,37 +637,90 @@ fn run_postcopy(
         shared.params_snapshot().max_postcopy_bandwidth(),
         Ordering::Relaxed,
     );
-    // A request waiting cuts the rate limit's wait short, as in QEMU: the pages the
-    // guest waits for do not wait for the background push's budget.
-    w.wake_rate_limit_on(Some(rp.requests_waiting()));
-    let pushed = postcopy::push_pages(
-        &stats,
-        w,
-        saver,
-        &rp,
-        preempt.as_mut(),
-        &postcopy::PushOptions {
-            ram_id: session.ids.ram,
-            postcopy_start: downtime_end,
-            release_ram: session.release_ram,
-            warnings: &shared.events,
-        },
-    );
-    w.wake_rate_limit_on(None);
-    bandwidth.store(shared.params_snapshot().max_bandwidth(), Ordering::Relaxed);
-    pushed?;
-    rp.await_close(RETURN_PATH_CLOSE_TIMEOUT)
-        .map_err(SaveError::ReturnPath)?;
-    // The preempt channel closes only once the destination finished (as QEMU's does,
-    // at cleanup): a QEMU destination whose preempt channel ends while it still loads
-    // takes that for a network failure and pauses postcopy.
-    drop(preempt);
+    push_until_done(shared, w, saver, session, rp, preempt, downtime_end)?;
     stats.remaining.store(0, Ordering::Relaxed);
     // Once completed, QEMU's `downtime` runs from the stop to the end: the source VM
     // was stopped all through postcopy.
     stats
         .downtime_ms
         .store(stop_time.elapsed().as_millis() as u64, Ordering::Relaxed);
+    Ok(())
+}
+
+/// The postcopy phase to its end: the push, then the destination's SHUT. A channel
+/// that breaks pauses the migration until a recovery gives new channels (see
+/// [`crate::outgoing::recover`]); the push then goes on over them.
+fn push_until_done(
+    shared: &Shared,
+    w: &mut StreamWriter,
+    saver: &mut RamSaver,
+    session: &Session,
+    mut rp: Arc<ReturnPath>,
+    mut preempt: Option<postcopy::PreemptChannel>,
+    postcopy_start: u64,
+) -> Result<(), SaveError> {
+    let stats = shared.stats();
+    let bandwidth = shared.max_bandwidth();
+    // The writer of the connection a recovery made, and that connection's socket.
+    let mut resumed: Option<(StreamWriter, Arc<std::os::fd::OwnedFd>)> = None;
+    let recover_options = recover::RecoverOptions {
+        preempt: session.preempt_to.is_some(),
+        shared,
+    };
+    loop {
+        let writer = match resumed.as_mut() {
+            Some((writer, _)) => writer,
+            None => &mut *w,
+        };
+        // A request waiting cuts the rate limit's wait short, as in QEMU: the pages
+        // the guest waits for do not wait for the background push's budget.
+        writer.wake_rate_limit_on(Some(rp.requests_waiting()));
+        let pushed = postcopy::push_pages(
+            &stats,
+            writer,
+            saver,
+            &rp,
+            preempt.as_mut(),
+            &postcopy::PushOptions {
+                ram_id: session.ids.ram,
+                postcopy_start,
+                release_ram: session.release_ram,
+                warnings: &shared.events,
+            },
+        )
+        .and_then(|()| Ok(rp.await_close(RETURN_PATH_CLOSE_TIMEOUT)?));
+        writer.wake_rate_limit_on(None);
+        let error = match pushed {
+            Ok(()) => break,
+            Err(e) if recover::is_network_failure(&e) => e,
+            Err(e) => {
+                bandwidth.store(shared.params_snapshot().max_bandwidth(), Ordering::Relaxed);
+                return Err(e.into());
+            }
+        };
+        // Both ends of every channel down, so the destination pauses too.
+        writer.shutdown();
+        if let Some(p) = preempt.take() {
+            p.shutdown();
+        }
+        let r = recover::pause_and_resume(
+            MigrationStatus::PostcopyActive,
+            &error.to_string(),
+            saver,
+            &recover_options,
+        )?;
+        rp = r.rp;
+        preempt = r.preempt;
+        resumed = Some((r.writer, r.socket));
+    }
+    bandwidth.store(shared.params_snapshot().max_bandwidth(), Ordering::Relaxed);
+    // The preempt channel closes only once the destination finished (as QEMU's does,
+    // at cleanup): a QEMU destination whose preempt channel ends while it still loads
+    // takes that for a network failure and pauses postcopy.
+    drop(preempt);
+    if let Some((_, socket)) = resumed {
+        transport::shutdown_socket(&*socket);
+    }
     Ok(())
 }
 
