@@ -1706,10 +1706,7 @@ mod tests {
             return;
         };
         let text = result.unwrap_err().to_string();
-        assert!(
-            text.contains("RECV_BITMAP for unknown RAM block 'nope'"),
-            "{text}"
-        );
+        assert!(text.contains("RAM block 'nope' not found"), "{text}");
         assert_eq!(fake.resumes.load(std::sync::atomic::Ordering::SeqCst), 0);
         assert_eq!(rest, [0, 1, 0, 4, 0, 0, 0, 1]);
     }
