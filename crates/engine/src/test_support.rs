@@ -187,6 +187,24 @@ pub(crate) fn wait_for_end(m: &Migrator, limit: Duration) -> MigrationStatus {
     }
 }
 
+/// The MIGRATION statuses a [`recorded_migrator`] saw, once the last is an end
+/// (`completed`, `failed`, `cancelled`) or 10 s have passed: the status changes before
+/// its event goes out, so a test that saw the end in the status waits for the event.
+pub(crate) fn ended_events(seen: &Mutex<Vec<String>>) -> Vec<String> {
+    let t0 = Instant::now();
+    loop {
+        let events = seen.lock().unwrap().clone();
+        let ended = matches!(
+            events.last().map(String::as_str),
+            Some("completed" | "failed" | "cancelled")
+        );
+        if ended || t0.elapsed() > Duration::from_secs(10) {
+            return events;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// A path for a test's file that no other test uses.
 pub(crate) fn temp_path(name: &str) -> std::path::PathBuf {
     static NEXT: AtomicU64 = AtomicU64::new(0);

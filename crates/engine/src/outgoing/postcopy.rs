@@ -418,7 +418,7 @@ mod tests {
     use crate::migrator::Migrator;
     use crate::shared::IncomingMode;
     use crate::status::{MigrationStatus, RunState};
-    use crate::test_support::{recorded_migrator, temp_path, wait_for_end, FakeVmm};
+    use crate::test_support::{ended_events, recorded_migrator, temp_path, wait_for_end, FakeVmm};
 
     const LIMIT: Duration = Duration::from_secs(30);
     const PAGES: usize = 2048;
@@ -738,7 +738,7 @@ mod tests {
         );
         run.send(RpMessage::Shut(0));
         assert_eq!(wait_for_end(&run.m, LIMIT), MigrationStatus::Completed);
-        let events = run.seen.lock().unwrap().clone();
+        let events = ended_events(&run.seen);
         assert_eq!(
             events,
             ["setup", "active", "device", "postcopy-active", "completed"]
@@ -878,7 +878,7 @@ mod tests {
         run.send(RpMessage::Shut(0));
         assert_eq!(wait_for_end(&run.m, LIMIT), MigrationStatus::Completed);
         assert_eq!(
-            run.seen.lock().unwrap().clone(),
+            ended_events(&run.seen),
             ["setup", "active", "device", "postcopy-active", "completed"]
         );
     }
@@ -924,7 +924,7 @@ mod tests {
             .unwrap();
         assert!(!history[stop..].contains(&RunState::Running));
         assert_eq!(
-            run.seen.lock().unwrap().last().map(String::as_str),
+            ended_events(&run.seen).last().map(String::as_str),
             Some("failed")
         );
     }
@@ -1031,7 +1031,7 @@ mod tests {
         assert!(pages.iter().enumerate().all(|(i, &p)| p == 2 * i + 1));
         rec.send(RpMessage::Shut(0));
         assert_eq!(wait_for_end(&run.m, LIMIT), MigrationStatus::Completed);
-        let events = run.seen.lock().unwrap().clone();
+        let events = ended_events(&run.seen);
         assert_eq!(
             events[events.len() - 6..],
             [
