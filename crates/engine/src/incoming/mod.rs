@@ -1,7 +1,8 @@
 //! The incoming side: accepting connections (`accept`), the stream loader
 //! (`load`), the RAM loader (`ram_load`), multifd channels (`multifd_recv`) and
 //! the pages a load has written (`pages`), and the postcopy destination
-//! (`postcopy`: userfaultfd, the fault thread and the listen thread).
+//! (`postcopy`: userfaultfd, the fault thread and the listen thread), XBZRLE pages
+//! (`xbzrle_load`).
 
 pub(crate) mod accept;
 pub(crate) mod blocktime;
@@ -10,6 +11,7 @@ pub(crate) mod multifd_recv;
 pub(crate) mod pages;
 pub(crate) mod postcopy;
 pub(crate) mod ram_load;
+pub(crate) mod xbzrle_load;
 
 pub use load::{
     load_stream, load_stream_postcopy, load_stream_with, LoadError, LoadOutcome, MultifdChannels,

@@ -1,12 +1,13 @@
 //! The outgoing side: the precopy session (`save`), the RAM saver (`ram_save`),
 //! multifd channels (`multifd_send`), auto-converge (`throttle`) and the source
-//! side of postcopy (`postcopy`).
+//! side of postcopy (`postcopy`), the XBZRLE cache (`xbzrle_cache`).
 
 pub(crate) mod multifd_send;
 pub(crate) mod postcopy;
 pub(crate) mod ram_save;
 pub(crate) mod save;
 pub(crate) mod throttle;
+pub mod xbzrle_cache;
 
 pub use ram_save::{RamSaver, ZeroPages};
 pub use save::SaveError;
