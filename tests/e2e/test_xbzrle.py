@@ -136,9 +136,10 @@ def test_xbzrle_cache_size_changes_during_the_migration(ws):
 
 # ---- hostile records
 
-def xbzrle_stream(body):
+def xbzrle_stream(body, cut=False):
     """A stream for a 1 MiB `-M none` destination: page 1 of m0 sent whole (0x11
-    bytes), then BODY (XBZRLE records), EOS, END and EOF."""
+    bytes), then BODY (XBZRLE records), EOS, END and EOF; with CUT the stream ends
+    right after BODY."""
     out = bytearray(b"QEVM" + struct.pack(">I", 3))
     out += b"\x07" + struct.pack(">I", 4) + b"none"
     out += b"\x01" + struct.pack(">I", 100) + b"\x03ram" + struct.pack(">II", 0, 4)
@@ -147,6 +148,8 @@ def xbzrle_stream(body):
     out += b"\x02" + struct.pack(">I", 100)
     out += struct.pack(">Q", 0x1000 | 0x08) + b"\x02m0" + b"\x11" * 4096
     out += body
+    if cut:
+        return bytes(out)
     out += struct.pack(">Q", 0x10) + b"\x7e" + struct.pack(">I", 100)
     out += b"\x03" + struct.pack(">I", 100) + struct.pack(">Q", 0x10)
     out += b"\x7e" + struct.pack(">I", 100) + b"\x00"
@@ -164,7 +167,7 @@ def record(offset, encoded, kind=1, length=None):
     (record(0x1000, bytes([0x00, 0x01, 0xAA, 0x05])), "truncated at byte 3"),
     (record(0x1000, bytes([0x00, 0x05, 0xAA])), "needs 5 bytes"),
     (record(0x1000, b"", length=4097), "encoded length 4097 is beyond the page size"),
-    (record(0x1000, bytes([0x00, 0x01, 0xAA])[:2], length=3), "stream ended early"),
+    (record(0x1000, bytes([0x00, 0x01]), length=3), "stream ended early"),
     (record(0x1000, bytes([0x00, 0x01, 0xAA]), kind=2), "wrong compression 2"),
     (record(0x2000, bytes([0x00, 0x01, 0xAA])), "never sent in full"),
 ])
@@ -172,7 +175,7 @@ def test_hostile_xbzrle_records_fail_with_what_was_wrong(ws, body, needle):
     require("vmigrate")
     path = ws.path("hostile.bin")
     with open(path, "wb") as f:
-        f.write(xbzrle_stream(body))
+        f.write(xbzrle_stream(body, cut="ended early" in needle))
     r = harness.load_stream(ws, "vmigrate", f"file:{path}", 1)
     assert r.outcome == "failed", r
     assert needle in r.error_desc + r.stderr, r
@@ -190,3 +193,34 @@ def test_a_valid_xbzrle_record_loads(ws):
     page = r.machine.ram_pmemsave(0x1000, 4096)
     assert page == b"\x11" * 5 + b"\xAA\xBB" + b"\x11" * (4096 - 7)
     assert os.path.getsize(path) > 4096
+
+
+def test_qemus_xbzrle_capture_agrees_with_the_oracle_dissector():
+    """Every XBZRLE record of QEMU's capture is decoded by the inspector (a broken one
+    would stop it), and its count per RAM section is the oracle dissector's."""
+    require("vmigrate")
+    import json
+    import re
+    import subprocess
+    import sys
+    capture = harness.ORACLE_DIR / "captures" / "xbzrle.bin"
+    oracle = subprocess.run([sys.executable, str(harness.ORACLE_DIR / "parse_stream.py"),
+                             str(capture)], capture_output=True, text=True, timeout=60,
+                            check=True).stdout
+    want, section = {}, None
+    for line in oracle.splitlines():
+        m = re.match(r"@0x([0-9a-f]+) SECTION_(PART|END)", line)
+        if m:
+            section = int(m.group(1), 16)
+        elif re.match(r"\s+@0x[0-9a-f]+ XBZRLE block='pc.ram' off=0x[0-9a-f]+ enc=1 len=\d+",
+                      line):
+            want[section] = want.get(section, 0) + 1
+    assert sum(want.values()) == 696, "the oracle sees another capture"
+    r = subprocess.run([harness.vmigrate_bin(), "inspect", "--json", str(capture)],
+                       capture_output=True, text=True, timeout=60, check=True)
+    report = json.loads(r.stdout)
+    assert report["complete"], report["error"]
+    got = {rec["offset"]: rec["body"]["xbzrle_pages"] for rec in report["records"]
+           if rec.get("type") == "section" and rec.get("kind") in ("PART", "END")
+           and rec["body"].get("xbzrle_pages")}
+    assert got == want

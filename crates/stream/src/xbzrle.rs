@@ -33,6 +33,7 @@ pub enum Encoded {
 const ONES: u64 = 0x0101_0101_0101_0101;
 const HIGHS: u64 = 0x8080_8080_8080_8080;
 
+#[inline(always)]
 fn word(buf: &[u8], at: usize) -> u64 {
     let mut b = [0u8; 8];
     b.copy_from_slice(&buf[at..at + 8]);
@@ -41,6 +42,7 @@ fn word(buf: &[u8], at: usize) -> u64 {
 }
 
 /// Index of the first byte at or after `from` where `old` and `new` differ, or `len`.
+#[inline(always)]
 fn first_difference(old: &[u8], new: &[u8], mut from: usize) -> usize {
     let len = new.len();
     while from + 8 <= len {
@@ -57,6 +59,7 @@ fn first_difference(old: &[u8], new: &[u8], mut from: usize) -> usize {
 }
 
 /// Index of the first byte at or after `from` where `old` and `new` agree, or `len`.
+#[inline(always)]
 fn first_agreement(old: &[u8], new: &[u8], mut from: usize) -> usize {
     let len = new.len();
     while from + 8 <= len {
@@ -76,6 +79,7 @@ fn first_agreement(old: &[u8], new: &[u8], mut from: usize) -> usize {
 }
 
 /// Writes `v` (≤ 0x3FFF) as a one- or two-byte ULEB128 at `out[at..]`; returns its size.
+#[inline(always)]
 fn put_uleb(out: &mut [u8], at: usize, v: usize) -> usize {
     debug_assert!(v <= MAX_SMALL_ULEB);
     if v < 0x80 {
@@ -121,7 +125,15 @@ pub fn encode(old: &[u8], new: &[u8], out: &mut [u8]) -> Encoded {
         if d + n > limit {
             return Encoded::Overflow;
         }
-        out[d..d + n].copy_from_slice(&new[changed..end]);
+        let run = &new[changed..end];
+        if n <= 8 {
+            // Short runs (the usual ones) without a call to memcpy.
+            for (o, b) in out[d..d + n].iter_mut().zip(run) {
+                *o = *b;
+            }
+        } else {
+            out[d..d + n].copy_from_slice(run);
+        }
         d += n;
         i = end;
     }

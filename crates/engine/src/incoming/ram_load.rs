@@ -113,6 +113,12 @@ impl RamLoader {
         self.postcopy.as_ref()
     }
 
+    /// XBZRLE pages loaded.
+    #[cfg(test)]
+    pub(crate) fn xbzrle_pages(&self) -> u64 {
+        self.xbzrle.pages
+    }
+
     /// Whether any page record was loaded yet.
     pub(crate) fn loaded_any(&self) -> bool {
         self.zero_pages + self.normal_pages > 0
