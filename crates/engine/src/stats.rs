@@ -32,6 +32,8 @@ pub struct Stats {
     pub postcopy_bytes: AtomicU64,
     /// Page requests the destination sent in postcopy (one per message).
     pub postcopy_requests: AtomicU64,
+    /// zero-copy-send: channel syncs at which the kernel had copied every send.
+    pub dirty_sync_missed_zero_copy: AtomicU64,
     pub expected_downtime_ms: AtomicU64,
     /// auto-converge's current throttle, 0 when not throttling.
     pub cpu_throttle_percentage: AtomicU64,
@@ -135,7 +137,7 @@ impl Stats {
             "precopy-bytes": Self::get(&self.precopy_bytes),
             "downtime-bytes": Self::get(&self.downtime_bytes),
             "postcopy-bytes": Self::get(&self.postcopy_bytes),
-            "dirty-sync-missed-zero-copy": 0,
+            "dirty-sync-missed-zero-copy": Self::get(&self.dirty_sync_missed_zero_copy),
         })
     }
 }

@@ -8,6 +8,7 @@ pub(crate) mod ram_save;
 pub(crate) mod save;
 pub(crate) mod throttle;
 pub mod xbzrle_cache;
+pub mod zero_copy;
 
 pub use ram_save::{RamSaver, ZeroPages};
 pub use save::SaveError;

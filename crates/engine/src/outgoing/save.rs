@@ -313,6 +313,7 @@ fn start_multifd(
         zero,
         uuid: vmm.uuid().unwrap_or([0; 16]),
         page_size,
+        zero_copy: shared.caps_snapshot().zero_copy_send(),
     };
     Ok(MultifdSender::start(
         conns,
