@@ -119,7 +119,13 @@ pub fn encode(old: &[u8], new: &[u8], out: &mut [u8]) -> Encoded {
         if d + 2 > limit {
             return Encoded::Overflow;
         }
-        let end = first_agreement(old, new, changed);
+        // Runs of one byte are the usual case (a counter or tag per word): check the
+        // next byte before a word scan.
+        let end = if changed + 1 < len && old[changed + 1] == new[changed + 1] {
+            changed + 1
+        } else {
+            first_agreement(old, new, changed)
+        };
         let n = end - changed;
         d += put_uleb(out, d, n);
         if d + n > limit {
