@@ -503,8 +503,9 @@ class Engine:
     def argv(self, size, ram_path, qmp_sock, incoming, objects=()):
         raise NotImplementedError
 
-    def live_argv(self, live, qmp_sock, serial, incoming):
-        """A running guest that dirties live.hot bytes at live.rate (the `live` scenario)."""
+    def live_argv(self, live, qmp_sock, serial, incoming, sparse=False):
+        """A running guest that dirties live.hot bytes at live.rate (the `live` scenario);
+        with SPARSE each write changes one byte of its page."""
         raise NotImplementedError
 
 
@@ -520,7 +521,8 @@ class QemuEngine(Engine):
             a += ["-incoming", incoming]
         return a
 
-    def live_argv(self, live, qmp_sock, serial, incoming, accel=None, image=None):
+    def live_argv(self, live, qmp_sock, serial, incoming, accel=None, image=None, sparse=False):
+        # (QEMU's guest always changes one byte per page: SPARSE is what it does anyway.)
         a = [self.binary, "-nodefaults", "-display", "none", "-M", "pc",
              "-accel", accel or live.qemu_accel, "-m", size_arg(live.memory),
              "-drive", f"file={image or live.guest_image(incoming)},format=raw,if=ide",
@@ -541,10 +543,11 @@ class VmigrateEngine(Engine):
             a += ["--incoming", incoming]
         return a
 
-    def live_argv(self, live, qmp_sock, serial, incoming):
+    def live_argv(self, live, qmp_sock, serial, incoming, sparse=False):
+        spec = f"hot={live.hot},rate={live.vmigrate_rate}" + (",sparse" if sparse else "")
         a = [self.binary, "vm", "--machine", "lab", "--accel", "soft", "--cpus", "1",
              "--memory", size_arg(live.memory),
-             "--workload", f"hot={live.hot},rate={live.vmigrate_rate}", "--qmp", f"unix:{qmp_sock}"]
+             "--workload", spec, "--qmp", f"unix:{qmp_sock}"]
         if incoming:
             a += ["--incoming", incoming]
         return a
@@ -1053,10 +1056,29 @@ async def calc_dirty_rate(vm, ms):
     return None
 
 
-async def sample_migration(vm, samples, t0, period=0.2):
-    """query-migrate every `period` s until cancelled."""
+def thread_cpu(pid, tid):
+    """user+sys seconds of one thread, or None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+            s = f.read()
+    except OSError:
+        return None
+    fields = s[s.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / CLK
+
+
+async def sample_migration(vm, samples, t0, period=0.2, mig_cpu=None):
+    """query-migrate every `period` s until cancelled. With MIG_CPU (a dict), the CPU
+    seconds of each thread query-migrationthreads lists, the last value read per thread
+    (the threads' CPU after the last sample is not seen)."""
     while True:
         await asyncio.sleep(period)
+        if mig_cpu is not None:
+            threads = await vm.try_cmd("query-migrationthreads")
+            for t in threads if isinstance(threads, list) else []:
+                c = thread_cpu(vm.proc.pid, t.get("thread-id"))
+                if c is not None:
+                    mig_cpu[t["thread-id"]] = c
         q = await vm.try_cmd("query-migrate")
         if not isinstance(q, dict) or "status" not in q:
             continue
@@ -1068,7 +1090,7 @@ async def sample_migration(vm, samples, t0, period=0.2):
                         "mbps": ram.get("mbps"), "expected_downtime": q.get("expected-downtime")})
 
 
-async def live_migration(ctx, pair, rep):
+async def live_migration(ctx, pair, rep, caps=None, params=None, sparse=False):
     """running guest dirtying a hot set at a set rate, loopback TCP, precopy, unlimited bandwidth, downtime-limit (qq and vv only)"""
     live = ctx.live
     engine = pair[0]
@@ -1077,7 +1099,8 @@ async def live_migration(ctx, pair, rep):
         raise RunFailed(f"QEMU live guest unavailable: {live.qemu_unavailable}")
     rec = {"engine": engine.name, "accel": live.qemu_accel if is_qemu else "soft",
            "hot": live.hot, "memory": live.memory,
-           "guest_rate_set": live.qemu_rate if is_qemu else live.vmigrate_rate}
+           "guest_rate_set": live.qemu_rate if is_qemu else live.vmigrate_rate,
+           "max_bandwidth": (params or {}).get("max-bandwidth", 0)}
     src, dst = VM(engine, "src", ctx), VM(engine, "dst", ctx)
     serial_src = os.path.join(ctx.tmpdir, f"src-{engine.name}.serial") if is_qemu else None
     serial_dst = os.path.join(ctx.tmpdir, f"dst-{engine.name}.serial") if is_qemu else None
@@ -1088,11 +1111,13 @@ async def live_migration(ctx, pair, rep):
     port = ctx.args.port or free_port()
     uri = f"tcp:127.0.0.1:{port}"
     try:
-        await src.start(argv=engine.live_argv(live, src.sock, serial_src, None))
-        await dst.start(argv=engine.live_argv(live, dst.sock, serial_dst, "defer"))
+        await src.start(argv=engine.live_argv(live, src.sock, serial_src, None, sparse=sparse))
+        await dst.start(argv=engine.live_argv(live, dst.sock, serial_dst, "defer", sparse=sparse))
         for vm in (src, dst):
             await vm.set_caps({"events": True})
-        await src.set_params({"max-bandwidth": 0, "downtime-limit": live.downtime_limit})
+        await src.set_caps(caps)
+        await src.set_params(dict({"max-bandwidth": 0, "downtime-limit": live.downtime_limit},
+                                  **(params or {})))
         await dst.cmd("migrate-incoming", uri=uri)
         meter = GuestMeter(src, serial_src)
         await meter.wait_pages(live.hot // LIVE_PAGE, 60)  # the whole hot set written once
@@ -1110,7 +1135,10 @@ async def live_migration(ctx, pair, rep):
         pages0 = await meter.pages()
         t0 = time.time()
         await src.cmd("migrate", uri=uri)
-        sampler = asyncio.ensure_future(sample_migration(src, samples, t0))
+        mig_cpu = {}
+        capped = caps is not None
+        sampler = asyncio.ensure_future(sample_migration(src, samples, t0, period=0.05 if capped else 0.2,
+                                                         mig_cpu=mig_cpu if capped else None))
         deadline = time.monotonic() + live.timeout
         ws = asyncio.ensure_future(wait_migration(src, deadline, t0))
         wd = asyncio.ensure_future(wait_migration(dst, deadline, t0))
@@ -1160,6 +1188,8 @@ async def live_migration(ctx, pair, rep):
             cpu_src_s=(cs1 - cs0) if None not in (cs0, cs1) else None,
             cpu_dst_s=(cd1 - cd0) if None not in (cd0, cd1) else None,
             foreign_cpu_s=(b1 - b0) - ((cs1 or 0) - (cs0 or 0)) - ((cd1 or 0) - (cd0 or 0)) - (me1 - me0),
+            mig_thread_cpu_s=sum(mig_cpu.values()) if mig_cpu else None,
+            xbzrle_cache=qs.get("xbzrle-cache"),
             query_migrate_src=qs)
         # the guest goes on at the destination
         dmeter = GuestMeter(dst, serial_dst)
@@ -1671,6 +1701,26 @@ SCENARIOS = {
 }
 
 
+def _live_capped(xbzrle, doc):
+    """The live guests, each write changing one byte of its page (QEMU's guest does that;
+    vmigrate's lab workload with `sparse`), over a `max-bandwidth` cap (--capped-bandwidth)
+    below the dirty rate, with or without `xbzrle`; downtime-limit as for live."""
+    async def run(ctx, pair, rep):
+        caps = {"xbzrle": True} if xbzrle else {}
+        return await live_migration(ctx, pair, rep, caps=caps,
+                                    params={"max-bandwidth": ctx.args.capped_bandwidth}, sparse=True)
+    run.__doc__ = doc
+    run.live = True
+    run.capped = True
+    return run
+
+
+SCENARIOS["live-capped"] = _live_capped(
+    False, "running guest changing one byte per page write, loopback TCP, precopy, --capped-bandwidth "
+           "(qq and vv only)")
+SCENARIOS["live-capped-xbzrle"] = _live_capped(True, "as live-capped, with the xbzrle capability")
+
+
 def is_live(scenario):
     return getattr(SCENARIOS[scenario], "live", False)
 
@@ -1998,6 +2048,29 @@ def report_file(records, size, scenarios, pairs, cold):
     return "\n".join(lines)
 
 
+def capped_table(recs):
+    """live-capped scenarios: what the source's migration threads did with the pages."""
+    rows = []
+    for name in ("qemu", "vmigrate"):
+        ok = [r for r in recs if r["src"] == name and r["ok"]]
+        if not ok:
+            continue
+        xb = [r.get("xbzrle_cache") or {} for r in ok]
+        pages = [(r.get("normal_pages") or 0) + x.get("pages", 0) for r, x in zip(ok, xb)]
+        per_gib = [r["mig_thread_cpu_s"] / (p * 4096 / GiB) for r, p in zip(ok, pages)
+                   if r.get("mig_thread_cpu_s") is not None and p]
+        rows.append([pair_label((name, name)), fmt([r.get("transferred") / MiB for r in ok], 1),
+                     fmt([r.get("total_time_ms") for r in ok], 0), fmt([r.get("downtime_ms") for r in ok], 0),
+                     fmt([r.get("normal_pages") for r in ok], 0), fmt([x.get("pages") for x in xb], 0),
+                     fmt([x["bytes"] / MiB for x in xb if "bytes" in x], 2),
+                     fmt([x.get("overflow") for x in xb], 0), fmt([x.get("cache-miss") for x in xb], 0),
+                     fmt([r.get("mig_thread_cpu_s") for r in ok], 2), fmt(per_gib, 2)])
+    return ("\nPages and migration-thread CPU (threads of query-migrationthreads, read from /proc every "
+            "50 ms while they run; pages handled = normal + XBZRLE pages):\n\n"
+            + table(["engine", "sent MiB", "total ms", "downtime ms", "normal pages", "xbzrle pages",
+                     "xbzrle MiB", "overflow", "cache miss", "mig thread CPU s", "CPU s / GiB handled"], rows))
+
+
 def report_live(records, live):
     """Tables of the live scenario: per engine, then vmigrate / QEMU and the target."""
     lines = []
@@ -2024,7 +2097,8 @@ def report_live(records, live):
         probe = ", ".join(f"{a} {r / MiB:.0f} MiB/s" if r else f"{a} –" for a, r in live.probe.items())
         lines.append(f"\n### {sc}: {SCENARIOS[sc].__doc__}\n")
         lines.append(f"hot set {human_size(live.hot)} of {human_size(live.memory)} guest RAM; downtime-limit "
-                     f"{live.downtime_limit} ms; max-bandwidth 0. QEMU guest: pc machine, accelerator "
+                     f"{live.downtime_limit} ms; max-bandwidth {human_size(recs[0].get('max_bandwidth') or 0)}/s "
+                     f"(0: unlimited). QEMU guest: pc machine, accelerator "
                      f"{live.qemu_accel or '–'} (chosen by the higher flat-out guest dirty rate: {probe or 'not probed'}); "
                      f"vmigrate: lab machine, soft accelerator.")
         for n in live.notes:
@@ -2039,6 +2113,8 @@ def report_live(records, live):
                             "dirty MiB/s during", "calc-dirty-rate MiB/s", "dirty-pages-rate MiB/s",
                             "total time ms", "downtime ms", "sent MiB", "passes", "wall s",
                             "CPU src s", "CPU dst s"], rows))
+        if getattr(SCENARIOS[sc], "capped", False):
+            lines.append(capped_table(recs))
 
         def m(name, key):
             return median([r.get(key) for r in recs if r["ok"] and r["src"] == name])
@@ -2369,6 +2445,8 @@ def main():
     live.add_argument("--downtime-limit", type=int, default=300, help="downtime-limit in ms (default 300)")
     live.add_argument("--live-calc-ms", type=int,
                       help="calc-time of calc-dirty-rate in ms (default half a sweep of the hot set, 50-1000)")
+    live.add_argument("--capped-bandwidth", type=parse_rate, default=parse_rate("32M"),
+                      help="max-bandwidth of live-capped and live-capped-xbzrle in bytes/s (default 32M)")
     pcg = ap.add_argument_group("postcopy scenarios (live-postcopy, live-postcopy-preempt; guest as for live)")
     pcg.add_argument("--postcopy-max-bandwidth", type=parse_rate, default=parse_rate("64M"),
                      help="max-bandwidth of the precopy phase in bytes/s (default 64M = 64 MiB/s, well below "

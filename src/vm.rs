@@ -152,6 +152,9 @@ pub fn run(args: VmArgs) -> anyhow::Result<()> {
     // A `none` machine runs a workload on writer threads whose state does not migrate,
     // so it cannot check itself after a migration.
     let none_writers = kind == MachineKind::None && !args.workload.is_empty() && workload.enabled;
+    if workload.sparse && accel == Accel::Kvm {
+        bail!("--workload sparse needs --accel soft (the KVM guest fills its pages)");
+    }
     if kind == MachineKind::None && workload.verify {
         bail!("--workload verify needs --machine lab (the check's state migrates with the guest)");
     }

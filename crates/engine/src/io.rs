@@ -371,6 +371,8 @@ pub struct StreamWriter {
     cancel: Arc<AtomicBool>,
     /// Ends the rate limit's wait early while set (postcopy page requests waiting).
     wake: Option<Arc<AtomicBool>>,
+    /// `zero-copy-send`: guest memory goes out with `MSG_ZEROCOPY`.
+    zero_copy: Option<crate::outgoing::zero_copy::ZeroCopy>,
 }
 
 #[derive(Debug, Clone)]
@@ -402,6 +404,54 @@ pub enum WriteError {
     Tls(String),
     #[error("migration was cancelled")]
     Cancelled,
+    /// `zero-copy-send` cannot work on this channel (QEMU's text).
+    #[error("{0}")]
+    ZeroCopy(&'static str),
+}
+
+/// One step of a zero-copy flush from byte `done`: the run of parts of one kind that
+/// holds that byte, guest memory with `MSG_ZEROCOPY`, bytes (headers, whose buffer is
+/// reused at once) with an ordinary write. Returns the bytes sent.
+fn send_zero_copy(
+    zc: &mut crate::outgoing::zero_copy::ZeroCopy,
+    fd: std::os::fd::BorrowedFd<'_>,
+    parts: &[GatherPart<'_>],
+    done: usize,
+) -> rustix::io::Result<usize> {
+    use crate::outgoing::zero_copy::{GuestRun, MEMLOCK};
+    let mut start = 0;
+    let mut at = 0;
+    let part_len = |p: &GatherPart<'_>| match *p {
+        GatherPart::Bytes(b) => b.len(),
+        GatherPart::Guest { len, .. } => len,
+    };
+    while at + part_len(&parts[start]) <= done {
+        at += part_len(&parts[start]);
+        start += 1;
+    }
+    let guest = matches!(parts[start], GatherPart::Guest { .. });
+    let end = parts[start..]
+        .iter()
+        .position(|p| matches!(p, GatherPart::Guest { .. }) != guest)
+        .map_or(parts.len(), |i| start + i);
+    let skip = done - at;
+    if !guest {
+        return write_gathered(fd, &parts[start..end], skip);
+    }
+    let runs: Vec<GuestRun<'_>> = parts[start..end]
+        .iter()
+        .filter_map(|p| match *p {
+            GatherPart::Guest { block, offset, len } => Some(GuestRun { block, offset, len }),
+            GatherPart::Bytes(_) => None,
+        })
+        .collect();
+    zc.send(fd, &runs, skip).map_err(|e| {
+        if e.to_string() == MEMLOCK {
+            rustix::io::Errno::NOBUFS
+        } else {
+            rustix::io::Errno::from_io_error(&e).unwrap_or(rustix::io::Errno::IO)
+        }
+    })
 }
 
 impl StreamWriter {
@@ -421,6 +471,31 @@ impl StreamWriter {
             limiter: RateLimiter::new(limit),
             cancel,
             wake: None,
+            zero_copy: None,
+        }
+    }
+
+    /// Sends guest memory with `MSG_ZEROCOPY` from now on (a socket that cannot fails
+    /// with QEMU's text).
+    pub fn enable_zero_copy(&mut self) -> Result<(), WriteError> {
+        use crate::outgoing::zero_copy;
+        zero_copy::enable(self.fd.as_fd())
+            .map_err(|_| WriteError::ZeroCopy(zero_copy::NOT_AVAILABLE))?;
+        self.zero_copy = Some(zero_copy::ZeroCopy::default());
+        Ok(())
+    }
+
+    /// Flushes, then waits for the kernel to complete every zero-copy send. Returns
+    /// whether it copied all of them (`None` without zero copy).
+    pub fn flush_zero_copy(&mut self) -> Result<Option<bool>, WriteError> {
+        self.flush()?;
+        let fd = self.fd.clone();
+        match &mut self.zero_copy {
+            Some(zc) => zc
+                .flush(fd.as_fd())
+                .map(Some)
+                .map_err(|e| WriteError::Io(e.to_string())),
+            None => Ok(None),
         }
     }
 
@@ -494,13 +569,20 @@ impl StreamWriter {
             if self.cancel.load(Ordering::Relaxed) {
                 return Err(WriteError::Cancelled);
             }
-            match write_gathered(self.fd.as_fd(), &parts, done) {
+            let sent = match &mut self.zero_copy {
+                Some(zc) => send_zero_copy(zc, self.fd.as_fd(), &parts, done),
+                None => write_gathered(self.fd.as_fd(), &parts, done),
+            };
+            match sent {
                 Ok(0) => return Err(WriteError::Io("write returned 0".into())),
                 Ok(n) => done += n,
                 Err(rustix::io::Errno::INTR) => {}
                 Err(e) => {
                     if self.cancel.load(Ordering::Relaxed) {
                         return Err(WriteError::Cancelled);
+                    }
+                    if e == rustix::io::Errno::NOBUFS && self.zero_copy.is_some() {
+                        return Err(WriteError::ZeroCopy(crate::outgoing::zero_copy::MEMLOCK));
                     }
                     let io: std::io::Error = e.into();
                     return Err(WriteError::Io(crate::errno::errno_text(&io)));

@@ -940,6 +940,10 @@ impl Migrator {
                     }
                     _ => {}
                 }
+                if st.caps.xbzrle() && out.contains_key("ram") {
+                    let cache = s.xbzrle.to_json(st.params.xbzrle_cache_size());
+                    out.insert("xbzrle-cache".into(), cache);
+                }
             }
         }
         // (In postcopy the error that paused it stays shown, as QEMU shows it.)

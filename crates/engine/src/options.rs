@@ -103,7 +103,9 @@ capabilities! {
 
 /// Capabilities vmigrate implements. `zero-blocks` and `late-block-activate` have no
 /// effect in QEMU 10.0 either, so accepting them is faithful.
-const SUPPORTED_CAPABILITIES: [Cap; 14] = [
+const SUPPORTED_CAPABILITIES: [Cap; 16] = [
+    Cap::Xbzrle,
+    Cap::ZeroCopySend,
     Cap::Events,
     Cap::PostcopyRam,
     Cap::ReleaseRam,
@@ -1214,7 +1216,10 @@ mod tests {
             set(json!([{"capability": "nosuch", "state": true}])),
             "Parameter 'capability' does not accept value 'nosuch'"
         );
-        assert!(set(json!([{"capability": "xbzrle", "state": true}])).contains("not supported"));
+        assert!(c
+            .merged(&json!([{"capability": "xbzrle", "state": true}]), false, &p)
+            .unwrap()
+            .xbzrle());
         let on = c
             .merged(&json!([{"capability": "events", "state": true}]), false, &p)
             .unwrap();

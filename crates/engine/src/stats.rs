@@ -32,6 +32,8 @@ pub struct Stats {
     pub postcopy_bytes: AtomicU64,
     /// Page requests the destination sent in postcopy (one per message).
     pub postcopy_requests: AtomicU64,
+    /// zero-copy-send: channel syncs at which the kernel had copied every send.
+    pub dirty_sync_missed_zero_copy: AtomicU64,
     pub expected_downtime_ms: AtomicU64,
     /// auto-converge's current throttle, 0 when not throttling.
     pub cpu_throttle_percentage: AtomicU64,
@@ -41,6 +43,8 @@ pub struct Stats {
     pub started: std::sync::Mutex<Option<Instant>>,
     /// The figures over time, and the moments that matter.
     pub timeline: timeline::Timeline,
+    /// XBZRLE's figures (`xbzrle-cache` in `query-migrate`).
+    pub xbzrle: XbzrleCounters,
 }
 
 impl Stats {
@@ -133,7 +137,39 @@ impl Stats {
             "precopy-bytes": Self::get(&self.precopy_bytes),
             "downtime-bytes": Self::get(&self.downtime_bytes),
             "postcopy-bytes": Self::get(&self.postcopy_bytes),
-            "dirty-sync-missed-zero-copy": 0,
+            "dirty-sync-missed-zero-copy": Self::get(&self.dirty_sync_missed_zero_copy),
+        })
+    }
+}
+
+/// The XBZRLE figures of a migration (QEMU's `xbzrle_counters`).
+#[derive(Debug, Default)]
+pub struct XbzrleCounters {
+    /// Bytes of XBZRLE records (without their 8-byte offset word) and of overflowing
+    /// pages.
+    pub bytes: AtomicU64,
+    /// Pages found in the cache (encoded, unchanged or overflowing).
+    pub pages: AtomicU64,
+    pub cache_miss: AtomicU64,
+    pub overflow: AtomicU64,
+    /// f64 bits.
+    pub cache_miss_rate: AtomicU64,
+    /// f64 bits.
+    pub encoding_rate: AtomicU64,
+}
+
+impl XbzrleCounters {
+    /// The `xbzrle-cache` member of `query-migrate`, in QEMU's member order.
+    pub fn to_json(&self, cache_size: u64) -> Value {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        json!({
+            "cache-size": cache_size,
+            "bytes": get(&self.bytes),
+            "pages": get(&self.pages),
+            "cache-miss": get(&self.cache_miss),
+            "cache-miss-rate": number(f64::from_bits(get(&self.cache_miss_rate))),
+            "encoding-rate": number(f64::from_bits(get(&self.encoding_rate))),
+            "overflow": get(&self.overflow),
         })
     }
 }

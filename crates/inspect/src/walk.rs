@@ -718,7 +718,13 @@ impl<'a> Walker<'a> {
                 )),
             ));
         }
-        src.skip(len, "XBZRLE data")?;
+        let data_at = src.offset();
+        let data = src.take(len as usize, "XBZRLE data")?;
+        // Each encoding is decoded in full (against a zero page: the runs' positions do
+        // not depend on the old contents) so that a broken one is found here.
+        let mut page = vec![0u8; self.report.page_size as usize];
+        vmigrate_stream::xbzrle::decode(data, &mut page)
+            .map_err(|e| InspectError::new(data_at, InspectErrorKind::Xbzrle(e.to_string())))?;
         Ok(())
     }
 

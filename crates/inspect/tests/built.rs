@@ -240,7 +240,7 @@ fn a_package_ends_at_postcopy_run() {
 
 #[test]
 fn malformed_page_records() {
-    let cases: [(&[u8], u64, &str); 3] = [
+    let cases: [(&[u8], u64, &str); 5] = [
         // XBZRLE with an unknown encoding byte.
         (&[2, 0, 3], 0, "XBZRLE page: unknown encoding 2"),
         // XBZRLE longer than a page.
@@ -249,6 +249,14 @@ fn malformed_page_records() {
             1,
             "encoded length 4097 exceeds the page size 4096",
         ),
+        // An encoding whose run goes past the page (skip 4095, run 2).
+        (
+            &[1, 0, 5, 0xFF, 0x1F, 0x02, 0xAA, 0xBB],
+            3,
+            "XBZRLE page: count at byte 2 runs past the page",
+        ),
+        // An encoding with a byte left over after its last run.
+        (&[1, 0, 4, 0x00, 0x01, 0xAA, 0x07], 3, "truncated at byte 3"),
         // An RDMA hook.
         (&[], 0, "RDMA hook records cannot be decoded"),
     ];
@@ -258,7 +266,7 @@ fn malformed_page_records() {
         ram_start(&mut s, "ram", 0x2000);
         let mut body = Vec::new();
         let record_at;
-        if i < 2 {
+        if i < 4 {
             ram::put_page_header(&mut body, 0x1000, ram::FLAG_XBZRLE, Some("ram"));
             record_at = body.len() as u64;
             body.extend_from_slice(tail);

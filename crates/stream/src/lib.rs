@@ -14,6 +14,7 @@
 //! - [`vmstate`]: field encoding for device bodies, and the device descriptions.
 //! - [`devices`]: the bodies of the `timer` and `globalstate` sections.
 //! - [`vmdesc`]: the JSON trailer.
+//! - [`xbzrle`]: the XBZRLE page encoding.
 //!
 //! Decoding reads from a [`Source`], which knows its byte offset so that every error can
 //! say where the stream broke.
@@ -33,6 +34,7 @@ pub mod section;
 pub mod source;
 pub mod vmdesc;
 pub mod vmstate;
+pub mod xbzrle;
 
 pub use error::{DecodeError, DecodeErrorKind};
 pub use source::{SliceSource, Source};

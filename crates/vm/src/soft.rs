@@ -238,7 +238,8 @@ impl SoftWorkload {
                     self.report_violation(index, page, pass - 1, word, value);
                 }
             }
-            self.ram.fill_u64(offset, ps as usize, page_tag(pass, page));
+            let written = if self.spec.sparse { 8 } else { ps as usize };
+            self.ram.fill_u64(offset, written, page_tag(pass, page));
             if let Some(dirty) = &self.dirty {
                 dirty.mark(0, page as usize, 1);
             }

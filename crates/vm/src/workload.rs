@@ -12,7 +12,8 @@
 
 use std::fmt;
 
-/// The `--workload` specification: `hot=SIZE,rate=RATE,verify` (all optional).
+/// The `--workload` specification: `hot=SIZE,rate=RATE,verify` or `sparse` (all
+/// optional).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WorkloadSpec {
     /// Bytes of guest RAM written each pass, from the start of RAM; `None` is all of it.
@@ -21,6 +22,10 @@ pub struct WorkloadSpec {
     pub rate: Option<u64>,
     /// Check every page before rewriting it (the self-checking workload).
     pub verify: bool,
+    /// Write only the first 64-bit word of each page (its tag), not the whole page: from
+    /// one pass to the next one byte of the page changes, as in a guest that bumps a
+    /// counter per page. Not with `verify` (the rest of the page holds no tag).
+    pub sparse: bool,
     /// Whether the workload runs at all (`--workload none` or no `--workload`).
     pub enabled: bool,
 }
@@ -31,6 +36,7 @@ impl Default for WorkloadSpec {
             hot: None,
             rate: None,
             verify: false,
+            sparse: false,
             enabled: true,
         }
     }
@@ -43,8 +49,10 @@ pub enum WorkloadSpecError {
     BadSize { key: &'static str, value: String },
     #[error("'{0}' must not be zero")]
     Zero(&'static str),
-    #[error("unknown workload option '{0}' (known: hot=SIZE, rate=RATE, verify, none)")]
+    #[error("unknown workload option '{0}' (known: hot=SIZE, rate=RATE, verify, sparse, none)")]
     UnknownOption(String),
+    #[error("'sparse' and 'verify' exclude each other (a sparse page holds one tag)")]
+    SparseVerify,
 }
 
 impl WorkloadSpec {
@@ -69,9 +77,13 @@ impl WorkloadSpec {
                 ("hot", Some(v)) => spec.hot = Some(parse_size("hot", v)?),
                 ("rate", Some(v)) => spec.rate = Some(parse_size("rate", v)?),
                 ("verify", None) => spec.verify = true,
+                ("sparse", None) => spec.sparse = true,
                 ("none", None) => spec.enabled = false,
                 _ => return Err(WorkloadSpecError::UnknownOption(item.to_string())),
             }
+        }
+        if spec.sparse && spec.verify {
+            return Err(WorkloadSpecError::SparseVerify);
         }
         Ok(spec)
     }
@@ -100,6 +112,9 @@ impl fmt::Display for WorkloadSpec {
         }
         if self.verify {
             parts.push("verify".into());
+        }
+        if self.sparse {
+            parts.push("sparse".into());
         }
         if parts.is_empty() {
             parts.push("all".into());
@@ -214,6 +229,13 @@ mod tests {
         assert_eq!(s.hot, Some(256 << 20));
         assert_eq!(s.rate, Some(400 << 20));
         assert!(!s.verify && s.enabled);
+        let sparse = WorkloadSpec::parse("hot=1M,sparse").unwrap();
+        assert!(sparse.sparse && !sparse.verify);
+        assert_eq!(sparse.to_string(), "hot=1048576,sparse");
+        assert_eq!(
+            WorkloadSpec::parse("sparse,verify").unwrap_err(),
+            WorkloadSpecError::SparseVerify
+        );
         let v = WorkloadSpec::parse("verify").unwrap();
         assert!(v.verify && v.hot.is_none());
         assert!(!WorkloadSpec::parse("none").unwrap().enabled);

@@ -2,7 +2,7 @@
 //! (`load`), the RAM loader (`ram_load`), multifd channels (`multifd_recv`) and
 //! the pages a load has written (`pages`), and the postcopy destination
 //! (`postcopy`: userfaultfd, the fault thread and the listen thread) and its recovery
-//! after a network failure (`recover`).
+//! after a network failure (`recover`), XBZRLE pages (`xbzrle_load`).
 
 pub(crate) mod accept;
 pub(crate) mod blocktime;
@@ -12,6 +12,7 @@ pub(crate) mod pages;
 pub(crate) mod postcopy;
 pub(crate) mod ram_load;
 pub(crate) mod recover;
+pub(crate) mod xbzrle_load;
 
 pub use load::{
     load_stream, load_stream_postcopy, load_stream_with, LoadError, LoadOutcome, MultifdChannels,

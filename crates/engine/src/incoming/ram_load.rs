@@ -8,6 +8,7 @@ use vmigrate_stream::{DecodeError, DecodeErrorKind, Source};
 use crate::incoming::multifd_recv::MultifdReceiver;
 use crate::incoming::pages::{load_zero_page, ReceivedPages};
 use crate::incoming::postcopy::{PostcopyError, PostcopyIncoming};
+use crate::incoming::xbzrle_load::XbzrleLoad;
 use crate::io::FdSource;
 use crate::mapped_ram::{self, MappedRamError, Region};
 use crate::memory::RamBlock;
@@ -63,6 +64,8 @@ pub struct RamLoader {
     /// With postcopy advised: pages delivered in precopy are noted there, and pages
     /// of the postcopy phase are placed through it.
     postcopy: Option<Arc<PostcopyIncoming>>,
+    /// Pages received whole, the base of XBZRLE pages.
+    xbzrle: XbzrleLoad,
     pub zero_pages: u64,
     pub normal_pages: u64,
 }
@@ -72,7 +75,9 @@ impl RamLoader {
         let received = Arc::new(ReceivedPages::new(&blocks));
         let pristine = blocks.iter().map(|b| b.pristine()).collect();
         let page_size = blocks.first().map(|b| b.page_size()).unwrap_or(4096);
+        let xbzrle = XbzrleLoad::new(&blocks);
         Self {
+            xbzrle,
             blocks,
             received,
             multifd: None,
@@ -106,6 +111,12 @@ impl RamLoader {
     /// The postcopy session, once advised.
     pub(crate) fn postcopy(&self) -> Option<&Arc<PostcopyIncoming>> {
         self.postcopy.as_ref()
+    }
+
+    /// XBZRLE pages loaded.
+    #[cfg(test)]
+    pub(crate) fn xbzrle_pages(&self) -> u64 {
+        self.xbzrle.pages
     }
 
     /// Whether any page record was loaded yet.
@@ -310,13 +321,12 @@ impl RamLoader {
                     }
                 }
                 RamRecordKind::Xbzrle => {
-                    return Err(DecodeError::new(
-                        at,
-                        DecodeErrorKind::Invalid {
-                            what: "RAM record",
-                            detail: "XBZRLE pages are not supported by vmigrate yet".into(),
-                        },
-                    ))
+                    let (bi, page) = self.resolve(src, &h, at)?;
+                    self.xbzrle.load(src, &self.blocks[bi], bi, page, at)?;
+                    self.received.set(bi, page);
+                    if let Some(pc) = &self.postcopy {
+                        pc.note_delivered(bi, page);
+                    }
                 }
                 RamRecordKind::MemSize | RamRecordKind::Hook => {
                     return Err(DecodeError::new(
@@ -375,6 +385,7 @@ impl RamLoader {
             return Err(DecodeError::new(at, DecodeErrorKind::NonZeroFill(fill)));
         }
         self.zero_pages += 1;
+        self.xbzrle.note_full(bi, page);
         if let Some(pc) = &self.postcopy {
             pc.note_delivered(bi, page);
         }
@@ -393,6 +404,7 @@ impl RamLoader {
         let ps = block.page_size() as usize;
         src.fill_guest(block, page as u64 * ps as u64, ps, "RAM page")?;
         self.received.set(bi, page);
+        self.xbzrle.note_full(bi, page);
         if let Some(pc) = &self.postcopy {
             pc.note_delivered(bi, page);
         }

@@ -52,6 +52,8 @@ pub struct ChannelConfig {
     pub zero: ZeroDetection,
     pub uuid: [u8; 16],
     pub page_size: u64,
+    /// `zero-copy-send`: pages go out with `MSG_ZEROCOPY`.
+    pub zero_copy: bool,
 }
 
 enum Job {
@@ -127,6 +129,9 @@ impl MultifdSender {
             let mut writer =
                 StreamWriter::new(fd, stats.transferred.clone(), limit.clone(), cancel.clone());
             writer.set_bandwidth_share(n);
+            if config.zero_copy {
+                writer.enable_zero_copy()?;
+            }
             let worker = ChannelWorker {
                 writer,
                 blocks: blocks.clone(),
@@ -293,7 +298,13 @@ impl ChannelWorker {
         let ps = self.config.page_size;
         self.writer
             .with_buf(|out| PacketHeader::sync(packet_num).encode(out, ps))?;
-        self.writer.flush()?;
+        // With zero copy, everything sent so far must be complete at a sync point; a
+        // sync where the kernel copied it all counts as missed.
+        if self.writer.flush_zero_copy()? == Some(true) {
+            self.stats
+                .dirty_sync_missed_zero_copy
+                .fetch_add(1, Ordering::Relaxed);
+        }
         self.stats.multifd_bytes.fetch_add(
             vmigrate_stream::multifd::packet_len(ps) as u64,
             Ordering::Relaxed,

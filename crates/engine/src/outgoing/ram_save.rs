@@ -10,6 +10,7 @@ use crate::io::{StreamWriter, WriteError};
 use crate::mapped_ram::{MappedRamWriter, Region};
 use crate::memory::RamBlock;
 use crate::outgoing::multifd_send::{MultifdSender, ZeroDetection};
+use crate::outgoing::xbzrle_cache::{XbzrleCacheError, XbzrlePage, XbzrleSaver};
 use crate::properties::MultifdSync;
 use crate::vmm::{DirtyBitmap, DirtyTracker, VmmError};
 
@@ -58,6 +59,10 @@ pub struct RamSaver {
     /// their fixed offsets instead of the stream.
     mapped_layout: bool,
     mapped: Option<MappedRamWriter>,
+    /// XBZRLE, when the capability is on.
+    xbzrle: Option<XbzrleSaver>,
+    /// Postcopy started: pages are sent whole (XBZRLE is not used).
+    postcopy_phase: bool,
 }
 
 /// Why a saver step stopped.
@@ -85,6 +90,21 @@ impl RamSaver {
             multifd_sync: MultifdSync::PerRound,
             mapped_layout: false,
             mapped: None,
+            xbzrle: None,
+            postcopy_phase: false,
+        }
+    }
+
+    /// Encodes pages sent again with XBZRLE from the second pass on.
+    pub fn use_xbzrle(&mut self, x: XbzrleSaver) {
+        self.xbzrle = Some(x);
+    }
+
+    /// `xbzrle-cache-size` may have changed during the migration.
+    pub fn set_xbzrle_cache_size(&mut self, size: u64) -> Result<(), XbzrleCacheError> {
+        match &mut self.xbzrle {
+            Some(x) => x.resize(size),
+            None => Ok(()),
         }
     }
 
@@ -241,6 +261,7 @@ impl RamSaver {
         page: usize,
         sent: &mut SentPages,
     ) -> Result<bool, WriteError> {
+        self.postcopy_phase = true;
         if !self.dirty[index].test_and_clear(page) {
             return Ok(false);
         }
@@ -265,6 +286,7 @@ impl RamSaver {
         sent: &mut SentPages,
         channel_block: &mut Option<usize>,
     ) -> Result<bool, WriteError> {
+        self.postcopy_phase = true;
         if !self.dirty[index].test_and_clear(page) {
             return Ok(false);
         }
@@ -284,6 +306,7 @@ impl RamSaver {
         w: &mut StreamWriter,
         sent: &mut SentPages,
     ) -> Result<Option<(usize, usize)>, WriteError> {
+        self.postcopy_phase = true;
         let mut wrapped = false;
         loop {
             let (bi, from) = self.cursor;
@@ -354,6 +377,9 @@ impl RamSaver {
             fresh += got.count() as u64;
             d.merge(&got);
         }
+        if let Some(x) = &mut self.xbzrle {
+            x.update_rates();
+        }
         self.cursor = (0, 0);
         Ok(fresh)
     }
@@ -385,9 +411,14 @@ impl RamSaver {
     ) -> Result<(SentPages, bool), WriteError> {
         let mut sent = SentPages::default();
         let mut n = 0u32;
+        // Without a deadline the VM is stopped: XBZRLE's last stage.
+        let last_stage = deadline.is_none();
         loop {
             let (bi, from) = self.cursor;
             if bi >= self.blocks.len() {
+                if let Some(x) = &mut self.xbzrle {
+                    x.pass_done();
+                }
                 return Ok((sent, true));
             }
             let Some(page) = self.dirty[bi].next_set(from) else {
@@ -400,7 +431,11 @@ impl RamSaver {
                 sent.deferred += 1;
                 continue;
             }
-            if let Err(e) = self.send_page(w, bi, page, &mut sent) {
+            let result = match self.xbzrle.as_ref().is_some_and(|x| x.started()) {
+                true => self.send_page_xbzrle(w, bi, page, &mut sent, last_stage),
+                false => self.send_page(w, bi, page, &mut sent),
+            };
+            if let Err(e) = result {
                 self.dirty[bi].set(page);
                 return Err(e);
             }
@@ -457,12 +492,68 @@ impl RamSaver {
         if self.zero_pages == ZeroPages::Detect && block.is_zero(offset, ps as usize) {
             w.with_buf(|out| ram::put_zero_page(out, offset, name))?;
             sent.zero += 1;
+            if let Some(x) = &mut self.xbzrle {
+                x.zero_page_sent(bi, offset);
+            }
         } else {
             w.with_buf(|out| ram::put_page_header(out, offset, ram::FLAG_PAGE, name))?;
             w.put_guest(block, offset, ps as usize)?;
             sent.normal += 1;
         }
         *last_block = Some(bi);
+        if let Some(x) = &mut self.xbzrle {
+            x.note_page_sent();
+        }
+        Ok(())
+    }
+
+    /// Sends one page on the main channel with XBZRLE started: a ZERO record, an
+    /// XBZRLE record, the page whole, or nothing when it did not change (see
+    /// [`XbzrleSaver::page`]). `last_stage`: the VM is stopped.
+    fn send_page_xbzrle(
+        &mut self,
+        w: &mut StreamWriter,
+        bi: usize,
+        page: usize,
+        sent: &mut SentPages,
+        last_stage: bool,
+    ) -> Result<(), WriteError> {
+        let block = &self.blocks[bi];
+        let ps = block.page_size();
+        let offset = page as u64 * ps;
+        let zero = self.zero_pages == ZeroPages::Detect && block.is_zero(offset, ps as usize);
+        let Some(x) = self
+            .xbzrle
+            .as_mut()
+            .filter(|_| !self.postcopy_phase && !zero)
+        else {
+            return self.send_page(w, bi, page, sent);
+        };
+        let name = (self.last_block != Some(bi)).then(|| block.idstr());
+        let name_bytes = name.map_or(0, |n| 1 + n.len() as u64);
+        match x.page(block, bi, offset, last_stage, name_bytes) {
+            XbzrlePage::Unchanged => return Ok(()),
+            XbzrlePage::Encoded(e) => w.with_buf(|out| {
+                ram::put_page_header(out, offset, ram::FLAG_XBZRLE, name);
+                out.push(vmigrate_stream::xbzrle::ENCODING_XBZRLE);
+                out.extend_from_slice(&(e.len() as u16).to_be_bytes());
+                out.extend_from_slice(e);
+            })?,
+            XbzrlePage::Whole(data) => {
+                w.with_buf(|out| {
+                    ram::put_page_header(out, offset, ram::FLAG_PAGE, name);
+                    out.extend_from_slice(data);
+                })?;
+                sent.normal += 1;
+            }
+            XbzrlePage::FromGuest => {
+                w.with_buf(|out| ram::put_page_header(out, offset, ram::FLAG_PAGE, name))?;
+                w.put_guest(block, offset, ps as usize)?;
+                sent.normal += 1;
+            }
+        }
+        x.note_page_sent();
+        self.last_block = Some(bi);
         Ok(())
     }
 }

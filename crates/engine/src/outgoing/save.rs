@@ -61,6 +61,8 @@ pub enum SaveError {
     Status(#[from] StatusError),
     #[error(transparent)]
     Postcopy(#[from] postcopy::PostcopyError),
+    #[error(transparent)]
+    XbzrleCache(#[from] crate::outgoing::xbzrle_cache::XbzrleCacheError),
 }
 
 impl From<RamSaveError> for SaveError {
@@ -148,6 +150,13 @@ pub(crate) fn run(
         ZeroPages::Detect
     };
     let mut saver = RamSaver::new(vmm.ram_blocks().to_vec(), zero_pages);
+    if caps.xbzrle() {
+        saver.use_xbzrle(crate::outgoing::xbzrle_cache::XbzrleSaver::new(
+            vmm.ram_blocks(),
+            params.xbzrle_cache_size(),
+            stats.clone(),
+        )?);
+    }
     let ps = vmm
         .ram_blocks()
         .first()
@@ -305,6 +314,7 @@ fn start_multifd(
         zero,
         uuid: vmm.uuid().unwrap_or([0; 16]),
         page_size,
+        zero_copy: shared.caps_snapshot().zero_copy_send(),
     };
     Ok(MultifdSender::start(
         conns,
@@ -793,6 +803,7 @@ fn send_ram_body(
     iteration: Option<(Instant, &dyn crate::vmm::DirtyTracker)>,
 ) -> Result<(crate::outgoing::ram_save::SentPages, bool), SaveError> {
     let deadline = iteration.map(|(d, _)| d);
+    saver.set_xbzrle_cache_size(shared.params_snapshot().xbzrle_cache_size())?;
     let (sent, pass_done) = saver.send_dirty(w, deadline, iteration.map(|(_, t)| t))?;
     saver.sync_before_eos(w, pass_done)?;
     if deadline.is_none() {

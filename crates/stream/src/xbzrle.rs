@@ -1,0 +1,474 @@
+//! XBZRLE: a page encoded as its difference from the copy the other side already holds.
+//!
+//! The encoding is a sequence of pairs: a ULEB128 count of unchanged bytes (the skip),
+//! a ULEB128 count `n ≥ 1` of changed bytes, then those `n` new bytes. Counts take one or
+//! two bytes (values up to 0x3FFF). Unchanged bytes at the end of the page are not
+//! encoded; a page equal to the old one encodes to nothing. The runs are maximal: each
+//! changed run ends at the first unchanged byte, each skip at the first changed byte, so
+//! for two given pages there is exactly one encoding, the one QEMU 10.0 writes.
+//!
+//! The record around an encoding (`u8` encoding kind, `be16` length) is written by the
+//! RAM saver; see [`ENCODING_XBZRLE`].
+
+use std::fmt;
+
+/// The encoding kind byte that precedes the length of an XBZRLE page.
+pub const ENCODING_XBZRLE: u8 = 1;
+
+/// The largest count a one- or two-byte ULEB128 can carry.
+const MAX_SMALL_ULEB: usize = 0x3FFF;
+
+/// What [`encode`] produced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoded {
+    /// The page equals the old one: nothing to send.
+    Unchanged,
+    /// The encoding would not fit in the output buffer: send the page whole.
+    Overflow,
+    /// The first `n` bytes of the output buffer hold the encoding.
+    Len(usize),
+}
+
+/// Every low byte of a word set: the constant of the zero-byte test.
+const ONES: u64 = 0x0101_0101_0101_0101;
+const HIGHS: u64 = 0x8080_8080_8080_8080;
+
+#[inline(always)]
+fn word(buf: &[u8], at: usize) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&buf[at..at + 8]);
+    // Little-endian so that the lowest set bit names the first byte in memory order.
+    u64::from_le_bytes(b)
+}
+
+/// Index of the first byte at or after `from` where `old` and `new` differ, or `len`.
+#[inline(always)]
+fn first_difference(old: &[u8], new: &[u8], mut from: usize) -> usize {
+    let len = new.len();
+    while from + 8 <= len {
+        let x = word(old, from) ^ word(new, from);
+        if x != 0 {
+            return from + (x.trailing_zeros() / 8) as usize;
+        }
+        from += 8;
+    }
+    while from < len && old[from] == new[from] {
+        from += 1;
+    }
+    from
+}
+
+/// Index of the first byte at or after `from` where `old` and `new` agree, or `len`.
+#[inline(always)]
+fn first_agreement(old: &[u8], new: &[u8], mut from: usize) -> usize {
+    let len = new.len();
+    while from + 8 <= len {
+        let x = word(old, from) ^ word(new, from);
+        // A zero byte of `x` is an agreeing byte. The borrow of the subtraction can only
+        // flag bytes above the first zero byte, so the lowest flag is exact.
+        let zeros = x.wrapping_sub(ONES) & !x & HIGHS;
+        if zeros != 0 {
+            return from + (zeros.trailing_zeros() / 8) as usize;
+        }
+        from += 8;
+    }
+    while from < len && old[from] != new[from] {
+        from += 1;
+    }
+    from
+}
+
+/// Writes `v` (≤ 0x3FFF) as a one- or two-byte ULEB128 at `out[at..]`; returns its size.
+#[inline(always)]
+fn put_uleb(out: &mut [u8], at: usize, v: usize) -> usize {
+    debug_assert!(v <= MAX_SMALL_ULEB);
+    if v < 0x80 {
+        out[at] = v as u8;
+        1
+    } else {
+        out[at] = (v as u8 & 0x7F) | 0x80;
+        out[at + 1] = (v >> 7) as u8;
+        2
+    }
+}
+
+/// Encodes `new` against `old` (same length, at most 0x3FFF bytes) into `out`, whose
+/// length is the limit: an encoding longer than `out` is [`Encoded::Overflow`]. The
+/// limit is checked where QEMU checks it (room for two count bytes before each count
+/// pair, room for the run before its bytes), so both give up on the same pages.
+pub fn encode(old: &[u8], new: &[u8], out: &mut [u8]) -> Encoded {
+    assert_eq!(old.len(), new.len(), "XBZRLE pages of different sizes");
+    assert!(new.len() <= MAX_SMALL_ULEB, "XBZRLE page too large");
+    let len = new.len();
+    let limit = out.len();
+    let mut d = 0;
+    let mut i = 0;
+    while i < len {
+        if d + 2 > limit {
+            return Encoded::Overflow;
+        }
+        let changed = first_difference(old, new, i);
+        let skip = changed - i;
+        if skip == len {
+            return Encoded::Unchanged;
+        }
+        if changed == len {
+            return Encoded::Len(d);
+        }
+        d += put_uleb(out, d, skip);
+        if d + 2 > limit {
+            return Encoded::Overflow;
+        }
+        // Runs of one byte are the usual case (a counter or tag per word): check the
+        // next byte before a word scan.
+        let end = if changed + 1 < len && old[changed + 1] == new[changed + 1] {
+            changed + 1
+        } else {
+            first_agreement(old, new, changed)
+        };
+        let n = end - changed;
+        d += put_uleb(out, d, n);
+        if d + n > limit {
+            return Encoded::Overflow;
+        }
+        let run = &new[changed..end];
+        if n <= 8 {
+            // Short runs (the usual ones) without a call to memcpy.
+            for (o, b) in out[d..d + n].iter_mut().zip(run) {
+                *o = *b;
+            }
+        } else {
+            out[d..d + n].copy_from_slice(run);
+        }
+        d += n;
+        i = end;
+    }
+    Encoded::Len(d)
+}
+
+/// Why an encoded page was refused. Offsets are into the encoded bytes (`at`) and into
+/// the page (`page_at`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum XbzrleError {
+    /// Fewer than two bytes left where a count must start (a truncated encoding, or
+    /// bytes left over after the last run).
+    Truncated { at: usize },
+    /// A count whose second byte has its top bit set (more than 14 bits).
+    CountTooLong { at: usize },
+    /// A skip of 0 after the first pair.
+    ZeroSkip { at: usize },
+    /// A changed run of 0 bytes.
+    EmptyRun { at: usize },
+    /// A skip or run that goes past the end of the page.
+    PastPage {
+        at: usize,
+        page_at: usize,
+        len: usize,
+        page_size: usize,
+    },
+    /// A run whose bytes go past the end of the encoding.
+    RunTruncated { at: usize, len: usize, left: usize },
+}
+
+impl fmt::Display for XbzrleError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Truncated { at } => write!(
+                f,
+                "encoding truncated at byte {at}: fewer than 2 bytes left for a count"
+            ),
+            Self::CountTooLong { at } => {
+                write!(f, "count at byte {at} is longer than 2 bytes")
+            }
+            Self::ZeroSkip { at } => write!(f, "skip of 0 bytes at byte {at}"),
+            Self::EmptyRun { at } => write!(f, "run of 0 bytes at byte {at}"),
+            Self::PastPage {
+                at,
+                page_at,
+                len,
+                page_size,
+            } => write!(
+                f,
+                "count at byte {at} runs past the page: {len} bytes from page offset \
+                 {page_at} of {page_size}"
+            ),
+            Self::RunTruncated { at, len, left } => write!(
+                f,
+                "run at byte {at} needs {len} bytes, the encoding has {left} left"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for XbzrleError {}
+
+/// Reads a one- or two-byte ULEB128 at `src[at..]` (two bytes are there).
+fn get_uleb(src: &[u8], at: usize) -> Result<(usize, usize), XbzrleError> {
+    let b0 = src[at];
+    if b0 & 0x80 == 0 {
+        return Ok((usize::from(b0), 1));
+    }
+    let b1 = src[at + 1];
+    if b1 & 0x80 != 0 {
+        return Err(XbzrleError::CountTooLong { at });
+    }
+    Ok((usize::from(b0 & 0x7F) | usize::from(b1) << 7, 2))
+}
+
+/// Applies the encoding `src` to `page` (which holds the old contents) with QEMU's rules:
+/// every count needs two bytes left to start, skips after the first are not 0, runs are
+/// not empty, nothing goes past the page or the encoding. Returns the page offset after
+/// the last run. On error `page` may be partly changed: decode into a copy.
+pub fn decode(src: &[u8], page: &mut [u8]) -> Result<usize, XbzrleError> {
+    let page_size = page.len();
+    let mut i = 0;
+    let mut d = 0;
+    while i < src.len() {
+        if src.len() - i < 2 {
+            return Err(XbzrleError::Truncated { at: i });
+        }
+        let (skip, w) = get_uleb(src, i)?;
+        if i != 0 && skip == 0 {
+            return Err(XbzrleError::ZeroSkip { at: i });
+        }
+        if d + skip > page_size {
+            return Err(XbzrleError::PastPage {
+                at: i,
+                page_at: d,
+                len: skip,
+                page_size,
+            });
+        }
+        i += w;
+        d += skip;
+        if src.len() - i < 2 {
+            return Err(XbzrleError::Truncated { at: i });
+        }
+        let (n, w) = get_uleb(src, i)?;
+        if n == 0 {
+            return Err(XbzrleError::EmptyRun { at: i });
+        }
+        if d + n > page_size {
+            return Err(XbzrleError::PastPage {
+                at: i,
+                page_at: d,
+                len: n,
+                page_size,
+            });
+        }
+        let at = i;
+        i += w;
+        if i + n > src.len() {
+            return Err(XbzrleError::RunTruncated {
+                at,
+                len: n,
+                left: src.len() - i,
+            });
+        }
+        page[d..d + n].copy_from_slice(&src[i..i + n]);
+        d += n;
+        i += n;
+    }
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PS: usize = 4096;
+
+    fn enc(old: &[u8], new: &[u8]) -> Encoded {
+        let mut out = vec![0u8; PS];
+        encode(old, new, &mut out)
+    }
+
+    fn enc_bytes(old: &[u8], new: &[u8]) -> Vec<u8> {
+        let mut out = vec![0u8; PS];
+        match encode(old, new, &mut out) {
+            Encoded::Len(n) => out[..n].to_vec(),
+            other => panic!("expected an encoding, got {other:?}"),
+        }
+    }
+
+    /// The byte-at-a-time definition of the encoding, to check the word-at-a-time one.
+    fn reference(old: &[u8], new: &[u8], limit: usize) -> Encoded {
+        let mut out = Vec::new();
+        let mut i = 0;
+        let len = new.len();
+        while i < len {
+            if out.len() + 2 > limit {
+                return Encoded::Overflow;
+            }
+            let mut j = i;
+            while j < len && old[j] == new[j] {
+                j += 1;
+            }
+            if j - i == len {
+                return Encoded::Unchanged;
+            }
+            if j == len {
+                return Encoded::Len(out.len());
+            }
+            let mut tmp = [0u8; 2];
+            let w = put_uleb(&mut tmp, 0, j - i);
+            out.extend_from_slice(&tmp[..w]);
+            if out.len() + 2 > limit {
+                return Encoded::Overflow;
+            }
+            let mut k = j;
+            while k < len && old[k] != new[k] {
+                k += 1;
+            }
+            let w = put_uleb(&mut tmp, 0, k - j);
+            out.extend_from_slice(&tmp[..w]);
+            if out.len() + (k - j) > limit {
+                return Encoded::Overflow;
+            }
+            out.extend_from_slice(&new[j..k]);
+            i = k;
+        }
+        Encoded::Len(out.len())
+    }
+
+    #[test]
+    fn first_byte_changed_is_qemus_record() {
+        let old = vec![0u8; PS];
+        let mut new = old.clone();
+        new[0] = 0xC2;
+        assert_eq!(enc_bytes(&old, &new), [0x00, 0x01, 0xC2]);
+    }
+
+    #[test]
+    fn unchanged_page_and_trailing_skip() {
+        let old = vec![7u8; PS];
+        assert_eq!(enc(&old, &old), Encoded::Unchanged);
+        let mut new = old.clone();
+        new[300] = 1;
+        // skip 300 = 0xAC 0x02, run 1, byte; the unchanged end is not encoded.
+        assert_eq!(enc_bytes(&old, &new), [0xAC, 0x02, 0x01, 0x01]);
+    }
+
+    #[test]
+    fn runs_end_at_the_first_agreeing_byte() {
+        let old = vec![0u8; PS];
+        let mut new = old.clone();
+        for b in &mut new[8..20] {
+            *b = 0xFF;
+        }
+        new[13] = 0; // agrees: splits the run
+        assert_eq!(
+            enc_bytes(&old, &new),
+            [8, 5, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 1, 6, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF]
+        );
+    }
+
+    #[test]
+    fn overflow_where_qemu_gives_up() {
+        // Every other byte changed: 2048 pairs of 3 bytes do not fit in 4096.
+        let old = vec![0u8; PS];
+        let new: Vec<u8> = (0..PS).map(|i| (i % 2) as u8).collect();
+        assert_eq!(enc(&old, &new), Encoded::Overflow);
+        // A whole changed page: skip 0, run 4096 (2 bytes), 4096 bytes: too long.
+        let new = vec![1u8; PS];
+        assert_eq!(enc(&old, &new), Encoded::Overflow);
+    }
+
+    #[test]
+    fn word_scan_agrees_with_the_byte_definition() {
+        // A small deterministic generator: pages with runs of every length and place.
+        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for round in 0..2000 {
+            let old: Vec<u8> = (0..PS).map(|_| next() as u8).collect();
+            let mut new = old.clone();
+            let writes = (next() % 200) as usize;
+            for _ in 0..writes {
+                let at = (next() as usize) % PS;
+                let n = 1 + (next() as usize) % if round % 3 == 0 { 64 } else { 4 };
+                for k in at..(at + n).min(PS) {
+                    // Sometimes the "new" byte equals the old one.
+                    new[k] = if next() % 5 == 0 {
+                        old[k]
+                    } else {
+                        next() as u8
+                    };
+                }
+            }
+            let limit = if round % 7 == 0 { 64 } else { PS };
+            let mut out = vec![0u8; limit];
+            let got = encode(&old, &new, &mut out);
+            assert_eq!(got, reference(&old, &new, limit), "round {round}");
+            if let Encoded::Len(n) = got {
+                let mut page = old.clone();
+                let end = decode(&out[..n], &mut page).unwrap();
+                assert!(end <= PS);
+                assert_eq!(page, new, "round {round}");
+            }
+        }
+    }
+
+    #[test]
+    fn hostile_encodings_are_refused_with_their_offset() {
+        let mut page = vec![0u8; PS];
+        let cases: &[(&[u8], XbzrleError)] = &[
+            (&[0x00], XbzrleError::Truncated { at: 0 }),
+            (&[0x05, 0x01, 0xAA, 0x07], XbzrleError::Truncated { at: 3 }),
+            (
+                &[0x00, 0x01, 0xAA, 0x00, 0x01, 0xBB],
+                XbzrleError::ZeroSkip { at: 3 },
+            ),
+            (&[0x00, 0x00, 0xAA], XbzrleError::EmptyRun { at: 1 }),
+            (&[0x80, 0x80, 0x01], XbzrleError::CountTooLong { at: 0 }),
+            (
+                // skip 4096, then a run: past the page.
+                &[0x80, 0x20, 0x01, 0xAA],
+                XbzrleError::PastPage {
+                    at: 2,
+                    page_at: 4096,
+                    len: 1,
+                    page_size: 4096,
+                },
+            ),
+            (
+                // skip 4095, run 2.
+                &[0xFF, 0x1F, 0x02, 0xAA, 0xBB],
+                XbzrleError::PastPage {
+                    at: 2,
+                    page_at: 4095,
+                    len: 2,
+                    page_size: 4096,
+                },
+            ),
+            (
+                &[0x00, 0x05, 0xAA, 0xBB],
+                XbzrleError::RunTruncated {
+                    at: 1,
+                    len: 5,
+                    left: 2,
+                },
+            ),
+            (
+                // skip beyond the page.
+                &[0xFF, 0x7F, 0x01, 0xAA],
+                XbzrleError::PastPage {
+                    at: 0,
+                    page_at: 0,
+                    len: 0x3FFF,
+                    page_size: 4096,
+                },
+            ),
+        ];
+        for (src, want) in cases {
+            assert_eq!(decode(src, &mut page).unwrap_err(), *want, "{src:02x?}");
+            assert!(!want.to_string().is_empty());
+        }
+        // An empty encoding changes nothing.
+        assert_eq!(decode(&[], &mut page), Ok(0));
+    }
+}
