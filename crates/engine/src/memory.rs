@@ -93,6 +93,11 @@ pub enum Backing {
     },
 }
 
+/// Whether `MADV_POPULATE_WRITE` is worth asking for: cleared, for the life of the
+/// process, the first time the kernel says it does not know it.
+static POPULATE_WRITE_WORKS: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(true);
+
 /// `TMPFS_MAGIC` and `HUGETLBFS_MAGIC` of `<linux/magic.h>`.
 const TMPFS_MAGIC: u64 = 0x0102_1994;
 const HUGETLBFS_MAGIC: u64 = 0x9584_58f6;
@@ -366,10 +371,52 @@ impl RamBlock {
 
     /// Pre-faults a range for writing (`MADV_POPULATE_WRITE`); best effort.
     pub fn populate_write(&self, offset: u64, len: usize) {
+        self.populate_for_write(offset, len);
+    }
+
+    /// Faults in `len` bytes at `offset` (whole pages) for writing with one
+    /// `madvise(MADV_POPULATE_WRITE)`, before a loader writes them: one call instead of
+    /// a fault per page, for pages about to be filled anyway. Only the pages named are
+    /// touched, so pages that stay zero stay unallocated. Best effort: on a kernel
+    /// without it (before Linux 5.14, `EINVAL`) no later call tries again, and on any
+    /// failure the pages simply fault in when written. Says whether the range was
+    /// populated.
+    pub fn populate_for_write(&self, offset: u64, len: usize) -> bool {
+        use std::sync::atomic::Ordering;
         let p = self.ptr_at(offset, len);
-        // SAFETY: advice on a range inside our own mapping; it does not change contents.
-        let _ =
-            unsafe { rustix::mm::madvise(p.cast(), len, rustix::mm::Advice::LinuxPopulateWrite) };
+        if len == 0 || !POPULATE_WRITE_WORKS.load(Ordering::Relaxed) {
+            return false;
+        }
+        debug_assert!(
+            offset.is_multiple_of(self.page_size),
+            "populate from a page start"
+        );
+        // SAFETY: advice on a range inside our own mapping (checked by ptr_at); it
+        // allocates the pages but does not change what they read.
+        match unsafe { rustix::mm::madvise(p.cast(), len, rustix::mm::Advice::LinuxPopulateWrite) }
+        {
+            Ok(()) => true,
+            Err(rustix::io::Errno::INVAL) => {
+                POPULATE_WRITE_WORKS.store(false, Ordering::Relaxed);
+                false
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Which of the pages of `len` bytes at `offset` are resident (`mincore(2)`), for
+    /// checks that a load left pages it had no data for untouched.
+    pub fn resident_pages(&self, offset: u64, len: usize) -> std::io::Result<Vec<bool>> {
+        let p = self.ptr_at(offset, len);
+        let host_page = host_page_size() as usize;
+        let mut vec = vec![0u8; len.div_ceil(host_page)];
+        // SAFETY: the range is inside our own mapping; the kernel writes one byte per
+        // host page of it into `vec`, which has exactly that many.
+        let r = unsafe { libc::mincore(p.cast(), len, vec.as_mut_ptr()) };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(vec.into_iter().map(|v| v & 1 != 0).collect())
     }
 
     /// Asks for base pages only (`MADV_NOHUGEPAGE`), so that write tracking reports
