@@ -64,6 +64,15 @@ verified. The report compares QEMU's best configuration with vmigrate's best and
 vmigrate in the same configuration (target: QEMU-best time / vmigrate time >= 1.5 for save
 and restore), and vmigrate's restore throughput with dd's (target >= 80 %).
 
+The destination's floor (with every stopped scenario, unless --no-floor): scripts/floor.c,
+compiled with `cc`, measures before and after the runs what it costs on this machine to fault
+in and fill --size bytes of fresh memory, anonymous and a shared tmpfs file, from loopback TCP
+(a writer process) and from a warm file, page by page and with MADV_POPULATE_WRITE per 512 KiB
+chunk. The floor of a path is the best of these rates for its source into tmpfs (where both
+engines' destination RAM lives): the socket for tcp-*, the warm file for file-* restores. Each
+receive path's data rate (the non-zero part of RAM, which is all a destination must write, per
+second of its wall time) is reported as a fraction of it (target >= 80 %).
+
 Usage:
     scripts/bench.py                        # 4 GiB, 3 reps, all four pairs
     scripts/bench.py --size 512M -n 2       # quick check
@@ -1899,6 +1908,84 @@ def report(records, size, scenarios, pairs):
     return "\n".join(lines)
 
 
+FLOOR_TARGET = 0.8           # a receive path's data rate / the floor of its source
+
+
+def measure_floor(args, tmpdir, log):
+    """Compiles scripts/floor.c (once) and runs it: a list of {kind, source, mode,
+    seconds, gib_per_s}, or [] with a note when it cannot run."""
+    exe = os.path.join(tmpdir, "floor")
+    if not os.path.exists(exe):
+        cc = shutil.which("cc") or shutil.which("gcc")
+        if cc is None:
+            log("note: no C compiler (cc): the destination floor is not measured")
+            return []
+        r = subprocess.run([cc, "-O2", "-o", exe, os.path.join(HERE, "floor.c")],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            log(f"note: scripts/floor.c does not build, the floor is not measured: {r.stderr.strip()[:300]}")
+            return []
+    warm_dir = args.file_dir if os.path.isdir(args.file_dir) else tempfile.gettempdir()
+    quiet_gate(args.gate)
+    r = subprocess.run([exe, str(args.size), args.shm, warm_dir], capture_output=True, text=True,
+                       timeout=max(120, 60 * args.size / GiB))
+    if r.returncode != 0:
+        log(f"note: the floor measurement failed: {r.stderr.strip()[:300]}")
+        return []
+    out = [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
+    for f in out:
+        f["start"] = time.time()
+    log("floor: " + ", ".join(f"{f['kind']}/{f['source']}/{f['mode']} {f['gib_per_s']:.2f} GiB/s" for f in out))
+    return out
+
+
+def floor_rates(floor):
+    """The floor per (kind, source): the best rate any mode reached in any measurement."""
+    best = {}
+    for f in floor:
+        k = (f["kind"], f["source"])
+        best[k] = max(best.get(k, 0.0), f["gib_per_s"])
+    return best
+
+
+def report_floor(records, floor, meta, size, scenarios, pairs):
+    """Each receive path's data rate as a fraction of the floor of its source."""
+    if not floor:
+        return "\n(destination floor not measured)"
+    rates = floor_rates(floor)
+    lines = ["\n## Destination floor — fault in and fill fresh memory, "
+             f"{human_size(size)}, best of {len(floor) // max(1, len(rates) * 2)} measurement(s)\n"]
+    rows = []
+    for (kind, source), best in sorted(rates.items()):
+        per_mode = {m: [f["gib_per_s"] for f in floor
+                        if (f["kind"], f["source"], f["mode"]) == (kind, source, m)] for m in ("fault", "populate")}
+        rows.append([kind, source, fmt(per_mode["fault"]), fmt(per_mode["populate"]), f"{best:.2f}"])
+    lines.append(table(["memory", "source", "page by page GiB/s", "populate per chunk GiB/s", "floor GiB/s"], rows))
+    blocks = (meta or {}).get("blocks") or {}
+    total = sum(blocks.values())
+    nonzero = (blocks.get("random", 0) + blocks.get("text", 0)) / total if total else 1.0
+    lines.append(f"\nReceive paths against the floor: data = the non-zero part of RAM ({nonzero:.0%}), the bytes a "
+                 "destination must write; fraction = data GiB/s / floor GiB/s of the path's source into tmpfs "
+                 f"(target >= {FLOOR_TARGET:.0%}); RAM GiB/s / floor in brackets.\n")
+    rows = []
+    for sc in scenarios:
+        source = "file" if is_file(sc) else "socket"
+        floor_rate = rates.get(("tmpfs", source))
+        for p in pairs:
+            ok = [r for r in records if r["scenario"] == sc and (r["src"], r["dst"]) == p and r["ok"]]
+            key = "restore_warm_s" if is_file(sc) else "wall_s"
+            secs = [r[key] for r in ok if r.get(key)]
+            if not secs or not floor_rate:
+                continue
+            ram = median([size / GiB / t for t in secs])
+            data = ram * nonzero
+            rows.append([sc + (" restore warm" if is_file(sc) else ""), pair_label(p), f"{ram:.2f}", f"{data:.2f}",
+                         f"{floor_rate:.2f} ({source})", f"{data / floor_rate:.0%} ({ram / floor_rate:.0%})"])
+    lines.append(table(["path", "pair (src→dst)", "RAM GiB/s", "data GiB/s", "floor GiB/s", "fraction"], rows)
+                 if rows else "(no verified runs)")
+    return "\n".join(lines)
+
+
 FILE_SPEEDUP_TARGET = 1.5    # QEMU's best time / vmigrate's time, save and restore
 FILE_DD_TARGET = 0.8         # vmigrate restore throughput / dd throughput on the same file
 
@@ -2425,6 +2512,9 @@ def main():
     ap.add_argument("--keep-image", action="store_true",
                     help="keep the source RAM image (reused by the next run with the same size and seed)")
     ap.add_argument("--keep-logs", action="store_true", help="keep the engines' logs and QMP dir")
+    ap.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
+                    help="measure the destination floor (scripts/floor.c) before and after the stopped "
+                         "scenarios and report each receive path as a fraction of it (default on)")
     fl = ap.add_argument_group("file scenarios")
     fl.add_argument("--file-dir", help="directory of the migration file, on a disk file system (default: /var/tmp "
                                        "when it is on the repository's file system, else target/)")
@@ -2562,8 +2652,13 @@ def main():
             log(f"file scenarios: migration file {os.path.join(args.file_dir, f'bench-{os.getpid()}.mig')} "
                 f"({file_fs or 'unknown file system'}), cold restore and dd "
                 f"{'on' if args.file_cold else 'off'}")
+        floor = []
+        if stopped and args.floor:
+            floor += measure_floor(args, tmpdir, log)
         try:
             asyncio.run(run_all(ctx, engines, args.pairs, scenarios, args.reps, records, log))
+            if floor:
+                floor += measure_floor(args, tmpdir, log)
         finally:
             if args.json and records:
                 out = {"config": {"size": args.size, "reps": args.reps, "scenarios": scenarios,
@@ -2574,7 +2669,7 @@ def main():
                                   "file": {"dir": args.file_dir, "fs_type": file_fs, "cold": args.file_cold,
                                            "speedup_target": FILE_SPEEDUP_TARGET,
                                            "dd_target": FILE_DD_TARGET} if file_scenarios else None},
-                       "host": info, "runs": records}
+                       "host": info, "floor": floor, "runs": records}
                 with open(args.json, "w") as f:
                     json.dump(out, f, indent=1)
                 log(f"raw records: {args.json}")
@@ -2582,6 +2677,8 @@ def main():
             print(report(records, args.size, tcp_scenarios, args.pairs))
         if file_scenarios:
             print(report_file(records, args.size, file_scenarios, args.pairs, args.file_cold))
+        if stopped and args.floor:
+            print(report_floor(records, floor, meta, args.size, stopped, args.pairs))
         if ctx.live is not None:
             print(report_live(records, ctx.live))
             print(report_postcopy(records, ctx.live, args))

@@ -193,6 +193,11 @@ impl FdSource {
         Ok(())
     }
 
+    /// The bytes read ahead and not consumed yet, for a look at what comes next.
+    pub fn buffered(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
     /// A failed read at the current offset.
     fn read_error(&self, what: &'static str, e: rustix::io::Errno) -> DecodeError {
         DecodeError::new(

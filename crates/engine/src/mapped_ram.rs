@@ -679,7 +679,9 @@ pub fn load_block(
             };
             let len = n * ps as usize;
             let (offset, file_offset) = (first as u64 * ps, region.page_at(first));
-            // Runs are disjoint, so no two readers write the same bytes.
+            // Runs are disjoint, so no two readers write the same bytes. The run is
+            // faulted in with one call first, rather than page by page by the read.
+            block.populate_for_write(offset, len);
             let read = read_all_at(len, |done| {
                 block.load_from_file_at(
                     pages_fd,

@@ -14,6 +14,8 @@
 //!   [`RamBlock::load_pages_from_fd`] (`readv` into scattered pages),
 //!   [`RamBlock::load_from_file_at`] (`pread`), [`RamBlock::save_to_file_at`] (`pwrite`)
 //!   and [`write_gathered`] (`writev` of buffers and guest pages);
+//! - fault in a run of pages about to be filled, with one call:
+//!   [`RamBlock::populate_for_write`];
 //! - hand pages to a compressor or decompressor in place: [`RamBlock::with_pages`] and
 //!   [`RamBlock::with_pages_mut`], `unsafe` because they make Rust references into guest
 //!   memory, as does [`RamBlock::with_bytes`].
@@ -104,6 +106,11 @@ impl std::fmt::Debug for ExternalMapping {
         f.write_str("ExternalMapping")
     }
 }
+
+/// Whether `MADV_POPULATE_WRITE` is worth asking for: cleared, for the life of the
+/// process, the first time the kernel says it does not know it.
+static POPULATE_WRITE_WORKS: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(true);
 
 /// `TMPFS_MAGIC` and `HUGETLBFS_MAGIC` of `<linux/magic.h>`.
 const TMPFS_MAGIC: u64 = 0x0102_1994;
@@ -413,10 +420,52 @@ impl RamBlock {
 
     /// Pre-faults a range for writing (`MADV_POPULATE_WRITE`); best effort.
     pub fn populate_write(&self, offset: u64, len: usize) {
+        self.populate_for_write(offset, len);
+    }
+
+    /// Faults in `len` bytes at `offset` (whole pages) for writing with one
+    /// `madvise(MADV_POPULATE_WRITE)`, before a loader writes them: one call instead of
+    /// a fault per page, for pages about to be filled anyway. Only the pages named are
+    /// touched, so pages that stay zero stay unallocated. Best effort: on a kernel
+    /// without it (before Linux 5.14, `EINVAL`) no later call tries again, and on any
+    /// failure the pages simply fault in when written. Says whether the range was
+    /// populated.
+    pub fn populate_for_write(&self, offset: u64, len: usize) -> bool {
+        use std::sync::atomic::Ordering;
         let p = self.ptr_at(offset, len);
-        // SAFETY: advice on a range inside our own mapping; it does not change contents.
-        let _ =
-            unsafe { rustix::mm::madvise(p.cast(), len, rustix::mm::Advice::LinuxPopulateWrite) };
+        if len == 0 || !POPULATE_WRITE_WORKS.load(Ordering::Relaxed) {
+            return false;
+        }
+        debug_assert!(
+            offset.is_multiple_of(self.page_size),
+            "populate from a page start"
+        );
+        // SAFETY: advice on a range inside our own mapping (checked by ptr_at); it
+        // allocates the pages but does not change what they read.
+        match unsafe { rustix::mm::madvise(p.cast(), len, rustix::mm::Advice::LinuxPopulateWrite) }
+        {
+            Ok(()) => true,
+            Err(rustix::io::Errno::INVAL) => {
+                POPULATE_WRITE_WORKS.store(false, Ordering::Relaxed);
+                false
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Which of the pages of `len` bytes at `offset` are resident (`mincore(2)`), for
+    /// checks that a load left pages it had no data for untouched.
+    pub fn resident_pages(&self, offset: u64, len: usize) -> std::io::Result<Vec<bool>> {
+        let p = self.ptr_at(offset, len);
+        let host_page = host_page_size() as usize;
+        let mut vec = vec![0u8; len.div_ceil(host_page)];
+        // SAFETY: the range is inside our own mapping; the kernel writes one byte per
+        // host page of it into `vec`, which has exactly that many.
+        let r = unsafe { libc::mincore(p.cast(), len, vec.as_mut_ptr()) };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(vec.into_iter().map(|v| v & 1 != 0).collect())
     }
 
     /// Asks for base pages only (`MADV_NOHUGEPAGE`), so that write tracking reports
@@ -520,18 +569,23 @@ impl RamBlock {
             skip < page_len || offsets.is_empty(),
             "skip past the first page"
         );
-        let iov: Vec<libc::iovec> = offsets
-            .iter()
-            .enumerate()
-            .map(|(i, &o)| {
-                let skip = if i == 0 { skip } else { 0 };
-                libc::iovec {
+        // Pages that follow each other in memory share one iovec: fewer for the kernel
+        // to import on every call and to walk while it copies.
+        let mut iov: Vec<libc::iovec> = Vec::with_capacity(offsets.len());
+        let mut next: Option<u64> = None;
+        for (i, &o) in offsets.iter().enumerate() {
+            let skip = if i == 0 { skip } else { 0 };
+            let p = self.ptr_at(o, page_len);
+            match iov.last_mut() {
+                Some(last) if next == Some(o) => last.iov_len += page_len,
+                _ => iov.push(libc::iovec {
                     // SAFETY: `skip < page_len`, so the address is inside the page.
-                    iov_base: unsafe { self.ptr_at(o, page_len).add(skip) }.cast(),
+                    iov_base: unsafe { p.add(skip) }.cast(),
                     iov_len: page_len - skip,
-                }
-            })
-            .collect();
+                }),
+            }
+            next = Some(o + page_len as u64);
+        }
         // SAFETY: every iovec is a range inside the mapping; the kernel writes only
         // there. Pages listed twice are written twice, harmlessly: no Rust reference to
         // them exists.
@@ -951,6 +1005,33 @@ mod tests {
         dst.read(0, &mut page);
         assert_eq!(&page[..9], &[9, 9, 9, 9, 9, 9, 9, 9, 0]);
         assert!(dst.is_zero(ps as u64, 2 * ps));
+    }
+
+    #[test]
+    fn contiguous_pages_are_read_in_one_piece_and_resume_mid_page() {
+        let ps = host_page_size() as usize;
+        let (w, r) = std::os::unix::net::UnixStream::pair().unwrap();
+        let data: Vec<u8> = (0..3 * ps).map(|i| (i % 251) as u8 + 1).collect();
+        let dst = RamBlock::anonymous("ram", 8 * ps as u64, 0).unwrap();
+        // Pages 4 and 5 share an iovec, page 1 has its own; the data comes in two parts,
+        // so the second read resumes 100 bytes into page 5.
+        let offsets = [4 * ps as u64, 5 * ps as u64, ps as u64];
+        std::io::Write::write_all(&mut &w, &data[..ps + 100]).unwrap();
+        assert_eq!(
+            dst.load_pages_from_fd(&r, &offsets, ps, 0).unwrap(),
+            ps + 100
+        );
+        std::io::Write::write_all(&mut &w, &data[ps + 100..]).unwrap();
+        assert_eq!(
+            dst.load_pages_from_fd(&r, &offsets[1..], ps, 100).unwrap(),
+            2 * ps - 100
+        );
+        let mut page = vec![0u8; ps];
+        for (i, &o) in offsets.iter().enumerate() {
+            dst.read(o, &mut page);
+            assert_eq!(page, data[i * ps..(i + 1) * ps], "page at {o}");
+        }
+        assert!(dst.is_zero(0, ps) && dst.is_zero(2 * ps as u64, 2 * ps));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use vmigrate_stream::multifd::{packet_len, ChannelInit, PacketHeader, INIT_LEN};
 use vmigrate_stream::{DecodeError, DecodeErrorKind, Source};
 
 use crate::compress::{CompressError, Decompressor, Method};
-use crate::incoming::pages::{load_zero_page, ReceivedPages};
+use crate::incoming::pages::{load_zero_page, prefault_pages, ReceivedPages};
 use crate::io::FdSource;
 use crate::memory::RamBlock;
 
@@ -437,6 +437,7 @@ fn receive_channel(
                     cfg.received.set(bi, (*o / ps) as usize);
                 }
             } else if cfg.method == Method::None {
+                prefault_pages(block, &cfg.received, bi, &h.offsets[..normal]);
                 src.fill_guest_pages(block, &h.offsets[..normal], ps as usize, "multifd pages")
                     .map_err(read_error)?;
                 for o in &h.offsets[..normal] {
@@ -456,6 +457,7 @@ fn receive_channel(
                         block.load(*o, &scratch[i * ps as usize..(i + 1) * ps as usize]);
                     }
                 } else {
+                    prefault_pages(block, &cfg.received, bi, &h.offsets[..normal]);
                     // SAFETY: no page is listed twice in this packet (checked above), and
                     // the destination's guest does not run during the load. Another
                     // channel writes the same page only in a stream that lies, and then,

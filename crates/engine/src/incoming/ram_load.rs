@@ -6,7 +6,7 @@ use vmigrate_stream::ram::{self, BlockEntry, RamRecordHeader, RamRecordKind};
 use vmigrate_stream::{DecodeError, DecodeErrorKind, Source};
 
 use crate::incoming::multifd_recv::MultifdReceiver;
-use crate::incoming::pages::{load_zero_page, ReceivedPages};
+use crate::incoming::pages::{load_zero_page, page_run_ahead, ReceivedPages};
 use crate::incoming::postcopy::{PostcopyError, PostcopyIncoming};
 use crate::incoming::xbzrle_load::XbzrleLoad;
 use crate::io::FdSource;
@@ -66,6 +66,8 @@ pub struct RamLoader {
     postcopy: Option<Arc<PostcopyIncoming>>,
     /// Pages received whole, the base of XBZRLE pages.
     xbzrle: XbzrleLoad,
+    /// The pages `(block, first..end)` last faulted in ahead of their data.
+    prefaulted: (usize, std::ops::Range<usize>),
     pub zero_pages: u64,
     pub normal_pages: u64,
 }
@@ -88,6 +90,7 @@ impl RamLoader {
             mapped: None,
             direct_fd: None,
             postcopy: None,
+            prefaulted: (0, 0..0),
             zero_pages: 0,
             normal_pages: 0,
         }
@@ -402,6 +405,20 @@ impl RamLoader {
     fn load_page(&mut self, src: &mut FdSource, bi: usize, page: usize) -> Result<(), DecodeError> {
         let block = &self.blocks[bi];
         let ps = block.page_size() as usize;
+        let (done_bi, done) = &self.prefaulted;
+        if (*done_bi != bi || !done.contains(&page)) && !self.received.get(bi, page) {
+            // A page the load has not written yet: fault in, with one call, it and the
+            // pages the read-ahead shows coming next as data, up to one written before.
+            let max = page_run_ahead(src.buffered(), page as u64 * ps as u64, ps as u64, 256)
+                .min(block.pages() - page);
+            let run = (page..page + max)
+                .take_while(|&p| p == page || !self.received.get(bi, p))
+                .count();
+            if run > 1 {
+                block.populate_for_write(page as u64 * ps as u64, run * ps);
+            }
+            self.prefaulted = (bi, page..page + run);
+        }
         src.fill_guest(block, page as u64 * ps as u64, ps, "RAM page")?;
         self.received.set(bi, page);
         self.xbzrle.note_full(bi, page);
