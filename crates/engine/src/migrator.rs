@@ -63,6 +63,7 @@ impl Migrator {
     pub fn new(vmm: Arc<dyn Vmm>, events: Arc<EventBus>, incoming_mode: IncomingMode) -> Arc<Self> {
         let params = Parameters::default();
         let max_bandwidth = Arc::new(AtomicU64::new(params.max_bandwidth()));
+        let dirty_limiter = Arc::new(crate::dirtylimit::DirtyLimiter::new(vmm.clone()));
         Arc::new(Self {
             vmm,
             shared: Arc::new(Shared {
@@ -88,6 +89,7 @@ impl Migrator {
                 event_order: Mutex::new(()),
                 events,
                 max_bandwidth,
+                dirty_limiter,
             }),
             fds: Arc::new(FdStore::default()),
             objects: Arc::new(ObjectStore::default()),
@@ -145,6 +147,18 @@ impl Migrator {
 
     pub fn vmm(&self) -> &Arc<dyn Vmm> {
         &self.vmm
+    }
+
+    /// The per-vCPU dirty-rate limiter.
+    pub fn dirty_limiter(&self) -> &Arc<crate::dirtylimit::DirtyLimiter> {
+        &self.shared.dirty_limiter
+    }
+
+    /// Whether a running outgoing migration has the `dirty-limit` capability: the
+    /// monitor may not change the limits it set (QEMU's rule).
+    pub fn dirty_limit_migration_running(&self) -> bool {
+        let st = self.shared.lock();
+        st.role == Role::Outgoing && st.status.is_running() && st.caps.dirty_limit()
     }
 
     /// Where this VM's events go.
@@ -206,6 +220,7 @@ impl Migrator {
                 st.incoming_started,
                 &st.params,
                 inmigrate.then_some(&host_check as &dyn Fn() -> Result<(), String>),
+                self.vmm.vcpu_dirty_control().is_some(),
             )
             .map_err(|e| MigrateError(e.0))?;
         if next.zero_blocks() {
@@ -233,6 +248,12 @@ impl Migrator {
             next.max_bandwidth()
         };
         self.shared.max_bandwidth.store(limit, Ordering::Relaxed);
+        if st.role == Role::Outgoing && st.status.is_running() && st.caps.dirty_limit() {
+            self.shared.dirty_limiter.migration_parameters(
+                next.vcpu_dirty_limit(),
+                std::time::Duration::from_millis(next.x_vcpu_dirty_limit_period()),
+            );
+        }
         st.params = next;
         Ok(())
     }
@@ -835,6 +856,17 @@ impl Migrator {
                             out.insert("cpu-throttle-percentage".into(), json!(throttle));
                         }
                         out.insert("ram".into(), s.ram_json(false));
+                        if st.caps.dirty_limit() {
+                            if let Some((per_round, ring_full)) =
+                                self.shared.dirty_limiter.round_times()
+                            {
+                                out.insert(
+                                    "dirty-limit-throttle-time-per-round".into(),
+                                    json!(per_round),
+                                );
+                                out.insert("dirty-limit-ring-full-time".into(), json!(ring_full));
+                            }
+                        }
                     }
                     MigrationStatus::PostcopyActive => {
                         out.insert("setup-time".into(), json!(live(&s.setup_time_ms)));

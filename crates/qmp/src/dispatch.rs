@@ -779,12 +779,26 @@ impl Dispatcher {
             "query-dirty-rate" => Ok(self
                 .dirty_rate
                 .query(s("calc-time-unit") == Some("millisecond"))),
-            // A VM without a KVM dirty ring, as QEMU answers for one.
-            "set-vcpu-dirty-limit" => Err(QmpError::generic(
-                "dirty page limit feature requires KVM with accelerator property 'dirty-ring-size' set'",
-            )),
-            "cancel-vcpu-dirty-limit" => empty(),
-            "query-vcpu-dirty-limit" => Ok(json!([])),
+            "set-vcpu-dirty-limit" => {
+                m.dirty_limiter()
+                    .set(
+                        args.get("cpu-index").and_then(Value::as_i64),
+                        args["dirty-rate"].as_u64().unwrap_or(0),
+                        m.dirty_limit_migration_running(),
+                    )
+                    .map_err(|e| QmpError::generic(e.to_string()))?;
+                empty()
+            }
+            "cancel-vcpu-dirty-limit" => {
+                m.dirty_limiter()
+                    .cancel(
+                        args.get("cpu-index").and_then(Value::as_i64),
+                        m.dirty_limit_migration_running(),
+                    )
+                    .map_err(|e| QmpError::generic(e.to_string()))?;
+                empty()
+            }
+            "query-vcpu-dirty-limit" => Ok(m.dirty_limiter().query()),
             "snapshot-save" | "snapshot-load" | "snapshot-delete" => {
                 let job_type = match name {
                     "snapshot-save" => JobType::SnapshotSave,

@@ -15,7 +15,7 @@
 //! guest memory after it. Sleeping (pacing, throttling) goes through
 //! [`VcpuGate::sleep`], which a pause interrupts.
 
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,6 +25,13 @@ pub const THROTTLE_SLICE: Duration = Duration::from_millis(10);
 
 /// The largest throttle percentage (QEMU's `max-cpu-throttle` range ends at 99).
 pub const MAX_THROTTLE: u8 = 99;
+
+/// The run slice of a vCPU held to a dirty limit: short, so that its sleeps are short
+/// and its rate even over a measuring period.
+pub const DIRTY_LIMIT_SLICE: Duration = Duration::from_millis(2);
+
+/// vCPUs whose sleep share dirty-limit can set (the machines have at most 16).
+pub const MAX_LIMITED_VCPUS: usize = 64;
 
 #[derive(Debug)]
 struct GateState {
@@ -44,6 +51,8 @@ pub struct VcpuGate {
     /// Set while the vCPUs should not run: the threads' fast-path check.
     stop_requested: AtomicBool,
     throttle: AtomicU8,
+    /// Each vCPU's dirty-limit sleep share, parts per million.
+    vcpu_sleep: [AtomicU32; MAX_LIMITED_VCPUS],
 }
 
 impl Default for VcpuGate {
@@ -65,6 +74,7 @@ impl VcpuGate {
             changed: Condvar::new(),
             stop_requested: AtomicBool::new(true),
             throttle: AtomicU8::new(0),
+            vcpu_sleep: std::array::from_fn(|_| AtomicU32::new(0)),
         }
     }
 
@@ -148,6 +158,25 @@ impl VcpuGate {
         self.throttle.load(Ordering::Relaxed)
     }
 
+    /// Sets the share of its time vCPU `index` sleeps for dirty-limit (ppm, below one
+    /// million); false for an index beyond [`MAX_LIMITED_VCPUS`].
+    pub fn set_vcpu_sleep(&self, index: usize, ppm: u32) -> bool {
+        match self.vcpu_sleep.get(index) {
+            Some(slot) => {
+                slot.store(ppm.min(999_000), Ordering::Relaxed);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// vCPU `index`'s dirty-limit sleep share (ppm).
+    pub fn vcpu_sleep(&self, index: usize) -> u32 {
+        self.vcpu_sleep
+            .get(index)
+            .map_or(0, |s| s.load(Ordering::Relaxed))
+    }
+
     /// Sleeps up to `d`, returning early when the vCPUs are asked to park.
     pub fn sleep(&self, d: Duration) {
         let deadline = Instant::now() + d;
@@ -175,6 +204,8 @@ pub struct Pacer {
     rate_bytes: u64,
     /// Bytes per second this thread may dirty; `None` is unlimited.
     rate: Option<u64>,
+    /// The vCPU this thread runs, for its dirty-limit sleep share.
+    vcpu: Option<usize>,
 }
 
 impl Pacer {
@@ -185,12 +216,23 @@ impl Pacer {
             rate_start: now,
             rate_bytes: 0,
             rate,
+            vcpu: None,
+        }
+    }
+
+    /// The pacer of vCPU `index`'s thread: it also takes the vCPU's dirty-limit sleeps.
+    pub fn for_vcpu(rate: Option<u64>, index: usize) -> Self {
+        Self {
+            vcpu: Some(index),
+            ..Self::new(rate)
         }
     }
 
     /// Starts afresh after the thread was parked, so no burst makes up for the pause.
     pub fn restart(&mut self) {
+        let vcpu = self.vcpu;
         *self = Self::new(self.rate);
+        self.vcpu = vcpu;
     }
 
     /// Accounts `bytes` of guest work and sleeps (through the gate) as the throttle and
@@ -213,14 +255,23 @@ impl Pacer {
     }
 
     /// Sleeps for the throttle's share once a slice has been used up.
+    /// auto-converge's share and the vCPU's dirty-limit share both apply; the larger
+    /// one is slept.
     pub fn throttle_point(&mut self, gate: &VcpuGate) {
         let ran = self.slice_start.elapsed();
-        if ran < THROTTLE_SLICE {
+        let limit_ppm = self.vcpu.map_or(0, |i| gate.vcpu_sleep(i));
+        let slice = if limit_ppm > 0 {
+            DIRTY_LIMIT_SLICE
+        } else {
+            THROTTLE_SLICE
+        };
+        if ran < slice {
             return;
         }
-        let pct = u32::from(gate.throttle());
-        if pct > 0 {
-            gate.sleep(ran * pct / (100 - pct));
+        let ppm = u64::from(gate.throttle()) * 10_000;
+        let ppm = ppm.max(u64::from(limit_ppm));
+        if ppm > 0 {
+            gate.sleep(ran.mul_f64(ppm as f64 / (1e6 - ppm as f64)));
         }
         self.slice_start = Instant::now();
     }

@@ -176,6 +176,15 @@ struct TrackingState {
     rings: Vec<DirtyRing>,
     /// Between `start` and `stop`.
     active: bool,
+    /// dirty-limit counts each vCPU's ring entries: dirty logging stays on.
+    counting: bool,
+    /// Distinct pages each vCPU's ring gave per counting period, summed, by vCPU
+    /// (dirty-limit's rates).
+    harvested: Vec<u64>,
+    /// The pages each vCPU's ring gave in the current counting period, one bitmap per
+    /// vCPU: KVM here pushes an entry for every write fault, several per page between
+    /// two resets, while a dirty rate counts pages.
+    seen: Vec<Vec<u64>>,
 }
 
 impl KvmGuest {
@@ -351,6 +360,62 @@ impl KvmGuest {
         self.hot_pages * GUEST_PAGE
     }
 
+    /// Pages each vCPU's guest program counts as written, by vCPU (from the mailboxes).
+    pub fn vcpu_pages_written(&self) -> Vec<u64> {
+        self.vcpus
+            .iter()
+            .map(|v| {
+                let mut w = [0u8; 8];
+                self.ram
+                    .read(MAILBOX_SIZE * u64::from(v.index) + mailbox::WRITTEN, &mut w);
+                u64::from_le_bytes(w)
+            })
+            .collect()
+    }
+
+    /// Whether each vCPU has its own dirty ring (dirty-limit needs one).
+    pub fn has_dirty_rings(&self) -> bool {
+        matches!(self.tracking, DirtyTracking::Ring { .. })
+    }
+
+    /// dirty-limit: turns dirty logging on so that every vCPU's ring counts its writes.
+    pub fn start_ring_counting(&self) -> Result<(), VmmError> {
+        let mut st = self.lock_tracking();
+        let n = st.rings.len();
+        st.harvested.resize(n, 0);
+        let words = self.ram.pages().div_ceil(64);
+        st.seen = vec![vec![0; words]; n];
+        if !st.counting && !st.active {
+            self.set_memory_flags(KVM_MEM_LOG_DIRTY_PAGES)
+                .map_err(|e| VmmError::DirtyTracking(e.to_string()))?;
+        }
+        st.counting = true;
+        Ok(())
+    }
+
+    /// Ends [`KvmGuest::start_ring_counting`]; logging stays on while a migration
+    /// tracks.
+    pub fn stop_ring_counting(&self) {
+        let mut st = self.lock_tracking();
+        if st.counting && !st.active {
+            let _ = self.set_memory_flags(0);
+        }
+        st.counting = false;
+        st.seen = Vec::new();
+    }
+
+    /// Harvests every ring (the pages go where the vCPUs' own harvests put them) and
+    /// returns how many pages each vCPU's ring has given so far, each page counted once
+    /// per call (a counting period).
+    pub fn ring_pages_harvested(&self) -> Result<Vec<u64>, VmmError> {
+        let mut st = self.lock_tracking();
+        self.harvest_rings(&mut st, None, &mut |page| self.vmm_dirty.mark(0, page, 1))?;
+        for bits in &mut st.seen {
+            bits.fill(0);
+        }
+        Ok(st.harvested.clone())
+    }
+
     /// The workload's counters, read from the mailboxes in guest RAM.
     pub fn counters(&self) -> WorkloadCounters {
         let cpus = self.vcpus.len() as u32;
@@ -422,7 +487,7 @@ impl KvmGuest {
 
     fn run_vcpu(&self, vcpu: &KvmVcpu) {
         self.threads.record_current(vcpu.index as usize);
-        let mut pacer = Pacer::new(None);
+        let mut pacer = Pacer::for_vcpu(None, vcpu.index as usize);
         let mut stopped = false;
         loop {
             if self.gate.should_park() {
@@ -584,9 +649,17 @@ impl KvmGuest {
             if only.is_some_and(|o| o != i) {
                 continue;
             }
+            let mut seen = st.seen.get_mut(i).zip(st.harvested.get_mut(i));
             let h = ring.harvest(|slot, page| {
                 if slot == SLOT && (page as usize) < pages {
                     dirty(page as usize);
+                    if let Some((bits, count)) = seen.as_mut() {
+                        let (w, b) = (page as usize / 64, 1u64 << (page % 64));
+                        if bits[w] & b == 0 {
+                            bits[w] |= b;
+                            **count += 1;
+                        }
+                    }
                 }
             });
             total.taken += h.taken;
@@ -702,7 +775,9 @@ impl DirtyTracker for KvmGuest {
     fn stop(&self) {
         let mut st = self.lock_tracking();
         st.active = false;
-        let _ = self.set_memory_flags(0);
+        if !st.counting {
+            let _ = self.set_memory_flags(0);
+        }
     }
 }
 
