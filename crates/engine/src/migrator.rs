@@ -51,6 +51,19 @@ pub struct Migrator {
     /// The postcopy session of the incoming migration, from POSTCOPY_LISTEN on (for
     /// its figures in `query-migrate`).
     postcopy: Mutex<Option<Arc<crate::incoming::PostcopyIncoming>>>,
+    /// A `dirty-bitmap` dirty rate measurement holds the VM's dirty tracking.
+    tracker_lent: Arc<AtomicBool>,
+}
+
+/// The VM's dirty tracking lent to a `dirty-bitmap` measurement.
+struct TrackerLent(Arc<AtomicBool>);
+
+impl crate::dirtyrate::TrackerLease for TrackerLent {}
+
+impl Drop for TrackerLent {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 impl std::fmt::Debug for Migrator {
@@ -96,6 +109,7 @@ impl Migrator {
             on_incoming_failure: Mutex::new(None),
             autostart: AtomicBool::new(true),
             postcopy: Mutex::new(None),
+            tracker_lent: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -152,6 +166,20 @@ impl Migrator {
     /// The per-vCPU dirty-rate limiter.
     pub fn dirty_limiter(&self) -> &Arc<crate::dirtylimit::DirtyLimiter> {
         &self.shared.dirty_limiter
+    }
+
+    /// Lends the VM's dirty tracking to a `dirty-bitmap` dirty rate measurement: `None`
+    /// while an outgoing migration runs (it owns the tracking); no migration starts
+    /// until the lease is dropped.
+    pub fn lend_dirty_tracker(&self) -> Option<Box<dyn crate::dirtyrate::TrackerLease>> {
+        let st = self.shared.lock();
+        if st.role == Role::Outgoing && st.status.is_running() {
+            return None;
+        }
+        if self.tracker_lent.swap(true, Ordering::AcqRel) {
+            return None;
+        }
+        Some(Box::new(TrackerLent(self.tracker_lent.clone())))
     }
 
     /// Whether a running outgoing migration has the `dirty-limit` capability: the
@@ -354,6 +382,9 @@ impl Migrator {
             if st.role == Role::Outgoing && st.status.is_running() {
                 return merr("There's a migration process in progress");
             }
+        }
+        if self.tracker_lent.load(Ordering::Acquire) {
+            return merr("A dirty rate measurement in dirty-bitmap mode is running");
         }
         match self.vmm.control().run_state() {
             RunState::InMigrate => return merr("Guest is waiting for an incoming migration"),

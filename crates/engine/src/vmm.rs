@@ -200,8 +200,12 @@ pub trait VmControl: Send + Sync {
 pub trait VcpuDirtyControl: Send + Sync {
     /// How many vCPUs the machine has.
     fn vcpu_count(&self) -> usize;
+    /// Whether the counts come from KVM dirty rings: such a VM has no dirty bitmap to
+    /// measure with, and `calc-dirty-rate` refuses `dirty-bitmap` as QEMU does.
+    fn is_dirty_ring(&self) -> bool;
     /// Starts counting: from now on [`VcpuDirtyControl::dirtied_pages`] grows as each
-    /// vCPU dirties pages (a KVM VMM turns dirty logging on for its rings).
+    /// vCPU dirties pages (a KVM VMM turns dirty logging on for its rings). Calls nest:
+    /// each is ended by one [`VcpuDirtyControl::stop_counting`].
     fn start_counting(&self) -> Result<(), VmmError>;
     /// Stops counting (a VMM keeps logging on while a migration tracks dirty pages).
     fn stop_counting(&self);

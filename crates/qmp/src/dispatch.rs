@@ -771,8 +771,11 @@ impl Dispatcher {
                     sample_pages: args.get("sample-pages").and_then(Value::as_i64),
                     mode: s("mode").unwrap_or("page-sampling").to_string(),
                 };
+                let lease = (request.mode == "dirty-bitmap")
+                    .then(|| m.lend_dirty_tracker())
+                    .flatten();
                 self.dirty_rate
-                    .start(m.vmm().ram_blocks().to_vec(), &request)
+                    .start(m.vmm().clone(), &request, lease)
                     .map_err(|e| QmpError::generic(e.to_string()))?;
                 empty()
             }

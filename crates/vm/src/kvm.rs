@@ -176,8 +176,9 @@ struct TrackingState {
     rings: Vec<DirtyRing>,
     /// Between `start` and `stop`.
     active: bool,
-    /// dirty-limit counts each vCPU's ring entries: dirty logging stays on.
-    counting: bool,
+    /// Users counting each vCPU's ring pages (dirty-limit, `calc-dirty-rate`): dirty
+    /// logging stays on while there is one.
+    counting: u32,
     /// Distinct pages each vCPU's ring gave per counting period, summed, by vCPU
     /// (dirty-limit's rates).
     harvested: Vec<u64>,
@@ -381,15 +382,17 @@ impl KvmGuest {
     /// dirty-limit: turns dirty logging on so that every vCPU's ring counts its writes.
     pub fn start_ring_counting(&self) -> Result<(), VmmError> {
         let mut st = self.lock_tracking();
-        let n = st.rings.len();
-        st.harvested.resize(n, 0);
-        let words = self.ram.pages().div_ceil(64);
-        st.seen = vec![vec![0; words]; n];
-        if !st.counting && !st.active {
-            self.set_memory_flags(KVM_MEM_LOG_DIRTY_PAGES)
-                .map_err(|e| VmmError::DirtyTracking(e.to_string()))?;
+        if st.counting == 0 {
+            let n = st.rings.len();
+            st.harvested.resize(n, 0);
+            let words = self.ram.pages().div_ceil(64);
+            st.seen = vec![vec![0; words]; n];
+            if !st.active {
+                self.set_memory_flags(KVM_MEM_LOG_DIRTY_PAGES)
+                    .map_err(|e| VmmError::DirtyTracking(e.to_string()))?;
+            }
         }
-        st.counting = true;
+        st.counting += 1;
         Ok(())
     }
 
@@ -397,11 +400,13 @@ impl KvmGuest {
     /// tracks.
     pub fn stop_ring_counting(&self) {
         let mut st = self.lock_tracking();
-        if st.counting && !st.active {
-            let _ = self.set_memory_flags(0);
+        if st.counting == 1 {
+            if !st.active {
+                let _ = self.set_memory_flags(0);
+            }
+            st.seen = Vec::new();
         }
-        st.counting = false;
-        st.seen = Vec::new();
+        st.counting = st.counting.saturating_sub(1);
     }
 
     /// Harvests every ring (the pages go where the vCPUs' own harvests put them) and
@@ -775,7 +780,7 @@ impl DirtyTracker for KvmGuest {
     fn stop(&self) {
         let mut st = self.lock_tracking();
         st.active = false;
-        if !st.counting {
+        if st.counting == 0 {
             let _ = self.set_memory_flags(0);
         }
     }

@@ -427,6 +427,10 @@ impl VcpuDirtyControl for Machine {
         self.cpus as usize
     }
 
+    fn is_dirty_ring(&self) -> bool {
+        matches!(&self.accel, Accelerator::Kvm(g) if g.has_dirty_rings())
+    }
+
     fn start_counting(&self) -> Result<(), VmmError> {
         match &self.accel {
             Accelerator::Kvm(g) => g.start_ring_counting(),
