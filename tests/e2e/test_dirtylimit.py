@@ -51,8 +51,14 @@ def check_limit_holds(m, limit, settle):
     assert [e["cpu-index"] for e in q] == [0], q
     assert q[0]["limit-rate"] == limit, q
     assert abs(limited[0] - limit) <= 0.25 * limit, f"free {free}, limited {limited}, {q}"
-    # The limiter's own figure is the same quantity.
-    assert abs(q[0]["current-rate"] - limit) <= 0.5 * limit + 1, q
+    # The limiter's own figure (one period's) is the same quantity: its median over a
+    # few periods is near the limit too.
+    own = []
+    for _ in range(5):
+        own.append(m.cmd("query-vcpu-dirty-limit")[0]["current-rate"])
+        time.sleep(1)
+    own.sort()
+    assert abs(own[2] - limit) <= 0.35 * limit + 1, own
     assert limited[1] > 4 * limit, f"the vCPU without a limit was slowed: {limited}"
     assert m.cmd("human-monitor-command", **{"command-line": "info vcpu_dirty_limit"}) \
         .startswith(f"vcpu[0], limit rate {limit} (MB/s), current rate ")
@@ -92,13 +98,28 @@ def migrate_with_dirty_limit(src, dst, limit, bandwidth, timeout=90):
         if "dirty-limit-ring-full-time" in info:
             seen_fields = info
         q = src.cmd("query-vcpu-dirty-limit")
+        if q and seen_limits is None and info.get("status") == "active":
+            # The migration owns the limits: the monitor may not change them (QEMU's
+            # rule), but vcpu-dirty-limit set during the migration applies at once.
+            r = src.raw("set-vcpu-dirty-limit", **{"dirty-rate": 100})
+            assert r.get("error", {}).get("desc") in (
+                "can't set dirty page rate limit while migration is running", None), r
+            r = src.raw("cancel-vcpu-dirty-limit")
+            assert r.get("error", {}).get("desc") in (
+                "can't cancel dirty page rate limit while migration is running", None), r
+            src.set_params(vcpu_dirty_limit=limit + 1)
+            q = src.cmd("query-vcpu-dirty-limit")
+            owned = src.query_migrate()["status"] == "active"
+            if owned:
+                assert "error" in r and all(e["limit-rate"] == limit + 1 for e in q), q
         if q:
             seen_limits = q
         if info.get("status") in ("completed", "failed", "cancelled"):
             break
         time.sleep(0.1)
     assert info["status"] == "completed", f"{info}\n{src.ws.diagnostics()}"
-    assert seen_limits and all(e["limit-rate"] == limit for e in seen_limits), seen_limits
+    assert seen_limits and all(e["limit-rate"] in (limit, limit + 1) for e in seen_limits), \
+        seen_limits
     assert seen_fields and "dirty-limit-throttle-time-per-round" in seen_fields, seen_fields
     # The limit is lifted when the migration ends.
     assert src.cmd("query-vcpu-dirty-limit") == []
@@ -124,14 +145,15 @@ def test_kvm_migration_converges_with_dirty_limit(ws):
     wait_passes(src, 2)
     dst = lab(ws, "dst", 48, accel="kvm", workload=spec, cpus=2, tracking="ring",
               incoming="defer").start()
-    # 16 MiB/s against a 40 MiB hot set rewritten several times a second: no pass ever
+    # 32 MiB/s against a 40 MiB hot set rewritten several times a second: no pass ever
     # catches up without a throttle.
-    src.set_params(max_bandwidth=16 * MiB, downtime_limit=300)
+    src.set_params(max_bandwidth=32 * MiB, downtime_limit=300)
     src.cmd("migrate", uri=start_incoming(dst))
     t0 = time.time()
     while time.time() - t0 < 20:
         info = src.query_migrate()
-        if info["status"] != "active" or info["ram"]["dirty-sync-count"] >= 3:
+        if info["status"] not in ("setup", "active") or \
+                info.get("ram", {}).get("dirty-sync-count", 0) >= 3:
             break
         time.sleep(0.2)
     assert info["status"] == "active" and info["ram"]["dirty-sync-count"] >= 3, info
@@ -140,7 +162,9 @@ def test_kvm_migration_converges_with_dirty_limit(ws):
     dst.destroy()
     dst = lab(ws, "dst2", 48, accel="kvm", workload=spec, cpus=2, tracking="ring",
               incoming="defer").start()
-    migrate_with_dirty_limit(src, dst, limit=1, bandwidth=16 * MiB)
+    # A KVM vCPU dirties 1 MiB between two exits (where it can sleep): limits of a few
+    # MiB/s are as fine as it can be held.
+    migrate_with_dirty_limit(src, dst, limit=4, bandwidth=32 * MiB)
     wait_passes(dst, workload(dst)["passes"] + 1)
     assert workload(dst)["violations"] == 0
 

@@ -72,15 +72,21 @@ pub enum DirtyLimitError {
 /// The next sleep share (ppm) of a vCPU limited to `quota` MiB/s that dirtied at
 /// `current` MiB/s in the last period while sleeping `sleep_ppm`.
 pub fn retune(quota: u64, current: f64, sleep_ppm: u32) -> u32 {
-    if current <= 0.0 || quota == 0 {
-        // Nothing dirtied (idle or stopped): nothing to hold back.
+    if quota == 0 {
         return 0;
+    }
+    let run = 1.0 - f64::from(sleep_ppm.min(MAX_SLEEP_PPM)) / 1e6;
+    if current <= 0.0 {
+        // Nothing dirtied: idle, or asleep the whole period (a vCPU that dirties in
+        // bursts sleeps long after each). Run twice as much next period rather than
+        // free at once, which would only bring the burst back.
+        let next_run = (run * 2.0).min(1.0);
+        return ((1.0 - next_run) * 1e6).round().max(0.0) as u32;
     }
     let quota = quota as f64;
     if (current - quota).abs() <= quota * TOLERANCE {
         return sleep_ppm;
     }
-    let run = 1.0 - f64::from(sleep_ppm.min(MAX_SLEEP_PPM)) / 1e6;
     let next_run = (run * (quota / current).powf(STEP)).min(1.0);
     let sleep = ((1.0 - next_run) * 1e6).round().max(0.0);
     (sleep as u32).min(MAX_SLEEP_PPM)
@@ -490,7 +496,9 @@ mod tests {
     #[test]
     fn retune_leaves_a_vcpu_under_its_limit_alone() {
         assert_eq!(retune(100, 10.0, 0), 0);
-        assert_eq!(retune(100, 0.0, 500_000), 0);
+        assert_eq!(retune(100, 0.0, 0), 0);
+        // Nothing dirtied while throttled: half the sleep, not none.
+        assert_eq!(retune(100, 0.0, 900_000), 800_000);
         // Within the tolerance: unchanged.
         assert_eq!(retune(100, 103.0, 400_000), 400_000);
         // Under the limit while sleeping: sleeps less.
