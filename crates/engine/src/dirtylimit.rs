@@ -11,13 +11,16 @@
 //!                          (thread runs, counting on)                  (sleeps lifted)
 //! ```
 //!
-//! The controller ([`retune`]) models a throttled vCPU as dirtying at its free rate
-//! while it runs: the rate it would reach at run share `r` is `free * r`, and the free
-//! rate is the measured rate over the current run share. Each period the run share
-//! moves most of the way (in proportion, on a log scale) to the share that meets the
-//! limit, so it settles in a few periods without overshooting into oscillation, and a
-//! figure within a small tolerance of the limit leaves it alone.
-//!
+//! The throttle is by volume, as QEMU's (which sleeps a set time each time a vCPU's
+//! dirty ring fills): a limited vCPU sleeps a set time for every MiB it dirties. Held
+//! far below its free rate, its rate is then set by the sleeps, not by how fast it runs
+//! on a host shared with others. The controller ([`retune`]) takes each period's rate as
+//! a time per MiB, split into what the sleeps took and what running took, and moves the
+//! total part of the way (on a log scale) to the time per MiB that meets the limit: most
+//! of the way when far off, half of it near the limit, where the period's figure is
+//! mostly noise that a full step would feed back as oscillation. A figure within a small
+//! tolerance of the limit leaves it alone.
+
 //! The same limiter serves `set-vcpu-dirty-limit` and the migration's `dirty-limit`
 //! capability: while a migration owns it, the monitor cannot change it (QEMU's rule),
 //! and the migration lifts every limit when it ends, fails or is cancelled.
@@ -34,17 +37,21 @@ use crate::vmm::{VcpuDirtyControl, Vmm, VmmError};
 pub const DEFAULT_PERIOD: Duration = Duration::from_millis(1000);
 
 /// How often the per-vCPU counters are read within a period.
-pub const SAMPLE: Duration = Duration::from_millis(100);
+pub const SAMPLE: Duration = Duration::from_millis(50);
 
-/// The largest share of its time a limited vCPU sleeps, in parts per million.
-pub const MAX_SLEEP_PPM: u32 = 995_000;
+/// The longest a limited vCPU sleeps per MiB it dirties (µs): 0.1 MiB/s at most.
+pub const MAX_SLEEP_US_PER_MIB: u32 = 10_000_000;
 
 /// A measured rate within this share of the limit needs no re-tuning.
-const TOLERANCE: f64 = 0.05;
+const TOLERANCE: f64 = 0.08;
 
-/// How far (as a power on the ratio limit / rate) each period moves the run share:
-/// 1 would jump straight to the model's answer, smaller values damp measurement noise.
-const STEP: f64 = 0.75;
+/// How far (as a power on the ratio limit / rate) each period moves the run share
+/// when the rate is more than half as much again off the limit: 1 would jump straight to
+/// the model's answer.
+const FAR_STEP: f64 = 0.8;
+
+/// The same within half as much again of the limit: smaller, to damp measurement noise.
+const NEAR_STEP: f64 = 0.5;
 
 /// Dirty ring entries per vCPU assumed for the ring-full figures when the VMM has no
 /// ring (`soft` vCPUs): QEMU's usual `dirty-ring-size`.
@@ -69,27 +76,33 @@ pub enum DirtyLimitError {
     Vmm(#[from] VmmError),
 }
 
-/// The next sleep share (ppm) of a vCPU limited to `quota` MiB/s that dirtied at
-/// `current` MiB/s in the last period while sleeping `sleep_ppm`.
-pub fn retune(quota: u64, current: f64, sleep_ppm: u32) -> u32 {
+/// The next sleep per MiB (µs) of a vCPU limited to `quota` MiB/s that dirtied at
+/// `current` MiB/s in the last period while sleeping `sleep_us` per MiB.
+pub fn retune(quota: u64, current: f64, sleep_us: u32) -> u32 {
     if quota == 0 {
         return 0;
     }
-    let run = 1.0 - f64::from(sleep_ppm.min(MAX_SLEEP_PPM)) / 1e6;
     if current <= 0.0 {
-        // Nothing dirtied: idle, or asleep the whole period (a vCPU that dirties in
-        // bursts sleeps long after each). Run twice as much next period rather than
-        // free at once, which would only bring the burst back.
-        let next_run = (run * 2.0).min(1.0);
-        return ((1.0 - next_run) * 1e6).round().max(0.0) as u32;
+        // Nothing dirtied: idle, or stopped. Half the sleep, not none at once, which
+        // would only bring a burst back.
+        return sleep_us / 2;
     }
     let quota = quota as f64;
     if (current - quota).abs() <= quota * TOLERANCE {
-        return sleep_ppm;
+        return sleep_us;
     }
-    let next_run = (run * (quota / current).powf(STEP)).min(1.0);
-    let sleep = ((1.0 - next_run) * 1e6).round().max(0.0);
-    (sleep as u32).min(MAX_SLEEP_PPM)
+    let per_mib = 1e6 / current;
+    // What running took per MiB (at least a little: the figures are a period's).
+    let running = (per_mib - f64::from(sleep_us)).max(per_mib * 0.01);
+    let ratio = current / quota;
+    let step = if (1.0 / 1.5..=1.5).contains(&ratio) {
+        NEAR_STEP
+    } else {
+        FAR_STEP
+    };
+    let next_per_mib = per_mib * ratio.powf(step);
+    let sleep = (next_per_mib - running).round().max(0.0);
+    sleep.min(f64::from(MAX_SLEEP_US_PER_MIB)) as u32
 }
 
 /// One vCPU's limit and figures.
@@ -99,8 +112,8 @@ struct VcpuLimit {
     quota: Option<u64>,
     /// The last measured rate, MiB/s.
     current: f64,
-    /// The share of its time it sleeps, ppm.
-    sleep_ppm: u32,
+    /// How long it sleeps per MiB it dirties, µs.
+    sleep_us: u32,
 }
 
 #[derive(Debug, Default)]
@@ -269,8 +282,8 @@ impl DirtyLimiter {
                 continue;
             }
             v.quota = quota;
-            if quota.is_none() && v.sleep_ppm != 0 {
-                v.sleep_ppm = 0;
+            if quota.is_none() && v.sleep_us != 0 {
+                v.sleep_us = 0;
                 control.set_vcpu_sleep(i, 0)?;
             }
         }
@@ -340,8 +353,8 @@ impl DirtyLimiter {
     }
 
     /// `query-migrate`'s `dirty-limit-throttle-time-per-round` and
-    /// `dirty-limit-ring-full-time` (µs): the time a vCPU takes to fill its dirty ring
-    /// at the vCPUs' mean free rate, and the most any vCPU sleeps per such round.
+    /// `dirty-limit-ring-full-time` (µs): the most any vCPU sleeps per dirty ring's worth
+    /// of pages, and the time the vCPUs take on average to dirty that much when they run.
     pub fn round_times(&self) -> Option<(u64, u64)> {
         let st = self.lock();
         if !st.in_service {
@@ -353,24 +366,21 @@ impl DirtyLimiter {
             .first()
             .map_or(4096, |b| b.page_size());
         let ring_mib = (self.ring_entries() * page) as f64 / f64::from(1u32 << 20);
-        let free: Vec<f64> = st
+        let running: Vec<f64> = st
             .vcpus
             .iter()
-            .map(|v| v.current / (1.0 - f64::from(v.sleep_ppm) / 1e6))
-            .filter(|r| *r > 0.0)
+            .filter(|v| v.current > 0.0)
+            .map(|v| (1e6 / v.current - f64::from(v.sleep_us)).max(0.0))
             .collect();
-        if free.is_empty() {
-            return Some((0, 0));
-        }
-        let mean = free.iter().sum::<f64>() / free.len() as f64;
-        let full_us = ring_mib / mean * 1e6;
+        let full_us = if running.is_empty() {
+            0.0
+        } else {
+            ring_mib * running.iter().sum::<f64>() / running.len() as f64
+        };
         let throttle_us = st
             .vcpus
             .iter()
-            .map(|v| {
-                let s = f64::from(v.sleep_ppm) / 1e6;
-                full_us * s / (1.0 - s)
-            })
+            .map(|v| ring_mib * f64::from(v.sleep_us))
             .fold(0.0, f64::max);
         Some((throttle_us as u64, full_us as u64))
     }
@@ -449,9 +459,9 @@ fn limiter_thread(vmm: &dyn Vmm, state: &(Mutex<LimiterState>, Condvar)) {
                 .map_or(0, |(n, l)| n.saturating_sub(*l));
             v.current = (delta * page) as f64 / f64::from(1u32 << 20) / secs;
             if let Some(q) = v.quota {
-                let next = retune(q, v.current, v.sleep_ppm);
-                if next != v.sleep_ppm {
-                    v.sleep_ppm = next;
+                let next = retune(q, v.current, v.sleep_us);
+                if next != v.sleep_us {
+                    v.sleep_us = next;
                     let _ = control.set_vcpu_sleep(i, next);
                 }
             }
@@ -464,32 +474,36 @@ fn limiter_thread(vmm: &dyn Vmm, state: &(Mutex<LimiterState>, Condvar)) {
 mod tests {
     use super::*;
 
-    /// A vCPU that dirties `free` MiB/s while it runs settles on the limit within a few
-    /// periods and stays there.
+    /// The rate of a vCPU that dirties `free` MiB/s while it runs and sleeps `sleep`
+    /// µs per MiB.
+    fn rate(free: f64, sleep: u32) -> f64 {
+        1e6 / (1e6 / free + f64::from(sleep))
+    }
+
+    /// A vCPU settles on the limit within a few periods, from above, and stays there;
+    /// one held far below its free rate stays there even when that swings (a loaded
+    /// host), since its sleeps set its rate.
     #[test]
     fn retune_settles_without_oscillating() {
         for (free, quota) in [(2000.0, 50u64), (100.0, 90), (5000.0, 1), (40.0, 30)] {
             let mut sleep = 0;
             let mut rates = Vec::new();
-            for _ in 0..8 {
-                let rate = free * (1.0 - f64::from(sleep) / 1e6);
-                rates.push(rate);
-                sleep = retune(quota, rate, sleep);
+            for i in 0..10 {
+                // The free rate swings by a factor of two once settled.
+                let swings = free >= 10.0 * quota as f64 && i >= 6 && i % 2 == 0;
+                let f = if swings { free * 2.0 } else { free };
+                let r = rate(f, sleep);
+                rates.push(r);
+                sleep = retune(quota, r, sleep);
             }
             let q = quota as f64;
-            let settled: Vec<_> = rates[4..].to_vec();
-            let floor = free * (1.0 - f64::from(MAX_SLEEP_PPM) / 1e6);
-            for r in &settled {
+            for r in &rates[4..] {
                 assert!(
-                    (r - q).abs() <= q * 0.25 || (q < floor && (r - floor).abs() < 1e-6),
+                    (r - q).abs() <= q * 0.25,
                     "free {free} quota {quota}: {rates:?}"
                 );
             }
-            // Monotone approach: never crosses far below the limit.
-            assert!(
-                rates.iter().all(|r| *r >= q * 0.75 || q < floor),
-                "{rates:?}"
-            );
+            assert!(rates.iter().all(|r| *r >= q * 0.75), "{rates:?}");
         }
     }
 
@@ -498,10 +512,10 @@ mod tests {
         assert_eq!(retune(100, 10.0, 0), 0);
         assert_eq!(retune(100, 0.0, 0), 0);
         // Nothing dirtied while throttled: half the sleep, not none.
-        assert_eq!(retune(100, 0.0, 900_000), 800_000);
+        assert_eq!(retune(100, 0.0, 9000), 4500);
         // Within the tolerance: unchanged.
-        assert_eq!(retune(100, 103.0, 400_000), 400_000);
+        assert_eq!(retune(100, 106.0, 4000), 4000);
         // Under the limit while sleeping: sleeps less.
-        assert!(retune(100, 50.0, 400_000) < 400_000);
+        assert!(retune(100, 50.0, 15_000) < 15_000);
     }
 }

@@ -211,9 +211,10 @@ pub trait VcpuDirtyControl: Send + Sync {
     fn stop_counting(&self);
     /// Pages each vCPU dirtied since counting started, by vCPU index; monotonic.
     fn dirtied_pages(&self) -> Result<Vec<u64>, VmmError>;
-    /// Makes vCPU `index` sleep `sleep_ppm` parts per million of its time (0: runs
-    /// freely). The VMM spreads the sleep in short slices over its run time.
-    fn set_vcpu_sleep(&self, index: usize, sleep_ppm: u32) -> Result<(), VmmError>;
+    /// Makes vCPU `index` sleep `sleep_us_per_mib` µs for every MiB it dirties (0: runs
+    /// freely), as QEMU sleeps a vCPU each time its dirty ring fills. The VMM takes the
+    /// sleeps as the pages are dirtied, a millisecond or more at a time.
+    fn set_vcpu_sleep(&self, index: usize, sleep_us_per_mib: u32) -> Result<(), VmmError>;
 }
 
 /// One device's migratable state, a vmstate section. The defaults fail: a device that

@@ -365,13 +365,16 @@ impl KvmGuest {
     pub fn vcpu_pages_written(&self) -> Vec<u64> {
         self.vcpus
             .iter()
-            .map(|v| {
-                let mut w = [0u8; 8];
-                self.ram
-                    .read(MAILBOX_SIZE * u64::from(v.index) + mailbox::WRITTEN, &mut w);
-                u64::from_le_bytes(w)
-            })
+            .map(|v| self.vcpu_written(v.index))
             .collect()
+    }
+
+    /// Pages vCPU `index`'s guest program counts as written (its mailbox).
+    fn vcpu_written(&self, index: u32) -> u64 {
+        let mut w = [0u8; 8];
+        self.ram
+            .read(MAILBOX_SIZE * u64::from(index) + mailbox::WRITTEN, &mut w);
+        u64::from_le_bytes(w)
     }
 
     /// Whether each vCPU has its own dirty ring (dirty-limit needs one).
@@ -493,6 +496,7 @@ impl KvmGuest {
     fn run_vcpu(&self, vcpu: &KvmVcpu) {
         self.threads.record_current(vcpu.index as usize);
         let mut pacer = Pacer::for_vcpu(None, vcpu.index as usize);
+        let mut written = self.vcpu_written(vcpu.index);
         let mut stopped = false;
         loop {
             if self.gate.should_park() {
@@ -561,6 +565,10 @@ impl KvmGuest {
             if idle {
                 self.gate.sleep(Duration::from_millis(50));
             }
+            // dirty-limit: the pages the guest counts as written since the last exit.
+            let now_written = self.vcpu_written(vcpu.index);
+            pacer.dirtied(&self.gate, now_written.saturating_sub(written) * GUEST_PAGE);
+            written = now_written;
             pacer.throttle_point(&self.gate);
         }
     }

@@ -452,9 +452,9 @@ impl VcpuDirtyControl for Machine {
         }
     }
 
-    fn set_vcpu_sleep(&self, index: usize, sleep_ppm: u32) -> Result<(), VmmError> {
+    fn set_vcpu_sleep(&self, index: usize, sleep_us_per_mib: u32) -> Result<(), VmmError> {
         match &self.gate {
-            Some(g) if g.set_vcpu_sleep(index, sleep_ppm) => Ok(()),
+            Some(g) if g.set_vcpu_sleep(index, sleep_us_per_mib) => Ok(()),
             _ => Err(VmmError::Other(format!("no vCPU {index} to throttle"))),
         }
     }
