@@ -42,36 +42,39 @@ def vcpu_rates(m, seconds):
 def check_limit_holds(m, limit, settle):
     """vCPU 0 limited to LIMIT MiB/s, vCPU 1 free: the limit holds within 25 %, vCPU 1
     keeps its pace, and cancelling restores vCPU 0's free rate."""
-    free = vcpu_rates(m, 1.5)
+    free = vcpu_rates(m, 1)
     assert min(free) > 4 * limit, f"the guest does not dirty far above the limit: {free}"
     m.cmd("set-vcpu-dirty-limit", **{"dirty-rate": limit, "cpu-index": 0})
     time.sleep(settle)
-    limited = vcpu_rates(m, 4)
-    q = m.cmd("query-vcpu-dirty-limit")
+    # Over 3 s: the workload's own count, and the limiter's figure once a period (its
+    # median is near the limit too: the same quantity, measured by the VMM).
+    a = workload(m)["vcpu-bytes-written"]
+    t0 = time.time()
+    own = []
+    for _ in range(3):
+        time.sleep(1)
+        q = m.cmd("query-vcpu-dirty-limit")
+        own.append(q[0]["current-rate"])
+    b = workload(m)["vcpu-bytes-written"]
+    limited = [(y - x) / (time.time() - t0) / MiB for x, y in zip(a, b)]
     assert [e["cpu-index"] for e in q] == [0], q
     assert q[0]["limit-rate"] == limit, q
     assert abs(limited[0] - limit) <= 0.25 * limit, f"free {free}, limited {limited}, {q}"
-    # The limiter's own figure (one period's) is the same quantity: its median over a
-    # few periods is near the limit too.
-    own = []
-    for _ in range(5):
-        own.append(m.cmd("query-vcpu-dirty-limit")[0]["current-rate"])
-        time.sleep(1)
     own.sort()
-    assert abs(own[2] - limit) <= 0.35 * limit + 1, own
+    assert abs(own[1] - limit) <= 0.35 * limit + 1, own
     assert limited[1] > 4 * limit, f"the vCPU without a limit was slowed: {limited}"
     assert m.cmd("human-monitor-command", **{"command-line": "info vcpu_dirty_limit"}) \
         .startswith(f"vcpu[0], limit rate {limit} (MB/s), current rate ")
     m.cmd("cancel-vcpu-dirty-limit")
     assert m.cmd("query-vcpu-dirty-limit") == []
     time.sleep(0.5)
-    after = vcpu_rates(m, 1.5)
+    after = vcpu_rates(m, 1)
     assert after[0] > 4 * limit, f"cancel did not restore the free rate: {after}"
 
 
 def test_soft_vcpu_held_to_its_limit(ws):
     m = lab(ws, "soft", 128, accel="soft", workload="hot=64M", cpus=2).start()
-    check_limit_holds(m, 64, settle=4)
+    check_limit_holds(m, 64, settle=3)
     assert workload(m)["violations"] == 0
 
 
@@ -81,7 +84,7 @@ def test_kvm_vcpu_held_to_its_limit_by_its_dirty_ring(ws):
     # distinct pages per period are its writes (a page rewritten within a period is
     # one dirty page to the ring, as for QEMU).
     m = lab(ws, "kvm", 48, accel="kvm", workload="hot=40M", cpus=2, tracking="ring").start()
-    check_limit_holds(m, 16, settle=5)
+    check_limit_holds(m, 16, settle=3)
 
 
 def migrate_with_dirty_limit(src, dst, limit, bandwidth, timeout=90):
@@ -317,7 +320,7 @@ def test_kvm_dirty_ring_matches_the_workload(ws):
     # vCPU 0 held to 16 MiB/s (each page of its 20 MiB slice written at most once a
     # second); vCPU 1 free, rewriting its slice many times a second.
     m.cmd("set-vcpu-dirty-limit", **{"dirty-rate": 16, "cpu-index": 0})
-    time.sleep(5)
+    time.sleep(3)
     q, own = measure_with_workload(m, **{"calc-time": 2, "mode": "dirty-ring"})
     ring = [v["dirty-rate"] for v in q["vcpu-dirty-rate"]]
     assert abs(ring[0] - own[0]) <= 0.25 * own[0] + 1, (q, own)
