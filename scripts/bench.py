@@ -1663,6 +1663,198 @@ def _file(caps=None, params=None, doc=""):
     return scenario
 
 
+# --------------------------------------------------------------------------------------
+# dirty-limit (the `dirtylimit` and `dirtylimit-ac` scenarios): one vCPU dirtying a small
+# hot set flat out under KVM with a dirty ring on both engines (QEMU: -M pc -accel
+# kvm,dirty-ring-size=4096 with the boot-sector guest; vmigrate: the KVM lab guest,
+# --dirty-tracking ring). `dirtylimit` limits the vCPU to DL_LIMIT MiB/s and samples the
+# guest's own count of pages written: the achieved rate against the limit and the time to
+# settle within 25 %; then it migrates with the `dirty-limit` capability over a link held
+# to DL_BANDWIDTH. `dirtylimit-ac` migrates the same guest over the same link with
+# auto-converge instead. Both record the guest's progress during the migration.
+
+DL_HOT = 16 * MiB
+DL_MEMORY = 64 * MiB
+DL_LIMIT = 32                  # MiB/s, set-vcpu-dirty-limit
+DL_BANDWIDTH = 32 * MiB        # bytes/s: far below the guest's free rate
+DL_MIGRATION_LIMIT = 16        # MiB/s, vcpu-dirty-limit: half the link
+DL_SAMPLE_S = 0.5
+DL_SETTLE_WINDOW_S = 10.0
+
+
+def dl_argv(engine, ctx, sock, serial, incoming):
+    if isinstance(engine, QemuEngine):
+        img_dir = ctx.live.workdir
+        role = "dst" if incoming else "src"
+        path = os.path.join(img_dir, f"dl-guest-{role}.img")
+        if not os.path.exists(path):
+            built = os.path.join(img_dir, "dl-guest.img")
+            if not os.path.exists(built):
+                built = build_guest(img_dir, "dl-guest", DL_HOT, PROBE_RATE)
+            shutil.copyfile(built, path)
+        a = [engine.binary, "-nodefaults", "-display", "none", "-M", "pc",
+             "-accel", "kvm,dirty-ring-size=4096", "-m", size_arg(DL_MEMORY),
+             "-drive", f"file={path},format=raw,if=ide",
+             "-chardev", f"file,id=com1,path={serial}", "-serial", "chardev:com1",
+             "-qmp", f"unix:{sock},server=on,wait=off"]
+    else:
+        a = [engine.binary, "vm", "--machine", "lab", "--accel", "kvm", "--dirty-tracking", "ring",
+             "--cpus", "1", "--memory", size_arg(DL_MEMORY), "--workload", f"hot={DL_HOT}",
+             "--qmp", f"unix:{sock}"]
+    if incoming:
+        a += ["-incoming" if isinstance(engine, QemuEngine) else "--incoming", incoming]
+    return a
+
+
+def dl_settle(series, limit):
+    """Seconds until every later sample is within 25 % of `limit` (None: never)."""
+    for i, (t, _) in enumerate(series):
+        if all(abs(r - limit) <= 0.25 * limit for _, r in series[i:]):
+            return t
+    return None
+
+
+async def dl_migrate(ctx, engine, caps, params, rec):
+    """A live migration of the dirty-limit guest with `caps`; fills `rec`."""
+    is_qemu = isinstance(engine, QemuEngine)
+    src, dst = VM(engine, "src", ctx), VM(engine, "dst", ctx)
+    serials = [os.path.join(ctx.tmpdir, f"dl-{r}-{engine.name}.serial") if is_qemu else None
+               for r in ("src", "dst")]
+    for p in serials:
+        if p:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(p)
+    uri = f"tcp:127.0.0.1:{free_port()}"
+    try:
+        await src.start(argv=dl_argv(engine, ctx, src.sock, serials[0], None))
+        await dst.start(argv=dl_argv(engine, ctx, dst.sock, serials[1], "defer"))
+        meter = GuestMeter(src, serials[0])
+        await meter.wait_pages(DL_HOT // LIVE_PAGE, 60)
+        rec["dirty_rate_before"] = await meter.rate(2.0)
+        return await dl_run(ctx, src, dst, meter, uri, caps, params, rec)
+    finally:
+        await asyncio.gather(src.stop(), dst.stop())
+
+
+async def dl_limit_accuracy(ctx, engine, rec):
+    """set-vcpu-dirty-limit on a running guest: the rate it reaches and how fast."""
+    is_qemu = isinstance(engine, QemuEngine)
+    vm = VM(engine, "dl", ctx)
+    serial = os.path.join(ctx.tmpdir, f"dl-{engine.name}.serial") if is_qemu else None
+    if serial:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(serial)
+    try:
+        await vm.start(argv=dl_argv(engine, ctx, vm.sock, serial, None))
+        meter = GuestMeter(vm, serial)
+        await meter.wait_pages(DL_HOT // LIVE_PAGE, 60)
+        rec["free_rate"] = await meter.rate(2.0)
+        await vm.cmd("set-vcpu-dirty-limit", **{"dirty-rate": DL_LIMIT})
+        t0 = time.monotonic()
+        series = []
+        while time.monotonic() - t0 < DL_SETTLE_WINDOW_S:
+            r = await meter.rate(DL_SAMPLE_S)
+            series.append((round(time.monotonic() - t0, 2), r / MiB))
+        rec["limit_series"] = series
+        tail = [r for t, r in series if t > DL_SETTLE_WINDOW_S - 4]
+        rec["achieved_rate"] = sum(tail) / len(tail) * MiB if tail else None
+        rec["settle_s"] = dl_settle(series, DL_LIMIT)
+        rec["query_vcpu_dirty_limit"] = await vm.try_cmd("query-vcpu-dirty-limit")
+        await vm.cmd("cancel-vcpu-dirty-limit")
+    finally:
+        await vm.stop()
+
+
+async def dl_run(ctx, src, dst, meter, uri, caps, params, rec):
+    for vm in (src, dst):
+        await vm.set_caps(dict(caps, events=True))
+    await src.set_params(dict(params, **{"max-bandwidth": DL_BANDWIDTH, "downtime-limit": 300}))
+    await dst.cmd("migrate-incoming", uri=uri)
+    pages0 = await meter.pages()
+    t0 = time.time()
+    await src.cmd("migrate", uri=uri)
+    deadline = time.monotonic() + (ctx.args.timeout or 90.0)
+    rs = await wait_migration(src, deadline, t0)
+    if rs["status"] != "completed":
+        q = await src.try_cmd("query-migrate")
+        if isinstance(q, dict) and q.get("status") not in TERMINAL + (None,):
+            await src.try_cmd("migrate_cancel")
+        ram = (q or {}).get("ram", {}) if isinstance(q, dict) else {}
+        rec.update(total_time_ms=None, transferred=ram.get("transferred"),
+                   dirty_sync_count=ram.get("dirty-sync-count"))
+        raise RunFailed(f"migration did not complete: {rs['status']}", rec)
+    await wait_migration(dst, deadline, t0)
+    qs = await src.cmd("query-migrate")
+    pages1 = await meter.pages()
+    ram = qs.get("ram", {})
+    active_s = ((qs.get("total-time") or 0) - (qs.get("downtime") or 0)) / 1000
+    rec.update(total_time_ms=qs.get("total-time"), downtime_ms=qs.get("downtime"),
+               transferred=ram.get("transferred"), dirty_sync_count=ram.get("dirty-sync-count"),
+               dirty_rate_during=(pages1 - pages0) * LIVE_PAGE / active_s if active_s > 0 else None)
+    return rec
+
+
+async def dirtylimit_scenario(ctx, pair, rep):
+    """one vCPU under KVM with a dirty ring: set-vcpu-dirty-limit accuracy and settle time, then a live migration with dirty-limit (16 MiB/s) over a 32 MiB/s link (qq and vv only)"""
+    engine = pair[0]
+    rec = {"engine": engine.name, "accel": "kvm", "limit": DL_LIMIT, "bandwidth": DL_BANDWIDTH}
+    if not kvm_usable():
+        raise RunFailed("/dev/kvm not usable", rec)
+    await dl_limit_accuracy(ctx, engine, rec)
+    return await dl_migrate(ctx, engine, {"dirty-limit": True},
+                            {"vcpu-dirty-limit": DL_MIGRATION_LIMIT}, rec)
+
+
+async def dirtylimit_ac_scenario(ctx, pair, rep):
+    """the dirtylimit guest and link, migrated with auto-converge instead of dirty-limit (qq and vv only)"""
+    engine = pair[0]
+    rec = {"engine": engine.name, "accel": "kvm", "limit": None, "bandwidth": DL_BANDWIDTH}
+    if not kvm_usable():
+        raise RunFailed("/dev/kvm not usable", rec)
+    return await dl_migrate(ctx, engine, {"auto-converge": True}, {}, rec)
+
+
+for _f in (dirtylimit_scenario, dirtylimit_ac_scenario):
+    _f.live = True
+    _f.dirtylimit = True
+
+
+def is_dirtylimit(scenario):
+    return getattr(SCENARIOS[scenario], "dirtylimit", False)
+
+
+def report_dirtylimit(records):
+    """The dirty-limit table: per engine, medians over the reps."""
+    recs = [r for r in records if r["scenario"] in ("dirtylimit", "dirtylimit-ac")]
+    if not recs:
+        return ""
+    med = lambda vals: statistics.median(vals) if vals else None
+    f = lambda v, fmt: "–" if v is None else fmt.format(v)
+    lines = ["", f"dirty-limit: one vCPU, KVM dirty ring (4096), hot set {DL_HOT // MiB} MiB, "
+                 f"limit {DL_LIMIT} MiB/s; migrations over a {DL_BANDWIDTH // MiB} MiB/s link, "
+                 f"vcpu-dirty-limit {DL_MIGRATION_LIMIT} MiB/s",
+             "| engine | free rate | achieved (limit) | settle | converge dirty-limit | guest rate during"
+             " dirty-limit | converge auto-converge | guest rate during auto-converge |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name in ("qemu", "vmigrate"):
+        dl = [r for r in recs if r["src"] == name and r["scenario"] == "dirtylimit"]
+        ac = [r for r in recs if r["src"] == name and r["scenario"] == "dirtylimit-ac"]
+        if not dl and not ac:
+            continue
+        g = lambda rs, k: [r[k] for r in rs if r.get(k) is not None]
+        fails = [r.get("error", "")[:60] for r in dl + ac if not r["ok"]]
+        lines.append(
+            f"| {name} | {f(med([v / MiB for v in g(dl, 'free_rate')]), '{:.0f} MiB/s')}"
+            f" | {f(med([v / MiB for v in g(dl, 'achieved_rate')]), '{:.1f}')} ({DL_LIMIT})"
+            f" | {f(med(g(dl, 'settle_s')), '{:.1f} s')}"
+            f" | {f(med([v / 1000 for v in g(dl, 'total_time_ms')]), '{:.1f} s')}"
+            f" | {f(med([v / MiB for v in g(dl, 'dirty_rate_during')]), '{:.1f} MiB/s')}"
+            f" | {f(med([v / 1000 for v in g(ac, 'total_time_ms')]), '{:.1f} s')}"
+            f" | {f(med([v / MiB for v in g(ac, 'dirty_rate_during')]), '{:.1f} MiB/s')} |"
+            + (f" failures: {'; '.join(fails)}" if fails else ""))
+    return "\n".join(lines)
+
+
 MAPPED_RAM = {"mapped-ram": True}
 MAPPED_RAM_MULTIFD = {"mapped-ram": True, "multifd": True}
 
@@ -1689,6 +1881,8 @@ SCENARIOS = {
     "tcp-tls-multifd2": _tcp({"multifd": True}, dict(TLS, **{"multifd-channels": 2}),
                              "stopped VM, loopback TCP, TLS (x509, verify-peer), multifd 2 channels"),
     "live": live_migration,
+    "dirtylimit": dirtylimit_scenario,
+    "dirtylimit-ac": dirtylimit_ac_scenario,
     "live-postcopy": _postcopy(False, "running guest dirtying its hot set faster than max-bandwidth, loopback TCP, "
                                       "precopy then migrate-start-postcopy (qq and vv only)"),
     "live-postcopy-preempt": _postcopy(True, "as live-postcopy, with postcopy-preempt (qq and vv only)"),
@@ -2161,7 +2355,7 @@ def capped_table(recs):
 def report_live(records, live):
     """Tables of the live scenario: per engine, then vmigrate / QEMU and the target."""
     lines = []
-    for sc in [s for s in SCENARIOS if is_live(s) and not is_postcopy(s)]:
+    for sc in [s for s in SCENARIOS if is_live(s) and not is_postcopy(s) and not is_dirtylimit(s)]:
         recs = [r for r in records if r["scenario"] == sc]
         if not recs:
             continue
@@ -2464,7 +2658,14 @@ async def run_all(ctx, engines, pairs, scenarios, reps, records, log):
                         ctx.harness_errors += 1
                         traceback.print_exc()
                 records.append(rec)
-                if rec["ok"] and is_postcopy(sc):
+                if rec["ok"] and is_dirtylimit(sc):
+                    achieved = rec.get("achieved_rate")
+                    log(f"[{sc} rep {rep}] {pair_label(p):18s} dirty {rec['dirty_rate_before'] / MiB:5.0f} MiB/s"
+                        + (f", limited {achieved / MiB:.1f} MiB/s (limit {DL_LIMIT}), settle "
+                           f"{rec['settle_s']} s" if achieved is not None else "")
+                        + f"; migration {rec['total_time_ms']} ms, guest "
+                        f"{(rec['dirty_rate_during'] or 0) / MiB:.1f} MiB/s during")
+                elif rec["ok"] and is_postcopy(sc):
                     log(postcopy_run_line(sc, rep, p, rec))
                 elif rec["ok"] and is_live(sc):
                     log(f"[{sc} rep {rep}] {pair_label(p):18s} {rec['accel']:4s} dirty "
@@ -2681,6 +2882,7 @@ def main():
             print(report_floor(records, floor, meta, args.size, stopped, args.pairs))
         if ctx.live is not None:
             print(report_live(records, ctx.live))
+            print(report_dirtylimit(records))
             print(report_postcopy(records, ctx.live, args))
         if ctx.harness_errors:
             sys.stderr.write(f"bench.py: {ctx.harness_errors} run(s) hit a harness error (see above)\n")

@@ -44,8 +44,7 @@ CAPABILITIES = [
 UNSUPPORTED_CAPABILITIES = [
     "xbzrle", "rdma-pin-all", "auto-converge", "x-colo", "return-path", "multifd",
     "dirty-bitmaps", "postcopy-blocktime", "x-ignore-shared",
-    "background-snapshot", "zero-copy-send", "switchover-ack",
-    "dirty-limit", "mapped-ram",
+    "background-snapshot", "zero-copy-send", "switchover-ack", "mapped-ram",
 ]
 
 # Commands (as sent, in compact JSON) whose vmigrate reply is an error with this text,
@@ -97,10 +96,6 @@ def vmigrate_hmp_expected(line, unsupported):
     if words[:1] == ["migrate_set_capability"] and len(words) == 3 and words[2] == "on" \
             and words[1] in unsupported:
         return f"Error: Capability '{words[1]}' is not supported by vmigrate yet\r\n"
-    # calc-dirty-rate measures by page sampling only
-    if line == "calc_dirty_rate -b 1":
-        return ("Error: mode dirty-bitmap is not supported by vmigrate yet, use "
-                "page-sampling instead.\r\n")
     return None
 
 

@@ -119,6 +119,7 @@
 
 pub mod channels;
 pub mod compress;
+pub mod dirtylimit;
 pub mod dirtyrate;
 pub mod errno;
 pub mod events;
@@ -148,4 +149,4 @@ pub use options::MigMode;
 pub use properties::{MigrationProperties, MultifdSync};
 pub use shared::IncomingMode;
 pub use status::{MigrationStatus, RunState};
-pub use vmm::{DeviceState, DirtyBitmap, DirtyTracker, VmControl, Vmm, VmmError};
+pub use vmm::{DeviceState, DirtyBitmap, DirtyTracker, VcpuDirtyControl, VmControl, Vmm, VmmError};

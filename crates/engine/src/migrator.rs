@@ -51,6 +51,19 @@ pub struct Migrator {
     /// The postcopy session of the incoming migration, from POSTCOPY_LISTEN on (for
     /// its figures in `query-migrate`).
     postcopy: Mutex<Option<Arc<crate::incoming::PostcopyIncoming>>>,
+    /// A `dirty-bitmap` dirty rate measurement holds the VM's dirty tracking.
+    tracker_lent: Arc<AtomicBool>,
+}
+
+/// The VM's dirty tracking lent to a `dirty-bitmap` measurement.
+struct TrackerLent(Arc<AtomicBool>);
+
+impl crate::dirtyrate::TrackerLease for TrackerLent {}
+
+impl Drop for TrackerLent {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 impl std::fmt::Debug for Migrator {
@@ -63,6 +76,7 @@ impl Migrator {
     pub fn new(vmm: Arc<dyn Vmm>, events: Arc<EventBus>, incoming_mode: IncomingMode) -> Arc<Self> {
         let params = Parameters::default();
         let max_bandwidth = Arc::new(AtomicU64::new(params.max_bandwidth()));
+        let dirty_limiter = Arc::new(crate::dirtylimit::DirtyLimiter::new(vmm.clone()));
         Arc::new(Self {
             vmm,
             shared: Arc::new(Shared {
@@ -90,12 +104,14 @@ impl Migrator {
                 event_order: Mutex::new(()),
                 events,
                 max_bandwidth,
+                dirty_limiter,
             }),
             fds: Arc::new(FdStore::default()),
             objects: Arc::new(ObjectStore::default()),
             on_incoming_failure: Mutex::new(None),
             autostart: AtomicBool::new(true),
             postcopy: Mutex::new(None),
+            tracker_lent: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -147,6 +163,32 @@ impl Migrator {
 
     pub fn vmm(&self) -> &Arc<dyn Vmm> {
         &self.vmm
+    }
+
+    /// The per-vCPU dirty-rate limiter.
+    pub fn dirty_limiter(&self) -> &Arc<crate::dirtylimit::DirtyLimiter> {
+        &self.shared.dirty_limiter
+    }
+
+    /// Lends the VM's dirty tracking to a `dirty-bitmap` dirty rate measurement: `None`
+    /// while an outgoing migration runs (it owns the tracking); no migration starts
+    /// until the lease is dropped.
+    pub fn lend_dirty_tracker(&self) -> Option<Box<dyn crate::dirtyrate::TrackerLease>> {
+        let st = self.shared.lock();
+        if st.role == Role::Outgoing && st.status.is_running() {
+            return None;
+        }
+        if self.tracker_lent.swap(true, Ordering::AcqRel) {
+            return None;
+        }
+        Some(Box::new(TrackerLent(self.tracker_lent.clone())))
+    }
+
+    /// Whether a running outgoing migration has the `dirty-limit` capability: the
+    /// monitor may not change the limits it set (QEMU's rule).
+    pub fn dirty_limit_migration_running(&self) -> bool {
+        let st = self.shared.lock();
+        st.role == Role::Outgoing && st.status.is_running() && st.caps.dirty_limit()
     }
 
     /// Where this VM's events go.
@@ -208,6 +250,7 @@ impl Migrator {
                 st.incoming_started,
                 &st.params,
                 inmigrate.then_some(&host_check as &dyn Fn() -> Result<(), String>),
+                self.vmm.vcpu_dirty_control().is_some(),
             )
             .map_err(|e| MigrateError(e.0))?;
         if next.zero_blocks() {
@@ -235,6 +278,12 @@ impl Migrator {
             next.max_bandwidth()
         };
         self.shared.max_bandwidth.store(limit, Ordering::Relaxed);
+        if st.role == Role::Outgoing && st.status.is_running() && st.caps.dirty_limit() {
+            self.shared.dirty_limiter.migration_parameters(
+                next.vcpu_dirty_limit(),
+                std::time::Duration::from_millis(next.x_vcpu_dirty_limit_period()),
+            );
+        }
         st.params = next;
         Ok(())
     }
@@ -335,6 +384,9 @@ impl Migrator {
             if st.role == Role::Outgoing && st.status.is_running() {
                 return merr("There's a migration process in progress");
             }
+        }
+        if self.tracker_lent.load(Ordering::Acquire) {
+            return merr("A dirty rate measurement in dirty-bitmap mode is running");
         }
         match self.vmm.control().run_state() {
             RunState::InMigrate => return merr("Guest is waiting for an incoming migration"),
@@ -922,6 +974,17 @@ impl Migrator {
                             out.insert("cpu-throttle-percentage".into(), json!(throttle));
                         }
                         out.insert("ram".into(), s.ram_json(false));
+                        if st.caps.dirty_limit() {
+                            if let Some((per_round, ring_full)) =
+                                self.shared.dirty_limiter.round_times()
+                            {
+                                out.insert(
+                                    "dirty-limit-throttle-time-per-round".into(),
+                                    json!(per_round),
+                                );
+                                out.insert("dirty-limit-ring-full-time".into(), json!(ring_full));
+                            }
+                        }
                     }
                     MigrationStatus::PostcopyActive
                     | MigrationStatus::PostcopyPaused

@@ -103,7 +103,7 @@ capabilities! {
 
 /// Capabilities vmigrate implements. `zero-blocks` and `late-block-activate` have no
 /// effect in QEMU 10.0 either, so accepting them is faithful.
-const SUPPORTED_CAPABILITIES: [Cap; 16] = [
+const SUPPORTED_CAPABILITIES: [Cap; 17] = [
     Cap::Xbzrle,
     Cap::ZeroCopySend,
     Cap::Events,
@@ -120,6 +120,7 @@ const SUPPORTED_CAPABILITIES: [Cap; 16] = [
     Cap::LateBlockActivate,
     Cap::ValidateUuid,
     Cap::PauseBeforeSwitchover,
+    Cap::DirtyLimit,
 ];
 
 /// An option error, with the QMP error text. All of them are `GenericError`.
@@ -168,18 +169,21 @@ impl Capabilities {
         incoming_started: bool,
         params: &Parameters,
     ) -> Result<Capabilities, OptionsError> {
-        self.merged_checking_host(list, incoming_started, params, None)
+        self.merged_checking_host(list, incoming_started, params, None, false)
     }
 
     /// [`Capabilities::merged`] on a destination waiting for its migration (run state
     /// `inmigrate`): turning `postcopy-ram` on first asks `postcopy_host` whether this
     /// host can be a postcopy destination, as QEMU does, and refuses with its text.
+    /// `dirty_limit_host` tells whether the VM can limit per-vCPU dirty rates (on QEMU:
+    /// KVM with a dirty ring).
     pub fn merged_checking_host(
         &self,
         list: &Value,
         incoming_started: bool,
         params: &Parameters,
         postcopy_host: Option<&dyn Fn() -> Result<(), String>>,
+        dirty_limit_host: bool,
     ) -> Result<Capabilities, OptionsError> {
         let items = list
             .as_array()
@@ -232,7 +236,7 @@ impl Capabilities {
                 check().map_err(|e| OptionsError(format!("Postcopy is not supported: {e}")))?;
             }
         }
-        next.validate(self, incoming_started, params)?;
+        next.validate(self, incoming_started, params, dirty_limit_host)?;
         for cap in turned_on {
             if next.has(cap) && !SUPPORTED_CAPABILITIES.contains(&cap) {
                 return err(format!(
@@ -249,6 +253,7 @@ impl Capabilities {
         old: &Capabilities,
         incoming_started: bool,
         params: &Parameters,
+        dirty_limit_host: bool,
     ) -> Result<(), OptionsError> {
         if self.postcopy_ram() {
             if self.x_ignore_shared() {
@@ -307,7 +312,11 @@ impl Capabilities {
                     "dirty-limit conflicts with auto-converge either of then available currently",
                 );
             }
-            return err("dirty-limit requires KVM with accelerator property 'dirty-ring-size' set");
+            if !dirty_limit_host {
+                return err(
+                    "dirty-limit requires KVM with accelerator property 'dirty-ring-size' set",
+                );
+            }
         }
         if self.multifd() && self.xbzrle() {
             return err("Multifd is not compatible with xbzrle");

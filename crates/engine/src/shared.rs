@@ -126,6 +126,9 @@ pub(crate) struct Shared {
     pub(crate) event_order: Mutex<()>,
     pub(crate) events: Arc<EventBus>,
     pub(crate) max_bandwidth: Arc<AtomicU64>,
+    /// The per-vCPU dirty-rate limiter (monitor commands and the `dirty-limit`
+    /// capability).
+    pub(crate) dirty_limiter: Arc<crate::dirtylimit::DirtyLimiter>,
 }
 
 impl Shared {

@@ -193,6 +193,30 @@ pub trait VmControl: Send + Sync {
     }
 }
 
+/// Per-vCPU dirty-page counting and throttling, what dirty-limit and `calc-dirty-rate`
+/// in `dirty-ring` mode need from a VMM (on QEMU: KVM with a dirty ring). A VMM that
+/// cannot count per vCPU does not offer it ([`Vmm::vcpu_dirty_control`] is `None`), and
+/// those commands fail as QEMU's do without a ring.
+pub trait VcpuDirtyControl: Send + Sync {
+    /// How many vCPUs the machine has.
+    fn vcpu_count(&self) -> usize;
+    /// Whether the counts come from KVM dirty rings: such a VM has no dirty bitmap to
+    /// measure with, and `calc-dirty-rate` refuses `dirty-bitmap` as QEMU does.
+    fn is_dirty_ring(&self) -> bool;
+    /// Starts counting: from now on [`VcpuDirtyControl::dirtied_pages`] grows as each
+    /// vCPU dirties pages (a KVM VMM turns dirty logging on for its rings). Calls nest:
+    /// each is ended by one [`VcpuDirtyControl::stop_counting`].
+    fn start_counting(&self) -> Result<(), VmmError>;
+    /// Stops counting (a VMM keeps logging on while a migration tracks dirty pages).
+    fn stop_counting(&self);
+    /// Pages each vCPU dirtied since counting started, by vCPU index; monotonic.
+    fn dirtied_pages(&self) -> Result<Vec<u64>, VmmError>;
+    /// Makes vCPU `index` sleep `sleep_us_per_mib` µs for every MiB it dirties (0: runs
+    /// freely), as QEMU sleeps a vCPU each time its dirty ring fills. The VMM takes the
+    /// sleeps as the pages are dirtied, a millisecond or more at a time.
+    fn set_vcpu_sleep(&self, index: usize, sleep_us_per_mib: u32) -> Result<(), VmmError>;
+}
+
 /// One device's migratable state, a vmstate section. The defaults fail: a device that
 /// did not implement migration cannot silently migrate as empty.
 pub trait DeviceState: Send + Sync {
@@ -251,6 +275,11 @@ pub trait Vmm: Send + Sync {
     /// figure per vCPU. The default is a VM without vCPUs.
     fn vcpu_thread_ids(&self) -> Vec<u32> {
         Vec::new()
+    }
+    /// Per-vCPU dirty counting and throttling, if this VMM can do it (the default is a
+    /// VMM that cannot: dirty-limit and `dirty-ring` measurements are refused).
+    fn vcpu_dirty_control(&self) -> Option<&dyn VcpuDirtyControl> {
+        None
     }
 }
 

@@ -755,10 +755,14 @@ impl Dispatcher {
             "getfd" => {
                 let fdname = s("fdname").unwrap_or("");
                 let Some(fd) = session.received_fds.pop() else {
-                    return Err(QmpError::generic("No file descriptor supplied via SCM_RIGHTS"));
+                    return Err(QmpError::generic(
+                        "No file descriptor supplied via SCM_RIGHTS",
+                    ));
                 };
                 if fdname.chars().next().is_some_and(|c| c.is_ascii_digit()) {
-                    return Err(QmpError::generic("File descriptor name must not begin with a digit"));
+                    return Err(QmpError::generic(
+                        "File descriptor name must not begin with a digit",
+                    ));
                 }
                 m.fd_store().add(fdname, fd);
                 empty()
@@ -770,20 +774,37 @@ impl Dispatcher {
                     sample_pages: args.get("sample-pages").and_then(Value::as_i64),
                     mode: s("mode").unwrap_or("page-sampling").to_string(),
                 };
+                let lease = (request.mode == "dirty-bitmap")
+                    .then(|| m.lend_dirty_tracker())
+                    .flatten();
                 self.dirty_rate
-                    .start(m.vmm().ram_blocks().to_vec(), &request)
+                    .start(m.vmm().clone(), &request, lease)
                     .map_err(|e| QmpError::generic(e.to_string()))?;
                 empty()
             }
             "query-dirty-rate" => Ok(self
                 .dirty_rate
                 .query(s("calc-time-unit") == Some("millisecond"))),
-            // A VM without a KVM dirty ring, as QEMU answers for one.
-            "set-vcpu-dirty-limit" => Err(QmpError::generic(
-                "dirty page limit feature requires KVM with accelerator property 'dirty-ring-size' set'",
-            )),
-            "cancel-vcpu-dirty-limit" => empty(),
-            "query-vcpu-dirty-limit" => Ok(json!([])),
+            "set-vcpu-dirty-limit" => {
+                m.dirty_limiter()
+                    .set(
+                        args.get("cpu-index").and_then(Value::as_i64),
+                        args["dirty-rate"].as_u64().unwrap_or(0),
+                        m.dirty_limit_migration_running(),
+                    )
+                    .map_err(|e| QmpError::generic(e.to_string()))?;
+                empty()
+            }
+            "cancel-vcpu-dirty-limit" => {
+                m.dirty_limiter()
+                    .cancel(
+                        args.get("cpu-index").and_then(Value::as_i64),
+                        m.dirty_limit_migration_running(),
+                    )
+                    .map_err(|e| QmpError::generic(e.to_string()))?;
+                empty()
+            }
+            "query-vcpu-dirty-limit" => Ok(m.dirty_limiter().query()),
             "snapshot-save" | "snapshot-load" | "snapshot-delete" => {
                 let job_type = match name {
                     "snapshot-save" => JobType::SnapshotSave,
@@ -816,9 +837,10 @@ impl Dispatcher {
                 self.jobs.verb(verb, s("id").unwrap_or(""))?;
                 empty()
             }
-            "query-workload" => self.backend.query_workload().ok_or_else(|| {
-                QmpError::generic("This machine runs no workload")
-            }),
+            "query-workload" => self
+                .backend
+                .query_workload()
+                .ok_or_else(|| QmpError::generic("This machine runs no workload")),
             "object-add" => {
                 m.objects()
                     .add(args, true)

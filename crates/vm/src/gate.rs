@@ -15,7 +15,7 @@
 //! guest memory after it. Sleeping (pacing, throttling) goes through
 //! [`VcpuGate::sleep`], which a pause interrupts.
 
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,6 +25,12 @@ pub const THROTTLE_SLICE: Duration = Duration::from_millis(10);
 
 /// The largest throttle percentage (QEMU's `max-cpu-throttle` range ends at 99).
 pub const MAX_THROTTLE: u8 = 99;
+
+/// A vCPU held to a dirty limit sleeps once it owes at least this much.
+pub const DIRTY_LIMIT_MIN_SLEEP: Duration = Duration::from_millis(1);
+
+/// vCPUs whose sleep share dirty-limit can set (the machines have at most 16).
+pub const MAX_LIMITED_VCPUS: usize = 64;
 
 #[derive(Debug)]
 struct GateState {
@@ -44,6 +50,8 @@ pub struct VcpuGate {
     /// Set while the vCPUs should not run: the threads' fast-path check.
     stop_requested: AtomicBool,
     throttle: AtomicU8,
+    /// Each vCPU's dirty-limit sleep per MiB it dirties, µs.
+    vcpu_sleep: [AtomicU32; MAX_LIMITED_VCPUS],
 }
 
 impl Default for VcpuGate {
@@ -65,6 +73,7 @@ impl VcpuGate {
             changed: Condvar::new(),
             stop_requested: AtomicBool::new(true),
             throttle: AtomicU8::new(0),
+            vcpu_sleep: std::array::from_fn(|_| AtomicU32::new(0)),
         }
     }
 
@@ -148,6 +157,25 @@ impl VcpuGate {
         self.throttle.load(Ordering::Relaxed)
     }
 
+    /// Sets how long vCPU `index` sleeps per MiB it dirties (dirty-limit, µs); false for
+    /// an index beyond [`MAX_LIMITED_VCPUS`].
+    pub fn set_vcpu_sleep(&self, index: usize, us_per_mib: u32) -> bool {
+        match self.vcpu_sleep.get(index) {
+            Some(slot) => {
+                slot.store(us_per_mib, Ordering::Relaxed);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// vCPU `index`'s dirty-limit sleep per MiB (µs).
+    pub fn vcpu_sleep(&self, index: usize) -> u32 {
+        self.vcpu_sleep
+            .get(index)
+            .map_or(0, |s| s.load(Ordering::Relaxed))
+    }
+
     /// Sleeps up to `d`, returning early when the vCPUs are asked to park.
     pub fn sleep(&self, d: Duration) {
         let deadline = Instant::now() + d;
@@ -175,6 +203,10 @@ pub struct Pacer {
     rate_bytes: u64,
     /// Bytes per second this thread may dirty; `None` is unlimited.
     rate: Option<u64>,
+    /// The vCPU this thread runs, for its dirty-limit sleeps.
+    vcpu: Option<usize>,
+    /// Dirty-limit sleep owed and not taken yet, ns.
+    owed_ns: u64,
 }
 
 impl Pacer {
@@ -185,17 +217,49 @@ impl Pacer {
             rate_start: now,
             rate_bytes: 0,
             rate,
+            vcpu: None,
+            owed_ns: 0,
+        }
+    }
+
+    /// The pacer of vCPU `index`'s thread: it also takes the vCPU's dirty-limit sleeps.
+    pub fn for_vcpu(rate: Option<u64>, index: usize) -> Self {
+        Self {
+            vcpu: Some(index),
+            ..Self::new(rate)
         }
     }
 
     /// Starts afresh after the thread was parked, so no burst makes up for the pause.
     pub fn restart(&mut self) {
+        let vcpu = self.vcpu;
         *self = Self::new(self.rate);
+        self.vcpu = vcpu;
+    }
+
+    /// Counts `bytes` the vCPU dirtied: a vCPU held to a dirty limit sleeps its share
+    /// for them (through the gate), once it owes at least [`DIRTY_LIMIT_MIN_SLEEP`].
+    pub fn dirtied(&mut self, gate: &VcpuGate, bytes: u64) {
+        let us_per_mib = self.vcpu.map_or(0, |i| gate.vcpu_sleep(i));
+        if us_per_mib == 0 {
+            self.owed_ns = 0;
+            return;
+        }
+        let owed = (u128::from(bytes) * u128::from(us_per_mib) * 1000) >> 20;
+        // A jump in the count (a guest that arrived by migration) owes no more than a
+        // measuring period's worth.
+        let cap = Duration::from_secs(1).as_nanos();
+        self.owed_ns = (u128::from(self.owed_ns) + owed).min(cap) as u64;
+        if self.owed_ns >= DIRTY_LIMIT_MIN_SLEEP.as_nanos() as u64 {
+            gate.sleep(Duration::from_nanos(self.owed_ns));
+            self.owed_ns = 0;
+        }
     }
 
     /// Accounts `bytes` of guest work and sleeps (through the gate) as the throttle and
     /// the rate require.
     pub fn account(&mut self, gate: &VcpuGate, bytes: u64) {
+        self.dirtied(gate, bytes);
         if let Some(rate) = self.rate {
             self.rate_bytes += bytes;
             let due = Duration::from_secs_f64(self.rate_bytes as f64 / rate as f64);
@@ -212,6 +276,7 @@ impl Pacer {
         self.throttle_point(gate);
     }
 
+    /// Sleeps for the throttle's share once a slice has been used up.
     /// Sleeps for the throttle's share once a slice has been used up.
     pub fn throttle_point(&mut self, gate: &VcpuGate) {
         let ran = self.slice_start.elapsed();
@@ -249,6 +314,30 @@ mod tests {
             }
             gate.unregister();
         })
+    }
+
+    #[test]
+    fn a_limited_vcpu_sleeps_per_mib_it_dirties() {
+        let gate = VcpuGate::new();
+        gate.resume();
+        let mut pacer = Pacer::for_vcpu(None, 1);
+        let t = Instant::now();
+        pacer.dirtied(&gate, 4 << 20);
+        assert!(t.elapsed() < Duration::from_millis(5), "a free vCPU slept");
+        assert!(gate.set_vcpu_sleep(1, 5_000));
+        assert!(!gate.set_vcpu_sleep(MAX_LIMITED_VCPUS, 5_000));
+        let t = Instant::now();
+        // 4 MiB at 5 ms per MiB, owed in quarter-MiB steps.
+        for _ in 0..16 {
+            pacer.dirtied(&gate, 1 << 18);
+        }
+        let slept = t.elapsed();
+        assert!(slept >= Duration::from_millis(19), "{slept:?}");
+        // Another vCPU is not limited.
+        let mut other = Pacer::for_vcpu(None, 0);
+        let t = Instant::now();
+        other.dirtied(&gate, 4 << 20);
+        assert!(t.elapsed() < Duration::from_millis(5));
     }
 
     #[test]

@@ -176,6 +176,16 @@ struct TrackingState {
     rings: Vec<DirtyRing>,
     /// Between `start` and `stop`.
     active: bool,
+    /// Users counting each vCPU's ring pages (dirty-limit, `calc-dirty-rate`): dirty
+    /// logging stays on while there is one.
+    counting: u32,
+    /// Distinct pages each vCPU's ring gave per counting period, summed, by vCPU
+    /// (dirty-limit's rates).
+    harvested: Vec<u64>,
+    /// The pages each vCPU's ring gave in the current counting period, one bitmap per
+    /// vCPU: KVM here pushes an entry for every write fault, several per page between
+    /// two resets, while a dirty rate counts pages.
+    seen: Vec<Vec<u64>>,
 }
 
 impl KvmGuest {
@@ -351,6 +361,69 @@ impl KvmGuest {
         self.hot_pages * GUEST_PAGE
     }
 
+    /// Pages each vCPU's guest program counts as written, by vCPU (from the mailboxes).
+    pub fn vcpu_pages_written(&self) -> Vec<u64> {
+        self.vcpus
+            .iter()
+            .map(|v| self.vcpu_written(v.index))
+            .collect()
+    }
+
+    /// Pages vCPU `index`'s guest program counts as written (its mailbox).
+    fn vcpu_written(&self, index: u32) -> u64 {
+        let mut w = [0u8; 8];
+        self.ram
+            .read(MAILBOX_SIZE * u64::from(index) + mailbox::WRITTEN, &mut w);
+        u64::from_le_bytes(w)
+    }
+
+    /// Whether each vCPU has its own dirty ring (dirty-limit needs one).
+    pub fn has_dirty_rings(&self) -> bool {
+        matches!(self.tracking, DirtyTracking::Ring { .. })
+    }
+
+    /// dirty-limit: turns dirty logging on so that every vCPU's ring counts its writes.
+    pub fn start_ring_counting(&self) -> Result<(), VmmError> {
+        let mut st = self.lock_tracking();
+        if st.counting == 0 {
+            let n = st.rings.len();
+            st.harvested.resize(n, 0);
+            let words = self.ram.pages().div_ceil(64);
+            st.seen = vec![vec![0; words]; n];
+            if !st.active {
+                self.set_memory_flags(KVM_MEM_LOG_DIRTY_PAGES)
+                    .map_err(|e| VmmError::DirtyTracking(e.to_string()))?;
+            }
+        }
+        st.counting += 1;
+        Ok(())
+    }
+
+    /// Ends [`KvmGuest::start_ring_counting`]; logging stays on while a migration
+    /// tracks.
+    pub fn stop_ring_counting(&self) {
+        let mut st = self.lock_tracking();
+        if st.counting == 1 {
+            if !st.active {
+                let _ = self.set_memory_flags(0);
+            }
+            st.seen = Vec::new();
+        }
+        st.counting = st.counting.saturating_sub(1);
+    }
+
+    /// Harvests every ring (the pages go where the vCPUs' own harvests put them) and
+    /// returns how many pages each vCPU's ring has given so far, each page counted once
+    /// per call (a counting period).
+    pub fn ring_pages_harvested(&self) -> Result<Vec<u64>, VmmError> {
+        let mut st = self.lock_tracking();
+        self.harvest_rings(&mut st, None, &mut |page| self.vmm_dirty.mark(0, page, 1))?;
+        for bits in &mut st.seen {
+            bits.fill(0);
+        }
+        Ok(st.harvested.clone())
+    }
+
     /// The workload's counters, read from the mailboxes in guest RAM.
     pub fn counters(&self) -> WorkloadCounters {
         let cpus = self.vcpus.len() as u32;
@@ -422,7 +495,8 @@ impl KvmGuest {
 
     fn run_vcpu(&self, vcpu: &KvmVcpu) {
         self.threads.record_current(vcpu.index as usize);
-        let mut pacer = Pacer::new(None);
+        let mut pacer = Pacer::for_vcpu(None, vcpu.index as usize);
+        let mut written = self.vcpu_written(vcpu.index);
         let mut stopped = false;
         loop {
             if self.gate.should_park() {
@@ -491,6 +565,10 @@ impl KvmGuest {
             if idle {
                 self.gate.sleep(Duration::from_millis(50));
             }
+            // dirty-limit: the pages the guest counts as written since the last exit.
+            let now_written = self.vcpu_written(vcpu.index);
+            pacer.dirtied(&self.gate, now_written.saturating_sub(written) * GUEST_PAGE);
+            written = now_written;
             pacer.throttle_point(&self.gate);
         }
     }
@@ -584,9 +662,17 @@ impl KvmGuest {
             if only.is_some_and(|o| o != i) {
                 continue;
             }
+            let mut seen = st.seen.get_mut(i).zip(st.harvested.get_mut(i));
             let h = ring.harvest(|slot, page| {
                 if slot == SLOT && (page as usize) < pages {
                     dirty(page as usize);
+                    if let Some((bits, count)) = seen.as_mut() {
+                        let (w, b) = (page as usize / 64, 1u64 << (page % 64));
+                        if bits[w] & b == 0 {
+                            bits[w] |= b;
+                            **count += 1;
+                        }
+                    }
                 }
             });
             total.taken += h.taken;
@@ -702,7 +788,9 @@ impl DirtyTracker for KvmGuest {
     fn stop(&self) {
         let mut st = self.lock_tracking();
         st.active = false;
-        let _ = self.set_memory_flags(0);
+        if st.counting == 0 {
+            let _ = self.set_memory_flags(0);
+        }
     }
 }
 

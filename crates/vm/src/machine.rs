@@ -6,7 +6,7 @@ use std::thread::JoinHandle;
 
 use serde_json::{json, Value};
 use vmigrate_engine::memory::MemoryError;
-use vmigrate_engine::vmm::{DeviceState, DirtyTracker, VmControl, Vmm};
+use vmigrate_engine::vmm::{DeviceState, DirtyTracker, VcpuDirtyControl, VmControl, Vmm, VmmError};
 use vmigrate_engine::{EventBus, MigMode, RamBlock, RunState};
 
 use crate::blockers::{cpr_ram_blocker, MigrationBlockers};
@@ -16,7 +16,7 @@ use crate::runstate::RunControl;
 use crate::serial::SerialSink;
 use crate::soft::SoftWorkload;
 use crate::timer::GuestClock;
-use crate::workload::{DirtyRateMeter, WorkloadSpec};
+use crate::workload::{DirtyRateMeter, VcpuRateMeter, WorkloadSpec};
 
 /// The machine types.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -162,6 +162,8 @@ pub struct Machine {
     threads: Mutex<Vec<JoinHandle<()>>>,
     devices: Vec<Arc<dyn DeviceState>>,
     dirty_rate: DirtyRateMeter,
+    /// Each vCPU's rate, from the workload's own per-vCPU counts.
+    vcpu_rates: VcpuRateMeter,
     cpus: u32,
     blockers: MigrationBlockers,
 }
@@ -220,6 +222,7 @@ impl Machine {
             threads: Mutex::new(Vec::new()),
             devices: vec![clock],
             dirty_rate: DirtyRateMeter::default(),
+            vcpu_rates: VcpuRateMeter::default(),
             cpus: 0,
             blockers,
         };
@@ -319,6 +322,14 @@ impl Machine {
             "dirty-rate": self.dirty_rate.rate(c.local_written * ps),
             "cpu-throttle-percentage": throttle,
         });
+        let per_vcpu = match &self.accel {
+            Accelerator::Soft { workload, .. } => workload.vcpu_pages_written(),
+            Accelerator::Kvm(g) => g.vcpu_pages_written(),
+            Accelerator::Idle => Vec::new(),
+        };
+        let per_vcpu: Vec<u64> = per_vcpu.iter().map(|p| p * ps).collect();
+        w["vcpu-dirty-rates"] = json!(self.vcpu_rates.rates(&per_vcpu));
+        w["vcpu-bytes-written"] = json!(per_vcpu);
         match &self.accel {
             Accelerator::Kvm(g) => {
                 w["dirty-tracking"] = json!(g.dirty_tracking().to_string());
@@ -399,6 +410,53 @@ impl Vmm for Machine {
     }
     fn vcpu_thread_ids(&self) -> Vec<u32> {
         self.vcpu_threads().map_or_else(Vec::new, |t| t.snapshot())
+    }
+    /// `soft` vCPUs count what each thread marks (QEMU has no dirty limit without KVM;
+    /// vmigrate offers it there too); KVM vCPUs need a dirty ring each, as on QEMU.
+    fn vcpu_dirty_control(&self) -> Option<&dyn VcpuDirtyControl> {
+        match &self.accel {
+            Accelerator::Soft { .. } => Some(self),
+            Accelerator::Kvm(g) if g.has_dirty_rings() => Some(self),
+            _ => None,
+        }
+    }
+}
+
+impl VcpuDirtyControl for Machine {
+    fn vcpu_count(&self) -> usize {
+        self.cpus as usize
+    }
+
+    fn is_dirty_ring(&self) -> bool {
+        matches!(&self.accel, Accelerator::Kvm(g) if g.has_dirty_rings())
+    }
+
+    fn start_counting(&self) -> Result<(), VmmError> {
+        match &self.accel {
+            Accelerator::Kvm(g) => g.start_ring_counting(),
+            _ => Ok(()),
+        }
+    }
+
+    fn stop_counting(&self) {
+        if let Accelerator::Kvm(g) = &self.accel {
+            g.stop_ring_counting();
+        }
+    }
+
+    fn dirtied_pages(&self) -> Result<Vec<u64>, VmmError> {
+        match &self.accel {
+            Accelerator::Soft { workload, .. } => Ok(workload.vcpu_pages_written()),
+            Accelerator::Kvm(g) => g.ring_pages_harvested(),
+            Accelerator::Idle => Ok(Vec::new()),
+        }
+    }
+
+    fn set_vcpu_sleep(&self, index: usize, sleep_us_per_mib: u32) -> Result<(), VmmError> {
+        match &self.gate {
+            Some(g) if g.set_vcpu_sleep(index, sleep_us_per_mib) => Ok(()),
+            _ => Err(VmmError::Other(format!("no vCPU {index} to throttle"))),
+        }
     }
 }
 

@@ -178,6 +178,14 @@ impl SoftWorkload {
         c
     }
 
+    /// Pages each vCPU thread wrote (and marked dirty) in this process, by vCPU.
+    pub fn vcpu_pages_written(&self) -> Vec<u64> {
+        self.vcpus
+            .iter()
+            .map(|v| v.local_written.load(Ordering::Relaxed))
+            .collect()
+    }
+
     /// Starts one thread per vCPU; they stay parked until the gate lets them run.
     pub fn spawn(self: &Arc<Self>) -> std::io::Result<Vec<JoinHandle<()>>> {
         (0..self.vcpus.len())
@@ -207,7 +215,8 @@ impl SoftWorkload {
         let slice = vcpu_slice(self.hot_pages, cpus, index as u32);
         let me = &self.vcpus[index];
         let ps = self.page_size;
-        let mut pacer = Pacer::new(self.spec.rate.map(|r| (r / u64::from(cpus)).max(1)));
+        let mut pacer =
+            Pacer::for_vcpu(self.spec.rate.map(|r| (r / u64::from(cpus)).max(1)), index);
         loop {
             if self.gate.should_park() {
                 if !self.gate.park() {

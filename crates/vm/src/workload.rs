@@ -219,6 +219,42 @@ impl DirtyRateMeter {
     }
 }
 
+/// [`DirtyRateMeter`] for each vCPU: bytes per second from each vCPU's growing count.
+#[derive(Debug)]
+pub struct VcpuRateMeter {
+    last: std::sync::Mutex<(std::time::Instant, Vec<u64>, Vec<u64>)>,
+}
+
+impl Default for VcpuRateMeter {
+    fn default() -> Self {
+        Self {
+            last: std::sync::Mutex::new((std::time::Instant::now(), Vec::new(), Vec::new())),
+        }
+    }
+}
+
+impl VcpuRateMeter {
+    /// Each vCPU's rate given each one's total so far (fresh once a window passed).
+    pub fn rates(&self, totals: &[u64]) -> Vec<u64> {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let elapsed = last.0.elapsed();
+        if elapsed >= DirtyRateMeter::WINDOW || last.2.len() != totals.len() {
+            let secs = elapsed.as_secs_f64().max(1e-3);
+            last.2 = totals
+                .iter()
+                .enumerate()
+                .map(|(i, t)| {
+                    let before = last.1.get(i).copied().unwrap_or(*t);
+                    (t.saturating_sub(before) as f64 / secs) as u64
+                })
+                .collect();
+            last.0 = std::time::Instant::now();
+            last.1 = totals.to_vec();
+        }
+        last.2.clone()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -38,7 +38,7 @@ use crate::outgoing::multifd_send::{ChannelConfig, MultifdSender, ZeroDetection}
 use crate::outgoing::postcopy;
 use crate::outgoing::ram_save::{RamSaveError, RamSaver, ZeroPages, ITERATION_SLICE};
 use crate::outgoing::recover;
-use crate::outgoing::throttle::{AutoConverge, SyncPeriod};
+use crate::outgoing::throttle::{AutoConverge, DirtyLimitTrigger, SyncPeriod};
 use crate::shared::{SectionIds, Shared};
 use crate::status::{MigrationStatus, RunState, StatusError};
 use crate::vmm::{Vmm, VmmError};
@@ -388,6 +388,7 @@ struct SyncTracker {
     last: Instant,
     sent_at_last: u64,
     auto_converge: AutoConverge,
+    dirty_limit: DirtyLimitTrigger,
     first: bool,
 }
 
@@ -397,6 +398,7 @@ impl SyncTracker {
             last: Instant::now(),
             sent_at_last: 0,
             auto_converge: AutoConverge::default(),
+            dirty_limit: DirtyLimitTrigger::default(),
             first: true,
         }
     }
@@ -421,16 +423,30 @@ fn dirty_sync(
             .dirty_pages_rate
             .store((fresh as f64 / secs) as u64, Ordering::Relaxed);
         let params = shared.params_snapshot();
-        if shared.caps_snapshot().auto_converge() {
-            let period = SyncPeriod {
-                dirtied: fresh * saver.page_size(),
-                sent: sent_now - tracker.sent_at_last,
-            };
+        let caps = shared.caps_snapshot();
+        let period = SyncPeriod {
+            dirtied: fresh * saver.page_size(),
+            sent: sent_now - tracker.sent_at_last,
+        };
+        if caps.auto_converge() {
             if let Some(pct) = tracker.auto_converge.on_sync(&params, period) {
                 vmm.control().set_cpu_throttle(pct)?;
                 stats
                     .cpu_throttle_percentage
                     .store(u64::from(pct), Ordering::Relaxed);
+            }
+        } else if caps.dirty_limit()
+            && tracker.dirty_limit.on_sync(&params, period)
+            && !shared.dirty_limiter.migration_owned()
+        {
+            let period = std::time::Duration::from_millis(params.x_vcpu_dirty_limit_period());
+            if let Err(e) = shared
+                .dirty_limiter
+                .migration_limit(params.vcpu_dirty_limit(), period)
+            {
+                shared
+                    .events
+                    .warn(&format!("dirty-limit could not limit the vCPUs: {e}"));
             }
         }
     }
@@ -459,6 +475,7 @@ fn iterate_and_complete(
 ) -> Result<(), SaveError> {
     let mut sync_tracker = SyncTracker::new();
     let result = iterate_inner(shared, vmm, w, saver, session, &mut sync_tracker);
+    shared.dirty_limiter.migration_ended();
     if sync_tracker.auto_converge.percentage() > 0 {
         let _ = vmm.control().set_cpu_throttle(0);
         shared

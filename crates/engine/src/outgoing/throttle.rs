@@ -62,6 +62,30 @@ impl AutoConverge {
     }
 }
 
+/// dirty-limit's trigger: the same rule as auto-converge's (dirtying above
+/// `throttle-trigger-threshold` % of what was sent, in two periods), after which every
+/// vCPU is limited to `vcpu-dirty-limit`.
+#[derive(Debug, Default)]
+pub struct DirtyLimitTrigger {
+    high_periods: u32,
+}
+
+impl DirtyLimitTrigger {
+    /// Feeds one sync period; true when the vCPUs should be limited now.
+    pub fn on_sync(&mut self, params: &Parameters, period: SyncPeriod) -> bool {
+        let threshold = period.sent as f64 * f64::from(params.throttle_trigger_threshold()) / 100.0;
+        if (period.dirtied as f64) <= threshold {
+            return false;
+        }
+        self.high_periods += 1;
+        if self.high_periods < 2 {
+            return false;
+        }
+        self.high_periods = 0;
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -91,6 +115,24 @@ mod tests {
         };
         assert_eq!(ac.on_sync(&p, low), None);
         assert_eq!(ac.percentage(), 30);
+    }
+
+    #[test]
+    fn dirty_limit_triggers_as_auto_converge_does() {
+        let p = Parameters::default();
+        let mut t = DirtyLimitTrigger::default();
+        let high = SyncPeriod {
+            dirtied: 100,
+            sent: 100,
+        };
+        let low = SyncPeriod {
+            dirtied: 10,
+            sent: 100,
+        };
+        assert!(!t.on_sync(&p, high));
+        assert!(!t.on_sync(&p, low));
+        assert!(t.on_sync(&p, high));
+        assert!(!t.on_sync(&p, high));
     }
 
     #[test]
