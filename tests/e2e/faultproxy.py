@@ -17,11 +17,14 @@ import time
 
 class Fault:
     def __init__(self, conn=0, direction="c2s", action="cut", at=None, marker=None,
-                 tail=False, idle=1.0):
+                 tail=False, idle=1.0, after=0):
         assert action in ("cut", "stall", "corrupt")
         assert (at is not None) + (marker is not None) + tail == 1
         self.conn, self.direction, self.action = conn, direction, action
         self.at, self.marker, self.tail, self.idle = at, marker, tail, idle
+        # tail: held back only once AFTER bytes passed (a TLS handshake waits for
+        # replies, and its quiet moments are not the end).
+        self.after = after
 
     def __repr__(self):
         where = (f"byte {self.at}" if self.at is not None
@@ -86,7 +89,7 @@ class FaultProxy:
         held = b""
         try:
             while True:
-                if mine and f.tail and not self.fired.is_set():
+                if mine and f.tail and not self.fired.is_set() and done >= f.after:
                     r, _, _ = select.select([a], [], [], f.idle)
                     if not r and held:
                         # Quiet with a chunk held back: that chunk is the stream's end.
@@ -105,7 +108,7 @@ class FaultProxy:
                         if i >= 0:
                             pos = max(0, i - len(window))
                         window = (window + data)[-(len(f.marker) - 1):]
-                    elif f.tail:
+                    elif f.tail and done + len(data) > f.after:
                         if held:
                             b.sendall(held)
                         done += len(held)
