@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds every fuzz target in fuzz/ (libFuzzer, nightly toolchain) and runs each for
 # SECONDS (default 60), then prints executions, coverage (libFuzzer's cov: and ft:)
-# and crashes per target. Exits non-zero when a target does not build or crashes.
+# and crashes per target, with each process's peak RSS. Exits non-zero when a target
+# does not build or crashes.
 #
 #   scripts/fuzz.sh [SECONDS] [TARGET...]
 #
@@ -44,7 +45,7 @@ if ! RUSTFLAGS="$flags" cargo +nightly build --release --target "$host" "${bins[
 fi
 echo "fuzz: built ${#targets[@]} targets in $(( $(date +%s) - t0 )) s"
 
-bin_dir="target/$host/release"
+bin_dir="${CARGO_TARGET_DIR:-target}/$host/release"
 work="target/corpus"
 mkdir -p "$work" artifacts
 run_one() {
@@ -58,14 +59,16 @@ run_one() {
     "$work/$t" >"$work/$t.log" 2>&1
   local rc=$?
   after=$(ls "artifacts/$t" | wc -l)
-  local last execs cov ft
+  local last execs cov ft rss
   last=$(grep -E '^#[0-9]+' "$work/$t.log" | tail -1)
+  rss=$(sed -n 's/.* rss: \([0-9]*\)Mb.*/\1/p' "$work/$t.log" | sort -n | tail -1)
   execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$work/$t.log" | tail -1)
   cov=$(sed -n 's/.* cov: \([0-9]*\).*/\1/p' <<<"$last")
   ft=$(sed -n 's/.* ft: \([0-9]*\).*/\1/p' <<<"$last")
   local crashes=$((after - before))
   [ "$rc" != 0 ] && [ "$crashes" = 0 ] && crashes="rc=$rc"
-  printf '%s %s %s %s %s\n' "$t" "${execs:-?}" "${cov:-?}" "${ft:-?}" "$crashes" >"$work/$t.row"
+  printf '%s %s %s %s %s %s\n' "$t" "${execs:-?}" "${cov:-?}" "${ft:-?}" "${rss:-?}" "$crashes" \
+    >"$work/$t.row"
 }
 
 jobs="${FUZZ_JOBS:-1}"
@@ -76,10 +79,10 @@ done
 wait
 
 failed=0
-printf '\n%-12s %12s %8s %8s %8s\n' target executions cov ft crashes
+printf '\n%-12s %12s %8s %8s %12s %8s\n' target executions cov ft peak-rss-MB crashes
 for t in "${targets[@]}"; do
-  read -r name execs cov ft crashes <"$work/$t.row"
-  printf '%-12s %12s %8s %8s %8s\n' "$name" "$execs" "$cov" "$ft" "$crashes"
+  read -r name execs cov ft rss crashes <"$work/$t.row"
+  printf '%-12s %12s %8s %8s %12s %8s\n' "$name" "$execs" "$cov" "$ft" "$rss" "$crashes"
   if [ "$crashes" != 0 ]; then
     failed=1
     grep -E 'panicked|ERROR: libFuzzer|SUMMARY' "$work/$t.log" | head -3 | sed 's/^/    /'

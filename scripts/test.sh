@@ -28,7 +28,7 @@ if grep -q 'test result: FAILED\|error\[' target/cargo-test.log || ! grep -q 'te
 fi
 
 step "fuzz smoke run (every target a few seconds; builds with the nightly toolchain)"
-scripts/fuzz.sh "${FUZZ_SMOKE_SECONDS:-3}"
+scripts/fuzz.sh "${FUZZ_SMOKE_SECONDS:-2}"
 
 step "build release binary"
 cargo build --release --bin vmigrate
