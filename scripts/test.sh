@@ -27,6 +27,9 @@ if grep -q 'test result: FAILED\|error\[' target/cargo-test.log || ! grep -q 'te
   exit 1
 fi
 
+step "fuzz smoke run (every target a few seconds; builds with the nightly toolchain)"
+scripts/fuzz.sh "${FUZZ_SMOKE_SECONDS:-2}"
+
 step "build release binary"
 cargo build --release --bin vmigrate
 

@@ -15,6 +15,9 @@ pub use objects::{
     parse_object_option, ObjectAddError, ObjectLookupError, ObjectNotFound, ObjectOptionError,
     ObjectStore, TlsSetupError,
 };
-pub use return_path::ReturnPathWriter;
+pub use return_path::{
+    PageRequest, ReturnPath, ReturnPathError, ReturnPathWriter, MAX_QUEUED_PAGE_REQUESTS,
+};
 pub use tls::TlsError;
 pub use transport::{parse_size, Address, FdStore, TransportError};
+pub use x509_name::subject_dn;

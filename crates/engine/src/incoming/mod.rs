@@ -18,7 +18,10 @@ pub use load::{
     load_stream, load_stream_postcopy, load_stream_with, LoadError, LoadOutcome, MultifdChannels,
     PostcopyHooks, PostcopyOutcome, MAX_PACKAGE_LEN,
 };
-pub use multifd_recv::{read_init, MultifdHandshakeError, MultifdRecvError};
+pub use multifd_recv::{
+    read_init, MultifdHandshakeError, MultifdReceiver, MultifdRecvError, ReceiveConfig,
+};
+pub use pages::ReceivedPages;
 pub use postcopy::{LatencySummary, PostcopyError, PostcopyIncoming};
 pub use ram_load::MappedRamLoad;
 pub use recover::{PostcopyRecovery, RecoverError};

@@ -113,6 +113,12 @@ pub enum MultifdRecvError {
     ChannelSyncTimeout,
     #[error("multifd channels did not end after the main stream")]
     FinishTimeout,
+    /// The main stream ended while channels waited at a SYNC it never reached.
+    #[error(
+        "a multifd channel reached a SYNC packet after the main stream's last sync point ({})",
+        SYNC_MISMATCH_HINT
+    )]
+    SyncAfterEnd,
     /// What ended channel `id`.
     #[error("multifd channel {id}: {error}")]
     Channel {
@@ -259,6 +265,12 @@ impl MultifdReceiver {
         let deadline = Instant::now() + FINISH_TIMEOUT;
         let mut st = self.lock();
         while st.finished < self.channels && st.failed.is_none() {
+            if st.arrived > 0 && st.arrived + st.finished == self.channels {
+                // Waiting at a sync point the main stream, now over, never reached:
+                // nothing can release them.
+                st.failed = Some(MultifdRecvError::SyncAfterEnd);
+                break;
+            }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 drop(st);
@@ -273,6 +285,7 @@ impl MultifdReceiver {
         }
         let failed = st.failed.clone();
         drop(st);
+        self.changed.notify_all();
         self.join_threads();
         failed.map_or(Ok(()), Err)
     }
@@ -587,5 +600,36 @@ mod tests {
         r.abort();
         assert!(r.failure().is_none());
         assert!(matches!(r.finish(), Err(MultifdRecvError::Aborted)));
+    }
+
+    /// Found by the `load_stream` fuzz target: a channel with one SYNC more than the
+    /// main stream has sync points waited SYNC_TIMEOUT (30 s) after the main stream
+    /// ended, although nothing could release it any more.
+    #[test]
+    fn a_sync_after_the_main_streams_end_fails_at_once() {
+        let ps = rustix::param::page_size() as u64;
+        let (rd, wr) = rustix::pipe::pipe().unwrap();
+        let mut sync = Vec::new();
+        PacketHeader::sync(1).encode(&mut sync, ps);
+        rustix::io::write(&wr, &sync).unwrap();
+        drop(wr);
+        let r = MultifdReceiver::start(
+            vec![rd],
+            ReceiveConfig {
+                blocks: Vec::new(),
+                pristine: Vec::new(),
+                received: Arc::new(ReceivedPages::new(&[])),
+                method: Method::None,
+                page_size: ps,
+            },
+        );
+        let t0 = Instant::now();
+        let e = r.finish().unwrap_err();
+        assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+        assert_eq!(
+            e.to_string(),
+            "a multifd channel reached a SYNC packet after the main stream's last sync point \
+             (do both sides set multifd-flush-after-each-section alike?)"
+        );
     }
 }
