@@ -201,6 +201,9 @@ impl Migrator {
             crate::uffd::available().map_err(|e| e.to_string())
         };
         let inmigrate = self.vmm.control().run_state() == RunState::InMigrate;
+        if st.caps.background_snapshot_after(list) {
+            crate::outgoing::background_snapshot::host_check(self.vmm.ram_blocks())?;
+        }
         let next = st
             .caps
             .merged_checking_host(
@@ -504,7 +507,11 @@ impl Migrator {
             }
         }
         let state_before = self.vmm.control().run_state();
-        let mut result = save::run(&self.shared, self.vmm.as_ref(), &channel, &addr);
+        let mut result = if self.shared.caps_snapshot().background_snapshot() {
+            crate::outgoing::background_snapshot::run(&self.shared, self.vmm.as_ref(), &channel)
+        } else {
+            save::run(&self.shared, self.vmm.as_ref(), &channel, &addr)
+        };
         if channel.is_socket {
             transport::shutdown_socket(&channel.fd);
         }
