@@ -53,16 +53,15 @@ def test_background_snapshot_to_file_loads(ws, image32, src_impl, dst_impl):
     assert diff is None, f"loaded RAM differs from the image: {diff}"
 
 
-def tag_passes(path, size, hot):
+def tag_passes(data, hot):
     """The pass numbers held by the verify workload's tags in the first HOT bytes of
-    the RAM file at PATH (the first word of each page)."""
-    with open(path, "rb") as f:
-        data = f.read(size)
+    guest RAM DATA (the first word of each page)."""
     return [struct.unpack_from("<Q", data, off)[0] >> 32 for off in range(0, hot, 4096)]
 
 
-@pytest.mark.parametrize("accel", ["soft", "kvm"])
-def test_lab_guest_runs_on_and_snapshot_holds_its_moment(ws, accel):
+@pytest.mark.parametrize("accel,shared", [("soft", True), ("soft", False), ("kvm", True)],
+                         ids=["soft-shared", "soft-anonymous", "kvm-shared"])
+def test_lab_guest_runs_on_and_snapshot_holds_its_moment(ws, accel, shared):
     """A verify guest rewrites its 8 MiB hot set pass after pass while a 32 MiB
     snapshot crawls at 8 MiB/s: the guest makes passes meanwhile, the file holds no
     page of a pass later than the snapshot's moment, and the guest loaded from it
@@ -73,7 +72,8 @@ def test_lab_guest_runs_on_and_snapshot_holds_its_moment(ws, accel):
         if reason:
             pytest.skip(reason)
     spec = "hot=8M,verify"
-    src = lab(ws, "src", GUEST_MIB, accel=accel, workload=spec).start()
+    kw = {} if shared else {"shared": False, "ram_id": "ram"}
+    src = lab(ws, "src", GUEST_MIB, accel=accel, workload=spec, **kw).start()
     wait_passes(src, 2)
     src.set_params(max_bandwidth=8 * MiB)
     out = ws.path("snap.bin")
@@ -89,14 +89,14 @@ def test_lab_guest_runs_on_and_snapshot_holds_its_moment(ws, accel):
     assert at_end["violations"] == 0, at_end
     # The save took seconds; the guest went on passing through its hot set.
     assert at_end["passes"] >= at_start["passes"] + 3, (at_start, at_end)
-    dst = lab(ws, "dst", GUEST_MIB, accel=accel, workload=spec, incoming="defer").start()
+    dst = lab(ws, "dst", GUEST_MIB, accel=accel, workload=spec, incoming="defer", **kw).start()
     dst.cmd("migrate-incoming", uri=f"file:{out}")
     di = dst.wait_migration(("completed", "failed"), timeout=30)
     assert di["status"] == "completed", f"{di}\n{ws.diagnostics()}"
     arrived = workload(dst)
     assert arrived["passes"] <= at_start["passes"], (arrived, at_start)
     if accel == "soft":
-        passes = tag_passes(dst.mem_file, GUEST_MIB * MiB, 8 * MiB)
+        passes = tag_passes(dst.ram_pmemsave(0, 8 * MiB), 8 * MiB)
         assert max(passes) <= at_start["passes"] + 1, \
             f"a page of pass {max(passes)} in a snapshot taken at pass {at_start['passes']}"
     if dst.runstate() != "running":

@@ -107,6 +107,8 @@ struct Walk<'a> {
     zero: u64,
     normal: u64,
     scratch: Vec<u8>,
+    /// Whether pages of zeroes go as ZERO records (else as data).
+    detect_zero: bool,
 }
 
 impl Walk<'_> {
@@ -128,7 +130,7 @@ impl Walk<'_> {
         while off < base + ps && off < b.len() {
             let name = (self.last_block != Some(bi)).then(|| b.idstr().to_string());
             self.last_block = Some(bi);
-            if b.is_zero(off, TARGET_PAGE as usize) {
+            if self.detect_zero && b.is_zero(off, TARGET_PAGE as usize) {
                 w.with_buf(|out| put_zero_page(out, off, name.as_deref()))?;
                 self.zero += 1;
             } else {
@@ -169,6 +171,7 @@ pub(crate) fn run(shared: &Shared, vmm: &dyn Vmm, channel: &Channel) -> Result<(
     } else {
         ZeroPages::Detect
     };
+    let detect_zero = matches!(zero_pages, ZeroPages::Detect);
     let mut setup_saver = RamSaver::new(blocks.clone(), zero_pages);
     stats.page_size.store(TARGET_PAGE, Ordering::Relaxed);
     stats
@@ -247,6 +250,7 @@ pub(crate) fn run(shared: &Shared, vmm: &dyn Vmm, channel: &Channel) -> Result<(
         zero: 0,
         normal: 0,
         scratch: Vec::new(),
+        detect_zero,
     };
     let total_pages: u64 = blocks.iter().map(|b| b.pages() as u64).sum();
     let mut left = total_pages;
