@@ -44,7 +44,7 @@ CAPABILITIES = [
 UNSUPPORTED_CAPABILITIES = [
     "xbzrle", "rdma-pin-all", "auto-converge", "x-colo", "return-path", "multifd",
     "dirty-bitmaps", "postcopy-blocktime", "x-ignore-shared",
-    "background-snapshot", "zero-copy-send", "switchover-ack",
+    "zero-copy-send", "switchover-ack",
     "dirty-limit", "mapped-ram",
 ]
 

@@ -11,7 +11,7 @@
 //! ```
 //!
 //! The stream is QEMU's: the device state taken at the start follows the RAM, and no
-//! ram END section is written. There is no dirty tracking and no second pass: a page
+//! ram END section is written. As in QEMU, `max-bandwidth` does not apply. There is no dirty tracking and no second pass: a page
 //! is protected until it is saved (its bytes copied into the writer's buffer), then
 //! its protection is lifted, which also wakes a writer waiting on it. The guest's
 //! writes to pages not saved yet wait only for that page.
@@ -158,12 +158,10 @@ pub(crate) fn run(shared: &Shared, vmm: &dyn Vmm, channel: &Channel) -> Result<(
         .fd
         .try_clone()
         .map_err(|e| WriteError::Io(e.to_string()))?;
-    let mut w = StreamWriter::new(
-        fd,
-        stats.transferred.clone(),
-        shared.max_bandwidth(),
-        cancel.clone(),
-    );
+    // QEMU's background snapshot never waits on `max-bandwidth`: it writes as fast
+    // as the channel takes the stream.
+    let unlimited = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut w = StreamWriter::new(fd, stats.transferred.clone(), unlimited, cancel.clone());
     w.set_position(channel.base_offset);
     let blocks = vmm.ram_blocks().to_vec();
     let zero_pages = if params.zero_page_detection() == crate::options::ZeroPageDetection::None {
