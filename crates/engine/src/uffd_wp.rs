@@ -277,4 +277,60 @@ mod tests {
         // _IOWR(0xAA, 0x06, struct uffdio_writeprotect)
         assert_eq!(UFFDIO_WRITEPROTECT, 0xc018_aa06);
     }
+
+    /// A write to a protected page stops its thread and is reported; the page keeps
+    /// its old bytes until the protection is lifted, then the write goes through.
+    #[test]
+    fn a_write_to_a_protected_page_waits_until_it_is_freed() {
+        use crate::memory::RamBlock;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        use std::time::Instant;
+
+        let ps = crate::memory::host_page_size();
+        let ram = Arc::new(RamBlock::anonymous("ram", 4 * ps, 0).unwrap());
+        ram.no_huge_pages();
+        ram.write(ps, &[1]);
+        let wp = match WriteProtect::open() {
+            Ok(wp) => wp,
+            Err(e) => {
+                eprintln!("SKIP write-protect test: {e}");
+                return;
+            }
+        };
+        let (start, len) = (ram.host_addr(), ram.len());
+        if let Err(e) = wp.register(start, len) {
+            eprintln!("SKIP write-protect test: {e}");
+            return;
+        }
+        wp.protect(start, len, true).unwrap();
+        let done = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (ram, done) = (ram.clone(), done.clone());
+            std::thread::spawn(move || {
+                ram.write(ps, &[2]);
+                done.store(true, Ordering::SeqCst);
+            })
+        };
+        let mut faults = Vec::new();
+        let t0 = Instant::now();
+        while faults.is_empty() && t0.elapsed() < Duration::from_secs(10) {
+            wp.read_faults(Duration::from_millis(100), &mut faults)
+                .unwrap();
+        }
+        assert_eq!(faults.first().map(|a| a & !(ps - 1)), Some(start + ps));
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(
+            !done.load(Ordering::SeqCst),
+            "the write went through a protected page"
+        );
+        let mut b = [0u8];
+        ram.read(ps, &mut b);
+        assert_eq!(b[0], 1);
+        wp.protect(start + ps, ps, false).unwrap();
+        writer.join().unwrap();
+        ram.read(ps, &mut b);
+        assert_eq!(b[0], 2);
+        wp.unregister(start, len).unwrap();
+    }
 }
