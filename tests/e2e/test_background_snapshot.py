@@ -171,3 +171,28 @@ def test_background_snapshot_capability_conflicts(ws, impl):
     r = m.raw("migrate-set-capabilities",
               capabilities=[{"capability": "multifd", "state": True}])
     assert r["error"]["desc"] == "Background-snapshot is not compatible with multifd", r
+
+
+def test_cancel_mid_snapshot_frees_the_guest(ws):
+    """migrate_cancel while the snapshot crawls through a slow socket: the snapshot
+    ends cancelled, the guest runs on unhindered (no page stays protected), and a
+    second snapshot completes."""
+    require("vmigrate")
+    spec = "hot=16M,verify"
+    src = lab(ws, "src", 64, workload=spec).start()
+    wait_passes(src, 2)
+    reader = SlowReader(ws.path("slow.sock"), ws.path("partial.bin"), 2 * MiB)
+    src.set_caps(background_snapshot=True)
+    src.cmd("migrate", uri=f"unix:{ws.path('slow.sock')}")
+    info = src.wait_migration(("active", "completed", "failed"), timeout=20)
+    assert info["status"] == "active", info
+    src.cmd("migrate_cancel")
+    info = src.wait_migration(timeout=20)
+    assert info["status"] == "cancelled", info
+    reader.join()
+    before = workload(src)
+    after = wait_passes(src, before["passes"] + 20, timeout=20)
+    assert after["violations"] == 0, after
+    assert src.runstate() == "running"
+    info = snapshot_to_file(src, ws.path("snap.bin"))
+    assert info["status"] == "completed", info
