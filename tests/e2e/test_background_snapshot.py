@@ -6,6 +6,7 @@ self-check passes; QEMU's capability texts."""
 import os
 import socket
 import struct
+import subprocess
 import threading
 import time
 
@@ -196,3 +197,19 @@ def test_cancel_mid_snapshot_frees_the_guest(ws):
     assert src.runstate() == "running"
     info = snapshot_to_file(src, ws.path("snap.bin"))
     assert info["status"] == "completed", info
+
+
+@pytest.mark.parametrize("impl", [pytest.param("qemu"), pytest.param("vmigrate", marks=pytest.mark.vmigrate)])
+def test_ram_on_a_disk_file_cannot_be_protected(ws, impl):
+    """Shared RAM in a file of an ordinary disk filesystem (not tmpfs or hugetlbfs)
+    cannot be write-protected with userfaultfd: QEMU's text."""
+    require(impl)
+    d = ws.path("")
+    fs = subprocess.run(["stat", "-f", "-c", "%T", d], capture_output=True, text=True).stdout.strip()
+    if fs in ("tmpfs", "hugetlbfs", ""):
+        pytest.skip(f"{d} is on {fs or 'an unknown filesystem'}, which can be protected")
+    m = ws.vm(impl, "src", mem_mib=16, mem_file=ws.path("disk.ram")).start()
+    r = m.raw("migrate-set-capabilities",
+              capabilities=[{"capability": "background-snapshot", "state": True}])
+    assert r.get("error", {}).get("desc") == \
+        "Background-snapshot is not compatible with guest memory configuration", r
