@@ -363,6 +363,9 @@ impl Migrator {
         if let Some(conflict) = cpr_conflict(mode, &caps) {
             return merr(conflict);
         }
+        if caps.background_snapshot() && caps.mapped_ram() {
+            return merr("background-snapshot with mapped-ram is not supported by vmigrate yet");
+        }
         if mode == MigMode::CprTransfer {
             // QEMU checks the cpr channel once the migration is set up, so a bad one
             // ends it as `failed`; vmigrate refuses the mode at that same point.
