@@ -202,7 +202,8 @@ impl Migrator {
         };
         let inmigrate = self.vmm.control().run_state() == RunState::InMigrate;
         if st.caps.background_snapshot_after(list) {
-            crate::outgoing::background_snapshot::host_check(self.vmm.ram_blocks())?;
+            crate::outgoing::background_snapshot::host_check(self.vmm.ram_blocks())
+                .map_err(merr_text)?;
         }
         let next = st
             .caps
@@ -964,6 +965,11 @@ impl Migrator {
         }
         Value::Object(out)
     }
+}
+
+/// A QEMU error text as a [`MigrateError`].
+fn merr_text(text: &'static str) -> MigrateError {
+    MigrateError(text.into())
 }
 
 #[cfg(test)]

@@ -345,18 +345,14 @@ fn locate(blocks: &[Arc<RamBlock>], addr: u64) -> Option<(usize, usize)> {
 }
 
 /// QEMU's checks of the host before `background-snapshot` can be on: userfaultfd
-/// write-protection in the kernel, then on every RAM block.
-pub(crate) fn host_check(blocks: &[Arc<RamBlock>]) -> Result<(), crate::migrator::MigrateError> {
+/// write-protection in the kernel, then on every RAM block. The error is QEMU's text.
+pub(crate) fn host_check(blocks: &[Arc<RamBlock>]) -> Result<(), &'static str> {
     if crate::uffd_wp::available().is_err() {
-        return Err(crate::migrator::MigrateError(
-            "Background-snapshot is not supported by host kernel".into(),
-        ));
+        return Err("Background-snapshot is not supported by host kernel");
     }
     let ranges: Vec<(u64, u64)> = blocks.iter().map(|b| (b.host_addr(), b.len())).collect();
     if crate::uffd_wp::compatible(&ranges).is_err() {
-        return Err(crate::migrator::MigrateError(
-            "Background-snapshot is not compatible with guest memory configuration".into(),
-        ));
+        return Err("Background-snapshot is not compatible with guest memory configuration");
     }
     Ok(())
 }
