@@ -44,7 +44,7 @@ CAPABILITIES = [
 UNSUPPORTED_CAPABILITIES = [
     "xbzrle", "rdma-pin-all", "auto-converge", "x-colo", "return-path", "multifd",
     "dirty-bitmaps", "postcopy-blocktime", "x-ignore-shared",
-    "background-snapshot", "zero-copy-send", "switchover-ack", "mapped-ram",
+    "zero-copy-send", "switchover-ack", "mapped-ram",
 ]
 
 # Commands (as sent, in compact JSON) whose vmigrate reply is an error with this text,

@@ -140,6 +140,7 @@ pub mod status;
 pub(crate) mod test_support;
 pub mod timeline;
 pub mod uffd;
+pub mod uffd_wp;
 pub mod vmm;
 
 pub use events::EventBus;

@@ -243,6 +243,10 @@ impl Migrator {
             crate::uffd::available().map_err(|e| e.to_string())
         };
         let inmigrate = self.vmm.control().run_state() == RunState::InMigrate;
+        if st.caps.background_snapshot_after(list) {
+            crate::outgoing::background_snapshot::host_check(self.vmm.ram_blocks())
+                .map_err(merr_text)?;
+        }
         let next = st
             .caps
             .merged_checking_host(
@@ -412,6 +416,9 @@ impl Migrator {
         if let Some(conflict) = cpr_conflict(mode, &caps) {
             return merr(conflict);
         }
+        if caps.background_snapshot() && caps.mapped_ram() {
+            return merr("background-snapshot with mapped-ram is not supported by vmigrate yet");
+        }
         if mode == MigMode::CprTransfer {
             // QEMU checks the cpr channel once the migration is set up, so a bad one
             // ends it as `failed`; vmigrate refuses the mode at that same point.
@@ -556,7 +563,11 @@ impl Migrator {
             }
         }
         let state_before = self.vmm.control().run_state();
-        let mut result = save::run(&self.shared, self.vmm.as_ref(), &channel, &addr);
+        let mut result = if self.shared.caps_snapshot().background_snapshot() {
+            crate::outgoing::background_snapshot::run(&self.shared, self.vmm.as_ref(), &channel)
+        } else {
+            save::run(&self.shared, self.vmm.as_ref(), &channel, &addr)
+        };
         if channel.is_socket {
             transport::shutdown_socket(&channel.fd);
         }
@@ -1017,6 +1028,11 @@ impl Migrator {
         }
         Value::Object(out)
     }
+}
+
+/// A QEMU error text as a [`MigrateError`].
+fn merr_text(text: &'static str) -> MigrateError {
+    MigrateError(text.into())
 }
 
 #[cfg(test)]

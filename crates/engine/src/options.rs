@@ -103,7 +103,8 @@ capabilities! {
 
 /// Capabilities vmigrate implements. `zero-blocks` and `late-block-activate` have no
 /// effect in QEMU 10.0 either, so accepting them is faithful.
-const SUPPORTED_CAPABILITIES: [Cap; 17] = [
+const SUPPORTED_CAPABILITIES: [Cap; 18] = [
+    Cap::BackgroundSnapshot,
     Cap::Xbzrle,
     Cap::ZeroCopySend,
     Cap::Events,
@@ -245,6 +246,20 @@ impl Capabilities {
             }
         }
         Ok(next)
+    }
+
+    /// Whether `background-snapshot` is on once `list` (as `migrate-set-capabilities`
+    /// takes it) is applied; malformed items are left to [`Capabilities::merged`].
+    pub fn background_snapshot_after(&self, list: &Value) -> bool {
+        let mut on = self.background_snapshot();
+        for item in list.as_array().into_iter().flatten() {
+            if item.get("capability").and_then(Value::as_str) == Some("background-snapshot") {
+                if let Some(state) = item.get("state").and_then(Value::as_bool) {
+                    on = state;
+                }
+            }
+        }
+        on
     }
 
     /// QEMU's rules on a would-be capability set, in its order.

@@ -3,6 +3,7 @@
 //! side of postcopy (`postcopy`) and its recovery after a network failure (`recover`),
 //! the XBZRLE cache (`xbzrle_cache`) and MSG_ZEROCOPY sends (`zero_copy`).
 
+pub(crate) mod background_snapshot;
 pub(crate) mod multifd_send;
 pub(crate) mod postcopy;
 pub(crate) mod ram_save;
