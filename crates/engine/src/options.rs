@@ -103,7 +103,8 @@ capabilities! {
 
 /// Capabilities vmigrate implements. `zero-blocks` and `late-block-activate` have no
 /// effect in QEMU 10.0 either, so accepting them is faithful.
-const SUPPORTED_CAPABILITIES: [Cap; 16] = [
+const SUPPORTED_CAPABILITIES: [Cap; 17] = [
+    Cap::XIgnoreShared,
     Cap::Xbzrle,
     Cap::ZeroCopySend,
     Cap::Events,
