@@ -118,6 +118,7 @@
 
 pub mod channels;
 pub mod compress;
+pub mod cpr;
 pub mod dirtyrate;
 pub mod errno;
 pub mod events;

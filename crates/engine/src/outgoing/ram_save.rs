@@ -114,6 +114,15 @@ impl RamSaver {
         }
     }
 
+    /// cpr-transfer: the destination maps every block itself, so none sends pages (and
+    /// the block list carries no addresses).
+    pub fn ignore_all(&mut self) {
+        for (i, b) in self.blocks.iter().enumerate() {
+            self.ignored[i] = true;
+            self.dirty[i] = DirtyBitmap::new(b.pages());
+        }
+    }
+
     /// Bytes of the blocks whose pages migrate (QEMU's `ram_bytes_total`: ignored
     /// blocks left out).
     pub fn migrated_bytes(&self) -> u64 {

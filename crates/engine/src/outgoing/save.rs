@@ -130,14 +130,15 @@ pub(crate) fn run(
     );
     // cpr-reboot stops the VM before anything is saved (STOP comes before `active`);
     // whatever fails from here on resumes a VM that was running.
-    let early_stop = (params.mode() == MigMode::CprReboot).then(|| {
-        let before = vmm.control().run_state();
-        vmm.control().vm_stop(RunState::FinishMigrate);
-        EarlyStop {
-            before,
-            at: Instant::now(),
-        }
-    });
+    let early_stop =
+        matches!(params.mode(), MigMode::CprReboot | MigMode::CprTransfer).then(|| {
+            let before = vmm.control().run_state();
+            vmm.control().vm_stop(RunState::FinishMigrate);
+            EarlyStop {
+                before,
+                at: Instant::now(),
+            }
+        });
     let mut early_guard = ResumeGuard {
         vmm,
         before: early_stop.map_or(RunState::Running, |e| e.before),
@@ -150,7 +151,9 @@ pub(crate) fn run(
         ZeroPages::Detect
     };
     let mut saver = RamSaver::new(vmm.ram_blocks().to_vec(), zero_pages);
-    if caps.x_ignore_shared() {
+    if params.mode() == MigMode::CprTransfer {
+        saver.ignore_all();
+    } else if caps.x_ignore_shared() {
         saver.ignore_shared();
     }
     if caps.xbzrle() {
