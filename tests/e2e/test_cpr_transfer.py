@@ -173,3 +173,41 @@ def test_destination_refuses_bad_state(ws, case):
     rc = dst.wait_exit(timeout=20)
     assert rc != 0, rc
     assert want in dst.stderr_text(), dst.stderr_text()
+
+
+class FdMachine(CprMachine):
+    """A destination whose guest RAM is not a file of its own: QEMU with a memfd backend
+    (it maps the descriptor the CPR state names `m0`), vmigrate without --mem-path
+    (it maps the descriptor it receives for its block)."""
+
+    def argv(self):
+        a = super().argv()
+        if self.impl == "qemu":
+            i = a.index("-machine")
+            a[i:i + 2] = ["-object", f"memory-backend-memfd,id={self.ram_id},"
+                                     f"size={self.mem_mib}M,share=on",
+                          "-machine", f"none,memory-backend={self.ram_id}"]
+        return a
+
+
+@pytest.mark.parametrize("dst_impl", ["qemu", "vmigrate"])
+def test_destination_maps_the_descriptor_it_receives(ws, cpr_image, dst_impl):
+    """vmigrate's source hands over its RAM file by SCM_RIGHTS; a destination without a
+    file of its own maps that descriptor and sees the source's RAM."""
+    require("qemu")
+    main_path, cpr_path = ws.path("main.sock"), ws.path("cpr.sock")
+    dst = FdMachine(ws, dst_impl, "dst", cpr_path, mem_mib=MIB, ram_id="m0" if
+                    dst_impl == "qemu" else "ram", shared=dst_impl == "qemu",
+                    incoming=f"unix:{main_path}")
+    if dst_impl == "qemu":
+        dst.mem_file = None   # the memfd backend replaces the file
+    dst.start(connect=False)
+    wait_listening(dst, cpr_path)
+    src = ws.vm("vmigrate", "src", mem_mib=MIB,
+                ram_id="m0" if dst_impl == "qemu" else "ram").start(prefill=cpr_image.data)
+    si = migrate_cpr(src, main_path, cpr_path)
+    assert si["status"] == "completed", si
+    assert si["ram"]["transferred"] < harness.MiB, si
+    dst.connect()
+    dst.wait_runstate("running")
+    assert dst.check_ram_pmemsave(cpr_image) is None
