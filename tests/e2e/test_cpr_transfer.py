@@ -211,3 +211,30 @@ def test_destination_maps_the_descriptor_it_receives(ws, cpr_image, dst_impl):
     dst.connect()
     dst.wait_runstate("running")
     assert dst.check_ram_pmemsave(cpr_image) is None
+
+
+def test_lab_guest_handed_over_keeps_its_self_check(ws):
+    """A running soft lab guest with `verify`, handed to a new vmigrate process: the
+    destination's guest goes on from the source's RAM and state with no violation."""
+    require()
+    mem_file = ws.shm_path("lab.ram")
+    main_path, cpr_path = ws.path("main.sock"), ws.path("cpr.sock")
+    spec = "hot=8M,rate=50M,verify"
+    extra = ["--accel", "soft", "--cpus", "1", "--workload", spec]
+    dst = CprMachine(ws, "vmigrate", "dst", cpr_path, mem_mib=MIB, machine="lab",
+                     extra=extra, incoming=f"unix:{main_path}", mem_file=mem_file)
+    dst.start(connect=False)
+    wait_listening(dst, cpr_path)
+    src = ws.vm("vmigrate", "src", mem_mib=MIB, machine="lab", extra=extra,
+                mem_file=mem_file).start()
+    before = harness.wait_passes(src, 2)
+    assert before["violations"] == 0, before
+    si = migrate_cpr(src, main_path, cpr_path)
+    assert si["status"] == "completed", si
+    assert si["ram"]["transferred"] < harness.MiB, si
+    arrived_src = harness.workload(src)
+    dst.connect()
+    dst.wait_runstate("running")
+    after = harness.wait_passes(dst, arrived_src["passes"] + 3)
+    assert after["violations"] == 0, after
+    assert after["pages-written"] > arrived_src["pages-written"], (arrived_src, after)
