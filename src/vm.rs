@@ -252,6 +252,9 @@ pub fn run(args: VmArgs) -> anyhow::Result<()> {
         },
         events.clone(),
     )?);
+    if cpr_state.is_some() {
+        machine.set_ram_handed_over();
+    }
     let mode = if incoming.is_some() {
         IncomingMode::Deferred
     } else {

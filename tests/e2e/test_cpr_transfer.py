@@ -238,3 +238,27 @@ def test_lab_guest_handed_over_keeps_its_self_check(ws):
     after = harness.wait_passes(dst, arrived_src["passes"] + 3)
     assert after["violations"] == 0, after
     assert after["pages-written"] > arrived_src["pages-written"], (arrived_src, after)
+
+
+@pytest.mark.parametrize("dst_impl", ["qemu", "vmigrate"])
+def test_pages_into_a_cpr_destination_are_refused(ws, dst_impl):
+    """A destination that took its RAM with the CPR state takes no page of it: a plain
+    precopy stream (mode normal) that carries pages fails the load with QEMU's text."""
+    require("qemu")
+    mem_file = ws.shm_path("shared.ram")
+    main_path, cpr_path = ws.path("main.sock"), ws.path("cpr.sock")
+    dst = CprMachine(ws, dst_impl, "dst", cpr_path, mem_mib=MIB,
+                     incoming=f"unix:{main_path}", mem_file=mem_file)
+    dst.start(connect=False)
+    wait_listening(dst, cpr_path)
+    send_state(cpr_path, [])
+    src = ws.vm("vmigrate", "src", mem_mib=MIB, mem_file=ws.shm_path("other.ram")).start()
+    t0 = time.time()
+    while not os.path.exists(main_path):
+        assert time.time() - t0 < 20, dst.describe()
+        time.sleep(0.01)
+    src.cmd("migrate", uri=f"unix:{main_path}")
+    src.wait_migration(timeout=30)
+    rc = dst.wait_exit(timeout=20)
+    assert rc != 0, rc
+    assert "block m0 should not be migrated !" in dst.stderr_text(), dst.stderr_text()

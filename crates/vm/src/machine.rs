@@ -164,6 +164,8 @@ pub struct Machine {
     dirty_rate: DirtyRateMeter,
     cpus: u32,
     blockers: MigrationBlockers,
+    /// Started as a cpr-transfer destination (see [`Vmm::ram_handed_over`]).
+    ram_handed_over: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Machine {
@@ -222,6 +224,7 @@ impl Machine {
             dirty_rate: DirtyRateMeter::default(),
             cpus: 0,
             blockers,
+            ram_handed_over: std::sync::atomic::AtomicBool::new(false),
         };
         let lab = &config.lab;
         if config.kind == MachineKind::None && !lab.none_writers {
@@ -289,6 +292,12 @@ impl Machine {
     }
 
     /// Registers a migration blocker for `mode`, or for every mode when `None`.
+    /// Marks the VM as a cpr-transfer destination: its RAM came with the CPR state.
+    pub fn set_ram_handed_over(&self) {
+        self.ram_handed_over
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
     pub fn add_migration_blocker(&self, mode: Option<MigMode>, reason: impl Into<String>) {
         self.blockers.add(mode, reason);
     }
@@ -396,6 +405,10 @@ impl Vmm for Machine {
     }
     fn migration_blockers(&self, mode: MigMode) -> Vec<String> {
         self.blockers.for_mode(mode)
+    }
+    fn ram_handed_over(&self) -> bool {
+        self.ram_handed_over
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
     fn vcpu_thread_ids(&self) -> Vec<u32> {
         self.vcpu_threads().map_or_else(Vec::new, |t| t.snapshot())

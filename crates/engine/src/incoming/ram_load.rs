@@ -100,6 +100,12 @@ impl RamLoader {
         }
     }
 
+    /// cpr-transfer destination: every block came with the CPR state, none takes pages
+    /// (and the block list carries no addresses).
+    pub fn ignore_all(&mut self) {
+        self.ignored.fill(true);
+    }
+
     /// x-ignore-shared is on: reads each block's guest address, and leaves the blocks
     /// in shared named files alone (the source sends none of their pages).
     pub fn ignore_shared(&mut self) {
