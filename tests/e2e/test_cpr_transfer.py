@@ -262,3 +262,31 @@ def test_pages_into_a_cpr_destination_are_refused(ws, dst_impl):
     rc = dst.wait_exit(timeout=20)
     assert rc != 0, rc
     assert "block m0 should not be migrated !" in dst.stderr_text(), dst.stderr_text()
+
+
+def test_cancel_while_waiting_for_the_destination(ws):
+    """A destination that reads the CPR state but never closes the channel: the source
+    waits in `setup`; migrate_cancel ends it `cancelled` and the guest keeps running."""
+    require()
+    cpr_path = ws.path("cpr.sock")
+    lst = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lst.bind(cpr_path)
+    lst.listen(1)
+    held = []
+    t = threading.Thread(target=lambda: held.append(lst.accept()[0]), daemon=True)
+    t.start()
+    src = ws.vm("vmigrate", "src", mem_mib=MIB).start()
+    src.cmd("migrate-set-parameters", mode="cpr-transfer")
+    src.cmd("migrate", channels=[
+        {"channel-type": "main",
+         "addr": {"transport": "socket", "type": "unix", "path": ws.path("main.sock")}},
+        cpr_channel(cpr_path)])
+    time.sleep(0.3)
+    assert src.query_migrate()["status"] == "setup"
+    src.cmd("migrate_cancel")
+    si = src.wait_migration(timeout=20)
+    assert si["status"] == "cancelled", si
+    assert src.runstate() == "running"
+    for c in held:
+        c.close()
+    lst.close()
