@@ -1924,6 +1924,80 @@ SCENARIOS["live-capped"] = _live_capped(
 SCENARIOS["live-capped-xbzrle"] = _live_capped(True, "as live-capped, with the xbzrle capability")
 
 
+async def cpr_transfer_migration(ctx, pair, rep):
+    """Stopped VM handed to a new process on the same host (mode cpr-transfer): both map
+    the image file shared; the destination is started with the main URI and the `cpr`
+    channel and answers QMP only once the CPR state arrived."""
+    src_engine, dst_engine = pair
+    rec = {}
+    src = VM(src_engine, "src", ctx)
+    dst = VM(dst_engine, "dst", ctx)
+    main_path = os.path.join(ctx.tmpdir, "main.sock")
+    cpr_path = os.path.join(ctx.tmpdir, "cpr.sock")
+    cpr = {"channel-type": "cpr", "addr": {"transport": "socket", "type": "unix", "path": cpr_path}}
+    for p in (main_path, cpr_path):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(p)
+    flag = "-incoming" if isinstance(dst_engine, QemuEngine) else "--incoming"
+    argv = dst_engine.argv(ctx.size, ctx.image, dst.sock, f"unix:{main_path}") + [flag, json.dumps(cpr)]
+    dst_up = asyncio.ensure_future(dst.start(argv=argv))
+    try:
+        await src.start(ctx.image)
+        deadline = time.monotonic() + 20
+        while not os.path.exists(cpr_path):
+            if dst.proc is not None and exit_status(dst.proc) is not None:
+                dst.fail("exited before listening on the cpr channel")
+            if time.monotonic() > deadline:
+                dst.fail("no cpr channel within 20 s")
+            await asyncio.sleep(0.005)
+        await src.set_caps({"events": True})
+        await src.set_params({"mode": "cpr-transfer"})
+        rec.update(ctx.prepare_run())
+        b0, me0 = machine_busy(), self_cpu()
+        cs0, cd0 = src.cpu(), dst.cpu()
+        t0 = time.time()
+        await src.cmd("migrate", channels=[
+            {"channel-type": "main", "addr": {"transport": "socket", "type": "unix", "path": main_path}}, cpr])
+        rs = await wait_migration(src, time.monotonic() + ctx.timeout, t0)
+        await dst_up
+        qs = await src.try_cmd("query-migrate")
+        deadline = time.monotonic() + 20
+        while (await dst.cmd("query-status"))["status"] != "running":
+            if time.monotonic() > deadline:
+                dst.fail("destination not running 20 s after the migration")
+            await asyncio.sleep(0.005)
+        t_run = time.time() - t0
+        cs1, cd1 = src.cpu(), dst.cpu()
+        b1, me1 = machine_busy(), self_cpu()
+        if None in (cs0, cd0, cs1, cd1):
+            cs0 = cs1 = cd0 = cd1 = 0.0
+        rec.update(src_status=rs["status"], dst_status="completed",
+                   cpu_src_s=cs1 - cs0, cpu_dst_s=cd1 - cd0,
+                   foreign_cpu_s=(b1 - b0) - (cs1 - cs0) - (cd1 - cd0) - (me1 - me0),
+                   hwm_src_kib=src.status().get("VmHWM"), hwm_dst_kib=dst.status().get("VmHWM"),
+                   gbit_per_s=None)
+        if rs["status"] != "completed":
+            raise RunFailed(f"migration did not complete: {qs}", rec)
+        ram = (qs or {}).get("ram", {})
+        rec.update(wall_s=t_run, src_wall_s=rs["t"] - t0, total_time_ms=qs.get("total-time"),
+                   downtime_ms=qs.get("downtime"), transferred=ram.get("transferred"),
+                   gib_per_s=ctx.size / GiB / t_run, query_migrate_src=qs)
+        ok, detail = ctx.verify(ctx.image)
+        rec["verify"] = detail
+        if not ok:
+            raise RunFailed(f"verification: {detail}", rec)
+        return rec
+    finally:
+        dst_up.cancel()
+        await asyncio.gather(dst_up, return_exceptions=True)
+        await asyncio.gather(src.stop(), dst.stop())
+
+
+cpr_transfer_migration.__doc__ = ("stopped VM handed over with mode cpr-transfer: CPR state on a unix socket, "
+                                  "RAM left in the shared file, main stream without pages")
+SCENARIOS["cpr-transfer"] = cpr_transfer_migration
+
+
 def is_live(scenario):
     return getattr(SCENARIOS[scenario], "live", False)
 

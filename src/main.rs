@@ -5,6 +5,7 @@ mod demo;
 mod qmp_client;
 mod report;
 mod vm;
+mod vm_cpr;
 
 use clap::{Parser, Subcommand};
 

@@ -58,9 +58,12 @@ pub struct VmArgs {
     /// HMP monitor: `stdio` or `unix:PATH`.
     #[arg(long)]
     monitor: Option<String>,
-    /// Wait for an incoming migration: a URI, or `defer` for `migrate-incoming`.
+    /// Wait for an incoming migration: a URI, or `defer` for `migrate-incoming`. Given
+    /// twice for cpr-transfer: the main URI and the `cpr` channel as JSON
+    /// (`{"channel-type": "cpr", "addr": {"transport": "socket", "type": "unix", "path": P}}`),
+    /// on which the CPR state is awaited before guest RAM is mapped.
     #[arg(long)]
-    incoming: Option<String>,
+    incoming: Vec<String>,
     /// The VM's UUID.
     #[arg(long)]
     uuid: Option<String>,
@@ -196,7 +199,30 @@ pub fn run(args: VmArgs) -> anyhow::Result<()> {
             .apply_global(spec)
             .map_err(|e| anyhow::anyhow!("--global: {e}"))?;
     }
-    let initial = if args.incoming.is_some() {
+    let (incoming, cpr_path) = crate::vm_cpr::split_incoming(&args.incoming)?;
+    let cpr_state = match &cpr_path {
+        Some(path) => Some(crate::vm_cpr::receive(path)?),
+        None => None,
+    };
+    let mut mem_path = args.mem_path.clone();
+    let mut share = args.share;
+    if let Some(state) = &cpr_state {
+        match &mem_path {
+            Some(p) if share => state.check_same_file(&args.ram_id, p)?,
+            _ => match state.ram_path(&args.ram_id, memory)? {
+                Some(p) => {
+                    mem_path = Some(p);
+                    share = true;
+                }
+                None => bail!(
+                    "cpr-transfer: no descriptor came for RAM block '{}', and its memory is \
+                     not a shared file (--mem-path with --share)",
+                    args.ram_id
+                ),
+            },
+        }
+    }
+    let initial = if incoming.is_some() {
         RunState::InMigrate
     } else if args.paused {
         RunState::Prelaunch
@@ -209,8 +235,8 @@ pub fn run(args: VmArgs) -> anyhow::Result<()> {
         &MachineConfig {
             kind,
             memory,
-            mem_path: args.mem_path.clone(),
-            share: args.share,
+            mem_path,
+            share,
             ram_id: args.ram_id.clone(),
             uuid,
             initial,
@@ -226,7 +252,10 @@ pub fn run(args: VmArgs) -> anyhow::Result<()> {
         },
         events.clone(),
     )?);
-    let mode = if args.incoming.is_some() {
+    if cpr_state.is_some() {
+        machine.set_ram_handed_over();
+    }
+    let mode = if incoming.is_some() {
         IncomingMode::Deferred
     } else {
         IncomingMode::Disabled
@@ -269,11 +298,14 @@ pub fn run(args: VmArgs) -> anyhow::Result<()> {
             None => bail!("invalid --monitor '{m}' (use stdio or unix:PATH)"),
         },
     }
-    if let Some(uri) = args.incoming.as_deref().filter(|u| *u != "defer") {
+    if let Some(uri) = incoming.as_deref().filter(|u| *u != "defer") {
         let addr = Address::parse_uri(uri).map_err(|e| anyhow::anyhow!("{e}"))?;
         migrator
             .migrate_incoming(addr, true)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    if let Some(state) = cpr_state {
+        state.close();
     }
     loop {
         std::thread::park();

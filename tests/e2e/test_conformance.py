@@ -43,7 +43,7 @@ CAPABILITIES = [
 # error from vmigrate too).
 UNSUPPORTED_CAPABILITIES = [
     "xbzrle", "rdma-pin-all", "auto-converge", "x-colo", "return-path", "multifd",
-    "dirty-bitmaps", "postcopy-blocktime", "x-ignore-shared",
+    "dirty-bitmaps", "postcopy-blocktime",
     "zero-copy-send", "switchover-ack", "mapped-ram",
 ]
 

@@ -119,6 +119,7 @@
 
 pub mod channels;
 pub mod compress;
+pub mod cpr;
 pub mod dirtylimit;
 pub mod dirtyrate;
 pub mod errno;

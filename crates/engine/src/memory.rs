@@ -322,6 +322,12 @@ impl RamBlock {
     pub fn gpa(&self) -> u64 {
         self.gpa
     }
+    /// Whether x-ignore-shared leaves the block out of a migration: QEMU's rule is RAM
+    /// mapped shared from a named file (a `memory-backend-file` with `share=on`), which a
+    /// process on the same host can map again.
+    pub fn is_shared_named_file(&self) -> bool {
+        matches!(self.backing, Backing::File { shared: true, .. })
+    }
     /// True while every page is known to be zero (see the field's comment).
     pub fn pristine(&self) -> bool {
         self.pristine.load(std::sync::atomic::Ordering::Relaxed)

@@ -419,18 +419,25 @@ impl Migrator {
         if caps.background_snapshot() && caps.mapped_ram() {
             return merr("background-snapshot with mapped-ram is not supported by vmigrate yet");
         }
+        let mut cpr_socket = None;
         if mode == MigMode::CprTransfer {
             // QEMU checks the cpr channel once the migration is set up, so a bad one
-            // ends it as `failed`; vmigrate refuses the mode at that same point.
-            let unix = cpr_channel.is_some_and(|a| {
-                a.get("transport").and_then(Value::as_str) == Some("socket")
-                    && a.get("type").and_then(Value::as_str) == Some("unix")
-            });
-            return Err(self.fail_outgoing_setup(if unix {
-                "Migration mode 'cpr-transfer' is not supported by vmigrate yet"
-            } else {
-                "bad cpr channel address; must be unix"
-            }));
+            // ends it as `failed`.
+            let path = cpr_channel
+                .filter(|a| {
+                    a.get("transport").and_then(Value::as_str) == Some("socket")
+                        && a.get("type").and_then(Value::as_str) == Some("unix")
+                })
+                .and_then(|a| a.get("path").and_then(Value::as_str));
+            let Some(path) = path else {
+                return Err(self.fail_outgoing_setup("bad cpr channel address; must be unix"));
+            };
+            // As QEMU, the CPR state is sent before `migrate` returns; the wait for the
+            // destination to close the channel is the migration thread's.
+            match crate::cpr::send_to(std::path::Path::new(path), self.vmm.as_ref()) {
+                Ok(sock) => cpr_socket = Some(sock),
+                Err(e) => return Err(self.fail_outgoing_setup(&e.0)),
+            }
         }
         let early =
             transport::open_outgoing_sync(&addr, &self.fds).map_err(|e| MigrateError(e.0))?;
@@ -454,7 +461,7 @@ impl Migrator {
         let me = self.clone();
         std::thread::Builder::new()
             .name("mig/src/main".into())
-            .spawn(move || me.outgoing_thread(addr, early))
+            .spawn(move || me.outgoing_thread(addr, early, cpr_socket))
             .map_err(|e| MigrateError(format!("cannot start migration thread: {e}")))?;
         Ok(())
     }
@@ -512,7 +519,20 @@ impl Migrator {
         MigrateError(msg.to_string())
     }
 
-    fn outgoing_thread(&self, addr: Address, early: Option<transport::Channel>) {
+    fn outgoing_thread(
+        &self,
+        addr: Address,
+        early: Option<transport::Channel>,
+        cpr_socket: Option<std::os::unix::net::UnixStream>,
+    ) {
+        // cpr-transfer: the CPR state goes first, and the main channel is connected once
+        // the destination has closed the cpr channel.
+        if let Some(sock) = &cpr_socket {
+            if let Err(e) = crate::cpr::wait_hangup(sock, &self.shared.cancel_flag()) {
+                self.end_session(Ending::Failed(e.0));
+                return;
+            }
+        }
         let tls = match self.outgoing_tls(&addr) {
             Ok(t) => t,
             Err(e) => {

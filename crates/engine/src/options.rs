@@ -103,8 +103,9 @@ capabilities! {
 
 /// Capabilities vmigrate implements. `zero-blocks` and `late-block-activate` have no
 /// effect in QEMU 10.0 either, so accepting them is faithful.
-const SUPPORTED_CAPABILITIES: [Cap; 18] = [
+const SUPPORTED_CAPABILITIES: [Cap; 19] = [
     Cap::BackgroundSnapshot,
+    Cap::XIgnoreShared,
     Cap::Xbzrle,
     Cap::ZeroCopySend,
     Cap::Events,

@@ -281,6 +281,13 @@ pub trait Vmm: Send + Sync {
     fn vcpu_dirty_control(&self) -> Option<&dyn VcpuDirtyControl> {
         None
     }
+
+    /// Whether this VM was started as a cpr-transfer destination: its guest RAM came
+    /// with the CPR state, so an incoming stream carries no page of any block (QEMU's
+    /// incoming mode `cpr-transfer`).
+    fn ram_handed_over(&self) -> bool {
+        false
+    }
 }
 
 #[cfg(test)]

@@ -105,6 +105,17 @@ pub enum DecodeErrorKind {
     UnknownRamBlock(String),
     #[error("Can't find block {0}")]
     UnknownPageBlock(String),
+    /// x-ignore-shared: the block both sides leave in shared memory is not at the same
+    /// guest address (received first, then local, in decimal as QEMU prints them).
+    #[error("Mismatched GPAs for block {idstr} {received}!= {local}")]
+    MismatchedGpa {
+        idstr: String,
+        received: u64,
+        local: u64,
+    },
+    /// x-ignore-shared: a page record for a block the destination leaves in shared memory.
+    #[error("block {0} should not be migrated !")]
+    IgnoredBlockPage(String),
     #[error("Size mismatch: {idstr}: 0x{received:x} != 0x{local:x}")]
     BlockSizeMismatch {
         idstr: String,

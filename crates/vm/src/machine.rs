@@ -166,6 +166,8 @@ pub struct Machine {
     vcpu_rates: VcpuRateMeter,
     cpus: u32,
     blockers: MigrationBlockers,
+    /// Started as a cpr-transfer destination (see [`Vmm::ram_handed_over`]).
+    ram_handed_over: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Machine {
@@ -225,6 +227,7 @@ impl Machine {
             vcpu_rates: VcpuRateMeter::default(),
             cpus: 0,
             blockers,
+            ram_handed_over: std::sync::atomic::AtomicBool::new(false),
         };
         let lab = &config.lab;
         if config.kind == MachineKind::None && !lab.none_writers {
@@ -292,6 +295,12 @@ impl Machine {
     }
 
     /// Registers a migration blocker for `mode`, or for every mode when `None`.
+    /// Marks the VM as a cpr-transfer destination: its RAM came with the CPR state.
+    pub fn set_ram_handed_over(&self) {
+        self.ram_handed_over
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
     pub fn add_migration_blocker(&self, mode: Option<MigMode>, reason: impl Into<String>) {
         self.blockers.add(mode, reason);
     }
@@ -407,6 +416,10 @@ impl Vmm for Machine {
     }
     fn migration_blockers(&self, mode: MigMode) -> Vec<String> {
         self.blockers.for_mode(mode)
+    }
+    fn ram_handed_over(&self) -> bool {
+        self.ram_handed_over
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
     fn vcpu_thread_ids(&self) -> Vec<u32> {
         self.vcpu_threads().map_or_else(Vec::new, |t| t.snapshot())

@@ -396,3 +396,86 @@ fn cap_pc_replays_into_a_postcopy_destination() {
     assert_eq!(pongs, vec![1, 2, 3, 4]);
     assert_eq!(msgs.last(), Some(&RpMessage::Shut(0)));
 }
+
+/// A machine whose RAM block is the shared file `path`, as the destination of an
+/// x-ignore-shared migration maps it.
+fn shared_machine(ram_id: &str, mib: u64, path: &std::path::Path) -> Machine {
+    Machine::new(
+        &MachineConfig {
+            kind: MachineKind::None,
+            memory: mib << 20,
+            mem_path: Some(path.to_path_buf()),
+            share: true,
+            ram_id: ram_id.into(),
+            uuid: None,
+            initial: RunState::InMigrate,
+            lab: LabConfig::default(),
+        },
+        EventBus::new(),
+    )
+    .unwrap()
+}
+
+fn ignore_shared_caps() -> Capabilities {
+    Capabilities::default()
+        .merged(
+            &json!([{"capability": "x-ignore-shared", "state": true}]),
+            false,
+            &vmigrate_engine::options::Parameters::default(),
+        )
+        .unwrap()
+}
+
+/// The shared file as the capture's source left it: pages 0-3 filled.
+fn shared_file(tag: &str) -> PathBuf {
+    let path = std::env::temp_dir().join(format!("vmigrate-is-{tag}-{}", std::process::id()));
+    let mut data = vec![0u8; 8 << 20];
+    for i in 0..4u32 {
+        data[i as usize * 4096..][..4096].copy_from_slice(&fill_page(i));
+    }
+    std::fs::write(&path, &data).unwrap();
+    path
+}
+
+#[test]
+fn ignore_shared_capture_loads_into_the_same_shared_file() {
+    let path = shared_file("ok");
+    let m = shared_machine("m0", 8, &path);
+    let out = load(&m, "uuid_is.bin", &ignore_shared_caps(), None);
+    let _ = std::fs::remove_file(&path);
+    let out = out.unwrap();
+    assert_eq!(
+        out.normal_pages + out.zero_pages,
+        0,
+        "no page is sent for a shared block"
+    );
+    assert_ram(&m, 8, &[0..=3]);
+}
+
+#[test]
+fn ignore_shared_block_at_another_address_fails_like_qemu() {
+    let mut data = std::fs::read(capture("uuid_is.bin")).unwrap();
+    // The block entry: counted "m0", be64 length 0x800000, be64 address 0.
+    let mut entry = vec![2u8, b'm', b'0'];
+    entry.extend_from_slice(&0x80_0000u64.to_be_bytes());
+    let at = data
+        .windows(entry.len())
+        .position(|w| w == entry.as_slice())
+        .expect("block entry in the capture")
+        + entry.len();
+    assert_eq!(data[at..at + 8], [0u8; 8], "the capture's address is 0");
+    data[at..at + 8].copy_from_slice(&0x1000u64.to_be_bytes());
+    let stream = std::env::temp_dir().join(format!("vmigrate-is-stream-{}", std::process::id()));
+    std::fs::write(&stream, &data).unwrap();
+    let path = shared_file("gpa");
+    let m = shared_machine("m0", 8, &path);
+    let mut src = FdSource::new(std::fs::File::open(&stream).unwrap().into(), 0);
+    let e = load_stream(&mut src, &m, &ignore_shared_caps(), None, None).unwrap_err();
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_file(&stream);
+    assert!(
+        e.to_string()
+            .contains("Mismatched GPAs for block m0 4096!= 0"),
+        "{e}"
+    );
+}

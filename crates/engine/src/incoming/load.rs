@@ -170,6 +170,11 @@ pub fn load_stream_postcopy(
         open: false,
     };
     let mut ram = RamLoader::new(vmm.ram_blocks().to_vec());
+    if vmm.ram_handed_over() {
+        ram.ignore_all();
+    } else if caps.x_ignore_shared() {
+        ram.ignore_shared();
+    }
     if caps.mapped_ram() {
         ram.use_mapped_ram(mapped_ram);
     }

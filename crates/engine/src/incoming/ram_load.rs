@@ -68,12 +68,17 @@ pub struct RamLoader {
     xbzrle: XbzrleLoad,
     /// The pages `(block, first..end)` last faulted in ahead of their data.
     prefaulted: (usize, std::ops::Range<usize>),
+    /// x-ignore-shared: the block list carries guest addresses, and the blocks marked
+    /// here (shared named files) take no pages.
+    with_mr_addr: bool,
+    ignored: Vec<bool>,
     pub zero_pages: u64,
     pub normal_pages: u64,
 }
 
 impl RamLoader {
     pub fn new(blocks: Vec<Arc<RamBlock>>) -> Self {
+        let blocks_len = blocks.len();
         let received = Arc::new(ReceivedPages::new(&blocks));
         let pristine = blocks.iter().map(|b| b.pristine()).collect();
         let page_size = blocks.first().map(|b| b.page_size()).unwrap_or(4096);
@@ -91,8 +96,25 @@ impl RamLoader {
             direct_fd: None,
             postcopy: None,
             prefaulted: (0, 0..0),
+            with_mr_addr: false,
+            ignored: vec![false; blocks_len],
             zero_pages: 0,
             normal_pages: 0,
+        }
+    }
+
+    /// cpr-transfer destination: every block came with the CPR state, none takes pages
+    /// (and the block list carries no addresses).
+    pub fn ignore_all(&mut self) {
+        self.ignored.fill(true);
+    }
+
+    /// x-ignore-shared is on: reads each block's guest address, and leaves the blocks
+    /// in shared named files alone (the source sends none of their pages).
+    pub fn ignore_shared(&mut self) {
+        self.with_mr_addr = true;
+        for (i, b) in self.blocks.iter().enumerate() {
+            self.ignored[i] = b.is_shared_named_file();
         }
     }
 
@@ -257,7 +279,7 @@ impl RamLoader {
         let mut sum = 0u64;
         while sum < total {
             let at = src.offset();
-            let entry = BlockEntry::decode_with(src, false, false)?;
+            let entry = BlockEntry::decode_with(src, false, self.with_mr_addr)?;
             let Some(i) = self.find(&entry.idstr) else {
                 return Err(DecodeError::new(
                     at,
@@ -282,6 +304,19 @@ impl RamLoader {
                     at,
                     DecodeErrorKind::BlockListOverrun { total },
                 ))?;
+            if let Some(received) = entry.mr_addr.filter(|_| self.ignored[i]) {
+                let local = self.blocks[i].gpa();
+                if received != local {
+                    return Err(DecodeError::new(
+                        at,
+                        DecodeErrorKind::MismatchedGpa {
+                            idstr: entry.idstr,
+                            received,
+                            local,
+                        },
+                    ));
+                }
+            }
             if let Some(how) = self.mapped {
                 self.load_mapped_block(src, i, how)?;
             }
@@ -368,6 +403,12 @@ impl RamLoader {
         };
         self.current_block = Some(bi);
         let block = &self.blocks[bi];
+        if self.ignored[bi] {
+            return Err(DecodeError::new(
+                at,
+                DecodeErrorKind::IgnoredBlockPage(block.idstr().to_string()),
+            ));
+        }
         if h.addr >= block.len() {
             return Err(DecodeError::new(
                 at,

@@ -63,6 +63,10 @@ pub struct RamSaver {
     xbzrle: Option<XbzrleSaver>,
     /// Postcopy started: pages are sent whole (XBZRLE is not used).
     postcopy_phase: bool,
+    /// x-ignore-shared: the block list carries each block's guest address, and the
+    /// blocks marked here (shared memory the destination maps itself) send no pages.
+    with_mr_addr: bool,
+    ignored: Vec<bool>,
 }
 
 /// Why a saver step stopped.
@@ -76,6 +80,7 @@ pub enum RamSaveError {
 
 impl RamSaver {
     pub fn new(blocks: Vec<Arc<RamBlock>>, zero_pages: ZeroPages) -> Self {
+        let blocks_len = blocks.len();
         let dirty = blocks
             .iter()
             .map(|b| DirtyBitmap::all_set(b.pages()))
@@ -92,7 +97,41 @@ impl RamSaver {
             mapped: None,
             xbzrle: None,
             postcopy_phase: false,
+            with_mr_addr: false,
+            ignored: vec![false; blocks_len],
         }
+    }
+
+    /// x-ignore-shared: lists each block's guest address and sends no page of the
+    /// blocks in shared named files (QEMU's `migrate_ram_is_ignored`).
+    pub fn ignore_shared(&mut self) {
+        self.with_mr_addr = true;
+        for (i, b) in self.blocks.iter().enumerate() {
+            if b.is_shared_named_file() {
+                self.ignored[i] = true;
+                self.dirty[i] = DirtyBitmap::new(b.pages());
+            }
+        }
+    }
+
+    /// cpr-transfer: the destination maps every block itself, so none sends pages (and
+    /// the block list carries no addresses).
+    pub fn ignore_all(&mut self) {
+        for (i, b) in self.blocks.iter().enumerate() {
+            self.ignored[i] = true;
+            self.dirty[i] = DirtyBitmap::new(b.pages());
+        }
+    }
+
+    /// Bytes of the blocks whose pages migrate (QEMU's `ram_bytes_total`: ignored
+    /// blocks left out).
+    pub fn migrated_bytes(&self) -> u64 {
+        self.blocks
+            .iter()
+            .zip(&self.ignored)
+            .filter(|(_, ignored)| !**ignored)
+            .map(|(b, _)| b.len())
+            .sum()
     }
 
     /// Encodes pages sent again with XBZRLE from the second pass on.
@@ -193,7 +232,7 @@ impl RamSaver {
                     idstr: b.idstr().to_string(),
                     used_length: b.len(),
                     page_size: None,
-                    mr_addr: None,
+                    mr_addr: self.with_mr_addr.then(|| b.gpa()),
                 }
                 .encode(out)
             })?;
@@ -374,6 +413,9 @@ impl RamSaver {
         for (i, d) in self.dirty.iter_mut().enumerate() {
             let mut got = DirtyBitmap::new(d.pages());
             tracker.sync(i, &mut got)?;
+            if self.ignored[i] {
+                continue;
+            }
             fresh += got.count() as u64;
             d.merge(&got);
         }

@@ -130,14 +130,15 @@ pub(crate) fn run(
     );
     // cpr-reboot stops the VM before anything is saved (STOP comes before `active`);
     // whatever fails from here on resumes a VM that was running.
-    let early_stop = (params.mode() == MigMode::CprReboot).then(|| {
-        let before = vmm.control().run_state();
-        vmm.control().vm_stop(RunState::FinishMigrate);
-        EarlyStop {
-            before,
-            at: Instant::now(),
-        }
-    });
+    let early_stop =
+        matches!(params.mode(), MigMode::CprReboot | MigMode::CprTransfer).then(|| {
+            let before = vmm.control().run_state();
+            vmm.control().vm_stop(RunState::FinishMigrate);
+            EarlyStop {
+                before,
+                at: Instant::now(),
+            }
+        });
     let mut early_guard = ResumeGuard {
         vmm,
         before: early_stop.map_or(RunState::Running, |e| e.before),
@@ -150,6 +151,11 @@ pub(crate) fn run(
         ZeroPages::Detect
     };
     let mut saver = RamSaver::new(vmm.ram_blocks().to_vec(), zero_pages);
+    if params.mode() == MigMode::CprTransfer {
+        saver.ignore_all();
+    } else if caps.x_ignore_shared() {
+        saver.ignore_shared();
+    }
     if caps.xbzrle() {
         saver.use_xbzrle(crate::outgoing::xbzrle_cache::XbzrleSaver::new(
             vmm.ram_blocks(),
@@ -165,7 +171,7 @@ pub(crate) fn run(
     stats.page_size.store(ps, Ordering::Relaxed);
     stats
         .total_ram
-        .store(saver.total_bytes(), Ordering::Relaxed);
+        .store(saver.migrated_bytes(), Ordering::Relaxed);
     let devices = vmm.devices();
     let ids = SectionIds::new(devices.len());
     let mapped_ram = caps.mapped_ram();
@@ -181,11 +187,14 @@ pub(crate) fn run(
     let config = Configuration {
         machine: vmm.machine_name().to_string(),
         target_page_bits: None,
-        capabilities: if mapped_ram {
-            vec!["mapped-ram".to_string()]
-        } else {
-            vec![]
-        },
+        capabilities: [
+            (caps.x_ignore_shared(), "x-ignore-shared"),
+            (mapped_ram, "mapped-ram"),
+        ]
+        .iter()
+        .filter(|(on, _)| *on)
+        .map(|(_, name)| name.to_string())
+        .collect(),
         uuid: if caps.validate_uuid() {
             vmm.uuid()
         } else {
