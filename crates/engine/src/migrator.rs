@@ -1075,8 +1075,10 @@ mod tests {
             .unwrap();
     }
 
+    /// The statuses seen, once the migration's end has been announced too (the status
+    /// changes before its event goes out).
     fn events_of(seen: &Mutex<Vec<String>>) -> Vec<String> {
-        seen.lock().unwrap().clone()
+        crate::test_support::ended_events(seen)
     }
 
     #[test]

@@ -904,7 +904,7 @@ mod tests {
         std::thread::spawn(move || std::io::copy(&mut &conn, &mut std::io::sink()));
         assert_eq!(wait_for_end(&m, LIMIT), MigrationStatus::Completed);
         assert_eq!(
-            events.lock().unwrap().clone(),
+            ended_events(&events),
             ["setup", "active", "device", "completed"]
         );
     }
