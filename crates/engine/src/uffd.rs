@@ -75,6 +75,61 @@ pub mod abi {
     pub const UFFDIO_UNREGISTER: libc::Ioctl =
         ioc(IOC_READ, UFFDIO, 0x01, std::mem::size_of::<UffdioRange>());
 
+    /// `UFFD_EVENT_PAGEFAULT`.
+    pub const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+
+    /// `struct uffd_msg` (32 bytes): the event, then a union whose page-fault member is
+    /// `flags`, `address`, `ptid`.
+    #[repr(C)]
+    #[derive(Debug, Default, Clone, Copy)]
+    pub struct UffdMsg {
+        pub event: u8,
+        pub reserved1: u8,
+        pub reserved2: u16,
+        pub reserved3: u32,
+        pub flags: u64,
+        pub address: u64,
+        pub rest: u64,
+    }
+
+    /// Waits up to `timeout` for messages on userfaultfd `fd` and calls `each` with
+    /// every page-fault message of one read. A timeout, an interrupted wait and a read
+    /// that finds nothing are not errors.
+    pub fn read_page_faults(
+        fd: &OwnedFd,
+        timeout: std::time::Duration,
+        mut each: impl FnMut(&UffdMsg),
+    ) -> std::io::Result<()> {
+        let mut fds = [rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN)];
+        let ts = rustix::time::Timespec {
+            tv_sec: timeout.as_secs() as i64,
+            tv_nsec: i64::from(timeout.subsec_nanos()),
+        };
+        match rustix::event::poll(&mut fds, Some(&ts)) {
+            Ok(0) | Err(rustix::io::Errno::INTR) => return Ok(()),
+            Ok(_) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let mut msgs = [UffdMsg::default(); 16];
+        let bytes = std::mem::size_of_val(&msgs);
+        // SAFETY: the kernel writes at most `bytes` bytes of whole `uffd_msg` records
+        // into `msgs`, a plain-data array we own.
+        let n = unsafe { libc::read(fd.as_raw_fd(), msgs.as_mut_ptr().cast(), bytes) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::EAGAIN) | Some(libc::EINTR) => Ok(()),
+                _ => Err(e),
+            };
+        }
+        let count = n as usize / std::mem::size_of::<UffdMsg>();
+        msgs[..count]
+            .iter()
+            .filter(|m| m.event == UFFD_EVENT_PAGEFAULT)
+            .for_each(&mut each);
+        Ok(())
+    }
+
     /// A new userfaultfd (non-blocking, close-on-exec): from the system call, or, where
     /// that is refused (`vm.unprivileged_userfaultfd`, seccomp), from
     /// `/dev/userfaultfd`. On failure, why each way was refused: (system call, device).
@@ -123,9 +178,6 @@ const UFFDIO_REGISTER_MODE_MISSING: u64 = 1 << 0;
 const UFFDIO_COPY_NR: u32 = 0x03;
 const UFFDIO_ZEROPAGE_NR: u32 = 0x04;
 const UFFDIO_WAKE_NR: u32 = 0x02;
-/// `UFFD_EVENT_PAGEFAULT`.
-const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
-
 /// `struct uffdio_copy`.
 #[repr(C)]
 #[derive(Debug, Default)]
@@ -145,20 +197,6 @@ struct UffdioZeropage {
     range: UffdioRange,
     mode: u64,
     zeropage: i64,
-}
-
-/// `struct uffd_msg` (32 bytes): the event, then a union whose page-fault member is
-/// `flags`, `address`, `ptid`.
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy)]
-struct UffdMsg {
-    event: u8,
-    reserved1: u8,
-    reserved2: u16,
-    reserved3: u32,
-    flags: u64,
-    address: u64,
-    rest: u64,
 }
 
 const UFFDIO_WAKE: libc::Ioctl = ioc(
@@ -401,42 +439,14 @@ impl Userfaultfd {
         timeout: Duration,
         out: &mut Vec<Fault>,
     ) -> Result<(), UffdError> {
-        let mut fds = [rustix::event::PollFd::new(
-            &self.fd,
-            rustix::event::PollFlags::IN,
-        )];
-        let ts = rustix::time::Timespec {
-            tv_sec: timeout.as_secs() as i64,
-            tv_nsec: i64::from(timeout.subsec_nanos()),
-        };
-        match rustix::event::poll(&mut fds, Some(&ts)) {
-            Ok(0) | Err(rustix::io::Errno::INTR) => return Ok(()),
-            Ok(_) => {}
-            Err(e) => return Err(UffdError::Read(e.into())),
-        }
-        let mut msgs = [UffdMsg::default(); 16];
-        let bytes = std::mem::size_of_val(&msgs);
-        // SAFETY: the kernel writes at most `bytes` bytes of whole `uffd_msg` records
-        // into `msgs`, a plain-data array we own.
-        let n = unsafe { libc::read(self.fd.as_raw_fd(), msgs.as_mut_ptr().cast(), bytes) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            return match e.raw_os_error() {
-                Some(libc::EAGAIN) | Some(libc::EINTR) => Ok(()),
-                _ => Err(UffdError::Read(e)),
-            };
-        }
-        let count = n as usize / std::mem::size_of::<UffdMsg>();
-        out.extend(
-            msgs[..count]
-                .iter()
-                .filter(|m| m.event == UFFD_EVENT_PAGEFAULT)
-                .map(|m| Fault {
-                    address: m.address,
-                    // `feat.ptid`, the first 32 bits after the address.
-                    thread_id: m.rest as u32,
-                }),
-        );
+        read_page_faults(&self.fd, timeout, |m| {
+            out.push(Fault {
+                address: m.address,
+                // `feat.ptid`, the first 32 bits after the address.
+                thread_id: m.rest as u32,
+            })
+        })
+        .map_err(UffdError::Read)?;
         Ok(())
     }
 }

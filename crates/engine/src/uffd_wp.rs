@@ -33,9 +33,6 @@ const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
 /// `_UFFDIO_WRITEPROTECT`, the bit of `uffdio_register.ioctls` that says the range can
 /// be write-protected.
 const UFFDIO_WRITEPROTECT_NR: u32 = 0x06;
-/// `UFFD_EVENT_PAGEFAULT`.
-const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
-
 /// `struct uffdio_writeprotect`.
 #[repr(C)]
 #[derive(Debug, Default)]
@@ -50,19 +47,6 @@ const UFFDIO_WRITEPROTECT: libc::Ioctl = ioc(
     UFFDIO_WRITEPROTECT_NR,
     std::mem::size_of::<UffdioWriteprotect>(),
 );
-
-/// `struct uffd_msg` (32 bytes): the event, then for a page fault its flags and address.
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy)]
-struct UffdMsg {
-    event: u8,
-    reserved1: u8,
-    reserved2: u16,
-    reserved3: u32,
-    flags: u64,
-    address: u64,
-    rest: u64,
-}
 
 /// Why write-protection cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -213,38 +197,7 @@ impl WriteProtect {
 
     /// Waits up to `timeout` for write faults and appends their addresses to `out`.
     pub fn read_faults(&self, timeout: Duration, out: &mut Vec<u64>) -> Result<(), WpError> {
-        let mut fds = [rustix::event::PollFd::new(
-            &self.fd,
-            rustix::event::PollFlags::IN,
-        )];
-        let ts = rustix::time::Timespec {
-            tv_sec: timeout.as_secs() as i64,
-            tv_nsec: i64::from(timeout.subsec_nanos()),
-        };
-        match rustix::event::poll(&mut fds, Some(&ts)) {
-            Ok(0) | Err(rustix::io::Errno::INTR) => return Ok(()),
-            Ok(_) => {}
-            Err(e) => return Err(WpError::Read(e.into())),
-        }
-        let mut msgs = [UffdMsg::default(); 16];
-        let bytes = std::mem::size_of_val(&msgs);
-        // SAFETY: the kernel writes at most `bytes` bytes of whole `uffd_msg` records
-        // into `msgs`, a plain-data array we own.
-        let n = unsafe { libc::read(self.fd.as_raw_fd(), msgs.as_mut_ptr().cast(), bytes) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            return match e.raw_os_error() {
-                Some(libc::EAGAIN) | Some(libc::EINTR) => Ok(()),
-                _ => Err(WpError::Read(e)),
-            };
-        }
-        let count = n as usize / std::mem::size_of::<UffdMsg>();
-        out.extend(
-            msgs[..count]
-                .iter()
-                .filter(|m| m.event == UFFD_EVENT_PAGEFAULT)
-                .map(|m| m.address),
-        );
+        abi::read_page_faults(&self.fd, timeout, |m| out.push(m.address)).map_err(WpError::Read)?;
         Ok(())
     }
 }
@@ -272,7 +225,7 @@ mod tests {
 
     #[test]
     fn abi_sizes_match_the_kernel() {
-        assert_eq!(std::mem::size_of::<UffdMsg>(), 32);
+        assert_eq!(std::mem::size_of::<abi::UffdMsg>(), 32);
         assert_eq!(std::mem::size_of::<UffdioWriteprotect>(), 24);
         // _IOWR(0xAA, 0x06, struct uffdio_writeprotect)
         assert_eq!(UFFDIO_WRITEPROTECT, 0xc018_aa06);
