@@ -33,7 +33,10 @@ class Fault:
 
 
 class FaultProxy:
-    def __init__(self, target_port, fault):
+    """The relay. With FAULT None it injects nothing by itself: `close` is then the
+    network failure, at a moment of the test's choosing."""
+
+    def __init__(self, target_port, fault=None):
         self.target = target_port
         self.fault = fault
         self.listener = socket.socket()
@@ -83,7 +86,7 @@ class FaultProxy:
 
     def _pump(self, n, a, b, d):
         f = self.fault
-        mine = f.conn == n and f.direction == d
+        mine = f is not None and f.conn == n and f.direction == d
         done = 0
         window = b""
         held = b""

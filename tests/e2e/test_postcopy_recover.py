@@ -8,13 +8,12 @@ QEMU runs the same script as a check of the harness. `migrate-pause` forces the 
 from either side, and the commands' errors outside a paused postcopy are QEMU's."""
 import os
 import random
-import socket
-import threading
 import time
 
 import pytest
 
 import harness
+from faultproxy import FaultProxy
 from conftest import require
 
 MiB = harness.MiB
@@ -24,73 +23,6 @@ GUEST_MIB = 32
 @pytest.fixture(scope="module")
 def image32(session_dir):
     return harness.Image(os.path.join(session_dir, "image32.bin"), GUEST_MIB * MiB, 11)
-
-
-class Proxy:
-    """A loopback TCP relay to 127.0.0.1:TARGET: every connection it accepts is
-    relayed both ways until `cut`, which breaks them all at once (and stops
-    listening), as a network failure would."""
-
-    def __init__(self, target):
-        self.target = target
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(8)
-        self.port = self.listener.getsockname()[1]
-        self.sockets = []
-        self.lock = threading.Lock()
-        self.cut_done = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                c, _ = self.listener.accept()
-            except OSError:
-                return
-            try:
-                s = socket.create_connection(("127.0.0.1", self.target))
-            except OSError:
-                c.close()
-                continue
-            with self.lock:
-                if self.cut_done:
-                    c.close()
-                    s.close()
-                    return
-                self.sockets += [c, s]
-            for a, b in ((c, s), (s, c)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pump(a, b):
-        try:
-            while True:
-                data = a.recv(1 << 16)
-                if not data:
-                    break
-                b.sendall(data)
-        except OSError:
-            pass
-        try:
-            b.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-
-    def cut(self):
-        with self.lock:
-            self.cut_done = True
-            socks = list(self.sockets)
-        try:
-            self.listener.close()
-        except OSError:
-            pass
-        for s in socks:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            s.close()
 
 
 def status(m):
@@ -116,7 +48,7 @@ def start_pair(ws, image, src_impl, dst_impl, preempt=False):
     # be cut (twice) on a loaded machine.
     src.set_params(max_bandwidth=2 * MiB, max_postcopy_bandwidth=6 * MiB)
     dst.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
-    proxy = Proxy(harness.socket_port(dst.query_migrate()))
+    proxy = FaultProxy(harness.socket_port(dst.query_migrate()))
     src.cmd("migrate", uri=f"tcp:127.0.0.1:{proxy.port}")
     wait_status(src, "active")
     src.cmd("migrate-start-postcopy")
@@ -140,7 +72,7 @@ def recover(src, dst):
     """migrate-recover on the destination, migrate resume=true on the source through a
     new proxy; returns once both are back in postcopy-active (or done)."""
     dst.cmd("migrate-recover", uri="tcp:127.0.0.1:0")
-    proxy = Proxy(harness.socket_port(dst.query_migrate()))
+    proxy = FaultProxy(harness.socket_port(dst.query_migrate()))
     src.cmd("migrate", uri=f"tcp:127.0.0.1:{proxy.port}", resume=True)
     src.wait_migration(("postcopy-active", "completed", "failed"), timeout=30)
     return proxy
@@ -161,7 +93,7 @@ def cut_during_postcopy(src, proxy, rng):
     """Cuts PROXY at a random point while the source is still in postcopy-active."""
     time.sleep(rng.uniform(0.05, 0.5))
     assert status(src) == "postcopy-active", "the push ended before the cut"
-    proxy.cut()
+    proxy.close()
 
 
 RECOVERY_SRC = ["postcopy-active", "postcopy-paused", "postcopy-recover-setup",
@@ -280,11 +212,11 @@ def test_a_cut_before_the_switch_is_an_ordinary_precopy_failure(ws, image32, imp
         m.set_caps(events=True, postcopy_ram=True)
     src.set_params(max_bandwidth=2 * MiB)
     dst.raw("migrate-incoming", uri="tcp:127.0.0.1:0", **{"exit-on-error": False})
-    proxy = Proxy(harness.socket_port(dst.query_migrate()))
+    proxy = FaultProxy(harness.socket_port(dst.query_migrate()))
     src.cmd("migrate", uri=f"tcp:127.0.0.1:{proxy.port}")
     wait_status(src, "active")
     time.sleep(0.2)
-    proxy.cut()
+    proxy.close()
     si = src.wait_migration(timeout=30)
     assert si["status"] == "failed", si
     assert src.wait_runstate("running") == "running"
@@ -308,7 +240,7 @@ def test_lab_guest_survives_two_cuts_with_its_self_check_clean(ws):
         m.set_caps(events=True, postcopy_ram=True)
     src.set_params(max_bandwidth=4 * MiB, max_postcopy_bandwidth=8 * MiB)
     dst.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
-    proxy = Proxy(harness.socket_port(dst.query_migrate()))
+    proxy = FaultProxy(harness.socket_port(dst.query_migrate()))
     src.cmd("migrate", uri=f"tcp:127.0.0.1:{proxy.port}")
     wait_status(src, "active")
     src.cmd("migrate-start-postcopy")
