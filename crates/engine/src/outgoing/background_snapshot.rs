@@ -21,8 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vmigrate_stream::ram::{put_eos, put_page_header, put_zero_page, FLAG_PAGE};
-use vmigrate_stream::ram::{RAM_IDSTR, RAM_SECTION_VERSION};
-use vmigrate_stream::section::{encode_footer, Record, SectionId};
+use vmigrate_stream::section::{encode_footer, Record};
 use vmigrate_stream::{header, vmdesc};
 
 use vmigrate_stream::config::Configuration;
@@ -32,7 +31,7 @@ use crate::channels::transport::Channel;
 use crate::io::{StreamWriter, WriteError};
 use crate::memory::RamBlock;
 use crate::outgoing::ram_save::{RamSaver, ZeroPages};
-use crate::outgoing::save::{encode_device_sections, SaveError};
+use crate::outgoing::save::{encode_device_sections, ram_start, SaveError};
 use crate::shared::{SectionIds, Shared};
 use crate::status::{MigrationStatus, RunState};
 use crate::uffd_wp::{WpError, WriteProtect};
@@ -186,13 +185,7 @@ pub(crate) fn run(shared: &Shared, vmm: &dyn Vmm, channel: &Channel) -> Result<(
     w.with_buf(|out| {
         header::encode_header(out);
         config.encode(out);
-        Record::Start(SectionId {
-            section_id: ids.ram,
-            idstr: RAM_IDSTR.into(),
-            instance_id: 0,
-            version_id: RAM_SECTION_VERSION,
-        })
-        .encode(out);
+        ram_start(&ids).encode(out);
     })?;
     setup_saver.write_setup(&mut w)?;
     w.with_buf(|out| encode_footer(out, ids.ram))?;

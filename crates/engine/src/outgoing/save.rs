@@ -107,6 +107,16 @@ pub(crate) fn restore_run_state(vmm: &dyn Vmm, before: RunState) {
     }
 }
 
+/// The START record of the `ram` section, which opens RAM's setup.
+pub(crate) fn ram_start(ids: &SectionIds) -> Record {
+    Record::Start(SectionId {
+        section_id: ids.ram,
+        idstr: RAM_IDSTR.into(),
+        instance_id: 0,
+        version_id: RAM_SECTION_VERSION,
+    })
+}
+
 /// Runs one outgoing precopy migration over `channel` to its end.
 pub(crate) fn run(
     shared: &Shared,
@@ -225,13 +235,7 @@ pub(crate) fn run(
         if postcopy {
             postcopy::advise(&saver).encode(out);
         }
-        Record::Start(SectionId {
-            section_id: ids.ram,
-            idstr: RAM_IDSTR.into(),
-            instance_id: 0,
-            version_id: RAM_SECTION_VERSION,
-        })
-        .encode(out);
+        ram_start(&ids).encode(out);
     })?;
     let regions = saver.write_setup(&mut w)?;
     w.with_buf(|out| encode_footer(out, ids.ram))?;
