@@ -4,14 +4,14 @@
 //! migrator (the facade a monitor drives) ── shared (state the session threads report to)
 //!    │
 //!    ├── outgoing/   save (session) ─ ram_save ─ multifd_send ─ throttle ─ postcopy
-//!    │               ─ recover ─ xbzrle_cache ─ zero_copy
+//!    │               ─ recover ─ xbzrle_cache ─ zero_copy ─ background_snapshot
 //!    ├── incoming/   accept ─ load (stream) ─ ram_load ─ multifd_recv ─ pages ─ postcopy
 //!    │               ─ recover ─ blocktime ─ xbzrle_load
 //!    └── channels/   transport ─ tls ─ tls_relay ─ objects ─ authz ─ x509_name ─ return_path
 //!
 //! used by all: options, properties, status, stats, events, io, compress, mapped_ram,
 //!              memory (guest RAM), uffd (userfaultfd), vmm (the traits a VMM
-//!              implements), errno, timeline
+//!              implements), errno, timeline, dirtylimit, cpr, uffd_wp
 //! ```
 //!
 //! - [`migrator`]: the facade a monitor drives (`migrate`, `migrate-incoming`, ...).
