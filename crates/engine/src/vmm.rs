@@ -113,6 +113,22 @@ impl DirtyBitmap {
         self.words.iter().map(|w| w.count_ones() as usize).sum()
     }
 
+    /// How many bits in a row are set from `from` on, counting at most `max`.
+    pub fn run_len(&self, from: usize, max: usize) -> usize {
+        let end = from.saturating_add(max).min(self.pages);
+        let mut p = from;
+        while p < end {
+            let (wi, bit) = (p / 64, p % 64);
+            let ones = (!(self.words[wi] >> bit)).trailing_zeros() as usize;
+            let ones = ones.min(64 - bit);
+            p += ones;
+            if ones < 64 - bit {
+                break;
+            }
+        }
+        p.min(end) - from.min(end)
+    }
+
     /// Every set bit, in ascending order.
     pub fn iter_set(&self) -> impl Iterator<Item = usize> + '_ {
         std::iter::successors(self.next_set(0), |&p| self.next_set(p + 1))
@@ -310,5 +326,35 @@ mod tests {
         let all = DirtyBitmap::all_set(130);
         assert_eq!(all.count(), 130);
         assert_eq!(all.next_set(129), Some(129));
+    }
+
+    #[test]
+    fn runs_of_set_bits() {
+        let mut b = DirtyBitmap::new(200);
+        b.set_range(10, 120);
+        b.set(190);
+        assert_eq!(b.run_len(10, 1000), 120);
+        assert_eq!(b.run_len(10, 50), 50);
+        assert_eq!(b.run_len(63, 1000), 67);
+        assert_eq!(b.run_len(64, 64), 64);
+        assert_eq!(b.run_len(129, 10), 1);
+        assert_eq!(b.run_len(130, 10), 0);
+        assert_eq!(b.run_len(9, 10), 0);
+        assert_eq!(b.run_len(190, 100), 1);
+        assert_eq!(b.run_len(199, 100), 0);
+        assert_eq!(b.run_len(250, 100), 0);
+        let all = DirtyBitmap::all_set(200);
+        assert_eq!(all.run_len(0, usize::MAX), 200);
+        assert_eq!(all.run_len(130, usize::MAX), 70);
+        // Every start and length against a bit-by-bit count.
+        for from in 0..200 {
+            for max in [0, 1, 7, 64, 65, 300] {
+                let slow = (from..200)
+                    .take(max)
+                    .take_while(|&p| b.next_set(p) == Some(p))
+                    .count();
+                assert_eq!(b.run_len(from, max), slow, "from {from} max {max}");
+            }
+        }
     }
 }

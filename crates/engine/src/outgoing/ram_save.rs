@@ -50,6 +50,8 @@ pub struct RamSaver {
     last_block: Option<usize>,
     /// Scan position: block and page.
     cursor: (usize, usize),
+    /// The pages last mapped in ahead of the scan: block, first page, end page.
+    read_ahead: (usize, usize, usize),
     /// multifd channels, when the capability is on: pages go there, not to the main
     /// stream.
     multifd: Option<MultifdSender>,
@@ -91,6 +93,7 @@ impl RamSaver {
             zero_pages,
             last_block: None,
             cursor: (0, 0),
+            read_ahead: (usize::MAX, 0, 0),
             multifd: None,
             multifd_sync: MultifdSync::PerRound,
             mapped_layout: false,
@@ -467,6 +470,7 @@ impl RamSaver {
                 self.cursor = (bi + 1, 0);
                 continue;
             };
+            self.read_ahead(bi, page);
             self.dirty[bi].test_and_clear(page);
             self.cursor = (bi, page + 1);
             if live.is_some_and(|t| t.written_since_sync(bi, page)) {
@@ -486,6 +490,23 @@ impl RamSaver {
                 return Ok((sent, false));
             }
         }
+    }
+
+    /// Maps in the run of dirty pages from `page` on (up to 1 MiB) with one call when
+    /// the scan leaves the run mapped last: reading a page that is not mapped yet costs
+    /// a fault, and faults were most of a saver's CPU. Only dirty pages are asked for, so
+    /// a hole in a shared file is not filled for nothing.
+    fn read_ahead(&mut self, bi: usize, page: usize) {
+        const AHEAD: u64 = 1 << 20;
+        let (rb, start, end) = self.read_ahead;
+        if rb == bi && (start..end).contains(&page) {
+            return;
+        }
+        let block = &self.blocks[bi];
+        let ps = block.page_size();
+        let run = self.dirty[bi].run_len(page, (AHEAD / ps).max(1) as usize);
+        block.populate_for_read(page as u64 * ps, run * ps as usize);
+        self.read_ahead = (bi, page, page + run);
     }
 
     fn send_page(
