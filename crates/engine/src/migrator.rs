@@ -960,6 +960,7 @@ impl Migrator {
             src,
             socket: Arc::new(socket),
             ram_section: outcome.ram_section,
+            ram_block: outcome.ram_block,
             autostart: self.autostart.load(Ordering::Relaxed),
         })
         .map_err(|e| format!("COLO failed: {e}"))?;

@@ -68,6 +68,8 @@ pub(crate) struct Secondary<'a> {
     pub socket: Arc<OwnedFd>,
     /// The `ram` section's id in the first migration.
     pub ram_section: Option<u32>,
+    /// The block of the first migration's last page record.
+    pub ram_block: Option<usize>,
     /// Whether the destination would have started the guest (QEMU ignores `-S` here).
     pub autostart: bool,
 }
@@ -116,6 +118,7 @@ fn checkpoint_loop(s: Secondary<'_>) -> Result<(), ColoSecondaryError> {
         src,
         socket,
         ram_section,
+        ram_block,
         ..
     } = s;
     let failed_over = |e: ColoSecondaryError| {
@@ -126,7 +129,7 @@ fn checkpoint_loop(s: Secondary<'_>) -> Result<(), ColoSecondaryError> {
         }
     };
     let mut back = std::fs::File::from(socket.try_clone().map_err(ColoSecondaryError::Reply)?);
-    let mut staging = match Staging::new(vmm.ram_blocks()) {
+    let mut staging = match Staging::new(vmm.ram_blocks(), ram_block) {
         Ok(s) => s,
         Err(e) => return failed_over(e),
     };
@@ -165,7 +168,7 @@ struct Staging {
 }
 
 impl Staging {
-    fn new(guest: &[Arc<RamBlock>]) -> Result<Self, ColoSecondaryError> {
+    fn new(guest: &[Arc<RamBlock>], block: Option<usize>) -> Result<Self, ColoSecondaryError> {
         let blocks = guest
             .iter()
             .map(|b| {
@@ -178,8 +181,9 @@ impl Staging {
             .collect::<Result<Vec<_>, MemoryError>>()?;
         let pages = Arc::new(ReceivedPages::new(&blocks));
         // One loader for the whole session: a checkpoint's first page may CONTINUE
-        // the block of the last one's.
+        // the block of the last one's (or of the first migration's last page).
         let mut loader = RamLoader::new(blocks.clone());
+        loader.continue_from(block);
         loader.note_pages_in(pages.clone());
         Ok(Self {
             guest: guest.to_vec(),

@@ -42,6 +42,9 @@ pub struct LoadOutcome {
     pub colo: bool,
     /// The `ram` section's id, which COLO checkpoints' END sections use.
     pub ram_section: Option<u32>,
+    /// The RAM block the last page record named (COLO's first checkpoint may go on
+    /// with it).
+    pub ram_block: Option<usize>,
 }
 
 /// What postcopy did on the destination.
@@ -678,6 +681,7 @@ fn load_records(
         postcopy: None,
         colo: commands.colo,
         ram_section: ram_section_ids(&sections).into_iter().next(),
+        ram_block: ram.current_block(),
     })
 }
 
@@ -699,6 +703,7 @@ fn postcopy_outcome(
         }),
         colo: false,
         ram_section: None,
+        ram_block: None,
     }
 }
 

@@ -122,6 +122,17 @@ impl RamLoader {
         }
     }
 
+    /// The block the last page record named (the one a CONTINUE record means).
+    pub(crate) fn current_block(&self) -> Option<usize> {
+        self.current_block
+    }
+
+    /// Goes on from where another loader of the same blocks stopped: COLO's first
+    /// checkpoint may CONTINUE the block of the migration's last page.
+    pub(crate) fn continue_from(&mut self, block: Option<usize>) {
+        self.current_block = block.filter(|&b| b < self.blocks.len());
+    }
+
     /// Notes in `pages` every page a record names from now on (COLO's staging copy).
     pub(crate) fn note_pages_in(&mut self, pages: Arc<ReceivedPages>) {
         self.staged = Some(pages);
