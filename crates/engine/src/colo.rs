@@ -270,8 +270,7 @@ impl Colo {
     /// session has run.
     pub(crate) fn figures(&self) -> Option<Value> {
         let st = self.lock();
-        (st.mode != ColoMode::None || st.last_mode != ColoMode::None)
-            .then(|| st.stats.to_json())
+        (st.mode != ColoMode::None || st.last_mode != ColoMode::None).then(|| st.stats.to_json())
     }
 }
 

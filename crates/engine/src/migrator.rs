@@ -614,11 +614,9 @@ impl Migrator {
             save::run(&self.shared, self.vmm.as_ref(), &channel, &addr).and_then(|colo| {
                 match colo {
                     // x-colo: checkpoints go on until a failover completes the session.
-                    Some(handover) => crate::outgoing::colo::run(
-                        &self.shared,
-                        self.vmm.as_ref(),
-                        handover,
-                    ),
+                    Some(handover) => {
+                        crate::outgoing::colo::run(&self.shared, self.vmm.as_ref(), handover)
+                    }
                     None => Ok(()),
                 }
             })
@@ -1489,8 +1487,12 @@ mod tests {
         for x in [&d, &m] {
             x.set_capabilities(&caps).unwrap();
         }
-        m.set_parameters(json!({"max-bandwidth": 0, "x-checkpoint-delay": 10}).as_object().unwrap())
-            .unwrap();
+        m.set_parameters(
+            json!({"max-bandwidth": 0, "x-checkpoint-delay": 10})
+                .as_object()
+                .unwrap(),
+        )
+        .unwrap();
         let (d_exits, m_exits) = (colo_exits(&d), colo_exits(&m));
         let path = temp_path("colo.sock");
         let addr = Address::parse_uri(&format!("unix:{}", path.display())).unwrap();
@@ -1535,7 +1537,9 @@ mod tests {
         );
         assert_eq!(events_of(&dseen), ["setup", "active", "colo", "completed"]);
         // The primary lost its secondary: COLO_EXIT error, still in COLO until told.
-        wait_until("the primary's COLO_EXIT", || !m_exits.lock().unwrap().is_empty());
+        wait_until("the primary's COLO_EXIT", || {
+            !m_exits.lock().unwrap().is_empty()
+        });
         assert_eq!(
             *m_exits.lock().unwrap(),
             [json!({"mode": "primary", "reason": "error"})]

@@ -86,7 +86,10 @@ static MIGRATION_STATUS: Ty = Ty::Enum(
         "wait-unplug",
     ],
 );
-static COLO_EXIT_REASON: Ty = Ty::Enum("COLOExitReason", &["none", "request", "error", "processing"]);
+static COLO_EXIT_REASON: Ty = Ty::Enum(
+    "COLOExitReason",
+    &["none", "request", "error", "processing"],
+);
 static COLO_MODE: Ty = Ty::Enum("COLOMode", &["none", "primary", "secondary"]);
 static COLO_STATUS: Ty = Ty::Struct(
     "COLOStatus",

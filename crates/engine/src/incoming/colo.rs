@@ -370,9 +370,14 @@ impl Checkpoint<'_> {
             let at = src.offset();
             match Record::decode(&mut src)? {
                 Record::Eof => return Ok(()),
-                Record::Full(s) | Record::Start(s) => {
-                    load_device_section(s, &mut src, at, self.devices, &mut sections, &mut runstate)?
-                }
+                Record::Full(s) | Record::Start(s) => load_device_section(
+                    s,
+                    &mut src,
+                    at,
+                    self.devices,
+                    &mut sections,
+                    &mut runstate,
+                )?,
                 other => {
                     return Err(DecodeError::new(
                         at,
