@@ -331,3 +331,70 @@ def test_a_message_out_of_order_leaves_the_secondary_on_its_last_checkpoint(ws):
     after = wait_passes(dst, workload(dst)["passes"] + 3)
     assert after["violations"] == 0, after
     b.close()
+
+
+def ram_sha(m):
+    import hashlib
+    return hashlib.sha256(m.ram()).hexdigest()
+
+
+def test_vmigrate_primary_checkpoints_into_a_qemu_secondary(ws):
+    """QEMU 10.0's secondary (`-M none`) takes vmigrate's checkpoints: its RAM after a
+    checkpoint is the primary's, and it takes over on x-colo-lost-heartbeat."""
+    require("vmigrate", "qemu")
+    src = ws.vm("vmigrate", "primary", mem_mib=64,
+                extra=["--workload", "hot=4M,rate=40M"]).start()
+    dst = ws.vm("qemu", "secondary", mem_mib=64, incoming="defer").start()
+    for m in (src, dst):
+        m.set_caps(x_colo=True, events=True)
+    src.set_params(max_bandwidth=0, x_checkpoint_delay=20000)
+    dst.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
+    port = harness.socket_port(dst.query_migrate())
+    src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+    harness.wait_until_status(src, "colo", timeout=30)
+    harness.wait_until_status(dst, "colo", timeout=30)
+    # A delay change checkpoints at once; a few of them, with the guest writing.
+    for n in range(1, 4):
+        src.set_params(x_checkpoint_delay=20000)
+        wait_checkpoints(src, n, timeout=10)
+        time.sleep(0.1)
+    # Freeze the primary's RAM, then one more checkpoint carries the last writes.
+    src.cmd("stop")
+    frozen = ram_sha(src)
+    src.set_params(x_checkpoint_delay=20000)
+    wait_checkpoints(src, 4, timeout=10)
+    assert ram_sha(dst) == frozen, "QEMU's secondary RAM differs from the checkpoint"
+    assert dst.cmd("query-colo-status")["mode"] == "secondary"
+    src.kill9()
+    assert wait_colo_exit(dst) == [{"mode": "secondary", "reason": "error"}]
+    dst.cmd("x-colo-lost-heartbeat")
+    assert dst.wait_migration(("completed", "failed"), timeout=10)["status"] == "completed"
+    dst.wait_runstate("running")
+    assert ram_sha(dst) == frozen
+    assert dst.cmd("query-colo-status") == {"mode": "none", "last-mode": "secondary",
+                                            "reason": "request"}
+
+
+def test_a_qemu_primary_completes_and_a_vmigrate_secondary_waits(ws):
+    """QEMU 10.0's primary sends ENABLE_COLO but, on this build, completes its first
+    migration instead of entering COLO (its status passes through `device`, which its
+    COLO switch does not expect) and closes the connection. A vmigrate secondary does
+    what QEMU's own does: it enters COLO, loses its primary (COLO_EXIT error), and runs
+    the migrated guest once told."""
+    require("vmigrate", "qemu")
+    src = ws.vm("qemu", "primary", mem_mib=64).start()
+    dst = ws.vm("vmigrate", "secondary", mem_mib=64, incoming="defer").start()
+    src.write_ram(bytes(range(256)) * 4096, offset=1 << 20)
+    for m in (src, dst):
+        m.set_caps(x_colo=True, events=True)
+    dst.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
+    port = harness.socket_port(dst.query_migrate())
+    src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+    assert src.wait_migration(timeout=30)["status"] == "completed"
+    assert wait_colo_exit(dst) == [{"mode": "secondary", "reason": "error"}]
+    assert dst.query_migrate()["status"] == "colo"
+    assert dst.runstate() == "colo"
+    dst.cmd("x-colo-lost-heartbeat")
+    assert dst.wait_migration(("completed", "failed"), timeout=10)["status"] == "completed"
+    dst.wait_runstate("running")
+    assert ram_sha(dst) == ram_sha(src)
