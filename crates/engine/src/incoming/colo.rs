@@ -9,7 +9,7 @@
 //!     ◀─ VMSTATE_SEND, ram END section(s) into the staging copy, EOF,
 //!        VMSTATE_SIZE n, n bytes of device state (kept in memory)
 //!     ─▶ VMSTATE_RECEIVED
-//!     apply: staged pages into guest RAM, then the device state (undone if it fails)
+//!     apply: the device state (put back if it fails), then the staged pages into RAM
 //!     ─▶ VMSTATE_LOADED
 //! x-colo-lost-heartbeat: status colo ─▶ completed, COLO_EXIT request, the guest runs
 //! the primary lost: COLO_EXIT error, then wait (status colo) for x-colo-lost-heartbeat
@@ -17,7 +17,8 @@
 //!
 //! Pages of a checkpoint land in staging blocks (anonymous memory the size of guest
 //! RAM, touched only where pages arrive); guest RAM changes only once the whole
-//! checkpoint is in, so a failover never resumes from a half-received one. Unlike
+//! checkpoint is in and its device state loaded, so a failover never resumes from a
+//! half-received or half-applied one. Unlike
 //! QEMU's secondary, which runs its own copy of the guest between checkpoints (and
 //! compares network output with `colo-compare`), vmigrate's stays paused.
 
@@ -193,31 +194,34 @@ impl Staging {
         })
     }
 
-    /// Copies every staged page into guest RAM, keeping what each held before.
-    fn flush(&self) -> Vec<(usize, u64, Vec<u8>)> {
-        let mut undo = Vec::new();
+    /// Copies every staged page into guest RAM, in runs of contiguous pages. Returns
+    /// the pages copied.
+    fn flush(&self) -> u64 {
+        const RUN: usize = 256;
+        let mut copied = 0;
+        let mut buf = Vec::new();
         for (bi, (guest, staged)) in self.guest.iter().zip(&self.blocks).enumerate() {
             let ps = guest.page_size() as usize;
-            let mut page = vec![0u8; ps];
-            for p in 0..guest.pages() {
+            let pages = guest.pages();
+            let mut p = 0;
+            while p < pages {
                 if !self.pages.take(bi, p) {
+                    p += 1;
                     continue;
                 }
+                let mut run = 1;
+                while run < RUN && p + run < pages && self.pages.take(bi, p + run) {
+                    run += 1;
+                }
                 let offset = p as u64 * ps as u64;
-                let mut old = vec![0u8; ps];
-                guest.read(offset, &mut old);
-                staged.read(offset, &mut page);
-                guest.write(offset, &page);
-                undo.push((bi, offset, old));
+                buf.resize(run * ps, 0);
+                staged.read(offset, &mut buf);
+                guest.write(offset, &buf);
+                copied += run as u64;
+                p += run;
             }
         }
-        undo
-    }
-
-    fn undo(&self, undo: Vec<(usize, u64, Vec<u8>)>) {
-        for (bi, offset, old) in undo {
-            self.guest[bi].write(offset, &old);
-        }
+        copied
     }
 
     /// Forgets the pages of a checkpoint that will not be applied.
@@ -327,8 +331,10 @@ impl Checkpoint<'_> {
         }
     }
 
-    /// Staged pages into guest RAM, then the device state; a device state that does
-    /// not load puts RAM and the devices back as they were. Returns the pages applied.
+    /// The device state, then the staged pages into guest RAM. A device state that
+    /// does not load puts the devices back and leaves guest RAM alone (the devices are
+    /// loaded first because only their load can fail; copying pages cannot). Returns
+    /// the pages applied.
     fn apply(
         &self,
         staging: &Staging,
@@ -340,10 +346,8 @@ impl Checkpoint<'_> {
             .iter()
             .map(|d| d.save())
             .collect::<Result<Vec<_>, _>>()?;
-        let undo = staging.flush();
-        let pages = undo.len() as u64;
         if let Err(e) = self.load_devices(state, state_at) {
-            staging.undo(undo);
+            staging.discard();
             for (dev, body) in self.devices.iter().zip(&saved) {
                 let mut src = SliceSource::new(body);
                 let mut dyn_src: &mut dyn Source = &mut src;
@@ -356,7 +360,7 @@ impl Checkpoint<'_> {
             }
             return Err(e);
         }
-        Ok(pages)
+        Ok(staging.flush())
     }
 
     fn load_devices(&self, state: &[u8], state_at: u64) -> Result<(), ColoSecondaryError> {

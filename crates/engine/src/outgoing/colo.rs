@@ -128,6 +128,8 @@ impl Session<'_> {
             return failed_over(e.into());
         }
         self.vmm.control().vm_start();
+        // As QEMU's timer does, the delay runs from the start of the last checkpoint
+        // (a checkpoint longer than the delay is followed by the next at once).
         let mut last = Instant::now();
         loop {
             let delay =
@@ -135,10 +137,10 @@ impl Session<'_> {
             if shared.colo.wait_for_checkpoint(last + delay) {
                 return Ok(());
             }
+            last = Instant::now();
             if let Err(e) = self.checkpoint(w, saver, &mut back) {
                 return failed_over(e);
             }
-            last = Instant::now();
         }
     }
 
