@@ -260,11 +260,25 @@ def test_a_hostile_secondary_ends_colo_without_harming_the_primary(ws):
     assert after["violations"] == 0
 
 
-def test_a_message_out_of_order_leaves_the_secondary_on_its_last_checkpoint(ws):
+def bad_checkpoint(ram_id, page):
+    """A checkpoint whose RAM part is whole (PAGE of RAM block m0 at 0, full of PAGE
+    bytes) but whose device state names a device this machine lacks."""
+    ram = struct.pack(">BI", 3, ram_id)                        # ram END section
+    ram += struct.pack(">Q", 0x08) + bytes([2]) + b"m0" + page  # PAGE at 0, block m0
+    ram += struct.pack(">Q", 0x10)                             # EOS
+    ram += struct.pack(">BI", 0x7e, ram_id) + b"\x00"           # footer, EOF
+    state = struct.pack(">BI", 4, 99) + bytes([5]) + b"bogus" + struct.pack(">II", 0, 1)
+    state += b"\x00"
+    return (struct.pack(">I", 3) + ram + struct.pack(">IQ", 4, len(state)) + state)
+
+
+@pytest.mark.parametrize("fault", ["wrong-message", "bad-device-state"])
+def test_a_bad_checkpoint_leaves_the_secondary_on_its_last_one(ws, fault):
     """A relay passes the first migration and one real checkpoint through, then cuts
     the primary off and sends the secondary a checkpoint request followed by the wrong
-    message: the secondary names it, keeps its last complete checkpoint and runs from it
-    with no violation."""
+    message, or by a whole checkpoint whose device state does not load: the secondary
+    names the fault, keeps its last complete checkpoint (guest RAM untouched) and runs
+    from it with no violation."""
     require("vmigrate")
     src = lab(ws, "primary").start()
     dst = lab(ws, "secondary", incoming="defer").start()
@@ -284,6 +298,7 @@ def test_a_message_out_of_order_leaves_the_secondary_on_its_last_checkpoint(ws):
         a, _ = lsock.accept()
         b = socket.create_connection(("127.0.0.1", dport))
         state["dst"] = b
+        state["head"] = bytearray()
 
         def forward(x, y):
             try:
@@ -291,6 +306,8 @@ def test_a_message_out_of_order_leaves_the_secondary_on_its_last_checkpoint(ws):
                     d = x.recv(1 << 20)
                     if not d or cut.is_set():
                         break
+                    if len(state["head"]) < 4096:
+                        state["head"].extend(d[:4096])
                     y.sendall(d)
             except OSError:
                 pass
@@ -320,12 +337,25 @@ def test_a_message_out_of_order_leaves_the_secondary_on_its_last_checkpoint(ws):
     harness.wait_until_status(dst, "colo", timeout=5)
     assert wait_checkpoints(dst, 1) == 1
     b = state["dst"]
+    page0 = harness.read_file(dst.mem_file, 0, 4096)
     b.sendall(struct.pack(">I", 1))             # CHECKPOINT_REQUEST
     assert b.recv(4) == struct.pack(">I", 2)    # CHECKPOINT_REPLY
-    b.sendall(struct.pack(">I", 5))             # VMSTATE_RECEIVED: out of order
+    if fault == "wrong-message":
+        b.sendall(struct.pack(">I", 5))         # VMSTATE_RECEIVED: out of order
+        text = "Unexpected COLO message 5, expected 3"
+    else:
+        # The ram section's id, from its START header in the first migration.
+        head = bytes(state["head"])
+        at = head.index(b"\x03ram\x00\x00\x00\x00\x00\x00\x00\x04")
+        ram_id = struct.unpack(">I", head[at - 4:at])[0]
+        b.sendall(bad_checkpoint(ram_id, b"\xab" * 4096))
+        assert b.recv(4) == struct.pack(">I", 5)    # VMSTATE_RECEIVED, then no LOADED
+        text = "Unknown savevm section or instance 'bogus' 0"
     assert wait_colo_exit(dst) == [{"mode": "secondary", "reason": "error"}]
-    assert "Unexpected COLO message 5, expected 3" in dst.stderr_text()
+    assert text in dst.stderr_text()
     assert dst.query_migrate()["status"] == "colo"
+    assert harness.read_file(dst.mem_file, 0, 4096) == page0, \
+        "guest RAM changed by a checkpoint that was not applied"
     dst.cmd("x-colo-lost-heartbeat")
     assert dst.wait_migration(("completed", "failed"), timeout=10)["status"] == "completed"
     after = wait_passes(dst, workload(dst)["passes"] + 3)
