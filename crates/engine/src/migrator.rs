@@ -899,7 +899,10 @@ impl Migrator {
             .map_err(|e| format!("load of migration failed: {e}"));
             // x-colo: the destination becomes the secondary, on the same connection.
             let r = match r {
-                Ok(outcome) if outcome.colo => self.run_colo_secondary(&mut src, &ch, outcome),
+                Ok(outcome) if outcome.colo => self
+                    .run_colo_secondary(&mut src, &ch, &outcome)
+                    .map(|()| outcome)
+                    .map_err(|e| format!("COLO failed: {e}")),
                 other => other,
             };
             drop(src);
@@ -946,12 +949,15 @@ impl Migrator {
         &self,
         src: &mut FdSource,
         ch: &transport::Channel,
-        outcome: LoadOutcome,
-    ) -> Result<LoadOutcome, String> {
+        outcome: &LoadOutcome,
+    ) -> Result<(), crate::incoming::colo::ColoSecondaryError> {
         if let Some(note) = &outcome.vmdesc_note {
             self.shared.events.warn(note);
         }
-        let socket = ch.fd.try_clone().map_err(|e| e.to_string())?;
+        let socket = ch
+            .fd
+            .try_clone()
+            .map_err(crate::incoming::colo::ColoSecondaryError::Reply)?;
         crate::incoming::colo::run(crate::incoming::colo::Secondary {
             shared: &self.shared,
             vmm: self.vmm.as_ref(),
@@ -961,8 +967,6 @@ impl Migrator {
             ram_block: outcome.ram_block,
             autostart: self.autostart.load(Ordering::Relaxed),
         })
-        .map_err(|e| format!("COLO failed: {e}"))?;
-        Ok(outcome)
     }
 
     fn incoming_done(&self, outcome: LoadOutcome) {
