@@ -173,6 +173,12 @@ def test_checkpoint_delay_changes_take_effect_at_once(ws):
     assert fast / 2.0 > 2 * (slow / 3.0), (fast, slow)
     assert dst.cmd("query-migrate-parameters")["x-checkpoint-delay"] == 20000
     assert src.cmd("query-migrate-parameters")["x-checkpoint-delay"] == 1000
+    # As QEMU's, the secondary takes capability changes in COLO (its outgoing side is
+    # idle); the primary does not.
+    dst.set_caps(x_colo=False)
+    r = src.raw("migrate-set-capabilities",
+                capabilities=[{"capability": "x-colo", "state": False}])
+    assert r["error"]["desc"] == "There's a migration process in progress", r
     dst.cmd("x-colo-lost-heartbeat")
     assert dst.wait_migration(("completed", "failed"), timeout=10)["status"] == "completed"
 
@@ -187,6 +193,8 @@ def test_texts_outside_colo_match_qemu(ws):
         assert r["error"]["desc"] == "VM is not in COLO mode", (m.impl, r)
         assert m.cmd("query-colo-status") == {"mode": "none", "last-mode": "none",
                                               "reason": "none"}, m.impl
+        hmp = m.cmd("human-monitor-command", **{"command-line": "x_colo_lost_heartbeat"})
+        assert hmp == "Error: VM is not in COLO mode\r\n", (m.impl, hmp)
 
 
 def test_enable_colo_needs_x_colo_on_the_destination(ws):
