@@ -1000,7 +1000,6 @@ fn complete(
     if let Some(rp) = &session.return_path {
         rp.await_close(RETURN_PATH_CLOSE_TIMEOUT)?;
     }
-
     let total = stats.transferred.load(Ordering::Relaxed);
     stats
         .downtime_bytes
