@@ -16,7 +16,7 @@ cd "$(dirname "$0")/../fuzz"
 
 secs="${1:-60}"
 shift || true
-all_targets=(load_stream mapped_ram inspect multifd return_path postcopy qmp hmp options x509_name)
+all_targets=(load_stream mapped_ram inspect multifd return_path postcopy qmp hmp options x509_name colo)
 targets=("$@")
 [ ${#targets[@]} -eq 0 ] && targets=("${all_targets[@]}")
 

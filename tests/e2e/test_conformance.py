@@ -42,7 +42,7 @@ CAPABILITIES = [
 # (QEMU's own compatibility rules are applied before, so pairs QEMU refuses get QEMU's
 # error from vmigrate too).
 UNSUPPORTED_CAPABILITIES = [
-    "xbzrle", "rdma-pin-all", "auto-converge", "x-colo", "return-path", "multifd",
+    "xbzrle", "rdma-pin-all", "auto-converge", "return-path", "multifd",
     "dirty-bitmaps", "postcopy-blocktime",
     "zero-copy-send", "switchover-ack", "mapped-ram",
 ]
@@ -66,7 +66,6 @@ QEMU_SKIP = {
 CPR_CONFLICTS = {
     "dirty-bitmaps": "Cannot use postcopy with CPR",
     "background-snapshot": "Cannot use background snapshot with CPR",
-    "x-colo": "Cannot use COLO with CPR",
 }
 QEMU_ONLY = {
     json.dumps({"execute": "migrate", "arguments": {"uri": f"file:@CPR_FILE@-{cap}"}}): text
@@ -469,8 +468,10 @@ def state_script(cpr_file, missing_dir):
     ]
     for cap in CPR_CONFLICTS:
         s += [caps(cap), cmd("migrate", uri=f"file:{cpr_file}-{cap}"), ALL_CAPS_OFF]
-    # postcopy-ram is supported: both must refuse it with CPR, side by side.
+    # postcopy-ram and x-colo are supported: both must refuse them with CPR, side by
+    # side.
     s += [caps("postcopy-ram"), cmd("migrate", uri=f"file:{cpr_file}-postcopy"), ALL_CAPS_OFF]
+    s += [caps("x-colo"), cmd("migrate", uri=f"file:{cpr_file}-colo"), ALL_CAPS_OFF]
     s += [
         # cpr-reboot saves the stopped VM
         cmd("migrate", uri=f"file:{cpr_file}-reboot"),

@@ -202,12 +202,19 @@ def test_cpr_reboot_refusals(ws):
     assert r["error"]["desc"] == "Cannot use background snapshot with CPR", r
     c.ok("migrate-set-capabilities",
          capabilities=[{"capability": "background-snapshot", "state": False}])
-    # dirty-bitmaps and x-colo would be refused by the mode ("Cannot use postcopy
-    # with CPR", ...), but vmigrate does not offer them
-    for cap in ("dirty-bitmaps", "x-colo"):
-        r = c.cmd("migrate-set-capabilities",
-                  capabilities=[{"capability": cap, "state": True}])
-        assert r["error"]["desc"] == f"Capability '{cap}' is not supported by vmigrate yet"
+    # x-colo is taken, and refused by the mode at `migrate`
+    c.ok("migrate-set-capabilities",
+         capabilities=[{"capability": "x-colo", "state": True}])
+    r = c.cmd("migrate", uri=f"file:{ws.path('cpr.bin')}")
+    assert r["error"]["desc"] == "Cannot use COLO with CPR", r
+    c.ok("migrate-set-capabilities",
+         capabilities=[{"capability": "x-colo", "state": False}])
+    # dirty-bitmaps would be refused by the mode ("Cannot use postcopy with CPR"), but
+    # vmigrate does not offer it
+    r = c.cmd("migrate-set-capabilities",
+              capabilities=[{"capability": "dirty-bitmaps", "state": True}])
+    assert r["error"]["desc"] == \
+        "Capability 'dirty-bitmaps' is not supported by vmigrate yet"
     assert c.ok("query-status")["status"] == "running"
     assert "status" not in c.ok("query-migrate")
 

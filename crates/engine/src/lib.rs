@@ -4,14 +4,15 @@
 //! migrator (the facade a monitor drives) ── shared (state the session threads report to)
 //!    │
 //!    ├── outgoing/   save (session) ─ ram_save ─ multifd_send ─ throttle ─ postcopy
-//!    │               ─ recover ─ xbzrle_cache ─ zero_copy ─ background_snapshot
+//!    │               ─ recover ─ xbzrle_cache ─ zero_copy ─ background_snapshot ─ colo
 //!    ├── incoming/   accept ─ load (stream) ─ ram_load ─ multifd_recv ─ pages ─ postcopy
-//!    │               ─ recover ─ blocktime ─ xbzrle_load
+//!    │               ─ recover ─ blocktime ─ xbzrle_load ─ colo
 //!    └── channels/   transport ─ tls ─ tls_relay ─ objects ─ authz ─ x509_name ─ return_path
 //!
 //! used by all: options, properties, status, stats, events, io, compress, mapped_ram,
 //!              memory (guest RAM), uffd (userfaultfd), vmm (the traits a VMM
-//!              implements), errno, timeline, dirtylimit, cpr, uffd_wp
+//!              implements), errno, timeline, dirtylimit, cpr, uffd_wp, colo (failover
+//!              state and figures both COLO sides share with the monitor)
 //! ```
 //!
 //! - [`migrator`]: the facade a monitor drives (`migrate`, `migrate-incoming`, ...).
@@ -118,6 +119,7 @@
 //! ```
 
 pub mod channels;
+pub mod colo;
 pub mod compress;
 pub mod cpr;
 pub mod dirtylimit;

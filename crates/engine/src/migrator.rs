@@ -105,6 +105,7 @@ impl Migrator {
                 events,
                 max_bandwidth,
                 dirty_limiter,
+                colo: Default::default(),
             }),
             fds: Arc::new(FdStore::default()),
             objects: Arc::new(ObjectStore::default()),
@@ -282,6 +283,10 @@ impl Migrator {
             next.max_bandwidth()
         };
         self.shared.max_bandwidth.store(limit, Ordering::Relaxed);
+        // COLO checkpoints at once and counts the new delay from there.
+        if args.contains_key("x-checkpoint-delay") {
+            self.shared.colo.delay_changed();
+        }
         if st.role == Role::Outgoing && st.status.is_running() && st.caps.dirty_limit() {
             self.shared.dirty_limiter.migration_parameters(
                 next.vcpu_dirty_limit(),
@@ -290,6 +295,19 @@ impl Migrator {
         }
         st.params = next;
         Ok(())
+    }
+
+    /// `query-colo-status`.
+    pub fn query_colo_status(&self) -> Value {
+        self.shared.colo.query_status()
+    }
+
+    /// `x-colo-lost-heartbeat`: the side in COLO fails over (see [`crate::colo`]).
+    pub fn colo_lost_heartbeat(&self) -> Result<(), MigrateError> {
+        self.shared
+            .colo
+            .request_failover()
+            .map_err(|e| MigrateError(e.to_string()))
     }
 
     /// `migrate-start-postcopy`: asks the running (or next) outgoing migration to switch
@@ -415,6 +433,13 @@ impl Migrator {
         }
         if let Some(conflict) = cpr_conflict(mode, &caps) {
             return merr(conflict);
+        }
+        if caps.x_colo() {
+            if let Some(other) = colo_unsupported_with(&caps) {
+                return merr(format!(
+                    "x-colo with {other} is not supported by vmigrate yet"
+                ));
+            }
         }
         if caps.background_snapshot() && caps.mapped_ram() {
             return merr("background-snapshot with mapped-ram is not supported by vmigrate yet");
@@ -586,7 +611,15 @@ impl Migrator {
         let mut result = if self.shared.caps_snapshot().background_snapshot() {
             crate::outgoing::background_snapshot::run(&self.shared, self.vmm.as_ref(), &channel)
         } else {
-            save::run(&self.shared, self.vmm.as_ref(), &channel, &addr)
+            save::run(&self.shared, self.vmm.as_ref(), &channel, &addr).and_then(|colo| {
+                match colo {
+                    // x-colo: checkpoints go on until a failover completes the session.
+                    Some(handover) => {
+                        crate::outgoing::colo::run(&self.shared, self.vmm.as_ref(), handover)
+                    }
+                    None => Ok(()),
+                }
+            })
         };
         if channel.is_socket {
             transport::shutdown_socket(&channel.fd);
@@ -864,6 +897,14 @@ impl Migrator {
                 Some(&hooks),
             )
             .map_err(|e| format!("load of migration failed: {e}"));
+            // x-colo: the destination becomes the secondary, on the same connection.
+            let r = match r {
+                Ok(outcome) if outcome.colo => self
+                    .run_colo_secondary(&mut src, &ch, &outcome)
+                    .map(|()| outcome)
+                    .map_err(|e| format!("COLO failed: {e}")),
+                other => other,
+            };
             drop(src);
             if r.is_err() {
                 if let Some(relay) = ch.tls_relay.take() {
@@ -901,7 +942,38 @@ impl Migrator {
         }
     }
 
+    /// The COLO secondary's phase, from the end of the first migration to a failover
+    /// (see [`crate::incoming::colo`]); the status is `completed` and the guest runs
+    /// when it returns.
+    fn run_colo_secondary(
+        &self,
+        src: &mut FdSource,
+        ch: &transport::Channel,
+        outcome: &LoadOutcome,
+    ) -> Result<(), crate::incoming::colo::ColoSecondaryError> {
+        if let Some(note) = &outcome.vmdesc_note {
+            self.shared.events.warn(note);
+        }
+        let socket = ch
+            .fd
+            .try_clone()
+            .map_err(crate::incoming::colo::ColoSecondaryError::Reply)?;
+        crate::incoming::colo::run(crate::incoming::colo::Secondary {
+            shared: &self.shared,
+            vmm: self.vmm.as_ref(),
+            src,
+            socket: Arc::new(socket),
+            ram_section: outcome.ram_section,
+            ram_block: outcome.ram_block,
+            autostart: self.autostart.load(Ordering::Relaxed),
+        })
+    }
+
     fn incoming_done(&self, outcome: LoadOutcome) {
+        if outcome.colo {
+            // COLO completed the migration and started the guest at its failover.
+            return;
+        }
         if let Some(note) = &outcome.vmdesc_note {
             self.shared.events.warn(note);
         }
@@ -1040,6 +1112,10 @@ impl Migrator {
                 }
             }
         }
+        // vmigrate's own checkpoint figures, once COLO ran.
+        if let Some(colo) = self.shared.colo.figures() {
+            out.insert("x-vmigrate-colo".into(), colo);
+        }
         // (In postcopy the error that paused it stays shown, as QEMU shows it.)
         if st.status == MigrationStatus::Failed || st.status.is_postcopy() {
             if let Some(e) = &st.error {
@@ -1048,6 +1124,23 @@ impl Migrator {
         }
         Value::Object(out)
     }
+}
+
+/// A capability vmigrate's COLO does not combine with `x-colo` yet: its checkpoints
+/// are plain RAM sections on the main channel, answered on the same connection.
+fn colo_unsupported_with(caps: &Capabilities) -> Option<&'static str> {
+    use crate::options::Cap;
+    [
+        Cap::Multifd,
+        Cap::PostcopyRam,
+        Cap::MappedRam,
+        Cap::Xbzrle,
+        Cap::ReturnPath,
+        Cap::BackgroundSnapshot,
+    ]
+    .into_iter()
+    .find(|c| caps.has(*c))
+    .map(|c| c.name())
 }
 
 /// A QEMU error text as a [`MigrateError`].
@@ -1357,5 +1450,118 @@ mod tests {
             assert!(q["ram"]["multifd-bytes"].as_u64().unwrap_or(0) > 0, "{q}");
             let _ = std::fs::remove_file(path);
         }
+    }
+
+    /// Waits until `f` holds (or fails the test after `LIMIT`).
+    fn wait_until(what: &str, f: impl Fn() -> bool) {
+        let t0 = Instant::now();
+        while !f() {
+            assert!(t0.elapsed() < LIMIT, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    fn colo_exits(m: &Migrator) -> Arc<Mutex<Vec<Value>>> {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        m.events().subscribe(move |name, data| {
+            if name == "COLO_EXIT" {
+                s.lock().unwrap().push(data.cloned().unwrap_or(Value::Null));
+            }
+        });
+        seen
+    }
+
+    fn checkpoints(m: &Migrator) -> u64 {
+        m.query_migrate()["x-vmigrate-colo"]["checkpoints"]
+            .as_u64()
+            .unwrap_or(0)
+    }
+
+    #[test]
+    fn colo_checkpoints_reach_the_secondary_and_either_side_fails_over() {
+        let src = FakeVmm::new(128, RunState::Running);
+        for p in (0..128).step_by(5) {
+            src.write_page(p, p as u8 + 1);
+        }
+        let dst = FakeVmm::new(128, RunState::InMigrate);
+        let (d, dseen) = recorded_migrator(dst.clone(), IncomingMode::Deferred);
+        let (m, seen) = recorded_migrator(src.clone(), IncomingMode::Disabled);
+        let caps = json!([{"capability": "x-colo", "state": true}]);
+        for x in [&d, &m] {
+            x.set_capabilities(&caps).unwrap();
+        }
+        m.set_parameters(
+            json!({"max-bandwidth": 0, "x-checkpoint-delay": 10})
+                .as_object()
+                .unwrap(),
+        )
+        .unwrap();
+        let (d_exits, m_exits) = (colo_exits(&d), colo_exits(&m));
+        let path = temp_path("colo.sock");
+        let addr = Address::parse_uri(&format!("unix:{}", path.display())).unwrap();
+        d.migrate_incoming(addr.clone(), false).unwrap();
+        m.migrate(addr, false, None).unwrap();
+        wait_until("COLO on both sides", || {
+            m.status() == S::Colo && d.status() == S::Colo
+        });
+        assert_eq!(m.query_colo_status()["mode"], "primary");
+        assert_eq!(d.query_colo_status()["mode"], "secondary");
+        assert_eq!(dst.control.run_state(), RunState::Colo);
+        // Refused while in COLO, as QEMU refuses it.
+        assert_eq!(
+            m.set_capabilities(&json!([{"capability": "x-colo", "state": false}]))
+                .unwrap_err()
+                .0,
+            "There's a migration process in progress"
+        );
+        // What the primary writes now arrives with a later checkpoint.
+        for round in 0..3u8 {
+            let before = checkpoints(&m);
+            for p in (round as usize..128).step_by(7) {
+                src.write_page(p, 0x80 + round);
+            }
+            wait_until("two more checkpoints", || checkpoints(&m) >= before + 2);
+            assert!(dst.ram() == src.ram(), "round {round}: RAM differs");
+        }
+        assert_eq!(src.control.run_state(), RunState::Running);
+        // The secondary takes over: completed, COLO_EXIT request, the guest runs.
+        d.colo_lost_heartbeat().unwrap();
+        assert_eq!(wait_for_end(&d, LIMIT), S::Completed);
+        wait_until("the secondary's guest to run", || {
+            dst.control.run_state() == RunState::Running
+        });
+        assert_eq!(
+            d.query_colo_status(),
+            json!({"mode": "none", "last-mode": "secondary", "reason": "request"})
+        );
+        assert_eq!(
+            *d_exits.lock().unwrap(),
+            [json!({"mode": "secondary", "reason": "request"})]
+        );
+        assert_eq!(events_of(&dseen), ["setup", "active", "colo", "completed"]);
+        // The primary lost its secondary: COLO_EXIT error, still in COLO until told.
+        wait_until("the primary's COLO_EXIT", || {
+            !m_exits.lock().unwrap().is_empty()
+        });
+        assert_eq!(
+            *m_exits.lock().unwrap(),
+            [json!({"mode": "primary", "reason": "error"})]
+        );
+        assert_eq!(m.status(), S::Colo);
+        m.colo_lost_heartbeat().unwrap();
+        assert_eq!(wait_for_end(&m, LIMIT), S::Completed);
+        assert_eq!(
+            events_of(&seen),
+            ["setup", "active", "device", "colo", "completed"]
+        );
+        wait_until("the primary's guest to run", || {
+            src.control.run_state() == RunState::Running
+        });
+        assert_eq!(
+            m.colo_lost_heartbeat().unwrap_err().0,
+            "VM is not in COLO mode"
+        );
+        let _ = std::fs::remove_file(path);
     }
 }

@@ -103,7 +103,7 @@ capabilities! {
 
 /// Capabilities vmigrate implements. `zero-blocks` and `late-block-activate` have no
 /// effect in QEMU 10.0 either, so accepting them is faithful.
-const SUPPORTED_CAPABILITIES: [Cap; 19] = [
+const SUPPORTED_CAPABILITIES: [Cap; 20] = [
     Cap::BackgroundSnapshot,
     Cap::XIgnoreShared,
     Cap::Xbzrle,
@@ -123,6 +123,7 @@ const SUPPORTED_CAPABILITIES: [Cap; 19] = [
     Cap::ValidateUuid,
     Cap::PauseBeforeSwitchover,
     Cap::DirtyLimit,
+    Cap::XColo,
 ];
 
 /// An option error, with the QMP error text. All of them are `GenericError`.

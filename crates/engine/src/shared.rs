@@ -129,6 +129,8 @@ pub(crate) struct Shared {
     /// The per-vCPU dirty-rate limiter (monitor commands and the `dirty-limit`
     /// capability).
     pub(crate) dirty_limiter: Arc<crate::dirtylimit::DirtyLimiter>,
+    /// COLO's failover state and checkpoint figures.
+    pub(crate) colo: crate::colo::Colo,
 }
 
 impl Shared {
@@ -242,6 +244,10 @@ impl Shared {
         let (events, next) = {
             let mut st = self.lock();
             let current = st.status;
+            // COLO completes its session itself, at the failover.
+            if ending == Ending::Completed && current == MigrationStatus::Completed {
+                return Ok(current);
+            }
             let next = match (&ending, current) {
                 (Ending::Failed(_), MigrationStatus::Cancelling) => MigrationStatus::Cancelled,
                 (Ending::Failed(_), _) => MigrationStatus::Failed,

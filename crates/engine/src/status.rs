@@ -38,6 +38,14 @@ use std::fmt;
 /// ──(migrate-recover, then the source connects)──▶ postcopy-recover ──(POSTCOPY_RESUME)──▶
 /// postcopy-active` (as QEMU 10.0's destination, it does not pass through
 /// `postcopy-recover-setup`). A failure that is not the network's stays final.
+///
+/// With `x-colo` the first migration does not complete: both sides go on checkpointing
+/// (see [`crate::colo`]) until a failover (`x-colo-lost-heartbeat`) completes them:
+///
+/// ```text
+/// source:      device ──(stream sent)──▶ colo ──(failover)──▶ completed
+/// destination: active ──(stream loaded)──▶ colo ──(failover)──▶ completed
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MigrationStatus {
     None,
@@ -130,6 +138,9 @@ impl MigrationStatus {
             (PostcopyRecover, PostcopyActive | PostcopyPaused | Failed) => true,
             // A cancel that came after the whole stream was out does not undo it.
             (Cancelling, Cancelled | Completed) => true,
+            // COLO, entered at the end of the first migration, left by a failover.
+            (Active | Device, Colo) => true,
+            (Colo, Completed) => true,
             _ => false,
         }
     }
@@ -182,6 +193,9 @@ pub enum RunState {
     RestoreVm,
     /// An internal snapshot is being saved (`savevm`, `snapshot-save`).
     SaveVm,
+    /// COLO: the VM is stopped for a checkpoint (primary) or holds the last one
+    /// (secondary).
+    Colo,
 }
 
 impl RunState {
@@ -198,6 +212,7 @@ impl RunState {
             Self::InternalError => "internal-error",
             Self::RestoreVm => "restore-vm",
             Self::SaveVm => "save-vm",
+            Self::Colo => "colo",
         }
     }
 
@@ -216,6 +231,7 @@ impl RunState {
             "internal-error" => Self::InternalError,
             "restore-vm" => Self::RestoreVm,
             "save-vm" => Self::SaveVm,
+            "colo" => Self::Colo,
             _ => return None,
         })
     }
@@ -260,6 +276,9 @@ mod tests {
             (PostcopyPaused, PostcopyRecover),
             (PostcopyRecover, PostcopyActive),
             (PostcopyRecover, PostcopyPaused),
+            (Device, Colo),
+            (Active, Colo),
+            (Colo, Completed),
         ];
         for (a, b) in ok {
             assert!(a.may_become(b), "{a} -> {b}");
@@ -279,6 +298,9 @@ mod tests {
             (PostcopyPaused, Cancelling),
             (PostcopyRecoverSetup, PostcopyActive),
             (PostcopyPaused, Completed),
+            (Colo, Cancelling),
+            (Colo, Failed),
+            (Setup, Colo),
         ];
         for (a, b) in refused {
             assert!(!a.may_become(b), "{a} -> {b}");

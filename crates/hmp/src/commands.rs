@@ -31,6 +31,7 @@ enum TopLevelAction {
     SaveVm,
     SetVcpuDirtyLimit,
     Stop,
+    XColoLostHeartbeat,
 }
 
 /// What an `info` subcommand shows.
@@ -226,6 +227,13 @@ const COMMANDS: &[CommandSpec<TopLevelAction>] = &[
         help: "stop emulation",
         arguments: &[],
         action: TopLevelAction::Stop,
+    },
+    CommandSpec {
+        names: "x_colo_lost_heartbeat",
+        params: "",
+        help: "Tell COLO that heartbeat is lost,\n\t\t\ta failover or takeover is needed.",
+        arguments: &[],
+        action: TopLevelAction::XColoLostHeartbeat,
     },
 ];
 
@@ -526,6 +534,7 @@ fn run_top_level(
             simple(qmp, "migrate-recover", json!({ "uri": word(arguments, 0) }))
         }
         TopLevelAction::MigrateStartPostcopy => simple(qmp, "migrate-start-postcopy", json!({})),
+        TopLevelAction::XColoLostHeartbeat => simple(qmp, "x-colo-lost-heartbeat", json!({})),
         TopLevelAction::MigrateSetCapability => {
             set_capability(qmp, word(arguments, 0), on_off(arguments))
         }

@@ -606,6 +606,10 @@ fn help_texts_match_qemu() {
         ("help info snapshots", "info snapshots  -- show the currently saved VM snapshots\n"),
         ("help info vcpu_dirty_limit", "info vcpu_dirty_limit  -- show dirty page limit information of all vCPU\n"),
         ("help info foo", "unknown command: 'info foo'\n"),
+        (
+            "help x_colo_lost_heartbeat",
+            "x_colo_lost_heartbeat  -- Tell COLO that heartbeat is lost,\n\t\t\ta failover or takeover is needed.\n",
+        ),
     ];
     for (line, expected) in cases {
         let mut qmp = FakeQmp::default();
@@ -624,7 +628,7 @@ fn help_texts_match_qemu() {
     let all = run_command("help", &mut FakeQmp::default());
     assert!(all.starts_with("calc_dirty_rate [-r] [-b] second [sample_pages_per_GB] -- "));
     assert!(all.contains("cont|c  -- resume emulation\ndelvm tag -- delete a VM snapshot from its tag\nhelp|? [cmd] -- show the help\n"));
-    assert!(all.ends_with("quit|q  -- quit the emulator\nsavevm tag -- save a VM snapshot. If no tag is provided, a new snapshot is created\nset_vcpu_dirty_limit dirty_rate [cpu_index] -- set dirty page rate limit, use cpu_index to set limit\n\t\t\t\t\t on a specified virtual cpu\nstop|s  -- stop emulation\n"));
+    assert!(all.ends_with("quit|q  -- quit the emulator\nsavevm tag -- save a VM snapshot. If no tag is provided, a new snapshot is created\nset_vcpu_dirty_limit dirty_rate [cpu_index] -- set dirty page rate limit, use cpu_index to set limit\n\t\t\t\t\t on a specified virtual cpu\nstop|s  -- stop emulation\nx_colo_lost_heartbeat  -- Tell COLO that heartbeat is lost,\n\t\t\ta failover or takeover is needed.\n"));
 }
 
 #[test]
@@ -694,6 +698,7 @@ fn commands_that_map_one_to_one() {
             json!({"state": "pre-switchover"}),
         ),
         ("migrate_pause", "migrate-pause", json!({})),
+        ("x_colo_lost_heartbeat", "x-colo-lost-heartbeat", json!({})),
         (
             "migrate_recover tcp:0:4444",
             "migrate-recover",

@@ -86,6 +86,19 @@ static MIGRATION_STATUS: Ty = Ty::Enum(
         "wait-unplug",
     ],
 );
+static COLO_EXIT_REASON: Ty = Ty::Enum(
+    "COLOExitReason",
+    &["none", "request", "error", "processing"],
+);
+static COLO_MODE: Ty = Ty::Enum("COLOMode", &["none", "primary", "secondary"]);
+static COLO_STATUS: Ty = Ty::Struct(
+    "COLOStatus",
+    &[
+        req("mode", &COLO_MODE),
+        req("last-mode", &COLO_MODE),
+        req("reason", &COLO_EXIT_REASON),
+    ],
+);
 static CAPABILITY: Ty = Ty::Enum("MigrationCapability", &CAPABILITIES);
 static CAPABILITY_STATUS: Ty = Ty::Struct(
     "MigrationCapabilityStatus",
@@ -347,6 +360,8 @@ static COMMANDS: &[Command] = &[
         oob: true,
     },
     command("migrate-start-postcopy", &[], &EMPTY),
+    command("query-colo-status", &[], &COLO_STATUS),
+    command("x-colo-lost-heartbeat", &[], &EMPTY),
     command(
         "migrate-set-capabilities",
         &[req("capabilities", &CAPABILITY_LIST)],
@@ -732,6 +747,11 @@ impl Dispatcher {
             }
             "migrate-start-postcopy" => {
                 m.start_postcopy()?;
+                empty()
+            }
+            "query-colo-status" => Ok(m.query_colo_status()),
+            "x-colo-lost-heartbeat" => {
+                m.colo_lost_heartbeat()?;
                 empty()
             }
             "migrate-set-capabilities" => {

@@ -9,6 +9,7 @@
 //! - [`config`]: the configuration record and its subsections.
 //! - [`section`]: section headers (START/PART/END/FULL), footers, EOF.
 //! - [`command`]: `QEMU_VM_COMMAND` records.
+//! - [`colo`]: COLO's checkpoint messages.
 //! - [`postcopy`]: the payloads of POSTCOPY_ADVISE and POSTCOPY_RAM_DISCARD.
 //! - [`ram`]: the `ram` section's records (MEM_SIZE, ZERO, PAGE, EOS, MULTIFD_FLUSH).
 //! - [`vmstate`]: field encoding for device bodies, and the device descriptions.
@@ -19,6 +20,7 @@
 //! Decoding reads from a [`Source`], which knows its byte offset so that every error can
 //! say where the stream broke.
 
+pub mod colo;
 pub mod command;
 pub mod config;
 pub mod devices;

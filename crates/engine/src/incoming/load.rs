@@ -38,6 +38,13 @@ pub struct LoadOutcome {
     pub vmdesc_note: Option<String>,
     /// The load ended in postcopy: the guest was started at POSTCOPY_RUN already.
     pub postcopy: Option<PostcopyOutcome>,
+    /// ENABLE_COLO came: the destination becomes the COLO secondary.
+    pub colo: bool,
+    /// The `ram` section's id, which COLO checkpoints' END sections use.
+    pub ram_section: Option<u32>,
+    /// The RAM block the last page record named (COLO's first checkpoint may go on
+    /// with it).
+    pub ram_block: Option<usize>,
 }
 
 /// What postcopy did on the destination.
@@ -223,7 +230,10 @@ pub fn load_stream_postcopy(
         // Whatever happened, no thread may stay blocked on a page.
         pc.finish();
     }
-    if rp.open {
+    // (A COLO secondary answers on the same connection after the stream: QEMU's
+    // sends SHUT only once COLO is over.)
+    let colo = result.as_ref().is_ok_and(|o| o.colo);
+    if rp.open && !colo {
         let code = u32::from(result.is_err());
         let _ = rp.send(&RpMessage::Shut(code), 0);
     }
@@ -305,6 +315,12 @@ struct Commands<'a> {
     vcpu_threads: Option<Vec<u32>>,
     postcopy: Option<Arc<PostcopyIncoming>>,
     hooks: Option<&'a PostcopyHooks<'a>>,
+    /// `x-colo` is on here.
+    colo_cap: bool,
+    /// `multifd` is on here (COLO checkpoints are not loaded from its channels).
+    multifd: bool,
+    /// ENABLE_COLO came.
+    colo: bool,
 }
 
 impl Commands<'_> {
@@ -333,8 +349,36 @@ impl Commands<'_> {
                 Ok(Step::Run)
             }
             Command::Packaged(len) => Ok(Step::Package(len)),
+            Command::EnableColo => self.enable_colo(at).map(|()| Step::Continue),
             other => Err(unsupported(&other, at)),
         }
+    }
+
+    /// ENABLE_COLO: the source will go on checkpointing after the stream; this side
+    /// needs `x-colo` too (QEMU's text otherwise).
+    fn enable_colo(&mut self, at: u64) -> Result<(), LoadError> {
+        let invalid = |detail: &str| -> LoadError {
+            DecodeError::new(
+                at,
+                DecodeErrorKind::Invalid {
+                    what: "ENABLE_COLO",
+                    detail: detail.into(),
+                },
+            )
+            .into()
+        };
+        if !self.colo_cap {
+            return Err(invalid(
+                "ENABLE_COLO command come in migration stream, but x-colo capability is not set",
+            ));
+        }
+        if self.multifd || self.postcopy_ram {
+            return Err(invalid(
+                "COLO with multifd or postcopy-ram is not supported by vmigrate yet",
+            ));
+        }
+        self.colo = true;
+        Ok(())
     }
 
     /// OPEN_RETURN_PATH: from now on the destination answers on the way back; with
@@ -537,6 +581,9 @@ fn load_records(
         vcpu_threads: caps.postcopy_blocktime().then(|| vmm.vcpu_thread_ids()),
         postcopy: None,
         hooks,
+        colo_cap: caps.x_colo(),
+        multifd: caps.multifd(),
+        colo: false,
     };
     let mut sections: HashMap<u32, (String, u32)> = HashMap::new();
     let mut runstate = None;
@@ -632,6 +679,9 @@ fn load_records(
         normal_pages: ram.normal_pages,
         vmdesc_note,
         postcopy: None,
+        colo: commands.colo,
+        ram_section: ram_section_ids(&sections).into_iter().next(),
+        ram_block: ram.current_block(),
     })
 }
 
@@ -651,6 +701,9 @@ fn postcopy_outcome(
             zero_faults: pc.zero_faults(),
             fault_latency: pc.latency(),
         }),
+        colo: false,
+        ram_section: None,
+        ram_block: None,
     }
 }
 
@@ -663,7 +716,7 @@ fn ram_section_ids(sections: &HashMap<u32, (String, u32)>) -> HashSet<u32> {
 }
 
 /// Loads a device's START/FULL section body (the header at `at` was read).
-fn load_device_section<S: Source>(
+pub(crate) fn load_device_section<S: Source>(
     s: SectionId,
     src: &mut S,
     at: u64,

@@ -2,10 +2,12 @@
 //! (`load`), the RAM loader (`ram_load`), multifd channels (`multifd_recv`) and
 //! the pages a load has written (`pages`), and the postcopy destination
 //! (`postcopy`: userfaultfd, the fault thread and the listen thread) and its recovery
-//! after a network failure (`recover`), XBZRLE pages (`xbzrle_load`).
+//! after a network failure (`recover`), XBZRLE pages (`xbzrle_load`), and the COLO
+//! secondary's checkpoints (`colo`).
 
 pub(crate) mod accept;
 pub(crate) mod blocktime;
+pub(crate) mod colo;
 pub(crate) mod load;
 pub(crate) mod multifd_recv;
 pub(crate) mod pages;

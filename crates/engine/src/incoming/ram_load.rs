@@ -72,6 +72,9 @@ pub struct RamLoader {
     /// here (shared named files) take no pages.
     with_mr_addr: bool,
     ignored: Vec<bool>,
+    /// COLO secondary: every page a record names, whatever its kind (the pages a
+    /// checkpoint carries, to copy from the staging blocks into guest RAM).
+    staged: Option<Arc<ReceivedPages>>,
     pub zero_pages: u64,
     pub normal_pages: u64,
 }
@@ -98,6 +101,7 @@ impl RamLoader {
             prefaulted: (0, 0..0),
             with_mr_addr: false,
             ignored: vec![false; blocks_len],
+            staged: None,
             zero_pages: 0,
             normal_pages: 0,
         }
@@ -116,6 +120,22 @@ impl RamLoader {
         for (i, b) in self.blocks.iter().enumerate() {
             self.ignored[i] = b.is_shared_named_file();
         }
+    }
+
+    /// The block the last page record named (the one a CONTINUE record means).
+    pub(crate) fn current_block(&self) -> Option<usize> {
+        self.current_block
+    }
+
+    /// Goes on from where another loader of the same blocks stopped: COLO's first
+    /// checkpoint may CONTINUE the block of the migration's last page.
+    pub(crate) fn continue_from(&mut self, block: Option<usize>) {
+        self.current_block = block.filter(|&b| b < self.blocks.len());
+    }
+
+    /// Notes in `pages` every page a record names from now on (COLO's staging copy).
+    pub(crate) fn note_pages_in(&mut self, pages: Arc<ReceivedPages>) {
+        self.staged = Some(pages);
     }
 
     /// The pages-written map, to share with multifd channels.
@@ -419,7 +439,11 @@ impl RamLoader {
                 },
             ));
         }
-        Ok((bi, (h.addr / block.page_size()) as usize))
+        let page = (h.addr / block.page_size()) as usize;
+        if let Some(staged) = &self.staged {
+            staged.set(bi, page);
+        }
+        Ok((bi, page))
     }
 
     fn load_zero(&mut self, src: &mut FdSource, bi: usize, page: usize) -> Result<(), DecodeError> {

@@ -15,6 +15,10 @@
 //! In mode `cpr-reboot` the VM is stopped before the header is written, so every pass
 //! runs on a stopped VM.
 //!
+//! With `x-colo` the session does not complete: once the stream is out it hands its
+//! writer and RAM saver over to [`crate::outgoing::colo`], which checkpoints to the
+//! secondary until a failover.
+//!
 //! The VM is resumed on every error path after it was stopped, if it ran before.
 
 use std::sync::atomic::Ordering;
@@ -63,6 +67,9 @@ pub enum SaveError {
     Postcopy(#[from] postcopy::PostcopyError),
     #[error(transparent)]
     XbzrleCache(#[from] crate::outgoing::xbzrle_cache::XbzrleCacheError),
+    /// `x-colo` over a channel the secondary cannot answer on.
+    #[error("COLO needs a socket: the secondary answers on the migration's connection")]
+    ColoNeedsSocket,
 }
 
 impl From<RamSaveError> for SaveError {
@@ -117,17 +124,21 @@ pub(crate) fn ram_start(ids: &SectionIds) -> Record {
     })
 }
 
-/// Runs one outgoing precopy migration over `channel` to its end.
+/// Runs one outgoing precopy migration over `channel` to its end; with `x-colo`, to
+/// the end of its stream, returning what COLO goes on with.
 pub(crate) fn run(
     shared: &Shared,
     vmm: &dyn Vmm,
     channel: &Channel,
     addr: &Address,
-) -> Result<(), SaveError> {
+) -> Result<Option<ColoHandover>, SaveError> {
     let params = shared.params_snapshot();
     let caps = shared.caps_snapshot();
     let stats = shared.stats();
     let cancel = shared.cancel_flag();
+    if caps.x_colo() && !channel.is_socket {
+        return Err(SaveError::ColoNeedsSocket);
+    }
     let fd = channel
         .fd
         .try_clone()
@@ -235,6 +246,9 @@ pub(crate) fn run(
         if postcopy {
             postcopy::advise(&saver).encode(out);
         }
+        if caps.x_colo() {
+            Command::EnableColo.encode(out);
+        }
         ram_start(&ids).encode(out);
     })?;
     let regions = saver.write_setup(&mut w)?;
@@ -262,7 +276,9 @@ pub(crate) fn run(
         )?);
     }
     tracker.start()?;
+    let colo = caps.x_colo();
     let session = Session {
+        colo,
         ids,
         config,
         devices,
@@ -274,13 +290,39 @@ pub(crate) fn run(
         release_ram: postcopy && caps.release_ram(),
     };
     let result = iterate_and_complete(shared, vmm, &mut w, &mut saver, &session);
+    if result.is_ok() && colo {
+        // Dirty tracking goes on: COLO's checkpoints send what the guest dirties.
+        early_guard.armed = false;
+        let socket = channel
+            .fd
+            .try_clone()
+            .map_err(|e| WriteError::Io(e.to_string()))?;
+        return Ok(Some(ColoHandover {
+            w,
+            saver,
+            ids: session.ids,
+            devices: session.devices,
+            socket: Arc::new(socket),
+        }));
+    }
     tracker.stop();
     if result.is_err() {
         saver.requeue_all(tracker);
     } else {
         early_guard.armed = false;
     }
-    result
+    result.map(|()| None)
+}
+
+/// With `x-colo`: what the first migration hands [`crate::outgoing::colo`] once its
+/// stream is out (the VM stopped, status `device`, dirty tracking still on).
+pub(crate) struct ColoHandover {
+    pub w: StreamWriter,
+    pub saver: RamSaver,
+    pub ids: SectionIds,
+    pub devices: Vec<Arc<dyn crate::vmm::DeviceState>>,
+    /// The connection: the secondary answers on it, and a failover shuts it down.
+    pub socket: Arc<std::os::fd::OwnedFd>,
 }
 
 /// Connects the multifd channels and starts their threads.
@@ -355,6 +397,8 @@ fn open_preempt(
 
 /// What stays fixed through one outgoing session.
 struct Session {
+    /// `x-colo`: the stream's end starts COLO instead of completing.
+    colo: bool,
     ids: SectionIds,
     config: Configuration,
     devices: Vec<Arc<dyn crate::vmm::DeviceState>>,
@@ -825,7 +869,7 @@ fn another_pass_pays(pending: f64, bandwidth: f64, dirtying: f64, limit_ms: f64)
 /// While iterating, pages the guest wrote again since the last sync wait for the next
 /// one (see [`RamSaver::send_dirty`]). Returns the pages sent and whether the pass was
 /// complete.
-fn send_ram_body(
+pub(super) fn send_ram_body(
     shared: &Shared,
     w: &mut StreamWriter,
     saver: &mut RamSaver,
@@ -965,6 +1009,10 @@ fn complete(
         .store(stop_time.elapsed().as_millis() as u64, Ordering::Relaxed);
     stats.remaining.store(0, Ordering::Relaxed);
     guard.armed = false;
+    if session.colo {
+        // The VM stays stopped until the secondary is ready (see outgoing::colo).
+        return Ok(());
+    }
     control.set_run_state(RunState::PostMigrate);
     Ok(())
 }
