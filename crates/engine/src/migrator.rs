@@ -416,9 +416,6 @@ impl Migrator {
         if let Some(conflict) = cpr_conflict(mode, &caps) {
             return merr(conflict);
         }
-        if caps.background_snapshot() && caps.mapped_ram() {
-            return merr("background-snapshot with mapped-ram is not supported by vmigrate yet");
-        }
         let mut cpr_socket = None;
         if mode == MigMode::CprTransfer {
             // QEMU checks the cpr channel once the migration is set up, so a bad one
