@@ -96,9 +96,10 @@ Usage:
     scripts/bench.py --size 4G -n 2 --pairs qq,vv --scenario background-snapshot,background-snapshot-mr
     scripts/bench.py --scenario file-mr4,file-mr4-dio --file-dir /var/tmp --no-file-cold
 
-Options (see --help): --size, -n/--reps, --pairs (qq,vv,qv,vq or full names), --scenario,
+Options (see --help): --size, -n/--reps, --pairs (qq,vv,qv,vq,bb or full names), --scenario,
 --vmigrate PATH (default: target/release/vmigrate, built with `cargo build --release` if
-missing), --qemu PATH, --json OUT (raw per-run records), --prewarm GIB, --gate SECONDS,
+missing), --vmigrate-before PATH (an older binary, pair `bb`, for before/after figures in one
+run), --qemu PATH, --json OUT (raw per-run records), --prewarm GIB, --gate SECONDS,
 --timeout SECONDS, --keep-image, --keep-logs, --shm DIR; for `live`: --live-hot, --live-memory,
 --live-rate, --live-accel auto|tcg|kvm, --downtime-limit MS, --live-calc-ms (the postcopy
 scenarios take the guest options too, plus --postcopy-max-bandwidth and --postcopy-after, and the
@@ -1306,7 +1307,7 @@ def report_snapshot(records):
         if not recs:
             continue
         rows = []
-        for name in ("qemu", "vmigrate"):
+        for name in ENGINE_NAMES:
             rs = [r for r in recs if r["src"] == name]
             ok = [r for r in rs if r["ok"]]
             if not rs:
@@ -2205,7 +2206,11 @@ class Ctx:
 # Reporting
 
 PAIR_NAMES = {"qq": ("qemu", "qemu"), "vv": ("vmigrate", "vmigrate"),
-              "qv": ("qemu", "vmigrate"), "vq": ("vmigrate", "qemu")}
+              "qv": ("qemu", "vmigrate"), "vq": ("vmigrate", "qemu"),
+              "bb": ("vmigrate-before", "vmigrate-before")}
+# Engines in report order: --vmigrate-before (pair bb) is an older vmigrate binary run in the
+# same benchmark, for before/after figures of a change.
+ENGINE_NAMES = ("qemu", "vmigrate-before", "vmigrate")
 
 
 def pair_label(p):
@@ -2532,7 +2537,7 @@ def report_file(records, size, scenarios, pairs, cold):
 def capped_table(recs):
     """live-capped scenarios: what the source's migration threads did with the pages."""
     rows = []
-    for name in ("qemu", "vmigrate"):
+    for name in ENGINE_NAMES:
         ok = [r for r in recs if r["src"] == name and r["ok"]]
         if not ok:
             continue
@@ -2562,7 +2567,7 @@ def report_live(records, live):
             continue
         mib = lambda vals: [v / MiB for v in vals if v is not None]
         rows = []
-        for name in ("qemu", "vmigrate"):
+        for name in ENGINE_NAMES:
             rs = [r for r in recs if r["src"] == name]
             ok = [r for r in rs if r["ok"]]
             if not rs:
@@ -2780,7 +2785,7 @@ def parse_pairs(s):
         else:
             parts = re.split(r"->|→|-|>|:", item)
             if len(parts) != 2 or any(x not in ("qemu", "vmigrate") for x in parts):
-                raise argparse.ArgumentTypeError(f"bad pair {item!r} (use qq,vv,qv,vq or qemu-vmigrate ...)")
+                raise argparse.ArgumentTypeError(f"bad pair {item!r} (use qq,vv,qv,vq,bb or qemu-vmigrate ...)")
             p = tuple(parts)
         if p not in out:
             out.append(p)
@@ -2904,6 +2909,8 @@ def main():
                     help="comma list of scenarios (default tcp-precopy; see --list-scenarios)")
     ap.add_argument("--list-scenarios", action="store_true")
     ap.add_argument("--vmigrate", help="vmigrate binary (default: target/release/vmigrate, built if missing)")
+    ap.add_argument("--vmigrate-before", help="an older vmigrate binary, run as pair bb (engine vmigrate-before) "
+                                              "in the same benchmark for before/after figures")
     ap.add_argument("--no-build", action="store_true", help="never run cargo build")
     ap.add_argument("--rebuild", action="store_true",
                     help="run cargo build --release even if target/release/vmigrate exists")
@@ -3005,6 +3012,10 @@ def main():
         engines["vmigrate"].unavailable = why
         if why:
             log(f"note: vmigrate pairs will be reported FAILED: {why}")
+        before = args.vmigrate_before
+        engines["vmigrate-before"] = VmigrateEngine("vmigrate-before", before)
+        engines["vmigrate-before"].unavailable = (
+            None if before and os.access(before, os.X_OK) else f"--vmigrate-before {before!r}: not an executable")
 
         # space: image + one destination file (+ prewarm, which is anonymous memory)
         stopped = [s for s in scenarios if not is_live(s)]
