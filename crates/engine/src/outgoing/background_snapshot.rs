@@ -77,8 +77,9 @@ impl Drop for Protected<'_> {
 }
 
 impl<'a> Protected<'a> {
-    /// Registers and protects every block.
-    fn arm(blocks: &'a [Arc<RamBlock>]) -> Result<Self, WpError> {
+    /// Registers every block for write-protect faults, protecting nothing yet: done
+    /// while the VM still runs, so that the stop lasts only for the protection.
+    fn register(blocks: &'a [Arc<RamBlock>]) -> Result<Self, WpError> {
         let mut p = Protected {
             wp: WriteProtect::open()?,
             blocks,
@@ -90,9 +91,16 @@ impl<'a> Protected<'a> {
             }
             p.wp.register(b.host_addr(), b.len())?;
             p.registered += 1;
-            p.wp.protect(b.host_addr(), b.len(), true)?;
         }
         Ok(p)
+    }
+
+    /// Protects every registered block: the snapshot's moment.
+    fn protect_all(&self) -> Result<(), WpError> {
+        for b in self.blocks {
+            self.wp.protect(b.host_addr(), b.len(), true)?;
+        }
+        Ok(())
     }
 }
 
@@ -245,11 +253,12 @@ pub(crate) fn run(shared: &Shared, vmm: &dyn Vmm, channel: &Channel) -> Result<(
 
     // The moment of the snapshot: the VM stops, its device state is kept, RAM is
     // protected, and the VM runs again.
+    let protected = Protected::register(&blocks)?;
     let control = vmm.control();
     let before = control.run_state();
     let stop_at = Instant::now();
     control.vm_stop(RunState::Paused);
-    let taken = (|| -> Result<(Vec<u8>, Protected<'_>), SaveError> {
+    let taken = (|| -> Result<Vec<u8>, SaveError> {
         let mut state = Vec::new();
         let mut descriptions =
             // As QEMU, `globalstate` holds the run state from before the stop: a
@@ -259,15 +268,15 @@ pub(crate) fn run(shared: &Shared, vmm: &dyn Vmm, channel: &Channel) -> Result<(
         descriptions.push(GlobalState::describe());
         let desc = vmdesc::build(Some(config.describe()), TARGET_PAGE, descriptions);
         vmdesc::encode(&mut state, &desc);
-        let protected = Protected::arm(&blocks)?;
-        Ok((state, protected))
+        protected.protect_all()?;
+        Ok(state)
     })();
     if before.is_running() {
         control.vm_start();
     } else {
         control.set_run_state(before);
     }
-    let (device_state, protected) = taken?;
+    let device_state = taken?;
     stats
         .downtime_ms
         .store(stop_at.elapsed().as_millis() as u64, Ordering::Relaxed);
