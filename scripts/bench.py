@@ -51,6 +51,14 @@ the pair are deleted at exit, on failure and on interruption too (not after a SI
 script: then `ip netns del vmigrate-bench-PID`). Run them together with the loopback ones
 to compare in one run (same machine load).
 
+Scenarios `background-snapshot` and `background-snapshot-mr` (not in the default set; qq and
+vv only): the live guests of `live` (same hot set and rate, same QEMU accelerator choice) with
+--size of RAM run while `migrate file:DIR/bench-PID.mig` saves them with `background-snapshot`
+(and `mapped-ram` for -mr) into --file-dir. Per run: the guest's page-write rate idle (2 s
+before) and during the snapshot (from `migrate` to the MIGRATION `completed` event), the
+slowdown copy-before-write causes (1 - during / idle), total time, downtime, bytes, file size and
+the source's CPU; the guest must still run and write afterwards.
+
 File scenarios `file-plain`, `file-mr`, `file-mr2`, `file-mr4`, `file-mr-dio`, `file-mr2-dio`,
 `file-mr4-dio` (group `file`; not in the default set): the stopped VM is saved with `migrate
 file:DIR/bench-PID.mig` (plain sequential stream; mapped-ram; mapped-ram + multifd 2 or 4
@@ -85,11 +93,13 @@ Usage:
     scripts/bench.py --scenario live-postcopy,live-postcopy-preempt,live-postcopy-tbf,live-postcopy-preempt-tbf -n 3
     scripts/bench.py --scenario live-postcopy-tbf --link tbf:500mbit,burst=128kb
     scripts/bench.py --size 4G -n 2 --pairs qq,vv --scenario file    # all file scenarios
+    scripts/bench.py --size 4G -n 2 --pairs qq,vv --scenario background-snapshot,background-snapshot-mr
     scripts/bench.py --scenario file-mr4,file-mr4-dio --file-dir /var/tmp --no-file-cold
 
-Options (see --help): --size, -n/--reps, --pairs (qq,vv,qv,vq or full names), --scenario,
+Options (see --help): --size, -n/--reps, --pairs (qq,vv,qv,vq,bb or full names), --scenario,
 --vmigrate PATH (default: target/release/vmigrate, built with `cargo build --release` if
-missing), --qemu PATH, --json OUT (raw per-run records), --prewarm GIB, --gate SECONDS,
+missing), --vmigrate-before PATH (an older binary, pair `bb`, for before/after figures in one
+run), --qemu PATH, --json OUT (raw per-run records), --prewarm GIB, --gate SECONDS,
 --timeout SECONDS, --keep-image, --keep-logs, --shm DIR; for `live`: --live-hot, --live-memory,
 --live-rate, --live-accel auto|tcg|kvm, --downtime-limit MS, --live-calc-ms (the postcopy
 scenarios take the guest options too, plus --postcopy-max-bandwidth and --postcopy-after, and the
@@ -125,6 +135,7 @@ report_file().
 import argparse
 import asyncio
 import contextlib
+import copy
 import ctypes
 import hashlib
 import json
@@ -1217,6 +1228,111 @@ async def live_migration(ctx, pair, rep, caps=None, params=None, sparse=False):
 live_migration.live = True
 
 
+async def snapshot_migration(ctx, pair, rep, caps=None):
+    """running guest writing its hot set, --size of RAM, saved with background-snapshot to a file while it runs (qq and vv only)"""
+    live = copy.copy(ctx.live)
+    live.memory = ctx.size
+    engine = pair[0]
+    is_qemu = isinstance(engine, QemuEngine)
+    if is_qemu and live.qemu_unavailable:
+        raise RunFailed(f"QEMU live guest unavailable: {live.qemu_unavailable}")
+    rec = {"engine": engine.name, "accel": live.qemu_accel if is_qemu else "soft",
+           "hot": live.hot, "memory": live.memory,
+           "guest_rate_set": live.qemu_rate if is_qemu else live.vmigrate_rate}
+    vm = VM(engine, "src", ctx)
+    serial = os.path.join(ctx.tmpdir, f"snap-{engine.name}.serial") if is_qemu else None
+    if serial:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(serial)
+    out = ctx.mig_file()
+    try:
+        await vm.start(argv=engine.live_argv(live, vm.sock, serial, None))
+        await vm.set_caps({"events": True})
+        await vm.set_caps(dict({"background-snapshot": True}, **(caps or {})))
+        meter = GuestMeter(vm, serial)
+        await meter.wait_pages(live.hot // LIVE_PAGE, 60)  # the whole hot set written once
+        gw, gl = quiet_gate(ctx.args.gate)
+        rec.update(gate_wait_s=gw, gate_load=gl)
+        rec["dirty_rate_before"] = await meter.rate(2.0)
+        c0, b0, me0 = vm.cpu(), machine_busy(), self_cpu()
+        pages0, t0 = await meter.pages(), time.time()
+        await vm.cmd("migrate", uri=f"file:{out}")
+        st = await wait_migration(vm, time.monotonic() + live.timeout, t0)
+        pages1, t1 = await meter.pages(), time.time()
+        c1, b1, me1 = vm.cpu(), machine_busy(), self_cpu()
+        q = await vm.cmd("query-migrate")
+        if st["status"] != "completed":
+            if q.get("status") not in TERMINAL:
+                await vm.try_cmd("migrate_cancel")
+            why = f" ({q['error-desc']})" if q.get("error-desc") else ""
+            raise RunFailed(f"snapshot did not complete: {st['status']}{why}", rec)
+        ram = q.get("ram", {})
+        wall = (st["t"] or t1) - t0
+        rec.update(
+            wall_s=wall, total_time_ms=q.get("total-time"), downtime_ms=q.get("downtime"),
+            setup_time_ms=q.get("setup-time"), transferred=ram.get("transferred"),
+            normal_pages=ram.get("normal"), duplicate_pages=ram.get("duplicate"),
+            file_size=os.path.getsize(out), file_alloc=os.stat(out).st_blocks * 512,
+            pages_written_during=pages1 - pages0,
+            dirty_rate_during=(pages1 - pages0) * LIVE_PAGE / (t1 - t0) if t1 > t0 else None,
+            cpu_src_s=(c1 - c0) if None not in (c0, c1) else None,
+            foreign_cpu_s=(b1 - b0) - ((c1 or 0) - (c0 or 0)) - (me1 - me0))
+        rec["slowdown"] = (1 - rec["dirty_rate_during"] / rec["dirty_rate_before"]
+                           if rec["dirty_rate_during"] is not None and rec["dirty_rate_before"] else None)
+        # The guest runs on after the snapshot.
+        rec["dirty_rate_after"] = await meter.rate(1.0)
+        if not rec["dirty_rate_after"]:
+            raise RunFailed("the guest stopped writing after the snapshot", rec)
+        if (await vm.cmd("query-status"))["status"] != "running":
+            raise RunFailed("the VM is not running after the snapshot", rec)
+        return rec
+    finally:
+        await vm.stop()
+        ctx.remove_file(out)
+
+
+snapshot_migration.live = True
+snapshot_migration.snapshot = True
+
+
+def is_snapshot(scenario):
+    return getattr(SCENARIOS[scenario], "snapshot", False)
+
+
+def report_snapshot(records):
+    """The background-snapshot table: per engine, medians over the reps."""
+    lines = []
+    for sc in [s for s in SCENARIOS if is_snapshot(s)]:
+        recs = [r for r in records if r["scenario"] == sc]
+        if not recs:
+            continue
+        rows = []
+        for name in ENGINE_NAMES:
+            rs = [r for r in recs if r["src"] == name]
+            ok = [r for r in rs if r["ok"]]
+            if not rs:
+                continue
+            g = lambda k: [r.get(k) for r in ok]
+            mib = lambda k: [v / MiB for v in g(k) if v is not None]
+            accel = ",".join(sorted({r["accel"] for r in ok if r.get("accel")})) or "–"
+            rows.append([name, accel, f"{len(ok)}/{len(rs)}", fmt(mib("guest_rate_set"), 0),
+                         fmt(g("total_time_ms"), 0), fmt(g("downtime_ms"), 0), fmt(mib("transferred"), 0),
+                         fmt(mib("file_alloc"), 0), fmt(mib("dirty_rate_before"), 0),
+                         fmt(mib("dirty_rate_during"), 0),
+                         fmt([100 * v for v in g("slowdown") if v is not None], 0), fmt(g("cpu_src_s"))])
+        mem = recs[0].get("memory") or 0
+        lines.append(f"\n### {sc}: {SCENARIOS[sc].__doc__}\n")
+        lines.append(f"{human_size(mem)} guest RAM, hot set {human_size(recs[0].get('hot') or 0)} rewritten "
+                     "pass after pass; `migrate file:` with background-snapshot. Guest rate = page writes × 4 KiB "
+                     "per second, idle (2 s before) and during the snapshot (migrate → completed); slowdown = "
+                     "1 − during / idle, what copy-before-write costs the guest. Median [min–max] of completed "
+                     "runs.\n")
+        lines.append(table(["engine", "accel", "ok/runs", "rate set MiB/s", "total time ms", "downtime ms",
+                            "sent MiB", "file MiB allocated", "guest MiB/s idle", "guest MiB/s during", "slowdown %",
+                            "CPU s"], rows))
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------------------
 # A real rate-limited link (--link, the `*-tbf` scenarios): a veth pair from the host into a
 # network namespace this script creates, both ends shaped with tc tbf; the destination runs
@@ -1996,6 +2112,17 @@ async def cpr_transfer_migration(ctx, pair, rep):
 cpr_transfer_migration.__doc__ = ("stopped VM handed over with mode cpr-transfer: CPR state on a unix socket, "
                                   "RAM left in the shared file, main stream without pages")
 SCENARIOS["cpr-transfer"] = cpr_transfer_migration
+SCENARIOS["background-snapshot"] = snapshot_migration
+
+
+async def snapshot_mapped_ram(ctx, pair, rep):
+    """as background-snapshot, into a mapped-ram file (qq and vv only)"""
+    return await snapshot_migration(ctx, pair, rep, caps={"mapped-ram": True})
+
+
+snapshot_mapped_ram.live = True
+snapshot_mapped_ram.snapshot = True
+SCENARIOS["background-snapshot-mr"] = snapshot_mapped_ram
 
 
 def is_live(scenario):
@@ -2079,7 +2206,11 @@ class Ctx:
 # Reporting
 
 PAIR_NAMES = {"qq": ("qemu", "qemu"), "vv": ("vmigrate", "vmigrate"),
-              "qv": ("qemu", "vmigrate"), "vq": ("vmigrate", "qemu")}
+              "qv": ("qemu", "vmigrate"), "vq": ("vmigrate", "qemu"),
+              "bb": ("vmigrate-before", "vmigrate-before")}
+# Engines in report order: --vmigrate-before (pair bb) is an older vmigrate binary run in the
+# same benchmark, for before/after figures of a change.
+ENGINE_NAMES = ("qemu", "vmigrate-before", "vmigrate")
 
 
 def pair_label(p):
@@ -2406,7 +2537,7 @@ def report_file(records, size, scenarios, pairs, cold):
 def capped_table(recs):
     """live-capped scenarios: what the source's migration threads did with the pages."""
     rows = []
-    for name in ("qemu", "vmigrate"):
+    for name in ENGINE_NAMES:
         ok = [r for r in recs if r["src"] == name and r["ok"]]
         if not ok:
             continue
@@ -2429,13 +2560,14 @@ def capped_table(recs):
 def report_live(records, live):
     """Tables of the live scenario: per engine, then vmigrate / QEMU and the target."""
     lines = []
-    for sc in [s for s in SCENARIOS if is_live(s) and not is_postcopy(s) and not is_dirtylimit(s)]:
+    for sc in [s for s in SCENARIOS if is_live(s) and not is_postcopy(s) and not is_dirtylimit(s)
+               and not is_snapshot(s)]:
         recs = [r for r in records if r["scenario"] == sc]
         if not recs:
             continue
         mib = lambda vals: [v / MiB for v in vals if v is not None]
         rows = []
-        for name in ("qemu", "vmigrate"):
+        for name in ENGINE_NAMES:
             rs = [r for r in recs if r["src"] == name]
             ok = [r for r in rs if r["ok"]]
             if not rs:
@@ -2653,7 +2785,7 @@ def parse_pairs(s):
         else:
             parts = re.split(r"->|→|-|>|:", item)
             if len(parts) != 2 or any(x not in ("qemu", "vmigrate") for x in parts):
-                raise argparse.ArgumentTypeError(f"bad pair {item!r} (use qq,vv,qv,vq or qemu-vmigrate ...)")
+                raise argparse.ArgumentTypeError(f"bad pair {item!r} (use qq,vv,qv,vq,bb or qemu-vmigrate ...)")
             p = tuple(parts)
         if p not in out:
             out.append(p)
@@ -2739,6 +2871,11 @@ async def run_all(ctx, engines, pairs, scenarios, reps, records, log):
                            f"{rec['settle_s']} s" if achieved is not None else "")
                         + f"; migration {rec['total_time_ms']} ms, guest "
                         f"{(rec['dirty_rate_during'] or 0) / MiB:.1f} MiB/s during")
+                elif rec["ok"] and is_snapshot(sc):
+                    log(f"[{sc} rep {rep}] {pair_label(p):18s} {rec['accel']:4s} guest "
+                        f"{rec['dirty_rate_before'] / MiB:5.0f} MiB/s idle, "
+                        f"{(rec['dirty_rate_during'] or 0) / MiB:5.0f} during  total {rec['total_time_ms']} ms  "
+                        f"downtime {rec['downtime_ms']} ms  sent {rec['transferred'] / MiB:.0f} MiB")
                 elif rec["ok"] and is_postcopy(sc):
                     log(postcopy_run_line(sc, rep, p, rec))
                 elif rec["ok"] and is_live(sc):
@@ -2772,6 +2909,8 @@ def main():
                     help="comma list of scenarios (default tcp-precopy; see --list-scenarios)")
     ap.add_argument("--list-scenarios", action="store_true")
     ap.add_argument("--vmigrate", help="vmigrate binary (default: target/release/vmigrate, built if missing)")
+    ap.add_argument("--vmigrate-before", help="an older vmigrate binary, run as pair bb (engine vmigrate-before) "
+                                              "in the same benchmark for before/after figures")
     ap.add_argument("--no-build", action="store_true", help="never run cargo build")
     ap.add_argument("--rebuild", action="store_true",
                     help="run cargo build --release even if target/release/vmigrate exists")
@@ -2873,6 +3012,10 @@ def main():
         engines["vmigrate"].unavailable = why
         if why:
             log(f"note: vmigrate pairs will be reported FAILED: {why}")
+        before = args.vmigrate_before
+        engines["vmigrate-before"] = VmigrateEngine("vmigrate-before", before)
+        engines["vmigrate-before"].unavailable = (
+            None if before and os.access(before, os.X_OK) else f"--vmigrate-before {before!r}: not an executable")
 
         # space: image + one destination file (+ prewarm, which is anonymous memory)
         stopped = [s for s in scenarios if not is_live(s)]
@@ -2957,6 +3100,7 @@ def main():
         if ctx.live is not None:
             print(report_live(records, ctx.live))
             print(report_dirtylimit(records))
+            print(report_snapshot(records))
             print(report_postcopy(records, ctx.live, args))
         if ctx.harness_errors:
             sys.stderr.write(f"bench.py: {ctx.harness_errors} run(s) hit a harness error (see above)\n")

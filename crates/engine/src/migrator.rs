@@ -441,9 +441,6 @@ impl Migrator {
                 ));
             }
         }
-        if caps.background_snapshot() && caps.mapped_ram() {
-            return merr("background-snapshot with mapped-ram is not supported by vmigrate yet");
-        }
         let mut cpr_socket = None;
         if mode == MigMode::CprTransfer {
             // QEMU checks the cpr channel once the migration is set up, so a bad one

@@ -15,6 +15,14 @@
 //! is protected until it is saved (its bytes copied into the writer's buffer), then
 //! its protection is lifted, which also wakes a writer waiting on it. The guest's
 //! writes to pages not saved yet wait only for that page.
+//!
+//! With `mapped-ram` the setup section lays the blocks out as a mapped-ram file, the
+//! walk and the copy-before-write path write each page at its offset in the file (a
+//! page's protection goes once its write returned), the RAM PART sections carry only
+//! EOS, and the page bitmaps are written once the walk is over, before the device
+//! state. QEMU 10.0 accepts the combination but never writes the bitmaps (it writes
+//! them in the ram END section, which a background snapshot does not have), so its
+//! own files load with every page zero; vmigrate's files carry them and load in QEMU.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -29,6 +37,7 @@ use vmigrate_stream::devices::GlobalState;
 
 use crate::channels::transport::Channel;
 use crate::io::{StreamWriter, WriteError};
+use crate::mapped_ram::{MappedRamWriter, WriterConfig};
 use crate::memory::RamBlock;
 use crate::outgoing::ram_save::{RamSaver, ZeroPages};
 use crate::outgoing::save::{encode_device_sections, ram_start, SaveError};
@@ -68,8 +77,9 @@ impl Drop for Protected<'_> {
 }
 
 impl<'a> Protected<'a> {
-    /// Registers and protects every block.
-    fn arm(blocks: &'a [Arc<RamBlock>]) -> Result<Self, WpError> {
+    /// Registers every block for write-protect faults, protecting nothing yet: done
+    /// while the VM still runs, so that the stop lasts only for the protection.
+    fn register(blocks: &'a [Arc<RamBlock>]) -> Result<Self, WpError> {
         let mut p = Protected {
             wp: WriteProtect::open()?,
             blocks,
@@ -81,9 +91,16 @@ impl<'a> Protected<'a> {
             }
             p.wp.register(b.host_addr(), b.len())?;
             p.registered += 1;
-            p.wp.protect(b.host_addr(), b.len(), true)?;
         }
         Ok(p)
+    }
+
+    /// Protects every registered block: the snapshot's moment.
+    fn protect_all(&self) -> Result<(), WpError> {
+        for b in self.blocks {
+            self.wp.protect(b.host_addr(), b.len(), true)?;
+        }
+        Ok(())
     }
 }
 
@@ -108,6 +125,8 @@ struct Walk<'a> {
     scratch: Vec<u8>,
     /// Whether pages of zeroes go as ZERO records (else as data).
     detect_zero: bool,
+    /// mapped-ram: pages go to their file offsets instead of the stream.
+    mapped: Option<MappedRamWriter>,
 }
 
 impl Walk<'_> {
@@ -121,6 +140,10 @@ impl Walk<'_> {
     ) -> Result<bool, WriteError> {
         if !self.todo[bi].test_and_clear(page) {
             return Ok(false);
+        }
+        if let Some(m) = &mut self.mapped {
+            m.queue(bi, page)?;
+            return Ok(true);
         }
         let b = &self.blocks[bi];
         let ps = b.page_size();
@@ -146,6 +169,16 @@ impl Walk<'_> {
         }
         Ok(true)
     }
+
+    /// Makes every page saved so far durable in its place: the stream buffer already
+    /// holds them; a mapped-ram file gets its queued pages written. After this their
+    /// protection may go.
+    fn settle(&mut self) -> Result<(), WriteError> {
+        match &mut self.mapped {
+            Some(m) => m.drain(),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Runs one background snapshot over `channel` to its end.
@@ -169,7 +202,11 @@ pub(crate) fn run(shared: &Shared, vmm: &dyn Vmm, channel: &Channel) -> Result<(
         ZeroPages::Detect
     };
     let detect_zero = matches!(zero_pages, ZeroPages::Detect);
+    let mapped_ram = shared.caps_snapshot().mapped_ram();
     let mut setup_saver = RamSaver::new(blocks.clone(), zero_pages);
+    if mapped_ram {
+        setup_saver.use_mapped_layout();
+    }
     stats.page_size.store(TARGET_PAGE, Ordering::Relaxed);
     stats
         .total_ram
@@ -179,7 +216,11 @@ pub(crate) fn run(shared: &Shared, vmm: &dyn Vmm, channel: &Channel) -> Result<(
     let config = Configuration {
         machine: vmm.machine_name().to_string(),
         target_page_bits: None,
-        capabilities: vec![],
+        capabilities: if mapped_ram {
+            vec!["mapped-ram".to_string()]
+        } else {
+            vec![]
+        },
         uuid: None,
     };
     w.with_buf(|out| {
@@ -187,34 +228,55 @@ pub(crate) fn run(shared: &Shared, vmm: &dyn Vmm, channel: &Channel) -> Result<(
         config.encode(out);
         ram_start(&ids).encode(out);
     })?;
-    setup_saver.write_setup(&mut w)?;
+    let regions = setup_saver.write_setup(&mut w)?;
     w.with_buf(|out| encode_footer(out, ids.ram))?;
     w.flush()?;
     drop(setup_saver);
+    let mapped = if mapped_ram {
+        let config = WriterConfig {
+            threads: 0,
+            direct_io: params.direct_io(),
+            detect_zero,
+            limit: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+        };
+        Some(MappedRamWriter::start(
+            &channel.fd,
+            blocks.clone(),
+            regions,
+            config,
+            stats.clone(),
+            cancel.clone(),
+        )?)
+    } else {
+        None
+    };
 
     // The moment of the snapshot: the VM stops, its device state is kept, RAM is
     // protected, and the VM runs again.
+    let protected = Protected::register(&blocks)?;
     let control = vmm.control();
     let before = control.run_state();
     let stop_at = Instant::now();
     control.vm_stop(RunState::Paused);
-    let taken = (|| -> Result<(Vec<u8>, Protected<'_>), SaveError> {
+    let taken = (|| -> Result<Vec<u8>, SaveError> {
         let mut state = Vec::new();
         let mut descriptions =
-            encode_device_sections(&mut state, &devices, &ids, RunState::Paused)?;
+            // As QEMU, `globalstate` holds the run state from before the stop: a
+            // running VM's snapshot starts running where it is loaded.
+            encode_device_sections(&mut state, &devices, &ids, before)?;
         Record::Eof.encode(&mut state);
         descriptions.push(GlobalState::describe());
         let desc = vmdesc::build(Some(config.describe()), TARGET_PAGE, descriptions);
         vmdesc::encode(&mut state, &desc);
-        let protected = Protected::arm(&blocks)?;
-        Ok((state, protected))
+        protected.protect_all()?;
+        Ok(state)
     })();
     if before.is_running() {
         control.vm_start();
     } else {
         control.set_run_state(before);
     }
-    let (device_state, protected) = taken?;
+    let device_state = taken?;
     stats
         .downtime_ms
         .store(stop_at.elapsed().as_millis() as u64, Ordering::Relaxed);
@@ -242,6 +304,7 @@ pub(crate) fn run(shared: &Shared, vmm: &dyn Vmm, channel: &Channel) -> Result<(
         normal: 0,
         scratch: Vec::new(),
         detect_zero,
+        mapped,
     };
     let total_pages: u64 = blocks.iter().map(|b| b.pages() as u64).sum();
     let mut left = total_pages;
@@ -258,6 +321,7 @@ pub(crate) fn run(shared: &Shared, vmm: &dyn Vmm, channel: &Channel) -> Result<(
             // Writes waiting on a page come first.
             faults.clear();
             protected.wp.read_faults(Duration::ZERO, &mut faults)?;
+            let mut faulted = Vec::with_capacity(faults.len());
             for &addr in &faults {
                 let Some((bi, page)) = locate(&blocks, addr) else {
                     continue;
@@ -265,6 +329,10 @@ pub(crate) fn run(shared: &Shared, vmm: &dyn Vmm, channel: &Channel) -> Result<(
                 if walk.save_page(&mut w, bi, page)? {
                     left -= 1;
                 }
+                faulted.push((bi, page));
+            }
+            walk.settle()?;
+            for (bi, page) in faulted {
                 let b = &blocks[bi];
                 let ps = b.page_size();
                 protected
@@ -295,8 +363,10 @@ pub(crate) fn run(shared: &Shared, vmm: &dyn Vmm, channel: &Channel) -> Result<(
                     None => (bi, page, page),
                 });
             }
-            // The pages' bytes are in the writer's buffer: their protection goes (a
-            // page in between saved earlier for a fault is unprotected already).
+            // The pages' bytes are in the writer's buffer (or the file): their
+            // protection goes (a page in between saved earlier for a fault is
+            // unprotected already).
+            walk.settle()?;
             if let Some((bi, first, last)) = freed {
                 let b = &blocks[bi];
                 let ps = b.page_size();
@@ -315,10 +385,15 @@ pub(crate) fn run(shared: &Shared, vmm: &dyn Vmm, channel: &Channel) -> Result<(
             encode_footer(out, ids.ram);
         })?;
         w.flush()?;
-        stats.normal.store(walk.normal, Ordering::Relaxed);
-        stats.duplicate.store(walk.zero, Ordering::Relaxed);
+        if walk.mapped.is_none() {
+            stats.normal.store(walk.normal, Ordering::Relaxed);
+            stats.duplicate.store(walk.zero, Ordering::Relaxed);
+        }
     }
     drop(protected);
+    if let Some(mut m) = walk.mapped.take() {
+        m.write_bitmaps()?;
+    }
     w.put(&device_state)?;
     w.flush()?;
     stats.remaining.store(0, Ordering::Relaxed);

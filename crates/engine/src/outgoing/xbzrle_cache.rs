@@ -126,12 +126,22 @@ impl PageCache {
     }
 
     /// The cached copy of `addr` (which must be cached).
-    fn data_mut(&mut self, addr: u64) -> &mut [u8] {
-        let i = self.index(addr);
-        self.slots[i]
+    fn data(&self, addr: u64) -> &[u8] {
+        self.slots[self.index(addr)]
             .data
-            .as_deref_mut()
+            .as_deref()
             .expect("a cached page has its data")
+    }
+
+    /// Swaps the cached copy of `addr` (which must be cached) with `page`: the cache
+    /// takes the new copy without copying it, `page` gets the old buffer.
+    fn swap_data(&mut self, addr: u64, page: &mut Box<[u8]>) {
+        let i = self.index(addr);
+        let data = self.slots[i]
+            .data
+            .as_mut()
+            .expect("a cached page has its data");
+        std::mem::swap(data, page);
     }
 }
 
@@ -158,7 +168,9 @@ pub struct XbzrleSaver {
     block_base: Vec<u64>,
     /// Set after the first complete pass.
     started: bool,
-    current: Vec<u8>,
+    /// The page as read from guest memory, encoded against the cached copy; once sent
+    /// it becomes the cached copy (the buffers swap).
+    current: Box<[u8]>,
     encoded: Vec<u8>,
     stats: Arc<Stats>,
     /// Pages written since the start (records of any kind), for the rates.
@@ -197,7 +209,7 @@ impl XbzrleSaver {
             page_size,
             block_base,
             started: false,
-            current: vec![0; page_size],
+            current: vec![0; page_size].into_boxed_slice(),
             encoded: vec![0; page_size],
             stats,
             pages_sent: 0,
@@ -275,11 +287,13 @@ impl XbzrleSaver {
             };
         }
         counters.pages.fetch_add(1, Ordering::Relaxed);
+        // One copy out of guest memory (the guest may write the page meanwhile: what is
+        // encoded and what is cached must be the same bytes), none into the cache.
         block.read(offset, &mut self.current);
-        let cached = self.cache.data_mut(addr);
-        let result = xbzrle::encode(cached, &self.current, &mut self.encoded);
-        if !last_stage && result != Encoded::Unchanged {
-            cached.copy_from_slice(&self.current);
+        let result = xbzrle::encode(self.cache.data(addr), &self.current, &mut self.encoded);
+        let keep = !last_stage && result != Encoded::Unchanged;
+        if keep {
+            self.cache.swap_data(addr, &mut self.current);
         }
         match result {
             Encoded::Unchanged => XbzrlePage::Unchanged,
@@ -288,7 +302,11 @@ impl XbzrleSaver {
                 counters
                     .bytes
                     .fetch_add(self.page_size as u64, Ordering::Relaxed);
-                XbzrlePage::Whole(&self.current)
+                if keep {
+                    XbzrlePage::Whole(self.cache.data(addr))
+                } else {
+                    XbzrlePage::Whole(&self.current)
+                }
             }
             Encoded::Len(n) => {
                 counters
