@@ -238,7 +238,7 @@ def test_lab_guest_survives_two_cuts_with_its_self_check_clean(ws):
     wait_passes(src, 2)
     for m in (src, dst):
         m.set_caps(events=True, postcopy_ram=True)
-    src.set_params(max_bandwidth=4 * MiB, max_postcopy_bandwidth=8 * MiB)
+    src.set_params(max_bandwidth=4 * MiB, max_postcopy_bandwidth=3 * MiB)
     dst.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
     proxy = FaultProxy(harness.socket_port(dst.query_migrate()))
     src.cmd("migrate", uri=f"tcp:127.0.0.1:{proxy.port}")
