@@ -57,13 +57,14 @@ def wait_colo_exit(m, timeout=10):
     raise AssertionError(f"{m.name}: no COLO_EXIT in {timeout}s: {m.event_names()}")
 
 
-def start_pair(ws, delay_ms=100):
-    """A running primary and a secondary in COLO, with x-checkpoint-delay DELAY_MS."""
+def start_pair(ws, delay_ms=100, **caps):
+    """A running primary and a secondary in COLO, with x-checkpoint-delay DELAY_MS
+    (and CAPS on both sides)."""
     src = lab(ws, "primary").start()
     dst = lab(ws, "secondary", incoming="defer").start()
     wait_passes(src, 1)
     for m in (src, dst):
-        m.set_caps(x_colo=True, events=True)
+        m.set_caps(x_colo=True, events=True, **caps)
     src.set_params(max_bandwidth=0, x_checkpoint_delay=delay_ms)
     dst.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
     port = harness.socket_port(dst.query_migrate())
@@ -111,6 +112,33 @@ def test_checkpoints_then_the_secondary_takes_over_when_the_primary_dies(ws):
         < names.index("RESUME"), names
     r = dst.raw("x-colo-lost-heartbeat")
     assert r["error"]["desc"] == "VM is not in COLO mode", r
+
+
+@pytest.mark.parametrize("caps", [
+    {"return_path": True},
+    {"return_path": True, "switchover_ack": True},
+], ids=["return-path", "return-path-switchover-ack"])
+def test_colo_with_the_return_path_on_both_sides(ws, caps):
+    """With `return-path` (and `switchover-ack`, whose ACK comes on it) on both sides,
+    the first migration's return-path messages come back, then the secondary's
+    CHECKPOINT_READY on the same connection with no SHUT between: COLO checkpoints,
+    and the secondary takes over with its guest's self-check clean."""
+    require("vmigrate")
+    src, dst = start_pair(ws, delay_ms=100, **caps)
+    wait_checkpoints(src, 8)
+    assert wait_checkpoints(dst, 8) >= 8
+    w = workload(src)
+    assert w["violations"] == 0 and w["passes"] > 1, w
+    names = src.event_names()
+    assert names.index("MIGRATION:device") < names.index("MIGRATION:colo"), names
+    src.kill9()
+    assert wait_colo_exit(dst) == [{"mode": "secondary", "reason": "error"}]
+    dst.cmd("x-colo-lost-heartbeat")
+    assert dst.wait_migration(("completed", "failed"), timeout=10)["status"] == "completed"
+    dst.wait_runstate("running")
+    at = workload(dst)
+    after = wait_passes(dst, at["passes"] + 3)
+    assert after["violations"] == 0, after
 
 
 def test_the_primary_goes_on_alone_when_the_secondary_dies(ws):
@@ -411,6 +439,39 @@ def test_vmigrate_primary_checkpoints_into_a_qemu_secondary(ws):
     assert ram_sha(dst) == frozen
     assert dst.cmd("query-colo-status") == {"mode": "none", "last-mode": "secondary",
                                             "reason": "request"}
+
+
+def test_vmigrate_primary_with_return_path_checkpoints_into_a_qemu_secondary(ws):
+    """As above with `return-path` and `switchover-ack` on both sides: QEMU's secondary
+    answers on the return path (SWITCHOVER_ACK), then sends CHECKPOINT_READY on the
+    same connection without SHUT; the checkpoints arrive and it takes over."""
+    require("vmigrate", "qemu")
+    src = ws.vm("vmigrate", "primary", mem_mib=64,
+                extra=["--workload", "hot=4M,rate=40M"]).start()
+    dst = ws.vm("qemu", "secondary", mem_mib=64, incoming="defer").start()
+    for m in (src, dst):
+        m.set_caps(x_colo=True, events=True, return_path=True, switchover_ack=True)
+    src.set_params(max_bandwidth=0, x_checkpoint_delay=20000)
+    dst.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
+    port = harness.socket_port(dst.query_migrate())
+    src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+    harness.wait_until_status(src, "colo", timeout=30)
+    harness.wait_until_status(dst, "colo", timeout=30)
+    for n in range(1, 6):
+        src.set_params(x_checkpoint_delay=20000)
+        wait_checkpoints(src, n, timeout=10)
+        time.sleep(0.05)
+    src.cmd("stop")
+    frozen = ram_sha(src)
+    src.set_params(x_checkpoint_delay=20000)
+    wait_checkpoints(src, 6, timeout=10)
+    assert ram_sha(dst) == frozen, "QEMU's secondary RAM differs from the checkpoint"
+    src.kill9()
+    assert wait_colo_exit(dst) == [{"mode": "secondary", "reason": "error"}]
+    dst.cmd("x-colo-lost-heartbeat")
+    assert dst.wait_migration(("completed", "failed"), timeout=10)["status"] == "completed"
+    dst.wait_runstate("running")
+    assert ram_sha(dst) == frozen
 
 
 def test_a_qemu_primary_completes_and_a_vmigrate_secondary_waits(ws):

@@ -1137,7 +1137,6 @@ fn colo_unsupported_with(caps: &Capabilities) -> Option<&'static str> {
         Cap::PostcopyRam,
         Cap::MappedRam,
         Cap::Xbzrle,
-        Cap::ReturnPath,
         Cap::BackgroundSnapshot,
     ]
     .into_iter()
