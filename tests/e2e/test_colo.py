@@ -296,6 +296,44 @@ def test_a_hostile_secondary_ends_colo_without_harming_the_primary(ws):
     assert after["violations"] == 0
 
 
+def test_checkpoint_ready_before_the_stream_ends_fails_the_migration(ws):
+    """With `return-path`, a fake secondary that sends CHECKPOINT_READY while the first
+    migration is still streaming (slowly, by max-bandwidth) fails that migration with
+    a reason naming it; the primary's guest runs on untouched."""
+    require("vmigrate")
+    src = lab(ws, "primary").start()
+    wait_passes(src, 1)
+    src.set_caps(x_colo=True, events=True, return_path=True)
+    src.set_params(max_bandwidth=4 << 20, x_checkpoint_delay=50)
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(1)
+
+    def fake_secondary():
+        conn, _ = lsock.accept()
+        with conn:
+            conn.settimeout(10)
+            conn.recv(1 << 16)
+            conn.sendall(struct.pack(">I", 0))      # CHECKPOINT_READY, too early
+            try:
+                while conn.recv(1 << 20):
+                    pass
+            except OSError:
+                pass
+
+    t = threading.Thread(target=fake_secondary, daemon=True)
+    t.start()
+    src.cmd("migrate", uri=f"tcp:127.0.0.1:{lsock.getsockname()[1]}")
+    info = src.wait_migration(timeout=30)
+    t.join(5)
+    lsock.close()
+    assert info["status"] == "failed", info
+    assert "CHECKPOINT_READY before the migration stream ended" in info["error-desc"], info
+    assert src.wait_runstate("running") == "running"
+    after = wait_passes(src, workload(src)["passes"] + 2)
+    assert after["violations"] == 0, after
+
+
 def bad_checkpoint(ram_id, page):
     """A checkpoint whose RAM part is whole (PAGE of RAM block m0 at 0, full of PAGE
     bytes) but whose device state names a device this machine lacks."""
@@ -493,6 +531,32 @@ def test_a_qemu_primary_completes_and_a_vmigrate_secondary_waits(ws):
     assert wait_colo_exit(dst) == [{"mode": "secondary", "reason": "error"}]
     assert dst.query_migrate()["status"] == "colo"
     assert dst.runstate() == "colo"
+    dst.cmd("x-colo-lost-heartbeat")
+    assert dst.wait_migration(("completed", "failed"), timeout=10)["status"] == "completed"
+    dst.wait_runstate("running")
+    assert ram_sha(dst) == ram_sha(src)
+
+
+def test_a_qemu_primary_with_return_path_fails_on_checkpoint_ready(ws):
+    """QEMU 10.0's primary with `return-path` reads the secondary's CHECKPOINT_READY
+    (be32 0) on its return-path thread as a return-path message of type 0 and fails
+    the migration; its guest runs on. The vmigrate secondary behaves as QEMU's does
+    (no SHUT before COLO, CHECKPOINT_READY on the same connection), loses its
+    primary, and runs the migrated guest once told."""
+    require("vmigrate", "qemu")
+    src = ws.vm("qemu", "primary", mem_mib=64).start()
+    dst = ws.vm("vmigrate", "secondary", mem_mib=64, incoming="defer").start()
+    src.write_ram(bytes(range(256)) * 4096, offset=1 << 20)
+    for m in (src, dst):
+        m.set_caps(x_colo=True, events=True, return_path=True)
+    dst.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
+    port = harness.socket_port(dst.query_migrate())
+    src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+    si = src.wait_migration(timeout=30)
+    assert si["status"] == "failed", si
+    assert si["error-desc"] == "Received invalid message 0x0000 length 0x0000", si
+    assert src.wait_runstate("running") == "running"
+    assert wait_colo_exit(dst) == [{"mode": "secondary", "reason": "error"}]
     dst.cmd("x-colo-lost-heartbeat")
     assert dst.wait_migration(("completed", "failed"), timeout=10)["status"] == "completed"
     dst.wait_runstate("running")

@@ -48,6 +48,9 @@ pub enum ReturnPathError {
     /// A COLO secondary closed the return path instead of sending CHECKPOINT_READY.
     #[error("the secondary sent SHUT {0} instead of entering COLO")]
     ShutBeforeColo(u32),
+    /// A COLO secondary sent CHECKPOINT_READY before it had the whole stream.
+    #[error("the secondary sent COLO's CHECKPOINT_READY before the migration stream ended")]
+    ColoReadyEarly,
     /// `REQ_PAGES` came before any `REQ_PAGES_ID` named a block.
     #[error("Page request at offset {0:#x} names no block (no REQ_PAGES_ID before it)")]
     RequestWithoutBlock(u64),
@@ -289,13 +292,14 @@ impl ReturnPath {
             .switchover_acked
     }
 
-    /// An error the return path reported, if any.
+    /// An error the return path reported, if any. Asked while the stream is being
+    /// sent, a COLO secondary's CHECKPOINT_READY is one: it belongs after the stream.
     pub fn error(&self) -> Option<ReturnPathError> {
-        self.heard
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .error
-            .clone()
+        let h = self.heard.lock().unwrap_or_else(|e| e.into_inner());
+        if h.colo_ready {
+            return Some(ReturnPathError::ColoReadyEarly);
+        }
+        h.error.clone()
     }
 
     /// Waits until at least one PONG came back: the destination accepted the main
