@@ -57,13 +57,14 @@ def wait_colo_exit(m, timeout=10):
     raise AssertionError(f"{m.name}: no COLO_EXIT in {timeout}s: {m.event_names()}")
 
 
-def start_pair(ws, delay_ms=100):
-    """A running primary and a secondary in COLO, with x-checkpoint-delay DELAY_MS."""
+def start_pair(ws, delay_ms=100, **caps):
+    """A running primary and a secondary in COLO, with x-checkpoint-delay DELAY_MS
+    (and CAPS on both sides)."""
     src = lab(ws, "primary").start()
     dst = lab(ws, "secondary", incoming="defer").start()
     wait_passes(src, 1)
     for m in (src, dst):
-        m.set_caps(x_colo=True, events=True)
+        m.set_caps(x_colo=True, events=True, **caps)
     src.set_params(max_bandwidth=0, x_checkpoint_delay=delay_ms)
     dst.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
     port = harness.socket_port(dst.query_migrate())
@@ -111,6 +112,33 @@ def test_checkpoints_then_the_secondary_takes_over_when_the_primary_dies(ws):
         < names.index("RESUME"), names
     r = dst.raw("x-colo-lost-heartbeat")
     assert r["error"]["desc"] == "VM is not in COLO mode", r
+
+
+@pytest.mark.parametrize("caps", [
+    {"return_path": True},
+    {"return_path": True, "switchover_ack": True},
+], ids=["return-path", "return-path-switchover-ack"])
+def test_colo_with_the_return_path_on_both_sides(ws, caps):
+    """With `return-path` (and `switchover-ack`, whose ACK comes on it) on both sides,
+    the first migration's return-path messages come back, then the secondary's
+    CHECKPOINT_READY on the same connection with no SHUT between: COLO checkpoints,
+    and the secondary takes over with its guest's self-check clean."""
+    require("vmigrate")
+    src, dst = start_pair(ws, delay_ms=100, **caps)
+    wait_checkpoints(src, 8)
+    assert wait_checkpoints(dst, 8) >= 8
+    w = workload(src)
+    assert w["violations"] == 0 and w["passes"] > 1, w
+    names = src.event_names()
+    assert names.index("MIGRATION:device") < names.index("MIGRATION:colo"), names
+    src.kill9()
+    assert wait_colo_exit(dst) == [{"mode": "secondary", "reason": "error"}]
+    dst.cmd("x-colo-lost-heartbeat")
+    assert dst.wait_migration(("completed", "failed"), timeout=10)["status"] == "completed"
+    dst.wait_runstate("running")
+    at = workload(dst)
+    after = wait_passes(dst, at["passes"] + 3)
+    assert after["violations"] == 0, after
 
 
 def test_the_primary_goes_on_alone_when_the_secondary_dies(ws):
@@ -268,6 +296,44 @@ def test_a_hostile_secondary_ends_colo_without_harming_the_primary(ws):
     assert after["violations"] == 0
 
 
+def test_checkpoint_ready_before_the_stream_ends_fails_the_migration(ws):
+    """With `return-path`, a fake secondary that sends CHECKPOINT_READY while the first
+    migration is still streaming (slowly, by max-bandwidth) fails that migration with
+    a reason naming it; the primary's guest runs on untouched."""
+    require("vmigrate")
+    src = lab(ws, "primary").start()
+    wait_passes(src, 1)
+    src.set_caps(x_colo=True, events=True, return_path=True)
+    src.set_params(max_bandwidth=4 << 20, x_checkpoint_delay=50)
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(1)
+
+    def fake_secondary():
+        conn, _ = lsock.accept()
+        with conn:
+            conn.settimeout(10)
+            conn.recv(1 << 16)
+            conn.sendall(struct.pack(">I", 0))      # CHECKPOINT_READY, too early
+            try:
+                while conn.recv(1 << 20):
+                    pass
+            except OSError:
+                pass
+
+    t = threading.Thread(target=fake_secondary, daemon=True)
+    t.start()
+    src.cmd("migrate", uri=f"tcp:127.0.0.1:{lsock.getsockname()[1]}")
+    info = src.wait_migration(timeout=30)
+    t.join(5)
+    lsock.close()
+    assert info["status"] == "failed", info
+    assert "CHECKPOINT_READY before the migration stream ended" in info["error-desc"], info
+    assert src.wait_runstate("running") == "running"
+    after = wait_passes(src, workload(src)["passes"] + 2)
+    assert after["violations"] == 0, after
+
+
 def bad_checkpoint(ram_id, page):
     """A checkpoint whose RAM part is whole (PAGE of RAM block m0 at 0, full of PAGE
     bytes) but whose device state names a device this machine lacks."""
@@ -413,6 +479,39 @@ def test_vmigrate_primary_checkpoints_into_a_qemu_secondary(ws):
                                             "reason": "request"}
 
 
+def test_vmigrate_primary_with_return_path_checkpoints_into_a_qemu_secondary(ws):
+    """As above with `return-path` and `switchover-ack` on both sides: QEMU's secondary
+    answers on the return path (SWITCHOVER_ACK), then sends CHECKPOINT_READY on the
+    same connection without SHUT; the checkpoints arrive and it takes over."""
+    require("vmigrate", "qemu")
+    src = ws.vm("vmigrate", "primary", mem_mib=64,
+                extra=["--workload", "hot=4M,rate=40M"]).start()
+    dst = ws.vm("qemu", "secondary", mem_mib=64, incoming="defer").start()
+    for m in (src, dst):
+        m.set_caps(x_colo=True, events=True, return_path=True, switchover_ack=True)
+    src.set_params(max_bandwidth=0, x_checkpoint_delay=20000)
+    dst.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
+    port = harness.socket_port(dst.query_migrate())
+    src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+    harness.wait_until_status(src, "colo", timeout=30)
+    harness.wait_until_status(dst, "colo", timeout=30)
+    for n in range(1, 6):
+        src.set_params(x_checkpoint_delay=20000)
+        wait_checkpoints(src, n, timeout=10)
+        time.sleep(0.05)
+    src.cmd("stop")
+    frozen = ram_sha(src)
+    src.set_params(x_checkpoint_delay=20000)
+    wait_checkpoints(src, 6, timeout=10)
+    assert ram_sha(dst) == frozen, "QEMU's secondary RAM differs from the checkpoint"
+    src.kill9()
+    assert wait_colo_exit(dst) == [{"mode": "secondary", "reason": "error"}]
+    dst.cmd("x-colo-lost-heartbeat")
+    assert dst.wait_migration(("completed", "failed"), timeout=10)["status"] == "completed"
+    dst.wait_runstate("running")
+    assert ram_sha(dst) == frozen
+
+
 def test_a_qemu_primary_completes_and_a_vmigrate_secondary_waits(ws):
     """QEMU 10.0's primary sends ENABLE_COLO but, on this build, completes its first
     migration instead of entering COLO (its status passes through `device`, which its
@@ -432,6 +531,32 @@ def test_a_qemu_primary_completes_and_a_vmigrate_secondary_waits(ws):
     assert wait_colo_exit(dst) == [{"mode": "secondary", "reason": "error"}]
     assert dst.query_migrate()["status"] == "colo"
     assert dst.runstate() == "colo"
+    dst.cmd("x-colo-lost-heartbeat")
+    assert dst.wait_migration(("completed", "failed"), timeout=10)["status"] == "completed"
+    dst.wait_runstate("running")
+    assert ram_sha(dst) == ram_sha(src)
+
+
+def test_a_qemu_primary_with_return_path_fails_on_checkpoint_ready(ws):
+    """QEMU 10.0's primary with `return-path` reads the secondary's CHECKPOINT_READY
+    (be32 0) on its return-path thread as a return-path message of type 0 and fails
+    the migration; its guest runs on. The vmigrate secondary behaves as QEMU's does
+    (no SHUT before COLO, CHECKPOINT_READY on the same connection), loses its
+    primary, and runs the migrated guest once told."""
+    require("vmigrate", "qemu")
+    src = ws.vm("qemu", "primary", mem_mib=64).start()
+    dst = ws.vm("vmigrate", "secondary", mem_mib=64, incoming="defer").start()
+    src.write_ram(bytes(range(256)) * 4096, offset=1 << 20)
+    for m in (src, dst):
+        m.set_caps(x_colo=True, events=True, return_path=True)
+    dst.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
+    port = harness.socket_port(dst.query_migrate())
+    src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+    si = src.wait_migration(timeout=30)
+    assert si["status"] == "failed", si
+    assert si["error-desc"] == "Received invalid message 0x0000 length 0x0000", si
+    assert src.wait_runstate("running") == "running"
+    assert wait_colo_exit(dst) == [{"mode": "secondary", "reason": "error"}]
     dst.cmd("x-colo-lost-heartbeat")
     assert dst.wait_migration(("completed", "failed"), timeout=10)["status"] == "completed"
     dst.wait_runstate("running")

@@ -586,6 +586,10 @@ impl Migrator {
                 self.end_session(Ending::Failed(e.0));
                 return;
             }
+            // Kept with the other channels' relays: a postcopy recovery retires it.
+            if let Some(relay) = channel.tls_relay.take() {
+                self.shared.add_tls_relay(relay);
+            }
         }
         // The main socket for cancel to shut down: a duplicate held here until the end,
         // and weakly by the cancel list.
@@ -624,9 +628,7 @@ impl Migrator {
         self.shared.lock().cancel_fds.clear();
         drop(cancel_socket);
         drop(channel.fd.try_clone());
-        let main_relay = channel.tls_relay.take();
         let mut relays = std::mem::take(&mut self.shared.lock().tls_relays);
-        relays.extend(main_relay);
         if result.is_err() {
             // Nothing more is owed to the peer: end the sessions now.
             for r in &relays {
@@ -1132,7 +1134,6 @@ fn colo_unsupported_with(caps: &Capabilities) -> Option<&'static str> {
         Cap::PostcopyRam,
         Cap::MappedRam,
         Cap::Xbzrle,
-        Cap::ReturnPath,
         Cap::BackgroundSnapshot,
     ]
     .into_iter()

@@ -310,9 +310,19 @@ impl Shared {
         self.lock().tls_client.clone()
     }
 
-    /// Keeps a multifd channel's relay, so completion waits for its last bytes.
+    /// Keeps a channel's relay (the main one, multifd, preempt), so completion waits
+    /// for its last bytes and reports a failed session.
     pub fn add_tls_relay(&self, relay: tls::RelayDone) {
         self.lock().tls_relays.push(relay);
+    }
+
+    /// Ends the TLS sessions a postcopy recovery replaces: their connections broke,
+    /// so completion neither waits for them nor reports how they ended.
+    pub(crate) fn retire_tls_relays(&self) {
+        let retired = std::mem::take(&mut self.lock().tls_relays);
+        for relay in &retired {
+            relay.abort();
+        }
     }
 
     pub fn emit_pass(&self, pass: u64) {

@@ -94,6 +94,31 @@ impl RpMessage {
         let at = src.offset();
         let kind = src.be16("return-path message type")?;
         let len = src.be16("return-path message length")?;
+        Self::decode_after_header(src, at, kind, len)
+    }
+
+    /// [`Self::decode`] on a COLO primary's return path, where the secondary's first
+    /// COLO message follows the return-path messages on the same socket with no
+    /// `SHUT` before it (QEMU's secondary sends `SHUT` only once COLO is over).
+    /// That message, `CHECKPOINT_READY`, is a be32 0: read as a return-path header it
+    /// is type 0 (which no message has) with length 0. `None` when those four bytes
+    /// came; they are consumed.
+    pub fn decode_before_colo(src: &mut impl Source) -> Result<Option<Self>, DecodeError> {
+        let at = src.offset();
+        let kind = src.be16("return-path message type")?;
+        let len = src.be16("return-path message length")?;
+        if kind == 0 && len == 0 {
+            return Ok(None);
+        }
+        Self::decode_after_header(src, at, kind, len).map(Some)
+    }
+
+    fn decode_after_header(
+        src: &mut impl Source,
+        at: u64,
+        kind: u16,
+        len: u16,
+    ) -> Result<Self, DecodeError> {
         let bad = |detail: String| {
             Err(DecodeError::new(
                 at,
@@ -202,6 +227,25 @@ mod tests {
             m.encode(&mut out);
         }
         assert_eq!(out, bytes);
+    }
+
+    #[test]
+    fn colo_checkpoint_ready_ends_the_return_path_messages() {
+        // SWITCHOVER_ACK, PONG 1, then COLO's CHECKPOINT_READY (be32 0); nothing of the
+        // COLO message is left unread, nothing after it is read.
+        let bytes = [0, 7, 0, 0, 0, 2, 0, 4, 0, 0, 0, 1, 0, 0, 0, 0, 0xAA];
+        let mut src = SliceSource::new(&bytes);
+        let mut got = Vec::new();
+        while let Some(m) = RpMessage::decode_before_colo(&mut src).unwrap() {
+            got.push(m);
+        }
+        assert_eq!(got, [RpMessage::SwitchoverAck, RpMessage::Pong(1)]);
+        assert_eq!(src.offset(), 16);
+        // Type 0 with a length is no COLO message, and plain decode refuses type 0.
+        let mut src = SliceSource::new(&[0, 0, 0, 4, 0, 0, 0, 0]);
+        assert!(RpMessage::decode_before_colo(&mut src).is_err());
+        let mut src = SliceSource::new(&[0, 0, 0, 0]);
+        assert!(RpMessage::decode(&mut src).is_err());
     }
 
     #[test]

@@ -45,6 +45,12 @@ pub enum ReturnPathError {
     SiblingFailed(u32),
     #[error("return path closed without SHUT")]
     ClosedWithoutShut,
+    /// A COLO secondary closed the return path instead of sending CHECKPOINT_READY.
+    #[error("the secondary sent SHUT {0} instead of entering COLO")]
+    ShutBeforeColo(u32),
+    /// A COLO secondary sent CHECKPOINT_READY before it had the whole stream.
+    #[error("the secondary sent COLO's CHECKPOINT_READY before the migration stream ended")]
+    ColoReadyEarly,
     /// `REQ_PAGES` came before any `REQ_PAGES_ID` named a block.
     #[error("Page request at offset {0:#x} names no block (no REQ_PAGES_ID before it)")]
     RequestWithoutBlock(u64),
@@ -92,6 +98,8 @@ struct Heard {
     bitmaps: HashMap<String, RecvBitmap>,
     /// Recovery: `RESUME_ACK` came.
     resume_acked: bool,
+    /// COLO: the secondary's CHECKPOINT_READY came (and ended the return path).
+    colo_ready: bool,
 }
 
 /// The source's view of the return path, filled by its reader thread.
@@ -107,6 +115,8 @@ pub struct ReturnPath {
     /// Recovery: the blocks a `RECV_BITMAP` may name, with their target pages (the
     /// bitmap's bits). Empty outside a recovery.
     bitmap_blocks: Vec<(String, u64)>,
+    /// COLO primary: the secondary's first COLO message ends the return path.
+    colo: bool,
 }
 
 impl ReturnPath {
@@ -135,6 +145,19 @@ impl ReturnPath {
         )
     }
 
+    /// [`Self::spawn`] for a COLO primary (precopy): the messages end when the
+    /// secondary's CHECKPOINT_READY comes on the same socket, which the reader takes
+    /// and reports ([`Self::await_colo_ready`]); the COLO session reads what follows.
+    pub fn spawn_for_colo(fd: OwnedFd) -> Arc<Self> {
+        Self::start(
+            Self {
+                colo: true,
+                ..Self::default()
+            },
+            fd,
+        )
+    }
+
     fn start(rp: Self, fd: OwnedFd) -> Arc<Self> {
         let rp = Arc::new(rp);
         let me = rp.clone();
@@ -147,8 +170,23 @@ impl ReturnPath {
     fn read_loop(&self, fd: OwnedFd) {
         let mut src = FdSource::new(fd, 0);
         loop {
-            let msg = RpMessage::decode(&mut src);
+            let msg = if self.colo {
+                RpMessage::decode_before_colo(&mut src)
+            } else {
+                RpMessage::decode(&mut src).map(Some)
+            };
             let mut h = self.heard.lock().unwrap_or_else(|e| e.into_inner());
+            let msg = match msg {
+                Ok(Some(m)) => Ok(m),
+                Ok(None) => {
+                    h.colo_ready = true;
+                    h.closed = true;
+                    drop(h);
+                    self.changed.notify_all();
+                    return;
+                }
+                Err(e) => Err(e),
+            };
             match msg {
                 Ok(RpMessage::Pong(v)) => h.pongs.push(v),
                 Ok(RpMessage::SwitchoverAck) => h.switchover_acked = true,
@@ -254,13 +292,14 @@ impl ReturnPath {
             .switchover_acked
     }
 
-    /// An error the return path reported, if any.
+    /// An error the return path reported, if any. Asked while the stream is being
+    /// sent, a COLO secondary's CHECKPOINT_READY is one: it belongs after the stream.
     pub fn error(&self) -> Option<ReturnPathError> {
-        self.heard
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .error
-            .clone()
+        let h = self.heard.lock().unwrap_or_else(|e| e.into_inner());
+        if h.colo_ready {
+            return Some(ReturnPathError::ColoReadyEarly);
+        }
+        h.error.clone()
     }
 
     /// Waits until at least one PONG came back: the destination accepted the main
@@ -342,6 +381,32 @@ impl ReturnPath {
             (Some(v), _) => Err(ReturnPathError::SiblingFailed(v)),
             (None, Some(e)) => Err(e.clone()),
             (None, None) => Err(ReturnPathError::ClosedWithoutShut),
+        }
+    }
+}
+
+impl ReturnPath {
+    /// COLO primary: waits until the secondary's CHECKPOINT_READY ended the return
+    /// path (or `timeout`); an error if it ended otherwise.
+    pub fn await_colo_ready(&self, timeout: Duration) -> Result<(), ReturnPathError> {
+        let deadline = Instant::now() + timeout;
+        let mut h = self.heard.lock().unwrap_or_else(|e| e.into_inner());
+        while !h.closed {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ReturnPathError::CloseTimeout);
+            }
+            h = self
+                .changed
+                .wait_timeout(h, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        match (h.colo_ready, h.shut, &h.error) {
+            (true, _, _) => Ok(()),
+            (false, Some(v), _) => Err(ReturnPathError::ShutBeforeColo(v)),
+            (false, None, Some(e)) => Err(e.clone()),
+            (false, None, None) => Err(ReturnPathError::ClosedWithoutShut),
         }
     }
 }

@@ -237,6 +237,9 @@ pub fn load_stream_postcopy(
         let code = u32::from(result.is_err());
         let _ = rp.send(&RpMessage::Shut(code), 0);
     }
+    if let Some(pc) = ram.postcopy() {
+        pc.end_channels();
+    }
     result
 }
 

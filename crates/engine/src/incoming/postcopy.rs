@@ -227,6 +227,14 @@ impl PostcopyIncoming {
         self.shut_channels();
     }
 
+    /// The end of the session, once SHUT went back: shuts the main and preempt
+    /// channels down. After a recovery, their descriptors are held in several places
+    /// (the return path's writer, this); a TLS session on them then ends at once
+    /// instead of its peer waiting for it to close.
+    pub(crate) fn end_channels(&self) {
+        self.shut_channels();
+    }
+
     fn shut_channels(&self) {
         for slot in [&self.main_fd, &self.preempt_fd] {
             if let Some(fd) = slot.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {

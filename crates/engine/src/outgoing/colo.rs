@@ -15,7 +15,10 @@
 //! ```
 //!
 //! The primary's messages travel on the main channel, the secondary's come back on the
-//! same connection (QEMU's return path without its thread).
+//! same connection (QEMU's return path without its thread). With `return-path`, the
+//! return-path messages of the first migration come first on that connection, with no
+//! SHUT after them (QEMU's secondary sends SHUT only once COLO is over): the return
+//! path's reader ends at CHECKPOINT_READY, before the status leaves `device`.
 
 use std::os::fd::OwnedFd;
 use std::sync::atomic::Ordering;
@@ -56,6 +59,7 @@ pub(crate) fn run(shared: &Shared, vmm: &dyn Vmm, h: ColoHandover) -> Result<(),
         ids,
         devices,
         socket,
+        ready_received,
     } = h;
     let control = vmm.control();
     let tracker = vmm.dirty_tracker();
@@ -70,7 +74,7 @@ pub(crate) fn run(shared: &Shared, vmm: &dyn Vmm, h: ColoHandover) -> Result<(),
         ids,
         devices: &devices,
     };
-    let outcome = session.checkpoint_loop(&mut w, &mut saver, &socket);
+    let outcome = session.checkpoint_loop(&mut w, &mut saver, &socket, ready_received);
     tracker.stop();
     let reason = match &outcome {
         Ok(()) => ExitReason::Request,
@@ -111,6 +115,7 @@ impl Session<'_> {
         w: &mut StreamWriter,
         saver: &mut RamSaver,
         socket: &OwnedFd,
+        ready_received: bool,
     ) -> Result<(), ColoPrimaryError> {
         let shared = self.shared;
         let fd = socket
@@ -124,8 +129,10 @@ impl Session<'_> {
                 Err(e)
             }
         };
-        if let Err(e) = ColoMessage::expect(&mut back, ColoMessage::CheckpointReady) {
-            return failed_over(e.into());
+        if !ready_received {
+            if let Err(e) = ColoMessage::expect(&mut back, ColoMessage::CheckpointReady) {
+                return failed_over(e.into());
+            }
         }
         self.vmm.control().vm_start();
         // As QEMU's timer does, the delay runs from the start of the last checkpoint

@@ -130,6 +130,8 @@ fn resume(
 ) -> Result<Resumed, Failure> {
     let shared = options.shared;
     let setup = MigrationStatus::PostcopyRecoverSetup;
+    // The sessions of the broken connections (and of an attempt that failed) are over.
+    shared.retire_tls_relays();
     let mut ch = transport::connect_outgoing(addr)
         .map_err(|e| Failure::Network(setup, format!("postcopy recovery: {}", e.0)))?;
     if let Some(tls) = shared.tls_client() {

@@ -232,7 +232,11 @@ pub(crate) fn run(
             .fd
             .try_clone()
             .map_err(|e| WriteError::Io(e.to_string()))?;
-        Some(ReturnPath::spawn(back, postcopy))
+        Some(if caps.x_colo() {
+            ReturnPath::spawn_for_colo(back)
+        } else {
+            ReturnPath::spawn(back, postcopy)
+        })
     } else {
         None
     };
@@ -303,6 +307,7 @@ pub(crate) fn run(
             ids: session.ids,
             devices: session.devices,
             socket: Arc::new(socket),
+            ready_received: session.return_path.is_some(),
         }));
     }
     tracker.stop();
@@ -323,6 +328,8 @@ pub(crate) struct ColoHandover {
     pub devices: Vec<Arc<dyn crate::vmm::DeviceState>>,
     /// The connection: the secondary answers on it, and a failover shuts it down.
     pub socket: Arc<std::os::fd::OwnedFd>,
+    /// With `return-path`, the return path's reader took CHECKPOINT_READY already.
+    pub ready_received: bool,
 }
 
 /// Connects the multifd channels and starts their threads.
@@ -998,7 +1005,13 @@ fn complete(
     w.flush()?;
     saver.finish_multifd()?;
     if let Some(rp) = &session.return_path {
-        rp.await_close(RETURN_PATH_CLOSE_TIMEOUT)?;
+        if session.colo {
+            // The secondary sends no SHUT before COLO: its CHECKPOINT_READY ends the
+            // return path (see outgoing::colo).
+            rp.await_colo_ready(RETURN_PATH_CLOSE_TIMEOUT)?;
+        } else {
+            rp.await_close(RETURN_PATH_CLOSE_TIMEOUT)?;
+        }
     }
     let total = stats.transferred.load(Ordering::Relaxed);
     stats
