@@ -74,3 +74,13 @@ def pytest_runtest_makereport(item, call):
     outcome = yield
     rep = outcome.get_result()
     setattr(item, "rep_" + rep.when, rep)
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory):
+    """x509 test credentials (a CA, server and client certificates) for the TLS tests."""
+    import tls_certs
+    try:
+        return tls_certs.make_pki(str(tmp_path_factory.mktemp("pki")))
+    except (OSError, RuntimeError) as e:
+        pytest.skip(f"cannot make test certificates with openssl: {e}")

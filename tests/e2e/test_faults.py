@@ -19,7 +19,6 @@ import pytest
 
 import faultproxy
 import harness
-import tls_certs
 from conftest import require
 from faultproxy import Fault
 
@@ -87,14 +86,6 @@ CELLS = [
          caps={"postcopy_ram": True, "postcopy_preempt": True}, flow="postcopy",
          ci=False),
 ]
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    try:
-        return tls_certs.make_pki(str(tmp_path_factory.mktemp("pki")))
-    except (OSError, RuntimeError) as e:
-        pytest.skip(f"cannot make test certificates with openssl: {e}")
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -14,7 +14,6 @@ import pytest
 
 import harness
 from harness import wait_until_status as wait_status
-import tls_certs
 from conftest import require
 
 MiB = harness.MiB
@@ -152,14 +151,6 @@ def test_postcopy_preempt_needs_a_multi_channel_uri(ws):
     assert replies["vmigrate"] == replies["qemu"], replies
     assert replies["qemu"]["error"]["desc"] == \
         "Migration requires multi-channel URIs (e.g. tcp)", replies
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    try:
-        return tls_certs.make_pki(str(tmp_path_factory.mktemp("pki")))
-    except (OSError, RuntimeError) as e:
-        pytest.skip(f"cannot make test certificates with openssl: {e}")
 
 
 @pytest.mark.vmigrate

@@ -12,7 +12,6 @@ import random
 import pytest
 
 import harness
-import tls_certs
 from conftest import require
 from faultproxy import Fault, FaultProxy
 from test_postcopy_recover import (GUEST_MIB, RECOVERY_DST, RECOVERY_SRC, assert_recovered,
@@ -41,14 +40,6 @@ PAIRS = [
 # Far beyond any byte the stream reaches: the proxy injects nothing by itself, the test
 # cuts the main channel when it chooses.
 NEVER = 1 << 62
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    try:
-        return tls_certs.make_pki(str(tmp_path_factory.mktemp("pki")))
-    except (OSError, RuntimeError) as e:
-        pytest.skip(f"cannot make test certificates with openssl: {e}")
 
 
 @pytest.fixture(scope="module")

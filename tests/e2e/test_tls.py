@@ -30,14 +30,6 @@ DESTINATIONS = SOURCES
 
 
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    try:
-        return tls_certs.make_pki(str(tmp_path_factory.mktemp("pki")))
-    except (OSError, RuntimeError) as e:
-        pytest.skip(f"cannot make test certificates with openssl: {e}")
-
-
-@pytest.fixture(scope="module")
 def tls_image():
     return harness.make_image(MIB << 20, 23)[0]
 

@@ -17,7 +17,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io::Write;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use vmigrate_stream::recover::{RecvBitmap, RESUME_ACK_VALUE};
@@ -360,9 +360,8 @@ impl ReturnPath {
         }
     }
 
-    /// Waits until the destination closes the return path (or `timeout`), and returns
-    /// an error unless it said it loaded everything.
-    pub fn await_close(&self, timeout: Duration) -> Result<(), ReturnPathError> {
+    /// Waits until the return path ended (or `timeout`) and gives what was heard.
+    fn wait_closed(&self, timeout: Duration) -> Result<MutexGuard<'_, Heard>, ReturnPathError> {
         let deadline = Instant::now() + timeout;
         let mut h = self.heard.lock().unwrap_or_else(|e| e.into_inner());
         while !h.closed {
@@ -376,6 +375,13 @@ impl ReturnPath {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
+        Ok(h)
+    }
+
+    /// Waits until the destination closes the return path (or `timeout`), and returns
+    /// an error unless it said it loaded everything.
+    pub fn await_close(&self, timeout: Duration) -> Result<(), ReturnPathError> {
+        let h = self.wait_closed(timeout)?;
         match (h.shut, &h.error) {
             (Some(0), _) => Ok(()),
             (Some(v), _) => Err(ReturnPathError::SiblingFailed(v)),
@@ -389,19 +395,7 @@ impl ReturnPath {
     /// COLO primary: waits until the secondary's CHECKPOINT_READY ended the return
     /// path (or `timeout`); an error if it ended otherwise.
     pub fn await_colo_ready(&self, timeout: Duration) -> Result<(), ReturnPathError> {
-        let deadline = Instant::now() + timeout;
-        let mut h = self.heard.lock().unwrap_or_else(|e| e.into_inner());
-        while !h.closed {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(ReturnPathError::CloseTimeout);
-            }
-            h = self
-                .changed
-                .wait_timeout(h, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
+        let h = self.wait_closed(timeout)?;
         match (h.colo_ready, h.shut, &h.error) {
             (true, _, _) => Ok(()),
             (false, Some(v), _) => Err(ReturnPathError::ShutBeforeColo(v)),
