@@ -37,18 +37,23 @@ def migration_events(m):
     return [e.split(":", 1)[1] for e in m.event_names() if e.startswith("MIGRATION:")]
 
 
-def start_pair(ws, image, src_impl, dst_impl, preempt=False):
-    """Source and destination in postcopy-active, the connection through a proxy."""
-    src = ws.vm(src_impl, "src", mem_mib=GUEST_MIB).start()
+def start_pair(ws, image, src_impl, dst_impl, preempt=False, tls=None, faults=()):
+    """Source and destination in postcopy-active, the connection through a proxy.
+    TLS: (source objects, destination objects, source params, destination params)."""
+    src_objects, dst_objects, src_params, dst_params = tls or ([], [], {}, {})
+    src = ws.vm(src_impl, "src", mem_mib=GUEST_MIB, objects=src_objects).start()
     src.write_ram(image.data)
-    dst = ws.vm(dst_impl, "dst", mem_mib=GUEST_MIB, incoming="defer").start()
+    dst = ws.vm(dst_impl, "dst", mem_mib=GUEST_MIB, incoming="defer",
+                objects=dst_objects).start()
     for m in (src, dst):
         m.set_caps(events=True, postcopy_ram=True, postcopy_preempt=preempt)
+    if dst_params:
+        dst.set_params(**dst_params)
     # Precopy crawls; the push after the switch takes a few seconds, long enough to
     # be cut (twice) on a loaded machine.
-    src.set_params(max_bandwidth=2 * MiB, max_postcopy_bandwidth=6 * MiB)
+    src.set_params(max_bandwidth=2 * MiB, max_postcopy_bandwidth=6 * MiB, **src_params)
     dst.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
-    proxy = FaultProxy(harness.socket_port(dst.query_migrate()))
+    proxy = FaultProxy(harness.socket_port(dst.query_migrate()), *faults)
     src.cmd("migrate", uri=f"tcp:127.0.0.1:{proxy.port}")
     wait_status(src, "active")
     src.cmd("migrate-start-postcopy")

@@ -14,6 +14,7 @@ import pytest
 import harness
 from conftest import require
 from faultproxy import Fault, FaultProxy
+from test_postcopy_recover import start_pair as recover_pair
 from test_postcopy_recover import (GUEST_MIB, RECOVERY_DST, RECOVERY_SRC, assert_recovered,
                                    check_paused, cut_during_postcopy, finish, wait_status)
 from test_tls import AUTHZ_OK, Recorder, creds
@@ -50,25 +51,11 @@ def image(session_dir):
 def start_pair(ws, pki, image, src_impl, dst_impl, preempt):
     """Source and destination with TLS in postcopy-active, the connections through a
     proxy."""
-    src = ws.vm(src_impl, "src", mem_mib=GUEST_MIB, objects=[creds(pki, "client")]).start()
-    src.write_ram(image.data)
-    dst = ws.vm(dst_impl, "dst", mem_mib=GUEST_MIB, incoming="defer",
-                objects=[creds(pki, "server"), AUTHZ_OK]).start()
-    for m in (src, dst):
-        m.set_caps(events=True, postcopy_ram=True, postcopy_preempt=preempt)
-        m.set_params(tls_creds="tls0")
-    dst.set_params(tls_authz="az0")
-    src.set_params(tls_hostname="localhost", max_bandwidth=2 * MiB,
-                   max_postcopy_bandwidth=6 * MiB)
-    dst.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
-    proxy = FaultProxy(harness.socket_port(dst.query_migrate()), Fault(conn=0, at=NEVER))
-    src.cmd("migrate", uri=f"tcp:127.0.0.1:{proxy.port}")
-    wait_status(src, "active")
-    src.cmd("migrate-start-postcopy")
-    wait_status(src, "postcopy-active")
-    wait_status(dst, "postcopy-active")
-    assert dst.wait_runstate("running") == "running"
-    return src, dst, proxy
+    tls = ([creds(pki, "client")], [creds(pki, "server"), AUTHZ_OK],
+           {"tls_creds": "tls0", "tls_hostname": "localhost"},
+           {"tls_creds": "tls0", "tls_authz": "az0"})
+    return recover_pair(ws, image, src_impl, dst_impl, preempt, tls=tls,
+                        faults=[Fault(conn=0, at=NEVER)])
 
 
 def recover_through_recorder(src, dst):
