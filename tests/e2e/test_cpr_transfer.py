@@ -106,7 +106,17 @@ def test_source_fails_and_keeps_running_when_the_channel_is_dropped(ws):
     t = threading.Thread(target=drop, daemon=True)
     t.start()
     src = ws.vm("vmigrate", "src", mem_mib=MIB).start()
-    si = migrate_cpr(src, ws.path("nobody.sock"), cpr_path)
+    # As QEMU's, the CPR state is written before `migrate` returns: a close that beats
+    # the write fails the command itself, a later one fails the migration. Either way
+    # query-migrate ends `failed` with the reason.
+    src.cmd("migrate-set-parameters", mode="cpr-transfer")
+    r = src.raw("migrate", channels=[
+        {"channel-type": "main",
+         "addr": {"transport": "socket", "type": "unix", "path": ws.path("nobody.sock")}},
+        cpr_channel(cpr_path)])
+    if "error" in r:
+        assert "cpr channel" in r["error"]["desc"], r
+    si = src.wait_migration(timeout=60)
     t.join(5)
     lst.close()
     assert si["status"] == "failed", si
