@@ -529,6 +529,27 @@ impl RamBlock {
         f(unsafe { std::slice::from_raw_parts(p, len) })
     }
 
+    /// Calls `f` with a view of the `len` bytes at `offset` while the guest may write
+    /// them.
+    ///
+    /// # Safety
+    ///
+    /// The race is accepted because a page changed meanwhile is dirty again and sent
+    /// again. `f` must give a valid result whatever it reads, even when two reads of the
+    /// same byte disagree, and must not keep what it read as the page's contents except
+    /// by copying it out once (an encoder whose output is well formed by construction).
+    pub unsafe fn with_live_bytes<R>(
+        &self,
+        offset: u64,
+        len: usize,
+        f: impl FnOnce(&[u8]) -> R,
+    ) -> R {
+        let p = self.ptr_at(offset, len);
+        // SAFETY: inside the live mapping; the view lives only for `f`, under the
+        // caller's contract.
+        f(unsafe { std::slice::from_raw_parts(p, len) })
+    }
+
     /// Calls `f` with views of the pages of `page_len` bytes at `offsets`, in order, to
     /// compress them in place.
     ///

@@ -97,6 +97,11 @@ fn put_uleb(out: &mut [u8], at: usize, v: usize) -> usize {
 /// limit is checked where QEMU checks it (room for two count bytes before each count
 /// pair, room for the run before its bytes), so both give up on the same pages.
 ///
+/// `new` may be guest memory that changes while it is read. The encoding is then still
+/// well formed (no empty run, no empty skip after the first, nothing past the page) and
+/// its runs carry the bytes as they were copied; apply it with [`decode`] to the copy
+/// the other side holds to keep that copy exact.
+///
 /// On x86-64 CPUs with AVX2 (detected at run time) the scans for changed and unchanged
 /// bytes compare 32 bytes at a time; elsewhere they compare words. Both give the same
 /// bytes as [`encode_portable`].
@@ -155,7 +160,11 @@ fn encode_with<const AVX2: bool>(old: &[u8], new: &[u8], out: &mut [u8]) -> Enco
         if d + 2 > limit {
             return Encoded::Overflow;
         }
-        let changed = find_difference::<AVX2>(old, new, i);
+        // After a run, byte `i` agreed when it was scanned; the scan for the next change
+        // starts past it, so that a skip after the first is never empty even if `new`
+        // changed since (guest memory read live).
+        let from = if i == 0 { 0 } else { i + 1 };
+        let changed = find_difference::<AVX2>(old, new, from);
         let skip = changed - i;
         if skip == len {
             return Encoded::Unchanged;
@@ -169,10 +178,12 @@ fn encode_with<const AVX2: bool>(old: &[u8], new: &[u8], out: &mut [u8]) -> Enco
         }
         // Runs of one byte are the usual case (a counter or tag per word): check the
         // next byte before a wide scan.
+        // The run takes byte `changed` whatever a second read of it would say, so it is
+        // never empty.
         let end = if changed + 1 < len && old[changed + 1] == new[changed + 1] {
             changed + 1
         } else {
-            find_agreement::<AVX2>(old, new, changed)
+            find_agreement::<AVX2>(old, new, changed + 1)
         };
         let n = end - changed;
         d += put_uleb(out, d, n);
@@ -659,5 +670,49 @@ mod tests {
         }
         // An empty encoding changes nothing.
         assert_eq!(decode(&[], &mut page), Ok(0));
+    }
+
+    /// A page another thread writes while it is encoded (guest memory read live): every
+    /// encoding must still decode, and the copy it is applied to holds only values the
+    /// page held.
+    #[test]
+    fn a_page_written_during_the_encoding_still_encodes_to_a_valid_record() {
+        use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+        use std::sync::Arc;
+        let page: Arc<Vec<AtomicU8>> = Arc::new((0..PS).map(|_| AtomicU8::new(0)).collect());
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (page, stop) = (page.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut v = 0u8;
+                while !stop.load(Ordering::Relaxed) {
+                    v ^= 1;
+                    for at in [0, 1, 7, 8, 100, 101, 2000, 2031, 2032, 4094, 4095] {
+                        page[at].store(v, Ordering::Relaxed);
+                    }
+                    for at in 3000..3040 {
+                        page[at].store(v, Ordering::Relaxed);
+                    }
+                }
+            })
+        };
+        let old = vec![0u8; PS];
+        let mut out = vec![0u8; PS];
+        let mut encoded = 0;
+        let t0 = std::time::Instant::now();
+        while encoded < 20_000 && t0.elapsed() < std::time::Duration::from_secs(5) {
+            // SAFETY (of the view): `AtomicU8` has the layout of `u8`; the racing stores
+            // are what this test is about.
+            let new = unsafe { std::slice::from_raw_parts(page.as_ptr().cast::<u8>(), PS) };
+            if let Encoded::Len(n) = encode(&old, new, &mut out) {
+                let mut copy = old.clone();
+                decode(&out[..n], &mut copy).expect("a live page encodes to a valid record");
+                assert!(copy.iter().all(|&b| b <= 1));
+                encoded += 1;
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        writer.join().unwrap();
+        assert!(encoded > 1000, "only {encoded} pages seen changed");
     }
 }

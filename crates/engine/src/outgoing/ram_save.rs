@@ -52,6 +52,9 @@ pub struct RamSaver {
     cursor: (usize, usize),
     /// The pages last mapped in ahead of the scan: block, first page, end page.
     read_ahead: (usize, usize, usize),
+    /// Set once a pass has reached the end of RAM: the pages dirty from then on were
+    /// written, so they are mapped and need no read-ahead.
+    first_pass_done: bool,
     /// multifd channels, when the capability is on: pages go there, not to the main
     /// stream.
     multifd: Option<MultifdSender>,
@@ -94,6 +97,7 @@ impl RamSaver {
             last_block: None,
             cursor: (0, 0),
             read_ahead: (usize::MAX, 0, 0),
+            first_pass_done: false,
             multifd: None,
             multifd_sync: MultifdSync::PerRound,
             mapped_layout: false,
@@ -461,6 +465,7 @@ impl RamSaver {
         loop {
             let (bi, from) = self.cursor;
             if bi >= self.blocks.len() {
+                self.first_pass_done = true;
                 if let Some(x) = &mut self.xbzrle {
                     x.pass_done();
                 }
@@ -470,7 +475,9 @@ impl RamSaver {
                 self.cursor = (bi + 1, 0);
                 continue;
             };
-            self.read_ahead(bi, page);
+            if !self.first_pass_done {
+                self.read_ahead(bi, page);
+            }
             self.dirty[bi].test_and_clear(page);
             self.cursor = (bi, page + 1);
             if live.is_some_and(|t| t.written_since_sync(bi, page)) {
@@ -495,7 +502,9 @@ impl RamSaver {
     /// Maps in the run of dirty pages from `page` on (up to 1 MiB) with one call when
     /// the scan leaves the run mapped last: reading a page that is not mapped yet costs
     /// a fault, and faults were most of a saver's CPU. Only dirty pages are asked for, so
-    /// a hole in a shared file is not filled for nothing.
+    /// a hole in a shared file is not filled for nothing. Only the first pass needs it:
+    /// a page dirty in a later one was written since, so it is mapped, and asking the
+    /// kernel again costs a page-table walk per page for nothing.
     fn read_ahead(&mut self, bi: usize, page: usize) {
         const AHEAD: u64 = 1 << 20;
         let (rb, start, end) = self.read_ahead;

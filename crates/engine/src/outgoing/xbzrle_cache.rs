@@ -12,9 +12,15 @@
 //!   cache is a *cache miss*: it is put in its slot (unless the slot holds another page
 //!   used during this or the previous sync) and sent whole, from the cached copy, so that
 //!   the cache holds exactly what was sent.
-//! - A page in the cache is copied, encoded against the cached copy, and the cache takes
-//!   the copy. An unchanged page is not sent at all; an encoding longer than a page is an
-//!   *overflow* and the copy is sent whole; otherwise the encoding is sent.
+//! - A page in the cache is encoded against the cached copy. An unchanged page is not
+//!   sent at all; an encoding longer than a page is an *overflow*: the page is copied
+//!   into the cache and sent whole from there; otherwise the encoding is sent.
+//!
+//! QEMU copies each page out of guest memory before encoding it, so that what it sends
+//! and what it caches are the same bytes while the guest writes the page. Here the page
+//! is encoded where it lies and the encoding is applied to the cached copy, exactly as
+//! the destination applies it: the cache holds what the destination holds, one copy of
+//! the page fewer, and only the changed bytes are written into the cache.
 //! - A page sent as ZERO puts a zero page in its slot (a stale copy would be wrong).
 //! - At the completion (the VM stopped) the cache is not changed any more.
 //! - In postcopy XBZRLE is not used.
@@ -125,23 +131,13 @@ impl PageCache {
         slot.data.as_deref()
     }
 
-    /// The cached copy of `addr` (which must be cached).
-    fn data(&self, addr: u64) -> &[u8] {
-        self.slots[self.index(addr)]
-            .data
-            .as_deref()
-            .expect("a cached page has its data")
-    }
-
-    /// Swaps the cached copy of `addr` (which must be cached) with `page`: the cache
-    /// takes the new copy without copying it, `page` gets the old buffer.
-    fn swap_data(&mut self, addr: u64, page: &mut Box<[u8]>) {
+    /// The cached copy of `addr` (which must be cached), to change.
+    fn data_mut(&mut self, addr: u64) -> &mut [u8] {
         let i = self.index(addr);
-        let data = self.slots[i]
+        self.slots[i]
             .data
-            .as_mut()
-            .expect("a cached page has its data");
-        std::mem::swap(data, page);
+            .as_deref_mut()
+            .expect("a cached page has its data")
     }
 }
 
@@ -168,9 +164,6 @@ pub struct XbzrleSaver {
     block_base: Vec<u64>,
     /// Set after the first complete pass.
     started: bool,
-    /// The page as read from guest memory, encoded against the cached copy; once sent
-    /// it becomes the cached copy (the buffers swap).
-    current: Box<[u8]>,
     encoded: Vec<u8>,
     stats: Arc<Stats>,
     /// Pages written since the start (records of any kind), for the rates.
@@ -209,7 +202,6 @@ impl XbzrleSaver {
             page_size,
             block_base,
             started: false,
-            current: vec![0; page_size].into_boxed_slice(),
             encoded: vec![0; page_size],
             stats,
             pages_sent: 0,
@@ -287,26 +279,35 @@ impl XbzrleSaver {
             };
         }
         counters.pages.fetch_add(1, Ordering::Relaxed);
-        // One copy out of guest memory (the guest may write the page meanwhile: what is
-        // encoded and what is cached must be the same bytes), none into the cache.
-        block.read(offset, &mut self.current);
-        let result = xbzrle::encode(self.cache.data(addr), &self.current, &mut self.encoded);
-        let keep = !last_stage && result != Encoded::Unchanged;
-        if keep {
-            self.cache.swap_data(addr, &mut self.current);
-        }
+        let ps = self.page_size;
+        let cached = self.cache.data_mut(addr);
+        let encoded = &mut self.encoded;
+        // SAFETY: the encoder's output is well formed whatever it reads, and the page's
+        // bytes leave only as the runs it copies once (see `xbzrle::encode`).
+        let result = unsafe {
+            block.with_live_bytes(offset, ps, |new| xbzrle::encode(cached, new, encoded))
+        };
+        let result = match result {
+            // The cache takes the encoding as the destination will.
+            Encoded::Len(n) if !last_stage => match xbzrle::decode(&self.encoded[..n], cached) {
+                Ok(_) => Encoded::Len(n),
+                Err(_) => Encoded::Overflow,
+            },
+            other => other,
+        };
         match result {
             Encoded::Unchanged => XbzrlePage::Unchanged,
             Encoded::Overflow => {
                 counters.overflow.fetch_add(1, Ordering::Relaxed);
-                counters
-                    .bytes
-                    .fetch_add(self.page_size as u64, Ordering::Relaxed);
-                if keep {
-                    XbzrlePage::Whole(self.cache.data(addr))
-                } else {
-                    XbzrlePage::Whole(&self.current)
+                counters.bytes.fetch_add(ps as u64, Ordering::Relaxed);
+                if last_stage {
+                    return XbzrlePage::FromGuest;
                 }
+                // One copy out of guest memory, sent from the cache so that both are the
+                // same bytes.
+                let cached = self.cache.data_mut(addr);
+                block.read(offset, cached);
+                XbzrlePage::Whole(cached)
             }
             Encoded::Len(n) => {
                 counters
