@@ -701,8 +701,8 @@ mod tests {
         let mut encoded = 0;
         let t0 = std::time::Instant::now();
         while encoded < 20_000 && t0.elapsed() < std::time::Duration::from_secs(5) {
-            // SAFETY (of the view): `AtomicU8` has the layout of `u8`; the racing stores
-            // are what this test is about.
+            // SAFETY: `AtomicU8` has the layout of `u8` and the vector lives on; the
+            // racing stores are what this test is about.
             let new = unsafe { std::slice::from_raw_parts(page.as_ptr().cast::<u8>(), PS) };
             if let Encoded::Len(n) = encode(&old, new, &mut out) {
                 let mut copy = old.clone();
