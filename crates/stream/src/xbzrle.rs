@@ -107,18 +107,68 @@ fn put_uleb(out: &mut [u8], at: usize, v: usize) -> usize {
 /// bytes as [`encode_portable`].
 pub fn encode(old: &[u8], new: &[u8], out: &mut [u8]) -> Encoded {
     check_pages(old, new);
+    encode_dispatch(old, new, out)
+}
+
+/// [`encode`], and each run also written into `old` as it is copied to `out`: when the
+/// result is [`Encoded::Len`], `old` is then what [`decode`] of the encoding into `old`
+/// would have made of it, without a second pass over the runs. On
+/// [`Encoded::Unchanged`] `old` is as it was; on [`Encoded::Overflow`] it holds part of
+/// the runs and must be rewritten whole.
+pub fn encode_applying(old: &mut [u8], new: &[u8], out: &mut [u8]) -> Encoded {
+    check_pages(old, new);
+    encode_dispatch(old, new, out)
+}
+
+fn encode_dispatch<B: Base>(old: B, new: &[u8], out: &mut [u8]) -> Encoded {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU has AVX2, checked just above.
         return unsafe { x86::encode_avx2(old, new, out) };
     }
-    encode_with::<false>(old, new, out)
+    encode_with::<false, B>(old, new, out)
 }
 
 /// [`encode`] with word-at-a-time scans only, whatever the CPU.
 pub fn encode_portable(old: &[u8], new: &[u8], out: &mut [u8]) -> Encoded {
     check_pages(old, new);
-    encode_with::<false>(old, new, out)
+    encode_with::<false, _>(old, new, out)
+}
+
+/// The page an encoding is made against: read by the scans, and given each run as it
+/// is emitted (kept by a mutable page, ignored by a shared one).
+trait Base {
+    fn bytes(&self) -> &[u8];
+    fn apply(&mut self, at: usize, run: &[u8]);
+}
+
+impl Base for &[u8] {
+    #[inline(always)]
+    fn bytes(&self) -> &[u8] {
+        self
+    }
+
+    #[inline(always)]
+    fn apply(&mut self, _at: usize, _run: &[u8]) {}
+}
+
+impl Base for &mut [u8] {
+    #[inline(always)]
+    fn bytes(&self) -> &[u8] {
+        self
+    }
+
+    #[inline(always)]
+    fn apply(&mut self, at: usize, run: &[u8]) {
+        let to = &mut self[at..at + run.len()];
+        if run.len() <= 8 {
+            for (o, b) in to.iter_mut().zip(run) {
+                *o = *b;
+            }
+        } else {
+            to.copy_from_slice(run);
+        }
+    }
 }
 
 fn check_pages(old: &[u8], new: &[u8]) {
@@ -151,7 +201,7 @@ fn find_agreement<const AVX2: bool>(old: &[u8], new: &[u8], from: usize) -> usiz
 
 /// The encoder, its scans chosen by `AVX2`. `old` and `new` have the same length.
 #[inline(always)]
-fn encode_with<const AVX2: bool>(old: &[u8], new: &[u8], out: &mut [u8]) -> Encoded {
+fn encode_with<const AVX2: bool, B: Base>(mut base: B, new: &[u8], out: &mut [u8]) -> Encoded {
     let len = new.len();
     let limit = out.len();
     let mut d = 0;
@@ -164,6 +214,7 @@ fn encode_with<const AVX2: bool>(old: &[u8], new: &[u8], out: &mut [u8]) -> Enco
         // starts past it, so that a skip after the first is never empty even if `new`
         // changed since (guest memory read live).
         let from = if i == 0 { 0 } else { i + 1 };
+        let old = base.bytes();
         let changed = find_difference::<AVX2>(old, new, from);
         let skip = changed - i;
         if skip == len {
@@ -177,9 +228,8 @@ fn encode_with<const AVX2: bool>(old: &[u8], new: &[u8], out: &mut [u8]) -> Enco
             return Encoded::Overflow;
         }
         // Runs of one byte are the usual case (a counter or tag per word): check the
-        // next byte before a wide scan.
-        // The run takes byte `changed` whatever a second read of it would say, so it is
-        // never empty.
+        // next byte before a wide scan. The run takes byte `changed` whatever a second
+        // read of it would say, so it is never empty.
         let end = if changed + 1 < len && old[changed + 1] == new[changed + 1] {
             changed + 1
         } else {
@@ -199,6 +249,8 @@ fn encode_with<const AVX2: bool>(old: &[u8], new: &[u8], out: &mut [u8]) -> Enco
         } else {
             out[d..d + n].copy_from_slice(run);
         }
+        // What is applied is what was copied out, not a second read of `new`.
+        base.apply(changed, &out[d..d + n]);
         d += n;
         i = end;
     }
@@ -216,8 +268,12 @@ mod x86 {
     ///
     /// The CPU must support AVX2.
     #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn encode_avx2(old: &[u8], new: &[u8], out: &mut [u8]) -> super::Encoded {
-        super::encode_with::<true>(old, new, out)
+    pub(super) unsafe fn encode_avx2<B: super::Base>(
+        old: B,
+        new: &[u8],
+        out: &mut [u8],
+    ) -> super::Encoded {
+        super::encode_with::<true, B>(old, new, out)
     }
 
     /// Bit `i` set where byte `at + i` of `old` and `new` agree.
@@ -561,6 +617,20 @@ mod tests {
                 assert!(end <= PS);
                 assert_eq!(page, new, "round {round}");
             }
+            // The applying encoder writes the same bytes and leaves `old` as decoding
+            // them would (unchanged when the page is).
+            let mut applied = old.clone();
+            let mut out2 = vec![0u8; limit];
+            let got2 = encode_applying(&mut applied, &new, &mut out2);
+            assert_eq!(got2, got, "round {round}");
+            match got {
+                Encoded::Len(n) => {
+                    assert_eq!(out2[..n], out[..n], "round {round}");
+                    assert_eq!(applied, new, "round {round}");
+                }
+                Encoded::Unchanged => assert_eq!(applied, old, "round {round}"),
+                Encoded::Overflow => {}
+            }
         }
     }
 
@@ -704,10 +774,12 @@ mod tests {
             // SAFETY: `AtomicU8` has the layout of `u8` and the vector lives on; the
             // racing stores are what this test is about.
             let new = unsafe { std::slice::from_raw_parts(page.as_ptr().cast::<u8>(), PS) };
-            if let Encoded::Len(n) = encode(&old, new, &mut out) {
+            let mut applied = old.clone();
+            if let Encoded::Len(n) = encode_applying(&mut applied, new, &mut out) {
                 let mut copy = old.clone();
                 decode(&out[..n], &mut copy).expect("a live page encodes to a valid record");
                 assert!(copy.iter().all(|&b| b <= 1));
+                assert_eq!(copy, applied, "the applied copy is the decoded one");
                 encoded += 1;
             }
         }

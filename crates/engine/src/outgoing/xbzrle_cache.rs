@@ -18,11 +18,11 @@
 //!
 //! QEMU copies each page out of guest memory before encoding it, so that what it sends
 //! and what it caches are the same bytes while the guest writes the page. Here the page
-//! is encoded where it lies and the encoding is applied to the cached copy, exactly as
-//! the destination applies it: the cache holds what the destination holds, one copy of
+//! is encoded where it lies and each run is written into the cached copy as it is
+//! written into the encoding, so the cache holds what the destination will: one copy of
 //! the page fewer, and only the changed bytes are written into the cache.
 //! - A page sent as ZERO puts a zero page in its slot (a stale copy would be wrong).
-//! - At the completion (the VM stopped) the cache is not changed any more.
+//! - At the completion (the VM stopped) a page that overflows empties its slot.
 //! - In postcopy XBZRLE is not used.
 //! - `cache-miss-rate` and `encoding-rate` are measured over periods of at least one
 //!   second, at dirty syncs: misses per page sent, and page bytes encoded per byte
@@ -129,6 +129,12 @@ impl PageCache {
         slot.addr = addr;
         slot.age = age;
         slot.data.as_deref()
+    }
+
+    /// Empties the slot of `addr` (which must be cached).
+    fn forget(&mut self, addr: u64) {
+        let i = self.index(addr);
+        self.slots[i].addr = u64::MAX;
     }
 
     /// The cached copy of `addr` (which must be cached), to change.
@@ -283,17 +289,12 @@ impl XbzrleSaver {
         let cached = self.cache.data_mut(addr);
         let encoded = &mut self.encoded;
         // SAFETY: the encoder's output is well formed whatever it reads, and the page's
-        // bytes leave only as the runs it copies once (see `xbzrle::encode`).
+        // bytes leave only as the runs it copies once, into the encoding and from there
+        // into the cached copy (see `xbzrle::encode`).
         let result = unsafe {
-            block.with_live_bytes(offset, ps, |new| xbzrle::encode(cached, new, encoded))
-        };
-        let result = match result {
-            // The cache takes the encoding as the destination will.
-            Encoded::Len(n) if !last_stage => match xbzrle::decode(&self.encoded[..n], cached) {
-                Ok(_) => Encoded::Len(n),
-                Err(_) => Encoded::Overflow,
-            },
-            other => other,
+            block.with_live_bytes(offset, ps, |new| {
+                xbzrle::encode_applying(cached, new, encoded)
+            })
         };
         match result {
             Encoded::Unchanged => XbzrlePage::Unchanged,
@@ -301,6 +302,9 @@ impl XbzrleSaver {
                 counters.overflow.fetch_add(1, Ordering::Relaxed);
                 counters.bytes.fetch_add(ps as u64, Ordering::Relaxed);
                 if last_stage {
+                    // The cached copy took part of the runs: it is no longer the
+                    // destination's.
+                    self.cache.forget(addr);
                     return XbzrlePage::FromGuest;
                 }
                 // One copy out of guest memory, sent from the cache so that both are the
