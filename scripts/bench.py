@@ -77,9 +77,12 @@ compiled with `cc`, measures before and after the runs what it costs on this mac
 in and fill --size bytes of fresh memory, anonymous and a shared tmpfs file, from loopback TCP
 (a writer process) and from a warm file, page by page and with MADV_POPULATE_WRITE per 512 KiB
 chunk. The floor of a path is the best of these rates for its source into tmpfs (where both
-engines' destination RAM lives): the socket for tcp-*, the warm file for file-* restores. Each
-receive path's data rate (the non-zero part of RAM, which is all a destination must write, per
-second of its wall time) is reported as a fraction of it (target >= 80 %).
+engines' destination RAM lives): the socket for tcp-*, the warm file for file-* restores. It
+also fills tmpfs with two threads of one process at once, each its half (sources socket2, each
+thread with its own connection and writer, and file2): the floor of a destination whose two or
+more multifd channels share one memory file. Each receive path's data rate (the non-zero part
+of RAM, which is all a destination must write, per second of its wall time) is reported as a
+fraction of its floor, the two-thread one for paths with several channels (target >= 80 %).
 
 Usage:
     scripts/bench.py                        # 4 GiB, 3 reps, all four pairs
@@ -2325,7 +2328,7 @@ def measure_floor(args, tmpdir, log):
         if cc is None:
             log("note: no C compiler (cc): the destination floor is not measured")
             return []
-        r = subprocess.run([cc, "-O2", "-o", exe, os.path.join(HERE, "floor.c")],
+        r = subprocess.run([cc, "-O2", "-pthread", "-o", exe, os.path.join(HERE, "floor.c")],
                            capture_output=True, text=True)
         if r.returncode != 0:
             log(f"note: scripts/floor.c does not build, the floor is not measured: {r.stderr.strip()[:300]}")
@@ -2375,6 +2378,9 @@ def report_floor(records, floor, meta, size, scenarios, pairs):
     rows = []
     for sc in scenarios:
         source = "file" if is_file(sc) else "socket"
+        # Several receivers at once: the two-thread floor, where it was measured.
+        if re.search(r"multifd\d|mr\d", sc) and ("tmpfs", source + "2") in rates:
+            source += "2"
         floor_rate = rates.get(("tmpfs", source))
         for p in pairs:
             ok = [r for r in records if r["scenario"] == sc and (r["src"], r["dst"]) == p and r["ok"]]

@@ -12,12 +12,18 @@
  * of fresh memory are filled in CHUNK-byte reads (default 512 KiB). One JSON object per
  * line on stdout: kind, source, mode, seconds, gib_per_s. The warm file is at most 1 GiB
  * and read round and round; every byte written is non-zero.
+ *
+ * Then the same into tmpfs by two threads of one process at once, each filling its half
+ * (sources "socket2", each thread with its own connection and writer process, and
+ * "file2"): the floor of a destination with two multifd channels, whose receivers share
+ * one address space and one memory file.
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -78,8 +84,8 @@ static void release(char *mem, int fd)
         close(fd);
 }
 
-/* A writer process that sends `size` non-zero bytes to `port`, as fast as it can. */
-static pid_t writer(int port)
+/* A writer process that sends `bytes` non-zero bytes to `port`, as fast as it can. */
+static pid_t writer(int port, size_t bytes)
 {
     pid_t pid = fork();
     if (pid != 0)
@@ -91,7 +97,7 @@ static pid_t writer(int port)
                             .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
     if (connect(s, (struct sockaddr *)&a, sizeof a) != 0)
         _exit(1);
-    size_t left = size;
+    size_t left = bytes;
     while (left > 0) {
         ssize_t n = write(s, buf, left < chunk ? left : chunk);
         if (n < 0 && errno == EINTR)
@@ -104,38 +110,81 @@ static pid_t writer(int port)
     _exit(0);
 }
 
-static double fill_from_socket(char *mem, int populate)
+/* Fills mem[from, to) in chunks from a socket (`sock` >= 0) or from the warm file. */
+struct part {
+    char *mem;
+    size_t from, to;
+    int populate, sock, file;
+};
+
+static void *fill_part(void *arg)
 {
-    int l = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    socklen_t al = sizeof a;
-    if (bind(l, (struct sockaddr *)&a, sizeof a) != 0 || listen(l, 1) != 0
-        || getsockname(l, (struct sockaddr *)&a, &al) != 0)
-        die("listen");
-    pid_t pid = writer(ntohs(a.sin_port));
-    int s = accept(l, NULL, NULL);
-    if (s < 0)
-        die("accept");
-    close(l);
-    double t0 = now();
-    for (size_t at = 0; at < size; at += chunk) {
-        size_t len = size - at < chunk ? size - at : chunk;
-        if (populate)
-            madvise(mem + at, len, MADV_POPULATE_WRITE);
+    struct part *p = arg;
+    size_t flen = size < (1UL << 30) ? size : (1UL << 30);
+    for (size_t at = p->from; at < p->to; at += chunk) {
+        size_t len = p->to - at < chunk ? p->to - at : chunk;
+        if (p->populate)
+            madvise(p->mem + at, len, MADV_POPULATE_WRITE);
         size_t got = 0;
         while (got < len) {
-            ssize_t n = read(s, mem + at + got, len - got);
+            ssize_t n = p->sock >= 0 ? read(p->sock, p->mem + at + got, len - got)
+                                     : pread(p->file, p->mem + at + got, len - got, (at + got) % flen);
             if (n < 0 && errno == EINTR)
                 continue;
             if (n <= 0)
-                die("read socket");
+                die(p->sock >= 0 ? "read socket" : "read warm file");
             got += n;
         }
     }
+    return NULL;
+}
+
+/* Fills `mem` with `streams` threads, each its share of whole chunks, from sockets (one
+ * writer process each) or from the warm file `file` (when >= 0). */
+static double fill(char *mem, int populate, int streams, int file)
+{
+    struct part parts[8];
+    pthread_t threads[8];
+    pid_t writers[8];
+    size_t chunks = (size + chunk - 1) / chunk, at = 0;
+    for (int i = 0; i < streams; i++) {
+        size_t n = chunks / streams + ((size_t)i < chunks % streams);
+        size_t to = at + n * chunk < size ? at + n * chunk : size;
+        parts[i] = (struct part){.mem = mem, .from = at, .to = to, .populate = populate,
+                                 .sock = -1, .file = file};
+        at = to;
+        if (file >= 0)
+            continue;
+        int l = socket(AF_INET, SOCK_STREAM, 0);
+        struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+        socklen_t al = sizeof a;
+        if (bind(l, (struct sockaddr *)&a, sizeof a) != 0 || listen(l, 1) != 0
+            || getsockname(l, (struct sockaddr *)&a, &al) != 0)
+            die("listen");
+        writers[i] = writer(ntohs(a.sin_port), parts[i].to - parts[i].from);
+        parts[i].sock = accept(l, NULL, NULL);
+        if (parts[i].sock < 0)
+            die("accept");
+        close(l);
+    }
+    double t0 = now();
+    if (streams == 1) {
+        fill_part(&parts[0]);
+    } else {
+        for (int i = 0; i < streams; i++)
+            if (pthread_create(&threads[i], NULL, fill_part, &parts[i]) != 0)
+                die("pthread_create");
+        for (int i = 0; i < streams; i++)
+            pthread_join(threads[i], NULL);
+    }
     double t = now() - t0;
-    close(s);
-    int st;
-    waitpid(pid, &st, 0);
+    for (int i = 0; i < streams; i++) {
+        if (parts[i].sock >= 0) {
+            int st;
+            close(parts[i].sock);
+            waitpid(writers[i], &st, 0);
+        }
+    }
     return t;
 }
 
@@ -160,25 +209,12 @@ static int warm_file(void)
     return fd;
 }
 
-static double fill_from_file(char *mem, int populate, int fd)
+static void report(const char *kind, const char *source, int populate, double t)
 {
-    size_t flen = size < (1UL << 30) ? size : (1UL << 30);
-    double t0 = now();
-    for (size_t at = 0; at < size; at += chunk) {
-        size_t len = size - at < chunk ? size - at : chunk;
-        if (populate)
-            madvise(mem + at, len, MADV_POPULATE_WRITE);
-        size_t got = 0;
-        while (got < len) {
-            ssize_t n = pread(fd, mem + at + got, len - got, (at + got) % flen);
-            if (n < 0 && errno == EINTR)
-                continue;
-            if (n <= 0)
-                die("read warm file");
-            got += n;
-        }
-    }
-    return now() - t0;
+    printf("{\"kind\": \"%s\", \"source\": \"%s\", \"mode\": \"%s\", \"seconds\": %.4f, "
+           "\"gib_per_s\": %.4f}\n",
+           kind, source, populate ? "populate" : "fault", t, size / (double)(1UL << 30) / t);
+    fflush(stdout);
 }
 
 int main(int argc, char **argv)
@@ -206,14 +242,19 @@ int main(int argc, char **argv)
             for (int populate = 0; populate < 2; populate++) {
                 int fd;
                 char *mem = fresh(kinds[k], &fd);
-                double t = s == 0 ? fill_from_socket(mem, populate) : fill_from_file(mem, populate, file);
+                double t = fill(mem, populate, 1, s == 0 ? -1 : file);
                 release(mem, fd);
-                printf("{\"kind\": \"%s\", \"source\": \"%s\", \"mode\": \"%s\", \"seconds\": %.4f, "
-                       "\"gib_per_s\": %.4f}\n",
-                       kinds[k], sources[s], populate ? "populate" : "fault", t,
-                       size / (double)(1UL << 30) / t);
-                fflush(stdout);
+                report(kinds[k], sources[s], populate, t);
             }
+    const char *sources2[] = {"socket2", "file2"};
+    for (int s = 0; s < 2; s++)
+        for (int populate = 0; populate < 2; populate++) {
+            int fd;
+            char *mem = fresh("tmpfs", &fd);
+            double t = fill(mem, populate, 2, s == 0 ? -1 : file);
+            release(mem, fd);
+            report("tmpfs", sources2[s], populate, t);
+        }
     close(file);
     return 0;
 }
