@@ -17,6 +17,10 @@ class RawQMP:
         if negotiate:
             args = {"enable": enable} if enable else {}
             r = self.send({"execute": "qmp_capabilities", "arguments": args})
+            # A QEMU monitor reached while QEMU starts up has been seen to greet a second
+            # time in place of the reply: skip the repeat.
+            while "QMP" in r:
+                r = self.reply()
             assert r == {"return": {}}, r
 
     @classmethod
