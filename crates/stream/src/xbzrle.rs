@@ -240,21 +240,36 @@ fn encode_with<const AVX2: bool, B: Base>(mut base: B, new: &[u8], out: &mut [u8
         if d + n > limit {
             return Encoded::Overflow;
         }
-        let run = &new[changed..end];
-        if n <= 8 {
-            // Short runs (the usual ones) without a call to memcpy.
-            for (o, b) in out[d..d + n].iter_mut().zip(run) {
-                *o = *b;
-            }
-        } else {
-            out[d..d + n].copy_from_slice(run);
-        }
+        copy_once(&mut out[d..d + n], &new[changed..end]);
         // What is applied is what was copied out, not a second read of `new`.
         base.apply(changed, &out[d..d + n]);
         d += n;
         i = end;
     }
     Encoded::Len(d)
+}
+
+/// Copies `run` into `out` reading each byte exactly once. `run` may be guest memory
+/// that changes meanwhile: with plain loads the compiler may read it again where it
+/// uses the copy (it takes a shared slice for unchanging), so the bytes applied to the
+/// cached copy could differ from those sent. Volatile loads are never repeated.
+#[inline(always)]
+fn copy_once(out: &mut [u8], run: &[u8]) {
+    debug_assert_eq!(out.len(), run.len());
+    let src = run.as_ptr();
+    let mut k = 0;
+    while k + 8 <= run.len() {
+        // SAFETY: `k + 8 <= run.len()`, so the 8 bytes are inside `run`; `[u8; 8]` has
+        // alignment 1.
+        let w = unsafe { std::ptr::read_volatile(src.add(k).cast::<[u8; 8]>()) };
+        out[k..k + 8].copy_from_slice(&w);
+        k += 8;
+    }
+    while k < run.len() {
+        // SAFETY: `k < run.len()`.
+        out[k] = unsafe { std::ptr::read_volatile(src.add(k)) };
+        k += 1;
+    }
 }
 
 /// The AVX2 scans: 32 bytes compared per instruction, the rest by the word scans.
