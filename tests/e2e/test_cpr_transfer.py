@@ -59,12 +59,16 @@ def wait_listening(m, path, timeout=20):
         time.sleep(0.01)
 
 
+def cpr_channels(main_path, cpr_path):
+    """`migrate`'s channel list: the main stream and the cpr channel, both unix."""
+    return [{"channel-type": "main",
+             "addr": {"transport": "socket", "type": "unix", "path": main_path}},
+            cpr_channel(cpr_path)]
+
+
 def migrate_cpr(src, main_path, cpr_path):
     src.cmd("migrate-set-parameters", mode="cpr-transfer")
-    src.cmd("migrate", channels=[
-        {"channel-type": "main",
-         "addr": {"transport": "socket", "type": "unix", "path": main_path}},
-        cpr_channel(cpr_path)])
+    src.cmd("migrate", channels=cpr_channels(main_path, cpr_path))
     return src.wait_migration(timeout=60)
 
 
@@ -110,10 +114,7 @@ def test_source_fails_and_keeps_running_when_the_channel_is_dropped(ws):
     # the write fails the command itself, a later one fails the migration. Either way
     # query-migrate ends `failed` with the reason.
     src.cmd("migrate-set-parameters", mode="cpr-transfer")
-    r = src.raw("migrate", channels=[
-        {"channel-type": "main",
-         "addr": {"transport": "socket", "type": "unix", "path": ws.path("nobody.sock")}},
-        cpr_channel(cpr_path)])
+    r = src.raw("migrate", channels=cpr_channels(ws.path("nobody.sock"), cpr_path))
     if "error" in r:
         assert "cpr channel" in r["error"]["desc"], r
     si = src.wait_migration(timeout=60)
@@ -287,10 +288,7 @@ def test_cancel_while_waiting_for_the_destination(ws):
     t.start()
     src = ws.vm("vmigrate", "src", mem_mib=MIB).start()
     src.cmd("migrate-set-parameters", mode="cpr-transfer")
-    src.cmd("migrate", channels=[
-        {"channel-type": "main",
-         "addr": {"transport": "socket", "type": "unix", "path": ws.path("main.sock")}},
-        cpr_channel(cpr_path)])
+    src.cmd("migrate", channels=cpr_channels(ws.path("main.sock"), cpr_path))
     time.sleep(0.3)
     assert src.query_migrate()["status"] == "setup"
     src.cmd("migrate_cancel")

@@ -265,9 +265,8 @@ def test_lab_guest_survives_two_cuts_with_its_self_check_clean(ws):
     di = dst.wait_migration(("completed", "failed"), timeout=60)
     assert si["status"] == "completed", f"source: {si}\n{ws.diagnostics()}"
     assert di["status"] == "completed", f"destination: {di}\n{ws.diagnostics()}"
-    with open(dst.mem_file, "rb") as f:
-        f.seek(cold_at)
-        assert f.read(len(cold)) == cold, "the pages pushed across the cuts differ"
+    assert harness.read_file(dst.mem_file, cold_at, len(cold)) == cold, \
+        "the pages pushed across the cuts differ"
     arrived = workload(dst)
     after = wait_passes(dst, arrived["passes"] + 3, timeout=30)
     assert after["violations"] == 0, after

@@ -53,7 +53,7 @@ pub struct RamSaver {
     /// The pages last mapped in ahead of the scan: block, first page, end page.
     read_ahead: (usize, usize, usize),
     /// Set once a pass has reached the end of RAM: the pages dirty from then on were
-    /// written, so they are mapped and need no read-ahead.
+    /// written, so they are mapped and need no read-ahead, and XBZRLE (when on) starts.
     first_pass_done: bool,
     /// multifd channels, when the capability is on: pages go there, not to the main
     /// stream.
@@ -466,9 +466,6 @@ impl RamSaver {
             let (bi, from) = self.cursor;
             if bi >= self.blocks.len() {
                 self.first_pass_done = true;
-                if let Some(x) = &mut self.xbzrle {
-                    x.pass_done();
-                }
                 return Ok((sent, true));
             }
             let Some(page) = self.dirty[bi].next_set(from) else {
@@ -484,7 +481,7 @@ impl RamSaver {
                 sent.deferred += 1;
                 continue;
             }
-            let result = match self.xbzrle.as_ref().is_some_and(|x| x.started()) {
+            let result = match self.xbzrle.is_some() && self.first_pass_done {
                 true => self.send_page_xbzrle(w, bi, page, &mut sent, last_stage),
                 false => self.send_page(w, bi, page, &mut sent),
             };
@@ -564,7 +561,7 @@ impl RamSaver {
         if self.zero_pages == ZeroPages::Detect && block.is_zero(offset, ps as usize) {
             w.with_buf(|out| ram::put_zero_page(out, offset, name))?;
             sent.zero += 1;
-            if let Some(x) = &mut self.xbzrle {
+            if let Some(x) = self.xbzrle.as_mut().filter(|_| self.first_pass_done) {
                 x.zero_page_sent(bi, offset);
             }
         } else {

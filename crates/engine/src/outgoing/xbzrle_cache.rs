@@ -15,18 +15,18 @@
 //! - A page in the cache is encoded against the cached copy. An unchanged page is not
 //!   sent at all; an encoding longer than a page is an *overflow*: the page is copied
 //!   into the cache and sent whole from there; otherwise the encoding is sent.
-//!
-//! QEMU copies each page out of guest memory before encoding it, so that what it sends
-//! and what it caches are the same bytes while the guest writes the page. Here the page
-//! is encoded where it lies and each run is written into the cached copy as it is
-//! written into the encoding, so the cache holds what the destination will: one copy of
-//! the page fewer, and only the changed bytes are written into the cache.
 //! - A page sent as ZERO puts a zero page in its slot (a stale copy would be wrong).
 //! - At the completion (the VM stopped) a page that overflows empties its slot.
 //! - In postcopy XBZRLE is not used.
 //! - `cache-miss-rate` and `encoding-rate` are measured over periods of at least one
 //!   second, at dirty syncs: misses per page sent, and page bytes encoded per byte
 //!   sent for them (0 when nothing was encoded in the period).
+//!
+//! QEMU copies each page out of guest memory before encoding it, so that what it sends
+//! and what it caches are the same bytes while the guest writes the page. Here the page
+//! is encoded where it lies and each run is written into the cached copy as it is
+//! written into the encoding, so the cache holds what the destination will: one copy of
+//! the page fewer, and only the changed bytes are written into the cache.
 //!
 //! QEMU replaces its cache when `xbzrle-cache-size` changes during a migration; here the
 //! saver builds a new, empty cache of the new size at the next iteration.
@@ -168,8 +168,6 @@ pub struct XbzrleSaver {
     page_size: usize,
     /// RAM address of the start of each block.
     block_base: Vec<u64>,
-    /// Set after the first complete pass.
-    started: bool,
     encoded: Vec<u8>,
     stats: Arc<Stats>,
     /// Pages written since the start (records of any kind), for the rates.
@@ -207,7 +205,6 @@ impl XbzrleSaver {
             cache_size,
             page_size,
             block_base,
-            started: false,
             encoded: vec![0; page_size],
             stats,
             pages_sent: 0,
@@ -219,15 +216,6 @@ impl XbzrleSaver {
                 bytes: 0,
             },
         })
-    }
-
-    /// A pass over RAM ended: pages sent from now on may be encoded.
-    pub fn pass_done(&mut self) {
-        self.started = true;
-    }
-
-    pub fn started(&self) -> bool {
-        self.started
     }
 
     /// `xbzrle-cache-size` is now `size`: a different size gets a new, empty cache.
@@ -248,11 +236,8 @@ impl XbzrleSaver {
         self.pages_sent += 1;
     }
 
-    /// Page `offset` of block `bi` was sent as ZERO.
+    /// Page `offset` of block `bi` was sent as ZERO, XBZRLE having started.
     pub fn zero_page_sent(&mut self, bi: usize, offset: u64) {
-        if !self.started {
-            return;
-        }
         let age = self.age();
         let _ = self
             .cache
@@ -393,7 +378,6 @@ mod tests {
         let block = Arc::new(RamBlock::anonymous("m0", 16 * 4096, 0).unwrap());
         let stats = Stats::new();
         let mut x = XbzrleSaver::new(std::slice::from_ref(&block), 1 << 20, stats.clone()).unwrap();
-        x.pass_done();
         block.write(4096, &[5u8; 16]);
         assert!(matches!(x.page(&block, 0, 4096, false, 0), XbzrlePage::Whole(p) if p[0] == 5));
         block.write(4096 + 100, &[9u8]);
