@@ -76,7 +76,8 @@ The destination's floor (with every stopped scenario, unless --no-floor): script
 compiled with `cc`, measures before and after the runs what it costs on this machine to fault
 in and fill --size bytes of fresh memory, anonymous and a shared tmpfs file, from loopback TCP
 (a writer process) and from a warm file, page by page and with MADV_POPULATE_WRITE per 512 KiB
-chunk. The floor of a path is the best of these rates for its source into tmpfs (where both
+chunk, and for tmpfs also through the file (each chunk read into a buffer and written with
+pwrite, which allocates pages without clearing or mapping them). The floor of a path is the best of these rates for its source into tmpfs (where both
 engines' destination RAM lives): the socket for tcp-*, the warm file for file-* restores. It
 also fills tmpfs with two threads of one process at once, each its half (sources socket2, each
 thread with its own connection and writer, and file2): the floor of a destination whose two or
@@ -137,6 +138,7 @@ report_file().
 """
 import argparse
 import asyncio
+import collections
 import contextlib
 import copy
 import ctypes
@@ -2361,14 +2363,17 @@ def report_floor(records, floor, meta, size, scenarios, pairs):
     if not floor:
         return "\n(destination floor not measured)"
     rates = floor_rates(floor)
+    modes = ("fault", "populate", "write")
+    measured = collections.Counter((f["kind"], f["source"], f["mode"]) for f in floor)
     lines = ["\n## Destination floor — fault in and fill fresh memory, "
-             f"{human_size(size)}, best of {len(floor) // max(1, len(rates) * 2)} measurement(s)\n"]
+             f"{human_size(size)}, best of {max(measured.values())} measurement(s)\n"]
     rows = []
     for (kind, source), best in sorted(rates.items()):
         per_mode = {m: [f["gib_per_s"] for f in floor
-                        if (f["kind"], f["source"], f["mode"]) == (kind, source, m)] for m in ("fault", "populate")}
-        rows.append([kind, source, fmt(per_mode["fault"]), fmt(per_mode["populate"]), f"{best:.2f}"])
-    lines.append(table(["memory", "source", "page by page GiB/s", "populate per chunk GiB/s", "floor GiB/s"], rows))
+                        if (f["kind"], f["source"], f["mode"]) == (kind, source, m)] for m in modes}
+        rows.append([kind, source] + [fmt(per_mode[m]) if per_mode[m] else "–" for m in modes] + [f"{best:.2f}"])
+    lines.append(table(["memory", "source", "page by page GiB/s", "populate per chunk GiB/s",
+                        "pwrite per chunk GiB/s", "floor GiB/s"], rows))
     blocks = (meta or {}).get("blocks") or {}
     total = sum(blocks.values())
     nonzero = (blocks.get("random", 0) + blocks.get("text", 0)) / total if total else 1.0

@@ -8,15 +8,19 @@
  * For each memory kind (anonymous private; a shared file in SHM_DIR, as a destination's
  * guest RAM on tmpfs), each source (loopback TCP from a writer process; a file in
  * WARM_FILE_DIR read once before, so in the page cache) and each way of faulting in
- * (page by page as the data lands; MADV_POPULATE_WRITE on each chunk first), SIZE bytes
- * of fresh memory are filled in CHUNK-byte reads (default 512 KiB). One JSON object per
- * line on stdout: kind, source, mode, seconds, gib_per_s. The warm file is at most 1 GiB
- * and read round and round; every byte written is non-zero.
+ * (page by page as the data lands; MADV_POPULATE_WRITE on each chunk first; for tmpfs
+ * also "write": each chunk read into a buffer and written to the file with `pwrite`, which
+ * allocates the pages without clearing them or mapping them), SIZE bytes of fresh memory
+ * are filled in CHUNK-byte reads (default 512 KiB). One JSON object per line on stdout:
+ * kind, source, mode, seconds, gib_per_s. The warm file is at most 1 GiB and read round
+ * and round; every byte written is non-zero.
  *
  * Then the same into tmpfs by two threads of one process at once, each filling its half
  * (sources "socket2", each thread with its own connection and writer process, and
  * "file2"): the floor of a destination with two multifd channels, whose receivers share
- * one address space and one memory file.
+ * one address space and one memory file. The kernel lets one thread at a time write
+ * into a file, so in mode "write" a thread that finds another writing fills its chunk
+ * through the mapping (populated first) instead of waiting.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -38,7 +42,12 @@
 #define MADV_POPULATE_WRITE 23
 #endif
 
+enum mode { FAULT, POPULATE, WRITE, MODES };
+static const char *mode_names[] = {"fault", "populate", "write"};
+
 static size_t size, chunk = 512 * 1024;
+/* Held by the thread writing into the memory file (mode WRITE). */
+static pthread_mutex_t file_writer = PTHREAD_MUTEX_INITIALIZER;
 static const char *shm_dir, *file_dir;
 
 static void die(const char *what)
@@ -114,34 +123,51 @@ static pid_t writer(int port, size_t bytes)
 struct part {
     char *mem;
     size_t from, to;
-    int populate, sock, file;
+    int mode, sock, file, memfd;
 };
+
+/* Reads `len` bytes from the part's source at `at` into `dst`. */
+static void read_chunk(struct part *p, char *dst, size_t at, size_t len)
+{
+    size_t flen = size < (1UL << 30) ? size : (1UL << 30);
+    size_t got = 0;
+    while (got < len) {
+        ssize_t n = p->sock >= 0 ? read(p->sock, dst + got, len - got)
+                                 : pread(p->file, dst + got, len - got, (at + got) % flen);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            die(p->sock >= 0 ? "read socket" : "read warm file");
+        got += n;
+    }
+}
 
 static void *fill_part(void *arg)
 {
     struct part *p = arg;
-    size_t flen = size < (1UL << 30) ? size : (1UL << 30);
+    char *buf = p->mode == WRITE ? malloc(chunk) : NULL;
     for (size_t at = p->from; at < p->to; at += chunk) {
         size_t len = p->to - at < chunk ? p->to - at : chunk;
-        if (p->populate)
-            madvise(p->mem + at, len, MADV_POPULATE_WRITE);
-        size_t got = 0;
-        while (got < len) {
-            ssize_t n = p->sock >= 0 ? read(p->sock, p->mem + at + got, len - got)
-                                     : pread(p->file, p->mem + at + got, len - got, (at + got) % flen);
-            if (n < 0 && errno == EINTR)
-                continue;
-            if (n <= 0)
-                die(p->sock >= 0 ? "read socket" : "read warm file");
-            got += n;
+        if (p->mode == WRITE && pthread_mutex_trylock(&file_writer) == 0) {
+            pthread_mutex_unlock(&file_writer);
+            read_chunk(p, buf, at, len);
+            pthread_mutex_lock(&file_writer);
+            if (pwrite(p->memfd, buf, len, at) != (ssize_t)len)
+                die("write memory file");
+            pthread_mutex_unlock(&file_writer);
+            continue;
         }
+        if (p->mode != FAULT)
+            madvise(p->mem + at, len, MADV_POPULATE_WRITE);
+        read_chunk(p, p->mem + at, at, len);
     }
+    free(buf);
     return NULL;
 }
 
 /* Fills `mem` with `streams` threads, each its share of whole chunks, from sockets (one
  * writer process each) or from the warm file `file` (when >= 0). */
-static double fill(char *mem, int populate, int streams, int file)
+static double fill(char *mem, int memfd, int mode, int streams, int file)
 {
     struct part parts[8];
     pthread_t threads[8];
@@ -150,8 +176,8 @@ static double fill(char *mem, int populate, int streams, int file)
     for (int i = 0; i < streams; i++) {
         size_t n = chunks / streams + ((size_t)i < chunks % streams);
         size_t to = at + n * chunk < size ? at + n * chunk : size;
-        parts[i] = (struct part){.mem = mem, .from = at, .to = to, .populate = populate,
-                                 .sock = -1, .file = file};
+        parts[i] = (struct part){.mem = mem, .from = at, .to = to, .mode = mode,
+                                 .sock = -1, .file = file, .memfd = memfd};
         at = to;
         if (file >= 0)
             continue;
@@ -209,11 +235,11 @@ static int warm_file(void)
     return fd;
 }
 
-static void report(const char *kind, const char *source, int populate, double t)
+static void report(const char *kind, const char *source, int mode, double t)
 {
     printf("{\"kind\": \"%s\", \"source\": \"%s\", \"mode\": \"%s\", \"seconds\": %.4f, "
            "\"gib_per_s\": %.4f}\n",
-           kind, source, populate ? "populate" : "fault", t, size / (double)(1UL << 30) / t);
+           kind, source, mode_names[mode], t, size / (double)(1UL << 30) / t);
     fflush(stdout);
 }
 
@@ -239,21 +265,21 @@ int main(int argc, char **argv)
     const char *sources[] = {"socket", "file"};
     for (int k = 0; k < 2; k++)
         for (int s = 0; s < 2; s++)
-            for (int populate = 0; populate < 2; populate++) {
+            for (int mode = 0; mode < (k == 0 ? WRITE : MODES); mode++) {
                 int fd;
                 char *mem = fresh(kinds[k], &fd);
-                double t = fill(mem, populate, 1, s == 0 ? -1 : file);
+                double t = fill(mem, fd, mode, 1, s == 0 ? -1 : file);
                 release(mem, fd);
-                report(kinds[k], sources[s], populate, t);
+                report(kinds[k], sources[s], mode, t);
             }
     const char *sources2[] = {"socket2", "file2"};
     for (int s = 0; s < 2; s++)
-        for (int populate = 0; populate < 2; populate++) {
+        for (int mode = 0; mode < MODES; mode++) {
             int fd;
             char *mem = fresh("tmpfs", &fd);
-            double t = fill(mem, populate, 2, s == 0 ? -1 : file);
+            double t = fill(mem, fd, mode, 2, s == 0 ? -1 : file);
             release(mem, fd);
-            report("tmpfs", sources2[s], populate, t);
+            report("tmpfs", sources2[s], mode, t);
         }
     close(file);
     return 0;

@@ -20,6 +20,8 @@ pub struct FdSource {
     /// Stream offset of `buf[start]`.
     offset: u64,
     eof: bool,
+    /// Where pages bound for a block that loads through its file are read first.
+    pages: Vec<u8>,
 }
 
 const READ_BUFFER: usize = 1 << 20;
@@ -40,6 +42,7 @@ impl FdSource {
             end: 0,
             offset: base_offset,
             eof: false,
+            pages: Vec::new(),
         }
     }
 
@@ -121,6 +124,29 @@ impl FdSource {
         what: &'static str,
     ) -> Result<(), DecodeError> {
         self.fill_into(&mut GuestRange { block, offset, len }, what)
+    }
+
+    /// Fills the pages of `page_len` bytes at `offsets` of `block`, in order, through
+    /// a buffer and [`RamBlock::load_pages`] (for a block that loads through its file).
+    pub fn fill_guest_pages_buffered(
+        &mut self,
+        block: &RamBlock,
+        offsets: &[u64],
+        page_len: usize,
+        what: &'static str,
+    ) -> Result<(), DecodeError> {
+        let at = self.offset;
+        let mut pages = std::mem::take(&mut self.pages);
+        pages.resize(offsets.len() * page_len, 0);
+        let filled = self.fill(&mut pages, what).and_then(|()| {
+            block
+                .load_pages(offsets, page_len, &pages)
+                .map_err(|source| {
+                    DecodeError::new(at, DecodeErrorKind::GuestWrite { what, source })
+                })
+        });
+        self.pages = pages;
+        filled
     }
 
     /// Fills the pages of `page_len` bytes at `offsets` of `block`, in order: what is

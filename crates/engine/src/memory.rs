@@ -80,6 +80,7 @@ pub struct RamBlock {
     pristine: std::sync::atomic::AtomicBool,
     /// What the mapping is made of.
     backing: Backing,
+    file_writer: std::sync::Mutex<()>,
 }
 
 /// What backs a RAM block's mapping.
@@ -280,6 +281,7 @@ impl RamBlock {
             gpa,
             pristine: std::sync::atomic::AtomicBool::new(created_zero),
             backing,
+            file_writer: std::sync::Mutex::new(()),
         }
     }
 
@@ -587,6 +589,76 @@ impl RamBlock {
         // SAFETY: the destination range is inside the mapping and cannot overlap `data`,
         // a Rust buffer; no reference to guest memory is made.
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len()) }
+    }
+
+    /// Whether [`Self::load_pages`] writes through the block's file: shared memory on
+    /// tmpfs. A `pwrite` there allocates each page without clearing it first (the data
+    /// covers it) and without a page fault or a page-table entry per page, where a copy
+    /// through the mapping pays all three; the pages are the same, and the guest (or
+    /// another process mapping the file) maps them when it first touches them.
+    pub fn loads_through_file(&self) -> bool {
+        self.load_file().is_some()
+    }
+
+    /// Whether a load should go through the file now: it can, and no other thread is
+    /// writing through it. The kernel lets one write into a file at a time; a loader
+    /// thread that finds it taken fills its pages through the mapping instead, in
+    /// parallel, rather than wait.
+    pub fn file_load_free(&self) -> bool {
+        self.loads_through_file() && self.file_writer.try_lock().is_ok()
+    }
+
+    fn load_file(&self) -> Option<&std::fs::File> {
+        match &self.backing {
+            Backing::File {
+                file,
+                shared: true,
+                fs_type,
+            } if *fs_type == TMPFS_MAGIC => Some(file),
+            _ => None,
+        }
+    }
+
+    /// Puts `data`, the pages of `page_len` bytes at `offsets` in order, into guest
+    /// memory: through the file, one `pwrite` per run of consecutive pages, when
+    /// [`Self::loads_through_file`], else by copying through the mapping. A file that
+    /// cannot take them (tmpfs full) is an error here, where a write through the
+    /// mapping would be a `SIGBUS`.
+    pub fn load_pages(&self, offsets: &[u64], page_len: usize, data: &[u8]) -> std::io::Result<()> {
+        assert_eq!(
+            data.len(),
+            offsets.len() * page_len,
+            "one page of data per offset"
+        );
+        let Some(file) = self.load_file() else {
+            for (o, page) in offsets.iter().zip(data.chunks_exact(page_len)) {
+                self.load(*o, page);
+            }
+            return Ok(());
+        };
+        let mut i = 0;
+        while i < offsets.len() {
+            let start = offsets[i];
+            let run = offsets[i..]
+                .iter()
+                .zip(0u64..)
+                .take_while(|&(&o, k)| o == start + k * page_len as u64)
+                .count();
+            write_run(self, file, start, &data[i * page_len..(i + run) * page_len])?;
+            i += run;
+        }
+        Ok(())
+    }
+
+    /// Puts `data` into guest memory at `offset`, as [`Self::load_pages`] does.
+    pub fn load_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        match self.load_file() {
+            Some(file) => write_run(self, file, offset, data),
+            None => {
+                self.load(offset, data);
+                Ok(())
+            }
+        }
     }
 
     /// Zeroes `len` bytes at `offset`.
@@ -934,6 +1006,20 @@ impl Drop for MappedFile {
     }
 }
 
+/// One write of `data` into `block`'s `file` at `offset`, one writer at a time (see
+/// [`RamBlock::file_load_free`]).
+fn write_run(
+    block: &RamBlock,
+    file: &std::fs::File,
+    offset: u64,
+    data: &[u8],
+) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    block.check(offset, data.len());
+    let _one = block.file_writer.lock().unwrap_or_else(|e| e.into_inner());
+    file.write_all_at(data, offset)
+}
+
 fn check_size(len: u64, page_size: u64) -> Result<(), MemoryError> {
     if len == 0 || !len.is_multiple_of(page_size) {
         return Err(MemoryError::BadSize { page_size });
@@ -964,6 +1050,7 @@ pub fn path_display(p: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::MetadataExt;
 
     #[test]
     fn zero_scan() {
@@ -1104,5 +1191,54 @@ mod tests {
         b.read(0, &mut out);
         assert_eq!(&out, b"x");
         let _ = std::fs::remove_file(&dir);
+    }
+
+    /// Pages loaded through a shared tmpfs file read back through the mapping, only
+    /// the pages written are allocated, and the block stays pristine for the loader.
+    #[test]
+    fn pages_load_through_a_tmpfs_file_by_the_run() {
+        let shm = Path::new("/dev/shm");
+        if !shm.is_dir() {
+            println!("skipped: no /dev/shm");
+            return;
+        }
+        let path = shm.join(format!("vmigrate-load-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let ps = host_page_size();
+        let b = RamBlock::from_file("m0", &path, 16 * ps, 0, true).unwrap();
+        assert!(b.loads_through_file(), "a shared file on /dev/shm is tmpfs");
+        // Runs 2-4 and 9, and page 7 listed twice (the second copy wins).
+        let offsets: Vec<u64> = [2, 3, 4, 9, 7, 7].iter().map(|p| p * ps).collect();
+        let data: Vec<u8> = (0..offsets.len())
+            .flat_map(|i| vec![i as u8 + 1; ps as usize])
+            .collect();
+        assert!(b.file_load_free());
+        b.load_pages(&offsets, ps as usize, &data).unwrap();
+        // (Before any read: a read through a shared mapping allocates a hole's page.)
+        let allocated = std::fs::metadata(&path).unwrap().blocks() * 512;
+        assert_eq!(allocated, 5 * ps, "only the 5 pages written are allocated");
+        let mut page = vec![0u8; ps as usize];
+        for (p, want) in [(2, 1), (3, 2), (4, 3), (9, 4), (7, 6), (0, 0), (5, 0)] {
+            b.read(p * ps, &mut page);
+            assert!(page.iter().all(|&x| x == want), "page {p}");
+        }
+        assert!(b.pristine(), "a load tracks its own writes");
+        b.load_at(12 * ps, &vec![9; 2 * ps as usize]).unwrap();
+        b.read(13 * ps, &mut page);
+        assert!(page.iter().all(|&x| x == 9));
+        // Past the end of the block: refused before anything is written.
+        let past = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            b.load_at(15 * ps, &vec![1; 2 * ps as usize])
+        }));
+        assert!(past.is_err());
+        drop(b);
+        let _ = std::fs::remove_file(&path);
+        // Anonymous memory takes the same call through its mapping.
+        let a = RamBlock::anonymous("ram", 4 * ps, 0).unwrap();
+        assert!(!a.loads_through_file() && !a.file_load_free());
+        a.load_pages(&[ps, 3 * ps], ps as usize, &data[..2 * ps as usize])
+            .unwrap();
+        a.read(3 * ps, &mut page);
+        assert!(page.iter().all(|&x| x == 2));
     }
 }

@@ -29,6 +29,13 @@ pub enum DecodeErrorKind {
         #[source]
         source: std::io::Error,
     },
+    /// Guest memory could not take a page (the shared memory file is full, say).
+    #[error("cannot write {what} into guest RAM: {source}")]
+    GuestWrite {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("Not a migration stream")]
     BadMagic,
     #[error("SaveVM v2 format is obsolete and don't work anymore")]

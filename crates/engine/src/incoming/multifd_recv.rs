@@ -450,9 +450,14 @@ fn receive_channel(
                     cfg.received.set(bi, (*o / ps) as usize);
                 }
             } else if cfg.method == Method::None {
-                prefault_pages(block, &cfg.received, bi, &h.offsets[..normal]);
-                src.fill_guest_pages(block, &h.offsets[..normal], ps as usize, "multifd pages")
-                    .map_err(read_error)?;
+                let pages = &h.offsets[..normal];
+                if block.file_load_free() {
+                    src.fill_guest_pages_buffered(block, pages, ps as usize, "multifd pages")
+                } else {
+                    prefault_pages(block, &cfg.received, bi, pages);
+                    src.fill_guest_pages(block, pages, ps as usize, "multifd pages")
+                }
+                .map_err(read_error)?;
                 for o in &h.offsets[..normal] {
                     cfg.received.set(bi, (*o / ps) as usize);
                 }
@@ -460,15 +465,24 @@ fn receive_channel(
                 payload.resize(h.next_packet_size as usize, 0);
                 src.fill(&mut payload, "multifd payload")
                     .map_err(read_error)?;
-                if repeats {
-                    // A page listed twice: decoded into a buffer, then copied page by page.
+                if repeats || block.file_load_free() {
+                    // Decoded into a buffer, then put in place: through the file, or page
+                    // by page in order when a page is listed twice (the last one wins).
                     scratch.resize(normal * ps as usize, 0);
                     decompressor
                         .decompress_packet(&payload, &mut scratch)
                         .map_err(|error| MultifdRecvError::Decompress { at, error })?;
-                    for (i, o) in h.offsets[..normal].iter().enumerate() {
-                        block.load(*o, &scratch[i * ps as usize..(i + 1) * ps as usize]);
-                    }
+                    block
+                        .load_pages(&h.offsets[..normal], ps as usize, &scratch)
+                        .map_err(|source| {
+                            read_error(DecodeError::new(
+                                at,
+                                DecodeErrorKind::GuestWrite {
+                                    what: "multifd pages",
+                                    source,
+                                },
+                            ))
+                        })?;
                 } else {
                     prefault_pages(block, &cfg.received, bi, &h.offsets[..normal]);
                     // SAFETY: no page is listed twice in this packet (checked above), and
