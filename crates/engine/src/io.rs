@@ -224,6 +224,16 @@ impl FdSource {
         &self.buf[self.start..self.end]
     }
 
+    /// Consumes `n` of the [`buffered`](Self::buffered) bytes, taken by the caller.
+    pub fn consume(&mut self, n: usize) {
+        assert!(
+            n <= self.end - self.start,
+            "consume past the buffered bytes"
+        );
+        self.start += n;
+        self.offset += n as u64;
+    }
+
     /// A failed read at the current offset.
     fn read_error(&self, what: &'static str, e: rustix::io::Errno) -> DecodeError {
         DecodeError::new(

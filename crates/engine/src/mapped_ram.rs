@@ -97,15 +97,6 @@ pub enum MappedRamError {
         offset: u64,
         errno: rustix::io::Errno,
     },
-    #[error(
-        "cannot write page {page} of block '{block}' into guest RAM: {}",
-        errno_code_text(*.errno)
-    )]
-    PageWrite {
-        page: usize,
-        block: String,
-        errno: rustix::io::Errno,
-    },
     #[error(transparent)]
     DirectIo(#[from] DirectIoError),
 }
@@ -677,12 +668,7 @@ pub fn load_block(
     let next = AtomicUsize::new(0);
     let failed: Mutex<Option<MappedRamError>> = Mutex::new(None);
     let ps = region.page_size;
-    // Pages read with O_DIRECT need an aligned buffer: those go straight into guest
-    // memory, through the mapping.
-    let direct =
-        rustix::fs::fcntl_getfl(pages_fd).is_ok_and(|f| f.contains(rustix::fs::OFlags::DIRECT));
     let read_runs = || {
-        let mut buffer = Vec::new();
         loop {
             if failed.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
                 return;
@@ -693,12 +679,20 @@ pub fn load_block(
             };
             let len = n * ps as usize;
             let (offset, file_offset) = (first as u64 * ps, region.page_at(first));
-            // Runs are disjoint, so no two readers write the same bytes. A run goes
-            // through a buffer into the block's file when that is free, else it is
-            // faulted in with one call, rather than page by page by the read.
-            let read_error = |e| {
+            // Runs are disjoint, so no two readers write the same bytes. The run is
+            // faulted in with one call first, rather than page by page by the read.
+            block.populate_for_write(offset, len);
+            let read = read_all_at(len, |done| {
+                block.load_from_file_at(
+                    pages_fd,
+                    offset + done as u64,
+                    len - done,
+                    file_offset + done as u64,
+                )
+            });
+            if let Err(e) = read {
                 let (block, offset) = (block.idstr().to_string(), region.page_at(first));
-                match e {
+                let error = match e {
                     ReadFail::Eof => MappedRamError::PagesTruncated {
                         page: first,
                         block,
@@ -710,37 +704,7 @@ pub fn load_block(
                         offset,
                         errno,
                     },
-                }
-            };
-            let loaded = if !direct && block.file_load_free() {
-                buffer.resize(len, 0);
-                read_all_at(len, |done| {
-                    rustix::io::pread(pages_fd, &mut buffer[done..], file_offset + done as u64)
-                })
-                .map_err(read_error)
-                .and_then(|()| {
-                    block
-                        .load_at(offset, &buffer)
-                        .map_err(|e| MappedRamError::PageWrite {
-                            page: first,
-                            block: block.idstr().to_string(),
-                            errno: rustix::io::Errno::from_io_error(&e)
-                                .unwrap_or(rustix::io::Errno::IO),
-                        })
-                })
-            } else {
-                block.populate_for_write(offset, len);
-                read_all_at(len, |done| {
-                    block.load_from_file_at(
-                        pages_fd,
-                        offset + done as u64,
-                        len - done,
-                        file_offset + done as u64,
-                    )
-                })
-                .map_err(read_error)
-            };
-            if let Err(error) = loaded {
+                };
                 failed
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())

@@ -650,6 +650,33 @@ impl RamBlock {
         Ok(())
     }
 
+    /// Writes `parts`, one after another, into the block's file at `offset` with one
+    /// `pwritev` (more if the kernel takes less), for a block that
+    /// [loads through its file](Self::loads_through_file); pages that follow each other
+    /// in memory, from wherever their bytes lie.
+    pub fn load_gathered(&self, offset: u64, parts: &[&[u8]]) -> std::io::Result<()> {
+        let file = self.load_file().ok_or(std::io::ErrorKind::Unsupported)?;
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        self.check(offset, total);
+        let mut slices: Vec<std::io::IoSlice<'_>> =
+            parts.iter().map(|p| std::io::IoSlice::new(p)).collect();
+        let mut rest = &mut slices[..];
+        let mut at = offset;
+        let _one = self.file_writer.lock().unwrap_or_else(|e| e.into_inner());
+        while !rest.is_empty() {
+            match rustix::io::pwritev(file, rest, at) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    at += n as u64;
+                    std::io::IoSlice::advance_slices(&mut rest, n);
+                }
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
     /// Puts `data` into guest memory at `offset`, as [`Self::load_pages`] does.
     pub fn load_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
         match self.load_file() {
